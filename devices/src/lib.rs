@@ -1,0 +1,11 @@
+//! Device models for cinder: legacy devices (8250 serial, i8042) and virtio-mmio devices.
+//!
+//! A device never touches KVM: it is handed guest memory, an interrupt trigger and event
+//! fds by the VMM. Register accesses from the guest reach a device through [`BusDevice`].
+
+pub mod bus;
+
+pub use bus::{BusDevice, InterruptTrigger};
+
+/// The guest memory type used by every device.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
