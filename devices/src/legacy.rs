@@ -1,0 +1,202 @@
+//! Legacy PC devices on port I/O: the COM1 8250 UART and the i8042 (for the guest's reset),
+//! both from vm-superio, adapted to the [`BusDevice`] seam.
+
+use std::io::{self, Write};
+use std::sync::Arc;
+
+use vm_superio::serial::SerialEvents;
+use vm_superio::{I8042Device, Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::BusDevice;
+
+/// COM1's base port.
+pub const COM1_PORT: u64 = 0x3f8;
+/// COM1's port range.
+pub const COM1_LEN: u64 = 8;
+/// COM1's IRQ.
+pub const COM1_IRQ: u32 = 4;
+/// i8042 data port; the command/status port is at +4.
+pub const I8042_PORT: u64 = 0x60;
+/// i8042 port range (0x60..=0x64).
+pub const I8042_LEN: u64 = 5;
+
+/// An `EventFd` as vm-superio's interrupt / reset trigger.
+#[derive(Clone)]
+pub struct EventFdTrigger(pub Arc<EventFd>);
+
+impl Trigger for EventFdTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Tells the event loop when the guest has drained the UART's input FIFO, so it can push more
+/// console input without polling.
+pub struct SerialInputEvents {
+    /// Written when the receive FIFO becomes empty.
+    pub in_buffer_empty: Arc<EventFd>,
+}
+
+impl SerialEvents for SerialInputEvents {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        let _ = self.in_buffer_empty.write(1);
+    }
+}
+
+/// The console output sink: bytes go out unbuffered so a host reader sees each line at once.
+pub struct ConsoleOut(pub Box<dyn Write + Send>);
+
+impl Write for ConsoleOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.0.write(buf)?;
+        self.0.flush()?;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// COM1.
+pub struct SerialDevice {
+    serial: Serial<EventFdTrigger, SerialInputEvents, ConsoleOut>,
+}
+
+impl SerialDevice {
+    /// A UART raising `irq` (an irqfd), writing to `out`, signalling `in_buffer_empty`.
+    pub fn new(irq: Arc<EventFd>, in_buffer_empty: Arc<EventFd>, out: Box<dyn Write + Send>) -> Self {
+        SerialDevice {
+            serial: Serial::with_events(
+                EventFdTrigger(irq),
+                SerialInputEvents { in_buffer_empty },
+                ConsoleOut(out),
+            ),
+        }
+    }
+
+    /// Room left in the receive FIFO.
+    pub fn fifo_capacity(&self) -> usize {
+        self.serial.fifo_capacity()
+    }
+
+    /// Queues console input for the guest; returns how many bytes were taken.
+    pub fn enqueue(&mut self, bytes: &[u8]) -> usize {
+        if bytes.is_empty() || self.serial.fifo_capacity() == 0 {
+            return 0;
+        }
+        self.serial.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if data.len() == 1 && offset < COM1_LEN {
+            data[0] = self.serial.read(offset as u8);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if data.len() == 1 && offset < COM1_LEN {
+            if let Err(e) = self.serial.write(offset as u8, data[0]) {
+                log::warn!("serial write failed: {e:?}");
+            }
+        }
+    }
+}
+
+/// The i8042 controller, enough for the guest's CPU reset (command 0xfe on port 0x64).
+pub struct I8042 {
+    dev: I8042Device<EventFdTrigger>,
+}
+
+impl I8042 {
+    /// A controller that writes `reset` when the guest resets the CPU through it.
+    pub fn new(reset: Arc<EventFd>) -> Self {
+        I8042 {
+            dev: I8042Device::new(EventFdTrigger(reset)),
+        }
+    }
+}
+
+impl BusDevice for I8042 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if data.len() == 1 && offset < I8042_LEN {
+            data[0] = self.dev.read(offset as u8);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if data.len() == 1 && offset < I8042_LEN {
+            if let Err(e) = self.dev.write(offset as u8, data[0]) {
+                log::warn!("i8042 reset signal failed: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn efd() -> Arc<EventFd> {
+        Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())
+    }
+
+    #[test]
+    fn serial_output_and_input() {
+        let sink = Sink::default();
+        let (irq, empty) = (efd(), efd());
+        let mut s = SerialDevice::new(irq.clone(), empty.clone(), Box::new(sink.clone()));
+        s.write(0, b"h");
+        s.write(0, b"i");
+        assert_eq!(&*sink.0.lock().unwrap(), b"hi");
+        // Enable the received-data interrupt, then feed input.
+        s.write(1, &[1]);
+        assert_eq!(s.enqueue(b"ok"), 2);
+        assert!(irq.read().is_ok());
+        let mut b = [0u8];
+        s.read(0, &mut b);
+        assert_eq!(b[0], b'o');
+        s.read(0, &mut b);
+        assert_eq!(b[0], b'k');
+        assert!(empty.read().is_ok(), "drained FIFO is signalled");
+        // Odd widths and offsets are ignored, not panics.
+        let mut wide = [0u8; 4];
+        s.read(0, &mut wide);
+        s.write(100, &[1]);
+        s.write(0, &[1, 2]);
+    }
+
+    #[test]
+    fn i8042_reset_command_signals() {
+        let reset = efd();
+        let mut k = I8042::new(reset.clone());
+        k.write(4, &[0x00]);
+        assert!(reset.read().is_err(), "no reset yet");
+        k.write(4, &[0xfe]);
+        assert_eq!(reset.read().unwrap(), 1);
+        let mut b = [0xffu8];
+        k.read(4, &mut b);
+        assert_eq!(b[0], 0);
+    }
+}

@@ -1,0 +1,196 @@
+//! The host side of the serial console: stdin into the UART (raw when it is a terminal,
+//! restored on every exit path), with the escape sequence Ctrl-A x to quit.
+
+use std::io::Read;
+use std::os::unix::io::AsRawFd;
+use std::sync::{Arc, Mutex};
+
+use devices::legacy::SerialDevice;
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::terminal::Terminal;
+
+use crate::exit::{ExitReason, ExitSignal};
+
+/// Ctrl-A: the escape prefix.
+pub const ESCAPE_PREFIX: u8 = 0x01;
+
+/// Puts stdin in raw mode while it lives, if stdin is a terminal.
+pub struct RawTerminal {
+    active: bool,
+}
+
+impl RawTerminal {
+    /// Switches a terminal stdin to raw mode; does nothing for pipes and files.
+    pub fn enter() -> RawTerminal {
+        let stdin = std::io::stdin();
+        // SAFETY: isatty only inspects the fd.
+        let tty = unsafe { libc::isatty(stdin.as_raw_fd()) } == 1;
+        let active = tty && stdin.lock().set_raw_mode().is_ok();
+        RawTerminal { active }
+    }
+
+    /// Whether stdin is a terminal in raw mode.
+    pub fn is_active(&self) -> bool {
+        self.active
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if self.active {
+            let _ = std::io::stdin().lock().set_canon_mode();
+        }
+    }
+}
+
+/// Splits escape sequences out of terminal input. Ctrl-A x quits; Ctrl-A Ctrl-A sends one
+/// Ctrl-A; Ctrl-A followed by anything else sends both bytes.
+#[derive(Default)]
+pub struct EscapeParser {
+    pending_prefix: bool,
+}
+
+impl EscapeParser {
+    /// Appends the guest-bound bytes of `input` to `out`; returns true when the user asked
+    /// to quit.
+    pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> bool {
+        for &b in input {
+            if self.pending_prefix {
+                self.pending_prefix = false;
+                match b {
+                    b'x' | b'X' => return true,
+                    ESCAPE_PREFIX => out.push(ESCAPE_PREFIX),
+                    other => out.extend_from_slice(&[ESCAPE_PREFIX, other]),
+                }
+            } else if b == ESCAPE_PREFIX {
+                self.pending_prefix = true;
+            } else {
+                out.push(b);
+            }
+        }
+        false
+    }
+}
+
+/// Feeds stdin to the UART. Reads stdin only when everything read before is in the UART's
+/// FIFO, so a guest that does not read its console never makes cinder buffer without bound.
+pub struct ConsoleInput {
+    serial: Arc<Mutex<SerialDevice>>,
+    in_buffer_empty: Arc<EventFd>,
+    exit: Arc<ExitSignal>,
+    pending: Vec<u8>,
+    escape: Option<EscapeParser>,
+    stdin_registered: bool,
+    stdin_open: bool,
+}
+
+impl ConsoleInput {
+    /// `escape` is on when stdin is an interactive terminal.
+    pub fn new(
+        serial: Arc<Mutex<SerialDevice>>,
+        in_buffer_empty: Arc<EventFd>,
+        exit: Arc<ExitSignal>,
+        escape: bool,
+    ) -> Self {
+        ConsoleInput {
+            serial,
+            in_buffer_empty,
+            exit,
+            pending: Vec::new(),
+            escape: escape.then(EscapeParser::default),
+            stdin_registered: false,
+            stdin_open: true,
+        }
+    }
+
+    fn push_pending(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut serial = match self.serial.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        let n = serial.enqueue(&self.pending);
+        self.pending.drain(..n);
+    }
+
+    fn update_stdin_interest(&mut self, ops: &mut EventOps) {
+        let want = self.stdin_open && self.pending.is_empty();
+        let stdin_fd = std::io::stdin().as_raw_fd();
+        if want && !self.stdin_registered {
+            if ops.add(Events::new_raw(stdin_fd, EventSet::IN)).is_ok() {
+                self.stdin_registered = true;
+            } else {
+                // A regular file or /dev/null cannot be polled: treat it as no input.
+                self.stdin_open = false;
+            }
+        } else if !want && self.stdin_registered {
+            let _ = ops.remove(Events::new_raw(stdin_fd, EventSet::IN));
+            self.stdin_registered = false;
+        }
+    }
+
+    fn read_stdin(&mut self) {
+        let mut buf = [0u8; 256];
+        match std::io::stdin().lock().read(&mut buf) {
+            Ok(0) => self.stdin_open = false,
+            Ok(n) => {
+                let quit = match self.escape.as_mut() {
+                    Some(p) => p.feed(&buf[..n], &mut self.pending),
+                    None => {
+                        self.pending.extend_from_slice(&buf[..n]);
+                        false
+                    }
+                };
+                if quit {
+                    self.exit.request(ExitReason::Escape);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                log::warn!("console input closed: {e}");
+                self.stdin_open = false;
+            }
+        }
+    }
+}
+
+impl MutEventSubscriber for ConsoleInput {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.in_buffer_empty.as_ref(), EventSet::IN)) {
+            log::warn!("console input disabled: {e:?}");
+            return;
+        }
+        self.update_stdin_interest(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == self.in_buffer_empty.as_raw_fd() {
+            let _ = self.in_buffer_empty.read();
+        } else if events.event_set().intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
+            self.read_stdin();
+        }
+        self.push_pending();
+        self.update_stdin_interest(ops);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_sequences() {
+        let mut p = EscapeParser::default();
+        let mut out = Vec::new();
+        assert!(!p.feed(b"ab\x01\x01c\x01", &mut out));
+        assert_eq!(out, b"ab\x01c");
+        // The prefix carries across reads.
+        assert!(!p.feed(b"q", &mut out));
+        assert_eq!(out, b"ab\x01c\x01q");
+        assert!(p.feed(b"\x01x", &mut out));
+    }
+}
