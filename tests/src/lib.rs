@@ -1,1 +1,6 @@
-//! test harness
+//! Harness for cinder's integration tests: running the real `cinder` binary (and QEMU as an
+//! oracle) against real guests, and reading what the guest reported.
+
+pub mod cinder;
+pub mod guest;
+pub mod runner;

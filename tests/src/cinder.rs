@@ -1,0 +1,55 @@
+//! Finding and starting the real `cinder` binary, and the KVM precondition.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+/// The `cinder` binary: `$CINDER_BIN`, else the one cargo built next to this test binary
+/// (`cargo build -p vmm` before `cargo test`, as `scripts/test.sh` does).
+pub fn cinder_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("CINDER_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/cinder
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = dir.join("cinder");
+    assert!(
+        bin.exists(),
+        "cinder binary not found at {}: build it first (cargo build -p vmm) or set CINDER_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A `Command` for cinder with stdin from /dev/null.
+pub fn cinder() -> Command {
+    let mut c = Command::new(cinder_bin());
+    c.stdin(Stdio::null());
+    c
+}
+
+/// Fails the test loudly when `/dev/kvm` cannot be opened: tests that boot guests under
+/// cinder never skip.
+pub fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!(
+            "this test boots a guest under cinder and needs /dev/kvm, which cannot be opened: {e}. \
+             It does not skip: run it on a host with KVM."
+        );
+    }
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
