@@ -13,7 +13,8 @@ bash scripts/setup.sh
 
 echo "[test] building guest artifacts (cached in ${CINDER_CACHE:-$HOME/.cache/cinder})" >&2
 CINDER_GUEST_DIR=$(bash resources/guest/build.sh default | tail -n 1)
-CINDER_TEST_GUEST_DIR=$(bash resources/guest/build.sh test | tail -n 1)
+# cinder's --cpu-template no-pv-hypercalls replaces the profile's kvm.c patch.
+CINDER_TEST_GUEST_DIR=$(CINDER_TEST_KVM_PV_PATCH=0 bash resources/guest/build.sh test | tail -n 1)
 export CINDER_GUEST_DIR CINDER_TEST_GUEST_DIR
 
 echo "[test] cargo fmt --check" >&2
