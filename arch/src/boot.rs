@@ -32,7 +32,9 @@ const PAGE_SIZE: u64 = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     /// The command line is too long.
-    #[error("kernel command line is {len} bytes; the limit is {max} bytes (including what cinder adds)")]
+    #[error(
+        "kernel command line is {len} bytes; the limit is {max} bytes (including what cinder adds)"
+    )]
     CmdlineTooLong {
         /// Its length, NUL included.
         len: usize,
@@ -289,9 +291,8 @@ mod tests {
         assert_eq!(info.magic, XEN_HVM_START_MAGIC_VALUE);
         assert_eq!(info.memmap_entries, 4);
         assert_eq!(info.nr_modules, 1);
-        let last: hvm_memmap_table_entry = m
-            .read_obj(GuestAddress(PVH_MEMMAP_START + 3 * 24))
-            .unwrap();
+        let last: hvm_memmap_table_entry =
+            m.read_obj(GuestAddress(PVH_MEMMAP_START + 3 * 24)).unwrap();
         assert_eq!(last.addr, 1 << 32);
         assert_eq!(last.size, size - (3 << 30));
         let module: hvm_modlist_entry = m.read_obj(GuestAddress(PVH_MODLIST_START)).unwrap();
@@ -308,7 +309,10 @@ mod tests {
             Err(BootError::CmdlineTooLong { .. })
         ));
         assert!(write_cmdline(&m, &k, &long[..CMDLINE_MAX_SIZE - 1]).is_ok());
-        assert!(matches!(write_cmdline(&m, &k, "a\0b"), Err(BootError::CmdlineNul)));
+        assert!(matches!(
+            write_cmdline(&m, &k, "a\0b"),
+            Err(BootError::CmdlineNul)
+        ));
     }
 
     #[test]

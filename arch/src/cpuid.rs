@@ -48,7 +48,9 @@ pub enum Vendor {
 /// Reads the vendor from leaf 0 of a CPUID table.
 pub fn vendor(entries: &[kvm_cpuid_entry2]) -> Vendor {
     match entries.iter().find(|e| e.function == 0) {
-        Some(e) if (e.ebx, e.edx, e.ecx) == (0x756e_6547, 0x4965_6e69, 0x6c65_746e) => Vendor::Intel,
+        Some(e) if (e.ebx, e.edx, e.ecx) == (0x756e_6547, 0x4965_6e69, 0x6c65_746e) => {
+            Vendor::Intel
+        }
         Some(e) if (e.ebx, e.edx, e.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163) => Vendor::Amd,
         Some(e) if (e.ebx, e.edx, e.ecx) == (0x6f67_7948, 0x6e65_476e, 0x656e_6975) => Vendor::Amd,
         _ => Vendor::Other,
@@ -179,7 +181,15 @@ mod tests {
         leaf4_l3.eax = 3 << 5 | 3;
         let mut kvm = entry(KVM_CPUID_FEATURES, 0);
         kvm.eax = 0xffff_ffff;
-        vec![leaf0, entry(1, 0), leaf4_l3, entry(0xb, 0), entry(0xb, 1), entry(0xb, 2), kvm]
+        vec![
+            leaf0,
+            entry(1, 0),
+            leaf4_l3,
+            entry(0xb, 0),
+            entry(0xb, 1),
+            entry(0xb, 2),
+            kvm,
+        ]
     }
 
     #[test]
@@ -191,19 +201,32 @@ mod tests {
         assert_eq!((leaf1.ebx >> 16) & 0xff, 4);
         assert_ne!(leaf1.ecx & ECX_HYPERVISOR, 0);
         assert_ne!(leaf1.edx & EDX_HTT, 0);
-        let core = t.iter().find(|e| e.function == 0xb && e.index == 1).unwrap();
+        let core = t
+            .iter()
+            .find(|e| e.function == 0xb && e.index == 1)
+            .unwrap();
         assert_eq!((core.eax, core.ebx, core.edx, core.ecx >> 8), (2, 4, 2, 2));
         let l3 = t.iter().find(|e| e.function == 4).unwrap();
         assert_eq!(l3.eax >> 26, 3);
         assert_eq!((l3.eax >> 14) & 0xfff, 3);
-        let sig = t.iter().find(|e| e.function == KVM_CPUID_SIGNATURE).unwrap();
+        let sig = t
+            .iter()
+            .find(|e| e.function == KVM_CPUID_SIGNATURE)
+            .unwrap();
         assert_eq!(sig.ebx, 0x4b4d_564b);
     }
 
     #[test]
     fn hypercall_features_hidden_on_request() {
         let mut t = intel_table();
-        normalize(&mut t, 0, 1, CpuidOptions { hide_kvm_hypercalls: true });
+        normalize(
+            &mut t,
+            0,
+            1,
+            CpuidOptions {
+                hide_kvm_hypercalls: true,
+            },
+        );
         let f = t.iter().find(|e| e.function == KVM_CPUID_FEATURES).unwrap();
         assert_eq!(f.eax & (1 << kvm_features::PV_SEND_IPI), 0);
         assert_eq!(f.eax & (1 << kvm_features::PV_SCHED_YIELD), 0);
@@ -216,6 +239,9 @@ mod tests {
 
     #[test]
     fn id_bits_rounds_up() {
-        assert_eq!([id_bits(1), id_bits(2), id_bits(3), id_bits(4), id_bits(5)], [0, 1, 2, 2, 3]);
+        assert_eq!(
+            [id_bits(1), id_bits(2), id_bits(3), id_bits(4), id_bits(5)],
+            [0, 1, 2, 2, 3]
+        );
     }
 }

@@ -83,7 +83,10 @@ pub fn ram_regions(mem_size: u64) -> Vec<(GuestAddress, usize)> {
     } else {
         vec![
             (GuestAddress(0), MMIO_GAP_START as usize),
-            (GuestAddress(MMIO_GAP_END), (mem_size - MMIO_GAP_START) as usize),
+            (
+                GuestAddress(MMIO_GAP_END),
+                (mem_size - MMIO_GAP_START) as usize,
+            ),
         ]
     }
 }
@@ -155,7 +158,11 @@ mod tests {
     fn small_guest_is_one_region() {
         assert_eq!(ram_regions(128 * MIB), vec![(GuestAddress(0), 128 << 20)]);
         let map = e820_map(128 * MIB);
-        let usable: u64 = map.iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum();
+        let usable: u64 = map
+            .iter()
+            .filter(|e| e.kind == E820_RAM)
+            .map(|e| e.size)
+            .sum();
         assert_eq!(usable, 128 * MIB - (HIMEM_START - EBDA_START));
     }
 
@@ -167,8 +174,14 @@ mod tests {
         assert_eq!(regions[1].0, GuestAddress(MMIO_GAP_END));
         assert_eq!(regions[0].1 as u64 + regions[1].1 as u64, mem);
         let map = e820_map(mem);
-        assert!(map.iter().all(|e| e.addr + e.size <= MMIO_GAP_START || e.addr >= MMIO_GAP_END));
-        let usable: u64 = map.iter().filter(|e| e.kind == E820_RAM).map(|e| e.size).sum();
+        assert!(map
+            .iter()
+            .all(|e| e.addr + e.size <= MMIO_GAP_START || e.addr >= MMIO_GAP_END));
+        let usable: u64 = map
+            .iter()
+            .filter(|e| e.kind == E820_RAM)
+            .map(|e| e.size)
+            .sum();
         assert_eq!(usable, mem - (HIMEM_START - EBDA_START));
         assert_eq!(ram_top(mem), MMIO_GAP_END + 2048 * MIB);
     }

@@ -158,7 +158,8 @@ fn detect(file: &mut File, path: &str) -> Result<Format, LoaderError> {
         return Ok(Format::Elf);
     }
     let mut hdrs = [0u8; 4];
-    if read_at(file, 0x202, &mut hdrs).map_err(io)? == 4 && u32::from_le_bytes(hdrs) == BZIMAGE_MAGIC
+    if read_at(file, 0x202, &mut hdrs).map_err(io)? == 4
+        && u32::from_le_bytes(hdrs) == BZIMAGE_MAGIC
     {
         return Ok(Format::BzImage);
     }
@@ -187,7 +188,11 @@ fn check_elf(file: &mut File, path: &str) -> Result<u64, LoaderError> {
             2 => "64-bit",
             _ => "unknown-class",
         };
-        let endian = if ehdr[5] == ELFDATA2LSB { "little-endian" } else { "big-endian" };
+        let endian = if ehdr[5] == ELFDATA2LSB {
+            "little-endian"
+        } else {
+            "big-endian"
+        };
         let arch = match machine {
             3 => "i386".to_string(),
             40 => "ARM".to_string(),
@@ -277,18 +282,21 @@ pub fn load_kernel(
             if top > low_end {
                 return Err(too_big(top));
             }
-            let res = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
-                .map_err(|source| LoaderError::Load {
+            let res = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START))).map_err(
+                |source| LoaderError::Load {
                     path: p.clone(),
                     source,
-                })?;
+                },
+            )?;
             let pvh = match res.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(addr) => Some(addr),
                 _ => None,
             };
             let (entry, protocol) = match (choice, pvh) {
                 (ProtocolChoice::Pvh, None) => return Err(LoaderError::NoPvhNote(p)),
-                (ProtocolChoice::Auto | ProtocolChoice::Pvh, Some(addr)) => (addr, BootProtocol::Pvh),
+                (ProtocolChoice::Auto | ProtocolChoice::Pvh, Some(addr)) => {
+                    (addr, BootProtocol::Pvh)
+                }
                 (ProtocolChoice::Linux64, _) | (ProtocolChoice::Auto, None) => {
                     (res.kernel_load, BootProtocol::Linux64)
                 }
@@ -332,11 +340,17 @@ pub fn load_kernel(
             if xloadflags & XLF_KERNEL_64 == 0 {
                 return Err(bad("no 64-bit entry point (XLF_KERNEL_64 unset)"));
             }
-            let code32_start = u32::from_le_bytes(hdr_bytes[0x214..0x218].try_into().unwrap_or_default());
-            let init_size = u32::from_le_bytes(hdr_bytes[0x260..0x264].try_into().unwrap_or_default());
+            let code32_start =
+                u32::from_le_bytes(hdr_bytes[0x214..0x218].try_into().unwrap_or_default());
+            let init_size =
+                u32::from_le_bytes(hdr_bytes[0x260..0x264].try_into().unwrap_or_default());
             let pref = u64::from_le_bytes(hdr_bytes[0x258..0x260].try_into().unwrap_or_default());
             // Load at the preferred address when it is sane, else where code32_start says.
-            let load = if pref >= HIMEM_START { pref } else { u64::from(code32_start) };
+            let load = if pref >= HIMEM_START {
+                pref
+            } else {
+                u64::from(code32_start)
+            };
             let needed = load.saturating_add(u64::from(init_size));
             if needed > low_end {
                 return Err(too_big(needed));
@@ -455,7 +469,10 @@ mod tests {
     fn kernel_larger_than_memory_is_refused() {
         let p = tmpfile("big.elf", &elf(62, 0x1000000, 0x2000000, None));
         let e = load_kernel(&mem(16), &p, 16 << 20, ProtocolChoice::Auto).unwrap_err();
-        assert!(matches!(e, LoaderError::TooBig { needed_mib: 48, .. }), "{e}");
+        assert!(
+            matches!(e, LoaderError::TooBig { needed_mib: 48, .. }),
+            "{e}"
+        );
     }
 
     #[test]
@@ -478,8 +495,13 @@ mod tests {
 
     #[test]
     fn missing_file_names_the_path() {
-        let e = load_kernel(&mem(16), Path::new("/nonexistent/vmlinux"), 16 << 20, ProtocolChoice::Auto)
-            .unwrap_err();
+        let e = load_kernel(
+            &mem(16),
+            Path::new("/nonexistent/vmlinux"),
+            16 << 20,
+            ProtocolChoice::Auto,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("/nonexistent/vmlinux"), "{e}");
     }
 }

@@ -128,7 +128,11 @@ mod tests {
             let len = u16::from_le_bytes([table[4], table[5]]) as usize;
             assert_eq!(len, table.len());
             assert_eq!(checksum(table), 0, "table checksum");
-            let cpus = table[44..].chunks(20).take(n as usize).filter(|e| e[0] == 0).count();
+            let cpus = table[44..]
+                .chunks(20)
+                .take(n as usize)
+                .filter(|e| e[0] == 0)
+                .count();
             assert_eq!(cpus, n as usize);
             let count = u16::from_le_bytes([table[34], table[35]]);
             assert_eq!(count as usize, n as usize + 2 + 24 + 2);

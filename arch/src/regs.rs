@@ -54,13 +54,17 @@ pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 
 /// Decodes a GDT descriptor into the segment register form KVM takes.
 pub fn segment_from_gdt(entry: u64, index: u16) -> kvm_segment {
-    let base = (((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
     let limit_raw = ((entry & 0xffff) | ((entry >> 32) & 0x000f_0000)) as u32;
     let g = ((entry >> 55) & 1) as u8;
     let present = ((entry >> 47) & 1) as u8;
     kvm_segment {
         base,
-        limit: if g == 1 { (limit_raw << 12) | 0xfff } else { limit_raw },
+        limit: if g == 1 {
+            (limit_raw << 12) | 0xfff
+        } else {
+            limit_raw
+        },
         selector: index * 8,
         type_: ((entry >> 40) & 0xf) as u8,
         present,
@@ -132,10 +136,11 @@ pub fn setup_segments(
 /// Writes identity page tables for the low 4 GiB (2 MiB pages) and returns CR3.
 pub fn setup_page_tables(mem: &GuestMemoryMmap) -> Result<u64, RegsError> {
     let w = |val: u64, addr: u64| {
-        mem.write_obj(val, GuestAddress(addr)).map_err(|_| RegsError::GuestWrite {
-            what: "page tables",
-            addr,
-        })
+        mem.write_obj(val, GuestAddress(addr))
+            .map_err(|_| RegsError::GuestWrite {
+                what: "page tables",
+                addr,
+            })
     };
     // PML4[0] -> PDPT; PDPT[0..4] -> four page directories; each PD maps 1 GiB.
     w(PDPTE_START | 0x03, PML4_START)?;
@@ -162,7 +167,8 @@ pub fn setup_sregs(
         BootProtocol::Linux64 => {
             sregs.cr3 = setup_page_tables(mem)?;
             sregs.cr4 |= X86_CR4_PAE;
-            sregs.cr0 |= X86_CR0_PE | X86_CR0_MP | X86_CR0_ET | X86_CR0_NE | X86_CR0_WP | X86_CR0_PG;
+            sregs.cr0 |=
+                X86_CR0_PE | X86_CR0_MP | X86_CR0_ET | X86_CR0_NE | X86_CR0_WP | X86_CR0_PG;
             sregs.efer |= EFER_LME | EFER_LMA;
         }
         BootProtocol::Pvh => {
@@ -279,14 +285,20 @@ mod tests {
     fn gdt_entries_decode_to_flat_segments() {
         let gdt = boot_gdt(BootProtocol::Linux64);
         let cs = segment_from_gdt(gdt[2], 2);
-        assert_eq!((cs.selector, cs.l, cs.db, cs.type_, cs.present), (BOOT_CS, 1, 0, 0xb, 1));
+        assert_eq!(
+            (cs.selector, cs.l, cs.db, cs.type_, cs.present),
+            (BOOT_CS, 1, 0, 0xb, 1)
+        );
         assert_eq!(cs.limit, 0xffff_ffff);
         let ds = segment_from_gdt(gdt[3], 3);
         assert_eq!((ds.selector, ds.db, ds.type_, ds.s), (BOOT_DS, 1, 3, 1));
         let pvh_cs = segment_from_gdt(boot_gdt(BootProtocol::Pvh)[2], 2);
         assert_eq!((pvh_cs.l, pvh_cs.db), (0, 1));
         let tr = segment_from_gdt(gdt[4], 4);
-        assert_eq!((tr.selector, tr.s, tr.type_, tr.limit), (BOOT_TSS, 0, 0xb, 0x67));
+        assert_eq!(
+            (tr.selector, tr.s, tr.type_, tr.limit),
+            (BOOT_TSS, 0, 0xb, 0x67)
+        );
     }
 
     #[test]
@@ -300,7 +312,9 @@ mod tests {
         let pml4: u64 = m.read_obj(GuestAddress(PML4_START)).unwrap();
         assert_eq!(pml4 & !0xfff, PDPTE_START);
         // 3 GiB + 2 MiB maps to itself.
-        let pde: u64 = m.read_obj(GuestAddress(PDE_START + 3 * 0x1000 + 8)).unwrap();
+        let pde: u64 = m
+            .read_obj(GuestAddress(PDE_START + 3 * 0x1000 + 8))
+            .unwrap();
         assert_eq!(pde & !0xfff, (3 << 30) | (2 << 20));
     }
 

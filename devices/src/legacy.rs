@@ -69,7 +69,11 @@ pub struct SerialDevice {
 
 impl SerialDevice {
     /// A UART raising `irq` (an irqfd), writing to `out`, signalling `in_buffer_empty`.
-    pub fn new(irq: Arc<EventFd>, in_buffer_empty: Arc<EventFd>, out: Box<dyn Write + Send>) -> Self {
+    pub fn new(
+        irq: Arc<EventFd>,
+        in_buffer_empty: Arc<EventFd>,
+        out: Box<dyn Write + Send>,
+    ) -> Self {
         SerialDevice {
             serial: Serial::with_events(
                 EventFdTrigger(irq),

@@ -3,4 +3,7 @@
 
 pub mod cinder;
 pub mod guest;
+pub mod probe;
+pub mod qemu;
 pub mod runner;
+pub mod session;

@@ -119,7 +119,8 @@ mod tests {
     #[test]
     fn routes_by_range_and_refuses_overlap() {
         let mut bus = Bus::new();
-        bus.insert(Arc::new(Mutex::new(Echo(10))), 0x3f8, 8).unwrap();
+        bus.insert(Arc::new(Mutex::new(Echo(10))), 0x3f8, 8)
+            .unwrap();
         bus.insert(Arc::new(Mutex::new(Echo(20))), 0x60, 5).unwrap();
         assert!(bus.insert(Arc::new(Mutex::new(Echo(0))), 0x3fc, 8).is_err());
         assert!(bus.insert(Arc::new(Mutex::new(Echo(0))), 0x10, 0).is_err());

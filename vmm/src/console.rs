@@ -170,7 +170,10 @@ impl MutEventSubscriber for ConsoleInput {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         if events.fd() == self.in_buffer_empty.as_raw_fd() {
             let _ = self.in_buffer_empty.read();
-        } else if events.event_set().intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
+        } else if events
+            .event_set()
+            .intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR)
+        {
             self.read_stdin();
         }
         self.push_pending();

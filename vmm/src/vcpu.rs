@@ -108,13 +108,15 @@ impl Vcpu {
         }
         let mut lapic = fd.get_lapic().map_err(kvm_err(index, "KVM_GET_LAPIC"))?;
         arch::regs::set_lint(&mut lapic);
-        fd.set_lapic(&lapic).map_err(kvm_err(index, "KVM_SET_LAPIC"))?;
+        fd.set_lapic(&lapic)
+            .map_err(kvm_err(index, "KVM_SET_LAPIC"))?;
         let _ = kvm;
         if index == 0 {
             let mut sregs = fd.get_sregs().map_err(kvm_err(index, "KVM_GET_SREGS"))?;
             arch::regs::setup_sregs(mem, kernel.protocol, &mut sregs)
                 .map_err(|source| VcpuError::Regs { index, source })?;
-            fd.set_sregs(&sregs).map_err(kvm_err(index, "KVM_SET_SREGS"))?;
+            fd.set_sregs(&sregs)
+                .map_err(kvm_err(index, "KVM_SET_SREGS"))?;
             fd.set_fpu(&arch::regs::boot_fpu())
                 .map_err(kvm_err(index, "KVM_SET_FPU"))?;
             fd.set_regs(&arch::regs::boot_regs(kernel.protocol, kernel.entry.0))
@@ -125,7 +127,13 @@ impl Vcpu {
 
     /// Runs until the VM is stopped or something ends it. Dispatches PIO/MMIO exits to the
     /// buses; a reset or fatal exit is reported through `exit`.
-    pub fn run(mut self, pio: Arc<Bus>, mmio: Arc<Bus>, stop: Arc<AtomicBool>, exit: Arc<ExitSignal>) {
+    pub fn run(
+        mut self,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        stop: Arc<AtomicBool>,
+        exit: Arc<ExitSignal>,
+    ) {
         let mut unhandled_pio = 0u32;
         let mut unhandled_mmio = 0u32;
         while !stop.load(Ordering::Acquire) {
@@ -133,7 +141,8 @@ impl Vcpu {
             match result {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     if !pio.write(u64::from(port), data) {
-                        unhandled_pio = note_unhandled(unhandled_pio, "port write", u64::from(port));
+                        unhandled_pio =
+                            note_unhandled(unhandled_pio, "port write", u64::from(port));
                     }
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
@@ -165,9 +174,8 @@ impl Vcpu {
                 }
                 Ok(VcpuExit::SystemEvent(kind, _)) => {
                     match kind {
-                        kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN | kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
-                            exit.request(ExitReason::Reset)
-                        }
+                        kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN
+                        | kvm_bindings::KVM_SYSTEM_EVENT_RESET => exit.request(ExitReason::Reset),
                         _ => exit.request(ExitReason::GuestFatal(format!(
                             "vCPU {}: system event {kind}\n{}",
                             self.index,

@@ -18,7 +18,7 @@ use arch::layout::{self, ram_regions, ram_top, MIB};
 use arch::loader::{load_kernel, LoadedKernel, LoaderError, ProtocolChoice};
 use arch::mptable::{setup_mptable, MptableError, MAX_CPUS};
 use arch::GuestMemoryMmap;
-use devices::legacy::{self, I8042, SerialDevice};
+use devices::legacy::{self, SerialDevice, I8042};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
@@ -206,10 +206,11 @@ pub fn prepare_guest(spec: &VmSpec) -> Result<PreparedGuest, VmError> {
             bits,
         });
     }
-    let mem = GuestMemoryMmap::from_ranges(&ram_regions(mem_size)).map_err(|e| VmError::MemoryMap {
-        mib: spec.memory_mib,
-        why: e.to_string(),
-    })?;
+    let mem =
+        GuestMemoryMmap::from_ranges(&ram_regions(mem_size)).map_err(|e| VmError::MemoryMap {
+            mib: spec.memory_mib,
+            why: e.to_string(),
+        })?;
     let kernel = load_kernel(
         &mem,
         &spec.kernel,
@@ -253,7 +254,8 @@ fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
         .map_err(vm_ioctl("KVM_SET_TSS_ADDR"))?;
     vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
         .map_err(vm_ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
-    vm.create_irq_chip().map_err(vm_ioctl("KVM_CREATE_IRQCHIP"))?;
+    vm.create_irq_chip()
+        .map_err(vm_ioctl("KVM_CREATE_IRQCHIP"))?;
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
@@ -401,8 +403,9 @@ impl Vmm {
             {
                 Ok(h) => threads.push(h),
                 Err(e) => {
-                    self.exit
-                        .request(ExitReason::VmmError(format!("cannot start a vCPU thread: {e}")));
+                    self.exit.request(ExitReason::VmmError(format!(
+                        "cannot start a vCPU thread: {e}"
+                    )));
                     break;
                 }
             }
@@ -433,7 +436,9 @@ impl Vmm {
         let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
             match EventManager::new() {
                 Ok(em) => em,
-                Err(e) => return ExitReason::VmmError(format!("cannot create the event loop: {e:?}")),
+                Err(e) => {
+                    return ExitReason::VmmError(format!("cannot create the event loop: {e:?}"))
+                }
             };
         let control = Arc::new(Mutex::new(Control {
             signals,
@@ -523,8 +528,9 @@ impl MutEventSubscriber for Control {
             self.exit.evt.as_raw_fd(),
         ] {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                self.exit
-                    .request(ExitReason::VmmError(format!("cannot watch control events: {e:?}")));
+                self.exit.request(ExitReason::VmmError(format!(
+                    "cannot watch control events: {e:?}"
+                )));
             }
         }
     }

@@ -1,0 +1,120 @@
+//! QEMU as an oracle: the `microvm` machine booting a guest kernel (the
+//! probe, through its PVH note) with the serial console on stdout. Uses
+//! KVM when `/dev/kvm` opens, TCG otherwise. Running and timeouts are
+//! `runner::run`'s job.
+
+use crate::runner::{self, RunResult};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// The accelerator a run used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    /// KVM if `/dev/kvm` can be opened read-write, else TCG.
+    pub fn detect() -> Accel {
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+        {
+            Ok(_) => Accel::Kvm,
+            Err(_) => Accel::Tcg,
+        }
+    }
+
+    /// `-accel` and `-cpu` arguments.
+    pub fn args(self) -> [&'static str; 4] {
+        match self {
+            // `-cpu host` alone fails on MSR 0x10a on the CI hosts.
+            Accel::Kvm => ["-accel", "kvm", "-cpu", "host,-arch-capabilities"],
+            Accel::Tcg => ["-accel", "tcg", "-cpu", "max"],
+        }
+    }
+}
+
+/// `$CINDER_QEMU`, else `qemu-system-x86_64` from PATH. Panics (does not
+/// skip) when QEMU is missing.
+pub fn qemu_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("CINDER_QEMU") {
+        return PathBuf::from(p);
+    }
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("qemu-system-x86_64"))
+            .find(|p| p.is_file())
+    });
+    match found {
+        Some(p) => p,
+        None => panic!(
+            "qemu-system-x86_64 not found in PATH: the QEMU oracle tests need it \
+             (apt-get install qemu-system-x86) or set CINDER_QEMU"
+        ),
+    }
+}
+
+/// QEMU's microvm without option ROMs and RTC, with the ISA serial port.
+pub const DEFAULT_MACHINE: &str = "microvm,x-option-roms=off,rtc=off,isa-serial=on";
+
+/// A microvm configuration.
+#[derive(Clone, Debug)]
+pub struct Microvm {
+    pub kernel: PathBuf,
+    pub cmdline: String,
+    pub cpus: u32,
+    pub mem_mib: u64,
+    pub accel: Accel,
+    /// `-M` value; ACPI is on by default (MADT), `acpi=off` gives an MP
+    /// table and `virtio_mmio.device=` keys on the command line instead.
+    pub machine: String,
+    /// Extra arguments (e.g. `-device virtio-rng-device`).
+    pub extra: Vec<String>,
+}
+
+impl Microvm {
+    pub fn new(kernel: &Path, cmdline: &str, cpus: u32, mem_mib: u64) -> Microvm {
+        Microvm {
+            kernel: kernel.to_path_buf(),
+            cmdline: cmdline.to_string(),
+            cpus,
+            mem_mib,
+            accel: Accel::detect(),
+            machine: DEFAULT_MACHINE.to_string(),
+            extra: Vec::new(),
+        }
+    }
+
+    /// The QEMU command line. `-no-reboot` turns the guest's reset (i8042
+    /// or triple fault) into QEMU exiting.
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(qemu_bin());
+        c.stdin(Stdio::null())
+            .args(["-M", &self.machine])
+            .args(self.accel.args())
+            .args(["-m", &self.mem_mib.to_string()])
+            .args(["-smp", &self.cpus.to_string()])
+            .args([
+                "-nodefaults",
+                "-nographic",
+                "-no-reboot",
+                "-serial",
+                "stdio",
+            ])
+            .arg("-kernel")
+            .arg(&self.kernel)
+            .args(["-append", &self.cmdline])
+            .args(&self.extra);
+        c
+    }
+
+    /// Boots and waits for QEMU to exit (the probe resets the VM after
+    /// `PROBE DONE`), or kills it at the timeout.
+    pub fn run(&self, timeout: Duration) -> RunResult {
+        runner::run(self.command(), timeout, |_| false)
+    }
+}
