@@ -14,6 +14,10 @@ const ECX_CMP_LEGACY: u32 = 1 << 1;
 pub const KVM_CPUID_SIGNATURE: u32 = 0x4000_0000;
 /// KVM's feature leaf.
 pub const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+/// Timing leaf (as QEMU and VMware define it): EAX = TSC kHz, EBX = local APIC timer kHz.
+pub const HV_CPUID_TIMING: u32 = 0x4000_0010;
+/// KVM's local APIC timer runs at 1 GHz.
+const KVM_APIC_TIMER_KHZ: u32 = 1_000_000;
 /// "KVMKVMKVM\0\0\0" as EBX, ECX, EDX.
 const KVM_SIGNATURE: [u32; 3] = [0x4b4d_564b, 0x564b_4d56, 0x0000_004d];
 
@@ -32,6 +36,8 @@ pub mod kvm_features {
 pub struct CpuidOptions {
     /// Hide the KVM paravirtual features that are driven by hypercalls.
     pub hide_kvm_hypercalls: bool,
+    /// The guest TSC frequency, published in leaf 0x40000010 when known.
+    pub tsc_khz: Option<u32>,
 }
 
 /// The CPU vendor, from leaf 0.
@@ -134,7 +140,11 @@ pub fn normalize(
                 e.ecx &= !0xff;
             }
             KVM_CPUID_SIGNATURE => {
-                e.eax = KVM_CPUID_FEATURES;
+                e.eax = if opts.tsc_khz.is_some() {
+                    HV_CPUID_TIMING
+                } else {
+                    KVM_CPUID_FEATURES
+                };
                 e.ebx = KVM_SIGNATURE[0];
                 e.ecx = KVM_SIGNATURE[1];
                 e.edx = KVM_SIGNATURE[2];
@@ -147,10 +157,23 @@ pub fn normalize(
             _ => {}
         }
     }
+    entries.retain(|e| e.function != HV_CPUID_TIMING);
+    if let Some(khz) = opts.tsc_khz {
+        entries.push(kvm_cpuid_entry2 {
+            function: HV_CPUID_TIMING,
+            eax: khz,
+            ebx: KVM_APIC_TIMER_KHZ,
+            ..Default::default()
+        });
+    }
     if !entries.iter().any(|e| e.function == KVM_CPUID_SIGNATURE) {
         entries.push(kvm_cpuid_entry2 {
             function: KVM_CPUID_SIGNATURE,
-            eax: KVM_CPUID_FEATURES,
+            eax: if opts.tsc_khz.is_some() {
+                HV_CPUID_TIMING
+            } else {
+                KVM_CPUID_FEATURES
+            },
             ebx: KVM_SIGNATURE[0],
             ecx: KVM_SIGNATURE[1],
             edx: KVM_SIGNATURE[2],
@@ -225,8 +248,16 @@ mod tests {
             1,
             CpuidOptions {
                 hide_kvm_hypercalls: true,
+                tsc_khz: Some(2_000_000),
             },
         );
+        let timing = t.iter().find(|e| e.function == HV_CPUID_TIMING).unwrap();
+        assert_eq!((timing.eax, timing.ebx), (2_000_000, KVM_APIC_TIMER_KHZ));
+        let sig = t
+            .iter()
+            .find(|e| e.function == KVM_CPUID_SIGNATURE)
+            .unwrap();
+        assert_eq!(sig.eax, HV_CPUID_TIMING);
         let f = t.iter().find(|e| e.function == KVM_CPUID_FEATURES).unwrap();
         assert_eq!(f.eax & (1 << kvm_features::PV_SEND_IPI), 0);
         assert_eq!(f.eax & (1 << kvm_features::PV_SCHED_YIELD), 0);

@@ -86,7 +86,11 @@ impl Vcpu {
             .create_vcpu(u64::from(index))
             .map_err(kvm_err(index, "KVM_CREATE_VCPU"))?;
         let mut entries = supported_cpuid.as_slice().to_vec();
-        normalize(&mut entries, index, count, cpuid_opts);
+        let opts = CpuidOptions {
+            tsc_khz: fd.get_tsc_khz().ok(),
+            ..cpuid_opts
+        };
+        normalize(&mut entries, index, count, opts);
         let cpuid = CpuId::from_entries(&entries).map_err(|e| VcpuError::Cpuid {
             index,
             why: format!("{e:?}"),

@@ -345,6 +345,7 @@ impl Vmm {
             .map_err(vm_ioctl("KVM_GET_SUPPORTED_CPUID"))?;
         let opts = CpuidOptions {
             hide_kvm_hypercalls: spec.cpu_template == CpuTemplate::NoPvHypercalls,
+            tsc_khz: None,
         };
         let mut vcpus = Vec::with_capacity(spec.vcpus as usize);
         for i in 0..spec.vcpus {
