@@ -1,1 +1,29 @@
-//! api
+//! cinder's API crate: the Firecracker-compatible JSON API over a Unix
+//! socket and the `--config-file` schema, with no KVM inside.
+//!
+//! - [`model`]: request/response bodies (serde), as in Firecracker's
+//!   OpenAPI document;
+//! - [`config`]: [`VmConfig`], the one internal configuration, and its
+//!   validation; [`VmConfig::from_config_file`];
+//! - [`http`]: HTTP/1.1 framing;
+//! - [`routes`]: the route table and the router to [`ApiRequest`];
+//! - [`server`]: [`ApiServer`], one thread, many clients;
+//! - [`handler`]: the [`RequestHandler`] seam and [`ChannelHandler`], which
+//!   hands requests to the VMM event loop;
+//! - [`controller`]: [`PreBootController`], the configuration state machine.
+
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod controller;
+pub mod handler;
+pub mod http;
+pub mod model;
+pub mod routes;
+pub mod server;
+
+pub use config::{ConfigError, VmConfig};
+pub use controller::{Outcome, PreBootController};
+pub use handler::{api_channel, ChannelHandler, RequestHandler, VmmEndpoint};
+pub use routes::{parse_api_request, route_table, ApiRequest, ApiResponse, RequestError, Route};
+pub use server::{ApiError, ApiServer, ServerConfig, ShutdownHandle};
