@@ -5,6 +5,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod virtio;
 
 pub use bus::{BusDevice, InterruptTrigger};
 

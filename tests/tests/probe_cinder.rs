@@ -40,14 +40,21 @@ fn boot(protocol: &str, vcpus: u8, mib: u64, cmdline: &str) -> Run {
         .args(["--boot-protocol", protocol])
         .args(["--vcpus", &vcpus.to_string(), "--memory", &mib.to_string()])
         .args(["--cmdline", cmdline]);
-    let r = run(c, Duration::from_secs(if mib > 1024 { 300 } else { 120 }), |_| false);
+    let r = run(
+        c,
+        Duration::from_secs(if mib > 1024 { 300 } else { 120 }),
+        |_| false,
+    );
     let log = probe::parse(&r.stdout);
     let what = format!("probe under cinder ({protocol}, {vcpus} vCPU, {mib} MiB, `{cmdline}`)");
     eprintln!("{what}: {:.2?}, done={:?}", r.elapsed, log.done);
     let run = Run { r, log, what };
     run.ensure(!run.r.timed_out, "timed out (cinder killed)");
     run.ensure(run.log.done.is_some(), "no PROBE DONE line");
-    run.ensure(run.r.code() == Some(0), "the probe's i8042 reset must end cinder with exit code 0");
+    run.ensure(
+        run.r.code() == Some(0),
+        "the probe's i8042 reset must end cinder with exit code 0",
+    );
     run
 }
 
@@ -55,13 +62,22 @@ fn full(protocol: &str, vcpus: u8, mib: u64) {
     let cmdline = format!("probe.run={CHECKS} probe.cpus={vcpus} probe.mem_mib={mib}");
     let run = boot(protocol, vcpus, mib, &cmdline);
     let n = CHECKS.split(',').count() as u32;
-    run.ensure(run.log.done == Some((n, n)), &format!("expected PROBE DONE {n}/{n}"));
+    run.ensure(
+        run.log.done == Some((n, n)),
+        &format!("expected PROBE DONE {n}/{n}"),
+    );
     for name in CHECKS.split(',') {
-        run.ensure(run.check(name).status == Status::Ok, &format!("check {name} not ok"));
+        run.ensure(
+            run.check(name).status == Status::Ok,
+            &format!("check {name} not ok"),
+        );
     }
     let boot = run.check("boot");
     run.ensure(boot.field("entry") == Some(protocol), "entry path");
-    run.ensure(boot.details.contains(&cmdline), "the guest sees our command line");
+    run.ensure(
+        boot.details.contains(&cmdline),
+        "the guest sees our command line",
+    );
     run.ensure(boot.field("if") == Some("0"), "interrupts off at entry");
     let mode = if protocol == "pvh" { "32" } else { "64" };
     run.ensure(boot.field("mode") == Some(mode), "CS mode at entry");
@@ -71,15 +87,24 @@ fn full(protocol: &str, vcpus: u8, mib: u64) {
         mem.num("usable") == Some((mib << 20) - HOLE),
         "usable RAM must be --memory minus the documented hole",
     );
-    run.ensure(mem.num("tested_mib").unwrap_or(0) + 16 >= mib, "pattern test covered RAM");
+    run.ensure(
+        mem.num("tested_mib").unwrap_or(0) + 16 >= mib,
+        "pattern test covered RAM",
+    );
 
     let smp = run.check("smp");
     run.ensure(smp.num("cpus") == Some(u64::from(vcpus)), "CPUs online");
-    run.ensure(smp.num("expected") == Some(u64::from(vcpus)), "CPUs in cinder's MP table");
+    run.ensure(
+        smp.num("expected") == Some(u64::from(vcpus)),
+        "CPUs in cinder's MP table",
+    );
 
     let cpuid = run.check("cpuid");
     run.ensure(cpuid.field("hypervisor_bit") == Some("1"), "hypervisor bit");
-    run.ensure(cpuid.details.contains("hv_signature=\"KVMKVMKVM"), "KVM signature leaf");
+    run.ensure(
+        cpuid.details.contains("hv_signature=\"KVMKVMKVM"),
+        "KVM signature leaf",
+    );
     run.ensure(
         cpuid.details.matches("lapic=").count() == vcpus as usize,
         "CPUID seen on every CPU",
@@ -90,7 +115,10 @@ fn full(protocol: &str, vcpus: u8, mib: u64) {
             &format!("CPU {i} has APIC ID {i}"),
         );
     }
-    run.ensure(run.check("irq").num("interrupts").unwrap_or(0) >= 5, "timer interrupts");
+    run.ensure(
+        run.check("irq").num("interrupts").unwrap_or(0) >= 5,
+        "timer interrupts",
+    );
     let tsc = run.check("tsc");
     run.ensure(tsc.num("now") > tsc.num("entry"), "TSC advances");
 }
@@ -129,19 +157,26 @@ fn probe_linux64_4cpu_3584m_under_cinder() {
 fn probe_unknown_check_fails_cleanly_under_cinder() {
     let run = boot("auto", 1, 128, "probe.run=boot,no_such_check");
     run.ensure(run.log.done == Some((1, 2)), "expected PROBE DONE 1/2");
-    run.ensure(run.check("no_such_check").status == Status::Fail, "unknown name FAILs");
+    run.ensure(
+        run.check("no_such_check").status == Status::Fail,
+        "unknown name FAILs",
+    );
 }
 
 #[test]
 fn probe_sigterm_ends_cinder_cleanly_under_cinder() {
     require_kvm();
     let mut c = cinder();
-    c.arg("--kernel")
-        .arg(probe::elf_path())
-        .args(["--cmdline", "probe.run=tick probe.ticks=100000 probe.tick_ms=10"]);
+    c.arg("--kernel").arg(probe::elf_path()).args([
+        "--cmdline",
+        "probe.run=tick probe.ticks=100000 probe.tick_ms=10",
+    ]);
     let mut s = cinder_tests::session::Session::start(c);
-    s.expect("PROBE tick 3 ", Duration::from_secs(120)).unwrap_or_else(|e| panic!("{e}"));
+    s.expect("PROBE tick 3 ", Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}"));
     s.signal(libc::SIGTERM);
-    let st = s.wait_exit(Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}"));
+    let st = s
+        .wait_exit(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(st.code(), Some(143), "SIGTERM exit code\n{}", s.log());
 }

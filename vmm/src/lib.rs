@@ -5,5 +5,7 @@ pub mod console;
 pub mod exit;
 pub mod kvm;
 pub mod logger;
+pub mod metrics;
+pub mod runtime;
 pub mod vcpu;
 pub mod vm;

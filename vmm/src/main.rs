@@ -1,15 +1,18 @@
-//! `cinder`: boot a guest kernel in a KVM microVM.
+//! `cinder`: boot a guest kernel in a KVM microVM, from flags, a config file, or the API.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use api::config::{BootSourceConfig, DriveConfig, VmConfig};
+use api::controller::PreBootController;
+use api::handler::api_channel;
+use api::model::{CacheType, IoEngine};
+use api::server::ApiServer;
 use arch::loader::ProtocolChoice;
 use clap::{Parser, ValueEnum};
 use vmm::exit::ExitReason;
-use vmm::vm::{CpuTemplate, VmSpec, Vmm};
-
-/// The command line a guest gets when `--cmdline` is not given.
-const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+use vmm::runtime::{spec_from_config, ApiState, Runtime, VmmOptions, DEFAULT_CMDLINE};
+use vmm::vm::{CpuTemplate, SignalFd};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum BootProtocolArg {
@@ -40,7 +43,9 @@ enum LogLevel {
 }
 
 /// cinder: a KVM microVM monitor. Boots a guest kernel with a serial console on stdin and
-/// stdout. A guest reset ends cinder with exit code 0; Ctrl-A x quits from a terminal.
+/// stdout, from flags (--kernel ...), from a Firecracker-style config file (--config-file),
+/// or configured through a Firecracker-compatible API socket (--api-sock). A guest reset ends
+/// cinder with exit code 0; Ctrl-A x quits from a terminal.
 ///
 /// Exit codes: 0 guest reset or console quit; 1 bad input or VMM error (before or while
 /// running); 2 bad command line; 3 the guest hit a fatal KVM error (registers are printed);
@@ -49,14 +54,14 @@ enum LogLevel {
 #[command(name = "cinder", version)]
 struct Cli {
     /// Guest kernel: an ELF vmlinux (PVH note or 64-bit entry) or a bzImage.
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    #[arg(long, value_name = "PATH", conflicts_with = "config_file")]
+    kernel: Option<PathBuf>,
 
     /// Initial ramdisk, placed as high in low memory as the kernel allows.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", requires = "kernel")]
     initrd: Option<PathBuf>,
 
-    /// Kernel command line (at most 2047 bytes).
+    /// Kernel command line (at most 2047 bytes, including what cinder appends for devices).
     #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
     cmdline: String,
 
@@ -67,6 +72,25 @@ struct Cli {
     /// Guest memory in MiB. Above 3072 MiB, RAM continues at 4 GiB past the MMIO gap.
     #[arg(long, value_name = "MIB", default_value_t = 128)]
     memory: u64,
+
+    /// A virtio-blk drive backed by a raw image: path=FILE[,id=NAME][,ro][,root]. Repeatable;
+    /// the guest sees them as /dev/vda, /dev/vdb, ... with the root drive first. `root`
+    /// appends root=/dev/vda (and ro for a read-only drive) to the command line.
+    #[arg(long, value_name = "SPEC", requires = "kernel")]
+    drive: Vec<String>,
+
+    /// Boot from a Firecracker-style JSON config file (boot-source, machine-config, drives,
+    /// logger, metrics, ...), at once.
+    #[arg(long, value_name = "FILE")]
+    config_file: Option<PathBuf>,
+
+    /// Serve the Firecracker-compatible API on this Unix socket (before and after boot).
+    #[arg(long, value_name = "PATH", conflicts_with = "no_api")]
+    api_sock: Option<PathBuf>,
+
+    /// Run without an API socket (needs --config-file or --kernel).
+    #[arg(long)]
+    no_api: bool,
 
     /// Boot protocol for ELF kernels (a bzImage always uses the 64-bit protocol).
     #[arg(long, value_enum, value_name = "PROTOCOL", default_value = "auto")]
@@ -85,8 +109,70 @@ struct Cli {
     kvm_device: String,
 }
 
+/// Parses `path=FILE[,id=NAME][,ro][,root]`.
+fn parse_drive(spec: &str, index: usize) -> Result<DriveConfig, String> {
+    let mut path = None;
+    let mut id = None;
+    let (mut ro, mut root) = (false, false);
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("path", v)) if !v.is_empty() => path = Some(PathBuf::from(v)),
+            Some(("id", v)) if !v.is_empty() => id = Some(v.to_string()),
+            None if part == "ro" => ro = true,
+            None if part == "root" => root = true,
+            _ => {
+                return Err(format!(
+                    "--drive {spec}: unknown or empty part {part:?} (expected path=FILE[,id=NAME][,ro][,root])"
+                ))
+            }
+        }
+    }
+    let path = path.ok_or_else(|| format!("--drive {spec}: path=FILE is required"))?;
+    Ok(DriveConfig {
+        drive_id: id.unwrap_or_else(|| format!("drive{index}")),
+        path_on_host: path,
+        is_read_only: ro,
+        is_root_device: root,
+        partuuid: None,
+        cache_type: CacheType::Writeback,
+        io_engine: IoEngine::Sync,
+        rate_limiter: None,
+    })
+}
+
+/// The configuration from flags: the same `VmConfig` the config file and the API build.
+fn config_from_flags(cli: &Cli, kernel: PathBuf) -> Result<VmConfig, String> {
+    let mut cfg = VmConfig::default();
+    cfg.machine.vcpu_count = cli.vcpus;
+    cfg.machine.mem_size_mib =
+        usize::try_from(cli.memory).map_err(|_| format!("--memory {}: too large", cli.memory))?;
+    cfg.boot_source = Some(BootSourceConfig {
+        kernel_image_path: kernel,
+        initrd_path: cli.initrd.clone(),
+        boot_args: Some(cli.cmdline.clone()),
+    });
+    let mut drives = Vec::new();
+    for (i, d) in cli.drive.iter().enumerate() {
+        drives.push(parse_drive(d, i)?);
+    }
+    // The root drive first, so it is /dev/vda.
+    drives.sort_by_key(|d| !d.is_root_device);
+    cfg.drives = drives;
+    Ok(cfg)
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("cinder: error: {msg}");
+    ExitCode::from(1)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Before any thread exists: SIGINT/SIGTERM are blocked everywhere and read from a signalfd.
+    let signals = match SignalFd::new(&[libc::SIGINT, libc::SIGTERM]) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("cannot watch signals: {e}")),
+    };
     vmm::logger::init(match cli.log_level {
         LogLevel::Off => log::LevelFilter::Off,
         LogLevel::Error => log::LevelFilter::Error,
@@ -95,12 +181,7 @@ fn main() -> ExitCode {
         LogLevel::Debug => log::LevelFilter::Debug,
         LogLevel::Trace => log::LevelFilter::Trace,
     });
-    let spec = VmSpec {
-        kernel: cli.kernel,
-        initrd: cli.initrd,
-        cmdline: cli.cmdline,
-        vcpus: cli.vcpus,
-        memory_mib: cli.memory,
+    let opts = VmmOptions {
         boot_protocol: match cli.boot_protocol {
             BootProtocolArg::Auto => ProtocolChoice::Auto,
             BootProtocolArg::Pvh => ProtocolChoice::Pvh,
@@ -110,16 +191,103 @@ fn main() -> ExitCode {
             CpuTemplateArg::Host => CpuTemplate::Host,
             CpuTemplateArg::NoPvHypercalls => CpuTemplate::NoPvHypercalls,
         },
-        kvm_path: cli.kvm_device,
+        kvm_path: cli.kvm_device.clone(),
     };
-    let vmm = match Vmm::build(&spec, Box::new(std::io::stdout())) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("cinder: error: {e}");
-            return ExitCode::from(1);
+
+    // What to boot at once, if anything.
+    let boot_now: Option<VmConfig> = if let Some(path) = &cli.config_file {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => return fail(format!("cannot read config file {}: {e}", path.display())),
+        };
+        match VmConfig::from_config_file(&text) {
+            Ok(c) => Some(c),
+            Err(e) => return fail(format!("config file {}: {e}", path.display())),
+        }
+    } else if let Some(k) = &cli.kernel {
+        match config_from_flags(&cli, k.clone()) {
+            Ok(c) => Some(c),
+            Err(e) => return fail(e),
+        }
+    } else {
+        None
+    };
+    if boot_now.is_none() && cli.api_sock.is_none() {
+        return fail("nothing to boot: give --kernel, --config-file, or --api-sock to configure through the API");
+    }
+    if let Some(l) = boot_now.as_ref().and_then(|c| c.logger.as_ref()) {
+        if let Err(e) = vmm::logger::apply(l) {
+            return fail(e);
+        }
+    }
+
+    // The API socket, bound before anything else so that a client can connect as soon as
+    // cinder runs.
+    let mut api_thread = None;
+    let mut api_shutdown = None;
+    let api_state = match &cli.api_sock {
+        None => None,
+        Some(path) => {
+            let server = match ApiServer::bind(path) {
+                Ok(s) => s,
+                Err(e) => return fail(e),
+            };
+            let (handler, endpoint) = match api_channel() {
+                Ok(c) => c,
+                Err(e) => return fail(format!("cannot create the API channel: {e}")),
+            };
+            api_shutdown = server.shutdown_handle().ok();
+            match std::thread::Builder::new()
+                .name("api".into())
+                .spawn(move || server.run(handler))
+            {
+                Ok(h) => api_thread = Some(h),
+                Err(e) => return fail(format!("cannot start the API thread: {e}")),
+            }
+            let cfg = boot_now.clone().unwrap_or_default();
+            Some(ApiState {
+                endpoint,
+                controller: PreBootController::new(
+                    cfg,
+                    format!("cinder-{}", std::process::id()),
+                    env!("CARGO_PKG_VERSION"),
+                ),
+            })
         }
     };
-    let reason = vmm.run();
+
+    let metrics_path = boot_now
+        .as_ref()
+        .and_then(|c| c.metrics.as_ref())
+        .map(|m| PathBuf::from(&m.metrics_path));
+    let mut rt = match Runtime::new(
+        signals,
+        opts.clone(),
+        Box::new(std::io::stdout()),
+        api_state,
+        metrics_path,
+    ) {
+        Ok(rt) => rt,
+        Err(e) => return fail(e),
+    };
+    if let Some(cfg) = &boot_now {
+        let spec = match spec_from_config(cfg, &opts) {
+            Ok(s) => s,
+            Err(e) => return fail(e),
+        };
+        if let Err(e) = rt.start_vm(&spec) {
+            drop(rt);
+            return fail(e);
+        }
+        rt.mark_api_started();
+    }
+    let reason = rt.run();
+    if let Some(h) = api_shutdown {
+        let _ = h.shutdown();
+    }
+    if let Some(t) = api_thread {
+        let _ = t.join();
+    }
     match &reason {
         ExitReason::Reset => log::info!("guest reset: exiting"),
         ExitReason::Escape => eprintln!("\r\ncinder: quit from the console (Ctrl-A x)"),

@@ -1,6 +1,5 @@
 //! vCPUs: creation, initial state, and the run loop that dispatches exits to the buses.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use arch::cpuid::{normalize, CpuidOptions};
@@ -9,8 +8,97 @@ use arch::GuestMemoryMmap;
 use kvm_bindings::{CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
+use std::cell::Cell;
+use std::sync::{Condvar, Mutex};
+
 use crate::bus::Bus;
 use crate::exit::{ExitReason, ExitSignal};
+use crate::metrics::Metrics;
+
+thread_local! {
+    /// This vCPU thread's `kvm_run.immediate_exit`, for the kick signal handler.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+/// The kick signal's handler: makes the interrupted (or next) KVM_RUN of this thread return.
+pub extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let p = IMMEDIATE_EXIT.with(|p| p.get());
+    if !p.is_null() {
+        // SAFETY: the pointer was set by this very thread to its own kvm_run mapping, which
+        // lives until the thread clears the pointer; a volatile byte store is signal-safe.
+        unsafe { std::ptr::write_volatile(p, 1) };
+    }
+}
+
+#[derive(Default)]
+struct RunState {
+    paused: bool,
+    stop: bool,
+    parked: usize,
+    exited: usize,
+}
+
+/// Pause, resume and stop for the vCPU threads.
+#[derive(Default)]
+pub struct VcpuControl {
+    state: Mutex<RunState>,
+    cv: Condvar,
+}
+
+impl VcpuControl {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RunState> {
+        match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Called by a vCPU before each KVM_RUN: parks while paused; false once stopped.
+    pub fn wait_runnable(&self, _index: u8) -> bool {
+        let mut g = self.lock();
+        if g.paused && !g.stop {
+            g.parked += 1;
+            self.cv.notify_all();
+            while g.paused && !g.stop {
+                g = match self.cv.wait(g) {
+                    Ok(g) => g,
+                    Err(p) => p.into_inner(),
+                };
+            }
+            g.parked -= 1;
+        }
+        !g.stop
+    }
+
+    fn vcpu_exited(&self) {
+        let mut g = self.lock();
+        g.exited += 1;
+        self.cv.notify_all();
+    }
+
+    /// Asks every vCPU to park.
+    pub fn request_pause(&self) {
+        self.lock().paused = true;
+    }
+
+    /// Whether `n` vCPUs are parked (or gone).
+    pub fn all_parked(&self, n: usize) -> bool {
+        let g = self.lock();
+        g.parked + g.exited >= n
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) {
+        self.lock().paused = false;
+        self.cv.notify_all();
+    }
+
+    /// Asks every vCPU to leave its loop.
+    pub fn stop(&self) {
+        self.lock().stop = true;
+        self.cv.notify_all();
+    }
+}
 
 /// Errors setting up a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +185,19 @@ impl Vcpu {
         })?;
         fd.set_cpuid2(&cpuid)
             .map_err(kvm_err(index, "KVM_SET_CPUID2"))?;
-        let msr_entries = arch::regs::boot_msrs();
+        let mut misc = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index: arch::regs::MSR_IA32_MISC_ENABLE,
+            ..Default::default()
+        }])
+        .map_err(|e| VcpuError::Cpuid {
+            index,
+            why: format!("MSR list: {e:?}"),
+        })?;
+        let misc_enable = match fd.get_msrs(&mut misc) {
+            Ok(1) => misc.as_slice()[0].data,
+            _ => 0,
+        };
+        let msr_entries = arch::regs::boot_msrs(misc_enable);
         let msrs = Msrs::from_entries(&msr_entries).map_err(|e| VcpuError::Cpuid {
             index,
             why: format!("MSR list: {e:?}"),
@@ -130,41 +230,63 @@ impl Vcpu {
     }
 
     /// Runs until the VM is stopped or something ends it. Dispatches PIO/MMIO exits to the
-    /// buses; a reset or fatal exit is reported through `exit`.
+    /// buses; parks while the VM is paused; a reset or fatal exit is reported through `exit`.
     pub fn run(
         mut self,
         pio: Arc<Bus>,
         mmio: Arc<Bus>,
-        stop: Arc<AtomicBool>,
+        control: Arc<VcpuControl>,
         exit: Arc<ExitSignal>,
+        metrics: Arc<Metrics>,
     ) {
-        let mut unhandled_pio = 0u32;
-        let mut unhandled_mmio = 0u32;
-        while !stop.load(Ordering::Acquire) {
+        // The kick handler sets immediate_exit through this thread's pointer, so a kick that
+        // lands just before KVM_RUN still makes it return at once.
+        let run_ptr: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
+        IMMEDIATE_EXIT.with(|p| p.set(run_ptr));
+        let mut unhandled = 0u32;
+        while control.wait_runnable(self.index) {
             let result = self.fd.run();
             match result {
                 Ok(VcpuExit::IoOut(port, data)) => {
-                    if !pio.write(u64::from(port), data) {
-                        unhandled_pio =
-                            note_unhandled(unhandled_pio, "port write", u64::from(port));
+                    metrics.vcpu.exit_io_out.inc();
+                    let data = data.to_vec();
+                    let size = self.io_size();
+                    for chunk in data.chunks(size) {
+                        if !pio.write(u64::from(port), chunk) {
+                            metrics.vcpu.unhandled.inc();
+                            unhandled = note_unhandled(unhandled, "port write", u64::from(port));
+                        }
                     }
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
-                    if !pio.read(u64::from(port), data) {
-                        // Nothing there: the bus floats high.
-                        data.fill(0xff);
-                        unhandled_pio = note_unhandled(unhandled_pio, "port read", u64::from(port));
+                    metrics.vcpu.exit_io_in.inc();
+                    let mut buf = vec![0u8; data.len()];
+                    let size = self.io_size();
+                    for chunk in buf.chunks_mut(size) {
+                        if !pio.read(u64::from(port), chunk) {
+                            // Nothing there: the bus floats high.
+                            chunk.fill(0xff);
+                            metrics.vcpu.unhandled.inc();
+                            unhandled = note_unhandled(unhandled, "port read", u64::from(port));
+                        }
+                    }
+                    if let Ok(VcpuExit::IoIn(_, data)) = self.refetch_io_in() {
+                        data.copy_from_slice(&buf);
                     }
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
+                    metrics.vcpu.exit_mmio_read.inc();
                     if !mmio.read(addr, data) {
                         data.fill(0xff);
-                        unhandled_mmio = note_unhandled(unhandled_mmio, "MMIO read", addr);
+                        metrics.vcpu.unhandled.inc();
+                        unhandled = note_unhandled(unhandled, "MMIO read", addr);
                     }
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    metrics.vcpu.exit_mmio_write.inc();
                     if !mmio.write(addr, data) {
-                        unhandled_mmio = note_unhandled(unhandled_mmio, "MMIO write", addr);
+                        metrics.vcpu.unhandled.inc();
+                        unhandled = note_unhandled(unhandled, "MMIO write", addr);
                     }
                 }
                 Ok(VcpuExit::Hlt) => {
@@ -172,7 +294,13 @@ impl Vcpu {
                     std::thread::yield_now();
                 }
                 Ok(VcpuExit::Shutdown) => {
-                    log::info!("vCPU {}: shutdown exit (triple fault or reset)", self.index);
+                    // A reset through the triple fault path: normal for `reboot=t` guests, and
+                    // the only sign of a guest that crashed early, so its registers are logged.
+                    log::warn!(
+                        "vCPU {}: shutdown exit (triple fault or reset); registers:\n{}",
+                        self.index,
+                        self.dump()
+                    );
                     exit.request(ExitReason::Reset);
                     break;
                 }
@@ -180,15 +308,19 @@ impl Vcpu {
                     match kind {
                         kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN
                         | kvm_bindings::KVM_SYSTEM_EVENT_RESET => exit.request(ExitReason::Reset),
-                        _ => exit.request(ExitReason::GuestFatal(format!(
-                            "vCPU {}: system event {kind}\n{}",
-                            self.index,
-                            self.dump()
-                        ))),
+                        _ => {
+                            metrics.vcpu.failures.inc();
+                            exit.request(ExitReason::GuestFatal(format!(
+                                "vCPU {}: system event {kind}\n{}",
+                                self.index,
+                                self.dump()
+                            )))
+                        }
                     }
                     break;
                 }
                 Ok(VcpuExit::InternalError) => {
+                    metrics.vcpu.failures.inc();
                     let sub = {
                         let run = self.fd.get_kvm_run();
                         // SAFETY: for KVM_EXIT_INTERNAL_ERROR the kernel fills the `internal`
@@ -209,6 +341,7 @@ impl Vcpu {
                     break;
                 }
                 Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                    metrics.vcpu.failures.inc();
                     exit.request(ExitReason::GuestFatal(format!(
                         "vCPU {}: KVM entry failed (hardware reason {reason:#x}, host cpu {cpu})\n{}",
                         self.index,
@@ -216,8 +349,9 @@ impl Vcpu {
                     )));
                     break;
                 }
-                Ok(VcpuExit::Intr) => {}
+                Ok(VcpuExit::Intr) => self.fd.set_kvm_immediate_exit(0),
                 Ok(other) => {
+                    metrics.vcpu.failures.inc();
                     let name = format!("{other:?}");
                     exit.request(ExitReason::GuestFatal(format!(
                         "vCPU {}: unexpected exit {name}\n{}",
@@ -230,6 +364,7 @@ impl Vcpu {
                     self.fd.set_kvm_immediate_exit(0);
                 }
                 Err(e) => {
+                    metrics.vcpu.failures.inc();
                     exit.request(ExitReason::GuestFatal(format!(
                         "vCPU {}: KVM_RUN failed: {e}\n{}",
                         self.index,
@@ -239,6 +374,42 @@ impl Vcpu {
                 }
             }
         }
+        IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
+        control.vcpu_exited();
+    }
+
+    /// The element size of the current port I/O exit (1, 2 or 4; string I/O repeats it).
+    fn io_size(&mut self) -> usize {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: called only while handling a KVM_EXIT_IO, when the kernel has filled the
+        // `io` member of the exit union.
+        let size = unsafe { run.__bindgen_anon_1.io.size } as usize;
+        if matches!(size, 1 | 2 | 4) {
+            size
+        } else {
+            1
+        }
+    }
+
+    /// Re-borrows the data buffer of the current KVM_EXIT_IO (in) exit.
+    fn refetch_io_in(&mut self) -> Result<VcpuExit<'_>, ()> {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit in progress is KVM_EXIT_IO in the `io` member; `data_offset` and
+        // `size * count` describe a buffer inside the kvm_run mapping, as kvm-ioctls itself
+        // computes it for `VcpuExit::IoIn`.
+        let (port, offset, len) = unsafe {
+            let io = run.__bindgen_anon_1.io;
+            (
+                io.port,
+                io.data_offset as usize,
+                io.size as usize * io.count as usize,
+            )
+        };
+        let base = run as *mut kvm_bindings::kvm_run as *mut u8;
+        // SAFETY: see above; the slice lives in the vCPU's kvm_run mapping, which outlives the
+        // borrow of `self`.
+        let data = unsafe { std::slice::from_raw_parts_mut(base.add(offset), len) };
+        Ok(VcpuExit::IoIn(port, data))
     }
 
     /// The registers, for a fatal exit's report.

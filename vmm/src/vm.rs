@@ -7,7 +7,6 @@ use std::fs::File;
 use std::io::Write;
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -19,18 +18,23 @@ use arch::loader::{load_kernel, LoadedKernel, LoaderError, ProtocolChoice};
 use arch::mptable::{setup_mptable, MptableError, MAX_CPUS};
 use arch::GuestMemoryMmap;
 use devices::legacy::{self, SerialDevice, I8042};
-use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use event_manager::MutEventSubscriber;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::{mmio, MmioTransport, VirtioDevice};
+use kvm_ioctls::IoEventAddress;
+
 use crate::bus::{Bus, BusError};
-use crate::console::{ConsoleInput, RawTerminal};
-use crate::exit::{ExitReason, ExitSignal};
+use crate::console::ConsoleInput;
+use crate::exit::ExitSignal;
 use crate::kvm::KvmError;
-use crate::vcpu::{Vcpu, VcpuError, CPUID_ENTRIES};
+use crate::metrics::Metrics;
+use crate::vcpu::{kick_handler, Vcpu, VcpuControl, VcpuError, CPUID_ENTRIES};
 
 /// CPU templates: what the guest is told about the CPU beyond the host's own features.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -62,6 +66,75 @@ pub struct VmSpec {
     pub cpu_template: CpuTemplate,
     /// Path of the KVM device.
     pub kvm_path: String,
+    /// Block devices, in the order the guest sees them (the root drive first).
+    pub drives: Vec<DriveSpec>,
+}
+
+/// One virtio-blk drive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DriveSpec {
+    /// Name (also the serial the guest reads, when it fits in 20 bytes).
+    pub id: String,
+    /// Backing raw image.
+    pub path: PathBuf,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// Boot from it: `root=/dev/vdX` (and `ro`) is appended to the command line.
+    pub root: bool,
+}
+
+impl VmSpec {
+    /// The command line the guest gets: the user's, then one `virtio_mmio.device=` per
+    /// virtio device and the root device.
+    pub fn full_cmdline(&self) -> String {
+        let mut c = self.cmdline.trim().to_string();
+        for (i, _) in self.drives.iter().enumerate() {
+            let (base, irq) = virtio_slot(i);
+            c.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+        }
+        if let Some((i, d)) = self.drives.iter().enumerate().find(|(_, d)| d.root) {
+            let letter = (b'a' + i as u8) as char;
+            c.push_str(&format!(
+                " root=/dev/vd{letter} {}",
+                if d.read_only { "ro" } else { "rw" }
+            ));
+        }
+        c.trim().to_string()
+    }
+
+    /// Checks what can be checked without opening anything.
+    pub fn validate(&self) -> Result<(), VmError> {
+        let mut seen = std::collections::HashSet::new();
+        for d in &self.drives {
+            if !seen.insert(d.id.as_str()) {
+                return Err(VmError::DriveSpec(format!(
+                    "drive id {:?} is used twice",
+                    d.id
+                )));
+            }
+        }
+        if self.drives.iter().filter(|d| d.root).count() > 1 {
+            return Err(VmError::DriveSpec(
+                "more than one drive is marked root".into(),
+            ));
+        }
+        let max = (layout::IRQ_MAX - layout::IRQ_BASE + 1) as usize;
+        if self.drives.len() > max {
+            return Err(VmError::DriveSpec(format!(
+                "{} drives: at most {max} virtio devices fit the IOAPIC's pins",
+                self.drives.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The MMIO base and IRQ of virtio slot `i`.
+pub fn virtio_slot(i: usize) -> (u64, u32) {
+    (
+        layout::VIRTIO_MMIO_START + i as u64 * layout::VIRTIO_MMIO_SIZE,
+        layout::IRQ_BASE + i as u32,
+    )
 }
 
 /// Errors building or running the VM. Each message is one line that names what was wrong.
@@ -135,6 +208,25 @@ pub enum VmError {
     /// Device setup.
     #[error("device setup: {0}")]
     Bus(#[from] BusError),
+    /// A drive specification is inconsistent.
+    #[error("{0}")]
+    DriveSpec(String),
+    /// A drive cannot be opened.
+    #[error("drive {id}: {source}")]
+    Drive {
+        /// The drive id.
+        id: String,
+        /// Why.
+        source: devices::virtio::block::BlockError,
+    },
+    /// The virtio transport refused a device.
+    #[error("drive {id}: {why}")]
+    Transport {
+        /// The drive id.
+        id: String,
+        /// Why.
+        why: String,
+    },
     /// An OS resource could not be created.
     #[error("{what}: {source}")]
     Os {
@@ -175,7 +267,7 @@ pub struct PreparedGuest {
 }
 
 /// Maps guest memory and loads everything the guest needs at entry. Needs no KVM.
-pub fn prepare_guest(spec: &VmSpec) -> Result<PreparedGuest, VmError> {
+pub fn prepare_guest(spec: &VmSpec, cmdline: &str) -> Result<PreparedGuest, VmError> {
     if spec.vcpus == 0 {
         return Err(VmError::NoVcpus(0));
     }
@@ -217,7 +309,7 @@ pub fn prepare_guest(spec: &VmSpec) -> Result<PreparedGuest, VmError> {
         layout::low_ram_end(mem_size),
         spec.boot_protocol,
     )?;
-    let cmdline_len = write_cmdline(&mem, &kernel, &spec.cmdline)?;
+    let cmdline_len = write_cmdline(&mem, &kernel, cmdline)?;
     let initrd = match &spec.initrd {
         None => None,
         Some(path) => {
@@ -286,25 +378,81 @@ fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
     Ok(vm)
 }
 
-/// A running or ready microVM.
+/// Shared plumbing a VM reports through, owned by the runtime.
+#[derive(Clone)]
+pub struct VmContext {
+    /// Written when the guest resets through the i8042.
+    pub reset_evt: Arc<EventFd>,
+    /// Where vCPUs report why the VM ended.
+    pub exit: Arc<ExitSignal>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Whether stdin is an interactive terminal (enables the console escape).
+    pub interactive: bool,
+}
+
+/// An event-loop subscriber.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+struct BlockDevice {
+    id: String,
+    dev: Arc<Mutex<Block>>,
+}
+
+/// A built microVM: memory, KVM VM, devices and vCPUs.
 pub struct Vmm {
-    // Field order matters for drop: threads are joined in `run`, then the VM, then memory.
+    // Field order matters for drop: threads are joined in `shutdown`, then the VM goes, then
+    // guest memory.
     vcpus: Vec<Vcpu>,
+    threads: Vec<JoinHandle<()>>,
+    vcpu_count: usize,
+    control: Arc<VcpuControl>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
-    serial: Arc<Mutex<SerialDevice>>,
-    serial_in_empty: Arc<EventFd>,
-    reset_evt: Arc<EventFd>,
-    exit: Arc<ExitSignal>,
+    subscribers: Vec<Subscriber>,
+    blocks: Vec<BlockDevice>,
+    ctx: VmContext,
     _vm: VmFd,
     _kvm: Kvm,
     _mem: GuestMemoryMmap,
 }
 
+fn efd() -> Result<Arc<EventFd>, VmError> {
+    EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+        .map(Arc::new)
+        .map_err(os("eventfd"))
+}
+
 impl Vmm {
-    /// Builds the VM for `spec`, with the serial console writing to `console_out`.
-    pub fn build(spec: &VmSpec, console_out: Box<dyn Write + Send>) -> Result<Vmm, VmError> {
-        let guest = prepare_guest(spec)?;
+    /// Builds the VM for `spec` (vCPUs created, not running), with the serial console
+    /// writing to `console_out`. Everything checkable without KVM is checked first.
+    pub fn build(
+        spec: &VmSpec,
+        console_out: Box<dyn Write + Send>,
+        ctx: VmContext,
+    ) -> Result<Vmm, VmError> {
+        spec.validate()?;
+        // Open every drive before anything else: a missing image is the user's error, and
+        // must be reported as such on any host.
+        let mut blocks = Vec::with_capacity(spec.drives.len());
+        for d in &spec.drives {
+            let serial = (d.id.len() <= 20).then(|| d.id.clone());
+            let blk = Block::new(&BlockConfig {
+                path: d.path.clone(),
+                read_only: d.read_only,
+                id: serial,
+            })
+            .map_err(|source| VmError::Drive {
+                id: d.id.clone(),
+                source,
+            })?;
+            blocks.push(BlockDevice {
+                id: d.id.clone(),
+                dev: Arc::new(Mutex::new(blk)),
+            });
+        }
+        let cmdline = spec.full_cmdline();
+        let guest = prepare_guest(spec, &cmdline)?;
         let kvm = crate::kvm::open(&spec.kvm_path)?;
         let max = kvm.get_max_vcpus();
         if usize::from(spec.vcpus) > max {
@@ -316,16 +464,10 @@ impl Vmm {
         }
         let vm = create_vm(&kvm, &guest.mem)?;
 
-        let efd = || {
-            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-                .map(Arc::new)
-                .map_err(os("eventfd"))
-        };
         let serial_irq = efd()?;
         vm.register_irqfd(&serial_irq, legacy::COM1_IRQ)
             .map_err(vm_ioctl("KVM_IRQFD (serial)"))?;
         let serial_in_empty = efd()?;
-        let reset_evt = efd()?;
         let serial = Arc::new(Mutex::new(SerialDevice::new(
             serial_irq,
             serial_in_empty.clone(),
@@ -334,11 +476,44 @@ impl Vmm {
         let mut pio = Bus::new();
         pio.insert(serial.clone(), legacy::COM1_PORT, legacy::COM1_LEN)?;
         pio.insert(
-            Arc::new(Mutex::new(I8042::new(reset_evt.clone()))),
+            Arc::new(Mutex::new(I8042::new(ctx.reset_evt.clone()))),
             legacy::I8042_PORT,
             legacy::I8042_LEN,
         )?;
-        let mmio = Bus::new();
+        let mut subscribers: Vec<Subscriber> = vec![Arc::new(Mutex::new(ConsoleInput::new(
+            serial,
+            serial_in_empty,
+            ctx.exit.clone(),
+            ctx.interactive,
+        )))];
+
+        let mut mmio = Bus::new();
+        for (i, b) in blocks.iter().enumerate() {
+            let (base, irq) = virtio_slot(i);
+            let irqfd = efd()?;
+            vm.register_irqfd(&irqfd, irq)
+                .map_err(vm_ioctl(format!("KVM_IRQFD (drive {})", b.id)))?;
+            let dev: Arc<Mutex<dyn VirtioDevice>> = b.dev.clone();
+            let transport = MmioTransport::new(guest.mem.clone(), dev, irqfd).map_err(|e| {
+                VmError::Transport {
+                    id: b.id.clone(),
+                    why: e.to_string(),
+                }
+            })?;
+            for (q, evt) in transport.queue_evts().iter().enumerate() {
+                vm.register_ioevent(
+                    evt,
+                    &IoEventAddress::Mmio(base + mmio::NOTIFY_REG_OFFSET),
+                    q as u32,
+                )
+                .map_err(vm_ioctl(format!(
+                    "KVM_IOEVENTFD (drive {} queue {q})",
+                    b.id
+                )))?;
+            }
+            mmio.insert(Arc::new(Mutex::new(transport)), base, mmio::MMIO_SIZE)?;
+            subscribers.push(b.dev.clone());
+        }
 
         let supported = kvm
             .get_supported_cpuid(CPUID_ENTRIES)
@@ -360,109 +535,125 @@ impl Vmm {
                 opts,
             )?);
         }
+        log::info!(
+            "VM ready: {} vCPU, {} MiB, {:?} entry at {:#x}, cmdline {cmdline:?}",
+            spec.vcpus,
+            spec.memory_mib,
+            guest.kernel.protocol,
+            guest.kernel.entry.0
+        );
         Ok(Vmm {
+            vcpu_count: vcpus.len(),
             vcpus,
+            threads: Vec::new(),
+            control: Arc::new(VcpuControl::default()),
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
-            serial,
-            serial_in_empty,
-            reset_evt,
-            exit: Arc::new(ExitSignal::new().map_err(os("eventfd"))?),
+            subscribers,
+            blocks,
+            ctx,
             _vm: vm,
             _kvm: kvm,
             _mem: guest.mem,
         })
     }
 
-    /// Runs the VM until it resets, fails, or a signal or the console escape ends it. Joins
-    /// every vCPU thread before returning.
-    pub fn run(mut self) -> ExitReason {
-        let signals = match SignalFd::new(&[libc::SIGINT, libc::SIGTERM]) {
-            Ok(s) => s,
-            Err(e) => return ExitReason::VmmError(format!("cannot watch signals: {e}")),
-        };
-        // vCPU threads are kicked out of KVM_RUN with this signal; its handler does nothing.
-        extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-        let kick = SIGRTMIN();
-        if let Err(e) = register_signal_handler(kick, kick_handler) {
-            return ExitReason::VmmError(format!("cannot install the vCPU kick handler: {e}"));
-        }
+    /// The event-loop subscribers of this VM's devices (console input, virtio queues).
+    pub fn subscribers(&self) -> Vec<Subscriber> {
+        self.subscribers.clone()
+    }
 
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    /// Starts one thread per vCPU.
+    pub fn start(&mut self) -> Result<(), VmError> {
+        register_signal_handler(kick_signal(), kick_handler).map_err(|e| VmError::Os {
+            what: "installing the vCPU kick handler",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
         for vcpu in self.vcpus.drain(..) {
-            let (pio, mmio, stop, exit) = (
+            let (pio, mmio, control, exit, metrics) = (
                 self.pio.clone(),
                 self.mmio.clone(),
-                stop.clone(),
-                self.exit.clone(),
+                self.control.clone(),
+                self.ctx.exit.clone(),
+                self.ctx.metrics.clone(),
             );
-            let name = format!("vcpu{}", vcpu.index);
-            match std::thread::Builder::new()
-                .name(name)
-                .spawn(move || vcpu.run(pio, mmio, stop, exit))
-            {
-                Ok(h) => threads.push(h),
-                Err(e) => {
-                    self.exit.request(ExitReason::VmmError(format!(
-                        "cannot start a vCPU thread: {e}"
-                    )));
-                    break;
-                }
-            }
+            let h = std::thread::Builder::new()
+                .name(format!("vcpu{}", vcpu.index))
+                .spawn(move || vcpu.run(pio, mmio, control, exit, metrics))
+                .map_err(os("starting a vCPU thread"))?;
+            self.threads.push(h);
         }
-
-        let terminal = RawTerminal::enter();
-        let reason = self.event_loop(signals, terminal.is_active());
-        drop(terminal);
-
-        stop.store(true, Ordering::Release);
-        for t in threads {
-            // Kick until the thread leaves KVM_RUN (bounded: 5 s), then join.
-            for _ in 0..500 {
-                if t.is_finished() {
-                    break;
-                }
-                let _ = t.kill(kick);
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if t.join().is_err() {
-                log::error!("a vCPU thread panicked");
-            }
-        }
-        reason
+        Ok(())
     }
 
-    fn event_loop(&mut self, signals: SignalFd, interactive: bool) -> ExitReason {
-        let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-            match EventManager::new() {
-                Ok(em) => em,
-                Err(e) => {
-                    return ExitReason::VmmError(format!("cannot create the event loop: {e:?}"))
-                }
-            };
-        let control = Arc::new(Mutex::new(Control {
-            signals,
-            reset: self.reset_evt.clone(),
-            exit: self.exit.clone(),
-        }));
-        em.add_subscriber(control);
-        let console = Arc::new(Mutex::new(ConsoleInput::new(
-            self.serial.clone(),
-            self.serial_in_empty.clone(),
-            self.exit.clone(),
-            interactive,
-        )));
-        em.add_subscriber(console);
-        loop {
-            if let Some(r) = self.exit.reason() {
-                return r;
-            }
-            if let Err(e) = em.run_with_timeout(1000) {
-                return ExitReason::VmmError(format!("event loop failed: {e:?}"));
+    fn kick_all(&self) {
+        for t in &self.threads {
+            if !t.is_finished() {
+                let _ = t.kill(kick_signal());
             }
         }
     }
+
+    /// Stops every vCPU between instructions; returns once all are parked (at most 5 s).
+    pub fn pause(&self) -> Result<(), VmError> {
+        self.control.request_pause();
+        for _ in 0..500 {
+            if self.control.all_parked(self.vcpu_count) {
+                return Ok(());
+            }
+            self.kick_all();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Err(VmError::Os {
+            what: "pausing the vCPUs",
+            source: std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "vCPUs did not park within 5 s",
+            ),
+        })
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&self) {
+        self.control.resume();
+    }
+
+    /// Per-device metrics sections.
+    pub fn device_metrics(&self) -> Vec<(String, String)> {
+        self.blocks
+            .iter()
+            .map(|b| (format!("block_{}", b.id), "{}".to_string()))
+            .collect()
+    }
+
+    /// Stops and joins every vCPU thread (kicking them out of KVM_RUN). A thread that does
+    /// not stop within 5 s (blocked on the host, e.g. a stalled console) is left behind: the
+    /// process is about to exit anyway.
+    pub fn shutdown(mut self) {
+        self.control.stop();
+        for _ in 0..500 {
+            if self.threads.iter().all(|t| t.is_finished()) {
+                break;
+            }
+            self.kick_all();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for t in self.threads.drain(..) {
+            if t.is_finished() {
+                if t.join().is_err() {
+                    log::error!("a vCPU thread panicked");
+                }
+            } else {
+                log::error!("a vCPU thread did not stop within 5 s; leaving it");
+                std::mem::forget(t);
+            }
+        }
+    }
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+pub fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
 }
 
 /// SIGINT/SIGTERM as a readable fd (the signals are blocked for every thread).
@@ -492,9 +683,13 @@ impl SignalFd {
             return Err(std::io::Error::last_os_error());
         }
         // SAFETY: signalfd returned a new fd that nothing else owns.
-        Ok(SignalFd {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(SignalFd { fd })
+    }
+
+    /// The fd to poll.
+    pub fn as_raw_fd(&self) -> std::os::unix::io::RawFd {
+        self.fd.as_raw_fd()
     }
 
     /// Reads one pending signal number.
@@ -511,44 +706,5 @@ impl SignalFd {
             )
         };
         (n as usize == size).then_some(info.ssi_signo as i32)
-    }
-}
-
-/// Signals, the i8042 reset, and exit requests from vCPUs.
-struct Control {
-    signals: SignalFd,
-    reset: Arc<EventFd>,
-    exit: Arc<ExitSignal>,
-}
-
-impl MutEventSubscriber for Control {
-    fn init(&mut self, ops: &mut EventOps) {
-        for fd in [
-            self.signals.fd.as_raw_fd(),
-            self.reset.as_raw_fd(),
-            self.exit.evt.as_raw_fd(),
-        ] {
-            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                self.exit.request(ExitReason::VmmError(format!(
-                    "cannot watch control events: {e:?}"
-                )));
-            }
-        }
-    }
-
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        let fd = events.fd();
-        if fd == self.signals.fd.as_raw_fd() {
-            if let Some(sig) = self.signals.read() {
-                log::info!("signal {sig}: shutting down");
-                self.exit.request(ExitReason::Signal(sig));
-            }
-        } else if fd == self.reset.as_raw_fd() {
-            let _ = self.reset.read();
-            log::info!("guest reset through the i8042");
-            self.exit.request(ExitReason::Reset);
-        } else if fd == self.exit.evt.as_raw_fd() {
-            let _ = self.exit.evt.read();
-        }
     }
 }

@@ -1,0 +1,264 @@
+//! The virtio-blk device model.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::disk::DiskImage;
+use super::features::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
+};
+use super::request::handle_chain;
+use super::{BlockError, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_BLK_ID_BYTES};
+use crate::virtio::ratelimit::warn_ratelimited;
+use crate::virtio::{
+    device_type, read_config_bytes, ActivateError, Interrupt, VirtioDevice, COMMON_FEATURES,
+};
+use crate::GuestMemoryMmap;
+
+/// How to build a [`Block`] device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// Raw disk image (regular file or block device), size a multiple of 512 bytes.
+    pub path: PathBuf,
+    /// Open read-only and offer VIRTIO_BLK_F_RO.
+    pub read_only: bool,
+    /// Serial returned by GET_ID (at most 20 bytes). Default: derived from the image's device
+    /// and inode numbers.
+    pub id: Option<String>,
+}
+
+#[derive(Debug)]
+struct Active {
+    mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    interrupt: Arc<Interrupt>,
+}
+
+/// A virtio-blk device over a raw image file, with one request queue.
+#[derive(Debug)]
+pub struct Block {
+    disk: DiskImage,
+    id: [u8; VIRTIO_BLK_ID_BYTES],
+    avail_features: u64,
+    acked_features: u64,
+    config_space: Vec<u8>,
+    queue_sizes: [u16; 1],
+    queue_evts: Vec<EventFd>,
+    activate_evt: EventFd,
+    active: Option<Active>,
+    pub(super) queue_evts_registered: bool,
+}
+
+fn build_config_space(nsectors: u64) -> Vec<u8> {
+    // struct virtio_blk_config: capacity, size_max, seg_max, geometry, blk_size.
+    let mut config = Vec::with_capacity(24);
+    config.extend_from_slice(&nsectors.to_le_bytes());
+    config.extend_from_slice(&SIZE_MAX.to_le_bytes());
+    config.extend_from_slice(&SEG_MAX.to_le_bytes());
+    config.extend_from_slice(&[0u8; 4]);
+    config.extend_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+    config
+}
+
+impl Block {
+    /// Open the image and build the device.
+    pub fn new(config: &BlockConfig) -> Result<Self, BlockError> {
+        let id = match &config.id {
+            Some(id) if id.len() > VIRTIO_BLK_ID_BYTES => {
+                return Err(BlockError::IdTooLong {
+                    id: id.clone(),
+                    len: id.len(),
+                })
+            }
+            Some(id) => Some(id.clone()),
+            None => None,
+        };
+        let disk = DiskImage::open(&config.path, config.read_only)?;
+        let id = id.unwrap_or_else(|| match disk.file().metadata() {
+            Ok(meta) => format!("{:x}{:x}", meta.dev(), meta.ino()),
+            Err(_) => String::new(),
+        });
+        let mut id_bytes = [0u8; VIRTIO_BLK_ID_BYTES];
+        let n = id.len().min(VIRTIO_BLK_ID_BYTES);
+        id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
+
+        let mut avail_features = COMMON_FEATURES
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_SIZE_MAX);
+        if config.read_only {
+            avail_features |= 1 << VIRTIO_BLK_F_RO;
+        }
+        let new_evt = || EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd);
+        Ok(Block {
+            config_space: build_config_space(disk.nsectors()),
+            disk,
+            id: id_bytes,
+            avail_features,
+            acked_features: 0,
+            queue_sizes: [QUEUE_SIZE],
+            queue_evts: vec![new_evt()?],
+            activate_evt: new_evt()?,
+            active: None,
+            queue_evts_registered: false,
+        })
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn nsectors(&self) -> u64 {
+        self.disk.nsectors()
+    }
+
+    /// The 20-byte device ID returned by GET_ID.
+    pub fn id(&self) -> &[u8; VIRTIO_BLK_ID_BYTES] {
+        &self.id
+    }
+
+    /// Written once per activation; the event loop reacts by registering the queue events.
+    pub fn activate_event(&self) -> &EventFd {
+        &self.activate_evt
+    }
+
+    /// Process every available request of queue `index`, then notify the guest if needed. A
+    /// no-op when the device is not active or the queue does not exist / is not ready.
+    pub fn process_queue(&mut self, index: usize) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let Some(queue) = active.queues.get_mut(index) else {
+            return;
+        };
+        if !queue.ready() {
+            return;
+        }
+        let mem = &active.mem;
+        let mut used_any = false;
+        'outer: loop {
+            if let Err(e) = queue.disable_notification(mem) {
+                warn_ratelimited!("virtio-blk: queue {index}: cannot disable notifications: {e}");
+                break;
+            }
+            loop {
+                let chain = match queue.iter(mem) {
+                    Ok(mut iter) => iter.next(),
+                    Err(e) => {
+                        // E.g. an avail index more than a ring ahead: the guest is broken, and
+                        // re-enabling notifications would report "more work" forever.
+                        warn_ratelimited!("virtio-blk: queue {index}: {e}");
+                        break 'outer;
+                    }
+                };
+                let Some(chain) = chain else {
+                    break;
+                };
+                let head = chain.head_index();
+                let len = handle_chain(chain, mem, &mut self.disk, &self.id);
+                if let Err(e) = queue.add_used(mem, head, len) {
+                    warn_ratelimited!("virtio-blk: queue {index}: cannot add used entry: {e}");
+                }
+                used_any = true;
+            }
+            match queue.enable_notification(mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    warn_ratelimited!(
+                        "virtio-blk: queue {index}: cannot enable notifications: {e}"
+                    );
+                    break;
+                }
+            }
+        }
+        if !used_any {
+            return;
+        }
+        let notify = queue.needs_notification(mem).unwrap_or(true);
+        if notify {
+            if let Err(e) = active.interrupt.signal_used_queue() {
+                warn_ratelimited!("virtio-blk: cannot raise the interrupt: {e}");
+            }
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        device_type::BLOCK
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        warn_ratelimited!(
+            "virtio-blk: {}-byte write to read-only config space at {offset:#x} ignored",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if queues.len() != self.queue_sizes.len() {
+            return Err(ActivateError::QueueCount {
+                expected: self.queue_sizes.len(),
+                got: queues.len(),
+            });
+        }
+        if let Some(index) = queues.iter().position(|q| !q.ready()) {
+            return Err(ActivateError::QueueNotReady(index));
+        }
+        self.activate_evt
+            .write(1)
+            .map_err(ActivateError::ActivateEvent)?;
+        self.active = Some(Active {
+            mem,
+            queues,
+            interrupt,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests;

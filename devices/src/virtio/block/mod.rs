@@ -1,0 +1,102 @@
+//! virtio-blk backed by a raw image file (virtio 1.2 §5.2).
+//!
+//! * [`device`]: the [`Block`] model (features, config space, queue processing).
+//! * [`request`]: parsing one descriptor chain into a request and executing it.
+//! * [`event_handler`]: how the event loop drives a [`Block`].
+
+pub mod device;
+pub mod disk;
+pub mod event_handler;
+pub mod request;
+
+use std::io;
+use std::path::PathBuf;
+
+pub use device::{Block, BlockConfig};
+
+/// Size of a virtio-blk sector, whatever the image's real block size.
+pub const SECTOR_SIZE: u64 = 512;
+/// log2 of [`SECTOR_SIZE`].
+pub const SECTOR_SHIFT: u32 = 9;
+/// Length of the device ID string returned by VIRTIO_BLK_T_GET_ID.
+pub const VIRTIO_BLK_ID_BYTES: usize = 20;
+
+/// Size of the (single) request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Maximum number of data segments in one request (VIRTIO_BLK_F_SEG_MAX).
+pub const SEG_MAX: u32 = 128;
+/// Maximum size of one data segment (VIRTIO_BLK_F_SIZE_MAX).
+pub const SIZE_MAX: u32 = 1 << 20;
+
+/// virtio-blk feature bits (virtio 1.2 §5.2.3).
+pub mod features {
+    /// `size_max` in config space is valid.
+    pub const VIRTIO_BLK_F_SIZE_MAX: u32 = 1;
+    /// `seg_max` in config space is valid.
+    pub const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
+    /// The device is read-only.
+    pub const VIRTIO_BLK_F_RO: u32 = 5;
+    /// `blk_size` in config space is valid.
+    pub const VIRTIO_BLK_F_BLK_SIZE: u32 = 6;
+    /// The device supports VIRTIO_BLK_T_FLUSH.
+    pub const VIRTIO_BLK_F_FLUSH: u32 = 9;
+}
+
+/// Errors opening a block device's backing image.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The image path does not exist.
+    #[error("block image {0} does not exist: check the path")]
+    ImageNotFound(PathBuf),
+    /// The image path is a directory.
+    #[error("block image {0} is a directory, not a raw disk image file")]
+    ImageIsDirectory(PathBuf),
+    /// The image is neither a regular file nor a block device.
+    #[error("block image {0} is not a regular file or block device")]
+    NotAFile(PathBuf),
+    /// No permission to open the image in the requested mode.
+    #[error("no permission to open block image {path} for {mode}: fix its permissions{hint}")]
+    PermissionDenied {
+        /// The image path.
+        path: PathBuf,
+        /// "reading" or "reading and writing".
+        mode: &'static str,
+        /// Extra advice.
+        hint: &'static str,
+    },
+    /// Any other error opening the image.
+    #[error("cannot open block image {path}: {source}")]
+    Open {
+        /// The image path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The image size could not be determined.
+    #[error("cannot determine the size of block image {path}: {source}")]
+    Size {
+        /// The image path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The image size is not a whole number of 512-byte sectors.
+    #[error("block image {path} is {size} bytes, not a multiple of 512: pad or resize it")]
+    SizeNotSectorMultiple {
+        /// The image path.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// The serial (device ID) is too long.
+    #[error("block device id {id:?} is {len} bytes; at most 20 are allowed")]
+    IdTooLong {
+        /// The requested id.
+        id: String,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// Creating an event fd failed.
+    #[error("cannot create an event fd for the block device: {0}")]
+    EventFd(io::Error),
+}

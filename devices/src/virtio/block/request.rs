@@ -1,0 +1,440 @@
+//! One virtio-blk request: from a descriptor chain, through the disk, to a status byte.
+//!
+//! Layout accepted (what every known driver sends): a 16-byte device-readable header
+//! descriptor, zero or more data descriptors (device-writable for IN and GET_ID, readable for
+//! OUT), and a device-writable status descriptor last; the status byte is its first byte.
+//! Every guest-controlled value is checked before any disk access; a request that fails a
+//! check is answered with IOERR (UNSUPP for an unknown type) when there is a writable status
+//! byte, and otherwise dropped (used length 0).
+
+use std::io;
+use std::ops::Deref;
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::DescriptorChain;
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
+
+use super::disk::DiskImage;
+use super::{SECTOR_SHIFT, SECTOR_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_BLK_ID_BYTES};
+use crate::virtio::ratelimit::warn_ratelimited;
+use crate::GuestMemoryMmap;
+
+/// Read sectors into the guest.
+pub const VIRTIO_BLK_T_IN: u32 = 0;
+/// Write sectors from the guest.
+pub const VIRTIO_BLK_T_OUT: u32 = 1;
+/// Flush the write cache.
+pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
+/// Return the device ID string.
+pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+
+/// Request completed.
+pub const VIRTIO_BLK_S_OK: u8 = 0;
+/// Request failed.
+pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+/// Request type not supported.
+pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+
+/// Size of the request header (type, reserved, sector).
+pub const REQUEST_HEADER_SIZE: u32 = 16;
+/// Most descriptors one request may have: header, `SEG_MAX` data segments, status.
+pub const MAX_DESCRIPTORS: usize = SEG_MAX as usize + 2;
+
+/// The request types cinder knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestType {
+    /// VIRTIO_BLK_T_IN.
+    In,
+    /// VIRTIO_BLK_T_OUT.
+    Out,
+    /// VIRTIO_BLK_T_FLUSH.
+    Flush,
+    /// VIRTIO_BLK_T_GET_ID.
+    GetId,
+    /// Anything else (answered with UNSUPP).
+    Unsupported(u32),
+}
+
+impl From<u32> for RequestType {
+    fn from(value: u32) -> Self {
+        match value {
+            VIRTIO_BLK_T_IN => RequestType::In,
+            VIRTIO_BLK_T_OUT => RequestType::Out,
+            VIRTIO_BLK_T_FLUSH => RequestType::Flush,
+            VIRTIO_BLK_T_GET_ID => RequestType::GetId,
+            other => RequestType::Unsupported(other),
+        }
+    }
+}
+
+/// What was wrong with a request, or why executing it failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The chain yielded no descriptor at all.
+    #[error("empty or unreadable descriptor chain")]
+    EmptyChain,
+    /// The chain ended on a descriptor that still has NEXT set: a loop, a chain longer than the
+    /// queue, a next index out of range, a bad indirect table or an unreadable descriptor.
+    #[error("malformed descriptor chain (loop, too long, bad next index or bad indirect table)")]
+    MalformedChain,
+    /// The last descriptor is device-readable: nowhere to put the status.
+    #[error("last descriptor is device-readable, so there is no status byte")]
+    StatusNotWritable,
+    /// The last descriptor has length 0.
+    #[error("status descriptor has length 0")]
+    StatusTooSmall,
+    /// The status byte is outside guest memory.
+    #[error("status byte at {0:#x} is outside guest memory")]
+    StatusOutOfMemory(u64),
+    /// More descriptors than `MAX_DESCRIPTORS`.
+    #[error("chain has {0} descriptors, more than {MAX_DESCRIPTORS}")]
+    TooManyDescriptors(usize),
+    /// Only a status descriptor.
+    #[error("chain has no request header")]
+    MissingHeader,
+    /// The header descriptor is device-writable.
+    #[error("request header descriptor is device-writable")]
+    HeaderNotReadable,
+    /// The header descriptor is not 16 bytes.
+    #[error("request header descriptor is {0} bytes, expected {REQUEST_HEADER_SIZE}")]
+    HeaderLength(u32),
+    /// The header is outside guest memory.
+    #[error("cannot read the request header at {addr:#x}: {source}")]
+    HeaderRead {
+        /// Guest address of the header.
+        addr: u64,
+        /// Why.
+        source: GuestMemoryError,
+    },
+    /// Unknown request type.
+    #[error("unsupported request type {0}")]
+    Unsupported(u32),
+    /// A data descriptor has the wrong direction for the request type.
+    #[error("{0:?} request has a data descriptor with the wrong direction")]
+    DataDirection(RequestType),
+    /// Too many data segments.
+    #[error("{0} data segments, more than seg_max {SEG_MAX}")]
+    TooManySegments(usize),
+    /// A data segment is larger than size_max.
+    #[error("data segment of {0} bytes exceeds size_max {SIZE_MAX}")]
+    SegmentTooLarge(u32),
+    /// IN/OUT data is not a whole number of sectors.
+    #[error("data length {0} is not a multiple of 512")]
+    DataLengthNotSectorMultiple(u64),
+    /// A data buffer is (partly) outside guest memory.
+    #[error("data buffer {addr:#x}+{len:#x} is outside guest memory")]
+    DataOutOfMemory {
+        /// Guest address.
+        addr: u64,
+        /// Length.
+        len: u32,
+    },
+    /// The sector range is past the end of the disk.
+    #[error("sectors {sector}+{count} are past the end of the disk ({capacity} sectors)")]
+    OutOfRange {
+        /// First sector.
+        sector: u64,
+        /// Number of sectors.
+        count: u64,
+        /// Disk capacity in sectors.
+        capacity: u64,
+    },
+    /// OUT on a read-only disk.
+    #[error("write to a read-only disk")]
+    ReadOnly,
+    /// GET_ID without a buffer.
+    #[error("GET_ID request has no data buffer")]
+    NoIdBuffer,
+    /// Writing the ID into guest memory failed.
+    #[error("cannot write the device ID into guest memory: {0}")]
+    IdWrite(GuestMemoryError),
+    /// The disk I/O failed.
+    #[error("disk I/O failed: {0}")]
+    Io(io::Error),
+}
+
+impl RequestError {
+    /// The status byte that reports this error to the guest.
+    pub fn status(&self) -> u8 {
+        match self {
+            RequestError::Unsupported(_) => VIRTIO_BLK_S_UNSUPP,
+            _ => VIRTIO_BLK_S_IOERR,
+        }
+    }
+}
+
+/// A request that failed parsing, and where to report it (if anywhere).
+#[derive(Debug)]
+pub struct ParseError {
+    /// What was wrong.
+    pub error: RequestError,
+    /// The status byte, when the chain has a usable one.
+    pub status_addr: Option<GuestAddress>,
+}
+
+/// A parsed, validated request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// The request type (never `Unsupported`).
+    pub kind: RequestType,
+    /// First sector (IN/OUT).
+    pub sector: u64,
+    /// Data segments (address, length), all inside guest memory, with the right direction.
+    pub data: Vec<(GuestAddress, u32)>,
+    /// Total data length in bytes.
+    pub data_len: u64,
+    /// Where the status byte goes.
+    pub status_addr: GuestAddress,
+}
+
+struct Collected {
+    descs: Vec<Descriptor>,
+    count: usize,
+    last: Option<Descriptor>,
+}
+
+/// Walk the chain, keeping at most `MAX_DESCRIPTORS` (the walk itself is bounded by
+/// virtio-queue: the queue size, or the indirect table size).
+fn collect<M>(chain: DescriptorChain<M>) -> Collected
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    let mut descs = Vec::new();
+    let mut count = 0usize;
+    let mut last = None;
+    for desc in chain {
+        if descs.len() < MAX_DESCRIPTORS {
+            descs.push(desc);
+        }
+        count += 1;
+        last = Some(desc);
+    }
+    Collected { descs, count, last }
+}
+
+impl Request {
+    /// Parse and validate a chain against guest memory (not yet against the disk).
+    pub fn parse<M>(chain: DescriptorChain<M>, mem: &GuestMemoryMmap) -> Result<Self, ParseError>
+    where
+        M: Deref,
+        M::Target: GuestMemory,
+    {
+        let drop = |error| ParseError {
+            error,
+            status_addr: None,
+        };
+        let collected = collect(chain);
+        let Some(last) = collected.last else {
+            return Err(drop(RequestError::EmptyChain));
+        };
+        if last.has_next() {
+            return Err(drop(RequestError::MalformedChain));
+        }
+        if !last.is_write_only() {
+            return Err(drop(RequestError::StatusNotWritable));
+        }
+        if last.len() == 0 {
+            return Err(drop(RequestError::StatusTooSmall));
+        }
+        let status_addr = last.addr();
+        if !mem.check_range(status_addr, 1, Permissions::Write) {
+            return Err(drop(RequestError::StatusOutOfMemory(status_addr.0)));
+        }
+        let fail = |error| ParseError {
+            error,
+            status_addr: Some(status_addr),
+        };
+        if collected.count > MAX_DESCRIPTORS {
+            return Err(fail(RequestError::TooManyDescriptors(collected.count)));
+        }
+        // `descs` holds every descriptor, the status one last.
+        let without_status = &collected.descs[..collected.descs.len() - 1];
+        let Some((header, data)) = without_status.split_first() else {
+            return Err(fail(RequestError::MissingHeader));
+        };
+        if header.is_write_only() {
+            return Err(fail(RequestError::HeaderNotReadable));
+        }
+        if header.len() != REQUEST_HEADER_SIZE {
+            return Err(fail(RequestError::HeaderLength(header.len())));
+        }
+        let raw: [u8; REQUEST_HEADER_SIZE as usize] =
+            mem.read_obj(header.addr()).map_err(|source| {
+                fail(RequestError::HeaderRead {
+                    addr: header.addr().0,
+                    source,
+                })
+            })?;
+        let mut ty = [0u8; 4];
+        ty.copy_from_slice(&raw[0..4]);
+        let mut sector = [0u8; 8];
+        sector.copy_from_slice(&raw[8..16]);
+        let kind = RequestType::from(u32::from_le_bytes(ty));
+        let sector = u64::from_le_bytes(sector);
+
+        let writable = match kind {
+            RequestType::In | RequestType::GetId => true,
+            RequestType::Out => false,
+            // FLUSH carries no data; anything the driver attached is ignored.
+            RequestType::Flush => {
+                return Ok(Request {
+                    kind,
+                    sector,
+                    data: Vec::new(),
+                    data_len: 0,
+                    status_addr,
+                })
+            }
+            RequestType::Unsupported(t) => return Err(fail(RequestError::Unsupported(t))),
+        };
+        if data.len() > SEG_MAX as usize {
+            return Err(fail(RequestError::TooManySegments(data.len())));
+        }
+        let access = if writable {
+            Permissions::Write
+        } else {
+            Permissions::Read
+        };
+        let mut segments = Vec::with_capacity(data.len());
+        let mut data_len = 0u64;
+        for desc in data {
+            if desc.is_write_only() != writable {
+                return Err(fail(RequestError::DataDirection(kind)));
+            }
+            let len = desc.len();
+            if len > SIZE_MAX {
+                return Err(fail(RequestError::SegmentTooLarge(len)));
+            }
+            if len == 0 {
+                continue;
+            }
+            if !mem.check_range(desc.addr(), len as usize, access) {
+                return Err(fail(RequestError::DataOutOfMemory {
+                    addr: desc.addr().0,
+                    len,
+                }));
+            }
+            segments.push((desc.addr(), len));
+            data_len += u64::from(len);
+        }
+        match kind {
+            RequestType::In | RequestType::Out if data_len & (SECTOR_SIZE - 1) != 0 => {
+                return Err(fail(RequestError::DataLengthNotSectorMultiple(data_len)))
+            }
+            RequestType::GetId if data_len == 0 => return Err(fail(RequestError::NoIdBuffer)),
+            _ => {}
+        }
+        Ok(Request {
+            kind,
+            sector,
+            data: segments,
+            data_len,
+            status_addr,
+        })
+    }
+
+    /// Execute against the disk. Returns the number of data bytes written into guest memory.
+    pub fn execute(
+        &self,
+        mem: &GuestMemoryMmap,
+        disk: &mut DiskImage,
+        id: &[u8; VIRTIO_BLK_ID_BYTES],
+    ) -> Result<u32, RequestError> {
+        match self.kind {
+            RequestType::In | RequestType::Out => {
+                if self.kind == RequestType::Out && disk.read_only() {
+                    return Err(RequestError::ReadOnly);
+                }
+                let count = self.data_len >> SECTOR_SHIFT;
+                let capacity = disk.nsectors();
+                let in_range = self
+                    .sector
+                    .checked_add(count)
+                    .is_some_and(|end| end <= capacity);
+                if !in_range {
+                    return Err(RequestError::OutOfRange {
+                        sector: self.sector,
+                        count,
+                        capacity,
+                    });
+                }
+                // sector <= capacity, and capacity << 9 is the file size: no overflow.
+                let offset = self.sector << SECTOR_SHIFT;
+                if self.kind == RequestType::In {
+                    disk.read_to_guest(mem, offset, &self.data)
+                        .map_err(RequestError::Io)?;
+                    // At most SEG_MAX * SIZE_MAX bytes.
+                    Ok(u32::try_from(self.data_len).unwrap_or(u32::MAX))
+                } else {
+                    disk.write_from_guest(mem, offset, &self.data)
+                        .map_err(RequestError::Io)?;
+                    Ok(0)
+                }
+            }
+            RequestType::Flush => {
+                disk.flush().map_err(RequestError::Io)?;
+                Ok(0)
+            }
+            RequestType::GetId => {
+                let mut done = 0usize;
+                for &(addr, len) in &self.data {
+                    if done == id.len() {
+                        break;
+                    }
+                    let n = (len as usize).min(id.len() - done);
+                    mem.write_slice(&id[done..done + n], addr)
+                        .map_err(RequestError::IdWrite)?;
+                    done += n;
+                }
+                Ok(done as u32)
+            }
+            RequestType::Unsupported(t) => Err(RequestError::Unsupported(t)),
+        }
+    }
+}
+
+/// Parse, execute and complete one chain. Returns the used length for the used ring: the data
+/// bytes written plus the status byte, or 0 for a dropped request.
+pub fn handle_chain<M>(
+    chain: DescriptorChain<M>,
+    mem: &GuestMemoryMmap,
+    disk: &mut DiskImage,
+    id: &[u8; VIRTIO_BLK_ID_BYTES],
+) -> u32
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    let (status, written, status_addr) = match Request::parse(chain, mem) {
+        Ok(request) => match request.execute(mem, disk, id) {
+            Ok(written) => (VIRTIO_BLK_S_OK, written, request.status_addr),
+            Err(e) => {
+                warn_ratelimited!("virtio-blk: request failed: {e}");
+                (e.status(), 0, request.status_addr)
+            }
+        },
+        Err(ParseError {
+            error,
+            status_addr: Some(addr),
+        }) => {
+            warn_ratelimited!("virtio-blk: bad request: {error}");
+            (error.status(), 0, addr)
+        }
+        Err(ParseError {
+            error,
+            status_addr: None,
+        }) => {
+            warn_ratelimited!("virtio-blk: request dropped: {error}");
+            return 0;
+        }
+    };
+    if let Err(e) = mem.write_obj(status, status_addr) {
+        warn_ratelimited!("virtio-blk: cannot write the status byte: {e}");
+        return 0;
+    }
+    written.saturating_add(1)
+}
+
+#[cfg(test)]
+mod tests;
