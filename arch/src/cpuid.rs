@@ -2,7 +2,7 @@
 //! topology (APIC IDs, logical processor counts, cache sharing), sets the hypervisor bit and
 //! the KVM leaves, and can hide KVM paravirtual features that use hypercalls.
 
-use kvm_bindings::kvm_cpuid_entry2;
+use kvm_bindings::{kvm_cpuid_entry2, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 
 /// Leaf 1 ECX: running under a hypervisor.
 const ECX_HYPERVISOR: u32 = 1 << 31;
@@ -102,27 +102,6 @@ pub fn normalize(
                 let sharing = if level >= 3 { n - 1 } else { 0 };
                 e.eax = (e.eax & 0x3fff) | ((n - 1).min(63) << 26) | (sharing.min(0xfff) << 14);
             }
-            0xb | 0x1f if vendor == Vendor::Intel || e.function == 0xb => {
-                // Extended topology: level 0 is SMT (one thread per core), level 1 is core.
-                match e.index {
-                    0 => {
-                        e.eax = 0;
-                        e.ebx = 1;
-                        e.ecx = (1 << 8) | e.index;
-                    }
-                    1 => {
-                        e.eax = core_bits;
-                        e.ebx = n;
-                        e.ecx = (2 << 8) | e.index;
-                    }
-                    _ => {
-                        e.eax = 0;
-                        e.ebx = 0;
-                        e.ecx = e.index;
-                    }
-                }
-                e.edx = apic_id;
-            }
             0x8000_0001 if vendor == Vendor::Amd => {
                 if n > 1 {
                     e.ecx |= ECX_CMP_LEGACY;
@@ -155,6 +134,27 @@ pub fn normalize(
                     | (1 << kvm_features::PV_SCHED_YIELD));
             }
             _ => {}
+        }
+    }
+    // Extended topology (0xB, and 0x1F where KVM reports it): rebuilt whole, because KVM
+    // (since Linux 6.1) reports only subleaf 0 with zeroed registers. Level 0 is SMT (one
+    // thread per core), level 1 the cores of the single package, level 2 ends the list.
+    for leaf in [0xb_u32, 0x1f] {
+        if !entries.iter().any(|e| e.function == leaf) {
+            continue;
+        }
+        entries.retain(|e| e.function != leaf);
+        for (index, eax, ebx, kind) in [(0u32, 0, 1, 1u32), (1, core_bits, n, 2), (2, 0, 0, 0)] {
+            entries.push(kvm_cpuid_entry2 {
+                function: leaf,
+                index,
+                flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                eax,
+                ebx,
+                ecx: (kind << 8) | index,
+                edx: apic_id,
+                ..Default::default()
+            });
         }
     }
     entries.retain(|e| e.function != HV_CPUID_TIMING);

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! 0x0000_0500  boot GDT              0x0000_9000  PML4
-//! 0x0000_0520  boot IDT (empty)      0x0000_a000  PDPT
+//! 0x0000_0540  boot IDT (empty)      0x0000_a000  PDPT
 //! 0x0000_6000  PVH hvm_start_info    0x0000_b000  4 page directories (identity map of 4 GiB)
 //! 0x0000_6040  PVH module list       0x0002_0000  kernel command line
 //! 0x0000_7000  boot_params (zero page) or PVH memory map
@@ -16,8 +16,9 @@ use vm_memory::GuestAddress;
 
 /// Boot GDT.
 pub const BOOT_GDT_START: u64 = 0x500;
-/// Boot IDT (one empty entry; the guest installs its own before enabling interrupts).
-pub const BOOT_IDT_START: u64 = 0x520;
+/// Boot IDT (one empty entry; the guest installs its own before enabling interrupts). After
+/// the five GDT entries (0x500..0x528).
+pub const BOOT_IDT_START: u64 = 0x540;
 /// PVH `hvm_start_info`.
 pub const PVH_INFO_START: u64 = 0x6000;
 /// PVH module list (the initrd).

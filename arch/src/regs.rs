@@ -220,14 +220,17 @@ const MSR_CSTAR: u32 = 0xc000_0083;
 const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 const MSR_IA32_TSC: u32 = 0x10;
-const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+/// IA32_MISC_ENABLE: cinder ORs fast strings into KVM's value (see [`MISC_ENABLE_FAST_STRING`]).
+pub const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
-const MISC_ENABLE_FAST_STRING: u64 = 1;
+/// Fast string operations enabled.
+pub const MISC_ENABLE_FAST_STRING: u64 = 1;
 /// MTRRs enabled, default memory type write-back.
 const MTRR_ENABLE_WB: u64 = (1 << 11) | 6;
 
-/// The MSRs every vCPU starts with.
-pub fn boot_msrs() -> Vec<kvm_msr_entry> {
+/// The MSRs every vCPU starts with. `misc_enable` is KVM's current IA32_MISC_ENABLE, whose
+/// other bits (BTS/PEBS unavailable, ...) are kept.
+pub fn boot_msrs(misc_enable: u64) -> Vec<kvm_msr_entry> {
     let e = |index, data| kvm_msr_entry {
         index,
         data,
@@ -243,7 +246,7 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
         e(MSR_SYSCALL_MASK, 0),
         e(MSR_LSTAR, 0),
         e(MSR_IA32_TSC, 0),
-        e(MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
+        e(MSR_IA32_MISC_ENABLE, misc_enable | MISC_ENABLE_FAST_STRING),
         e(MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WB),
     ]
 }
