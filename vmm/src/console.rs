@@ -1,7 +1,6 @@
 //! The host side of the serial console: stdin into the UART (raw when it is a terminal,
 //! restored on every exit path), with the escape sequence Ctrl-A x to quit.
 
-use std::io::Read;
 use std::os::unix::io::AsRawFd;
 use std::sync::{Arc, Mutex};
 
@@ -11,6 +10,78 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::terminal::Terminal;
 
 use crate::exit::{ExitReason, ExitSignal};
+
+/// Bytes of console output that may wait for a slow reader before new output is dropped.
+pub const CONSOLE_BACKLOG: usize = 64 * 1024;
+
+/// The guest's console output as the UART sees it: a non-blocking hand-off to a writer
+/// thread, so a vCPU never blocks on a stalled stdout. When the backlog is full, output is
+/// dropped (and counted) rather than stalling the guest.
+pub struct ConsoleWriter {
+    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl std::io::Write for ConsoleWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.tx.try_send(buf.to_vec()) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::TrySendError::Full(_)) => {
+                let before = self
+                    .dropped
+                    .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                if before == 0 {
+                    log::warn!("console output is not being read: dropping guest output");
+                }
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::BrokenPipe,
+                    "console writer is gone",
+                ))
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Starts the thread that writes console output to `out`; it ends when every
+/// [`ConsoleWriter`] is dropped and the backlog is written.
+pub fn spawn_console_writer(
+    mut out: Box<dyn std::io::Write + Send>,
+) -> std::io::Result<(ConsoleWriter, std::thread::JoinHandle<()>)> {
+    // Serial output arrives a byte at a time: the channel holds at most CONSOLE_BACKLOG writes.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(CONSOLE_BACKLOG);
+    let handle = std::thread::Builder::new()
+        .name("console-out".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut chunk = first;
+                // Coalesce what is already queued (bounded by the backlog).
+                while let Ok(more) = rx.try_recv() {
+                    chunk.extend_from_slice(&more);
+                    if chunk.len() >= 4096 {
+                        break;
+                    }
+                }
+                if out.write_all(&chunk).and_then(|_| out.flush()).is_err() {
+                    // The reader is gone; keep draining so writers never block.
+                    continue;
+                }
+            }
+        })?;
+    Ok((
+        ConsoleWriter {
+            tx,
+            dropped: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        },
+        handle,
+    ))
+}
 
 /// Ctrl-A: the escape prefix.
 pub const ESCAPE_PREFIX: u8 = 0x01;
@@ -134,7 +205,16 @@ impl ConsoleInput {
 
     fn read_stdin(&mut self) {
         let mut buf = [0u8; 256];
-        match std::io::stdin().lock().read(&mut buf) {
+        // Straight from fd 0: std's buffered stdin could keep bytes that epoll no longer
+        // reports, stalling the console.
+        // SAFETY: reads at most buf.len() bytes into buf.
+        let rc = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+        let res = if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(rc as usize)
+        };
+        match res {
             Ok(0) => self.stdin_open = false,
             Ok(n) => {
                 let quit = match self.escape.as_mut() {
@@ -184,6 +264,48 @@ impl MutEventSubscriber for ConsoleInput {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn console_writer_delivers_in_order_and_never_blocks() {
+        #[derive(Clone, Default)]
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let (mut w, h) = spawn_console_writer(Box::new(sink.clone())).unwrap();
+        for b in b"hello, console" {
+            std::io::Write::write_all(&mut w, &[*b]).unwrap();
+        }
+        drop(w);
+        h.join().unwrap();
+        assert_eq!(&*sink.0.lock().unwrap(), b"hello, console");
+
+        // A writer that never returns: the UART side still does not block.
+        struct Stuck;
+        impl std::io::Write for Stuck {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+                Ok(0)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let (mut w, _h) = spawn_console_writer(Box::new(Stuck)).unwrap();
+        let start = std::time::Instant::now();
+        for _ in 0..(CONSOLE_BACKLOG + 10_000) {
+            std::io::Write::write_all(&mut w, b"x").unwrap();
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+        assert!(w.dropped.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    }
 
     #[test]
     fn escape_sequences() {

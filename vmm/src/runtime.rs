@@ -19,7 +19,7 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::console::RawTerminal;
+use crate::console::{spawn_console_writer, RawTerminal};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::metrics::Metrics;
 use crate::vm::{CpuTemplate, DriveSpec, SignalFd, Subscriber, VmContext, VmError, VmSpec, Vmm};
@@ -149,6 +149,7 @@ pub struct Runtime {
     metrics_due: Arc<AtomicBool>,
     /// The metrics path when no API controller holds the configuration.
     metrics_path: Option<PathBuf>,
+    console_thread: Option<std::thread::JoinHandle<()>>,
     _terminal: Option<RawTerminal>,
 }
 
@@ -205,6 +206,7 @@ impl Runtime {
             api_pending,
             metrics_due,
             metrics_path,
+            console_thread: None,
             _terminal: Some(terminal),
         })
     }
@@ -218,7 +220,12 @@ impl Runtime {
             .console_out
             .take()
             .unwrap_or_else(|| Box::new(std::io::stdout()));
-        let mut vm = Vmm::build(spec, out, self.ctx.clone())?;
+        let (writer, handle) = spawn_console_writer(out).map_err(|source| VmError::Os {
+            what: "starting the console writer",
+            source,
+        })?;
+        self.console_thread = Some(handle);
+        let mut vm = Vmm::build(spec, Box::new(writer), self.ctx.clone())?;
         for s in vm.subscribers() {
             self.em.add_subscriber(s);
         }
@@ -285,6 +292,17 @@ impl Runtime {
         }
         if let Some(vm) = self.vm.take() {
             vm.shutdown();
+        }
+        // The VM is gone, so is the UART's end of the console channel: let the writer finish
+        // what the guest printed last (bounded: 2 s, the reader may be stalled).
+        if let Some(h) = self.console_thread.take() {
+            for _ in 0..200 {
+                if h.is_finished() {
+                    let _ = h.join();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
         reason
     }
