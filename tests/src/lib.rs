@@ -3,6 +3,7 @@
 
 pub mod cinder;
 pub mod guest;
+pub mod http;
 pub mod probe;
 pub mod qemu;
 pub mod runner;

@@ -1,0 +1,433 @@
+//! cinder's API socket and config file, driven through the real binary. The tests without
+//! `under_cinder` in their name need no KVM (they stop before a guest runs, or point cinder at
+//! a KVM device that does not exist); the others boot the probe and drive its lifecycle.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cinder_tests::cinder::{cinder, cinder_bin, require_kvm};
+use cinder_tests::http::{raw, request, wait_for_socket};
+use cinder_tests::probe;
+use cinder_tests::session::Session;
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let d = std::env::temp_dir().join(format!("cinder-api-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Scratch(d)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn start_api(sock: &Path, extra: &[&str]) -> Session {
+    let mut c = cinder();
+    c.arg("--api-sock").arg(sock).args(extra);
+    let s = Session::start(c);
+    wait_for_socket(sock, Duration::from_secs(10)).unwrap_or_else(|e| panic!("{e}\n{}", s.log()));
+    s
+}
+
+fn fault(r: &cinder_tests::http::Response) -> String {
+    r.json()["fault_message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no fault_message in {:?}", r.body))
+        .to_string()
+}
+
+#[test]
+fn preboot_configuration_through_the_socket() {
+    let d = Scratch::new("preboot");
+    let sock = d.path("api.sock");
+    let img = d.path("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let mut s = start_api(&sock, &[]);
+
+    let info = request(&sock, "GET", "/", None);
+    assert_eq!(info.status, 200, "{:?}", info);
+    assert_eq!(info.json()["state"], "Not started");
+    assert_eq!(info.json()["app_name"], "cinder");
+
+    let r = request(
+        &sock,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 2, "mem_size_mib": 256}"#),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    let kernel = probe::elf_path();
+    let body = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "probe.run=boot"}}"#,
+        kernel.display()
+    );
+    assert_eq!(
+        request(&sock, "PUT", "/boot-source", Some(&body)).status,
+        204
+    );
+    let drive = format!(
+        r#"{{"drive_id": "rootfs", "path_on_host": "{}", "is_root_device": true, "is_read_only": true}}"#,
+        img.display()
+    );
+    assert_eq!(
+        request(&sock, "PUT", "/drives/rootfs", Some(&drive)).status,
+        204
+    );
+
+    let cfg = request(&sock, "GET", "/vm/config", None);
+    assert_eq!(cfg.status, 200);
+    let v = cfg.json();
+    assert_eq!(v["machine-config"]["vcpu_count"], 2);
+    assert_eq!(v["machine-config"]["mem_size_mib"], 256);
+    assert_eq!(v["drives"][0]["drive_id"], "rootfs");
+    assert_eq!(v["boot-source"]["boot_args"], "probe.run=boot");
+
+    // Wrong state, unknown fields, unknown routes: precise 400s, and the VMM carries on.
+    let r = request(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(r.status, 400);
+    assert!(
+        fault(&r).contains("not supported before starting"),
+        "{}",
+        fault(&r)
+    );
+    let r = request(
+        &sock,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 128, "bogus": 1}"#),
+    );
+    assert_eq!(r.status, 400);
+    assert!(fault(&r).contains("bogus"), "{}", fault(&r));
+    let r = request(&sock, "GET", "/no/such/route", None);
+    assert_eq!(r.status, 400);
+    let r = raw(&sock, b"NONSENSE\r\n\r\n").unwrap();
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        request(&sock, "GET", "/", None).status,
+        200,
+        "still serving"
+    );
+
+    // SIGTERM: clean exit with 128+15, socket removed.
+    s.signal(libc::SIGTERM);
+    let st = s
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(st.code(), Some(143), "{}", s.log());
+    assert!(!sock.exists(), "the socket file is removed on exit");
+}
+
+#[test]
+fn instance_start_failure_is_a_400_and_the_vmm_carries_on() {
+    let d = Scratch::new("startfail");
+    let sock = d.path("api.sock");
+    let mut s = start_api(&sock, &["--kvm-device", "/nonexistent/kvm"]);
+    // No boot source yet: refused with a reason.
+    let r = request(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(r.status, 400);
+    assert!(fault(&r).contains("boot-source"), "{}", fault(&r));
+    // A missing kernel: the boot error reaches the client.
+    let body = r#"{"kernel_image_path": "/nonexistent/vmlinux"}"#;
+    assert_eq!(
+        request(&sock, "PUT", "/boot-source", Some(body)).status,
+        204
+    );
+    let r = request(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(r.status, 400);
+    assert!(fault(&r).contains("/nonexistent/vmlinux"), "{}", fault(&r));
+    // A good kernel but no KVM device: the KVM error reaches the client.
+    let body = format!(
+        r#"{{"kernel_image_path": "{}"}}"#,
+        probe::elf_path().display()
+    );
+    assert_eq!(
+        request(&sock, "PUT", "/boot-source", Some(&body)).status,
+        204
+    );
+    let r = request(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(r.status, 400);
+    assert!(fault(&r).contains("/nonexistent/kvm"), "{}", fault(&r));
+    assert_eq!(
+        request(&sock, "GET", "/", None).json()["state"],
+        "Not started"
+    );
+    s.signal(libc::SIGINT);
+    let st = s
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(st.code(), Some(130));
+}
+
+fn one_line_error(args: &[&str], expect: &[&str]) {
+    let out = std::process::Command::new(cinder_bin())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "cinder {args:?}: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line for {args:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for e in expect {
+        assert!(stderr.contains(e), "{args:?}: {stderr} lacks {e:?}");
+    }
+}
+
+#[test]
+fn api_socket_errors() {
+    let d = Scratch::new("sockerr");
+    one_line_error(
+        &["--api-sock", "/nonexistent/dir/api.sock"],
+        &["/nonexistent/dir"],
+    );
+    // Bound by a live process: refused.
+    let sock = d.path("live.sock");
+    let mut first = start_api(&sock, &[]);
+    one_line_error(&["--api-sock", sock.to_str().unwrap()], &["already in use"]);
+    first.signal(libc::SIGTERM);
+    first.wait_exit(Duration::from_secs(10)).unwrap();
+    // A stale socket file from a dead process is replaced.
+    let stale = d.path("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let mut s = start_api(&stale, &[]);
+    assert_eq!(request(&stale, "GET", "/", None).status, 200);
+    s.signal(libc::SIGTERM);
+    s.wait_exit(Duration::from_secs(10)).unwrap();
+}
+
+#[test]
+fn config_file_errors() {
+    let d = Scratch::new("cfgerr");
+    one_line_error(
+        &["--config-file", "/nonexistent/vm.json", "--no-api"],
+        &["/nonexistent/vm.json"],
+    );
+    let bad = d.path("bad.json");
+    std::fs::write(&bad, "{ not json").unwrap();
+    one_line_error(
+        &["--config-file", bad.to_str().unwrap(), "--no-api"],
+        &["bad.json"],
+    );
+    let unknown = d.path("unknown.json");
+    std::fs::write(
+        &unknown,
+        r#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "frobs": 3}}"#,
+    )
+    .unwrap();
+    one_line_error(
+        &["--config-file", unknown.to_str().unwrap(), "--no-api"],
+        &["frobs"],
+    );
+    let zero = d.path("zero.json");
+    std::fs::write(
+        &zero,
+        r#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 0, "mem_size_mib": 64}}"#,
+    )
+    .unwrap();
+    one_line_error(
+        &["--config-file", zero.to_str().unwrap(), "--no-api"],
+        &["vcpu_count"],
+    );
+    one_line_error(&["--no-api"], &["nothing to boot"]);
+}
+
+#[test]
+fn config_file_and_flags_agree_on_errors() {
+    // The same missing kernel, from the config file and from flags, fails the same way.
+    let d = Scratch::new("cfgkernel");
+    let f = d.path("vm.json");
+    std::fs::write(
+        &f,
+        r#"{"boot-source": {"kernel_image_path": "/nonexistent/vmlinux"}}"#,
+    )
+    .unwrap();
+    one_line_error(
+        &["--config-file", f.to_str().unwrap(), "--no-api"],
+        &["cannot read kernel image /nonexistent/vmlinux"],
+    );
+    one_line_error(
+        &["--kernel", "/nonexistent/vmlinux"],
+        &["cannot read kernel image /nonexistent/vmlinux"],
+    );
+}
+
+fn last_tick(s: &Session) -> u64 {
+    probe::parse(&s.console())
+        .ticks
+        .last()
+        .map(|t| t.0)
+        .unwrap_or(0)
+}
+
+/// Waits (bounded) until the probe's tick counter passes `n`.
+fn wait_tick_past(s: &mut Session, n: u64, timeout: Duration) -> u64 {
+    let start = Instant::now();
+    loop {
+        let t = last_tick(s);
+        if t > n {
+            return t;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "tick stuck at {t} (wanted > {n})\n{}",
+            s.log()
+        );
+        let _ = s.expect("PROBE tick", Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn api_lifecycle_under_cinder() {
+    require_kvm();
+    let d = Scratch::new("lifecycle");
+    let sock = d.path("api.sock");
+    let metrics = d.path("metrics.json");
+    let mut s = start_api(&sock, &[]);
+    let body = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "probe.run=tick probe.ticks=1000000 probe.tick_ms=20"}}"#,
+        probe::elf_path().display()
+    );
+    assert_eq!(
+        request(&sock, "PUT", "/boot-source", Some(&body)).status,
+        204
+    );
+    assert_eq!(
+        request(
+            &sock,
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count": 1, "mem_size_mib": 128}"#)
+        )
+        .status,
+        204
+    );
+    let m = format!(r#"{{"metrics_path": "{}"}}"#, metrics.display());
+    assert_eq!(request(&sock, "PUT", "/metrics", Some(&m)).status, 204);
+    let r = request(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(r.status, 204, "{r:?}\n{}", s.log());
+    assert_eq!(request(&sock, "GET", "/", None).json()["state"], "Running");
+    let t = wait_tick_past(&mut s, 5, Duration::from_secs(120));
+
+    // Pause: the tick counter stops.
+    assert_eq!(
+        request(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).status,
+        204
+    );
+    assert_eq!(request(&sock, "GET", "/", None).json()["state"], "Paused");
+    std::thread::sleep(Duration::from_millis(200));
+    let paused_at = last_tick(&s);
+    assert!(paused_at >= t);
+    std::thread::sleep(Duration::from_millis(1000));
+    let _ = s.expect("PROBE tick", Duration::from_millis(100));
+    assert_eq!(
+        last_tick(&s),
+        paused_at,
+        "ticks moved while paused\n{}",
+        s.log()
+    );
+    // machine-config may not change after boot.
+    let r = request(
+        &sock,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 2, "mem_size_mib": 128}"#),
+    );
+    assert_eq!(r.status, 400);
+
+    // Resume: it moves again.
+    assert_eq!(
+        request(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).status,
+        204
+    );
+    wait_tick_past(&mut s, paused_at + 3, Duration::from_secs(60));
+
+    // Metrics: a JSON line that counts the guest's exits.
+    assert_eq!(
+        request(
+            &sock,
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "FlushMetrics"}"#)
+        )
+        .status,
+        204
+    );
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert!(line["vcpu"]["exit_io_out"].as_u64().unwrap() > 0, "{line}");
+    assert!(
+        line["api_server"]["requests"].as_u64().unwrap() >= 6,
+        "{line}"
+    );
+
+    s.signal(libc::SIGTERM);
+    let st = s
+        .wait_exit(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(st.code(), Some(143), "{}", s.log());
+}
+
+#[test]
+fn config_file_without_api_under_cinder() {
+    require_kvm();
+    let d = Scratch::new("cfgboot");
+    let f = d.path("vm.json");
+    let metrics = d.path("metrics.json");
+    std::fs::write(
+        &f,
+        format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}", "boot_args": "probe.run=boot,smp probe.cpus=2"}},
+               "machine-config": {{"vcpu_count": 2, "mem_size_mib": 192}},
+               "metrics": {{"metrics_path": "{}"}}}}"#,
+            probe::elf_path().display(),
+            metrics.display()
+        ),
+    )
+    .unwrap();
+    let mut c = cinder();
+    c.arg("--config-file").arg(&f).arg("--no-api");
+    let mut s = Session::start(c);
+    s.expect("PROBE DONE 2/2", Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let st = s
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        st.code(),
+        Some(0),
+        "the probe's reset ends cinder with 0\n{}",
+        s.log()
+    );
+    let text = std::fs::read_to_string(&metrics).unwrap_or_default();
+    assert!(text.lines().count() >= 1, "metrics flushed at exit");
+}
