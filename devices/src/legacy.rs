@@ -1,11 +1,11 @@
-//! Legacy PC devices on port I/O: the COM1 8250 UART and the i8042 (for the guest's reset),
-//! both from vm-superio, adapted to the [`BusDevice`] seam.
+//! The COM1 8250 UART (vm-superio) on the [`BusDevice`] seam, and the legacy port map. The
+//! i8042 is in [`crate::i8042`].
 
 use std::io::{self, Write};
 use std::sync::Arc;
 
 use vm_superio::serial::SerialEvents;
-use vm_superio::{I8042Device, Serial, Trigger};
+use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::BusDevice;
@@ -114,37 +114,6 @@ impl BusDevice for SerialDevice {
     }
 }
 
-/// The i8042 controller, enough for the guest's CPU reset (command 0xfe on port 0x64).
-pub struct I8042 {
-    dev: I8042Device<EventFdTrigger>,
-}
-
-impl I8042 {
-    /// A controller that writes `reset` when the guest resets the CPU through it.
-    pub fn new(reset: Arc<EventFd>) -> Self {
-        I8042 {
-            dev: I8042Device::new(EventFdTrigger(reset)),
-        }
-    }
-}
-
-impl BusDevice for I8042 {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        if data.len() == 1 && offset < I8042_LEN {
-            data[0] = self.dev.read(offset as u8);
-        }
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        if data.len() == 1 && offset < I8042_LEN {
-            if let Err(e) = self.dev.write(offset as u8, data[0]) {
-                log::warn!("i8042 reset signal failed: {e}");
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,18 +158,5 @@ mod tests {
         s.read(0, &mut wide);
         s.write(100, &[1]);
         s.write(0, &[1, 2]);
-    }
-
-    #[test]
-    fn i8042_reset_command_signals() {
-        let reset = efd();
-        let mut k = I8042::new(reset.clone());
-        k.write(4, &[0x00]);
-        assert!(reset.read().is_err(), "no reset yet");
-        k.write(4, &[0xfe]);
-        assert_eq!(reset.read().unwrap(), 1);
-        let mut b = [0xffu8];
-        k.read(4, &mut b);
-        assert_eq!(b[0], 0);
     }
 }

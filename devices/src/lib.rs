@@ -4,6 +4,7 @@
 //! fds by the VMM. Register accesses from the guest reach a device through [`BusDevice`].
 
 pub mod bus;
+pub mod i8042;
 pub mod legacy;
 pub mod virtio;
 

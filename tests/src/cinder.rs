@@ -10,12 +10,14 @@ pub fn cinder_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test> -> target/<profile>/cinder
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("test binary lives in target/<profile>/deps");
-    let bin = dir.join("cinder");
+    // Tests live in target/<profile>/deps/, benchmark binaries in target/<profile>/.
+    let here = exe.parent().expect("the test binary has a directory");
+    let candidates = [here.join("cinder"), here.join("../cinder")];
+    let bin = candidates
+        .iter()
+        .find(|p| p.exists())
+        .cloned()
+        .unwrap_or_else(|| candidates[1].clone());
     assert!(
         bin.exists(),
         "cinder binary not found at {}: build it first (cargo build -p vmm) or set CINDER_BIN",

@@ -431,3 +431,61 @@ fn config_file_without_api_under_cinder() {
     let text = std::fs::read_to_string(&metrics).unwrap_or_default();
     assert!(text.lines().count() >= 1, "metrics flushed at exit");
 }
+
+#[test]
+fn send_ctrl_alt_del_reaches_the_guest_under_cinder() {
+    require_kvm();
+    let d = Scratch::new("cad");
+    let sock = d.path("api.sock");
+    let mut s = start_api(&sock, &[]);
+    // SendCtrlAltDel before boot: refused.
+    let r = request(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+    );
+    assert_eq!(r.status, 400);
+    let body = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "probe.run=kbd"}}"#,
+        probe::elf_path().display()
+    );
+    assert_eq!(
+        request(&sock, "PUT", "/boot-source", Some(&body)).status,
+        204
+    );
+    assert_eq!(
+        request(
+            &sock,
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "InstanceStart"}"#)
+        )
+        .status,
+        204
+    );
+    s.expect("PROBE kbd ready", Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let r = request(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    let (text, _) = s
+        .expect("PROBE DONE", Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let log = probe::parse(&s.console());
+    let kbd = log
+        .check("kbd")
+        .unwrap_or_else(|| panic!("no kbd line: {text}\n{}", s.log()));
+    assert_eq!(kbd.status, probe::Status::Ok, "{}", s.log());
+    // Translation is on by default: set 1 codes, delivered by interrupt.
+    assert_eq!(kbd.field("seq"), Some("1d,38,e0,53"), "{}", s.log());
+    assert!(kbd.num("irqs").unwrap_or(0) >= 1, "{}", s.log());
+    let st = s
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(st.code(), Some(0), "{}", s.log());
+}

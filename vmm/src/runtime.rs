@@ -397,10 +397,13 @@ impl Runtime {
                 Ok(()) => ApiResponse::no_content(),
                 Err(e) => ApiResponse::error(400, format!("FlushMetrics: {e}")),
             },
-            ApiRequest::Action(ActionType::SendCtrlAltDel) => ApiResponse::error(
-                400,
-                "SendCtrlAltDel: cinder's i8042 has no keyboard yet",
-            ),
+            ApiRequest::Action(ActionType::SendCtrlAltDel) => match self.vm.as_ref() {
+                Some(vm) => match vm.send_ctrl_alt_del() {
+                    Ok(()) => ApiResponse::no_content(),
+                    Err(e) => ApiResponse::error(400, e),
+                },
+                None => ApiResponse::error(400, "SendCtrlAltDel: the microVM is not running"),
+            },
             ApiRequest::PatchDrive(d) => ApiResponse::error(
                 400,
                 format!(

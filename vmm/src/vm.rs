@@ -17,7 +17,8 @@ use arch::layout::{self, ram_regions, ram_top, MIB};
 use arch::loader::{load_kernel, LoadedKernel, LoaderError, ProtocolChoice};
 use arch::mptable::{setup_mptable, MptableError, MAX_CPUS};
 use arch::GuestMemoryMmap;
-use devices::legacy::{self, SerialDevice, I8042};
+use devices::i8042::I8042;
+use devices::legacy::{self, SerialDevice};
 use event_manager::MutEventSubscriber;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
@@ -378,6 +379,9 @@ fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
     Ok(vm)
 }
 
+/// The keyboard's IRQ (ISA IRQ 1).
+pub const KBD_IRQ: u32 = 1;
+
 /// Shared plumbing a VM reports through, owned by the runtime.
 #[derive(Clone)]
 pub struct VmContext {
@@ -411,6 +415,7 @@ pub struct Vmm {
     mmio: Arc<Bus>,
     subscribers: Vec<Subscriber>,
     blocks: Vec<BlockDevice>,
+    i8042: Arc<Mutex<I8042>>,
     ctx: VmContext,
     _vm: VmFd,
     _kvm: Kvm,
@@ -475,11 +480,11 @@ impl Vmm {
         )));
         let mut pio = Bus::new();
         pio.insert(serial.clone(), legacy::COM1_PORT, legacy::COM1_LEN)?;
-        pio.insert(
-            Arc::new(Mutex::new(I8042::new(ctx.reset_evt.clone()))),
-            legacy::I8042_PORT,
-            legacy::I8042_LEN,
-        )?;
+        let kbd_irq = efd()?;
+        vm.register_irqfd(&kbd_irq, KBD_IRQ)
+            .map_err(vm_ioctl("KVM_IRQFD (i8042)"))?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(kbd_irq, ctx.reset_evt.clone())));
+        pio.insert(i8042.clone(), legacy::I8042_PORT, legacy::I8042_LEN)?;
         let mut subscribers: Vec<Subscriber> = vec![Arc::new(Mutex::new(ConsoleInput::new(
             serial,
             serial_in_empty,
@@ -551,6 +556,7 @@ impl Vmm {
             mmio: Arc::new(mmio),
             subscribers,
             blocks,
+            i8042,
             ctx,
             _vm: vm,
             _kvm: kvm,
@@ -616,6 +622,16 @@ impl Vmm {
     /// Lets the vCPUs run again.
     pub fn resume(&self) {
         self.control.resume();
+    }
+
+    /// Presses Ctrl+Alt+Del on the guest's keyboard (i8042, IRQ 1).
+    pub fn send_ctrl_alt_del(&self) -> Result<(), String> {
+        let mut k = match self.i8042.lock() {
+            Ok(k) => k,
+            Err(p) => p.into_inner(),
+        };
+        k.trigger_ctrl_alt_del()
+            .map_err(|e| format!("SendCtrlAltDel: the guest is not taking keyboard input ({e})"))
     }
 
     /// Per-device metrics sections.

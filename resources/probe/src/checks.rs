@@ -25,7 +25,7 @@ pub enum Status {
     Skip,
 }
 
-type Details = Line<4096>;
+pub type Details = Line<4096>;
 type CheckFn = fn(&mut Details) -> Status;
 
 const CHECKS: &[(&str, CheckFn)] = &[
@@ -37,6 +37,7 @@ const CHECKS: &[(&str, CheckFn)] = &[
     ("tsc", check_tsc),
     ("tick", check_tick),
     ("virtio", check_virtio),
+    ("kbd", crate::kbd::check),
     // Self-tests of the failure paths: always FAIL, then the run goes on.
     ("selftest_fault", check_selftest_fault),
     ("selftest_panic", check_selftest_panic),
@@ -536,7 +537,7 @@ fn check_cpuid(d: &mut Details) -> Status {
     }
 }
 
-fn irq_count(vector: u32) -> u64 {
+pub fn irq_count(vector: u32) -> u64 {
     peek(crate::sym_addr!(irq_counts) + 8 * vector as u64)
 }
 
@@ -610,7 +611,7 @@ fn check_tsc(d: &mut Details) -> Status {
     status
 }
 
-fn key_num(key: &[u8], default: u64, min: u64, max: u64) -> Result<u64, &'static str> {
+pub fn key_num(key: &[u8], default: u64, min: u64, max: u64) -> Result<u64, &'static str> {
     match cmdline::get(bootinfo::get().cmdline(), key) {
         None => Ok(default),
         Some(v) => match cmdline::parse_u64(v) {

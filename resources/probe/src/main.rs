@@ -11,6 +11,7 @@ mod bootinfo;
 mod checks;
 mod cmdline;
 mod cpu;
+mod kbd;
 mod lapic;
 mod mem;
 mod paging;
