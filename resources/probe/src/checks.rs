@@ -37,6 +37,9 @@ const CHECKS: &[(&str, CheckFn)] = &[
     ("tsc", check_tsc),
     ("tick", check_tick),
     ("virtio", check_virtio),
+    ("rng", crate::virtio_rng::check_rng),
+    ("blk", crate::virtio_blk::check_blk),
+    ("blkhostile", crate::virtio_blk_hostile::check_blkhostile),
     ("kbd", crate::kbd::check),
     // Self-tests of the failure paths: always FAIL, then the run goes on.
     ("selftest_fault", check_selftest_fault),

@@ -21,6 +21,8 @@ mod smp;
 mod sync;
 mod time;
 mod virtio;
+mod virtio_blk;
+mod virtio_blk_hostile;
 mod virtio_rng;
 
 core::arch::global_asm!(include_str!("entry.S"), options(att_syntax));
