@@ -89,15 +89,15 @@ pub enum RequestError {
     /// More descriptors than `MAX_DESCRIPTORS`.
     #[error("chain has {0} descriptors, more than {MAX_DESCRIPTORS}")]
     TooManyDescriptors(usize),
-    /// Only a status descriptor.
+    /// No device-readable descriptor: no request header.
     #[error("chain has no request header")]
     MissingHeader,
-    /// The header descriptor is device-writable.
-    #[error("request header descriptor is device-writable")]
-    HeaderNotReadable,
-    /// The header descriptor is not 16 bytes.
-    #[error("request header descriptor is {0} bytes, expected {REQUEST_HEADER_SIZE}")]
+    /// The device-readable part is shorter than the 16-byte header.
+    #[error("request header is {0} bytes, expected {REQUEST_HEADER_SIZE}")]
     HeaderLength(u32),
+    /// A device-readable descriptor follows a device-writable one.
+    #[error("device-readable descriptor after a device-writable one")]
+    MixedDirections,
     /// The header is outside guest memory.
     #[error("cannot read the request header at {addr:#x}: {source}")]
     HeaderRead {
@@ -193,6 +193,28 @@ struct Collected {
     last: Option<Descriptor>,
 }
 
+/// Splits a byte stream of segments after its first `n` bytes.
+fn split_stream(
+    segs: &[(GuestAddress, u32)],
+    n: u64,
+) -> (Vec<(GuestAddress, u32)>, Vec<(GuestAddress, u32)>) {
+    let (mut head, mut tail) = (Vec::new(), Vec::new());
+    let mut left = n;
+    for &(addr, len) in segs {
+        if left == 0 {
+            tail.push((addr, len));
+        } else if u64::from(len) <= left {
+            head.push((addr, len));
+            left -= u64::from(len);
+        } else {
+            head.push((addr, left as u32));
+            tail.push((GuestAddress(addr.0.wrapping_add(left)), len - left as u32));
+            left = 0;
+        }
+    }
+    (head, tail)
+}
+
 /// Walk the chain, keeping at most `MAX_DESCRIPTORS` (the walk itself is bounded by
 /// virtio-queue: the queue size, or the indirect table size).
 fn collect<M>(chain: DescriptorChain<M>) -> Collected
@@ -237,7 +259,10 @@ impl Request {
         if last.len() == 0 {
             return Err(drop(RequestError::StatusTooSmall));
         }
-        let status_addr = last.addr();
+        // The status is the last device-writable byte of the chain (VIRTIO_F_VERSION_1 implies
+        // ANY_LAYOUT: the driver frames header, data and status as it likes, readable bytes
+        // first, then writable ones).
+        let status_addr = GuestAddress(last.addr().0.wrapping_add(u64::from(last.len()) - 1));
         if !mem.check_range(status_addr, 1, Permissions::Write) {
             return Err(drop(RequestError::StatusOutOfMemory(status_addr.0)));
         }
@@ -248,24 +273,49 @@ impl Request {
         if collected.count > MAX_DESCRIPTORS {
             return Err(fail(RequestError::TooManyDescriptors(collected.count)));
         }
-        // `descs` holds every descriptor, the status one last.
-        let without_status = &collected.descs[..collected.descs.len() - 1];
-        let Some((header, data)) = without_status.split_first() else {
+        let descs = &collected.descs;
+        // Device-readable descriptors, then device-writable ones; never mixed.
+        let first_writable = descs
+            .iter()
+            .position(|d| d.is_write_only())
+            .unwrap_or(descs.len());
+        if descs[first_writable..].iter().any(|d| !d.is_write_only()) {
+            return Err(fail(RequestError::MixedDirections));
+        }
+        let readable: Vec<(GuestAddress, u32)> = descs[..first_writable]
+            .iter()
+            .map(|d| (d.addr(), d.len()))
+            .collect();
+        // The writable stream without its final status byte.
+        let mut writable: Vec<(GuestAddress, u32)> = descs[first_writable..]
+            .iter()
+            .map(|d| (d.addr(), d.len()))
+            .collect();
+        if let Some(tail) = writable.last_mut() {
+            tail.1 -= 1;
+        }
+        if readable.is_empty() {
             return Err(fail(RequestError::MissingHeader));
-        };
-        if header.is_write_only() {
-            return Err(fail(RequestError::HeaderNotReadable));
         }
-        if header.len() != REQUEST_HEADER_SIZE {
-            return Err(fail(RequestError::HeaderLength(header.len())));
+        // The 16-byte header: the first readable bytes, possibly over several descriptors.
+        let (header_segs, out_data) = split_stream(&readable, u64::from(REQUEST_HEADER_SIZE));
+        let header_len: u64 = header_segs.iter().map(|s| u64::from(s.1)).sum();
+        if header_len < u64::from(REQUEST_HEADER_SIZE) {
+            return Err(fail(RequestError::HeaderLength(header_len as u32)));
         }
-        let raw: [u8; REQUEST_HEADER_SIZE as usize] =
-            mem.read_obj(header.addr()).map_err(|source| {
-                fail(RequestError::HeaderRead {
-                    addr: header.addr().0,
-                    source,
-                })
-            })?;
+        let mut raw = [0u8; REQUEST_HEADER_SIZE as usize];
+        let mut at = 0usize;
+        for (addr, len) in header_segs {
+            let n = len as usize;
+            mem.read_slice(&mut raw[at..at + n], addr)
+                .map_err(|source| {
+                    fail(RequestError::HeaderRead {
+                        addr: addr.0,
+                        source,
+                    })
+                })?;
+            at += n;
+        }
         let mut ty = [0u8; 4];
         ty.copy_from_slice(&raw[0..4]);
         let mut sector = [0u8; 8];
@@ -273,9 +323,19 @@ impl Request {
         let kind = RequestType::from(u32::from_le_bytes(ty));
         let sector = u64::from_le_bytes(sector);
 
-        let writable = match kind {
-            RequestType::In | RequestType::GetId => true,
-            RequestType::Out => false,
+        let (data, access) = match kind {
+            RequestType::In | RequestType::GetId => {
+                if out_data.iter().any(|s| s.1 > 0) {
+                    return Err(fail(RequestError::DataDirection(kind)));
+                }
+                (writable, Permissions::Write)
+            }
+            RequestType::Out => {
+                if writable.iter().any(|s| s.1 > 0) {
+                    return Err(fail(RequestError::DataDirection(kind)));
+                }
+                (out_data, Permissions::Read)
+            }
             // FLUSH carries no data; anything the driver attached is ignored.
             RequestType::Flush => {
                 return Ok(Request {
@@ -288,34 +348,18 @@ impl Request {
             }
             RequestType::Unsupported(t) => return Err(fail(RequestError::Unsupported(t))),
         };
+        let data: Vec<(GuestAddress, u32)> = data.into_iter().filter(|s| s.1 > 0).collect();
         if data.len() > SEG_MAX as usize {
             return Err(fail(RequestError::TooManySegments(data.len())));
         }
-        let access = if writable {
-            Permissions::Write
-        } else {
-            Permissions::Read
-        };
-        let mut segments = Vec::with_capacity(data.len());
         let mut data_len = 0u64;
-        for desc in data {
-            if desc.is_write_only() != writable {
-                return Err(fail(RequestError::DataDirection(kind)));
-            }
-            let len = desc.len();
+        for &(addr, len) in &data {
             if len > SIZE_MAX {
                 return Err(fail(RequestError::SegmentTooLarge(len)));
             }
-            if len == 0 {
-                continue;
+            if !mem.check_range(addr, len as usize, access) {
+                return Err(fail(RequestError::DataOutOfMemory { addr: addr.0, len }));
             }
-            if !mem.check_range(desc.addr(), len as usize, access) {
-                return Err(fail(RequestError::DataOutOfMemory {
-                    addr: desc.addr().0,
-                    len,
-                }));
-            }
-            segments.push((desc.addr(), len));
             data_len += u64::from(len);
         }
         match kind {
@@ -328,7 +372,7 @@ impl Request {
         Ok(Request {
             kind,
             sector,
-            data: segments,
+            data,
             data_len,
             status_addr,
         })

@@ -252,9 +252,9 @@ fn bad_header() {
     let mut f = fx(false);
     f.header(VIRTIO_BLK_T_OUT, 0);
     for header in [
-        d(HDR, 8, 0),            // short
-        d(HDR, 0, 0),            // empty
-        d(HDR, 32, 0),           // header and data merged: refused
+        d(HDR, 8, 0),            // short: the header runs into the data, which is then 504 bytes
+        d(HDR, 0, 0),            // empty: ditto, the "header" is data bytes (bad sector)
+        d(HDR, 32, 0),           // header plus 16 data bytes: 528 bytes is not whole sectors
         d(HDR, 16, F_WRITE),     // device-writable
         d(MEM_SIZE - 8, 16, 0),  // straddles the end of memory
         d(u64::MAX - 7, 16, 0),  // wraps around
@@ -269,6 +269,47 @@ fn bad_header() {
     assert_eq!(f.run(&[status_desc()]), 1);
     assert_eq!(f.status(), VIRTIO_BLK_S_IOERR);
     f.assert_file_untouched();
+}
+
+/// VIRTIO_F_VERSION_1 implies ANY_LAYOUT: the header may span descriptors, data may share a
+/// descriptor with the header, and the status is the last byte of the last descriptor.
+#[test]
+fn any_layout_framing() {
+    let mut f = fx(false);
+    // Write: the header split 4 + 12 over two descriptors, the second also holding the
+    // 512 data bytes.
+    f.header(VIRTIO_BLK_T_OUT, 2);
+    let data = vec![0x5au8; 512];
+    f.mem.write_slice(&data, GuestAddress(HDR + 16)).unwrap();
+    let len = f.run(&[d(HDR, 4, 0), d(HDR + 4, 12 + 512, 0), status_desc()]);
+    assert_eq!(len, 1);
+    assert_eq!(f.status(), VIRTIO_BLK_S_OK);
+    assert_eq!(&f.file_bytes()[1024..1536], &data[..]);
+
+    // Read: data and status in one device-writable descriptor (status = its last byte).
+    f.header(VIRTIO_BLK_T_IN, 0);
+    f.mem.write_obj(0xeeu8, GuestAddress(DATA + 512)).unwrap();
+    let len = f.run(&[hdr(), d(DATA, 513, F_WRITE)]);
+    assert_eq!(len, 513);
+    let status: u8 = f.mem.read_obj(GuestAddress(DATA + 512)).unwrap();
+    assert_eq!(status, VIRTIO_BLK_S_OK);
+    let mut buf = vec![0u8; 512];
+    f.mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
+    assert_eq!(buf, f.original[..512]);
+
+    // A readable descriptor after a writable one is refused.
+    f.header(VIRTIO_BLK_T_IN, 0);
+    f.mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+    assert_eq!(
+        f.run(&[
+            hdr(),
+            d(DATA, 512, F_WRITE),
+            d(DATA + 512, 512, 0),
+            status_desc()
+        ]),
+        1
+    );
+    assert_eq!(f.status(), VIRTIO_BLK_S_IOERR);
 }
 
 #[test]
