@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::io;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use crate::InterruptTrigger;
@@ -20,6 +20,7 @@ pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x2;
 pub struct Interrupt {
     status: AtomicU32,
     config_generation: AtomicU32,
+    needs_reset: AtomicBool,
     trigger: Arc<dyn InterruptTrigger>,
 }
 
@@ -29,6 +30,7 @@ impl Interrupt {
         Interrupt {
             status: AtomicU32::new(0),
             config_generation: AtomicU32::new(0),
+            needs_reset: AtomicBool::new(false),
             trigger,
         }
     }
@@ -64,7 +66,21 @@ impl Interrupt {
     }
 
     /// Device reset: drop pending status bits.
+    /// The device cannot go on (the driver broke a queue beyond repair): the transport shows
+    /// DEVICE_NEEDS_RESET in the status register, and the driver is told by a config-change
+    /// interrupt (virtio 1.x, 2.1.2).
+    pub fn signal_needs_reset(&self) -> io::Result<()> {
+        self.needs_reset.store(true, Ordering::SeqCst);
+        self.signal_config_change()
+    }
+
+    /// Whether the device asked for a reset.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
     pub fn reset(&self) {
+        self.needs_reset.store(false, Ordering::SeqCst);
         self.status.store(0, Ordering::SeqCst);
     }
 }

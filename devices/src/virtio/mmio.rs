@@ -250,6 +250,7 @@ impl MmioTransport {
             reg::QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size())),
             reg::QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready())),
             reg::INTERRUPT_STATUS => self.interrupt.status(),
+            reg::STATUS if self.interrupt.needs_reset() => self.status | DEVICE_NEEDS_RESET,
             reg::STATUS => self.status,
             // No shared memory regions: reading any reports a length (and base) of -1.
             reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH | reg::SHM_BASE_LOW | reg::SHM_BASE_HIGH => {
@@ -361,7 +362,10 @@ impl MmioTransport {
             },
             reg::QUEUE_NOTIFY => self.notify(value),
             reg::INTERRUPT_ACK => self.interrupt.ack(value),
-            reg::STATUS => self.set_status(value),
+            reg::STATUS => {
+                self.sync_needs_reset();
+                self.set_status(value)
+            }
             reg::QUEUE_DESC_LOW
             | reg::QUEUE_DESC_HIGH
             | reg::QUEUE_DRIVER_LOW
@@ -513,6 +517,13 @@ impl MmioTransport {
         self.status |= DEVICE_NEEDS_RESET;
         if let Err(e) = self.interrupt.signal_config_change() {
             warn_ratelimited!("virtio-mmio: cannot raise the config-change interrupt: {e}");
+        }
+    }
+
+    /// Folds a device's request for a reset into the status register.
+    fn sync_needs_reset(&mut self) {
+        if self.interrupt.needs_reset() {
+            self.status |= DEVICE_NEEDS_RESET;
         }
     }
 

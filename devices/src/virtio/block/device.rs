@@ -147,8 +147,12 @@ impl Block {
                     Ok(mut iter) => iter.next(),
                     Err(e) => {
                         // E.g. an avail index more than a ring ahead: the guest is broken, and
-                        // re-enabling notifications would report "more work" forever.
+                        // re-enabling notifications would report "more work" forever. Tell the
+                        // driver, which must reset the device.
                         warn_ratelimited!("virtio-blk: queue {index}: {e}");
+                        if let Err(e) = active.interrupt.signal_needs_reset() {
+                            warn_ratelimited!("virtio-blk: cannot raise the interrupt: {e}");
+                        }
                         break 'outer;
                     }
                 };

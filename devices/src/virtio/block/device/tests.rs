@@ -264,8 +264,9 @@ fn hostile_avail_index_does_not_hang_or_panic() {
     )));
     let mut b = block(&file, false, None);
     let vq = MockSplitQueue::new(&mem, 16);
-    b.activate(mem.clone(), vec![vq.create_queue().unwrap()], irq)
+    b.activate(mem.clone(), vec![vq.create_queue().unwrap()], irq.clone())
         .unwrap();
+    assert!(!irq.needs_reset());
     // avail idx claims 1000 new entries in a 16-entry ring; ring entries point anywhere.
     // (Only the first entries: the mock places the used ring over the avail ring's tail.)
     vq.avail().idx().store(1000);
@@ -278,6 +279,11 @@ fn hostile_avail_index_does_not_hang_or_panic() {
     }
     b.process_queue(0);
     assert_eq!(vq.used().idx().load(), 0);
+    assert!(
+        irq.needs_reset(),
+        "a broken queue asks the driver for a reset"
+    );
+    assert_ne!(irq.status() & crate::virtio::VIRTIO_MMIO_INT_CONFIG, 0);
     // Heads out of range with a sane avail idx: each is consumed with length 0.
     vq.avail().idx().store(4);
     b.process_queue(0);
