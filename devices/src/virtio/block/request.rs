@@ -193,11 +193,11 @@ struct Collected {
     last: Option<Descriptor>,
 }
 
+/// Guest buffers (address, length) that together form one byte stream.
+type Segments = Vec<(GuestAddress, u32)>;
+
 /// Splits a byte stream of segments after its first `n` bytes.
-fn split_stream(
-    segs: &[(GuestAddress, u32)],
-    n: u64,
-) -> (Vec<(GuestAddress, u32)>, Vec<(GuestAddress, u32)>) {
+fn split_stream(segs: &[(GuestAddress, u32)], n: u64) -> (Segments, Segments) {
     let (mut head, mut tail) = (Vec::new(), Vec::new());
     let mut left = n;
     for &(addr, len) in segs {
@@ -282,12 +282,12 @@ impl Request {
         if descs[first_writable..].iter().any(|d| !d.is_write_only()) {
             return Err(fail(RequestError::MixedDirections));
         }
-        let readable: Vec<(GuestAddress, u32)> = descs[..first_writable]
+        let readable: Segments = descs[..first_writable]
             .iter()
             .map(|d| (d.addr(), d.len()))
             .collect();
         // The writable stream without its final status byte.
-        let mut writable: Vec<(GuestAddress, u32)> = descs[first_writable..]
+        let mut writable: Segments = descs[first_writable..]
             .iter()
             .map(|d| (d.addr(), d.len()))
             .collect();
@@ -348,7 +348,7 @@ impl Request {
             }
             RequestType::Unsupported(t) => return Err(fail(RequestError::Unsupported(t))),
         };
-        let data: Vec<(GuestAddress, u32)> = data.into_iter().filter(|s| s.1 > 0).collect();
+        let data: Segments = data.into_iter().filter(|s| s.1 > 0).collect();
         if data.len() > SEG_MAX as usize {
             return Err(fail(RequestError::TooManySegments(data.len())));
         }
