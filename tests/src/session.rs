@@ -115,6 +115,19 @@ impl Session {
         }
     }
 
+    /// Like [`Session::expect`], then also waits for the end of that line, so the whole line
+    /// (which may arrive in pieces) is in the console output.
+    pub fn expect_line(
+        &mut self,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<(String, Duration), String> {
+        let (mut text, at) = self.expect(needle, timeout)?;
+        let (rest, _) = self.expect("\n", timeout)?;
+        text.push_str(&rest);
+        Ok((text, at))
+    }
+
     /// Types `text` into the console.
     pub fn send(&mut self, text: &str) -> Result<(), String> {
         match self.stdin.as_mut() {

@@ -417,7 +417,7 @@ fn config_file_without_api_under_cinder() {
     let mut c = cinder();
     c.arg("--config-file").arg(&f).arg("--no-api");
     let mut s = Session::start(c);
-    s.expect("PROBE DONE 2/2", Duration::from_secs(120))
+    s.expect_line("PROBE DONE 2/2", Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("{e}"));
     let st = s
         .wait_exit(Duration::from_secs(30))
@@ -474,7 +474,7 @@ fn send_ctrl_alt_del_reaches_the_guest_under_cinder() {
     );
     assert_eq!(r.status, 204, "{r:?}");
     let (text, _) = s
-        .expect("PROBE DONE", Duration::from_secs(60))
+        .expect_line("PROBE DONE", Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("{e}"));
     let log = probe::parse(&s.console());
     let kbd = log

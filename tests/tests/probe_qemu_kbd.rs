@@ -109,7 +109,7 @@ fn ctrl_alt_del(xlate: u8) -> (ProbeLog, String) {
     let _mon = monitor_command(&sock, "sendkey ctrl-alt-delete")
         .unwrap_or_else(|e| panic!("{e}\n{}", s.log()));
     let (_, done) = s
-        .expect("PROBE DONE", Duration::from_secs(90))
+        .expect_line("PROBE DONE", Duration::from_secs(90))
         .unwrap_or_else(|e| panic!("{e}"));
     s.wait_exit(Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}"));

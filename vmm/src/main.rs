@@ -3,7 +3,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use api::config::{BootSourceConfig, DriveConfig, VmConfig};
+use std::str::FromStr;
+
+use api::config::{
+    BootSourceConfig, DriveConfig, EntropyConfig, MacAddr, NetConfig, VmConfig, VsockConfig,
+};
 use api::controller::PreBootController;
 use api::handler::api_channel;
 use api::model::{CacheType, IoEngine};
@@ -12,7 +16,7 @@ use arch::loader::ProtocolChoice;
 use clap::{Parser, ValueEnum};
 use vmm::exit::ExitReason;
 use vmm::runtime::{spec_from_config, ApiState, Runtime, VmmOptions, DEFAULT_CMDLINE};
-use vmm::vm::{CpuTemplate, SignalFd};
+use vmm::vm::{ConsoleSpec, CpuTemplate, SignalFd, VirtioConsoleHost};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum BootProtocolArg {
@@ -22,6 +26,16 @@ enum BootProtocolArg {
     Pvh,
     /// Linux x86_64 64-bit boot protocol (long mode, boot_params).
     Linux64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ConsoleArg {
+    /// COM1 (8250) on stdin/stdout.
+    Serial,
+    /// A virtio-console.
+    Virtio,
+    /// No console.
+    None,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -78,6 +92,34 @@ struct Cli {
     /// appends root=/dev/vda (and ro for a read-only drive) to the command line.
     #[arg(long, value_name = "SPEC", requires = "kernel")]
     drive: Vec<String>,
+
+    /// A virtio-net device on an existing TAP interface: tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,id=NAME].
+    /// Repeatable. Without mac= the MAC is derived from the id and tap name (stable). cinder
+    /// does not configure the host network.
+    #[arg(long, value_name = "SPEC", requires = "kernel")]
+    net: Vec<String>,
+
+    /// A virtio-rng entropy device fed from getrandom(2).
+    #[arg(long, requires = "kernel")]
+    rng: bool,
+
+    /// A virtio-vsock device: cid=N,uds=PATH (CID 3 or more). Host clients connect to PATH
+    /// and send `CONNECT <port>`; guest connections to host port P go to PATH_P.
+    #[arg(long, value_name = "SPEC", requires = "kernel")]
+    vsock: Option<String>,
+
+    /// The console: serial (COM1 on stdin/stdout), virtio (a virtio-console, hvc0 in Linux;
+    /// COM1 is then off unless the virtio-console is redirected), or none.
+    #[arg(long, value_enum, value_name = "KIND", default_value = "serial")]
+    console: ConsoleArg,
+
+    /// With --console virtio: write the guest's console output to this file (no input).
+    #[arg(long, value_name = "PATH", conflicts_with = "console_sock")]
+    console_out: Option<PathBuf>,
+
+    /// With --console virtio: connect the console both ways to this listening Unix socket.
+    #[arg(long, value_name = "PATH")]
+    console_sock: Option<PathBuf>,
 
     /// Boot from a Firecracker-style JSON config file (boot-source, machine-config, drives,
     /// logger, metrics, ...), at once.
@@ -140,6 +182,87 @@ fn parse_drive(spec: &str, index: usize) -> Result<DriveConfig, String> {
     })
 }
 
+/// Parses `tap=NAME[,mac=..][,id=NAME]`.
+fn parse_net(spec: &str, index: usize) -> Result<NetConfig, String> {
+    let mut tap = None;
+    let mut mac = None;
+    let mut id = None;
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("tap", v)) if !v.is_empty() => tap = Some(v.to_string()),
+            Some(("id", v)) if !v.is_empty() => id = Some(v.to_string()),
+            Some(("mac", v)) => {
+                mac = Some(MacAddr::from_str(v).map_err(|()| {
+                    format!("--net {spec}: malformed MAC {v:?} (expected six hex bytes like 02:00:00:00:00:01)")
+                })?)
+            }
+            _ => {
+                return Err(format!(
+                    "--net {spec}: unknown or empty part {part:?} (expected tap=NAME[,mac=..][,id=NAME])"
+                ))
+            }
+        }
+    }
+    Ok(NetConfig {
+        iface_id: id.unwrap_or_else(|| format!("net{index}")),
+        host_dev_name: tap.ok_or_else(|| format!("--net {spec}: tap=NAME is required"))?,
+        guest_mac: mac,
+        mtu: None,
+        rx_rate_limiter: None,
+        tx_rate_limiter: None,
+    })
+}
+
+/// Parses `cid=N,uds=PATH`.
+fn parse_vsock(spec: &str) -> Result<VsockConfig, String> {
+    let mut cid = None;
+    let mut uds = None;
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("cid", v)) => {
+                cid = Some(v.parse::<u32>().map_err(|_| {
+                    format!("--vsock {spec}: cid {v:?} is not a number from 3 to 4294967295")
+                })?)
+            }
+            Some(("uds", v)) if !v.is_empty() => uds = Some(PathBuf::from(v)),
+            _ => {
+                return Err(format!(
+                    "--vsock {spec}: unknown or empty part {part:?} (expected cid=N,uds=PATH)"
+                ))
+            }
+        }
+    }
+    let guest_cid = cid.ok_or_else(|| format!("--vsock {spec}: cid=N is required"))?;
+    if guest_cid < 3 {
+        return Err(format!(
+            "--vsock {spec}: CID {guest_cid} is reserved (0-2: hypervisor, local, host); use 3 or more"
+        ));
+    }
+    let uds_path = uds.ok_or_else(|| format!("--vsock {spec}: uds=PATH is required"))?;
+    Ok(VsockConfig {
+        guest_cid,
+        uds_path,
+    })
+}
+
+/// The console from flags.
+fn console_from_flags(cli: &Cli) -> Result<ConsoleSpec, String> {
+    if cli.console != ConsoleArg::Virtio
+        && (cli.console_out.is_some() || cli.console_sock.is_some())
+    {
+        return Err("--console-out and --console-sock need --console virtio".into());
+    }
+    Ok(match cli.console {
+        ConsoleArg::Serial => ConsoleSpec::Serial,
+        ConsoleArg::None => ConsoleSpec::None,
+        ConsoleArg::Virtio => ConsoleSpec::Virtio(match (&cli.console_out, &cli.console_sock) {
+            (Some(p), _) => VirtioConsoleHost::File(p.clone()),
+            (None, Some(p)) => VirtioConsoleHost::Socket(p.clone()),
+            (None, None) => VirtioConsoleHost::Stdio,
+        }),
+    })
+}
+
 /// The configuration from flags: the same `VmConfig` the config file and the API build.
 fn config_from_flags(cli: &Cli, kernel: PathBuf) -> Result<VmConfig, String> {
     let mut cfg = VmConfig::default();
@@ -158,6 +281,15 @@ fn config_from_flags(cli: &Cli, kernel: PathBuf) -> Result<VmConfig, String> {
     // The root drive first, so it is /dev/vda.
     drives.sort_by_key(|d| !d.is_root_device);
     cfg.drives = drives;
+    for (i, n) in cli.net.iter().enumerate() {
+        cfg.net.push(parse_net(n, i)?);
+    }
+    if cli.rng {
+        cfg.entropy = Some(EntropyConfig::default());
+    }
+    if let Some(v) = &cli.vsock {
+        cfg.vsock = Some(parse_vsock(v)?);
+    }
     Ok(cfg)
 }
 
@@ -192,6 +324,10 @@ fn main() -> ExitCode {
             CpuTemplateArg::NoPvHypercalls => CpuTemplate::NoPvHypercalls,
         },
         kvm_path: cli.kvm_device.clone(),
+        console: match console_from_flags(&cli) {
+            Ok(c) => c,
+            Err(e) => return fail(e),
+        },
     };
 
     // What to boot at once, if anything.

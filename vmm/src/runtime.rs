@@ -22,7 +22,10 @@ use vmm_sys_util::timerfd::TimerFd;
 use crate::console::{spawn_console_writer, RawTerminal};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::metrics::Metrics;
-use crate::vm::{CpuTemplate, DriveSpec, SignalFd, Subscriber, VmContext, VmError, VmSpec, Vmm};
+use crate::vm::{
+    ConsoleSpec, CpuTemplate, DriveSpec, NetSpec, SignalFd, Subscriber, VmContext, VmError, VmSpec,
+    Vmm, VsockSpec,
+};
 
 /// The command line a guest gets when none is configured.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
@@ -38,6 +41,8 @@ pub struct VmmOptions {
     pub cpu_template: CpuTemplate,
     /// KVM device path.
     pub kvm_path: String,
+    /// The console (not part of Firecracker's configuration).
+    pub console: ConsoleSpec,
 }
 
 /// Resolves the shared configuration into what the VMM builds.
@@ -70,6 +75,22 @@ pub fn spec_from_config(cfg: &VmConfig, opts: &VmmOptions) -> Result<VmSpec, Str
                 root: d.is_root_device,
             })
             .collect(),
+        nets: cfg
+            .net
+            .iter()
+            .map(|n| NetSpec {
+                id: n.iface_id.clone(),
+                tap: n.host_dev_name.clone(),
+                mac: n.guest_mac.map(|m| m.0),
+                mtu: n.mtu,
+            })
+            .collect(),
+        rng: cfg.entropy.is_some(),
+        console: opts.console.clone(),
+        vsock: cfg.vsock.as_ref().map(|v| VsockSpec {
+            cid: u64::from(v.guest_cid),
+            uds: v.uds_path.clone(),
+        }),
     })
 }
 
@@ -377,7 +398,9 @@ impl Runtime {
                     return ApiResponse::error(400, "the microVM is not running");
                 };
                 let (res, new_state) = match state {
-                    VmState::Paused => (vm.pause().map_err(|e| e.to_string()), InstanceState::Paused),
+                    VmState::Paused => {
+                        (vm.pause().map_err(|e| e.to_string()), InstanceState::Paused)
+                    }
                     VmState::Resumed => {
                         vm.resume();
                         (Ok(()), InstanceState::Running)
@@ -414,13 +437,16 @@ impl Runtime {
             ApiRequest::PatchNetworkInterface(n) => ApiResponse::error(
                 400,
                 format!(
-                    "PATCH /network-interfaces/{}: network interfaces are not supported by cinder yet",
+                    "PATCH /network-interfaces/{}: rate limiters are not supported by cinder yet",
                     n.iface_id
                 ),
             ),
             other => ApiResponse::error(
                 400,
-                format!("{} is not supported at this point", api::controller::describe(&other)),
+                format!(
+                    "{} is not supported at this point",
+                    api::controller::describe(&other)
+                ),
             ),
         }
     }

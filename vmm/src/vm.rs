@@ -27,6 +27,10 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::console::{Console as VirtioConsole, ConsoleInput as VirtioConsoleInput};
+use devices::virtio::net::{generate_mac, Net, NetConfig, DEFAULT_MTU};
+use devices::virtio::rng::Rng;
+use devices::virtio::vsock::{Vsock, VsockConfig};
 use devices::virtio::{mmio, MmioTransport, VirtioDevice};
 use kvm_ioctls::IoEventAddress;
 
@@ -69,6 +73,61 @@ pub struct VmSpec {
     pub kvm_path: String,
     /// Block devices, in the order the guest sees them (the root drive first).
     pub drives: Vec<DriveSpec>,
+    /// virtio-net devices on existing TAP interfaces.
+    pub nets: Vec<NetSpec>,
+    /// A virtio-rng (entropy) device.
+    pub rng: bool,
+    /// Where the console is.
+    pub console: ConsoleSpec,
+    /// A virtio-vsock device.
+    pub vsock: Option<VsockSpec>,
+}
+
+/// The console: which device faces the user, and where a virtio-console's host side is.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ConsoleSpec {
+    /// COM1 (8250) on stdin/stdout; no virtio-console.
+    #[default]
+    Serial,
+    /// A virtio-console (hvc0 in Linux). Its host side is stdin/stdout unless redirected; COM1
+    /// then exists only when stdout is free for it (a redirected virtio-console).
+    Virtio(VirtioConsoleHost),
+    /// Neither: no console device at all.
+    None,
+}
+
+/// The host side of a virtio-console.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum VirtioConsoleHost {
+    /// stdin and stdout.
+    #[default]
+    Stdio,
+    /// Guest output to this file (created or truncated); no input.
+    File(PathBuf),
+    /// Both ways over a Unix socket that is already listening (cinder connects before boot).
+    Socket(PathBuf),
+}
+
+/// One virtio-net device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetSpec {
+    /// Interface id.
+    pub id: String,
+    /// An existing TAP interface on the host.
+    pub tap: String,
+    /// The guest's MAC; generated from the id and tap name (stable) when absent.
+    pub mac: Option<[u8; 6]>,
+    /// MTU told to the guest.
+    pub mtu: Option<u16>,
+}
+
+/// A virtio-vsock device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VsockSpec {
+    /// Guest CID (3 or more).
+    pub cid: u64,
+    /// Host-side Unix socket.
+    pub uds: PathBuf,
 }
 
 /// One virtio-blk drive.
@@ -89,7 +148,7 @@ impl VmSpec {
     /// virtio device and the root device.
     pub fn full_cmdline(&self) -> String {
         let mut c = self.cmdline.trim().to_string();
-        for (i, _) in self.drives.iter().enumerate() {
+        for i in 0..self.virtio_count() {
             let (base, irq) = virtio_slot(i);
             c.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
         }
@@ -103,6 +162,25 @@ impl VmSpec {
         c.trim().to_string()
     }
 
+    /// How many virtio devices the guest gets: drives first (so the root drive is vda), then
+    /// rng, console and vsock, each in its own slot.
+    pub fn virtio_count(&self) -> usize {
+        self.drives.len()
+            + self.nets.len()
+            + usize::from(self.rng)
+            + usize::from(matches!(self.console, ConsoleSpec::Virtio(_)))
+            + usize::from(self.vsock.is_some())
+    }
+
+    /// Whether COM1 is emulated (on stdin/stdout).
+    pub fn serial_enabled(&self) -> bool {
+        match &self.console {
+            ConsoleSpec::Serial => true,
+            ConsoleSpec::Virtio(VirtioConsoleHost::Stdio) | ConsoleSpec::None => false,
+            ConsoleSpec::Virtio(_) => true,
+        }
+    }
+
     /// Checks what can be checked without opening anything.
     pub fn validate(&self) -> Result<(), VmError> {
         let mut seen = std::collections::HashSet::new();
@@ -114,16 +192,25 @@ impl VmSpec {
                 )));
             }
         }
+        let mut seen = std::collections::HashSet::new();
+        for n in &self.nets {
+            if !seen.insert(n.id.as_str()) {
+                return Err(VmError::DriveSpec(format!(
+                    "network interface id {:?} is used twice",
+                    n.id
+                )));
+            }
+        }
         if self.drives.iter().filter(|d| d.root).count() > 1 {
             return Err(VmError::DriveSpec(
                 "more than one drive is marked root".into(),
             ));
         }
         let max = (layout::IRQ_MAX - layout::IRQ_BASE + 1) as usize;
-        if self.drives.len() > max {
+        if self.virtio_count() > max {
             return Err(VmError::DriveSpec(format!(
-                "{} drives: at most {max} virtio devices fit the IOAPIC's pins",
-                self.drives.len()
+                "{} virtio devices: at most {max} fit the IOAPIC's pins",
+                self.virtio_count()
             )));
         }
         Ok(())
@@ -220,8 +307,11 @@ pub enum VmError {
         /// Why.
         source: devices::virtio::block::BlockError,
     },
+    /// A device other than a drive cannot be set up.
+    #[error("{0}")]
+    Device(String),
     /// The virtio transport refused a device.
-    #[error("drive {id}: {why}")]
+    #[error("{id}: {why}")]
     Transport {
         /// The drive id.
         id: String,
@@ -398,11 +488,6 @@ pub struct VmContext {
 /// An event-loop subscriber.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
-struct BlockDevice {
-    id: String,
-    dev: Arc<Mutex<Block>>,
-}
-
 /// A built microVM: memory, KVM VM, devices and vCPUs.
 pub struct Vmm {
     // Field order matters for drop: threads are joined in `shutdown`, then the VM goes, then
@@ -414,12 +499,47 @@ pub struct Vmm {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     subscribers: Vec<Subscriber>,
-    blocks: Vec<BlockDevice>,
+    block_ids: Vec<String>,
     i8042: Arc<Mutex<I8042>>,
     ctx: VmContext,
     _vm: VmFd,
     _kvm: Kvm,
     _mem: GuestMemoryMmap,
+}
+
+/// A virtio device opened before boot: its name (for errors), the device for its transport,
+/// and the same device as an event-loop subscriber.
+type NewVirtio = (String, Arc<Mutex<dyn VirtioDevice>>, Subscriber);
+
+/// Puts a virtio device in MMIO slot `slot`: its transport on the bus, an irqfd for its IRQ,
+/// and an ioeventfd per queue at the notify register (a kick never exits to userspace).
+fn attach_virtio(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    mmio_bus: &mut Bus,
+    slot: usize,
+    name: &str,
+    dev: Arc<Mutex<dyn VirtioDevice>>,
+) -> Result<(), VmError> {
+    let (base, irq) = virtio_slot(slot);
+    let irqfd = efd()?;
+    vm.register_irqfd(&irqfd, irq)
+        .map_err(vm_ioctl(format!("KVM_IRQFD ({name})")))?;
+    let transport =
+        MmioTransport::new(mem.clone(), dev, irqfd).map_err(|e| VmError::Transport {
+            id: name.to_string(),
+            why: e.to_string(),
+        })?;
+    for (q, evt) in transport.queue_evts().iter().enumerate() {
+        vm.register_ioevent(
+            evt,
+            &IoEventAddress::Mmio(base + mmio::NOTIFY_REG_OFFSET),
+            q as u32,
+        )
+        .map_err(vm_ioctl(format!("KVM_IOEVENTFD ({name} queue {q})")))?;
+    }
+    mmio_bus.insert(Arc::new(Mutex::new(transport)), base, mmio::MMIO_SIZE)?;
+    Ok(())
 }
 
 fn efd() -> Result<Arc<EventFd>, VmError> {
@@ -437,9 +557,10 @@ impl Vmm {
         ctx: VmContext,
     ) -> Result<Vmm, VmError> {
         spec.validate()?;
-        // Open every drive before anything else: a missing image is the user's error, and
-        // must be reported as such on any host.
-        let mut blocks = Vec::with_capacity(spec.drives.len());
+        // Open every device's host side before anything else: a missing image or a socket in
+        // use is the user's error, and must be reported as such on any host.
+        let mut block_ids = Vec::with_capacity(spec.drives.len());
+        let mut virtio: Vec<NewVirtio> = Vec::new();
         for d in &spec.drives {
             let serial = (d.id.len() <= 20).then(|| d.id.clone());
             let blk = Block::new(&BlockConfig {
@@ -451,11 +572,74 @@ impl Vmm {
                 id: d.id.clone(),
                 source,
             })?;
-            blocks.push(BlockDevice {
-                id: d.id.clone(),
-                dev: Arc::new(Mutex::new(blk)),
-            });
+            let dev = Arc::new(Mutex::new(blk));
+            block_ids.push(d.id.clone());
+            virtio.push((format!("drive {}", d.id), dev.clone(), dev));
         }
+        for n in &spec.nets {
+            let mac = n
+                .mac
+                .unwrap_or_else(|| generate_mac(format!("{}/{}", n.id, n.tap).as_bytes()));
+            let net = Net::new(&NetConfig {
+                tap: n.tap.clone(),
+                mac,
+                mtu: n.mtu.unwrap_or(DEFAULT_MTU),
+            })
+            .map_err(|e| VmError::Device(format!("network interface {}: {e}", n.id)))?;
+            let dev = Arc::new(Mutex::new(net));
+            virtio.push((format!("network interface {}", n.id), dev.clone(), dev));
+        }
+        if spec.rng {
+            let rng = Rng::new().map_err(|e| VmError::Device(format!("rng: {e}")))?;
+            let dev = Arc::new(Mutex::new(rng));
+            virtio.push(("rng".into(), dev.clone(), dev));
+        }
+        let mut console_out = Some(console_out);
+        if let ConsoleSpec::Virtio(host) = &spec.console {
+            let (input, output): (Option<Box<dyn VirtioConsoleInput>>, Box<dyn Write + Send>) =
+                match host {
+                    VirtioConsoleHost::Stdio => (
+                        Some(Box::new(std::io::stdin())),
+                        console_out
+                            .take()
+                            .unwrap_or_else(|| Box::new(std::io::stdout())),
+                    ),
+                    VirtioConsoleHost::File(p) => (
+                        None,
+                        Box::new(File::create(p).map_err(|e| {
+                            VmError::Device(format!("--console-out {}: {e}", p.display()))
+                        })?),
+                    ),
+                    VirtioConsoleHost::Socket(p) => {
+                        let sock = std::os::unix::net::UnixStream::connect(p).map_err(|e| {
+                            VmError::Device(format!(
+                                "--console-sock {}: cannot connect: {e} (it must be listening before cinder starts)",
+                                p.display()
+                            ))
+                        })?;
+                        let input = sock.try_clone().map_err(os("console socket"))?;
+                        sock.set_nonblocking(true).map_err(os("console socket"))?;
+                        (Some(Box::new(input)), Box::new(sock))
+                    }
+                };
+            let con = VirtioConsole::new(input, output)
+                .map_err(|e| VmError::Device(format!("virtio-console: {e}")))?;
+            let dev = Arc::new(Mutex::new(con));
+            virtio.push(("console".into(), dev.clone(), dev));
+        }
+        if let Some(v) = &spec.vsock {
+            let cfg = VsockConfig {
+                guest_cid: v.cid,
+                uds_path: v.uds.clone(),
+            };
+            cfg.validate()
+                .map_err(|e| VmError::Device(format!("--vsock: {e}")))?;
+            let vs = Vsock::new(&cfg).map_err(|e| VmError::Device(format!("--vsock: {e}")))?;
+            let dev = Arc::new(Mutex::new(vs));
+            virtio.push(("vsock".into(), dev.clone(), dev));
+        }
+        let console_out: Box<dyn Write + Send> =
+            console_out.unwrap_or_else(|| Box::new(std::io::sink()));
         let cmdline = spec.full_cmdline();
         let guest = prepare_guest(spec, &cmdline)?;
         let kvm = crate::kvm::open(&spec.kvm_path)?;
@@ -469,55 +653,36 @@ impl Vmm {
         }
         let vm = create_vm(&kvm, &guest.mem)?;
 
-        let serial_irq = efd()?;
-        vm.register_irqfd(&serial_irq, legacy::COM1_IRQ)
-            .map_err(vm_ioctl("KVM_IRQFD (serial)"))?;
-        let serial_in_empty = efd()?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            serial_irq,
-            serial_in_empty.clone(),
-            console_out,
-        )));
         let mut pio = Bus::new();
-        pio.insert(serial.clone(), legacy::COM1_PORT, legacy::COM1_LEN)?;
+        let mut subscribers: Vec<Subscriber> = Vec::new();
+        if spec.serial_enabled() {
+            let serial_irq = efd()?;
+            vm.register_irqfd(&serial_irq, legacy::COM1_IRQ)
+                .map_err(vm_ioctl("KVM_IRQFD (serial)"))?;
+            let serial_in_empty = efd()?;
+            let serial = Arc::new(Mutex::new(SerialDevice::new(
+                serial_irq,
+                serial_in_empty.clone(),
+                console_out,
+            )));
+            pio.insert(serial.clone(), legacy::COM1_PORT, legacy::COM1_LEN)?;
+            subscribers.push(Arc::new(Mutex::new(ConsoleInput::new(
+                serial,
+                serial_in_empty,
+                ctx.exit.clone(),
+                ctx.interactive,
+            ))));
+        }
         let kbd_irq = efd()?;
         vm.register_irqfd(&kbd_irq, KBD_IRQ)
             .map_err(vm_ioctl("KVM_IRQFD (i8042)"))?;
         let i8042 = Arc::new(Mutex::new(I8042::new(kbd_irq, ctx.reset_evt.clone())));
         pio.insert(i8042.clone(), legacy::I8042_PORT, legacy::I8042_LEN)?;
-        let mut subscribers: Vec<Subscriber> = vec![Arc::new(Mutex::new(ConsoleInput::new(
-            serial,
-            serial_in_empty,
-            ctx.exit.clone(),
-            ctx.interactive,
-        )))];
 
         let mut mmio = Bus::new();
-        for (i, b) in blocks.iter().enumerate() {
-            let (base, irq) = virtio_slot(i);
-            let irqfd = efd()?;
-            vm.register_irqfd(&irqfd, irq)
-                .map_err(vm_ioctl(format!("KVM_IRQFD (drive {})", b.id)))?;
-            let dev: Arc<Mutex<dyn VirtioDevice>> = b.dev.clone();
-            let transport = MmioTransport::new(guest.mem.clone(), dev, irqfd).map_err(|e| {
-                VmError::Transport {
-                    id: b.id.clone(),
-                    why: e.to_string(),
-                }
-            })?;
-            for (q, evt) in transport.queue_evts().iter().enumerate() {
-                vm.register_ioevent(
-                    evt,
-                    &IoEventAddress::Mmio(base + mmio::NOTIFY_REG_OFFSET),
-                    q as u32,
-                )
-                .map_err(vm_ioctl(format!(
-                    "KVM_IOEVENTFD (drive {} queue {q})",
-                    b.id
-                )))?;
-            }
-            mmio.insert(Arc::new(Mutex::new(transport)), base, mmio::MMIO_SIZE)?;
-            subscribers.push(b.dev.clone());
+        for (slot, (name, dev, sub)) in virtio.into_iter().enumerate() {
+            attach_virtio(&vm, &guest.mem, &mut mmio, slot, &name, dev)?;
+            subscribers.push(sub);
         }
 
         let supported = kvm
@@ -555,7 +720,7 @@ impl Vmm {
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
             subscribers,
-            blocks,
+            block_ids,
             i8042,
             ctx,
             _vm: vm,
@@ -636,9 +801,9 @@ impl Vmm {
 
     /// Per-device metrics sections.
     pub fn device_metrics(&self) -> Vec<(String, String)> {
-        self.blocks
+        self.block_ids
             .iter()
-            .map(|b| (format!("block_{}", b.id), "{}".to_string()))
+            .map(|id| (format!("block_{id}"), "{}".to_string()))
             .collect()
     }
 

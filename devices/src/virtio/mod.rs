@@ -10,9 +10,13 @@
 //! * The device raises interrupts through the shared [`Interrupt`].
 
 pub mod block;
+pub mod console;
 pub mod interrupt;
 pub mod mmio;
+pub mod net;
 pub(crate) mod ratelimit;
+pub mod rng;
+pub mod vsock;
 
 use std::sync::Arc;
 

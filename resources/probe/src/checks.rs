@@ -38,8 +38,10 @@ const CHECKS: &[(&str, CheckFn)] = &[
     ("tick", check_tick),
     ("virtio", check_virtio),
     ("rng", crate::virtio_rng::check_rng),
+    ("console", crate::virtio_console::check),
     ("blk", crate::virtio_blk::check_blk),
     ("blkhostile", crate::virtio_blk_hostile::check_blkhostile),
+    ("net", crate::virtio_net::check_net),
     ("kbd", crate::kbd::check),
     // Self-tests of the failure paths: always FAIL, then the run goes on.
     ("selftest_fault", check_selftest_fault),

@@ -23,6 +23,8 @@ mod time;
 mod virtio;
 mod virtio_blk;
 mod virtio_blk_hostile;
+mod virtio_console;
+mod virtio_net;
 mod virtio_rng;
 
 core::arch::global_asm!(include_str!("entry.S"), options(att_syntax));

@@ -1,0 +1,468 @@
+//! The virtio-console device model.
+
+use std::fmt;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{ConsoleError, CONFIG_SIZE, QUEUE_SIZE, RX_CHUNK, RX_QUEUE, TX_QUEUE};
+use crate::virtio::ratelimit::warn_ratelimited;
+use crate::virtio::{
+    device_type, read_config_bytes, ActivateError, Interrupt, VirtioDevice, COMMON_FEATURES,
+};
+use crate::GuestMemoryMmap;
+
+/// The host input of a console: something readable with an fd the event loop can watch
+/// (stdin, a connected `UnixStream`, a pipe). It is read only after epoll reported it readable,
+/// once per event, so it may be blocking or non-blocking.
+pub trait ConsoleInput: io::Read + AsRawFd + Send {}
+impl<T: io::Read + AsRawFd + Send> ConsoleInput for T {}
+
+/// What one input readiness event did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputOutcome {
+    /// This many bytes went into one receive chain.
+    Delivered(usize),
+    /// The guest has no receive buffer posted (the input was not read).
+    NoBuffers,
+    /// The device is not active or has no input (nothing read).
+    Inactive,
+    /// The input reached end of file or failed: stop watching it for good.
+    Closed,
+    /// The read would block (spurious wake-up).
+    WouldBlock,
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    interrupt: Arc<Interrupt>,
+}
+
+/// A one-port virtio-console.
+pub struct Console {
+    input: Option<Box<dyn ConsoleInput>>,
+    input_closed: bool,
+    output: Box<dyn io::Write + Send>,
+    acked_features: u64,
+    config_space: [u8; CONFIG_SIZE],
+    queue_sizes: [u16; 2],
+    queue_evts: Vec<EventFd>,
+    activate_evt: EventFd,
+    active: Option<Active>,
+    pub(super) queue_evts_registered: bool,
+    /// The input fd is registered with the event loop.
+    pub(super) input_watched: bool,
+    tx_bytes: u64,
+    rx_bytes: u64,
+}
+
+impl fmt::Debug for Console {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Console")
+            .field("input_fd", &self.input.as_ref().map(|i| i.as_raw_fd()))
+            .field("input_closed", &self.input_closed)
+            .field("activated", &self.active.is_some())
+            .field("tx_bytes", &self.tx_bytes)
+            .field("rx_bytes", &self.rx_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Console {
+    /// A console whose guest output goes to `output` and whose guest input comes from `input`
+    /// (None: the guest never receives anything).
+    pub fn new(
+        input: Option<Box<dyn ConsoleInput>>,
+        output: Box<dyn io::Write + Send>,
+    ) -> Result<Self, ConsoleError> {
+        let new_evt = || EventFd::new(EFD_NONBLOCK).map_err(ConsoleError::EventFd);
+        Ok(Console {
+            input,
+            input_closed: false,
+            output,
+            acked_features: 0,
+            // cols = rows = 0 (unknown size), max_nr_ports = 1, emerg_wr = 0; only meaningful
+            // with features cinder does not offer.
+            config_space: [0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0],
+            queue_sizes: [QUEUE_SIZE, QUEUE_SIZE],
+            queue_evts: vec![new_evt()?, new_evt()?],
+            activate_evt: new_evt()?,
+            active: None,
+            queue_evts_registered: false,
+            input_watched: false,
+            tx_bytes: 0,
+            rx_bytes: 0,
+        })
+    }
+
+    /// Written once per activation; the event loop reacts by registering the queue events.
+    pub fn activate_event(&self) -> &EventFd {
+        &self.activate_evt
+    }
+
+    /// The input fd, if there is an input that has not been closed.
+    pub fn input_fd(&self) -> Option<i32> {
+        if self.input_closed {
+            return None;
+        }
+        self.input.as_ref().map(|i| i.as_raw_fd())
+    }
+
+    /// Bytes the guest transmitted (written to the output or dropped).
+    pub fn tx_bytes(&self) -> u64 {
+        self.tx_bytes
+    }
+
+    /// Bytes delivered to the guest.
+    pub fn rx_bytes(&self) -> u64 {
+        self.rx_bytes
+    }
+
+    /// Whether the input should be watched now: active, open, and the guest posted at least one
+    /// receive buffer.
+    pub fn wants_input(&self) -> bool {
+        if self.input_fd().is_none() {
+            return false;
+        }
+        let Some(active) = self.active.as_ref() else {
+            return false;
+        };
+        let Some(q) = active.queues.get(RX_QUEUE) else {
+            return false;
+        };
+        if !q.ready() {
+            return false;
+        }
+        match q.avail_idx(&active.mem, Ordering::Acquire) {
+            Ok(idx) => idx.0 != q.next_avail(),
+            Err(_) => false,
+        }
+    }
+
+    fn signal(active: &mut Active, index: usize) {
+        let Some(q) = active.queues.get_mut(index) else {
+            return;
+        };
+        if q.needs_notification(&active.mem).unwrap_or(true) {
+            if let Err(e) = active.interrupt.signal_used_queue() {
+                warn_ratelimited!("virtio-console: cannot raise the interrupt: {e}");
+            }
+        }
+    }
+
+    /// The input is readable: move one read's worth of bytes (at most [`RX_CHUNK`], at most
+    /// what the next receive chain holds) into the guest. Bad receive chains on the way are
+    /// completed with length 0.
+    pub fn handle_input_ready(&mut self) -> InputOutcome {
+        if self.input_closed {
+            return InputOutcome::Inactive;
+        }
+        let (Some(active), Some(input)) = (self.active.as_mut(), self.input.as_mut()) else {
+            return InputOutcome::Inactive;
+        };
+        let mem = &active.mem;
+        let Some(queue) = active.queues.get_mut(RX_QUEUE) else {
+            return InputOutcome::Inactive;
+        };
+        if !queue.ready() {
+            return InputOutcome::Inactive;
+        }
+        let mut used_any = false;
+        let outcome = loop {
+            let chain = match queue.iter(mem) {
+                Ok(mut iter) => iter.next(),
+                Err(e) => {
+                    warn_ratelimited!("virtio-console: receive queue: {e}");
+                    break InputOutcome::NoBuffers;
+                }
+            };
+            let Some(chain) = chain else {
+                break InputOutcome::NoBuffers;
+            };
+            let head = chain.head_index();
+            // Collect the writable buffers, checking them all before reading any input.
+            let mut bufs: Vec<(GuestAddress, usize)> = Vec::with_capacity(2);
+            let mut cap = 0usize;
+            let mut bad = None;
+            let mut last_has_next = false;
+            for desc in chain {
+                last_has_next = desc.has_next();
+                if !desc.is_write_only() {
+                    bad = Some("device-readable descriptor in a receive chain");
+                    break;
+                }
+                let len = desc.len() as usize;
+                if len > 0 && !mem.check_range(desc.addr(), len, Permissions::Write) {
+                    bad = Some("receive buffer outside guest memory");
+                    break;
+                }
+                if cap < RX_CHUNK && len > 0 {
+                    let take = len.min(RX_CHUNK - cap);
+                    bufs.push((desc.addr(), take));
+                    cap += take;
+                }
+            }
+            if bad.is_none() && last_has_next {
+                bad = Some("malformed receive chain");
+            }
+            if bad.is_none() && cap == 0 {
+                bad = Some("receive chain with no room");
+            }
+            if let Some(why) = bad {
+                warn_ratelimited!("virtio-console: {why}; completed with length 0");
+                if let Err(e) = queue.add_used(mem, head, 0) {
+                    warn_ratelimited!("virtio-console: cannot add used entry: {e}");
+                }
+                used_any = true;
+                continue;
+            }
+            let mut chunk = [0u8; RX_CHUNK];
+            let n = match input.read(&mut chunk[..cap]) {
+                Ok(0) => {
+                    queue.go_to_previous_position();
+                    break InputOutcome::Closed;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    queue.go_to_previous_position();
+                    break InputOutcome::WouldBlock;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    queue.go_to_previous_position();
+                    break InputOutcome::WouldBlock;
+                }
+                Err(e) => {
+                    log::warn!("virtio-console: input failed, no more input: {e}");
+                    queue.go_to_previous_position();
+                    break InputOutcome::Closed;
+                }
+            };
+            let mut done = 0usize;
+            for (addr, len) in bufs {
+                if done >= n {
+                    break;
+                }
+                let take = len.min(n - done);
+                // The range was checked above; a failure here means memory changed under us.
+                if let Err(e) = mem.write_slice(&chunk[done..done + take], addr) {
+                    warn_ratelimited!("virtio-console: cannot write receive buffer: {e}");
+                    break;
+                }
+                done += take;
+            }
+            let used_len = u32::try_from(done).unwrap_or(0);
+            if let Err(e) = queue.add_used(mem, head, used_len) {
+                warn_ratelimited!("virtio-console: cannot add used entry: {e}");
+            }
+            used_any = true;
+            self.rx_bytes = self.rx_bytes.saturating_add(done as u64);
+            break InputOutcome::Delivered(done);
+        };
+        if outcome == InputOutcome::Closed {
+            self.input_closed = true;
+        }
+        if used_any {
+            Self::signal(active, RX_QUEUE);
+        }
+        outcome
+    }
+
+    /// Write every transmitted buffer to the output and complete it.
+    pub fn process_tx(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = &active.mem;
+        let Some(queue) = active.queues.get_mut(TX_QUEUE) else {
+            return;
+        };
+        if !queue.ready() {
+            return;
+        }
+        let mut used_any = false;
+        'outer: loop {
+            if let Err(e) = queue.disable_notification(mem) {
+                warn_ratelimited!("virtio-console: cannot disable notifications: {e}");
+                break;
+            }
+            loop {
+                let chain = match queue.iter(mem) {
+                    Ok(mut iter) => iter.next(),
+                    Err(e) => {
+                        warn_ratelimited!("virtio-console: transmit queue: {e}");
+                        break 'outer;
+                    }
+                };
+                let Some(chain) = chain else {
+                    break;
+                };
+                let head = chain.head_index();
+                let mut bufs: Vec<(GuestAddress, usize)> = Vec::with_capacity(2);
+                let mut bad = None;
+                let mut last_has_next = false;
+                for desc in chain {
+                    last_has_next = desc.has_next();
+                    let len = desc.len() as usize;
+                    if desc.is_write_only() {
+                        bad = Some("device-writable descriptor in a transmit chain");
+                        break;
+                    }
+                    if len > 0 && !mem.check_range(desc.addr(), len, Permissions::Read) {
+                        bad = Some("transmit buffer outside guest memory");
+                        break;
+                    }
+                    bufs.push((desc.addr(), len));
+                }
+                if bad.is_none() && last_has_next {
+                    bad = Some("malformed transmit chain");
+                }
+                if let Some(why) = bad {
+                    warn_ratelimited!("virtio-console: {why}; dropped");
+                } else {
+                    let sent = write_out(&mut *self.output, mem, &bufs);
+                    self.tx_bytes = self.tx_bytes.saturating_add(sent);
+                }
+                if let Err(e) = queue.add_used(mem, head, 0) {
+                    warn_ratelimited!("virtio-console: cannot add used entry: {e}");
+                }
+                used_any = true;
+            }
+            match queue.enable_notification(mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    warn_ratelimited!("virtio-console: cannot enable notifications: {e}");
+                    break;
+                }
+            }
+        }
+        if used_any {
+            if let Err(e) = self.output.flush() {
+                if e.kind() != io::ErrorKind::WouldBlock {
+                    warn_ratelimited!("virtio-console: cannot flush the output: {e}");
+                }
+            }
+            Self::signal(active, TX_QUEUE);
+        }
+    }
+}
+
+/// Copy the buffers to `out` in chunks; stop (dropping the rest) when the output would block or
+/// fails. Returns the bytes consumed from the guest.
+fn write_out(
+    out: &mut dyn io::Write,
+    mem: &GuestMemoryMmap,
+    bufs: &[(GuestAddress, usize)],
+) -> u64 {
+    let mut chunk = [0u8; 4096];
+    let mut total = 0u64;
+    for &(addr, len) in bufs {
+        let mut off = 0usize;
+        while off < len {
+            let n = (len - off).min(chunk.len());
+            let Some(at) = addr.checked_add(off as u64) else {
+                return total;
+            };
+            if let Err(e) = mem.read_slice(&mut chunk[..n], at) {
+                warn_ratelimited!("virtio-console: cannot read transmit buffer: {e}");
+                return total;
+            }
+            if let Err(e) = out.write_all(&chunk[..n]) {
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    warn_ratelimited!("virtio-console: output would block; guest output dropped");
+                } else {
+                    warn_ratelimited!("virtio-console: cannot write the output: {e}");
+                }
+                return total;
+            }
+            off += n;
+            total += n as u64;
+        }
+    }
+    total
+}
+
+impl VirtioDevice for Console {
+    fn device_type(&self) -> u32 {
+        device_type::CONSOLE
+    }
+
+    fn avail_features(&self) -> u64 {
+        COMMON_FEATURES
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & COMMON_FEATURES;
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // emerg_wr is only writable with VIRTIO_CONSOLE_F_EMERG_WRITE, which is not offered.
+        warn_ratelimited!(
+            "virtio-console: {}-byte config space write at {offset:#x} ignored",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if queues.len() != self.queue_sizes.len() {
+            return Err(ActivateError::QueueCount {
+                expected: self.queue_sizes.len(),
+                got: queues.len(),
+            });
+        }
+        if let Some(index) = queues.iter().position(|q| !q.ready()) {
+            return Err(ActivateError::QueueNotReady(index));
+        }
+        self.activate_evt
+            .write(1)
+            .map_err(ActivateError::ActivateEvent)?;
+        self.active = Some(Active {
+            mem,
+            queues,
+            interrupt,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,745 @@
+//! The virtio-net device model: config space, feature negotiation, RX (TAP -> guest) and TX
+//! (guest -> TAP).
+//!
+//! RX is driven by TAP readiness: one frame is read into a holding buffer and copied into
+//! the guest's receive buffers (several with VIRTIO_NET_F_MRG_RXBUF). When the guest has no
+//! (or not enough) buffers, the frame stays held, the device asks the guest for a kick and
+//! [`RxState::NoBuffers`] tells the event loop to stop watching the TAP until that kick.
+//! TX is driven by the queue kick: each chain is copied out, its virtio-net header checked
+//! against the negotiated features, and written to the TAP as one frame.
+//!
+//! Everything the guest hands over is checked: a bad chain or header is dropped (and counted,
+//! with a rate-limited warning), never passed on to the TAP and never a panic.
+
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::features::*;
+use super::tap::{offload, NetBackend, Tap};
+use super::{
+    check_unicast, MacAddr, NetConfig, NetError, MAX_FRAME_LEN, MIN_FRAME_LEN, MIN_MTU, QUEUE_SIZE,
+    RX_QUEUE, TX_QUEUE, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN,
+    VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
+    VIRTIO_NET_HDR_GSO_UDP, VIRTIO_NET_S_LINK_UP, VNET_HDR_LEN,
+};
+use crate::virtio::ratelimit::warn_ratelimited;
+use crate::virtio::{
+    device_type, read_config_bytes, ActivateError, Interrupt, VirtioDevice, COMMON_FEATURES,
+};
+use crate::GuestMemoryMmap;
+
+/// Frames moved per RX pass before yielding to the event loop (the TAP stays readable, so
+/// the loop comes back).
+pub const RX_BUDGET: usize = 256;
+/// Size of the config space: mac, status, max_virtqueue_pairs, mtu.
+const CONFIG_LEN: usize = 12;
+/// Longest virtio-net header + frame the device handles.
+const BUF_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
+
+/// Counters of one device (cumulative since creation).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetStats {
+    /// Frames delivered to the guest.
+    pub rx_frames: u64,
+    /// Bytes delivered to the guest (frames, headers excluded).
+    pub rx_bytes: u64,
+    /// Frames read from the TAP and dropped (too big for the guest's buffers, runt).
+    pub rx_dropped: u64,
+    /// Receive chains returned unused because they were malformed.
+    pub rx_bad_chains: u64,
+    /// Frames written to the TAP.
+    pub tx_frames: u64,
+    /// Bytes written to the TAP (frames, headers excluded).
+    pub tx_bytes: u64,
+    /// Transmit chains dropped (malformed chain or header, oversized, TAP write error).
+    pub tx_dropped: u64,
+}
+
+/// What an RX pass left behind, for the event loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RxState {
+    /// The backend has no more frames: keep watching it.
+    Drained,
+    /// The pass stopped after [`RX_BUDGET`] frames: keep watching it.
+    Budget,
+    /// A frame is held and the guest has no room for it: stop watching the backend until the
+    /// guest kicks the RX queue.
+    NoBuffers,
+    /// The backend failed (e.g. the TAP was deleted): stop watching it.
+    BackendError,
+    /// The device is not active: stop watching the backend.
+    Inactive,
+}
+
+impl RxState {
+    /// Whether the event loop should watch the backend for readability.
+    pub fn wants_backend_events(self) -> bool {
+        matches!(self, RxState::Drained | RxState::Budget)
+    }
+}
+
+#[derive(Debug)]
+struct Active {
+    mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    interrupt: Arc<Interrupt>,
+}
+
+/// A virtio-net device with one RX and one TX queue over a [`NetBackend`] (a TAP).
+#[derive(Debug)]
+pub struct Net {
+    backend: Box<dyn NetBackend>,
+    mac: MacAddr,
+    avail_features: u64,
+    acked_features: u64,
+    config_space: [u8; CONFIG_LEN],
+    queue_sizes: [u16; 2],
+    queue_evts: Vec<EventFd>,
+    activate_evt: EventFd,
+    active: Option<Active>,
+    rx_buf: Vec<u8>,
+    /// Length of the frame (header included) held in `rx_buf`, not yet delivered.
+    rx_held: Option<usize>,
+    tx_buf: Vec<u8>,
+    stats: NetStats,
+    pub(super) queue_evts_registered: bool,
+    pub(super) backend_registered: bool,
+}
+
+/// One receive chain, popped from the avail ring.
+struct RxChain {
+    head: u16,
+    /// Writable segments, all inside guest memory; None if the chain is unusable.
+    segs: Option<Vec<(GuestAddress, u32)>>,
+    cap: u64,
+}
+
+enum Delivery {
+    Delivered,
+    /// Not enough buffers yet; every popped chain was put back.
+    NoBuffers,
+    /// The avail ring is broken (e.g. its index is more than a ring ahead).
+    BrokenRing,
+    /// The frame can never fit (chains put back).
+    TooBig,
+}
+
+impl Net {
+    /// Attach to the TAP of `config` and build the device.
+    pub fn new(config: &NetConfig) -> Result<Self, NetError> {
+        check_unicast(&config.mac)?;
+        if config.mtu < MIN_MTU {
+            return Err(NetError::Mtu(config.mtu));
+        }
+        let tap = Tap::open(&config.tap)?;
+        Self::with_backend(Box::new(tap), config.mac, config.mtu)
+    }
+
+    /// Build the device over any backend (tests use a socketpair).
+    pub fn with_backend(
+        backend: Box<dyn NetBackend>,
+        mac: MacAddr,
+        mtu: u16,
+    ) -> Result<Self, NetError> {
+        check_unicast(&mac)?;
+        if mtu < MIN_MTU {
+            return Err(NetError::Mtu(mtu));
+        }
+        let avail_features = COMMON_FEATURES
+            | (1 << VIRTIO_NET_F_CSUM)
+            | (1 << VIRTIO_NET_F_GUEST_CSUM)
+            | (1 << VIRTIO_NET_F_MTU)
+            | (1 << VIRTIO_NET_F_MAC)
+            | (1 << VIRTIO_NET_F_GUEST_TSO4)
+            | (1 << VIRTIO_NET_F_GUEST_TSO6)
+            | (1 << VIRTIO_NET_F_GUEST_UFO)
+            | (1 << VIRTIO_NET_F_HOST_TSO4)
+            | (1 << VIRTIO_NET_F_HOST_TSO6)
+            | (1 << VIRTIO_NET_F_HOST_UFO)
+            | (1 << VIRTIO_NET_F_MRG_RXBUF)
+            | (1 << VIRTIO_NET_F_STATUS);
+        let mut config_space = [0u8; CONFIG_LEN];
+        config_space[..6].copy_from_slice(&mac);
+        config_space[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
+        config_space[8..10].copy_from_slice(&1u16.to_le_bytes());
+        config_space[10..12].copy_from_slice(&mtu.to_le_bytes());
+        let new_evt = || EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd);
+        Ok(Net {
+            backend,
+            mac,
+            avail_features,
+            acked_features: 0,
+            config_space,
+            queue_sizes: [QUEUE_SIZE, QUEUE_SIZE],
+            queue_evts: vec![new_evt()?, new_evt()?],
+            activate_evt: new_evt()?,
+            active: None,
+            rx_buf: vec![0; BUF_LEN],
+            rx_held: None,
+            tx_buf: vec![0; BUF_LEN],
+            stats: NetStats::default(),
+            queue_evts_registered: false,
+            backend_registered: false,
+        })
+    }
+
+    /// The guest's MAC address.
+    pub fn mac(&self) -> MacAddr {
+        self.mac
+    }
+
+    /// Counters since creation.
+    pub fn stats(&self) -> NetStats {
+        self.stats
+    }
+
+    /// Written once per activation; the event loop reacts by watching the queues and TAP.
+    pub fn activate_event(&self) -> &EventFd {
+        &self.activate_evt
+    }
+
+    /// The backend (its fd is what the event loop watches for RX).
+    pub fn backend(&self) -> &dyn NetBackend {
+        self.backend.as_ref()
+    }
+
+    /// Whether a frame read from the backend waits for guest buffers.
+    pub fn rx_frame_held(&self) -> bool {
+        self.rx_held.is_some()
+    }
+
+    fn acked(&self, bit: u32) -> bool {
+        self.acked_features & (1u64 << bit) != 0
+    }
+
+    fn tun_offload_flags(&self) -> u32 {
+        let mut flags = 0;
+        if self.acked(VIRTIO_NET_F_GUEST_CSUM) {
+            flags |= offload::TUN_F_CSUM;
+            if self.acked(VIRTIO_NET_F_GUEST_TSO4) {
+                flags |= offload::TUN_F_TSO4;
+            }
+            if self.acked(VIRTIO_NET_F_GUEST_TSO6) {
+                flags |= offload::TUN_F_TSO6;
+            }
+            if self.acked(VIRTIO_NET_F_GUEST_UFO) {
+                flags |= offload::TUN_F_UFO;
+            }
+        }
+        flags
+    }
+
+    /// Move frames from the backend into the guest until the backend is drained, the guest
+    /// runs out of buffers or [`RX_BUDGET`] frames went through. Interrupts the guest if
+    /// needed.
+    pub fn process_rx(&mut self) -> RxState {
+        let mrg = self.acked(VIRTIO_NET_F_MRG_RXBUF);
+        let guest_csum = self.acked(VIRTIO_NET_F_GUEST_CSUM);
+        let Some(active) = self.active.as_mut() else {
+            return RxState::Inactive;
+        };
+        let Some(queue) = active.queues.get_mut(RX_QUEUE) else {
+            return RxState::Inactive;
+        };
+        if !queue.ready() {
+            return RxState::Inactive;
+        }
+        let mem = &active.mem;
+        let mut used_any = false;
+        let mut state = RxState::Budget;
+        let mut frames = 0;
+        while frames < RX_BUDGET {
+            let len = match self.rx_held {
+                Some(len) => len,
+                None => match self.backend.recv(&mut self.rx_buf) {
+                    Ok(len) => len,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        state = RxState::Drained;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        log::error!("virtio-net: cannot read from the backend, RX stops: {e}");
+                        state = RxState::BackendError;
+                        break;
+                    }
+                },
+            };
+            if len < VNET_HDR_LEN + MIN_FRAME_LEN || len > self.rx_buf.len() {
+                self.rx_held = None;
+                self.stats.rx_dropped += 1;
+                warn_ratelimited!("virtio-net: dropped a {len}-byte frame from the backend");
+                frames += 1;
+                continue;
+            }
+            self.rx_held = Some(len);
+            let frame = &mut self.rx_buf[..len];
+            if !guest_csum {
+                // Only meaningful to a driver that accepted VIRTIO_NET_F_GUEST_CSUM.
+                frame[0] = 0;
+            }
+            match deliver(queue, mem, frame, mrg, &mut self.stats, &mut used_any) {
+                Delivery::Delivered => {
+                    self.rx_held = None;
+                    self.stats.rx_frames += 1;
+                    self.stats.rx_bytes += (len - VNET_HDR_LEN) as u64;
+                    frames += 1;
+                }
+                Delivery::TooBig => {
+                    self.rx_held = None;
+                    self.stats.rx_dropped += 1;
+                    warn_ratelimited!(
+                        "virtio-net: dropped a {}-byte frame: larger than the guest's receive buffers",
+                        len - VNET_HDR_LEN
+                    );
+                    frames += 1;
+                }
+                Delivery::BrokenRing => {
+                    state = RxState::NoBuffers;
+                    break;
+                }
+                Delivery::NoBuffers => match arm_rx_notification(queue, mem) {
+                    // Buffers arrived meanwhile: try again.
+                    Ok(true) => frames += 1,
+                    Ok(false) => {
+                        state = RxState::NoBuffers;
+                        break;
+                    }
+                    Err(e) => {
+                        warn_ratelimited!("virtio-net: RX queue: {e}");
+                        state = RxState::NoBuffers;
+                        break;
+                    }
+                },
+            }
+        }
+        if state != RxState::NoBuffers {
+            // The TAP drives RX; kicks only matter while waiting for buffers.
+            let _ = queue.disable_notification(mem);
+        }
+        if used_any && queue.needs_notification(mem).unwrap_or(true) {
+            if let Err(e) = active.interrupt.signal_used_queue() {
+                warn_ratelimited!("virtio-net: cannot raise the interrupt: {e}");
+            }
+        }
+        state
+    }
+
+    /// Send every available TX chain to the backend, then notify the guest if needed.
+    pub fn process_tx(&mut self) {
+        let features = self.acked_features;
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let Some(queue) = active.queues.get_mut(TX_QUEUE) else {
+            return;
+        };
+        if !queue.ready() {
+            return;
+        }
+        let mem = &active.mem;
+        let mut used_any = false;
+        'outer: loop {
+            if let Err(e) = queue.disable_notification(mem) {
+                warn_ratelimited!("virtio-net: TX queue: cannot disable notifications: {e}");
+                break;
+            }
+            loop {
+                let chain = match queue.iter(mem) {
+                    Ok(mut iter) => iter.next(),
+                    Err(e) => {
+                        warn_ratelimited!("virtio-net: TX queue: {e}");
+                        break 'outer;
+                    }
+                };
+                let Some(chain) = chain else {
+                    break;
+                };
+                let head = chain.head_index();
+                match read_tx_chain(chain, mem, &mut self.tx_buf)
+                    .and_then(|len| check_tx_header(&self.tx_buf[..len], features).map(|_| len))
+                {
+                    Ok(len) => {
+                        // num_buffers means nothing on TX.
+                        self.tx_buf[10] = 0;
+                        self.tx_buf[11] = 0;
+                        match self.backend.send(&self.tx_buf[..len]) {
+                            Ok(_) => {
+                                self.stats.tx_frames += 1;
+                                self.stats.tx_bytes += (len - VNET_HDR_LEN) as u64;
+                            }
+                            Err(e) => {
+                                self.stats.tx_dropped += 1;
+                                warn_ratelimited!("virtio-net: TX: backend write failed: {e}");
+                            }
+                        }
+                    }
+                    Err(reason) => {
+                        self.stats.tx_dropped += 1;
+                        warn_ratelimited!("virtio-net: TX chain {head} dropped: {reason}");
+                    }
+                }
+                if let Err(e) = queue.add_used(mem, head, 0) {
+                    warn_ratelimited!("virtio-net: TX queue: cannot add used entry: {e}");
+                }
+                used_any = true;
+            }
+            match queue.enable_notification(mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    warn_ratelimited!("virtio-net: TX queue: cannot enable notifications: {e}");
+                    break;
+                }
+            }
+        }
+        if used_any && queue.needs_notification(mem).unwrap_or(true) {
+            if let Err(e) = active.interrupt.signal_used_queue() {
+                warn_ratelimited!("virtio-net: cannot raise the interrupt: {e}");
+            }
+        }
+    }
+}
+
+/// Ask the guest to kick the RX queue when it adds a buffer beyond those already posted
+/// (with EVENT_IDX: avail_event = the current avail index, not our position, since a partial
+/// set of merge buffers may already be posted). True if buffers arrived meanwhile.
+fn arm_rx_notification(queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, String> {
+    let saved = queue.next_avail();
+    let avail = queue
+        .avail_idx(mem, Ordering::Acquire)
+        .map_err(|e| e.to_string())?;
+    queue.set_next_avail(avail.0);
+    let more = queue.enable_notification(mem).map_err(|e| e.to_string());
+    queue.set_next_avail(saved);
+    more
+}
+
+fn put_back(queue: &mut Queue, n: usize) {
+    for _ in 0..n {
+        queue.go_to_previous_position();
+    }
+}
+
+/// Writable segments of an RX chain, or None if it has a readable descriptor, a descriptor
+/// outside guest memory, or is malformed.
+fn rx_segments<M>(
+    chain: virtio_queue::DescriptorChain<M>,
+    mem: &GuestMemoryMmap,
+) -> Option<(Vec<(GuestAddress, u32)>, u64)>
+where
+    M: std::ops::Deref,
+    M::Target: GuestMemory,
+{
+    let mut segs = Vec::new();
+    let mut cap = 0u64;
+    let mut last_has_next = true;
+    let mut ok = true;
+    for desc in chain {
+        last_has_next = desc.has_next();
+        if !desc.is_write_only() {
+            ok = false;
+            continue;
+        }
+        if desc.len() == 0 {
+            continue;
+        }
+        if !mem.check_range(desc.addr(), desc.len() as usize, Permissions::Write) {
+            ok = false;
+            continue;
+        }
+        cap += u64::from(desc.len());
+        segs.push((desc.addr(), desc.len()));
+    }
+    (ok && !last_has_next).then_some((segs, cap))
+}
+
+/// Copy `frame` (virtio-net header first) into the guest's receive buffers.
+fn deliver(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    frame: &mut [u8],
+    mrg: bool,
+    stats: &mut NetStats,
+    used_any: &mut bool,
+) -> Delivery {
+    let need = frame.len() as u64;
+    let mut popped: Vec<RxChain> = Vec::new();
+    let mut have = 0u64;
+    let mut good = 0usize;
+    let max = usize::from(queue.size());
+    while have < need && (mrg || good == 0) {
+        if popped.len() >= max {
+            put_back(queue, popped.len());
+            return Delivery::TooBig;
+        }
+        let chain = match queue.iter(mem) {
+            Ok(mut iter) => iter.next(),
+            Err(e) => {
+                warn_ratelimited!("virtio-net: RX queue: {e}");
+                put_back(queue, popped.len());
+                return Delivery::BrokenRing;
+            }
+        };
+        let Some(chain) = chain else {
+            put_back(queue, popped.len());
+            return Delivery::NoBuffers;
+        };
+        let head = chain.head_index();
+        let mut entry = match rx_segments(chain, mem) {
+            Some((segs, cap)) => RxChain {
+                head,
+                segs: Some(segs),
+                cap,
+            },
+            None => RxChain {
+                head,
+                segs: None,
+                cap: 0,
+            },
+        };
+        // The first buffer of a frame must hold the whole header.
+        if good == 0 && entry.cap < VNET_HDR_LEN as u64 {
+            entry.segs = None;
+        }
+        if entry.segs.is_some() {
+            good += 1;
+            have += entry.cap;
+        }
+        popped.push(entry);
+    }
+    if have < need {
+        // Without MRG_RXBUF one buffer must hold the frame.
+        put_back(queue, popped.len());
+        return Delivery::TooBig;
+    }
+    let Ok(num_buffers) = u16::try_from(good) else {
+        put_back(queue, popped.len());
+        return Delivery::TooBig;
+    };
+    frame[10..12].copy_from_slice(&num_buffers.to_le_bytes());
+    let mut off = 0usize;
+    for entry in popped.iter().filter(|e| e.segs.is_some()) {
+        let mut written = 0u32;
+        for &(addr, len) in entry.segs.iter().flatten() {
+            if off == frame.len() {
+                break;
+            }
+            let n = (len as usize).min(frame.len() - off);
+            if let Err(e) = mem.write_slice(&frame[off..off + n], addr) {
+                warn_ratelimited!("virtio-net: RX: cannot write a guest buffer: {e}");
+            }
+            off += n;
+            written += n as u32;
+        }
+        if let Err(e) = queue.add_used(mem, entry.head, written) {
+            warn_ratelimited!("virtio-net: RX queue: cannot add used entry: {e}");
+        }
+    }
+    for entry in popped.iter().filter(|e| e.segs.is_none()) {
+        stats.rx_bad_chains += 1;
+        warn_ratelimited!(
+            "virtio-net: RX chain {} returned unused: readable, outside guest memory, malformed or too small for the header",
+            entry.head
+        );
+        if let Err(e) = queue.add_used(mem, entry.head, 0) {
+            warn_ratelimited!("virtio-net: RX queue: cannot add used entry: {e}");
+        }
+    }
+    *used_any = true;
+    Delivery::Delivered
+}
+
+/// Copy a TX chain into `buf`; its length (header included).
+fn read_tx_chain<M>(
+    chain: virtio_queue::DescriptorChain<M>,
+    mem: &GuestMemoryMmap,
+    buf: &mut [u8],
+) -> Result<usize, String>
+where
+    M: std::ops::Deref,
+    M::Target: GuestMemory,
+{
+    let mut len = 0usize;
+    let mut last_has_next = true;
+    let mut count = 0usize;
+    for desc in chain {
+        count += 1;
+        last_has_next = desc.has_next();
+        if desc.is_write_only() {
+            return Err("device-writable descriptor in a TX chain".into());
+        }
+        let dlen = desc.len() as usize;
+        if dlen > buf.len() - len {
+            return Err(format!(
+                "chain longer than {} bytes (header and {MAX_FRAME_LEN}-byte frame)",
+                buf.len()
+            ));
+        }
+        if let Err(e) = mem.read_slice(&mut buf[len..len + dlen], desc.addr()) {
+            return Err(format!(
+                "buffer {:#x}+{dlen:#x} is outside guest memory: {e}",
+                desc.addr().0
+            ));
+        }
+        len += dlen;
+    }
+    if count == 0 || last_has_next {
+        return Err(
+            "malformed descriptor chain (loop, bad next index or bad indirect table)".into(),
+        );
+    }
+    Ok(len)
+}
+
+/// Check a TX header + frame against the negotiated features; the TAP only gets frames that
+/// pass.
+fn check_tx_header(pkt: &[u8], features: u64) -> Result<(), String> {
+    let acked = |bit: u32| features & (1u64 << bit) != 0;
+    if pkt.len() < VNET_HDR_LEN + MIN_FRAME_LEN {
+        return Err(format!(
+            "{} bytes: shorter than the {VNET_HDR_LEN}-byte header and an Ethernet header",
+            pkt.len()
+        ));
+    }
+    let frame_len = pkt.len() - VNET_HDR_LEN;
+    let flags = pkt[0];
+    let gso_type = pkt[1];
+    let hdr_len = u16::from_le_bytes([pkt[2], pkt[3]]) as usize;
+    let gso_size = u16::from_le_bytes([pkt[4], pkt[5]]);
+    let csum_start = u16::from_le_bytes([pkt[6], pkt[7]]) as usize;
+    let csum_offset = u16::from_le_bytes([pkt[8], pkt[9]]) as usize;
+    if flags & !VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
+        return Err(format!("header flags {flags:#x} not allowed on TX"));
+    }
+    let needs_csum = flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0;
+    if needs_csum {
+        if !acked(VIRTIO_NET_F_CSUM) {
+            return Err("NEEDS_CSUM without VIRTIO_NET_F_CSUM".into());
+        }
+        if csum_start + csum_offset + 2 > frame_len {
+            return Err(format!(
+                "checksum at {csum_start}+{csum_offset} is past the {frame_len}-byte frame"
+            ));
+        }
+    }
+    if gso_type & VIRTIO_NET_HDR_GSO_ECN != 0 {
+        return Err("GSO with ECN (VIRTIO_NET_F_HOST_ECN is not offered)".into());
+    }
+    let needed = match gso_type {
+        VIRTIO_NET_HDR_GSO_NONE => None,
+        VIRTIO_NET_HDR_GSO_TCPV4 => Some(VIRTIO_NET_F_HOST_TSO4),
+        VIRTIO_NET_HDR_GSO_TCPV6 => Some(VIRTIO_NET_F_HOST_TSO6),
+        VIRTIO_NET_HDR_GSO_UDP => Some(VIRTIO_NET_F_HOST_UFO),
+        other => return Err(format!("unknown gso_type {other}")),
+    };
+    if let Some(bit) = needed {
+        if !acked(bit) {
+            return Err(format!("gso_type {gso_type} without its feature"));
+        }
+        if !needs_csum {
+            return Err("GSO without NEEDS_CSUM".into());
+        }
+        if gso_size == 0 {
+            return Err("GSO with gso_size 0".into());
+        }
+        if hdr_len > frame_len {
+            return Err(format!(
+                "hdr_len {hdr_len} is past the {frame_len}-byte frame"
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        device_type::NET
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        warn_ratelimited!(
+            "virtio-net: {}-byte write to read-only config space at {offset:#x} ignored",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if queues.len() != self.queue_sizes.len() {
+            return Err(ActivateError::QueueCount {
+                expected: self.queue_sizes.len(),
+                got: queues.len(),
+            });
+        }
+        if let Some(index) = queues.iter().position(|q| !q.ready()) {
+            return Err(ActivateError::QueueNotReady(index));
+        }
+        let flags = self.tun_offload_flags();
+        if let Err(e) = self.backend.set_offload(flags) {
+            // Without them the host sends complete frames, which every driver accepts.
+            log::error!("virtio-net: cannot set TAP offloads {flags:#x}: {e}; using none");
+            if let Err(e) = self.backend.set_offload(0) {
+                log::error!("virtio-net: cannot clear TAP offloads: {e}");
+            }
+        }
+        self.activate_evt
+            .write(1)
+            .map_err(ActivateError::ActivateEvent)?;
+        self.active = Some(Active {
+            mem,
+            queues,
+            interrupt,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+        self.rx_held = None;
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests;

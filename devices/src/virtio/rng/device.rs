@@ -1,0 +1,289 @@
+//! The virtio-rng device model.
+
+use std::io;
+use std::ops::Deref;
+use std::sync::Arc;
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestMemory, GuestMemoryError, Permissions};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{RngError, MAX_BYTES_PER_REQUEST, QUEUE_SIZE};
+use crate::virtio::ratelimit::warn_ratelimited;
+use crate::virtio::{device_type, ActivateError, Interrupt, VirtioDevice, COMMON_FEATURES};
+use crate::GuestMemoryMmap;
+
+/// Size of the host bounce buffer getrandom(2) fills before the bytes are copied to the guest.
+const CHUNK: usize = 4096;
+
+/// Why a request was completed with used length 0.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// A descriptor of the chain is device-readable.
+    #[error("descriptor at {0:#x} is device-readable; virtio-rng buffers must be writable")]
+    ReadOnlyDescriptor(u64),
+    /// A buffer lies (partly) outside guest memory.
+    #[error("buffer {addr:#x}+{len:#x} is outside guest memory")]
+    OutOfMemory {
+        /// Guest address.
+        addr: u64,
+        /// Length.
+        len: u32,
+    },
+    /// The chain ended on a descriptor that still has NEXT set (loop, bad index, too long).
+    #[error("malformed descriptor chain (loop, too long, bad next index or bad indirect table)")]
+    MalformedChain,
+    /// getrandom(2) failed.
+    #[error("getrandom failed: {0}")]
+    Getrandom(io::Error),
+    /// Copying into guest memory failed.
+    #[error("cannot write into guest memory: {0}")]
+    Write(GuestMemoryError),
+}
+
+/// Fill `buf` from getrandom(2), retrying on EINTR and short reads.
+pub fn getrandom(buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while let Some(rest) = buf.get_mut(done..).filter(|r| !r.is_empty()) {
+        // SAFETY: the pointer and length describe `rest`, a live, writable byte slice that
+        // getrandom fills at most `rest.len()` bytes of.
+        let r = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        done += usize::try_from(r).unwrap_or(0);
+    }
+    Ok(())
+}
+
+/// Fill the writable buffers of one chain with random bytes, at most
+/// [`MAX_BYTES_PER_REQUEST`]. Returns the number of bytes written (the used length).
+pub fn fill_chain<M>(chain: DescriptorChain<M>, mem: &GuestMemoryMmap) -> Result<u32, RequestError>
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    // Check the whole chain before writing anything. The chain iterator stops after at most
+    // queue-size descriptors, so this is bounded.
+    let mut bufs = Vec::with_capacity(4);
+    let mut last_has_next = false;
+    for desc in chain {
+        last_has_next = desc.has_next();
+        if !desc.is_write_only() {
+            return Err(RequestError::ReadOnlyDescriptor(desc.addr().0));
+        }
+        if desc.len() > 0 && !mem.check_range(desc.addr(), desc.len() as usize, Permissions::Write)
+        {
+            return Err(RequestError::OutOfMemory {
+                addr: desc.addr().0,
+                len: desc.len(),
+            });
+        }
+        bufs.push((desc.addr(), desc.len()));
+    }
+    if last_has_next {
+        return Err(RequestError::MalformedChain);
+    }
+    let mut chunk = [0u8; CHUNK];
+    let mut left = MAX_BYTES_PER_REQUEST;
+    let mut written: u32 = 0;
+    for (addr, len) in bufs {
+        let mut off: u32 = 0;
+        let want = len.min(left);
+        while off < want {
+            let n = (want - off).min(CHUNK as u32);
+            let part = &mut chunk[..n as usize];
+            getrandom(part).map_err(RequestError::Getrandom)?;
+            let at = addr
+                .checked_add(u64::from(off))
+                .ok_or(RequestError::OutOfMemory { addr: addr.0, len })?;
+            mem.write_slice(part, at).map_err(RequestError::Write)?;
+            off += n;
+        }
+        written += want;
+        left -= want;
+        if left == 0 {
+            break;
+        }
+    }
+    Ok(written)
+}
+
+#[derive(Debug)]
+struct Active {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    interrupt: Arc<Interrupt>,
+}
+
+/// A virtio-rng device with one request queue.
+#[derive(Debug)]
+pub struct Rng {
+    acked_features: u64,
+    queue_sizes: [u16; 1],
+    queue_evts: Vec<EventFd>,
+    activate_evt: EventFd,
+    active: Option<Active>,
+    pub(super) queue_evts_registered: bool,
+    /// Random bytes handed to the guest so far.
+    bytes_served: u64,
+}
+
+impl Rng {
+    /// Build the device.
+    pub fn new() -> Result<Self, RngError> {
+        let new_evt = || EventFd::new(EFD_NONBLOCK).map_err(RngError::EventFd);
+        Ok(Rng {
+            acked_features: 0,
+            queue_sizes: [QUEUE_SIZE],
+            queue_evts: vec![new_evt()?],
+            activate_evt: new_evt()?,
+            active: None,
+            queue_evts_registered: false,
+            bytes_served: 0,
+        })
+    }
+
+    /// Written once per activation; the event loop reacts by registering the queue event.
+    pub fn activate_event(&self) -> &EventFd {
+        &self.activate_evt
+    }
+
+    /// Random bytes handed to the guest since the device was created.
+    pub fn bytes_served(&self) -> u64 {
+        self.bytes_served
+    }
+
+    /// Complete every available request, then notify the guest if needed. A no-op when the
+    /// device is not active.
+    pub fn process_queue(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let queue = &mut active.queue;
+        let mem = &active.mem;
+        let mut used_any = false;
+        'outer: loop {
+            if let Err(e) = queue.disable_notification(mem) {
+                warn_ratelimited!("virtio-rng: cannot disable notifications: {e}");
+                break;
+            }
+            loop {
+                let chain = match queue.iter(mem) {
+                    Ok(mut iter) => iter.next(),
+                    Err(e) => {
+                        warn_ratelimited!("virtio-rng: {e}");
+                        break 'outer;
+                    }
+                };
+                let Some(chain) = chain else {
+                    break;
+                };
+                let head = chain.head_index();
+                let len = match fill_chain(chain, mem) {
+                    Ok(len) => len,
+                    Err(e) => {
+                        warn_ratelimited!("virtio-rng: request dropped: {e}");
+                        0
+                    }
+                };
+                self.bytes_served = self.bytes_served.saturating_add(u64::from(len));
+                if let Err(e) = queue.add_used(mem, head, len) {
+                    warn_ratelimited!("virtio-rng: cannot add used entry: {e}");
+                }
+                used_any = true;
+            }
+            match queue.enable_notification(mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    warn_ratelimited!("virtio-rng: cannot enable notifications: {e}");
+                    break;
+                }
+            }
+        }
+        if used_any && queue.needs_notification(mem).unwrap_or(true) {
+            if let Err(e) = active.interrupt.signal_used_queue() {
+                warn_ratelimited!("virtio-rng: cannot raise the interrupt: {e}");
+            }
+        }
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        device_type::RNG
+    }
+
+    fn avail_features(&self) -> u64 {
+        COMMON_FEATURES
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & COMMON_FEATURES;
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    fn read_config(&self, _offset: u64, _data: &mut [u8]) {}
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        warn_ratelimited!(
+            "virtio-rng: {}-byte write to the (empty) config space at {offset:#x} ignored",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        let got = queues.len();
+        let Ok([queue]) = <[Queue; 1]>::try_from(queues) else {
+            return Err(ActivateError::QueueCount { expected: 1, got });
+        };
+        if !queue.ready() {
+            return Err(ActivateError::QueueNotReady(0));
+        }
+        self.activate_evt
+            .write(1)
+            .map_err(ActivateError::ActivateEvent)?;
+        self.active = Some(Active {
+            mem,
+            queue,
+            interrupt,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests;

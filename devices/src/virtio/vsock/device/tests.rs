@@ -1,0 +1,545 @@
+use super::*;
+use std::io::Write;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::virtio::vsock::packet::{OP_RESPONSE, OP_RW, SHUTDOWN_RCV};
+
+const F_WRITE: u16 = 2;
+const F_NEXT: u16 = 1;
+const GUEST_CID: u64 = 3;
+const QSIZE: u16 = 64;
+
+fn mem() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap()
+}
+
+fn d(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+}
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Dir {
+        let p = std::env::temp_dir().join(format!("cvs-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Dir(p)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn header(
+    src_cid: u64,
+    dst_cid: u64,
+    src_port: u32,
+    dst_port: u32,
+    len: u32,
+    type_: u16,
+    op: u16,
+    flags: u32,
+    buf_alloc: u32,
+    fwd_cnt: u32,
+) -> [u8; PKT_HEADER_SIZE] {
+    let mut h = [0u8; PKT_HEADER_SIZE];
+    h[0..8].copy_from_slice(&src_cid.to_le_bytes());
+    h[8..16].copy_from_slice(&dst_cid.to_le_bytes());
+    h[16..20].copy_from_slice(&src_port.to_le_bytes());
+    h[20..24].copy_from_slice(&dst_port.to_le_bytes());
+    h[24..28].copy_from_slice(&len.to_le_bytes());
+    h[28..30].copy_from_slice(&type_.to_le_bytes());
+    h[30..32].copy_from_slice(&op.to_le_bytes());
+    h[32..36].copy_from_slice(&flags.to_le_bytes());
+    h[36..40].copy_from_slice(&buf_alloc.to_le_bytes());
+    h[40..44].copy_from_slice(&fwd_cnt.to_le_bytes());
+    h
+}
+
+struct Rig<'a> {
+    mem: &'a GuestMemoryMmap,
+    rx: MockSplitQueue<'a, GuestMemoryMmap>,
+    tx: MockSplitQueue<'a, GuestMemoryMmap>,
+    ev: MockSplitQueue<'a, GuestMemoryMmap>,
+    tx_next: u16,
+    tx_addr: u64,
+    rx_seen: usize,
+}
+
+impl<'a> Rig<'a> {
+    fn new(mem: &'a GuestMemoryMmap) -> Rig<'a> {
+        let rx = MockSplitQueue::create(mem, GuestAddress(0x10_0000), QSIZE);
+        let tx = MockSplitQueue::create(mem, GuestAddress(0x20_0000), QSIZE);
+        let ev = MockSplitQueue::create(mem, GuestAddress(0x30_0000), QSIZE);
+        Rig {
+            mem,
+            rx,
+            tx,
+            ev,
+            tx_next: 0,
+            tx_addr: 0x40_0000,
+            rx_seen: 0,
+        }
+    }
+
+    /// Posts `n` receive buffers (header + 4 KiB data) at descriptor `2*i`.
+    fn post_rx(&self, first: u16, n: u16) {
+        let mut descs = Vec::new();
+        for i in first..first + n {
+            let base = 0x80_0000 + u64::from(i) * 0x2000;
+            descs.push(d(base, PKT_HEADER_SIZE as u32, F_WRITE | F_NEXT, 2 * i + 1));
+            descs.push(d(base + 0x100, 4096, F_WRITE, 0));
+        }
+        self.rx.add_desc_chains(&descs, 2 * first).unwrap();
+    }
+
+    fn send(&mut self, hdr: [u8; PKT_HEADER_SIZE], data: &[u8]) {
+        let at = self.tx_addr;
+        self.mem.write_slice(&hdr, GuestAddress(at)).unwrap();
+        self.mem
+            .write_slice(data, GuestAddress(at + 0x100))
+            .unwrap();
+        let i = self.tx_next;
+        let descs = if data.is_empty() {
+            vec![d(at, PKT_HEADER_SIZE as u32, 0, 0)]
+        } else {
+            vec![
+                d(at, PKT_HEADER_SIZE as u32, F_NEXT, i + 1),
+                d(at + 0x100, data.len() as u32, 0, 0),
+            ]
+        };
+        self.tx.add_desc_chains(&descs, i).unwrap();
+        self.tx_next += descs.len() as u16;
+        self.tx_addr += 0x1_0000;
+    }
+
+    /// The received packets not looked at yet: (header fields, data).
+    fn received(&mut self) -> Vec<(u32, u32, u16, u32, u32, Vec<u8>)> {
+        let used = self.rx.used();
+        let n = used.idx().load() as usize;
+        let mut out = Vec::new();
+        for i in self.rx_seen..n {
+            let e = used.ring().ref_at(i).unwrap().load();
+            let base = 0x80_0000 + u64::from(e.id() / 2) * 0x2000;
+            let mut h = [0u8; PKT_HEADER_SIZE];
+            self.mem.read_slice(&mut h, GuestAddress(base)).unwrap();
+            let u32_at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().unwrap());
+            assert_eq!(u64::from_le_bytes(h[0..8].try_into().unwrap()), HOST_CID);
+            assert_eq!(u64::from_le_bytes(h[8..16].try_into().unwrap()), GUEST_CID);
+            let len = u32_at(24);
+            assert_eq!(e.len(), PKT_HEADER_SIZE as u32 + len);
+            let mut data = vec![0u8; len as usize];
+            self.mem
+                .read_slice(&mut data, GuestAddress(base + 0x100))
+                .unwrap();
+            let op = u16::from_le_bytes(h[30..32].try_into().unwrap());
+            out.push((u32_at(16), u32_at(20), op, u32_at(32), u32_at(40), data));
+        }
+        self.rx_seen = n;
+        out
+    }
+}
+
+type Em = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+
+fn start(rig: &Rig, dir: &Dir) -> (Arc<Mutex<Vsock>>, Em) {
+    let mut v = Vsock::new(&VsockConfig {
+        guest_cid: GUEST_CID,
+        uds_path: dir.0.join("v.sock"),
+    })
+    .unwrap();
+    let irq = Arc::new(Interrupt::new(Arc::new(
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+    )));
+    v.activate(
+        rig.mem.clone(),
+        vec![
+            rig.rx.create_queue().unwrap(),
+            rig.tx.create_queue().unwrap(),
+            rig.ev.create_queue().unwrap(),
+        ],
+        irq,
+    )
+    .unwrap();
+    let v = Arc::new(Mutex::new(v));
+    let mut em = Em::new().unwrap();
+    em.add_subscriber(v.clone());
+    em.run_with_timeout(100).unwrap();
+    (v, em)
+}
+
+fn kick(v: &Arc<Mutex<Vsock>>, q: usize) {
+    v.lock().unwrap().queue_events()[q].write(1).unwrap();
+}
+
+fn spin(em: &mut Em, rounds: usize) {
+    for _ in 0..rounds {
+        em.run_with_timeout(20).unwrap();
+    }
+}
+
+#[test]
+fn config_is_validated() {
+    let dir = Dir::new("cfg");
+    for cid in [0, 1, 2] {
+        let e = VsockConfig {
+            guest_cid: cid,
+            uds_path: dir.0.join("a"),
+        }
+        .validate()
+        .unwrap_err();
+        assert!(matches!(e, VsockError::InvalidCid(c) if c == cid));
+    }
+    assert!(matches!(
+        VsockConfig {
+            guest_cid: 1 << 32,
+            uds_path: dir.0.join("a"),
+        }
+        .validate(),
+        Err(VsockError::CidTooLarge(_))
+    ));
+    assert!(matches!(
+        VsockConfig {
+            guest_cid: 3,
+            uds_path: dir.0.join("nope/a"),
+        }
+        .validate(),
+        Err(VsockError::DirectoryMissing(_))
+    ));
+    let cfg = VsockConfig {
+        guest_cid: 3,
+        uds_path: dir.0.join("b"),
+    };
+    let v = Vsock::new(&cfg).unwrap();
+    let mut c = [0u8; 8];
+    v.read_config(0, &mut c);
+    assert_eq!(u64::from_le_bytes(c), 3);
+    assert!(matches!(Vsock::new(&cfg), Err(VsockError::PathInUse(_))));
+    drop(v);
+    assert!(!cfg.uds_path.exists(), "socket removed on drop");
+}
+
+#[test]
+fn parse_connect_lines() {
+    assert_eq!(parse_connect(b"CONNECT 52"), Some(52));
+    assert_eq!(parse_connect(b"CONNECT 52\r"), Some(52));
+    for bad in [
+        &b"CONNECT"[..],
+        b"CONNECT ",
+        b"CONNECT -1",
+        b"connect 5",
+        b"CONNECT 99999999999",
+        b"CONNECT 5 6",
+    ] {
+        assert_eq!(
+            parse_connect(bad),
+            None,
+            "{:?}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+}
+
+/// Guest connects to host port 5000 (`<uds>_5000`), data flows both ways, host closes.
+#[test]
+fn guest_initiated_connection() {
+    let mem = mem();
+    let dir = Dir::new("gi");
+    let mut rig = Rig::new(&mem);
+    let host = UnixListener::bind(dir.0.join("v.sock_5000")).unwrap();
+    let (v, mut em) = start(&rig, &dir);
+    rig.post_rx(0, 8);
+    kick(&v, RX_QUEUE);
+    rig.send(
+        header(
+            GUEST_CID,
+            HOST_CID,
+            1234,
+            5000,
+            0,
+            TYPE_STREAM,
+            OP_REQUEST,
+            0,
+            8192,
+            0,
+        ),
+        &[],
+    );
+    kick(&v, TX_QUEUE);
+    spin(&mut em, 2);
+    let got = rig.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!((got[0].0, got[0].1, got[0].2), (5000, 1234, OP_RESPONSE));
+    let (mut peer, _) = host.accept().unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+
+    rig.send(
+        header(
+            GUEST_CID,
+            HOST_CID,
+            1234,
+            5000,
+            5,
+            TYPE_STREAM,
+            OP_RW,
+            0,
+            8192,
+            0,
+        ),
+        b"hello",
+    );
+    kick(&v, TX_QUEUE);
+    spin(&mut em, 2);
+    let mut buf = [0u8; 5];
+    peer.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello");
+
+    peer.write_all(b"world").unwrap();
+    spin(&mut em, 3);
+    let got = rig.received();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(
+        (got[0].2, got[0].5.as_slice(), got[0].4),
+        (OP_RW, &b"world"[..], 5)
+    );
+
+    drop(peer);
+    spin(&mut em, 3);
+    let got = rig.received();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].2, super::super::packet::OP_SHUTDOWN);
+    assert_eq!(got[0].3, SHUTDOWN_RCV | super::super::packet::SHUTDOWN_SEND);
+    rig.send(
+        header(
+            GUEST_CID,
+            HOST_CID,
+            1234,
+            5000,
+            0,
+            TYPE_STREAM,
+            OP_RST,
+            0,
+            0,
+            0,
+        ),
+        &[],
+    );
+    kick(&v, TX_QUEUE);
+    spin(&mut em, 2);
+    assert_eq!(v.lock().unwrap().connection_count(), 0);
+}
+
+/// Host client: `CONNECT 52\n` → REQUEST to the guest; RESPONSE → `OK <port>\n`; then data.
+#[test]
+fn host_initiated_connection() {
+    let mem = mem();
+    let dir = Dir::new("hi");
+    let mut rig = Rig::new(&mem);
+    let (v, mut em) = start(&rig, &dir);
+    rig.post_rx(0, 8);
+    kick(&v, RX_QUEUE);
+    spin(&mut em, 1);
+    let mut client = UnixStream::connect(dir.0.join("v.sock")).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    client.write_all(b"CONNECT 52\n").unwrap();
+    spin(&mut em, 4);
+    let got = rig.received();
+    assert_eq!(got.len(), 1, "{got:?}");
+    let (local, peer, op) = (got[0].0, got[0].1, got[0].2);
+    assert_eq!((peer, op), (52, OP_REQUEST));
+    rig.send(
+        header(
+            GUEST_CID,
+            HOST_CID,
+            52,
+            local,
+            0,
+            TYPE_STREAM,
+            OP_RESPONSE,
+            0,
+            4096,
+            0,
+        ),
+        &[],
+    );
+    kick(&v, TX_QUEUE);
+    spin(&mut em, 2);
+    let mut line = [0u8; 64];
+    let n = client.read(&mut line).unwrap();
+    assert_eq!(&line[..n], format!("OK {local}\n").as_bytes());
+    client.write_all(b"ping").unwrap();
+    spin(&mut em, 3);
+    let got = rig.received();
+    assert_eq!((got[0].2, got[0].5.as_slice()), (OP_RW, &b"ping"[..]));
+}
+
+/// Wrong CIDs, unknown ops, unknown connections, non-stream types, broken chains: no panic,
+/// RSTs where the spec wants them, nothing for wrong CIDs.
+#[test]
+fn hostile_packets() {
+    let mem = mem();
+    let dir = Dir::new("hp");
+    let mut rig = Rig::new(&mem);
+    let (v, mut em) = start(&rig, &dir);
+    rig.post_rx(0, 16);
+    // wrong source cid: dropped silently
+    rig.send(
+        header(7, HOST_CID, 1, 2, 0, TYPE_STREAM, OP_REQUEST, 0, 0, 0),
+        &[],
+    );
+    // wrong destination cid
+    rig.send(
+        header(GUEST_CID, 9, 1, 2, 0, TYPE_STREAM, OP_REQUEST, 0, 0, 0),
+        &[],
+    );
+    // RW on no connection: RST
+    rig.send(
+        header(GUEST_CID, HOST_CID, 1, 2, 3, TYPE_STREAM, OP_RW, 0, 0, 0),
+        b"abc",
+    );
+    // unknown op on no connection: RST
+    rig.send(
+        header(GUEST_CID, HOST_CID, 3, 4, 0, TYPE_STREAM, 77, 0, 0, 0),
+        &[],
+    );
+    // seqpacket type: RST
+    rig.send(
+        header(GUEST_CID, HOST_CID, 5, 6, 0, 2, OP_REQUEST, 0, 0, 0),
+        &[],
+    );
+    // REQUEST to a port with no host listener: RST
+    rig.send(
+        header(
+            GUEST_CID,
+            HOST_CID,
+            7,
+            8,
+            0,
+            TYPE_STREAM,
+            OP_REQUEST,
+            0,
+            0,
+            0,
+        ),
+        &[],
+    );
+    // length far beyond the buffer
+    let at = rig.tx_addr;
+    mem.write_slice(
+        &header(
+            GUEST_CID,
+            HOST_CID,
+            9,
+            10,
+            u32::MAX,
+            TYPE_STREAM,
+            OP_RW,
+            0,
+            0,
+            0,
+        ),
+        GuestAddress(at),
+    )
+    .unwrap();
+    let i = rig.tx_next;
+    rig.tx
+        .add_desc_chains(
+            &[
+                d(at, PKT_HEADER_SIZE as u32, F_NEXT, i + 1),
+                d(at + 0x100, 16, 0, 0),
+            ],
+            i,
+        )
+        .unwrap();
+    rig.tx_next += 2;
+    // header descriptor too short, and a device-writable one
+    let i = rig.tx_next;
+    rig.tx
+        .add_desc_chains(&[d(at, 8, 0, 0), d(at, 64, F_WRITE, 0)], i)
+        .unwrap();
+    rig.tx_next += 2;
+    kick(&v, RX_QUEUE);
+    kick(&v, TX_QUEUE);
+    spin(&mut em, 3);
+    assert_eq!(rig.tx.used().idx().load(), 9, "every chain completed");
+    let got = rig.received();
+    let rsts: Vec<(u32, u32)> = got
+        .iter()
+        .filter(|p| p.2 == OP_RST)
+        .map(|p| (p.0, p.1))
+        .collect();
+    assert_eq!(rsts, vec![(2, 1), (4, 3), (6, 5), (8, 7)], "{got:?}");
+    assert_eq!(v.lock().unwrap().connection_count(), 0);
+}
+
+/// The guest sends beyond the credit it was given: the connection is reset, memory bounded.
+#[test]
+fn credit_lie_resets_connection() {
+    let mem = mem();
+    let dir = Dir::new("cl");
+    let mut rig = Rig::new(&mem);
+    let host = UnixListener::bind(dir.0.join("v.sock_80")).unwrap();
+    let (v, mut em) = start(&rig, &dir);
+    rig.post_rx(0, 8);
+    kick(&v, RX_QUEUE);
+    rig.send(
+        header(
+            GUEST_CID,
+            HOST_CID,
+            1,
+            80,
+            0,
+            TYPE_STREAM,
+            OP_REQUEST,
+            0,
+            4096,
+            0,
+        ),
+        &[],
+    );
+    kick(&v, TX_QUEUE);
+    spin(&mut em, 2);
+    let (_peer, _) = host.accept().unwrap();
+    // The host never reads. 64 KiB packets until cinder's 256 KiB buffer plus the socket
+    // buffer overflow: then a reset.
+    let chunk = vec![0x55u8; MAX_PKT_DATA as usize];
+    for _ in 0..20 {
+        rig.send(
+            header(
+                GUEST_CID,
+                HOST_CID,
+                1,
+                80,
+                MAX_PKT_DATA,
+                TYPE_STREAM,
+                OP_RW,
+                0,
+                4096,
+                0,
+            ),
+            &chunk,
+        );
+    }
+    kick(&v, TX_QUEUE);
+    spin(&mut em, 3);
+    let got = rig.received();
+    assert!(
+        got.iter().any(|p| p.2 == OP_RST),
+        "{:?}",
+        got.iter().map(|p| p.2).collect::<Vec<_>>()
+    );
+    assert_eq!(v.lock().unwrap().connection_count(), 0);
+}

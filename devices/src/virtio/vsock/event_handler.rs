@@ -1,0 +1,261 @@
+//! How the event loop drives a [`Vsock`]: it is an [`event_manager::MutEventSubscriber`].
+//!
+//! Watched: the activate EventFd; the three queue EventFds (from the first activation on); the
+//! listening socket at `uds_path` (while active); each host client until its `CONNECT` line is
+//! complete; and each connection's socket, for reading only while the guest has credit and
+//! cinder does not already know there is data, for writing only while guest bytes wait. A
+//! socket with nothing to wait for is not in the epoll set at all, so a hung-up peer cannot
+//! make the loop spin.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::AsRawFd;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+
+use super::device::{ClientOutcome, ConnKey, Vsock};
+use super::{EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
+use crate::virtio::ratelimit::warn_ratelimited;
+use crate::virtio::VirtioDevice;
+
+const ACTIVATE_EVENT: u32 = u32::MAX;
+const LISTENER_EVENT: u32 = u32::MAX - 1;
+/// First token for host clients and connections.
+const FIRST_TOKEN: u32 = 16;
+const LAST_TOKEN: u32 = u32::MAX - 16;
+
+/// What a dynamic token stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token {
+    Client,
+    Conn(ConnKey),
+}
+
+/// The event loop's view of what is registered.
+#[derive(Debug, Default)]
+pub struct Interest {
+    next_token: u32,
+    tokens: HashMap<u32, Token>,
+    /// Per connection: its token, fd and the event set currently registered (empty: not in
+    /// the epoll set).
+    conns: HashMap<ConnKey, (u32, i32, EventSet)>,
+    listener_watched: bool,
+}
+
+impl Interest {
+    fn alloc(&mut self, t: Token) -> u32 {
+        loop {
+            if self.next_token < FIRST_TOKEN || self.next_token > LAST_TOKEN {
+                self.next_token = FIRST_TOKEN;
+            }
+            let tok = self.next_token;
+            self.next_token += 1;
+            if let std::collections::hash_map::Entry::Vacant(e) = self.tokens.entry(tok) {
+                e.insert(t);
+                return tok;
+            }
+        }
+    }
+}
+
+impl Vsock {
+    fn register_queue_events(&mut self, ops: &mut EventOps) {
+        if self.queue_evts_registered {
+            return;
+        }
+        for (index, evt) in self.queue_events().iter().enumerate() {
+            let data = u32::try_from(index).unwrap_or(LAST_TOKEN);
+            if let Err(e) = ops.add(Events::with_data(evt, data, EventSet::IN)) {
+                log::error!("virtio-vsock: cannot watch queue {index} event fd: {e:?}");
+            }
+        }
+        self.queue_evts_registered = true;
+    }
+
+    /// Bring the epoll set in line with what each connection wants; drop finished ones.
+    fn sync_interest(&mut self, ops: &mut EventOps) {
+        let want_listener = self.is_activated();
+        if want_listener != self.interest.listener_watched {
+            let ev = Events::with_data(&self.backend.listener, LISTENER_EVENT, EventSet::IN);
+            let r = if want_listener {
+                ops.add(ev)
+            } else {
+                ops.remove(ev)
+            };
+            if let Err(e) = r {
+                log::error!("virtio-vsock: cannot (un)watch the listener: {e:?}");
+            }
+            self.interest.listener_watched = want_listener;
+        }
+        // Finished connections: out of epoll, then dropped.
+        let done: Vec<ConnKey> = self
+            .backend
+            .conns
+            .iter()
+            .filter(|(_, c)| c.is_done())
+            .map(|(k, _)| *k)
+            .collect();
+        for key in done {
+            self.backend.conns.remove(&key);
+        }
+        // Forget connections that are gone (done, reset): their fds were closed, which took
+        // them out of the epoll set.
+        let gone: Vec<ConnKey> = self
+            .interest
+            .conns
+            .keys()
+            .filter(|k| !self.backend.conns.contains_key(k))
+            .copied()
+            .collect();
+        for key in gone {
+            if let Some((tok, _, _)) = self.interest.conns.remove(&key) {
+                self.interest.tokens.remove(&tok);
+            }
+        }
+        let keys: Vec<ConnKey> = self.backend.conns.keys().copied().collect();
+        for key in keys {
+            let Some(conn) = self.backend.conns.get(&key) else {
+                continue;
+            };
+            let mut want = EventSet::empty();
+            if conn.wants_host_read() {
+                want |= EventSet::IN;
+            }
+            if conn.wants_host_write() {
+                want |= EventSet::OUT;
+            }
+            let fd = conn.stream.as_raw_fd();
+            let (tok, _, have) = match self.interest.conns.get(&key) {
+                Some(v) => *v,
+                None => {
+                    let tok = self.interest.alloc(Token::Conn(key));
+                    (tok, fd, EventSet::empty())
+                }
+            };
+            if want != have {
+                let r = if have.is_empty() {
+                    ops.add(Events::with_data_raw(fd, tok, want))
+                } else if want.is_empty() {
+                    ops.remove(Events::with_data_raw(fd, tok, have))
+                } else {
+                    ops.modify(Events::with_data_raw(fd, tok, want))
+                };
+                if let Err(e) = r {
+                    warn_ratelimited!("virtio-vsock: cannot update watch of {key:?}: {e:?}");
+                }
+            }
+            self.interest.conns.insert(key, (tok, fd, want));
+        }
+    }
+
+    fn on_listener(&mut self, ops: &mut EventOps) {
+        // Bounded per event; level-triggered epoll brings us back for the rest.
+        for _ in 0..16 {
+            let Some(stream) = self.accept_client() else {
+                break;
+            };
+            let tok = self.interest.alloc(Token::Client);
+            if let Err(e) = ops.add(Events::with_data(&stream, tok, EventSet::IN)) {
+                warn_ratelimited!("virtio-vsock: cannot watch a host client: {e:?}");
+                self.interest.tokens.remove(&tok);
+                continue;
+            }
+            self.add_client(tok, stream);
+        }
+    }
+
+    fn on_client(&mut self, tok: u32, ops: &mut EventOps) {
+        let Some(client) = self.backend.clients.get_mut(&tok) else {
+            return;
+        };
+        let outcome = client.on_readable();
+        if outcome == ClientOutcome::Pending {
+            return;
+        }
+        self.interest.tokens.remove(&tok);
+        let Some(client) = self.backend.clients.remove(&tok) else {
+            return;
+        };
+        let _ = ops.remove(Events::with_data(&client.stream, tok, EventSet::IN));
+        if let ClientOutcome::Connect(port) = outcome {
+            if !self.is_activated() {
+                return;
+            }
+            // Registered afresh by sync_interest under a connection token.
+            let _ = self.backend.connect_from_host(client.stream, port);
+        }
+    }
+
+    fn on_conn(&mut self, key: ConnKey, set: EventSet) {
+        let Some(conn) = self.backend.conns.get_mut(&key) else {
+            return;
+        };
+        if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP) {
+            conn.set_host_readable();
+        }
+        if set.contains(EventSet::OUT) {
+            if let Err(e) = conn.flush_host() {
+                warn_ratelimited!("virtio-vsock: connection {key:?} reset: {e}");
+            }
+        }
+        if set.contains(EventSet::ERROR) && !set.contains(EventSet::IN) {
+            conn.kill();
+        }
+    }
+}
+
+impl MutEventSubscriber for Vsock {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(
+            self.activate_event(),
+            ACTIVATE_EVENT,
+            EventSet::IN,
+        )) {
+            log::error!("virtio-vsock: cannot watch the activate event fd: {e:?}");
+        }
+        if self.is_activated() {
+            self.register_queue_events(ops);
+        }
+        self.sync_interest(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            ACTIVATE_EVENT => {
+                drain(self.activate_event().read());
+                self.register_queue_events(ops);
+                self.process_tx();
+            }
+            LISTENER_EVENT => self.on_listener(ops),
+            q if (q as usize) < self.queue_events().len() => {
+                let index = q as usize;
+                if let Some(evt) = self.queue_events().get(index) {
+                    drain(evt.read());
+                }
+                if index == TX_QUEUE {
+                    self.process_tx();
+                }
+                // RX_QUEUE: new buffers, handled below; EVENT_QUEUE: cinder sends no events.
+                debug_assert!(index == RX_QUEUE || index == TX_QUEUE || index == EVENT_QUEUE);
+            }
+            tok => match self.interest.tokens.get(&tok).copied() {
+                Some(Token::Client) => self.on_client(tok, ops),
+                Some(Token::Conn(key)) => self.on_conn(key, events.event_set()),
+                None => {
+                    // A stale registration: take it out so it cannot spin.
+                    let _ = ops.remove(events);
+                }
+            },
+        }
+        self.process_rx();
+        self.sync_interest(ops);
+    }
+}
+
+fn drain(result: io::Result<u64>) {
+    match result {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        Err(e) => warn_ratelimited!("virtio-vsock: cannot read event fd: {e}"),
+    }
+}

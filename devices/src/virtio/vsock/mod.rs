@@ -1,0 +1,68 @@
+//! virtio-vsock (virtio 1.2 §5.10) with Firecracker's host-side Unix socket protocol.
+//!
+//! * Host-initiated: a client connects to the Unix socket at `uds_path`, writes
+//!   `CONNECT <port>\n`, and once the guest accepted reads `OK <host_port>\n`; then the stream
+//!   carries the data.
+//! * Guest-initiated: a guest connection to host (CID 2) port P connects to the Unix socket
+//!   `<uds_path>_<P>`.
+//!
+//! * [`conn`]: one connection's state machine and credit-based flow control.
+//! * [`device`]: the [`Vsock`] model (rx, tx and event queues; packets through the
+//!   `virtio-vsock` crate's `VsockPacket`).
+//! * [`event_handler`]: the event-loop wiring (queue kicks, the listener, every connection's
+//!   socket, pending `CONNECT` lines).
+
+pub mod conn;
+pub mod device;
+pub mod event_handler;
+pub mod packet;
+
+use std::io;
+use std::path::PathBuf;
+
+pub use device::{Vsock, VsockConfig};
+
+/// Size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Index of the receive queue (device → guest).
+pub const RX_QUEUE: usize = 0;
+/// Index of the transmit queue (guest → device).
+pub const TX_QUEUE: usize = 1;
+/// Index of the event queue (transport reset events; unused by cinder so far).
+pub const EVENT_QUEUE: usize = 2;
+/// Largest packet payload accepted from the guest, and written to it.
+pub const MAX_PKT_DATA: u32 = 64 * 1024;
+/// Most connections at once (guest- and host-initiated); beyond, new ones are refused (RST).
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Most host clients that connected but have not finished their `CONNECT` line.
+pub const MAX_PENDING_CONNECTS: usize = 64;
+/// Longest `CONNECT <port>\n` line accepted.
+pub const MAX_CONNECT_LINE: usize = 32;
+
+/// Errors creating a [`Vsock`] (checked before the guest starts).
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// CIDs 0-2 are reserved (hypervisor, local, host).
+    #[error("vsock guest CID {0} is reserved: use a CID of 3 or more")]
+    InvalidCid(u64),
+    /// The CID does not fit in 32 bits (the Linux driver reads a 32-bit value).
+    #[error("vsock guest CID {0} is too large: use a CID below 2^32")]
+    CidTooLarge(u64),
+    /// The directory of the socket path does not exist.
+    #[error("vsock socket directory {0} does not exist: create it or choose another uds path")]
+    DirectoryMissing(PathBuf),
+    /// Something already exists at the socket path.
+    #[error("vsock socket path {0} already exists: remove it or choose another path")]
+    PathInUse(PathBuf),
+    /// Binding the socket failed.
+    #[error("cannot listen on vsock socket {path}: {source}")]
+    Bind {
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Creating an event fd failed.
+    #[error("cannot create an event fd for the vsock device: {0}")]
+    EventFd(io::Error),
+}
