@@ -21,6 +21,8 @@ echo "[test] cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "[test] cargo clippy" >&2
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "[test] probe guest: fmt and clippy" >&2
+(cd resources/probe && cargo fmt -- --check && cargo clippy --release --quiet -- -D warnings)
 echo "[test] building cinder" >&2
 cargo build -p vmm
 
