@@ -310,3 +310,77 @@ fn unknown_flag_and_help() {
     }
     assert!(text.contains("[default: 128]"), "defaults shown: {text}");
 }
+
+#[test]
+fn vsock_bad_input() {
+    let d = Scratch::new("vsock");
+    let k = d.file("vmlinux", &elf(62, 0x100000, 0x1000));
+    let uds = d.0.join("v.sock");
+    let uds_s = uds.to_str().unwrap().to_string();
+    for cid in ["0", "1", "2"] {
+        fails_with(
+            &[
+                "--kernel",
+                s(&k),
+                "--vsock",
+                &format!("cid={cid},uds={uds_s}"),
+            ],
+            &[&format!("CID {cid} is reserved")],
+        );
+    }
+    fails_with(
+        &["--kernel", s(&k), "--vsock", "cid=x,uds=/tmp/v"],
+        &["not a number"],
+    );
+    fails_with(
+        &["--kernel", s(&k), "--vsock", "cid=3"],
+        &["uds=PATH is required"],
+    );
+    fails_with(
+        &[
+            "--kernel",
+            s(&k),
+            "--vsock",
+            "cid=3,uds=/nonexistent/dir/v.sock",
+        ],
+        &["/nonexistent/dir"],
+    );
+    // A socket path some live process is listening on.
+    let _live = std::os::unix::net::UnixListener::bind(&uds).unwrap();
+    fails_with(
+        &["--kernel", s(&k), "--vsock", &format!("cid=3,uds={uds_s}")],
+        &["in use"],
+    );
+}
+
+#[test]
+fn console_bad_input() {
+    let d = Scratch::new("console");
+    let k = d.file("vmlinux", &elf(62, 0x100000, 0x1000));
+    fails_with(
+        &["--kernel", s(&k), "--console-out", "/tmp/x"],
+        &["need --console virtio"],
+    );
+    fails_with(
+        &[
+            "--kernel",
+            s(&k),
+            "--console",
+            "virtio",
+            "--console-sock",
+            "/nonexistent/c.sock",
+        ],
+        &["--console-sock /nonexistent/c.sock", "cannot connect"],
+    );
+    fails_with(
+        &[
+            "--kernel",
+            s(&k),
+            "--console",
+            "virtio",
+            "--console-out",
+            "/nonexistent/dir/out",
+        ],
+        &["--console-out /nonexistent/dir/out"],
+    );
+}

@@ -56,10 +56,28 @@ impl VsockConfig {
         if !dir.is_dir() {
             return Err(VsockError::DirectoryMissing(dir));
         }
-        if self.uds_path.symlink_metadata().is_ok() {
-            return Err(VsockError::PathInUse(self.uds_path.clone()));
+        if let Ok(meta) = self.uds_path.symlink_metadata() {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(VsockError::PathExists(self.uds_path.clone()));
+            }
+            // A socket nobody listens on is left over from a dead process: `Vsock::new`
+            // replaces it. One that answers belongs to a live process.
+            if UnixStream::connect(&self.uds_path).is_ok() {
+                return Err(VsockError::PathInUse(self.uds_path.clone()));
+            }
         }
         Ok(())
+    }
+
+    /// Whether a stale socket file (nobody listening) is at the path.
+    fn stale_socket(&self) -> bool {
+        use std::os::unix::fs::FileTypeExt;
+        self.uds_path
+            .symlink_metadata()
+            .map(|m| m.file_type().is_socket())
+            .unwrap_or(false)
+            && UnixStream::connect(&self.uds_path).is_err()
     }
 }
 
@@ -302,6 +320,9 @@ impl Vsock {
     /// Validate the configuration and listen on `uds_path` (non-blocking).
     pub fn new(config: &VsockConfig) -> Result<Self, VsockError> {
         config.validate()?;
+        if config.stale_socket() {
+            let _ = std::fs::remove_file(&config.uds_path);
+        }
         let listener = UnixListener::bind(&config.uds_path)
             .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .map_err(|source| VsockError::Bind {

@@ -51,9 +51,12 @@ pub enum VsockError {
     /// The directory of the socket path does not exist.
     #[error("vsock socket directory {0} does not exist: create it or choose another uds path")]
     DirectoryMissing(PathBuf),
-    /// Something already exists at the socket path.
-    #[error("vsock socket path {0} already exists: remove it or choose another path")]
+    /// A live process listens on the socket path.
+    #[error("vsock socket path {0} is in use by a running process: choose another path")]
     PathInUse(PathBuf),
+    /// Something that is not a socket is at the path.
+    #[error("vsock socket path {0} exists and is not a socket: remove it or choose another path")]
+    PathExists(PathBuf),
     /// Binding the socket failed.
     #[error("cannot listen on vsock socket {path}: {source}")]
     Bind {

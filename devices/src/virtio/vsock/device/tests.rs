@@ -228,6 +228,13 @@ fn config_is_validated() {
     assert!(matches!(Vsock::new(&cfg), Err(VsockError::PathInUse(_))));
     drop(v);
     assert!(!cfg.uds_path.exists(), "socket removed on drop");
+    // A stale socket (nobody listening) is replaced; a regular file is refused.
+    drop(std::os::unix::net::UnixListener::bind(&cfg.uds_path).unwrap());
+    assert!(cfg.uds_path.exists());
+    let v = Vsock::new(&cfg).unwrap();
+    drop(v);
+    std::fs::write(&cfg.uds_path, b"x").unwrap();
+    assert!(matches!(Vsock::new(&cfg), Err(VsockError::PathExists(_))));
 }
 
 #[test]
