@@ -26,10 +26,7 @@ struct Sample {
 }
 
 fn probe_elf() -> PathBuf {
-    std::env::var_os("CINDER_PROBE_ELF")
-        .map(PathBuf::from)
-        .or_else(|| option_env!("CINDER_PROBE_ELF").map(PathBuf::from))
-        .expect("CINDER_PROBE_ELF: the probe is built by the cinder-tests build script")
+    cinder_tests::probe::elf_path()
 }
 
 /// Spawns `cmd`, times the first stdout byte and the exit, and reads the peak RSS.
