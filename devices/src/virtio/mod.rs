@@ -11,6 +11,7 @@
 
 pub mod block;
 pub mod console;
+pub(crate) mod device_core;
 pub mod interrupt;
 pub mod mmio;
 pub mod net;

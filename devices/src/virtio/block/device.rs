@@ -2,10 +2,9 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::DiskImage;
 use super::features::{
@@ -13,11 +12,9 @@ use super::features::{
 };
 use super::request::handle_chain;
 use super::{BlockError, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_BLK_ID_BYTES};
+use crate::virtio::device_core::{impl_virtio_core, DeviceCore};
 use crate::virtio::ratelimit::warn_ratelimited;
-use crate::virtio::{
-    device_type, read_config_bytes, ActivateError, Interrupt, VirtioDevice, COMMON_FEATURES,
-};
-use crate::GuestMemoryMmap;
+use crate::virtio::{device_type, VirtioDevice, COMMON_FEATURES};
 
 /// How to build a [`Block`] device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,26 +28,12 @@ pub struct BlockConfig {
     pub id: Option<String>,
 }
 
-#[derive(Debug)]
-struct Active {
-    mem: GuestMemoryMmap,
-    queues: Vec<Queue>,
-    interrupt: Arc<Interrupt>,
-}
-
 /// A virtio-blk device over a raw image file, with one request queue.
 #[derive(Debug)]
 pub struct Block {
     disk: DiskImage,
     id: [u8; VIRTIO_BLK_ID_BYTES],
-    avail_features: u64,
-    acked_features: u64,
-    config_space: Vec<u8>,
-    queue_sizes: [u16; 1],
-    queue_evts: Vec<EventFd>,
-    activate_evt: EventFd,
-    active: Option<Active>,
-    pub(super) queue_evts_registered: bool,
+    pub(super) core: DeviceCore,
 }
 
 fn build_config_space(nsectors: u64) -> Vec<u8> {
@@ -93,18 +76,13 @@ impl Block {
         if config.read_only {
             avail_features |= 1 << VIRTIO_BLK_F_RO;
         }
-        let new_evt = || EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd);
+        let config_space = build_config_space(disk.nsectors());
+        let core = DeviceCore::new("virtio-blk", avail_features, config_space, &[QUEUE_SIZE])
+            .map_err(BlockError::EventFd)?;
         Ok(Block {
-            config_space: build_config_space(disk.nsectors()),
             disk,
             id: id_bytes,
-            avail_features,
-            acked_features: 0,
-            queue_sizes: [QUEUE_SIZE],
-            queue_evts: vec![new_evt()?],
-            activate_evt: new_evt()?,
-            active: None,
-            queue_evts_registered: false,
+            core,
         })
     }
 
@@ -120,13 +98,13 @@ impl Block {
 
     /// Written once per activation; the event loop reacts by registering the queue events.
     pub fn activate_event(&self) -> &EventFd {
-        &self.activate_evt
+        self.core.activate_event()
     }
 
     /// Process every available request of queue `index`, then notify the guest if needed. A
     /// no-op when the device is not active or the queue does not exist / is not ready.
     pub fn process_queue(&mut self, index: usize) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.core.active_mut() else {
             return;
         };
         let Some(queue) = active.queues.get_mut(index) else {
@@ -177,90 +155,17 @@ impl Block {
                 }
             }
         }
-        if !used_any {
-            return;
-        }
-        let notify = queue.needs_notification(mem).unwrap_or(true);
-        if notify {
-            if let Err(e) = active.interrupt.signal_used_queue() {
-                warn_ratelimited!("virtio-blk: cannot raise the interrupt: {e}");
-            }
+        if used_any {
+            active.signal_used(index);
         }
     }
 }
 
 impl VirtioDevice for Block {
+    impl_virtio_core!();
+
     fn device_type(&self) -> u32 {
         device_type::BLOCK
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config_space, offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        warn_ratelimited!(
-            "virtio-blk: {}-byte write to read-only config space at {offset:#x} ignored",
-            data.len()
-        );
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        queues: Vec<Queue>,
-        interrupt: Arc<Interrupt>,
-    ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queues.len() != self.queue_sizes.len() {
-            return Err(ActivateError::QueueCount {
-                expected: self.queue_sizes.len(),
-                got: queues.len(),
-            });
-        }
-        if let Some(index) = queues.iter().position(|q| !q.ready()) {
-            return Err(ActivateError::QueueNotReady(index));
-        }
-        self.activate_evt
-            .write(1)
-            .map_err(ActivateError::ActivateEvent)?;
-        self.active = Some(Active {
-            mem,
-            queues,
-            interrupt,
-        });
-        Ok(())
-    }
-
-    fn reset(&mut self) {
-        self.active = None;
-        self.acked_features = 0;
-    }
-
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
     }
 }
 

@@ -4,17 +4,15 @@ use std::fmt;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{ConsoleError, CONFIG_SIZE, QUEUE_SIZE, RX_CHUNK, RX_QUEUE, TX_QUEUE};
+use crate::virtio::device_core::{impl_virtio_core, DeviceCore};
 use crate::virtio::ratelimit::warn_ratelimited;
-use crate::virtio::{
-    device_type, read_config_bytes, ActivateError, Interrupt, VirtioDevice, COMMON_FEATURES,
-};
+use crate::virtio::{device_type, VirtioDevice, COMMON_FEATURES};
 use crate::GuestMemoryMmap;
 
 /// The host input of a console: something readable with an fd the event loop can watch
@@ -38,24 +36,12 @@ pub enum InputOutcome {
     WouldBlock,
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    queues: Vec<Queue>,
-    interrupt: Arc<Interrupt>,
-}
-
 /// A one-port virtio-console.
 pub struct Console {
     input: Option<Box<dyn ConsoleInput>>,
     input_closed: bool,
     output: Box<dyn io::Write + Send>,
-    acked_features: u64,
-    config_space: [u8; CONFIG_SIZE],
-    queue_sizes: [u16; 2],
-    queue_evts: Vec<EventFd>,
-    activate_evt: EventFd,
-    active: Option<Active>,
-    pub(super) queue_evts_registered: bool,
+    pub(super) core: DeviceCore,
     /// The input fd is registered with the event loop.
     pub(super) input_watched: bool,
     tx_bytes: u64,
@@ -67,7 +53,7 @@ impl fmt::Debug for Console {
         f.debug_struct("Console")
             .field("input_fd", &self.input.as_ref().map(|i| i.as_raw_fd()))
             .field("input_closed", &self.input_closed)
-            .field("activated", &self.active.is_some())
+            .field("activated", &self.core.is_activated())
             .field("tx_bytes", &self.tx_bytes)
             .field("rx_bytes", &self.rx_bytes)
             .finish_non_exhaustive()
@@ -81,20 +67,22 @@ impl Console {
         input: Option<Box<dyn ConsoleInput>>,
         output: Box<dyn io::Write + Send>,
     ) -> Result<Self, ConsoleError> {
-        let new_evt = || EventFd::new(EFD_NONBLOCK).map_err(ConsoleError::EventFd);
+        // cols = rows = 0 (unknown size), max_nr_ports = 1, emerg_wr = 0; only meaningful with
+        // features cinder does not offer. Read-only: emerg_wr is only writable with
+        // VIRTIO_CONSOLE_F_EMERG_WRITE, which is not offered.
+        let config_space: [u8; CONFIG_SIZE] = [0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
+        let core = DeviceCore::new(
+            "virtio-console",
+            COMMON_FEATURES,
+            config_space.to_vec(),
+            &[QUEUE_SIZE, QUEUE_SIZE],
+        )
+        .map_err(ConsoleError::EventFd)?;
         Ok(Console {
             input,
             input_closed: false,
             output,
-            acked_features: 0,
-            // cols = rows = 0 (unknown size), max_nr_ports = 1, emerg_wr = 0; only meaningful
-            // with features cinder does not offer.
-            config_space: [0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0],
-            queue_sizes: [QUEUE_SIZE, QUEUE_SIZE],
-            queue_evts: vec![new_evt()?, new_evt()?],
-            activate_evt: new_evt()?,
-            active: None,
-            queue_evts_registered: false,
+            core,
             input_watched: false,
             tx_bytes: 0,
             rx_bytes: 0,
@@ -103,7 +91,7 @@ impl Console {
 
     /// Written once per activation; the event loop reacts by registering the queue events.
     pub fn activate_event(&self) -> &EventFd {
-        &self.activate_evt
+        self.core.activate_event()
     }
 
     /// The input fd, if there is an input that has not been closed.
@@ -130,7 +118,7 @@ impl Console {
         if self.input_fd().is_none() {
             return false;
         }
-        let Some(active) = self.active.as_ref() else {
+        let Some(active) = self.core.active() else {
             return false;
         };
         let Some(q) = active.queues.get(RX_QUEUE) else {
@@ -145,17 +133,6 @@ impl Console {
         }
     }
 
-    fn signal(active: &mut Active, index: usize) {
-        let Some(q) = active.queues.get_mut(index) else {
-            return;
-        };
-        if q.needs_notification(&active.mem).unwrap_or(true) {
-            if let Err(e) = active.interrupt.signal_used_queue() {
-                warn_ratelimited!("virtio-console: cannot raise the interrupt: {e}");
-            }
-        }
-    }
-
     /// The input is readable: move one read's worth of bytes (at most [`RX_CHUNK`], at most
     /// what the next receive chain holds) into the guest. Bad receive chains on the way are
     /// completed with length 0.
@@ -163,7 +140,7 @@ impl Console {
         if self.input_closed {
             return InputOutcome::Inactive;
         }
-        let (Some(active), Some(input)) = (self.active.as_mut(), self.input.as_mut()) else {
+        let (Some(active), Some(input)) = (self.core.active_mut(), self.input.as_mut()) else {
             return InputOutcome::Inactive;
         };
         let mem = &active.mem;
@@ -268,14 +245,14 @@ impl Console {
             self.input_closed = true;
         }
         if used_any {
-            Self::signal(active, RX_QUEUE);
+            active.signal_used(RX_QUEUE);
         }
         outcome
     }
 
     /// Write every transmitted buffer to the output and complete it.
     pub fn process_tx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.core.active_mut() else {
             return;
         };
         let mem = &active.mem;
@@ -348,7 +325,7 @@ impl Console {
                     warn_ratelimited!("virtio-console: cannot flush the output: {e}");
                 }
             }
-            Self::signal(active, TX_QUEUE);
+            active.signal_used(TX_QUEUE);
         }
     }
 }
@@ -389,78 +366,10 @@ fn write_out(
 }
 
 impl VirtioDevice for Console {
+    impl_virtio_core!();
+
     fn device_type(&self) -> u32 {
         device_type::CONSOLE
-    }
-
-    fn avail_features(&self) -> u64 {
-        COMMON_FEATURES
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & COMMON_FEATURES;
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config_space, offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        // emerg_wr is only writable with VIRTIO_CONSOLE_F_EMERG_WRITE, which is not offered.
-        warn_ratelimited!(
-            "virtio-console: {}-byte config space write at {offset:#x} ignored",
-            data.len()
-        );
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        queues: Vec<Queue>,
-        interrupt: Arc<Interrupt>,
-    ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queues.len() != self.queue_sizes.len() {
-            return Err(ActivateError::QueueCount {
-                expected: self.queue_sizes.len(),
-                got: queues.len(),
-            });
-        }
-        if let Some(index) = queues.iter().position(|q| !q.ready()) {
-            return Err(ActivateError::QueueNotReady(index));
-        }
-        self.activate_evt
-            .write(1)
-            .map_err(ActivateError::ActivateEvent)?;
-        self.active = Some(Active {
-            mem,
-            queues,
-            interrupt,
-        });
-        Ok(())
-    }
-
-    fn reset(&mut self) {
-        self.active = None;
-        self.acked_features = 0;
-    }
-
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
     }
 }
 

@@ -13,11 +13,10 @@
 
 use std::io;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::features::*;
 use super::tap::{offload, NetBackend, Tap};
@@ -27,10 +26,9 @@ use super::{
     VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
     VIRTIO_NET_HDR_GSO_UDP, VIRTIO_NET_S_LINK_UP, VNET_HDR_LEN,
 };
+use crate::virtio::device_core::{impl_virtio_core, DeviceCore};
 use crate::virtio::ratelimit::warn_ratelimited;
-use crate::virtio::{
-    device_type, read_config_bytes, ActivateError, Interrupt, VirtioDevice, COMMON_FEATURES,
-};
+use crate::virtio::{device_type, VirtioDevice, COMMON_FEATURES};
 use crate::GuestMemoryMmap;
 
 /// Frames moved per RX pass before yielding to the event loop (the TAP stays readable, so
@@ -83,31 +81,17 @@ impl RxState {
     }
 }
 
-#[derive(Debug)]
-struct Active {
-    mem: GuestMemoryMmap,
-    queues: Vec<Queue>,
-    interrupt: Arc<Interrupt>,
-}
-
 /// A virtio-net device with one RX and one TX queue over a [`NetBackend`] (a TAP).
 #[derive(Debug)]
 pub struct Net {
     backend: Box<dyn NetBackend>,
     mac: MacAddr,
-    avail_features: u64,
-    acked_features: u64,
-    config_space: [u8; CONFIG_LEN],
-    queue_sizes: [u16; 2],
-    queue_evts: Vec<EventFd>,
-    activate_evt: EventFd,
-    active: Option<Active>,
+    pub(super) core: DeviceCore,
     rx_buf: Vec<u8>,
     /// Length of the frame (header included) held in `rx_buf`, not yet delivered.
     rx_held: Option<usize>,
     tx_buf: Vec<u8>,
     stats: NetStats,
-    pub(super) queue_evts_registered: bool,
     pub(super) backend_registered: bool,
 }
 
@@ -168,22 +152,21 @@ impl Net {
         config_space[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
         config_space[8..10].copy_from_slice(&1u16.to_le_bytes());
         config_space[10..12].copy_from_slice(&mtu.to_le_bytes());
-        let new_evt = || EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd);
+        let core = DeviceCore::new(
+            "virtio-net",
+            avail_features,
+            config_space.to_vec(),
+            &[QUEUE_SIZE, QUEUE_SIZE],
+        )
+        .map_err(NetError::EventFd)?;
         Ok(Net {
             backend,
             mac,
-            avail_features,
-            acked_features: 0,
-            config_space,
-            queue_sizes: [QUEUE_SIZE, QUEUE_SIZE],
-            queue_evts: vec![new_evt()?, new_evt()?],
-            activate_evt: new_evt()?,
-            active: None,
+            core,
             rx_buf: vec![0; BUF_LEN],
             rx_held: None,
             tx_buf: vec![0; BUF_LEN],
             stats: NetStats::default(),
-            queue_evts_registered: false,
             backend_registered: false,
         })
     }
@@ -200,7 +183,7 @@ impl Net {
 
     /// Written once per activation; the event loop reacts by watching the queues and TAP.
     pub fn activate_event(&self) -> &EventFd {
-        &self.activate_evt
+        self.core.activate_event()
     }
 
     /// The backend (its fd is what the event loop watches for RX).
@@ -213,34 +196,47 @@ impl Net {
         self.rx_held.is_some()
     }
 
-    fn acked(&self, bit: u32) -> bool {
-        self.acked_features & (1u64 << bit) != 0
-    }
-
     fn tun_offload_flags(&self) -> u32 {
         let mut flags = 0;
-        if self.acked(VIRTIO_NET_F_GUEST_CSUM) {
+        if self.core.acked(VIRTIO_NET_F_GUEST_CSUM) {
             flags |= offload::TUN_F_CSUM;
-            if self.acked(VIRTIO_NET_F_GUEST_TSO4) {
+            if self.core.acked(VIRTIO_NET_F_GUEST_TSO4) {
                 flags |= offload::TUN_F_TSO4;
             }
-            if self.acked(VIRTIO_NET_F_GUEST_TSO6) {
+            if self.core.acked(VIRTIO_NET_F_GUEST_TSO6) {
                 flags |= offload::TUN_F_TSO6;
             }
-            if self.acked(VIRTIO_NET_F_GUEST_UFO) {
+            if self.core.acked(VIRTIO_NET_F_GUEST_UFO) {
                 flags |= offload::TUN_F_UFO;
             }
         }
         flags
     }
 
+    /// On activation: apply the offloads the driver accepted to the TAP.
+    fn set_tap_offloads(&mut self) {
+        let flags = self.tun_offload_flags();
+        if let Err(e) = self.backend.set_offload(flags) {
+            // Without them the host sends complete frames, which every driver accepts.
+            log::error!("virtio-net: cannot set TAP offloads {flags:#x}: {e}; using none");
+            if let Err(e) = self.backend.set_offload(0) {
+                log::error!("virtio-net: cannot clear TAP offloads: {e}");
+            }
+        }
+    }
+
+    /// On reset: a frame held for the old queues is dropped.
+    fn drop_held_frame(&mut self) {
+        self.rx_held = None;
+    }
+
     /// Move frames from the backend into the guest until the backend is drained, the guest
     /// runs out of buffers or [`RX_BUDGET`] frames went through. Interrupts the guest if
     /// needed.
     pub fn process_rx(&mut self) -> RxState {
-        let mrg = self.acked(VIRTIO_NET_F_MRG_RXBUF);
-        let guest_csum = self.acked(VIRTIO_NET_F_GUEST_CSUM);
-        let Some(active) = self.active.as_mut() else {
+        let mrg = self.core.acked(VIRTIO_NET_F_MRG_RXBUF);
+        let guest_csum = self.core.acked(VIRTIO_NET_F_GUEST_CSUM);
+        let Some(active) = self.core.active_mut() else {
             return RxState::Inactive;
         };
         let Some(queue) = active.queues.get_mut(RX_QUEUE) else {
@@ -322,18 +318,16 @@ impl Net {
             // The TAP drives RX; kicks only matter while waiting for buffers.
             let _ = queue.disable_notification(mem);
         }
-        if used_any && queue.needs_notification(mem).unwrap_or(true) {
-            if let Err(e) = active.interrupt.signal_used_queue() {
-                warn_ratelimited!("virtio-net: cannot raise the interrupt: {e}");
-            }
+        if used_any {
+            active.signal_used(RX_QUEUE);
         }
         state
     }
 
     /// Send every available TX chain to the backend, then notify the guest if needed.
     pub fn process_tx(&mut self) {
-        let features = self.acked_features;
-        let Some(active) = self.active.as_mut() else {
+        let features = self.core.acked_features();
+        let Some(active) = self.core.active_mut() else {
             return;
         };
         let Some(queue) = active.queues.get_mut(TX_QUEUE) else {
@@ -398,10 +392,8 @@ impl Net {
                 }
             }
         }
-        if used_any && queue.needs_notification(mem).unwrap_or(true) {
-            if let Err(e) = active.interrupt.signal_used_queue() {
-                warn_ratelimited!("virtio-net: cannot raise the interrupt: {e}");
-            }
+        if used_any {
+            active.signal_used(TX_QUEUE);
         }
     }
 }
@@ -658,86 +650,13 @@ fn check_tx_header(pkt: &[u8], features: u64) -> Result<(), String> {
 }
 
 impl VirtioDevice for Net {
+    impl_virtio_core!(
+        before_activate: Net::set_tap_offloads,
+        on_reset: Net::drop_held_frame,
+    );
+
     fn device_type(&self) -> u32 {
         device_type::NET
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config_space, offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        warn_ratelimited!(
-            "virtio-net: {}-byte write to read-only config space at {offset:#x} ignored",
-            data.len()
-        );
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        queues: Vec<Queue>,
-        interrupt: Arc<Interrupt>,
-    ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queues.len() != self.queue_sizes.len() {
-            return Err(ActivateError::QueueCount {
-                expected: self.queue_sizes.len(),
-                got: queues.len(),
-            });
-        }
-        if let Some(index) = queues.iter().position(|q| !q.ready()) {
-            return Err(ActivateError::QueueNotReady(index));
-        }
-        let flags = self.tun_offload_flags();
-        if let Err(e) = self.backend.set_offload(flags) {
-            // Without them the host sends complete frames, which every driver accepts.
-            log::error!("virtio-net: cannot set TAP offloads {flags:#x}: {e}; using none");
-            if let Err(e) = self.backend.set_offload(0) {
-                log::error!("virtio-net: cannot clear TAP offloads: {e}");
-            }
-        }
-        self.activate_evt
-            .write(1)
-            .map_err(ActivateError::ActivateEvent)?;
-        self.active = Some(Active {
-            mem,
-            queues,
-            interrupt,
-        });
-        Ok(())
-    }
-
-    fn reset(&mut self) {
-        self.active = None;
-        self.acked_features = 0;
-        self.rx_held = None;
-    }
-
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
     }
 }
 

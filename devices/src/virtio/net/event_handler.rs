@@ -12,34 +12,18 @@
 //! * TX queue kick: a TX pass.
 //! * After a reset, kicks are drained and ignored and the TAP is no longer watched.
 
-use std::io;
-
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
 use super::device::{Net, RxState};
 use super::{RX_QUEUE, TX_QUEUE};
+use crate::virtio::device_core::CoreEvent;
 use crate::virtio::ratelimit::warn_ratelimited;
 use crate::virtio::VirtioDevice;
 
-/// Event data tag of the activate EventFd.
-const ACTIVATE_EVENT: u32 = u32::MAX;
 /// Event data tag of the backend (TAP) fd.
 const BACKEND_EVENT: u32 = u32::MAX - 1;
 
 impl Net {
-    fn register_queue_events(&mut self, ops: &mut EventOps) {
-        if self.queue_evts_registered {
-            return;
-        }
-        for (index, evt) in self.queue_events().iter().enumerate() {
-            let data = u32::try_from(index).unwrap_or(ACTIVATE_EVENT - 2);
-            if let Err(e) = ops.add(Events::with_data(evt, data, EventSet::IN)) {
-                log::error!("virtio-net: cannot watch queue {index} event fd: {e:?}");
-            }
-        }
-        self.queue_evts_registered = true;
-    }
-
     fn watch_backend(&mut self, ops: &mut EventOps, want: bool) {
         if want == self.backend_registered {
             return;
@@ -71,49 +55,25 @@ impl Net {
 
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            self.activate_event(),
-            ACTIVATE_EVENT,
-            EventSet::IN,
-        )) {
-            log::error!("virtio-net: cannot watch the activate event fd: {e:?}");
-        }
+        self.core.init_events(ops);
         if self.is_activated() {
-            self.register_queue_events(ops);
             self.rx_pass(ops);
         }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match events.data() {
-            ACTIVATE_EVENT => {
-                drain(self.activate_event().read());
-                self.register_queue_events(ops);
+        match self.core.on_event(events.data(), ops) {
+            CoreEvent::Activated => {
                 self.process_tx();
                 self.rx_pass(ops);
             }
-            BACKEND_EVENT => self.rx_pass(ops),
-            source => {
-                let index = source as usize;
-                let Some(evt) = self.queue_events().get(index) else {
-                    warn_ratelimited!("virtio-net: event for unknown source {source}");
-                    return;
-                };
-                drain(evt.read());
-                match index {
-                    RX_QUEUE => self.rx_pass(ops),
-                    TX_QUEUE => self.process_tx(),
-                    _ => {}
-                }
+            CoreEvent::Queue(RX_QUEUE) => self.rx_pass(ops),
+            CoreEvent::Queue(TX_QUEUE) => self.process_tx(),
+            CoreEvent::Queue(_) => {}
+            CoreEvent::Other(BACKEND_EVENT) => self.rx_pass(ops),
+            CoreEvent::Other(source) => {
+                warn_ratelimited!("virtio-net: event for unknown source {source}");
             }
         }
-    }
-}
-
-fn drain(result: io::Result<u64>) {
-    match result {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-        Err(e) => warn_ratelimited!("virtio-net: cannot read event fd: {e}"),
     }
 }

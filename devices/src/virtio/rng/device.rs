@@ -2,15 +2,15 @@
 
 use std::io;
 use std::ops::Deref;
-use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemory, GuestMemoryError, Permissions};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{RngError, MAX_BYTES_PER_REQUEST, QUEUE_SIZE};
+use crate::virtio::device_core::{impl_virtio_core, DeviceCore};
 use crate::virtio::ratelimit::warn_ratelimited;
-use crate::virtio::{device_type, ActivateError, Interrupt, VirtioDevice, COMMON_FEATURES};
+use crate::virtio::{device_type, VirtioDevice, COMMON_FEATURES};
 use crate::GuestMemoryMmap;
 
 /// Size of the host bounce buffer getrandom(2) fills before the bytes are copied to the guest.
@@ -113,22 +113,10 @@ where
     Ok(written)
 }
 
-#[derive(Debug)]
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    interrupt: Arc<Interrupt>,
-}
-
 /// A virtio-rng device with one request queue.
 #[derive(Debug)]
 pub struct Rng {
-    acked_features: u64,
-    queue_sizes: [u16; 1],
-    queue_evts: Vec<EventFd>,
-    activate_evt: EventFd,
-    active: Option<Active>,
-    pub(super) queue_evts_registered: bool,
+    pub(super) core: DeviceCore,
     /// Random bytes handed to the guest so far.
     bytes_served: u64,
 }
@@ -136,21 +124,16 @@ pub struct Rng {
 impl Rng {
     /// Build the device.
     pub fn new() -> Result<Self, RngError> {
-        let new_evt = || EventFd::new(EFD_NONBLOCK).map_err(RngError::EventFd);
         Ok(Rng {
-            acked_features: 0,
-            queue_sizes: [QUEUE_SIZE],
-            queue_evts: vec![new_evt()?],
-            activate_evt: new_evt()?,
-            active: None,
-            queue_evts_registered: false,
+            core: DeviceCore::new("virtio-rng", COMMON_FEATURES, Vec::new(), &[QUEUE_SIZE])
+                .map_err(RngError::EventFd)?,
             bytes_served: 0,
         })
     }
 
     /// Written once per activation; the event loop reacts by registering the queue event.
     pub fn activate_event(&self) -> &EventFd {
-        &self.activate_evt
+        self.core.activate_event()
     }
 
     /// Random bytes handed to the guest since the device was created.
@@ -161,10 +144,12 @@ impl Rng {
     /// Complete every available request, then notify the guest if needed. A no-op when the
     /// device is not active.
     pub fn process_queue(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.core.active_mut() else {
             return;
         };
-        let queue = &mut active.queue;
+        let Some(queue) = active.queues.first_mut() else {
+            return;
+        };
         let mem = &active.mem;
         let mut used_any = false;
         'outer: loop {
@@ -206,82 +191,17 @@ impl Rng {
                 }
             }
         }
-        if used_any && queue.needs_notification(mem).unwrap_or(true) {
-            if let Err(e) = active.interrupt.signal_used_queue() {
-                warn_ratelimited!("virtio-rng: cannot raise the interrupt: {e}");
-            }
+        if used_any {
+            active.signal_used(0);
         }
     }
 }
 
 impl VirtioDevice for Rng {
+    impl_virtio_core!();
+
     fn device_type(&self) -> u32 {
         device_type::RNG
-    }
-
-    fn avail_features(&self) -> u64 {
-        COMMON_FEATURES
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & COMMON_FEATURES;
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-
-    fn read_config(&self, _offset: u64, _data: &mut [u8]) {}
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        warn_ratelimited!(
-            "virtio-rng: {}-byte write to the (empty) config space at {offset:#x} ignored",
-            data.len()
-        );
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        queues: Vec<Queue>,
-        interrupt: Arc<Interrupt>,
-    ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        let got = queues.len();
-        let Ok([queue]) = <[Queue; 1]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        if !queue.ready() {
-            return Err(ActivateError::QueueNotReady(0));
-        }
-        self.activate_evt
-            .write(1)
-            .map_err(ActivateError::ActivateEvent)?;
-        self.active = Some(Active {
-            mem,
-            queue,
-            interrupt,
-        });
-        Ok(())
-    }
-
-    fn reset(&mut self) {
-        self.active = None;
-        self.acked_features = 0;
-    }
-
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
     }
 }
 

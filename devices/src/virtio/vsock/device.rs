@@ -6,12 +6,11 @@ use std::fmt;
 use std::io::{self, Read};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{QueueOwnedT, QueueT};
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
 use vm_memory::VolatileMemory;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::conn::{Connection, GuestHeader, RxPacket};
 use super::packet::{HOST_CID, OP_REQUEST, OP_RST, TYPE_STREAM};
@@ -19,11 +18,9 @@ use super::{
     VsockError, MAX_CONNECTIONS, MAX_CONNECT_LINE, MAX_PENDING_CONNECTS, MAX_PKT_DATA, QUEUE_SIZE,
     RX_QUEUE, TX_QUEUE,
 };
+use crate::virtio::device_core::{impl_virtio_core, DeviceCore};
 use crate::virtio::ratelimit::warn_ratelimited;
-use crate::virtio::{
-    device_type, read_config_bytes, ActivateError, Interrupt, VirtioDevice, COMMON_FEATURES,
-};
-use crate::GuestMemoryMmap;
+use crate::virtio::{device_type, VirtioDevice, COMMON_FEATURES};
 
 /// Most RSTs for unknown connections waiting for a receive buffer; more are dropped.
 const MAX_PENDING_RST: usize = 256;
@@ -286,22 +283,10 @@ impl Backend {
     }
 }
 
-struct Active {
-    mem: GuestMemoryMmap,
-    queues: Vec<Queue>,
-    interrupt: Arc<Interrupt>,
-}
-
 /// A virtio-vsock device.
 pub struct Vsock {
     pub(super) backend: Backend,
-    acked_features: u64,
-    config_space: [u8; 8],
-    queue_sizes: [u16; 3],
-    queue_evts: Vec<EventFd>,
-    activate_evt: EventFd,
-    active: Option<Active>,
-    pub(super) queue_evts_registered: bool,
+    pub(super) core: DeviceCore,
     pub(super) interest: super::event_handler::Interest,
 }
 
@@ -311,7 +296,7 @@ impl fmt::Debug for Vsock {
             .field("cid", &self.backend.cid)
             .field("uds_path", &self.backend.uds_path)
             .field("connections", &self.backend.conns.len())
-            .field("activated", &self.active.is_some())
+            .field("activated", &self.core.is_activated())
             .finish_non_exhaustive()
     }
 }
@@ -329,7 +314,14 @@ impl Vsock {
                 path: config.uds_path.clone(),
                 source,
             })?;
-        let new_evt = || EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd);
+        let config_space = config.guest_cid.to_le_bytes().to_vec();
+        let core = DeviceCore::new(
+            "virtio-vsock",
+            COMMON_FEATURES,
+            config_space,
+            &[QUEUE_SIZE; 3],
+        )
+        .map_err(VsockError::EventFd)?;
         Ok(Vsock {
             backend: Backend {
                 cid: config.guest_cid,
@@ -341,13 +333,7 @@ impl Vsock {
                 next_local_port: FIRST_LOCAL_PORT,
                 scratch: vec![0u8; MAX_PKT_DATA as usize],
             },
-            acked_features: 0,
-            config_space: config.guest_cid.to_le_bytes(),
-            queue_sizes: [QUEUE_SIZE; 3],
-            queue_evts: vec![new_evt()?, new_evt()?, new_evt()?],
-            activate_evt: new_evt()?,
-            active: None,
-            queue_evts_registered: false,
+            core,
             interest: super::event_handler::Interest::default(),
         })
     }
@@ -364,7 +350,7 @@ impl Vsock {
 
     /// Written once per activation; the event loop reacts by registering the queue events.
     pub fn activate_event(&self) -> &EventFd {
-        &self.activate_evt
+        self.core.activate_event()
     }
 
     /// Open connections.
@@ -403,9 +389,16 @@ impl Vsock {
         );
     }
 
+    /// On reset: the guest's sockets are gone, so every connection is dropped (host peers see
+    /// EOF).
+    fn drop_connections(&mut self) {
+        self.backend.conns.clear();
+        self.backend.rst_queue.clear();
+    }
+
     /// Process the guest's transmit queue.
     pub fn process_tx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.core.active_mut() else {
             return;
         };
         let mem = &active.mem;
@@ -445,13 +438,13 @@ impl Vsock {
             used_any = true;
         }
         if used_any {
-            signal(active, TX_QUEUE);
+            active.signal_used(TX_QUEUE);
         }
     }
 
     /// Fill the guest's receive buffers with whatever is pending.
     pub fn process_rx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.core.active_mut() else {
             return;
         };
         let mem = &active.mem;
@@ -523,18 +516,7 @@ impl Vsock {
             used_any = true;
         }
         if used_any {
-            signal(active, RX_QUEUE);
-        }
-    }
-}
-
-fn signal(active: &mut Active, index: usize) {
-    let Some(q) = active.queues.get_mut(index) else {
-        return;
-    };
-    if q.needs_notification(&active.mem).unwrap_or(true) {
-        if let Err(e) = active.interrupt.signal_used_queue() {
-            warn_ratelimited!("virtio-vsock: cannot raise the interrupt: {e}");
+            active.signal_used(RX_QUEUE);
         }
     }
 }
@@ -546,80 +528,10 @@ impl Drop for Vsock {
 }
 
 impl VirtioDevice for Vsock {
+    impl_virtio_core!(on_reset: Vsock::drop_connections,);
+
     fn device_type(&self) -> u32 {
         device_type::VSOCK
-    }
-
-    fn avail_features(&self) -> u64 {
-        COMMON_FEATURES
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & COMMON_FEATURES;
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config_space, offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        warn_ratelimited!(
-            "virtio-vsock: {}-byte write to read-only config space at {offset:#x} ignored",
-            data.len()
-        );
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        queues: Vec<Queue>,
-        interrupt: Arc<Interrupt>,
-    ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queues.len() != self.queue_sizes.len() {
-            return Err(ActivateError::QueueCount {
-                expected: self.queue_sizes.len(),
-                got: queues.len(),
-            });
-        }
-        if let Some(index) = queues.iter().position(|q| !q.ready()) {
-            return Err(ActivateError::QueueNotReady(index));
-        }
-        self.activate_evt
-            .write(1)
-            .map_err(ActivateError::ActivateEvent)?;
-        self.active = Some(Active {
-            mem,
-            queues,
-            interrupt,
-        });
-        Ok(())
-    }
-
-    fn reset(&mut self) {
-        // The guest's sockets are gone: drop every connection (host peers see EOF).
-        self.backend.conns.clear();
-        self.backend.rst_queue.clear();
-        self.active = None;
-        self.acked_features = 0;
-    }
-
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
     }
 }
 

@@ -8,17 +8,16 @@
 //! make the loop spin.
 
 use std::collections::HashMap;
-use std::io;
 use std::os::fd::AsRawFd;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
 use super::device::{ClientOutcome, ConnKey, Vsock};
 use super::{EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
+use crate::virtio::device_core::CoreEvent;
 use crate::virtio::ratelimit::warn_ratelimited;
 use crate::virtio::VirtioDevice;
 
-const ACTIVATE_EVENT: u32 = u32::MAX;
 const LISTENER_EVENT: u32 = u32::MAX - 1;
 /// First token for host clients and connections.
 const FIRST_TOKEN: u32 = 16;
@@ -59,19 +58,6 @@ impl Interest {
 }
 
 impl Vsock {
-    fn register_queue_events(&mut self, ops: &mut EventOps) {
-        if self.queue_evts_registered {
-            return;
-        }
-        for (index, evt) in self.queue_events().iter().enumerate() {
-            let data = u32::try_from(index).unwrap_or(LAST_TOKEN);
-            if let Err(e) = ops.add(Events::with_data(evt, data, EventSet::IN)) {
-                log::error!("virtio-vsock: cannot watch queue {index} event fd: {e:?}");
-            }
-        }
-        self.queue_evts_registered = true;
-    }
-
     /// Bring the epoll set in line with what each connection wants; drop finished ones.
     fn sync_interest(&mut self, ops: &mut EventOps) {
         let want_listener = self.is_activated();
@@ -206,39 +192,22 @@ impl Vsock {
 
 impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            self.activate_event(),
-            ACTIVATE_EVENT,
-            EventSet::IN,
-        )) {
-            log::error!("virtio-vsock: cannot watch the activate event fd: {e:?}");
-        }
-        if self.is_activated() {
-            self.register_queue_events(ops);
-        }
+        self.core.init_events(ops);
         self.sync_interest(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match events.data() {
-            ACTIVATE_EVENT => {
-                drain(self.activate_event().read());
-                self.register_queue_events(ops);
-                self.process_tx();
-            }
-            LISTENER_EVENT => self.on_listener(ops),
-            q if (q as usize) < self.queue_events().len() => {
-                let index = q as usize;
-                if let Some(evt) = self.queue_events().get(index) {
-                    drain(evt.read());
-                }
+        match self.core.on_event(events.data(), ops) {
+            CoreEvent::Activated => self.process_tx(),
+            CoreEvent::Queue(index) => {
                 if index == TX_QUEUE {
                     self.process_tx();
                 }
                 // RX_QUEUE: new buffers, handled below; EVENT_QUEUE: cinder sends no events.
                 debug_assert!(index == RX_QUEUE || index == TX_QUEUE || index == EVENT_QUEUE);
             }
-            tok => match self.interest.tokens.get(&tok).copied() {
+            CoreEvent::Other(LISTENER_EVENT) => self.on_listener(ops),
+            CoreEvent::Other(tok) => match self.interest.tokens.get(&tok).copied() {
                 Some(Token::Client) => self.on_client(tok, ops),
                 Some(Token::Conn(key)) => self.on_conn(key, events.event_set()),
                 None => {
@@ -249,13 +218,5 @@ impl MutEventSubscriber for Vsock {
         }
         self.process_rx();
         self.sync_interest(ops);
-    }
-}
-
-fn drain(result: io::Result<u64>) {
-    match result {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-        Err(e) => warn_ratelimited!("virtio-vsock: cannot read event fd: {e}"),
     }
 }

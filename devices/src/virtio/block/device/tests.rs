@@ -3,9 +3,14 @@ use crate::virtio::block::request::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use crate::virtio::features::VIRTIO_F_VERSION_1;
+use crate::virtio::{ActivateError, Interrupt};
+use crate::GuestMemoryMmap;
+use std::sync::Arc;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EFD_NONBLOCK;
 use vmm_sys_util::tempfile::TempFile;
 
 const F_WRITE: u16 = 2;

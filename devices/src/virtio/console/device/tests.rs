@@ -1,7 +1,10 @@
 use super::*;
+use crate::virtio::Interrupt;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::sync::Mutex;
+use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};

@@ -1,11 +1,14 @@
 use super::*;
 use crate::virtio::features::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::virtio::net::VIRTIO_NET_HDR_F_DATA_VALID;
+use crate::virtio::Interrupt;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::AtomicU32;
+use std::sync::Arc;
 use std::sync::Mutex;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;

@@ -1,8 +1,12 @@
 use super::*;
 use crate::virtio::features::VIRTIO_F_VERSION_1;
+use crate::virtio::{ActivateError, Interrupt};
+use std::sync::Arc;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::Queue;
 use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 const F_WRITE: u16 = 2;
 const F_NEXT: u16 = 1;

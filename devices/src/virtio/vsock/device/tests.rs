@@ -1,7 +1,11 @@
 use super::*;
+use crate::virtio::Interrupt;
+use crate::GuestMemoryMmap;
 use std::io::Write;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
+use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};

@@ -1,0 +1,339 @@
+//! The plumbing every cinder virtio device shares, so each device model keeps only what is
+//! specific to it.
+//!
+//! * [`DeviceCore`] owns the offered and acked feature bits, the (read-only) config space, the
+//!   queue sizes, one notification EventFd per queue, the activate EventFd and, while the
+//!   device runs, its [`ActiveState`] (guest memory, queues, interrupt). It does the
+//!   [`VirtioDevice`] bookkeeping: the checks of [`VirtioDevice::activate`] and what
+//!   [`VirtioDevice::reset`] forgets.
+//! * [`impl_virtio_core!`] expands, inside an `impl VirtioDevice for X` block, every method but
+//!   `device_type` from the device's `core` field, with optional device hooks run during
+//!   `activate` and `reset`.
+//! * The event-loop half: [`DeviceCore::init_events`] watches the activate EventFd,
+//!   [`DeviceCore::on_event`] drains the activate or a queue EventFd (watching the queue
+//!   EventFds on the first activation) and says which it was ([`CoreEvent`]), so a device's
+//!   [`event_manager::MutEventSubscriber`] only decides what to process.
+//!
+//! [`VirtioDevice`]: super::VirtioDevice
+//! [`VirtioDevice::activate`]: super::VirtioDevice::activate
+//! [`VirtioDevice::reset`]: super::VirtioDevice::reset
+
+use std::io;
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::ratelimit::warn_ratelimited;
+use super::{read_config_bytes, ActivateError, Interrupt};
+use crate::GuestMemoryMmap;
+
+/// Event data tag of the activate EventFd (queue EventFds carry their index). Devices tag
+/// their other fds with values that are neither this nor a queue index.
+const ACTIVATE_EVENT: u32 = u32::MAX;
+
+/// What a device holds between a successful activation and the next reset.
+#[derive(Debug)]
+pub(crate) struct ActiveState {
+    /// Guest memory, as handed over by the transport.
+    pub(crate) mem: GuestMemoryMmap,
+    /// One queue per entry of the device's queue sizes, all ready.
+    pub(crate) queues: Vec<Queue>,
+    /// The interrupt shared with the transport.
+    pub(crate) interrupt: Arc<Interrupt>,
+    /// Log prefix of the device ("virtio-blk").
+    name: &'static str,
+}
+
+impl ActiveState {
+    /// Raise the used-buffer interrupt if queue `index` asks for it (always when that cannot be
+    /// told). Failures are logged (rate-limited); an unknown index does nothing.
+    pub(crate) fn signal_used(&mut self, index: usize) {
+        let Some(q) = self.queues.get_mut(index) else {
+            return;
+        };
+        if q.needs_notification(&self.mem).unwrap_or(true) {
+            if let Err(e) = self.interrupt.signal_used_queue() {
+                warn_ratelimited!("{}: cannot raise the interrupt: {e}", self.name);
+            }
+        }
+    }
+}
+
+/// What [`DeviceCore::on_event`] made of an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CoreEvent {
+    /// The device was activated: the activate EventFd was drained and the queue EventFds are
+    /// watched.
+    Activated,
+    /// Queue `0`'s EventFd was kicked (and drained).
+    Queue(usize),
+    /// Not an activate or queue event: the device's own tag.
+    Other(u32),
+}
+
+/// Features, queues, EventFds and activation state of one virtio device.
+#[derive(Debug)]
+pub(crate) struct DeviceCore {
+    name: &'static str,
+    avail_features: u64,
+    acked_features: u64,
+    config_space: Vec<u8>,
+    queue_sizes: Vec<u16>,
+    queue_evts: Vec<EventFd>,
+    activate_evt: EventFd,
+    active: Option<ActiveState>,
+    queue_evts_registered: bool,
+}
+
+impl DeviceCore {
+    /// A device named `name` (the log prefix, e.g. "virtio-blk") offering `avail_features`,
+    /// with the read-only `config_space` and one queue of each size in `queue_sizes`. Creates
+    /// the queue and activate EventFds.
+    pub(crate) fn new(
+        name: &'static str,
+        avail_features: u64,
+        config_space: Vec<u8>,
+        queue_sizes: &[u16],
+    ) -> io::Result<Self> {
+        let queue_evts = queue_sizes
+            .iter()
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(DeviceCore {
+            name,
+            avail_features,
+            acked_features: 0,
+            config_space,
+            queue_sizes: queue_sizes.to_vec(),
+            queue_evts,
+            activate_evt: EventFd::new(EFD_NONBLOCK)?,
+            active: None,
+            queue_evts_registered: false,
+        })
+    }
+
+    /// Feature bits offered.
+    pub(crate) fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    /// Feature bits acked (0 after reset).
+    pub(crate) fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    /// Record the driver's features, masked to those offered.
+    pub(crate) fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    /// Whether feature `bit` was acked.
+    pub(crate) fn acked(&self, bit: u32) -> bool {
+        self.acked_features & (1u64 << bit) != 0
+    }
+
+    /// [`super::VirtioDevice::read_config`]: bytes past the config space read as zero.
+    pub(crate) fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space, offset, data);
+    }
+
+    /// [`super::VirtioDevice::write_config`]: the config space is read-only, the write is
+    /// logged (rate-limited) and ignored.
+    pub(crate) fn write_config(&self, offset: u64, data: &[u8]) {
+        warn_ratelimited!(
+            "{}: {}-byte write to read-only config space at {offset:#x} ignored",
+            self.name,
+            data.len()
+        );
+    }
+
+    /// Maximum size of each queue.
+    pub(crate) fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    /// One notification EventFd per queue, for the device's whole life.
+    pub(crate) fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    /// Written once per activation; the event loop reacts by watching the queue EventFds.
+    pub(crate) fn activate_event(&self) -> &EventFd {
+        &self.activate_evt
+    }
+
+    /// The checks of [`super::VirtioDevice::activate`]: not active yet, one queue per queue
+    /// size, every queue ready.
+    pub(crate) fn check_activate(&self, queues: &[Queue]) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if queues.len() != self.queue_sizes.len() {
+            return Err(ActivateError::QueueCount {
+                expected: self.queue_sizes.len(),
+                got: queues.len(),
+            });
+        }
+        if let Some(index) = queues.iter().position(|q| !q.ready()) {
+            return Err(ActivateError::QueueNotReady(index));
+        }
+        Ok(())
+    }
+
+    /// Tell the event loop and keep the state: the end of an activation that passed
+    /// [`Self::check_activate`].
+    pub(crate) fn commit_activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError> {
+        self.activate_evt
+            .write(1)
+            .map_err(ActivateError::ActivateEvent)?;
+        self.active = Some(ActiveState {
+            mem,
+            queues,
+            interrupt,
+            name: self.name,
+        });
+        Ok(())
+    }
+
+    /// Stop using guest memory and the queues; forget the acked features. The EventFds stay.
+    pub(crate) fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+    }
+
+    /// Whether the device was activated since the last reset.
+    pub(crate) fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// The activation state, None while not active.
+    pub(crate) fn active(&self) -> Option<&ActiveState> {
+        self.active.as_ref()
+    }
+
+    /// The activation state, None while not active.
+    pub(crate) fn active_mut(&mut self) -> Option<&mut ActiveState> {
+        self.active.as_mut()
+    }
+
+    /// For [`event_manager::MutEventSubscriber::init`]: watch the activate EventFd, and the
+    /// queue EventFds if the device is already active.
+    pub(crate) fn init_events(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.activate_evt,
+            ACTIVATE_EVENT,
+            EventSet::IN,
+        )) {
+            log::error!("{}: cannot watch the activate event fd: {e:?}", self.name);
+        }
+        if self.is_activated() {
+            self.register_queue_events(ops);
+        }
+    }
+
+    /// Watch the queue EventFds (once: they live as long as the device).
+    fn register_queue_events(&mut self, ops: &mut EventOps) {
+        if self.queue_evts_registered {
+            return;
+        }
+        for (data, evt) in (0u32..).zip(&self.queue_evts) {
+            if let Err(e) = ops.add(Events::with_data(evt, data, EventSet::IN)) {
+                log::error!("{}: cannot watch queue {data} event fd: {e:?}", self.name);
+            }
+        }
+        self.queue_evts_registered = true;
+    }
+
+    /// For [`event_manager::MutEventSubscriber::process`]: handle an event tagged `data`. The
+    /// activate EventFd is drained and the queue EventFds watched; a queue EventFd is drained.
+    /// Anything else is left to the device.
+    pub(crate) fn on_event(&mut self, data: u32, ops: &mut EventOps) -> CoreEvent {
+        if data == ACTIVATE_EVENT {
+            self.drain(self.activate_evt.read());
+            self.register_queue_events(ops);
+            return CoreEvent::Activated;
+        }
+        let index = data as usize;
+        match self.queue_evts.get(index) {
+            Some(evt) => {
+                self.drain(evt.read());
+                CoreEvent::Queue(index)
+            }
+            None => CoreEvent::Other(data),
+        }
+    }
+
+    fn drain(&self, result: io::Result<u64>) {
+        match result {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => warn_ratelimited!("{}: cannot read event fd: {e}", self.name),
+        }
+    }
+}
+
+/// Inside `impl VirtioDevice for X`, where `X` has a [`DeviceCore`] field named `core`: every
+/// [`super::VirtioDevice`] method but `device_type`, forwarded to the core.
+///
+/// Optional hooks, each a path to a `fn(&mut X)`:
+/// * `before_activate`: run once the activation checks passed, before the event loop is told.
+/// * `on_reset`: run on reset, before the core forgets the activation and acked features.
+macro_rules! impl_virtio_core {
+    ($(before_activate: $before_activate:path,)? $(on_reset: $on_reset:path,)?) => {
+        fn avail_features(&self) -> u64 {
+            self.core.avail_features()
+        }
+
+        fn set_acked_features(&mut self, features: u64) {
+            self.core.set_acked_features(features);
+        }
+
+        fn acked_features(&self) -> u64 {
+            self.core.acked_features()
+        }
+
+        fn queue_max_sizes(&self) -> &[u16] {
+            self.core.queue_max_sizes()
+        }
+
+        fn queue_events(&self) -> &[::vmm_sys_util::eventfd::EventFd] {
+            self.core.queue_events()
+        }
+
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            self.core.read_config(offset, data);
+        }
+
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            self.core.write_config(offset, data);
+        }
+
+        fn activate(
+            &mut self,
+            mem: $crate::GuestMemoryMmap,
+            queues: ::std::vec::Vec<::virtio_queue::Queue>,
+            interrupt: ::std::sync::Arc<$crate::virtio::Interrupt>,
+        ) -> ::std::result::Result<(), $crate::virtio::ActivateError> {
+            self.core.check_activate(&queues)?;
+            $($before_activate(self);)?
+            self.core.commit_activate(mem, queues, interrupt)
+        }
+
+        fn reset(&mut self) {
+            $($on_reset(self);)?
+            self.core.reset();
+        }
+
+        fn is_activated(&self) -> bool {
+            self.core.is_activated()
+        }
+    };
+}
+pub(crate) use impl_virtio_core;
