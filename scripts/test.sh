@@ -15,7 +15,8 @@ echo "[test] building guest artifacts (cached in ${CINDER_CACHE:-$HOME/.cache/ci
 CINDER_GUEST_DIR=$(bash resources/guest/build.sh default | tail -n 1)
 # cinder's --cpu-template no-pv-hypercalls replaces the profile's kvm.c patch.
 CINDER_TEST_GUEST_DIR=$(CINDER_TEST_KVM_PV_PATCH=0 bash resources/guest/build.sh test | tail -n 1)
-export CINDER_GUEST_DIR CINDER_TEST_GUEST_DIR
+CINDER_ROOTFS_DIR=$(bash resources/guest/build-rootfs.sh | tail -n 1)
+export CINDER_GUEST_DIR CINDER_TEST_GUEST_DIR CINDER_ROOTFS_DIR
 
 echo "[test] cargo fmt --check" >&2
 cargo fmt --all -- --check

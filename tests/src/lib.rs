@@ -4,6 +4,8 @@
 pub mod cinder;
 pub mod guest;
 pub mod http;
+pub mod linux;
+pub mod netns;
 pub mod probe;
 pub mod qemu;
 pub mod runner;

@@ -1,26 +1,26 @@
 //! virtio-net: the probe's `net` check on a TAP device in a private network namespace, under
 //! QEMU microvm (the oracle) and under cinder (`--net tap=NAME`).
 //!
-//! Each test makes its own namespace `cndr-t-<pid>-<n>` holding a TAP with 10.0.2.2/24 and runs
-//! the VMM inside it (`ip netns exec`); the host side (ping, UDP echo, bulk transfers both
-//! ways) runs on a thread that entered the namespace with setns(2). The namespace (and the
-//! TAP) is deleted by a Drop guard. All traffic stays on 10.0.2.0/24 inside that namespace.
+//! Each test makes its own namespace (`cinder_tests::netns::NetNs`) holding a TAP with
+//! 10.0.2.2/24 and runs the VMM inside it (`ip netns exec`); the host side (ping, UDP echo, bulk
+//! transfers both ways) runs on a thread that entered the namespace with setns(2). The
+//! namespace (and the TAP) is deleted by a Drop guard. All traffic stays on 10.0.2.0/24 inside
+//! that namespace.
 //!
 //! The protocol (resources/probe/README.md, "net protocol"): UDP datagrams to the probe's
 //! port, first byte a type. Bulk data is `CHUNK`-byte chunks with sequence numbers, go-back-N
 //! with cumulative ACKs; the checksum is FNV-1a over 64-bit little-endian words.
 
 use std::ffi::CString;
-use std::fs::File;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use cinder_tests::cinder::{cinder_bin, require_kvm};
+use cinder_tests::netns::{ping, NetNs};
 use cinder_tests::probe::{self, Status};
 use cinder_tests::qemu::{Microvm, DEFAULT_MACHINE};
 use cinder_tests::session::Session;
@@ -70,166 +70,6 @@ fn chunks() -> u32 {
     u32::try_from(TRANSFER_BYTES.div_ceil(CHUNK as u64)).expect("chunk count fits u32")
 }
 
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A network namespace with a TAP at 10.0.2.2/24, deleted on drop.
-struct NetNs {
-    name: String,
-    tap: String,
-}
-
-impl NetNs {
-    fn new() -> NetNs {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let pid = std::process::id();
-        let ns = NetNs {
-            name: format!("cndr-t-{pid}-{n}"),
-            tap: format!("tapc{n}"),
-        };
-        sh(&["ip", "netns", "add", &ns.name]);
-        let x = |cmd: &[&str]| {
-            let mut v = vec!["ip", "netns", "exec", &ns.name];
-            v.extend_from_slice(cmd);
-            sh(&v);
-        };
-        x(&["ip", "link", "set", "lo", "up"]);
-        x(&["ip", "tuntap", "add", "dev", &ns.tap, "mode", "tap"]);
-        x(&["ip", "addr", "add", "10.0.2.2/24", "dev", &ns.tap]);
-        x(&["ip", "link", "set", &ns.tap, "up"]);
-        ns
-    }
-
-    /// `ip netns exec NS <program> <args>` for a prepared command.
-    fn wrap(&self, c: &Command) -> Command {
-        let mut w = Command::new("ip");
-        w.args(["netns", "exec", &self.name])
-            .arg(c.get_program())
-            .args(c.get_args());
-        w
-    }
-
-    /// Runs `f` on a thread inside the namespace.
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{}", self.name);
-        let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-        std::thread::spawn(move || {
-            // SAFETY: setns(2) on this thread with a namespace fd we hold open.
-            let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap_or_else(|e| std::panic::resume_unwind(e))
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "exec", &self.name, "ip", "link", "del", &self.tap])
-            .output();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
-}
-
-fn icmp_checksum(data: &[u8]) -> u16 {
-    let mut s: u32 = data
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while s >> 16 != 0 {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    !(s as u16)
-}
-
-/// ICMP echo to the probe through a raw socket; the number of replies to `count` requests.
-fn ping(count: u16, timeout: Duration) -> u16 {
-    // SAFETY: plain socket(2).
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
-    assert!(fd >= 0, "raw ICMP socket: {}", io::Error::last_os_error());
-    // SAFETY: just created and owned here.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let tv = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 100_000,
-    };
-    // SAFETY: setsockopt reads a timeval through the pointer.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
-    };
-    let dst = libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(PROBE_IP).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    let id = (std::process::id() & 0xffff) as u16;
-    let mut replies = 0;
-    for seq in 1..=count {
-        let mut pkt = vec![8u8, 0, 0, 0];
-        pkt.extend(id.to_be_bytes());
-        pkt.extend(seq.to_be_bytes());
-        pkt.extend((0..56u8).map(|i| i.wrapping_mul(3)));
-        let c = icmp_checksum(&pkt);
-        pkt[2..4].copy_from_slice(&c.to_be_bytes());
-        // SAFETY: `pkt` and `dst` are valid for the call.
-        unsafe {
-            libc::sendto(
-                fd.as_raw_fd(),
-                pkt.as_ptr().cast(),
-                pkt.len(),
-                0,
-                (&dst as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as u32,
-            )
-        };
-        let until = Instant::now() + timeout;
-        let mut buf = [0u8; 2048];
-        while Instant::now() < until {
-            // SAFETY: `buf` is valid for writes of its length.
-            let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            let Ok(n) = usize::try_from(n) else { continue };
-            if n < 28 {
-                continue;
-            }
-            let ihl = usize::from(buf[0] & 0xf) * 4;
-            let icmp = &buf[ihl.min(n)..n];
-            if buf[12..16] == PROBE_IP.octets()
-                && icmp.len() == pkt.len()
-                && icmp[0] == 0
-                && icmp[4..] == pkt[4..]
-                && icmp_checksum(icmp) == 0
-            {
-                replies += 1;
-                break;
-            }
-        }
-    }
-    replies
-}
-
 /// What the host side measured.
 #[derive(Debug)]
 struct HostResult {
@@ -254,7 +94,7 @@ fn host_side() -> HostResult {
         // The first request also resolves the probe's MAC (ARP).
         let mut got = 0;
         for _ in 0..5 {
-            got = ping(3, Duration::from_secs(3));
+            got = ping(PROBE_IP, 3, Duration::from_secs(3));
             if got == 3 {
                 break;
             }

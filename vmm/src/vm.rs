@@ -147,7 +147,14 @@ impl VmSpec {
     /// The command line the guest gets: the user's, then one `virtio_mmio.device=` per
     /// virtio device and the root device.
     pub fn full_cmdline(&self) -> String {
-        let mut c = self.cmdline.trim().to_string();
+        // Kernel parameters go before a `--`: what follows it is init's.
+        let user = self.cmdline.trim();
+        let (kernel_part, init_part) = match user.find(" -- ") {
+            Some(i) => (&user[..i], Some(&user[i + 1..])),
+            None if user.starts_with("-- ") || user == "--" => ("", Some(user)),
+            None => (user, None),
+        };
+        let mut c = kernel_part.trim().to_string();
         for i in 0..self.virtio_count() {
             let (base, irq) = virtio_slot(i);
             c.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
@@ -158,6 +165,10 @@ impl VmSpec {
                 " root=/dev/vd{letter} {}",
                 if d.read_only { "ro" } else { "rw" }
             ));
+        }
+        if let Some(init) = init_part {
+            c.push(' ');
+            c.push_str(init);
         }
         c.trim().to_string()
     }
@@ -887,5 +898,64 @@ impl SignalFd {
             )
         };
         (n as usize == size).then_some(info.ssi_signo as i32)
+    }
+}
+
+#[cfg(test)]
+mod spec_tests {
+    use super::*;
+
+    fn spec(cmdline: &str, drives: Vec<DriveSpec>) -> VmSpec {
+        VmSpec {
+            kernel: PathBuf::from("k"),
+            initrd: None,
+            cmdline: cmdline.into(),
+            vcpus: 1,
+            memory_mib: 128,
+            boot_protocol: ProtocolChoice::Auto,
+            cpu_template: CpuTemplate::Host,
+            kvm_path: "/dev/kvm".into(),
+            drives,
+            nets: Vec::new(),
+            rng: true,
+            console: ConsoleSpec::Serial,
+            vsock: None,
+        }
+    }
+
+    fn drive(id: &str, root: bool, ro: bool) -> DriveSpec {
+        DriveSpec {
+            id: id.into(),
+            path: PathBuf::from(id),
+            read_only: ro,
+            root,
+        }
+    }
+
+    #[test]
+    fn cmdline_gets_devices_and_root_before_init_args() {
+        let s = spec(
+            "console=ttyS0 -- init-arg",
+            vec![drive("r", true, true), drive("d", false, false)],
+        );
+        assert_eq!(
+            s.full_cmdline(),
+            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 \
+             virtio_mmio.device=4K@0xd0002000:7 root=/dev/vda ro -- init-arg"
+        );
+        let s = spec("quiet", vec![]);
+        assert_eq!(s.full_cmdline(), "quiet virtio_mmio.device=4K@0xd0000000:5");
+    }
+
+    #[test]
+    fn duplicate_ids_and_roots_are_refused() {
+        let s = spec("", vec![drive("a", false, false), drive("a", false, false)]);
+        assert!(s.validate().unwrap_err().to_string().contains("used twice"));
+        let s = spec("", vec![drive("a", true, false), drive("b", true, false)]);
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("more than one"));
     }
 }
