@@ -489,3 +489,69 @@ fn send_ctrl_alt_del_reaches_the_guest_under_cinder() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(st.code(), Some(0), "{}", s.log());
 }
+
+#[test]
+fn patch_drive_after_boot_under_cinder() {
+    require_kvm();
+    let d = Scratch::new("patchdrive");
+    let sock = d.path("api.sock");
+    let (a, b) = (d.path("a.img"), d.path("b.img"));
+    std::fs::write(&a, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&b, vec![0u8; 4 << 20]).unwrap();
+    let mut s = start_api(&sock, &[]);
+    let body = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "probe.run=tick probe.ticks=1000000 probe.tick_ms=50"}}"#,
+        probe::elf_path().display()
+    );
+    assert_eq!(
+        request(&sock, "PUT", "/boot-source", Some(&body)).status,
+        204
+    );
+    let drive = format!(
+        r#"{{"drive_id": "data", "path_on_host": "{}", "is_root_device": false, "is_read_only": false}}"#,
+        a.display()
+    );
+    assert_eq!(
+        request(&sock, "PUT", "/drives/data", Some(&drive)).status,
+        204
+    );
+    // Before boot, PATCH is refused (Firecracker's rule).
+    let patch = format!(
+        r#"{{"drive_id": "data", "path_on_host": "{}"}}"#,
+        b.display()
+    );
+    assert_eq!(
+        request(&sock, "PATCH", "/drives/data", Some(&patch)).status,
+        400
+    );
+    assert_eq!(
+        request(
+            &sock,
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "InstanceStart"}"#)
+        )
+        .status,
+        204
+    );
+    s.expect("PROBE tick 1 ", Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let r = request(&sock, "PATCH", "/drives/data", Some(&patch));
+    assert_eq!(r.status, 204, "{r:?}");
+    let cfg = request(&sock, "GET", "/vm/config", None).json();
+    assert_eq!(cfg["drives"][0]["path_on_host"], b.display().to_string());
+    let bad = r#"{"drive_id": "data", "path_on_host": "/nonexistent/img"}"#;
+    let r = request(&sock, "PATCH", "/drives/data", Some(bad));
+    assert_eq!(r.status, 400);
+    assert!(fault(&r).contains("/nonexistent/img"), "{}", fault(&r));
+    let r = request(
+        &sock,
+        "PATCH",
+        "/drives/nosuch",
+        Some(r#"{"drive_id": "nosuch", "path_on_host": "/x"}"#),
+    );
+    assert_eq!(r.status, 400);
+    s.signal(libc::SIGTERM);
+    s.wait_exit(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}"));
+}

@@ -427,13 +427,32 @@ impl Runtime {
                 },
                 None => ApiResponse::error(400, "SendCtrlAltDel: the microVM is not running"),
             },
-            ApiRequest::PatchDrive(d) => ApiResponse::error(
-                400,
-                format!(
-                    "PATCH /drives/{}: changing a drive after boot is not supported by cinder yet",
-                    d.drive_id
-                ),
-            ),
+            ApiRequest::PatchDrive(d) => {
+                if d.rate_limiter.is_some() {
+                    return ApiResponse::error(
+                        400,
+                        format!(
+                            "PATCH /drives/{}: rate limiters are not supported by cinder yet",
+                            d.drive_id
+                        ),
+                    );
+                }
+                let (Some(vm), Some(path)) = (self.vm.as_ref(), d.path_on_host.as_ref()) else {
+                    return ApiResponse::error(
+                        400,
+                        format!("PATCH /drives/{}: nothing to change", d.drive_id),
+                    );
+                };
+                if let Err(e) = vm.patch_drive(&d.drive_id, std::path::Path::new(path)) {
+                    return ApiResponse::error(400, format!("PATCH /drives/{}: {e}", d.drive_id));
+                }
+                if let Some(a) = self.api.as_mut() {
+                    if let Err(e) = a.controller.config_mut().patch_drive(&d) {
+                        log::warn!("drive {} changed but not recorded: {e}", d.drive_id);
+                    }
+                }
+                ApiResponse::no_content()
+            }
             ApiRequest::PatchNetworkInterface(n) => ApiResponse::error(
                 400,
                 format!(

@@ -510,7 +510,7 @@ pub struct Vmm {
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     subscribers: Vec<Subscriber>,
-    block_ids: Vec<String>,
+    blocks: Vec<(String, Arc<Mutex<Block>>)>,
     i8042: Arc<Mutex<I8042>>,
     ctx: VmContext,
     _vm: VmFd,
@@ -570,7 +570,7 @@ impl Vmm {
         spec.validate()?;
         // Open every device's host side before anything else: a missing image or a socket in
         // use is the user's error, and must be reported as such on any host.
-        let mut block_ids = Vec::with_capacity(spec.drives.len());
+        let mut blocks = Vec::with_capacity(spec.drives.len());
         let mut virtio: Vec<NewVirtio> = Vec::new();
         for d in &spec.drives {
             let serial = (d.id.len() <= 20).then(|| d.id.clone());
@@ -584,7 +584,7 @@ impl Vmm {
                 source,
             })?;
             let dev = Arc::new(Mutex::new(blk));
-            block_ids.push(d.id.clone());
+            blocks.push((d.id.clone(), dev.clone()));
             virtio.push((format!("drive {}", d.id), dev.clone(), dev));
         }
         for n in &spec.nets {
@@ -731,7 +731,7 @@ impl Vmm {
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
             subscribers,
-            block_ids,
+            blocks,
             i8042,
             ctx,
             _vm: vm,
@@ -810,11 +810,27 @@ impl Vmm {
             .map_err(|e| format!("SendCtrlAltDel: the guest is not taking keyboard input ({e})"))
     }
 
+    /// Switches drive `id` to a new backing image (same read-only mode); the guest is told of
+    /// the new size.
+    pub fn patch_drive(&self, id: &str, path: &std::path::Path) -> Result<(), String> {
+        let (_, dev) = self
+            .blocks
+            .iter()
+            .find(|(d, _)| d == id)
+            .ok_or_else(|| format!("drive {id} does not exist"))?;
+        let mut dev = match dev.lock() {
+            Ok(d) => d,
+            Err(p) => p.into_inner(),
+        };
+        dev.set_backing(path)
+            .map_err(|e| format!("drive {id}: {e}"))
+    }
+
     /// Per-device metrics sections.
     pub fn device_metrics(&self) -> Vec<(String, String)> {
-        self.block_ids
+        self.blocks
             .iter()
-            .map(|id| (format!("block_{id}"), "{}".to_string()))
+            .map(|(id, _)| (format!("block_{id}"), "{}".to_string()))
             .collect()
     }
 

@@ -114,6 +114,20 @@ impl DeviceCore {
         })
     }
 
+    /// Replaces the configuration space and, if the driver is running, tells it with a
+    /// config-change interrupt (the config generation moves).
+    pub(crate) fn update_config(&mut self, config_space: Vec<u8>) {
+        self.config_space = config_space;
+        if let Some(active) = &self.active {
+            if let Err(e) = active.interrupt.signal_config_change() {
+                log::warn!(
+                    "{}: cannot raise the config-change interrupt: {e}",
+                    self.name
+                );
+            }
+        }
+    }
+
     /// Feature bits offered.
     pub(crate) fn avail_features(&self) -> u64 {
         self.avail_features

@@ -48,6 +48,17 @@ fn build_config_space(nsectors: u64) -> Vec<u8> {
 }
 
 impl Block {
+    /// Switches the backing image (Firecracker's `PATCH /drives/{id}` with `path_on_host`),
+    /// keeping the device's read-only mode. The new size is published in config space and the
+    /// driver is told with a config-change interrupt. On error the old image stays in use.
+    pub fn set_backing(&mut self, path: &std::path::Path) -> Result<(), BlockError> {
+        let disk = DiskImage::open(path, self.disk.read_only())?;
+        let nsectors = disk.nsectors();
+        self.disk = disk;
+        self.core.update_config(build_config_space(nsectors));
+        Ok(())
+    }
+
     /// Open the image and build the device.
     pub fn new(config: &BlockConfig) -> Result<Self, BlockError> {
         let id = match &config.id {

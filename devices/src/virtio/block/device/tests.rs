@@ -298,3 +298,30 @@ fn hostile_avail_index_does_not_hang_or_panic() {
         "heads out of range cannot be completed"
     );
 }
+
+#[test]
+fn set_backing_switches_image_and_announces_the_new_size() {
+    let first = image(8);
+    let second = image(32);
+    let mem = mem();
+    let irq = Arc::new(Interrupt::new(Arc::new(
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+    )));
+    let mut b = block(&first, false, None);
+    let vq = MockSplitQueue::new(&mem, 16);
+    b.activate(mem.clone(), vec![vq.create_queue().unwrap()], irq.clone())
+        .unwrap();
+    let generation = irq.config_generation();
+    b.set_backing(second.as_path()).unwrap();
+    let mut cap = [0u8; 8];
+    b.read_config(0, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), 32);
+    assert_eq!(irq.config_generation(), generation + 1);
+    assert_ne!(irq.status() & crate::virtio::VIRTIO_MMIO_INT_CONFIG, 0);
+    // A bad path keeps the old image.
+    assert!(b
+        .set_backing(std::path::Path::new("/nonexistent/img"))
+        .is_err());
+    b.read_config(0, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), 32);
+}
