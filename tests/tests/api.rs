@@ -221,6 +221,22 @@ fn api_socket_errors() {
 }
 
 #[test]
+fn a_failed_boot_removes_the_api_socket() {
+    let d = Scratch::new("failsock");
+    let sock = d.path("api.sock");
+    one_line_error(
+        &[
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--kernel",
+            "/nonexistent/vmlinux",
+        ],
+        &["/nonexistent/vmlinux"],
+    );
+    assert!(!sock.exists(), "socket file left behind");
+}
+
+#[test]
 fn config_file_errors() {
     let d = Scratch::new("cfgerr");
     one_line_error(

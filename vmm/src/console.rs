@@ -83,6 +83,28 @@ pub fn spawn_console_writer(
     ))
 }
 
+/// Standard input read straight from fd 0, unbuffered: std's buffered stdin could hold bytes
+/// that epoll no longer reports, stalling a console until the next keystroke.
+pub struct StdinFd;
+
+impl std::io::Read for StdinFd {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        // SAFETY: reads at most buf.len() bytes into buf.
+        let rc = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(rc as usize)
+        }
+    }
+}
+
+impl std::os::unix::io::AsRawFd for StdinFd {
+    fn as_raw_fd(&self) -> std::os::unix::io::RawFd {
+        libc::STDIN_FILENO
+    }
+}
+
 /// Ctrl-A: the escape prefix.
 pub const ESCAPE_PREFIX: u8 = 0x01;
 
@@ -205,16 +227,7 @@ impl ConsoleInput {
 
     fn read_stdin(&mut self) {
         let mut buf = [0u8; 256];
-        // Straight from fd 0: std's buffered stdin could keep bytes that epoll no longer
-        // reports, stalling the console.
-        // SAFETY: reads at most buf.len() bytes into buf.
-        let rc = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
-        let res = if rc < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(rc as usize)
-        };
-        match res {
+        match std::io::Read::read(&mut StdinFd, &mut buf) {
             Ok(0) => self.stdin_open = false,
             Ok(n) => {
                 let quit = match self.escape.as_mut() {

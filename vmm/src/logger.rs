@@ -2,7 +2,7 @@
 //! file's `logger`) can send it to a file or named pipe, change the level, and choose what
 //! each line shows.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::sync::Mutex;
 
@@ -82,10 +82,7 @@ pub fn apply(cfg: &api::model::Logger) -> Result<(), String> {
     use api::model::LogLevel;
     let sink = match &cfg.log_path {
         Some(p) => Some(
-            OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(p)
+            crate::metrics::open_sink(std::path::Path::new(p))
                 .map_err(|e| format!("logger: cannot open log_path {p}: {e}"))?,
         ),
         None => None,

@@ -293,6 +293,25 @@ fn config_from_flags(cli: &Cli, kernel: PathBuf) -> Result<VmConfig, String> {
     Ok(cfg)
 }
 
+/// The API server thread; dropping this stops it and waits for it (bounded by the server's
+/// own shutdown, which removes the socket file).
+#[derive(Default)]
+struct ApiThread {
+    shutdown: Option<api::server::ShutdownHandle>,
+    thread: Option<std::thread::JoinHandle<Result<(), api::server::ApiError>>>,
+}
+
+impl Drop for ApiThread {
+    fn drop(&mut self) {
+        if let Some(h) = self.shutdown.take() {
+            let _ = h.shutdown();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("cinder: error: {msg}");
     ExitCode::from(1)
@@ -301,7 +320,13 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Before any thread exists: SIGINT/SIGTERM are blocked everywhere and read from a signalfd.
-    let signals = match SignalFd::new(&[libc::SIGINT, libc::SIGTERM]) {
+    // A panic (abort in release builds) must not leave the user's terminal raw.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let _ = vmm_sys_util::terminal::Terminal::set_canon_mode(&std::io::stdin().lock());
+        default_hook(info);
+    }));
+    let signals = match SignalFd::new(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]) {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot watch signals: {e}")),
     };
@@ -359,8 +384,8 @@ fn main() -> ExitCode {
 
     // The API socket, bound before anything else so that a client can connect as soon as
     // cinder runs.
-    let mut api_thread = None;
-    let mut api_shutdown = None;
+    // Stops the API thread (which removes its socket file) on every way out of main.
+    let mut api_guard = ApiThread::default();
     let api_state = match &cli.api_sock {
         None => None,
         Some(path) => {
@@ -372,12 +397,12 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(format!("cannot create the API channel: {e}")),
             };
-            api_shutdown = server.shutdown_handle().ok();
+            api_guard.shutdown = server.shutdown_handle().ok();
             match std::thread::Builder::new()
                 .name("api".into())
                 .spawn(move || server.run(handler))
             {
-                Ok(h) => api_thread = Some(h),
+                Ok(h) => api_guard.thread = Some(h),
                 Err(e) => return fail(format!("cannot start the API thread: {e}")),
             }
             let cfg = boot_now.clone().unwrap_or_default();
@@ -418,12 +443,7 @@ fn main() -> ExitCode {
         rt.mark_api_started();
     }
     let reason = rt.run();
-    if let Some(h) = api_shutdown {
-        let _ = h.shutdown();
-    }
-    if let Some(t) = api_thread {
-        let _ = t.join();
-    }
+    drop(api_guard);
     match &reason {
         ExitReason::Reset => log::info!("guest reset: exiting"),
         ExitReason::Escape => eprintln!("\r\ncinder: quit from the console (Ctrl-A x)"),

@@ -4,7 +4,7 @@
 //! Counters are cumulative since cinder started (each line is a full snapshot), which keeps
 //! a reader that misses a line correct.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -96,20 +96,30 @@ impl Metrics {
         s
     }
 
-    /// Appends one line to `path` (a file or a named pipe).
-    pub fn flush_to(&self, path: &Path, devices: &[(String, String)]) -> std::io::Result<()> {
+    /// Appends one line to `sink` (see [`open_sink`]). A reader that does not keep up loses
+    /// lines; cinder never blocks on it.
+    pub fn flush_to(&self, sink: &mut File, devices: &[(String, String)]) -> std::io::Result<()> {
         self.flushes.inc();
         let line = self.to_json(devices) + "\n";
-        let res = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(path)
-            .and_then(|mut f| f.write_all(line.as_bytes()));
+        let res = sink.write_all(line.as_bytes());
         if res.is_err() {
             self.sink_errors.inc();
         }
         res
     }
+}
+
+/// Opens a metrics or log destination that never blocks cinder: a regular file (created,
+/// appended to) or a named pipe, opened read-write and non-blocking so that neither the open
+/// nor a write waits for a reader (Firecracker's users point these at FIFOs).
+pub fn open_sink(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
 }
 
 #[cfg(test)]
@@ -129,12 +139,23 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("cinder-metrics-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("m.json");
-        m.flush_to(&p, &[]).unwrap();
-        m.flush_to(&p, &[]).unwrap();
+        let mut sink = open_sink(&p).unwrap();
+        m.flush_to(&mut sink, &[]).unwrap();
+        m.flush_to(&mut sink, &[]).unwrap();
         let text = std::fs::read_to_string(&p).unwrap();
         assert_eq!(text.lines().count(), 2);
         let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
         assert_eq!(last["metrics"]["flushes"], 2);
+        // A FIFO nobody reads: opening and writing never block.
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo on a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let mut sink = open_sink(&fifo).unwrap();
+        for _ in 0..10_000 {
+            let _ = m.flush_to(&mut sink, &[]);
+        }
+        assert!(m.sink_errors.get() > 0, "a full FIFO drops lines");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -15,16 +15,19 @@ use api::handler::VmmEndpoint;
 use api::model::{ActionType, InstanceState, VmState};
 use api::routes::{ApiRequest, ApiResponse};
 use arch::loader::ProtocolChoice;
-use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use event_manager::{
+    EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberId, SubscriberOps,
+};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::console::{spawn_console_writer, RawTerminal};
 use crate::exit::{ExitReason, ExitSignal};
+use crate::metrics::open_sink;
 use crate::metrics::Metrics;
 use crate::vm::{
-    ConsoleSpec, CpuTemplate, DriveSpec, NetSpec, SignalFd, Subscriber, VmContext, VmError, VmSpec,
-    Vmm, VsockSpec,
+    ConsoleSpec, CpuTemplate, DriveSpec, NetSpec, SignalFd, Subscriber, VirtioConsoleHost,
+    VmContext, VmError, VmSpec, Vmm, VsockSpec,
 };
 
 /// The command line a guest gets when none is configured.
@@ -170,8 +173,10 @@ pub struct Runtime {
     metrics_due: Arc<AtomicBool>,
     /// The metrics path when no API controller holds the configuration.
     metrics_path: Option<PathBuf>,
+    metrics_sink: Option<(PathBuf, std::fs::File)>,
     console_thread: Option<std::thread::JoinHandle<()>>,
-    _terminal: Option<RawTerminal>,
+    vm_subscribers: Vec<SubscriberId>,
+    terminal: Option<RawTerminal>,
 }
 
 impl Runtime {
@@ -210,12 +215,11 @@ impl Runtime {
                 .map(|a| (a.endpoint.event.as_raw_fd(), api_pending.clone())),
         };
         em.add_subscriber(Arc::new(Mutex::new(control)));
-        let terminal = RawTerminal::enter();
         let ctx = VmContext {
             reset_evt,
             exit,
             metrics: Arc::new(Metrics::default()),
-            interactive: terminal.is_active(),
+            interactive: false,
         };
         Ok(Runtime {
             em,
@@ -227,8 +231,10 @@ impl Runtime {
             api_pending,
             metrics_due,
             metrics_path,
+            metrics_sink: None,
             console_thread: None,
-            _terminal: Some(terminal),
+            vm_subscribers: Vec::new(),
+            terminal: None,
         })
     }
 
@@ -246,11 +252,24 @@ impl Runtime {
             source,
         })?;
         self.console_thread = Some(handle);
-        let mut vm = Vmm::build(spec, Box::new(writer), self.ctx.clone())?;
-        for s in vm.subscribers() {
-            self.em.add_subscriber(s);
+        // Raw mode only when the guest's console reads this terminal.
+        let reads_stdin = matches!(
+            spec.console,
+            ConsoleSpec::Serial | ConsoleSpec::Virtio(VirtioConsoleHost::Stdio)
+        );
+        if reads_stdin && self.terminal.is_none() {
+            let t = RawTerminal::enter();
+            self.ctx.interactive = t.is_active();
+            self.terminal = Some(t);
         }
-        vm.start()?;
+        let mut vm = Vmm::build(spec, Box::new(writer), self.ctx.clone())?;
+        if let Err(e) = vm.start() {
+            vm.shutdown();
+            return Err(e);
+        }
+        for s in vm.subscribers() {
+            self.vm_subscribers.push(self.em.add_subscriber(s));
+        }
         self.vm = Some(vm);
         Ok(())
     }
@@ -275,18 +294,26 @@ impl Runtime {
         }
     }
 
-    fn flush_metrics(&self) -> Result<(), String> {
+    fn flush_metrics(&mut self) -> Result<(), String> {
         let Some(path) = self.metrics_path() else {
             return Err("metrics are not configured".into());
         };
+        if self.metrics_sink.as_ref().map(|(p, _)| p) != Some(&path) {
+            let f = open_sink(&path)
+                .map_err(|e| format!("cannot open metrics path {}: {e}", path.display()))?;
+            self.metrics_sink = Some((path.clone(), f));
+        }
         let devices = self
             .vm
             .as_ref()
             .map(|v| v.device_metrics())
             .unwrap_or_default();
+        let Some((_, sink)) = self.metrics_sink.as_mut() else {
+            return Err("metrics are not configured".into());
+        };
         self.ctx
             .metrics
-            .flush_to(&path, &devices)
+            .flush_to(sink, &devices)
             .map_err(|e| format!("cannot write metrics to {}: {e}", path.display()))
     }
 
@@ -313,6 +340,11 @@ impl Runtime {
         }
         if let Some(vm) = self.vm.take() {
             vm.shutdown();
+        }
+        // Drop the event loop's references to the devices, so the UART's end of the console
+        // channel goes away with them.
+        for id in self.vm_subscribers.drain(..) {
+            let _ = self.em.remove_subscriber(id);
         }
         // The VM is gone, so is the UART's end of the console channel: let the writer finish
         // what the guest printed last (bounded: 2 s, the reader may be stalled).

@@ -610,7 +610,7 @@ impl Vmm {
             let (input, output): (Option<Box<dyn VirtioConsoleInput>>, Box<dyn Write + Send>) =
                 match host {
                     VirtioConsoleHost::Stdio => (
-                        Some(Box::new(std::io::stdin())),
+                        Some(Box::new(crate::console::StdinFd)),
                         console_out
                             .take()
                             .unwrap_or_else(|| Box::new(std::io::stdout())),
