@@ -286,11 +286,13 @@ impl<S: Read + Write> Connection<S> {
             (OP_SHUTDOWN, State::Established) => {
                 self.peer_shutdown |= hdr.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND);
                 if self.peer_shutdown == SHUTDOWN_RCV | SHUTDOWN_SEND {
-                    // Best effort: pass on what the guest sent, then reset.
-                    let _ = self.flush_host();
-                    self.kill();
+                    // The guest is done: pass on everything it sent, then reset. What the host
+                    // socket cannot take now is written as it drains (`flush_host` sends the
+                    // RST once the buffer is empty), so nothing the guest sent is lost.
+                    self.flush_host().map(|_| ())
+                } else {
+                    Ok(())
                 }
-                Ok(())
             }
             (op, state) => Err(ConnError::UnexpectedOp { op, state }),
         };
@@ -326,6 +328,12 @@ impl<S: Read + Write> Connection<S> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return self.fail(ConnError::Host(e.kind())).map(|_| 0),
             }
+        }
+        if self.peer_shutdown == SHUTDOWN_RCV | SHUTDOWN_SEND {
+            if self.tx_buf.is_empty() && self.state != State::Closed {
+                self.kill();
+            }
+            return Ok(total);
         }
         if (self.fwd_cnt - self.last_fwd_cnt_sent).0 >= CREDIT_UPDATE_THRESHOLD {
             self.pending.credit_update = true;
