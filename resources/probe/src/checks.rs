@@ -41,7 +41,10 @@ const CHECKS: &[(&str, CheckFn)] = &[
     ("console", crate::virtio_console::check),
     ("blk", crate::virtio_blk::check_blk),
     ("blkhostile", crate::virtio_blk_hostile::check_blkhostile),
+    ("blkbench", crate::blk_bench::check_blkbench),
     ("net", crate::virtio_net::check_net),
+    ("netbench", crate::net_bench::check_netbench),
+    ("vsock", crate::virtio_vsock::check),
     ("kbd", crate::kbd::check),
     // Self-tests of the failure paths: always FAIL, then the run goes on.
     ("selftest_fault", check_selftest_fault),

@@ -7,6 +7,7 @@
 #![no_main]
 
 mod acpi;
+mod blk_bench;
 mod bootinfo;
 mod checks;
 mod cmdline;
@@ -14,6 +15,7 @@ mod cpu;
 mod kbd;
 mod lapic;
 mod mem;
+mod net_bench;
 mod paging;
 mod rt;
 mod serial;
@@ -26,6 +28,7 @@ mod virtio_blk_hostile;
 mod virtio_console;
 mod virtio_net;
 mod virtio_rng;
+mod virtio_vsock;
 
 core::arch::global_asm!(include_str!("entry.S"), options(att_syntax));
 

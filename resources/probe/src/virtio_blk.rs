@@ -59,12 +59,14 @@ pub const QUEUE_MAX: u16 = 64;
 pub const DESC_ROOM: u16 = 128;
 const _: () = assert!(16 * DESC_ROOM as usize <= 4096 && QUEUE_MAX <= DESC_ROOM);
 pub const SLOTS: usize = 4;
+/// Header/status slots in the small page (`blkbench` uses up to this many).
+pub const HDR_SLOTS: usize = 64;
 pub const SLOT_BYTES: usize = 128 * 1024;
 const SLOT_SECTORS: u64 = SLOT_BYTES as u64 / SECTOR;
 /// Default `probe.blk_seed`.
 pub const DEFAULT_SEED: u64 = 0x5eed;
 /// One request may take this long before the device counts as hung.
-const REQ_TIMEOUT_US: u64 = 5_000_000;
+pub const REQ_TIMEOUT_US: u64 = 5_000_000;
 
 #[repr(C, align(4096))]
 struct RingMem([u8; 3 * 4096]);
@@ -74,8 +76,8 @@ struct SmallMem([u8; 4096]);
 struct DataMem([[u64; SLOT_BYTES / 8]; SLOTS]);
 
 static RING: Global<RingMem> = Global::new(RingMem([0; 3 * 4096]));
-/// Per slot: the 16-byte header at slot*32, the status byte at slot*32+16;
-/// the GET_ID buffer at 2048.
+/// Per slot: the 16-byte header at slot*32, the status byte at slot*32+16
+/// (slots 0..[`HDR_SLOTS`]); the GET_ID buffer at 2048.
 static SMALL: Global<SmallMem> = Global::new(SmallMem([0; 4096]));
 static DATA: Global<DataMem> = Global::new(DataMem([[0; SLOT_BYTES / 8]; SLOTS]));
 
@@ -167,7 +169,8 @@ pub struct Blk {
 
 impl Blk {
     /// Reset, negotiate (RO, FLUSH, SEG_MAX, SIZE_MAX, BLK_SIZE), queue 0
-    /// with at most `qsize` entries, DRIVER_OK, read the capacity.
+    /// with at most `qsize` entries (at most [`DESC_ROOM`]; the checks ask
+    /// for [`QUEUE_MAX`], `blkbench` for more), DRIVER_OK, read the capacity.
     pub fn open(t: Transport, qsize: u16) -> Result<Blk, &'static str> {
         let features = t.init(F_RO | F_FLUSH | F_SEG_MAX | F_SIZE_MAX | F_BLK_SIZE)?;
         t.write(reg::QUEUE_SEL, 0);
@@ -178,7 +181,7 @@ impl Blk {
         if max == 0 {
             return Err("queue 0 not available");
         }
-        let size = (qsize.min(QUEUE_MAX) as u32).min(max) as u16;
+        let size = (qsize.min(DESC_ROOM) as u32).min(max) as u16;
         if !size.is_power_of_two() {
             return Err("queue size not a power of two");
         }
@@ -290,29 +293,48 @@ impl Blk {
         }
     }
 
-    /// Builds request `slot` at descriptors slot*4..: header, the data
-    /// (split in two descriptors when it holds 2+ sectors), status.
-    fn build(&self, slot: usize, typ: u32, sector: u64, addr: u64, len: u32) -> u16 {
+    /// Builds a request chain at descriptors `base..`: the header and
+    /// status byte of `slot`, and one data descriptor per `(addr, len)`
+    /// segment in between (device-writable unless `typ` is OUT). Returns the
+    /// head (`base`); it is not published.
+    pub fn build_chain(
+        &self,
+        base: u16,
+        slot: usize,
+        typ: u32,
+        sector: u64,
+        segs: &[(u64, u32)],
+    ) -> u16 {
         self.set_header(slot, typ, sector);
-        let base = 4 * slot as u16;
         let dflags = DESC_NEXT | if typ == T_OUT { 0 } else { DESC_WRITE };
         self.set_desc(base, hdr_addr(slot), 16, DESC_NEXT, base + 1);
         let mut d = base + 1;
-        if len > 0 {
-            let first = if len as u64 >= 2 * SECTOR {
-                (len as u64 / SECTOR / 2 * SECTOR) as u32
-            } else {
-                len
-            };
-            self.set_desc(d, addr, first, dflags, d + 1);
+        for &(addr, len) in segs {
+            self.set_desc(d, addr, len, dflags, d + 1);
             d += 1;
-            if first < len {
-                self.set_desc(d, addr + first as u64, len - first, dflags, d + 1);
-                d += 1;
-            }
         }
         self.set_desc(d, status_addr(slot), 1, DESC_WRITE, 0);
         base
+    }
+
+    /// Builds request `slot` at descriptors slot*4..: header, the data
+    /// (split in two descriptors when it holds 2+ sectors), status.
+    fn build(&self, slot: usize, typ: u32, sector: u64, addr: u64, len: u32) -> u16 {
+        let base = 4 * slot as u16;
+        if len == 0 {
+            return self.build_chain(base, slot, typ, sector, &[]);
+        }
+        let first = if len as u64 >= 2 * SECTOR {
+            (len as u64 / SECTOR / 2 * SECTOR) as u32
+        } else {
+            len
+        };
+        if first < len {
+            let segs = [(addr, first), (addr + first as u64, len - first)];
+            self.build_chain(base, slot, typ, sector, &segs)
+        } else {
+            self.build_chain(base, slot, typ, sector, &[(addr, len)])
+        }
     }
 
     /// One request, waited for: the status byte.

@@ -60,6 +60,17 @@ const M_GET: u8 = b'G';
 const M_TDATA: u8 = b'T';
 const M_TDATA_ACK: u8 = b'K';
 const M_STOP: u8 = b'X';
+// `netbench` (see `net_bench`): ignored by `net`.
+pub const M_BENCH_G2H: u8 = b'B';
+pub const M_BENCH_G2H_DONE: u8 = b'b';
+pub const M_BENCH_HOST_RX: u8 = b'R';
+pub const M_BENCH_HOST_RX_ACK: u8 = b'r';
+pub const M_BENCH_H2G: u8 = b'S';
+pub const M_BENCH_H2G_ACK: u8 = b's';
+pub const M_BENCH_PKT: u8 = b'P';
+pub const M_BENCH_G2H_PKT: u8 = b'p';
+pub const M_BENCH_FIN: u8 = b'F';
+pub const M_BENCH_FIN_REPLY: u8 = b'f';
 
 #[repr(C, align(4096))]
 struct Rings([u8; 6 * 4096]);
@@ -198,11 +209,11 @@ impl Queue {
     }
 }
 
-struct Config {
+pub struct Config {
     ip: [u8; 4],
     peer: [u8; 4],
     port: u16,
-    ms: u64,
+    pub ms: u64,
 }
 
 fn parse_ip(s: &[u8]) -> Option<[u8; 4]> {
@@ -252,6 +263,26 @@ fn config() -> Result<Config, &'static str> {
     Ok(Config { ip, peer, port, ms })
 }
 
+/// What `netbench` messages asked for or carried (the `net` check only
+/// ignores them).
+#[derive(Default)]
+pub struct Bench {
+    /// Serve `netbench` messages (else they count as ignored).
+    pub on: bool,
+    /// A guest->host blast was asked for: (frame length, ms).
+    pub g2h_req: Option<(u16, u32)>,
+    /// The host's count of blast datagrams it received.
+    pub host_rx: Option<u64>,
+    /// Frame length of the host->guest phase being counted (0: none).
+    pub h2g_len: u16,
+    pub h2g_frames: u64,
+    pub h2g_bytes: u64,
+    pub h2g_first: u64,
+    pub h2g_last: u64,
+    /// FIN received for this frame length: the counters above are final.
+    pub h2g_done: Option<u16>,
+}
+
 #[derive(Default)]
 struct Counters {
     frames_in: u64,
@@ -264,11 +295,14 @@ struct Counters {
     rx_extra_bufs: u64,
 }
 
-struct Net {
+pub struct Net {
     rx: Queue,
     tx: Queue,
     free: [u16; QMAX],
     nfree: usize,
+    pub t: Transport,
+    pub mrg: bool,
+    pub bench: Bench,
     kick: bool,
     mac: [u8; 6],
     ip: [u8; 4],
@@ -310,7 +344,7 @@ fn csum_fold(mut s: u32) -> u16 {
 }
 
 impl Net {
-    fn reclaim_tx(&mut self) {
+    pub fn reclaim_tx(&mut self) {
         while let Some((id, _)) = self.tx.pop_used() {
             if (id as usize) < QMAX && self.nfree < QMAX {
                 self.free[self.nfree] = id as u16;
@@ -322,7 +356,7 @@ impl Net {
     /// Sends one frame built by `fill` (given the frame area after the
     /// virtio-net header, returns the frame length). False if the TX ring
     /// is full.
-    fn send(&mut self, fill: impl FnOnce(&mut [u8]) -> usize) -> bool {
+    pub fn send(&mut self, fill: impl FnOnce(&mut [u8]) -> usize) -> bool {
         if self.nfree == 0 {
             self.reclaim_tx();
             if self.nfree == 0 {
@@ -344,7 +378,7 @@ impl Net {
         true
     }
 
-    fn flush(&mut self) {
+    pub fn flush(&mut self) {
         if self.kick {
             self.tx.notify();
             self.kick = false;
@@ -353,7 +387,7 @@ impl Net {
 
     /// Ethernet + IPv4 + UDP headers to the peer; the payload is written by
     /// `payload` (returns its length).
-    fn send_udp(&mut self, payload: impl FnOnce(&mut [u8]) -> usize) -> bool {
+    pub fn send_udp(&mut self, payload: impl FnOnce(&mut [u8]) -> usize) -> bool {
         let Some(dst) = self.peer_mac else {
             return false;
         };
@@ -550,8 +584,86 @@ impl Net {
                 }
             }
             M_STOP => self.stop = true,
+            _ if self.bench.on => self.handle_bench(p, ulen),
             _ => self.c.ignored += 1,
         }
+    }
+
+    /// `netbench` messages (payload `p` of a UDP datagram of `ulen` bytes).
+    fn handle_bench(&mut self, p: &[u8], ulen: usize) {
+        let b = &mut self.bench;
+        match p[0] {
+            M_BENCH_PKT => {
+                if b.h2g_len != 0 {
+                    let now = crate::cpu::rdtsc();
+                    if b.h2g_frames == 0 {
+                        b.h2g_first = now;
+                    }
+                    b.h2g_last = now;
+                    b.h2g_frames += 1;
+                    b.h2g_bytes += (42 + ulen).max(60) as u64;
+                }
+            }
+            M_BENCH_G2H if p.len() >= 7 => {
+                let len = u16::from_le_bytes([p[1], p[2]]);
+                let ms = u32::from_le_bytes([p[3], p[4], p[5], p[6]]);
+                b.g2h_req = Some((len, ms));
+            }
+            M_BENCH_HOST_RX if p.len() >= 9 => {
+                let mut n = [0u8; 8];
+                n.copy_from_slice(&p[1..9]);
+                b.host_rx = Some(u64::from_le_bytes(n));
+                self.send_udp(|o| {
+                    o[0] = M_BENCH_HOST_RX_ACK;
+                    1
+                });
+            }
+            M_BENCH_H2G if p.len() >= 3 => {
+                let len = u16::from_le_bytes([p[1], p[2]]);
+                if b.h2g_len != len {
+                    b.h2g_len = len;
+                    b.h2g_frames = 0;
+                    b.h2g_bytes = 0;
+                    b.h2g_done = None;
+                }
+                self.send_udp(|o| {
+                    o[0] = M_BENCH_H2G_ACK;
+                    1
+                });
+            }
+            M_BENCH_FIN => {
+                if b.h2g_len != 0 {
+                    b.h2g_done = Some(b.h2g_len);
+                    b.h2g_len = 0;
+                }
+                let (f, n, t) = (b.h2g_frames, b.h2g_bytes, b.h2g_last - b.h2g_first);
+                self.send_udp(|o| {
+                    o[0] = M_BENCH_FIN_REPLY;
+                    o[1..9].copy_from_slice(&f.to_le_bytes());
+                    o[9..17].copy_from_slice(&n.to_le_bytes());
+                    o[17..25].copy_from_slice(&t.to_le_bytes());
+                    25
+                });
+            }
+            _ => self.c.ignored += 1,
+        }
+    }
+
+    /// TX descriptors free right now (after reclaiming).
+    pub fn tx_idle(&mut self) -> bool {
+        self.reclaim_tx();
+        self.nfree == self.tx.size as usize
+    }
+
+    pub fn stopped(&self) -> bool {
+        self.stop
+    }
+
+    /// Reset the device (after letting the last frames go, 20 ms at most).
+    pub fn close(&mut self) {
+        let dl = time::deadline(20_000);
+        while !time::passed(dl) && !self.tx_idle() {}
+        self.t.write(reg::STATUS, 0);
     }
 
     /// Probe -> host bulk: go-back-N with TX_WINDOW datagrams in flight.
@@ -594,7 +706,8 @@ impl Net {
         }
     }
 
-    fn poll_rx(&mut self, mrg: bool) {
+    pub fn poll_rx(&mut self) {
+        let mrg = self.mrg;
         let mut reposted = false;
         let mut skip = 0u16;
         for _ in 0..self.rx.size {
@@ -652,97 +765,102 @@ fn fail(d: &mut Details, why: &str) -> Status {
     Status::Fail
 }
 
+impl Net {
+    /// The first virtio-net device, negotiated and with both queues set up
+    /// (RX buffers posted), DRIVER_OK; prints `PROBE <name> ready ...`.
+    /// Err: the check's status (details written).
+    pub fn start(d: &mut Details, name: &str) -> Result<(Net, Config), Status> {
+        let cfg = config().map_err(|e| fail(d, e))?;
+        let Some(t) = net_devices().next() else {
+            let _ = d.write_str("no virtio-net device on the command line");
+            return Err(Status::Skip);
+        };
+        let features = t.init(F_MAC | F_MRG_RXBUF).map_err(|e| fail(d, e))?;
+        if features & F_MAC == 0 {
+            t.write(reg::STATUS, status::FAILED);
+            return Err(fail(d, "device does not offer VIRTIO_NET_F_MAC"));
+        }
+        let mrg = features & F_MRG_RXBUF != 0;
+        let mut mac = [0u8; 6];
+        for (i, m) in mac.iter_mut().enumerate() {
+            *m = peek::<u8>(t.dev.addr + reg::CONFIG + i as u64);
+        }
+        let link = if t.device_features() & F_STATUS != 0 {
+            peek::<u16>(t.dev.addr + reg::CONFIG + 6)
+        } else {
+            1
+        };
+        let rx = Queue::setup(t, 0).map_err(|e| fail(d, e))?;
+        let tx = Queue::setup(t, 1).map_err(|e| fail(d, e))?;
+        let mut n = Net {
+            free: [0; QMAX],
+            nfree: 0,
+            t,
+            mrg,
+            bench: Bench::default(),
+            kick: false,
+            mac,
+            ip: cfg.ip,
+            peer_ip: cfg.peer,
+            port: cfg.port,
+            peer_mac: None,
+            peer_port: cfg.port,
+            c: Counters::default(),
+            rx_next: 0,
+            rx_sum: HASH_INIT,
+            tx_count: 0,
+            tx_base: 0,
+            tx_next: 0,
+            tx_hashed: 0,
+            tx_sum: HASH_INIT,
+            tx_deadline: 0,
+            tx_retx: 0,
+            stop: false,
+            rx,
+            tx,
+        };
+        for i in 0..n.tx.size as usize {
+            n.free[i] = i as u16;
+        }
+        n.nfree = n.tx.size as usize;
+        for i in 0..n.rx.size as usize {
+            n.rx.set_desc(i, buf_addr(i), BUF as u32, DESC_WRITE);
+            n.rx.push(i);
+        }
+        n.rx.publish();
+        t.driver_ok();
+        if t.read(reg::STATUS) & status::DRIVER_OK == 0 {
+            return Err(fail(d, "device did not accept DRIVER_OK"));
+        }
+        n.rx.notify();
+        let [a, b, c, e] = cfg.ip;
+        crate::println!(
+            "PROBE {name} ready mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} ip={a}.{b}.{c}.{e} port={} mrg={} link={} tsc={}",
+            mac[0],
+            mac[1],
+            mac[2],
+            mac[3],
+            mac[4],
+            mac[5],
+            cfg.port,
+            mrg as u8,
+            link,
+            crate::cpu::rdtsc()
+        );
+        Ok((n, cfg))
+    }
+}
+
 pub fn check_net(d: &mut Details) -> Status {
-    let cfg = match config() {
-        Ok(c) => c,
-        Err(e) => return fail(d, e),
+    let (mut n, cfg) = match Net::start(d, "net") {
+        Ok(x) => x,
+        Err(st) => return st,
     };
-    let Some(t) = net_devices().next() else {
-        let _ = d.write_str("no virtio-net device on the command line");
-        return Status::Skip;
-    };
-    let features = match t.init(F_MAC | F_MRG_RXBUF) {
-        Ok(f) => f,
-        Err(e) => return fail(d, e),
-    };
-    if features & F_MAC == 0 {
-        t.write(reg::STATUS, status::FAILED);
-        return fail(d, "device does not offer VIRTIO_NET_F_MAC");
-    }
-    let mrg = features & F_MRG_RXBUF != 0;
-    let mut mac = [0u8; 6];
-    for (i, m) in mac.iter_mut().enumerate() {
-        *m = peek::<u8>(t.dev.addr + reg::CONFIG + i as u64);
-    }
-    let link = if t.device_features() & F_STATUS != 0 {
-        peek::<u16>(t.dev.addr + reg::CONFIG + 6)
-    } else {
-        1
-    };
-    let rx = match Queue::setup(t, 0) {
-        Ok(q) => q,
-        Err(e) => return fail(d, e),
-    };
-    let tx = match Queue::setup(t, 1) {
-        Ok(q) => q,
-        Err(e) => return fail(d, e),
-    };
-    let mut n = Net {
-        free: [0; QMAX],
-        nfree: 0,
-        kick: false,
-        mac,
-        ip: cfg.ip,
-        peer_ip: cfg.peer,
-        port: cfg.port,
-        peer_mac: None,
-        peer_port: cfg.port,
-        c: Counters::default(),
-        rx_next: 0,
-        rx_sum: HASH_INIT,
-        tx_count: 0,
-        tx_base: 0,
-        tx_next: 0,
-        tx_hashed: 0,
-        tx_sum: HASH_INIT,
-        tx_deadline: 0,
-        tx_retx: 0,
-        stop: false,
-        rx,
-        tx,
-    };
-    for i in 0..n.tx.size as usize {
-        n.free[i] = i as u16;
-    }
-    n.nfree = n.tx.size as usize;
-    for i in 0..n.rx.size as usize {
-        n.rx.set_desc(i, buf_addr(i), BUF as u32, DESC_WRITE);
-        n.rx.push(i);
-    }
-    n.rx.publish();
-    t.driver_ok();
-    if t.read(reg::STATUS) & status::DRIVER_OK == 0 {
-        return fail(d, "device did not accept DRIVER_OK");
-    }
-    n.rx.notify();
-    let [a, b, c, e] = cfg.ip;
-    crate::println!(
-        "PROBE net ready mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} ip={a}.{b}.{c}.{e} port={} mrg={} link={} tsc={}",
-        mac[0],
-        mac[1],
-        mac[2],
-        mac[3],
-        mac[4],
-        mac[5],
-        cfg.port,
-        mrg as u8,
-        link,
-        crate::cpu::rdtsc()
-    );
+    let mac = n.mac;
     let deadline = time::deadline(cfg.ms.saturating_mul(1000));
     let t0 = crate::cpu::rdtsc();
     while !n.stop {
-        n.poll_rx(mrg);
+        n.poll_rx();
         n.reclaim_tx();
         n.pump_tx();
         n.flush();
@@ -753,14 +871,8 @@ pub fn check_net(d: &mut Details) -> Status {
     }
     let ms = time::tsc_to_us(crate::cpu::rdtsc().wrapping_sub(t0)) / 1000;
     // Let the last frames (ACKs) go out before the reset.
-    let dl = time::deadline(20_000);
-    while !time::passed(dl) {
-        n.reclaim_tx();
-        if n.nfree == n.tx.size as usize {
-            break;
-        }
-    }
-    t.write(reg::STATUS, 0);
+    n.close();
+    let mrg = n.mrg;
     let c = &n.c;
     let st = if n.stop {
         Status::Ok

@@ -1,0 +1,489 @@
+//! I/O benchmark: virtio-blk and virtio-net rates measured by the probe guest (`blkbench`,
+//! `netbench`), under cinder and QEMU microvm side by side in the same run.
+//!
+//! ```text
+//! cargo run --release -p cinder-tests --bin bench_io -- [blk|net|all] [--runs N] [--ms MS] [--disk-mib N]
+//! ```
+//! - blk: a scratch image (written first, so it sits in the page cache) attached as the only
+//!   drive (`--drive path=IMG` / `-drive ...,format=raw -device virtio-blk-device`); the probe
+//!   reports 4 KiB random read/write IOPS at queue depth 1 and 32 and 1 MiB sequential MiB/s.
+//! - net: a private network namespace with a TAP at 10.0.2.2/24 (`cinder_tests::netns`), the
+//!   VMM inside it (`--net tap=NAME` / `-netdev tap,...,vhost=off -device virtio-net-device`);
+//!   this program is the host side (UDP on 10.0.2.0/24 inside that namespace only): it asks the
+//!   probe for guest->host blasts, counts what arrives, and blasts host->guest; 64-byte and
+//!   1500-byte frames. The namespace and the image are removed at the end.
+//!
+//! Prints median / min / max per figure over the runs and the cinder/QEMU ratio of medians.
+//! QEMU uses KVM when /dev/kvm opens, else TCG (then its figures are not comparable). cinder
+//! needs /dev/kvm; without it its rows say why they are missing.
+
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cinder_tests::cinder::cinder_bin;
+use cinder_tests::netns::NetNs;
+use cinder_tests::probe::{self, Status};
+use cinder_tests::qemu::{Accel, Microvm, DEFAULT_MACHINE};
+use cinder_tests::runner;
+use cinder_tests::session::Session;
+
+const BLK_KEYS: [&str; 6] = [
+    "qd1_randread_iops",
+    "qd32_randread_iops",
+    "qd1_randwrite_iops",
+    "qd32_randwrite_iops",
+    "seq_read_mibs",
+    "seq_write_mibs",
+];
+const NET_KEYS: [&str; 8] = [
+    "g2h_64_pps",
+    "g2h_64_gbps",
+    "g2h_1500_pps",
+    "g2h_1500_gbps",
+    "h2g_64_pps",
+    "h2g_64_gbps",
+    "h2g_1500_pps",
+    "h2g_1500_gbps",
+];
+const PROBE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+const PORT: u16 = 7777;
+const MAC: &str = "02:00:0a:00:02:0f";
+/// Ethernet frame lengths (no FCS) for the "64" and "1500" figures.
+const FRAMES: [u16; 2] = [60, 1514];
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Vmm {
+    Cinder,
+    Qemu,
+}
+
+struct Opts {
+    runs: usize,
+    ms: u64,
+    disk_mib: u64,
+    kvm: bool,
+}
+
+/// One run's figures (key -> value), in the order of the key list.
+type Figures = Vec<(String, f64)>;
+
+fn figures(details: &str, keys: &[&str]) -> Result<Figures, String> {
+    keys.iter()
+        .map(|k| {
+            let v = probe::field(details, k).ok_or(format!("no {k}= in the PROBE line"))?;
+            let v: f64 = v.parse().map_err(|_| format!("{k}={v} is not a number"))?;
+            Ok((k.to_string(), v))
+        })
+        .collect()
+}
+
+fn qemu_vm(cmdline: &str, extra: &[String], accel: Accel) -> Microvm {
+    let mut vm = Microvm::new(&probe::elf_path(), cmdline, 1, 128);
+    vm.accel = accel;
+    // acpi=off: microvm then names each virtio-mmio device on the command line.
+    vm.machine = format!("{DEFAULT_MACHINE},acpi=off");
+    vm.extra = vec!["-global".into(), "virtio-mmio.force-legacy=false".into()];
+    vm.extra.extend(extra.iter().cloned());
+    vm
+}
+
+fn cinder_cmd(cmdline: &str, extra: &[String]) -> Command {
+    let mut c = Command::new(cinder_bin());
+    c.arg("--kernel")
+        .arg(probe::elf_path())
+        .args(["--memory", "128", "--vcpus", "1", "--cmdline", cmdline])
+        .args(extra);
+    c
+}
+
+// ---- blk ----
+
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A zero-filled image of `mib` MiB, written through the page cache (not sparse).
+fn make_image(mib: u64) -> (Scratch, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("cinder-bench-io-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    let s = Scratch(dir.clone());
+    let p = dir.join("disk.img");
+    let mut f = std::fs::File::create(&p).expect("create image");
+    let mib_buf = vec![0x5au8; 1 << 20];
+    for _ in 0..mib {
+        f.write_all(&mib_buf).expect("write image");
+    }
+    f.flush().expect("flush image");
+    (s, p)
+}
+
+fn blk_once(vmm: Vmm, img: &Path, o: &Opts) -> Result<Figures, String> {
+    let cmdline = format!("probe.run=blkbench probe.bench_ms={}", o.ms);
+    // Six phases of `ms`, plus boot; generous for TCG.
+    let timeout = Duration::from_millis(6 * o.ms * 3 + 60_000);
+    let r = match vmm {
+        Vmm::Cinder => runner::run(
+            cinder_cmd(
+                &cmdline,
+                &["--drive".into(), format!("path={}", img.display())],
+            ),
+            timeout,
+            |_| false,
+        ),
+        Vmm::Qemu => {
+            let extra = [
+                "-drive".to_string(),
+                format!("id=d0,file={},format=raw,if=none", img.display()),
+                "-device".into(),
+                "virtio-blk-device,drive=d0".into(),
+            ];
+            let accel = if o.kvm { Accel::Kvm } else { Accel::Tcg };
+            qemu_vm(&cmdline, &extra, accel).run(timeout)
+        }
+    };
+    let log = probe::parse(&r.stdout);
+    match log.check("blkbench") {
+        Some(c) if c.status == Status::Ok => figures(&c.details, &BLK_KEYS),
+        Some(c) => Err(format!("blkbench {:?}: {}", c.status, c.details)),
+        None => Err(format!("no PROBE blkbench line\n{}", r.log())),
+    }
+}
+
+// ---- net ----
+
+fn recv(sock: &UdpSocket, buf: &mut [u8], t: Duration) -> Option<usize> {
+    sock.set_read_timeout(Some(t.max(Duration::from_millis(1))))
+        .ok()?;
+    sock.recv(buf).ok()
+}
+
+/// Sends `msg` until a datagram starting with `want` comes back (10 s at most).
+fn request(sock: &UdpSocket, msg: &[u8], want: u8, buf: &mut [u8]) -> Result<usize, String> {
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        let _ = sock.send(msg);
+        let t = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < t {
+            if let Some(n) = recv(sock, buf, t.saturating_duration_since(Instant::now())) {
+                if n > 0 && buf[0] == want {
+                    return Ok(n);
+                }
+            }
+        }
+    }
+    Err(format!(
+        "no '{}' answer to '{}'",
+        want as char, msg[0] as char
+    ))
+}
+
+fn set_rcvbuf(sock: &UdpSocket, bytes: i32) {
+    // SAFETY: setsockopt reads an int through the pointer; the fd is open.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&bytes as *const i32).cast(),
+            std::mem::size_of::<i32>() as u32,
+        )
+    };
+}
+
+/// What the host counted, per frame size: guest->host datagrams received, host->guest sent.
+#[derive(Debug, Default)]
+struct HostCounts {
+    g2h_rx: [u64; 2],
+    h2g_sent: [u64; 2],
+}
+
+/// The host side of `netbench`, inside the namespace; ends with STOP.
+fn net_host(ms: u64) -> Result<HostCounts, String> {
+    let sock = UdpSocket::bind(SocketAddrV4::new(HOST_IP, 0)).map_err(|e| format!("bind: {e}"))?;
+    sock.connect(SocketAddrV4::new(PROBE_IP, PORT))
+        .map_err(|e| format!("connect: {e}"))?;
+    set_rcvbuf(&sock, 32 << 20);
+    let mut buf = vec![0u8; 2048];
+    let mut out = HostCounts::default();
+    // Echo first: resolves the probe's MAC and shows it serves.
+    request(&sock, b"Ehello", b'e', &mut buf)?;
+    for (i, &len) in FRAMES.iter().enumerate() {
+        // Guest -> host blast.
+        let mut b = vec![b'B'];
+        b.extend(len.to_le_bytes());
+        b.extend((ms as u32).to_le_bytes());
+        sock.send(&b).map_err(|e| format!("send B: {e}"))?;
+        let mut count = 0u64;
+        let start = Instant::now();
+        let limit = start + Duration::from_millis(ms * 20 + 30_000);
+        let mut done = false;
+        while !done && Instant::now() < limit {
+            match recv(&sock, &mut buf, Duration::from_secs(2)) {
+                Some(n) if n > 0 && buf[0] == b'p' && n == usize::from(len) - 42 => count += 1,
+                Some(n) if n > 0 && buf[0] == b'b' => done = true,
+                Some(_) => {}
+                None if count == 0 && start.elapsed() > Duration::from_secs(3) => {
+                    return Err("no guest->host datagrams after B".into());
+                }
+                None => {}
+            }
+        }
+        if !done {
+            return Err("guest->host blast did not end".into());
+        }
+        out.g2h_rx[i] = count;
+        let mut r = vec![b'R'];
+        r.extend(count.to_le_bytes());
+        request(&sock, &r, b'r', &mut buf)?;
+
+        // Host -> guest blast.
+        let mut s = vec![b'S'];
+        s.extend(len.to_le_bytes());
+        request(&sock, &s, b's', &mut buf)?;
+        let mut pkt = vec![0u8; usize::from(len) - 42];
+        pkt[0] = b'P';
+        let until = Instant::now() + Duration::from_millis(ms);
+        let mut sent = 0u64;
+        while Instant::now() < until {
+            for _ in 0..64 {
+                if sock.send(&pkt).is_ok() {
+                    sent += 1;
+                }
+            }
+        }
+        out.h2g_sent[i] = sent;
+        std::thread::sleep(Duration::from_millis(200));
+        request(&sock, b"F", b'f', &mut buf)?;
+    }
+    for _ in 0..3 {
+        let _ = sock.send(b"X");
+    }
+    Ok(out)
+}
+
+fn net_once(vmm: Vmm, o: &Opts) -> Result<(Figures, HostCounts), String> {
+    let ns = NetNs::new();
+    let cmdline = "probe.run=netbench probe.net_ip=10.0.2.15 probe.net_peer=10.0.2.2 \
+                   probe.udp_port=7777 probe.net_ms=1800000";
+    let cmd = match vmm {
+        Vmm::Cinder => cinder_cmd(
+            cmdline,
+            &["--net".into(), format!("tap={},mac={MAC}", ns.tap)],
+        ),
+        Vmm::Qemu => {
+            let extra = [
+                "-netdev".to_string(),
+                format!(
+                    "tap,id=n0,ifname={},script=no,downscript=no,vhost=off",
+                    ns.tap
+                ),
+                "-device".into(),
+                format!("virtio-net-device,netdev=n0,mac={MAC}"),
+            ];
+            let accel = if o.kvm { Accel::Kvm } else { Accel::Tcg };
+            qemu_vm(cmdline, &extra, accel).command()
+        }
+    };
+    let mut s = Session::start(ns.wrap(&cmd));
+    s.expect("PROBE netbench ready", Duration::from_secs(120))?;
+    let ms = o.ms;
+    let host = ns
+        .spawn(move || net_host(ms))
+        .join()
+        .map_err(|_| "host side panicked".to_string())?;
+    let host = match host {
+        Ok(h) => h,
+        Err(e) => return Err(format!("host side: {e}\n{}", s.log())),
+    };
+    s.expect_line("PROBE DONE", Duration::from_secs(60))?;
+    let log = probe::parse(&s.console());
+    let res = match log.check("netbench") {
+        Some(c) if c.status == Status::Ok => figures(&c.details, &NET_KEYS),
+        Some(c) => Err(format!("netbench {:?}: {}", c.status, c.details)),
+        None => Err(format!("no PROBE netbench line\n{}", s.log())),
+    };
+    drop(s);
+    drop(ns);
+    res.map(|f| (f, host))
+}
+
+// ---- report ----
+
+fn stats(v: &mut [f64]) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let med = if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    };
+    (med, v[0], v[v.len() - 1])
+}
+
+fn median_of(runs: &[Figures], key: &str) -> Option<f64> {
+    let mut v: Vec<f64> = runs
+        .iter()
+        .filter_map(|f| f.iter().find(|(k, _)| k == key).map(|(_, v)| *v))
+        .collect();
+    (!v.is_empty()).then(|| stats(&mut v).0)
+}
+
+fn report(keys: &[&str], cinder: Option<&[Figures]>, qemu: &[Figures], qlabel: &str) {
+    for key in keys {
+        if let Some(c) = cinder {
+            row("cinder", key, c);
+        } else {
+            println!(
+                "{:<22} {key:<20} not measured: /dev/kvm cannot be opened",
+                "cinder"
+            );
+        }
+        row(qlabel, key, qemu);
+        let ratio = match (cinder.and_then(|c| median_of(c, key)), median_of(qemu, key)) {
+            (Some(c), Some(q)) if q > 0.0 => format!("{:.2}", c / q),
+            _ => "n/a".to_string(),
+        };
+        println!("{:<22} {key:<20} cinder/QEMU (medians) {ratio}", "ratio");
+    }
+}
+
+fn row(name: &str, key: &str, runs: &[Figures]) {
+    let mut v: Vec<f64> = runs
+        .iter()
+        .filter_map(|f| f.iter().find(|(k, _)| k == key).map(|(_, v)| *v))
+        .collect();
+    if v.is_empty() {
+        println!("{name:<22} {key:<20} no successful run");
+        return;
+    }
+    let n = v.len();
+    let (med, min, max) = stats(&mut v);
+    println!("{name:<22} {key:<20} median {med:12.2}  min {min:12.2}  max {max:12.2}  ({n} runs)");
+}
+
+fn bench_blk(o: &Opts) {
+    let (_scratch, img) = make_image(o.disk_mib);
+    println!(
+        "blk benchmark: {} MiB image {} (page cache), {} ms per phase, {} runs",
+        o.disk_mib,
+        img.display(),
+        o.ms,
+        o.runs
+    );
+    let mut cinder = Vec::new();
+    let mut qemu = Vec::new();
+    for run in 0..o.runs {
+        if o.kvm {
+            match blk_once(Vmm::Cinder, &img, o) {
+                Ok(f) => cinder.push(f),
+                Err(e) => println!("cinder blk run {run} failed: {e}"),
+            }
+        }
+        match blk_once(Vmm::Qemu, &img, o) {
+            Ok(f) => qemu.push(f),
+            Err(e) => println!("qemu blk run {run} failed: {e}"),
+        }
+    }
+    println!();
+    report(
+        &BLK_KEYS,
+        o.kvm.then_some(&cinder[..]),
+        &qemu,
+        &qemu_label(o),
+    );
+}
+
+fn bench_net(o: &Opts) {
+    println!(
+        "net benchmark: TAP in a private namespace, 10.0.2.2 <-> 10.0.2.15, {} ms per phase, \
+         frames of 64 (60 + FCS) and 1514 bytes, {} runs",
+        o.ms, o.runs
+    );
+    let mut cinder = Vec::new();
+    let mut qemu = Vec::new();
+    for run in 0..o.runs {
+        for vmm in [Vmm::Cinder, Vmm::Qemu] {
+            if vmm == Vmm::Cinder && !o.kvm {
+                continue;
+            }
+            let name = if vmm == Vmm::Cinder { "cinder" } else { "qemu" };
+            match net_once(vmm, o) {
+                Ok((f, h)) => {
+                    println!("{name} net run {run}: host counted {h:?}");
+                    if vmm == Vmm::Cinder {
+                        cinder.push(f);
+                    } else {
+                        qemu.push(f);
+                    }
+                }
+                Err(e) => println!("{name} net run {run} failed: {e}"),
+            }
+        }
+    }
+    println!();
+    report(
+        &NET_KEYS,
+        o.kvm.then_some(&cinder[..]),
+        &qemu,
+        &qemu_label(o),
+    );
+}
+
+fn qemu_label(o: &Opts) -> String {
+    format!("qemu microvm ({})", if o.kvm { "kvm" } else { "tcg" })
+}
+
+fn main() {
+    let mut what = "all".to_string();
+    let mut o = Opts {
+        runs: 5,
+        ms: 2000,
+        disk_mib: 256,
+        kvm: false,
+    };
+    let usage = "usage: bench_io [blk|net|all] [--runs N] [--ms MS] [--disk-mib N]";
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut num = |name: &str| -> u64 {
+            args.next().and_then(|v| v.parse().ok()).unwrap_or_else(|| {
+                eprintln!("{name} needs a number; {usage}");
+                std::process::exit(2)
+            })
+        };
+        match a.as_str() {
+            "blk" | "net" | "all" => what = a,
+            "--runs" => o.runs = num("--runs").max(1) as usize,
+            "--ms" => o.ms = num("--ms").clamp(1, 600_000),
+            "--disk-mib" => o.disk_mib = num("--disk-mib").max(2),
+            other => {
+                eprintln!("unknown argument {other}; {usage}");
+                std::process::exit(2);
+            }
+        }
+    }
+    o.kvm = Accel::detect() == Accel::Kvm;
+    if what == "blk" || what == "all" {
+        bench_blk(&o);
+    }
+    if what == "all" {
+        println!();
+    }
+    if what == "net" || what == "all" {
+        bench_net(&o);
+    }
+    if !o.kvm {
+        println!(
+            "note: QEMU ran under TCG (software emulation); its figures are not comparable to a \
+             KVM VMM's"
+        );
+    }
+}

@@ -1,0 +1,865 @@
+//! virtio-vsock with the probe's `vsock` check (resources/probe/src/virtio_vsock.rs).
+//!
+//! Three layers:
+//!
+//! * `engine`: the probe's protocol engine (`virtio_vsock/proto.rs`, included here by path:
+//!   it uses only `core`) against scripted packets: header layout, handshake, credit, SHUTDOWN
+//!   / RST, echo, stall, timeouts, hostile packets. No KVM.
+//! * `with_cinder_conn`: the same engine paired with cinder's own connection state machine
+//!   (`devices::virtio::vsock::conn::Connection`) over an in-memory host stream, packet by
+//!   packet, the way the device would carry them. No KVM, no virtqueues.
+//! * `..._under_cinder`: the probe booted under cinder with `--vsock cid=3,uds=PATH`; the host
+//!   side speaks Firecracker's hybrid protocol (`CONNECT <port>\n` -> `OK <n>\n` on PATH, and
+//!   `PATH_<port>` for guest-initiated connections). These need /dev/kvm.
+//!
+//! Stream checksum: 64-bit FNV-1a over the bytes (`cinder_tests::linux::fnv1a`); the probe's
+//! `rx_sum` over several connections is the wrapping sum of the per-connection sums.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use cinder_tests::cinder::{cinder_bin, require_kvm};
+use cinder_tests::linux::{fnv1a, pattern, TempDir};
+use cinder_tests::probe::{self, Status};
+use cinder_tests::session::Session;
+
+#[allow(dead_code)]
+#[path = "../../resources/probe/src/virtio_vsock/proto.rs"]
+mod proto;
+
+use proto::{Engine, Hdr, Mode};
+
+const CID: u64 = 3;
+const PORT: u32 = 5000;
+
+/// splitmix64's finalizer of `w + 0x7e57_0000`: word `w` of the probe's send pattern
+/// (re-implemented here, not taken from `proto`).
+fn probe_pattern(n: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(n + 8);
+    let mut w: u64 = 0;
+    while v.len() < n {
+        let mut x = w.wrapping_add(0x7e57_0000);
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        v.extend_from_slice(&(x ^ (x >> 31)).to_le_bytes());
+        w += 1;
+    }
+    v.truncate(n);
+    v
+}
+
+/// A packet from the host (CID 2) to the probe.
+fn from_host(op: u16, src_port: u32, dst_port: u32, len: u32, buf_alloc: u32, fwd: u32) -> Hdr {
+    Hdr {
+        src_cid: proto::HOST_CID,
+        dst_cid: CID,
+        src_port,
+        dst_port,
+        len,
+        type_: proto::TYPE_STREAM,
+        op,
+        flags: 0,
+        buf_alloc,
+        fwd_cnt: fwd,
+    }
+}
+
+/// Everything the engine has to send now.
+fn drain(e: &mut Engine, now: u64) -> Vec<(Hdr, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    for _ in 0..10_000 {
+        match e.next_tx(&mut buf, now) {
+            Some(h) => out.push((h, buf[..h.len as usize].to_vec())),
+            None => return out,
+        }
+    }
+    panic!("the engine never stops sending");
+}
+
+fn engine(mode: Mode) -> Box<Engine> {
+    let mut e = Box::new(Engine::new(0, 0, Mode::Sum));
+    e.reset(CID, PORT, mode);
+    e
+}
+
+mod engine {
+    use super::*;
+    use proto::*;
+    // The host side's checksum, not the engine's.
+    use super::fnv1a;
+
+    #[test]
+    fn header_is_44_little_endian_bytes() {
+        let h = Hdr {
+            src_cid: 0x0102_0304_0506_0708,
+            dst_cid: 2,
+            src_port: 0x1122_3344,
+            dst_port: 5000,
+            len: 0x10,
+            type_: 1,
+            op: OP_CREDIT_UPDATE,
+            flags: 3,
+            buf_alloc: 0x0004_0000,
+            fwd_cnt: 0xdead_beef,
+        };
+        let b = h.encode();
+        let mut want = Vec::new();
+        want.extend_from_slice(&0x0102_0304_0506_0708u64.to_le_bytes());
+        want.extend_from_slice(&2u64.to_le_bytes());
+        want.extend_from_slice(&0x1122_3344u32.to_le_bytes());
+        want.extend_from_slice(&5000u32.to_le_bytes());
+        want.extend_from_slice(&0x10u32.to_le_bytes());
+        want.extend_from_slice(&1u16.to_le_bytes());
+        want.extend_from_slice(&6u16.to_le_bytes());
+        want.extend_from_slice(&3u32.to_le_bytes());
+        want.extend_from_slice(&0x0004_0000u32.to_le_bytes());
+        want.extend_from_slice(&0xdead_beefu32.to_le_bytes());
+        assert_eq!(want.len(), HDR_LEN);
+        assert_eq!(&b[..], &want[..]);
+        assert_eq!(Hdr::decode(&b), Some(h));
+        assert_eq!(Hdr::decode(&b[..43]), None);
+    }
+
+    #[test]
+    fn checksum_and_pattern_match_the_host_side() {
+        let data = pattern(7, 100_003);
+        assert_eq!(proto::fnv1a(FNV_INIT, &data), fnv1a(&data));
+        let (a, b) = data.split_at(12_345);
+        assert_eq!(proto::fnv1a(proto::fnv1a(FNV_INIT, a), b), fnv1a(&data));
+        let want = probe_pattern(4099);
+        let mut got = vec![0u8; 4099];
+        // Filled in odd pieces, as packets of any length would.
+        let mut off = 0;
+        for n in [1usize, 7, 8, 13, 1000, 3070] {
+            fill_pattern(off as u64, &mut got[off..off + n]);
+            off += n;
+        }
+        assert_eq!(off, 4099);
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn accepts_a_request_counts_data_grants_credit_and_closes_on_shutdown() {
+        let mut e = engine(Mode::Sum);
+        e.on_rx(&from_host(OP_REQUEST, 1 << 30, PORT, 0, 65536, 0), &[], 0);
+        let out = drain(&mut e, 0);
+        assert_eq!(out.len(), 1);
+        let r = out[0].0;
+        assert_eq!(
+            (r.op, r.src_cid, r.dst_cid, r.src_port, r.dst_port, r.type_),
+            (OP_RESPONSE, CID, 2, PORT, 1 << 30, TYPE_STREAM)
+        );
+        assert_eq!(r.buf_alloc, SUM_BUF_ALLOC);
+        assert_eq!(r.fwd_cnt, 0);
+        let data = pattern(1, SUM_BUF_ALLOC as usize);
+        let mut sent = 0usize;
+        let mut updates = 0;
+        for chunk in data.chunks(16 * 1024) {
+            let h = from_host(OP_RW, 1 << 30, PORT, chunk.len() as u32, 65536, 0);
+            e.on_rx(&h, chunk, 0);
+            sent += chunk.len();
+            for (h, _) in drain(&mut e, 0) {
+                assert_eq!(h.op, OP_CREDIT_UPDATE);
+                assert_eq!(h.fwd_cnt as usize, sent, "fwd_cnt counts consumed bytes");
+                updates += 1;
+            }
+        }
+        // One update per quarter of buf_alloc consumed.
+        assert_eq!(updates, 4);
+        // CREDIT_REQUEST is answered.
+        e.on_rx(
+            &from_host(OP_CREDIT_REQUEST, 1 << 30, PORT, 0, 65536, 0),
+            &[],
+            0,
+        );
+        let out = drain(&mut e, 0);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0.op, OP_CREDIT_UPDATE);
+        // SHUTDOWN (both): RST and a report.
+        let mut s = from_host(OP_SHUTDOWN, 1 << 30, PORT, 0, 65536, 0);
+        s.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+        e.on_rx(&s, &[], 0);
+        let out = drain(&mut e, 0);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0.op, OP_RST);
+        let rep = e.take_report().expect("a report");
+        assert_eq!(rep.rx_bytes, data.len() as u64);
+        assert_eq!(rep.rx_sum, fnv1a(&data));
+        assert_eq!(rep.end, End::PeerShutdown);
+        assert!(e.take_report().is_none());
+        assert_eq!(e.totals.closed_in, 1);
+        assert_eq!(e.totals.credit_violations, 0);
+        assert_eq!(e.open_count(), 0);
+    }
+
+    #[test]
+    fn refuses_other_ports_ignores_other_cids_and_flags_credit_violations() {
+        let mut e = engine(Mode::Stall(1000));
+        e.on_rx(&from_host(OP_REQUEST, 7, PORT + 1, 0, 0, 0), &[], 0);
+        let out = drain(&mut e, 0);
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].0.op, out[0].0.dst_port), (OP_RST, 7));
+        assert_eq!(e.totals.refused, 1);
+        let mut h = from_host(OP_REQUEST, 7, PORT, 0, 0, 0);
+        h.dst_cid = 4;
+        e.on_rx(&h, &[], 0);
+        assert!(drain(&mut e, 0).is_empty());
+        assert_eq!(e.totals.bad_packets, 1);
+        // RW for a connection that does not exist: RST.
+        e.on_rx(&from_host(OP_RW, 9, PORT, 3, 0, 0), b"abc", 0);
+        assert_eq!(drain(&mut e, 0)[0].0.op, OP_RST);
+        // A stalled connection stops granting credit; more than granted is a violation.
+        e.on_rx(&from_host(OP_REQUEST, 8, PORT, 0, 0, 0), &[], 0);
+        drain(&mut e, 0);
+        let big = vec![0u8; SUM_BUF_ALLOC as usize];
+        e.on_rx(&from_host(OP_RW, 8, PORT, big.len() as u32, 0, 0), &big, 0);
+        // Consumed 1000 bytes only: no update (below a quarter), and the credit is spent.
+        assert!(drain(&mut e, 0).is_empty());
+        assert_eq!(e.totals.stalled, 1);
+        assert_eq!(e.totals.credit_violations, 0);
+        e.on_rx(&from_host(OP_RW, 8, PORT, 10, 0, 0), &[0; 10], 0);
+        assert_eq!(e.totals.credit_violations, 10);
+        e.on_rx(&from_host(OP_CREDIT_REQUEST, 8, PORT, 0, 0, 0), &[], 0);
+        let out = drain(&mut e, 0);
+        assert_eq!((out[0].0.op, out[0].0.fwd_cnt), (OP_CREDIT_UPDATE, 1000));
+        e.abandon_all();
+        let rep = e.take_report().expect("report");
+        assert_eq!(rep.end, End::StillOpen);
+        assert_eq!(e.totals.unread, (big.len() + 10 - 1000) as u64);
+    }
+
+    #[test]
+    fn sends_within_peer_credit_lingers_then_shuts_down() {
+        let mut e = engine(Mode::Sum);
+        let port = e.connect(6000, 100_000, 0).expect("a slot");
+        let out = drain(&mut e, 0);
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].0.op, out[0].0.dst_port), (OP_REQUEST, 6000));
+        // Nothing until RESPONSE.
+        assert!(drain(&mut e, 1).is_empty());
+        e.on_rx(&from_host(OP_RESPONSE, 6000, port, 0, 40_000, 0), &[], 1);
+        let mut got = Vec::new();
+        let out = drain(&mut e, 1);
+        for (h, d) in &out {
+            if h.op == OP_RW {
+                got.extend_from_slice(d);
+            }
+        }
+        assert_eq!(got.len(), 40_000, "exactly the peer's credit");
+        assert_eq!(out.last().map(|p| p.0.op), Some(OP_CREDIT_REQUEST));
+        // The peer forwarded everything and has room again.
+        let mut fwd = got.len() as u32;
+        e.on_rx(
+            &from_host(OP_CREDIT_UPDATE, 6000, port, 0, 40_000, fwd),
+            &[],
+            2,
+        );
+        for (h, d) in drain(&mut e, 2) {
+            assert_eq!(h.op, OP_RW);
+            got.extend_from_slice(&d);
+        }
+        assert_eq!(got.len(), 80_000);
+        fwd = got.len() as u32;
+        e.on_rx(
+            &from_host(OP_CREDIT_UPDATE, 6000, port, 0, 40_000, fwd),
+            &[],
+            3,
+        );
+        for (h, d) in drain(&mut e, 3) {
+            assert_eq!(h.op, OP_RW);
+            got.extend_from_slice(&d);
+        }
+        assert_eq!(got, probe_pattern(100_000));
+        // Lingers: asks for credit until the peer forwarded every byte, then SHUTDOWN.
+        e.tick(3);
+        let out = drain(&mut e, 3);
+        assert_eq!(
+            out.iter().map(|p| p.0.op).collect::<Vec<_>>(),
+            [OP_CREDIT_REQUEST]
+        );
+        e.on_rx(
+            &from_host(OP_CREDIT_UPDATE, 6000, port, 0, 40_000, 100_000),
+            &[],
+            4,
+        );
+        e.tick(4);
+        let out = drain(&mut e, 4);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0.op, OP_SHUTDOWN);
+        assert_eq!(out[0].0.flags, SHUTDOWN_RCV | SHUTDOWN_SEND);
+        e.on_rx(&from_host(OP_RST, 6000, port, 0, 0, 0), &[], 5);
+        let rep = e.take_report().expect("report");
+        assert_eq!(rep.end, End::PeerRstAfterShutdown);
+        assert_eq!(rep.tx_bytes, 100_000);
+        assert_eq!(rep.tx_sum, fnv1a(&probe_pattern(100_000)));
+        assert_eq!(e.totals.closed_out, 1);
+        assert_eq!(e.totals.unorderly, 0);
+    }
+
+    #[test]
+    fn echo_returns_the_bytes_and_credits_as_it_sends() {
+        let mut e = engine(Mode::Echo);
+        e.on_rx(&from_host(OP_REQUEST, 1, PORT, 0, 1 << 20, 0), &[], 0);
+        let out = drain(&mut e, 0);
+        assert_eq!(out[0].0.buf_alloc, ECHO_CAP as u32);
+        let data = pattern(3, 3 * ECHO_CAP + 5);
+        let mut back = Vec::new();
+        for c in data.chunks(5000) {
+            e.on_rx(&from_host(OP_RW, 1, PORT, c.len() as u32, 1 << 20, 0), c, 0);
+            for (h, d) in drain(&mut e, 0) {
+                assert_eq!(h.op, OP_RW);
+                back.extend_from_slice(&d);
+                assert_eq!(h.fwd_cnt as usize, back.len());
+            }
+        }
+        assert_eq!(back, data);
+        assert_eq!(e.totals.credit_violations, 0);
+    }
+
+    #[test]
+    fn handshake_timeout_resets_and_transport_reset_drops_everything() {
+        let mut e = engine(Mode::Sum);
+        let port = e.connect(6000, 10, 0).expect("slot");
+        drain(&mut e, 0);
+        e.tick(HANDSHAKE_MS - 1);
+        assert!(drain(&mut e, HANDSHAKE_MS - 1).is_empty());
+        e.tick(HANDSHAKE_MS);
+        let out = drain(&mut e, HANDSHAKE_MS);
+        assert_eq!((out[0].0.op, out[0].0.src_port), (OP_RST, port));
+        assert_eq!(e.take_report().map(|r| r.end), Some(End::Timeout));
+        // A RESPONSE for a forgotten connection gets an RST.
+        e.on_rx(&from_host(OP_RESPONSE, 6000, port, 0, 0, 0), &[], 1);
+        assert_eq!(drain(&mut e, 1)[0].0.op, OP_RST);
+        for p in 0..3 {
+            e.on_rx(&from_host(OP_REQUEST, p, PORT, 0, 0, 0), &[], 1);
+        }
+        assert_eq!(e.open_count(), 3);
+        e.transport_reset(CID);
+        assert_eq!(e.open_count(), 0);
+        assert_eq!(e.totals.unorderly, 4);
+    }
+
+    #[test]
+    fn full_slots_refuse_and_protocol_errors_reset() {
+        let mut e = engine(Mode::Sum);
+        for p in 0..MAX_CONNS as u32 + 1 {
+            e.on_rx(&from_host(OP_REQUEST, p, PORT, 0, 0, 0), &[], 0);
+        }
+        let out = drain(&mut e, 0);
+        assert_eq!(
+            out.iter().filter(|p| p.0.op == OP_RESPONSE).count(),
+            MAX_CONNS
+        );
+        assert_eq!(out.iter().filter(|p| p.0.op == OP_RST).count(), 1);
+        // A second REQUEST on an open connection, and an unknown op.
+        e.on_rx(&from_host(OP_REQUEST, 0, PORT, 0, 0, 0), &[], 0);
+        e.on_rx(&from_host(99, 1, PORT, 0, 0, 0), &[], 0);
+        let out = drain(&mut e, 0);
+        assert_eq!(
+            out.iter().filter(|p| p.0.op == OP_RST).count(),
+            2,
+            "{out:?}"
+        );
+        assert_eq!(e.open_count(), MAX_CONNS - 2);
+        let mut h = from_host(OP_RW, 2, PORT, 1, 0, 0);
+        h.type_ = 2; // SEQPACKET, not negotiated
+        e.on_rx(&h, b"x", 0);
+        assert_eq!(drain(&mut e, 0)[0].0.op, OP_RST);
+        assert_eq!(e.totals.bad_packets, 3);
+    }
+}
+
+/// cinder's connection state machine with the probe's engine on the other side.
+mod with_cinder_conn {
+    use super::*;
+    use devices::virtio::vsock::conn::{Connection, GuestHeader, State};
+
+    /// The host end of a connection, in memory: `incoming` is what the host client wrote (the
+    /// guest reads it), `written` what cinder forwarded from the guest; `room` bytes can be
+    /// written before the socket would block.
+    #[derive(Default)]
+    struct Mem {
+        incoming: VecDeque<u8>,
+        eof: bool,
+        written: Vec<u8>,
+        room: usize,
+        max_read: u64,
+    }
+
+    impl Read for Mem {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.max_read = self.max_read.max(buf.len() as u64);
+            if self.incoming.is_empty() {
+                return if self.eof {
+                    Ok(0)
+                } else {
+                    Err(io::ErrorKind::WouldBlock.into())
+                };
+            }
+            let n = buf.len().min(self.incoming.len());
+            for (b, v) in buf.iter_mut().zip(self.incoming.drain(..n)) {
+                *b = v;
+            }
+            Ok(n)
+        }
+    }
+
+    impl Write for Mem {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.room == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.room);
+            self.room -= n;
+            self.written.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    const HOST_PORT: u32 = 1 << 30;
+
+    /// Moves packets both ways once, as the device would (guest's transmit queue first, then
+    /// the receive queue; the event loop's readiness: readable when input or EOF is there,
+    /// writable when room is). Returns the number of packets moved.
+    fn pump(e: &mut Engine, c: &mut Connection<Mem>, now: u64) -> usize {
+        let mut moved = 0;
+        for (h, d) in drain(e, now) {
+            assert_eq!((h.src_cid, h.dst_cid, h.type_), (CID, 2, 1));
+            assert_eq!((h.src_port, h.dst_port), (c.peer_port, c.local_port));
+            let gh = GuestHeader {
+                op: h.op,
+                flags: h.flags,
+                buf_alloc: h.buf_alloc,
+                fwd_cnt: h.fwd_cnt,
+            };
+            let _ = c.on_guest_packet(&gh, &d);
+            moved += 1;
+        }
+        if c.stream.room > 0 {
+            let _ = c.flush_host();
+        }
+        if !c.stream.incoming.is_empty() || c.stream.eof {
+            c.set_host_readable();
+        }
+        let mut buf = vec![0u8; 16 * 1024];
+        for _ in 0..64 {
+            if !c.has_rx() {
+                break;
+            }
+            let Some(p) = c.next_rx(&mut buf) else { break };
+            let h = Hdr {
+                src_cid: 2,
+                dst_cid: CID,
+                src_port: c.local_port,
+                dst_port: c.peer_port,
+                len: p.len,
+                type_: 1,
+                op: p.op,
+                flags: p.flags,
+                buf_alloc: p.buf_alloc,
+                fwd_cnt: p.fwd_cnt,
+            };
+            e.on_rx(&h, &buf[..p.len as usize], now);
+            moved += 1;
+        }
+        e.tick(now);
+        moved
+    }
+
+    /// A host-initiated connection carrying `data`; returns the engine's report.
+    fn host_to_guest(e: &mut Engine, data: &[u8], peer: u32) -> proto::Report {
+        let mem = Mem {
+            room: 64,
+            ..Mem::default()
+        };
+        let mut c = Connection::from_host(mem, HOST_PORT + peer, PORT);
+        c.stream.incoming.extend(data);
+        c.stream.eof = true;
+        for now in 0..100_000 {
+            pump(e, &mut c, now);
+            if c.is_done() && e.open_count() == 0 {
+                break;
+            }
+        }
+        assert!(c.is_done(), "cinder's connection did not finish");
+        assert_eq!(
+            String::from_utf8_lossy(&c.stream.written),
+            format!("OK {}\n", HOST_PORT + peer)
+        );
+        e.take_report().expect("a report")
+    }
+
+    #[test]
+    fn host_to_guest_stream_arrives_whole() {
+        let mut e = engine(Mode::Sum);
+        let data = pattern(11, 4 << 20);
+        let r = host_to_guest(&mut e, &data, 0);
+        assert_eq!(r.rx_bytes, data.len() as u64);
+        assert_eq!(r.rx_sum, fnv1a(&data));
+        assert_eq!(r.end, proto::End::PeerShutdown);
+        assert_eq!(e.totals.credit_violations, 0);
+    }
+
+    #[test]
+    fn hundred_sequential_connections() {
+        let mut e = engine(Mode::Sum);
+        let mut sum = 0u64;
+        for i in 0..100u32 {
+            let data = pattern(u64::from(i) + 100, 1000 + i as usize);
+            sum = sum.wrapping_add(fnv1a(&data));
+            let r = host_to_guest(&mut e, &data, i);
+            assert_eq!(r.rx_sum, fnv1a(&data), "connection {i}");
+        }
+        assert_eq!(e.totals.closed_in, 100);
+        assert_eq!(e.totals.rx_sum, sum);
+        assert_eq!(e.totals.unorderly, 0);
+    }
+
+    /// A guest-initiated connection sending `n` bytes to a host that accepts `room_per_round`
+    /// bytes per round; returns what the host got and the engine's report.
+    fn guest_to_host(linger: bool, n: u64, room_per_round: usize) -> (Vec<u8>, proto::Report) {
+        let mut e = engine(Mode::Sum);
+        e.linger = linger;
+        let port = e.connect(6000, n, 0).expect("slot");
+        let req = drain(&mut e, 0);
+        assert_eq!(req[0].0.op, proto::OP_REQUEST);
+        let gh = GuestHeader {
+            op: req[0].0.op,
+            flags: 0,
+            buf_alloc: req[0].0.buf_alloc,
+            fwd_cnt: req[0].0.fwd_cnt,
+        };
+        let mut c = Connection::from_guest(Mem::default(), 6000, port, &gh);
+        for now in 0..1_000_000 {
+            c.stream.room += room_per_round;
+            pump(&mut e, &mut c, now);
+            if c.is_done() && e.open_count() == 0 {
+                break;
+            }
+        }
+        assert_eq!(e.open_count(), 0, "the probe's connection did not finish");
+        (c.stream.written.clone(), e.take_report().expect("report"))
+    }
+
+    #[test]
+    fn guest_to_host_stream_arrives_whole() {
+        let n = 3 << 20;
+        let (got, r) = guest_to_host(true, n, 100_000);
+        assert_eq!(r.tx_bytes, n);
+        assert_eq!(r.end, proto::End::PeerRstAfterShutdown);
+        assert_eq!(got.len() as u64, n);
+        assert_eq!(fnv1a(&got), r.tx_sum);
+        assert!(got == probe_pattern(n as usize));
+    }
+
+    /// A guest that closes right after its last byte (as Linux does on close(2)) while the
+    /// host reads slowly: cinder must still deliver every byte before it resets the
+    /// connection (Firecracker keeps the connection until its buffer is flushed).
+    #[test]
+    fn guest_shutdown_right_after_data_loses_nothing() {
+        let n = 200_000;
+        let (got, r) = guest_to_host(false, n, 1000);
+        assert_eq!(r.tx_bytes, n);
+        assert_eq!(
+            got.len() as u64,
+            n,
+            "bytes lost between SHUTDOWN and the host"
+        );
+    }
+
+    #[test]
+    fn stalled_guest_stops_cinder_reading() {
+        let mut e = engine(Mode::Stall(64 * 1024));
+        let mem = Mem {
+            room: 64,
+            ..Mem::default()
+        };
+        let mut c = Connection::from_host(mem, HOST_PORT, PORT);
+        let total = 8 << 20;
+        c.stream.incoming.extend(pattern(5, total));
+        for now in 0..10_000 {
+            pump(&mut e, &mut c, now);
+        }
+        let taken = (total - c.stream.incoming.len()) as u64;
+        assert_eq!(e.totals.stalled, 1);
+        assert_eq!(e.totals.credit_violations, 0);
+        // cinder read at most the stall point plus one advertised buffer.
+        assert!(
+            taken <= 64 * 1024 + u64::from(proto::SUM_BUF_ALLOC),
+            "cinder read {taken} bytes from the host for a stalled guest"
+        );
+        assert_eq!(c.state(), State::Established);
+        // Nothing moves any more: no busy ping-pong of credit packets.
+        assert_eq!(pump(&mut e, &mut c, 20_000), 0);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Under cinder.
+
+/// One cinder at a time: the 64 MiB transfers take the machine's cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+const BIG: usize = 64 << 20;
+const STEP: Duration = Duration::from_secs(120);
+
+fn start(dir: &TempDir, keys: &str) -> (Session, std::path::PathBuf) {
+    let uds = dir.join("v.sock");
+    let mut c = Command::new(cinder_bin());
+    c.arg("--kernel")
+        .arg(probe::elf_path())
+        .args(["--vsock", &format!("cid={CID},uds={}", uds.display())])
+        .args(["--cmdline", &format!("probe.run=vsock {keys}")]);
+    let mut s = Session::start(c);
+    let (line, _) = s
+        .expect_line("PROBE vsock ready", STEP)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(line.contains(&format!("cid={CID}")), "{line}");
+    (s, uds)
+}
+
+/// `CONNECT <port>\n` on the hybrid socket; returns the stream after `OK <n>\n`, or the
+/// first line / error.
+fn connect(uds: &Path, port: u32) -> Result<UnixStream, String> {
+    let mut c = UnixStream::connect(uds).map_err(|e| format!("connect {}: {e}", uds.display()))?;
+    c.set_read_timeout(Some(STEP)).map_err(|e| e.to_string())?;
+    c.write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.len() < 64 {
+        match c.read(&mut b) {
+            Ok(1) if b[0] == b'\n' => break,
+            Ok(1) => line.push(b[0]),
+            Ok(_) => return Err(format!("EOF after {:?}", String::from_utf8_lossy(&line))),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    let line = String::from_utf8_lossy(&line).into_owned();
+    match line.strip_prefix("OK ").map(str::parse::<u32>) {
+        Some(Ok(_)) => Ok(c),
+        _ => Err(format!("bad answer {line:?}")),
+    }
+}
+
+/// Reads until EOF (bounded by the read timeout).
+fn read_to_eof(c: &mut UnixStream) -> Vec<u8> {
+    let mut v = Vec::new();
+    c.read_to_end(&mut v)
+        .expect("read until the connection closes");
+    v
+}
+
+fn finish(mut s: Session) -> probe::Check {
+    s.expect("PROBE DONE", STEP)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let _ = s.wait_exit(Duration::from_secs(30));
+    let log = probe::parse(&s.console());
+    let c = log.check("vsock").cloned();
+    c.unwrap_or_else(|| panic!("no vsock result\n{}", s.log()))
+}
+
+fn assert_ok(c: &probe::Check) {
+    assert_eq!(c.status, Status::Ok, "{}", c.details);
+}
+
+#[test]
+fn host_to_guest_64mib_under_cinder() {
+    require_kvm();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("vsock-h2g");
+    let (s, uds) = start(&dir, "probe.vsock_conns=1");
+    let data = pattern(0x5eed, BIG);
+    let mut c = connect(&uds, PORT).unwrap_or_else(|e| panic!("{e}\n{}", s.log()));
+    c.write_all(&data).expect("send 64 MiB");
+    c.shutdown(Shutdown::Write).expect("half close");
+    assert!(
+        read_to_eof(&mut c).is_empty(),
+        "sum mode sends nothing back"
+    );
+    let r = finish(s);
+    assert_ok(&r);
+    assert_eq!(r.num("rx_bytes"), Some(BIG as u64), "{}", r.details);
+    assert_eq!(r.num("rx_sum"), Some(fnv1a(&data)), "{}", r.details);
+    assert_eq!(r.num("conns"), Some(1));
+}
+
+#[test]
+fn guest_to_host_64mib_under_cinder() {
+    require_kvm();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("vsock-g2h");
+    let l = UnixListener::bind(dir.join("v.sock_6000")).expect("listen on v.sock_6000");
+    let (s, _) = start(
+        &dir,
+        &format!("probe.vsock_host_port=6000 probe.vsock_bytes={BIG}"),
+    );
+    l.set_nonblocking(true).expect("non-blocking");
+    let until = Instant::now() + STEP;
+    let mut c = loop {
+        match l.accept() {
+            Ok((c, _)) => break c,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("the probe did not connect: {e}\n{}", s.log()),
+        }
+    };
+    c.set_nonblocking(false).expect("blocking");
+    c.set_read_timeout(Some(STEP)).expect("timeout");
+    let got = read_to_eof(&mut c);
+    let r = finish(s);
+    assert_ok(&r);
+    assert_eq!(got.len(), BIG);
+    assert!(
+        got == probe_pattern(BIG),
+        "the bytes differ from the pattern"
+    );
+    assert_eq!(r.num("tx_bytes"), Some(BIG as u64), "{}", r.details);
+    assert_eq!(r.num("tx_sum"), Some(fnv1a(&got)), "{}", r.details);
+}
+
+#[test]
+fn hundred_connections_under_cinder() {
+    require_kvm();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("vsock-100");
+    let (s, uds) = start(&dir, "probe.vsock_conns=100");
+    let mut sum = 0u64;
+    let mut total = 0u64;
+    for i in 0..100u64 {
+        let data = pattern(i + 1, 1000 + 37 * i as usize);
+        let mut c = connect(&uds, PORT).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        c.write_all(&data).expect("send");
+        c.shutdown(Shutdown::Write).expect("half close");
+        read_to_eof(&mut c);
+        sum = sum.wrapping_add(fnv1a(&data));
+        total += data.len() as u64;
+    }
+    let mut s = s;
+    let r = {
+        s.expect("PROBE DONE", STEP)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let log = s.console();
+        let lines = log
+            .lines()
+            .filter(|l| l.starts_with("PROBE vsock conn "))
+            .count();
+        assert_eq!(lines, 100, "{log}");
+        finish(s)
+    };
+    assert_ok(&r);
+    assert_eq!(r.num("in"), Some(100));
+    assert_eq!(r.num("rx_bytes"), Some(total));
+    assert_eq!(r.num("rx_sum"), Some(sum));
+    assert_eq!(r.num("unorderly"), Some(0));
+}
+
+#[test]
+fn echo_under_cinder() {
+    require_kvm();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("vsock-echo");
+    let (s, uds) = start(&dir, "probe.vsock_mode=echo");
+    let data = pattern(42, 4 << 20);
+    let c = connect(&uds, PORT).unwrap_or_else(|e| panic!("{e}"));
+    let mut w = c.try_clone().expect("clone");
+    let to_send = data.clone();
+    let writer = std::thread::spawn(move || w.write_all(&to_send));
+    let mut back = vec![0u8; data.len()];
+    let mut r = c;
+    r.read_exact(&mut back).expect("read the echo");
+    writer.join().expect("writer").expect("write");
+    assert!(back == data, "the echo differs");
+    r.shutdown(Shutdown::Both).expect("close");
+    drop(r);
+    let res = finish(s);
+    assert_ok(&res);
+    assert_eq!(res.num("tx_sum"), Some(fnv1a(&data)));
+}
+
+/// A guest port nobody listens on: the client sees EOF without `OK`, and the probe (which
+/// answered RST) keeps serving its own port.
+#[test]
+fn refused_port_then_normal_connection_under_cinder() {
+    require_kvm();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("vsock-refused");
+    let (s, uds) = start(&dir, "probe.vsock_conns=1");
+    let e = connect(&uds, PORT + 1).expect_err("the probe does not listen on 5001");
+    assert!(e.starts_with("EOF"), "{e}");
+    let mut c = connect(&uds, PORT).unwrap_or_else(|e| panic!("{e}"));
+    c.write_all(b"hello").expect("send");
+    c.shutdown(Shutdown::Write).expect("half close");
+    read_to_eof(&mut c);
+    let r = finish(s);
+    assert_ok(&r);
+    assert_eq!(r.num("refused"), Some(1));
+    assert_eq!(r.num("rx_sum"), Some(fnv1a(b"hello")));
+}
+
+fn vm_rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The guest stops reading after 64 KiB while the host keeps writing for 10 s: cinder must
+/// stop reading the host socket (credit), so its RSS stays bounded and the host's writes block.
+#[test]
+fn stalled_guest_bounds_cinder_memory_under_cinder() {
+    require_kvm();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("vsock-stall");
+    let (s, uds) = start(
+        &dir,
+        "probe.vsock_mode=stall probe.vsock_stall_kib=64 probe.vsock_ms=20000",
+    );
+    let base = vm_rss_kib(s.pid());
+    let mut c = connect(&uds, PORT).unwrap_or_else(|e| panic!("{e}"));
+    c.set_nonblocking(true).expect("non-blocking");
+    let chunk = pattern(9, 1 << 20);
+    let mut written = 0u64;
+    let mut peak = base;
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut next_sample = Instant::now();
+    while Instant::now() < until {
+        match c.write(&chunk) {
+            Ok(n) => written += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => panic!("write: {e}\n{}", s.log()),
+        }
+        if Instant::now() >= next_sample {
+            peak = peak.max(vm_rss_kib(s.pid()));
+            next_sample = Instant::now() + Duration::from_millis(100);
+        }
+    }
+    peak = peak.max(vm_rss_kib(s.pid()));
+    assert!(
+        peak < base + 64 * 1024,
+        "cinder's RSS grew from {base} KiB to {peak} KiB while the guest did not read"
+    );
+    assert!(
+        written < 64 << 20,
+        "the host wrote {written} bytes into a connection whose guest stopped reading"
+    );
+    drop(c);
+    let r = finish(s);
+    assert_ok(&r);
+    assert_eq!(r.num("stalled"), Some(1), "{}", r.details);
+    assert_eq!(r.num("credit_violations"), Some(0));
+}
