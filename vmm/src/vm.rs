@@ -511,6 +511,7 @@ pub struct Vmm {
     mmio: Arc<Bus>,
     subscribers: Vec<Subscriber>,
     blocks: Vec<(String, Arc<Mutex<Block>>)>,
+    nets: Vec<(String, Arc<Mutex<Net>>)>,
     i8042: Arc<Mutex<I8042>>,
     ctx: VmContext,
     _vm: VmFd,
@@ -571,6 +572,7 @@ impl Vmm {
         // Open every device's host side before anything else: a missing image or a socket in
         // use is the user's error, and must be reported as such on any host.
         let mut blocks = Vec::with_capacity(spec.drives.len());
+        let mut nets = Vec::with_capacity(spec.nets.len());
         let mut virtio: Vec<NewVirtio> = Vec::new();
         for d in &spec.drives {
             let serial = (d.id.len() <= 20).then(|| d.id.clone());
@@ -598,6 +600,7 @@ impl Vmm {
             })
             .map_err(|e| VmError::Device(format!("network interface {}: {e}", n.id)))?;
             let dev = Arc::new(Mutex::new(net));
+            nets.push((n.id.clone(), dev.clone()));
             virtio.push((format!("network interface {}", n.id), dev.clone(), dev));
         }
         if spec.rng {
@@ -732,6 +735,7 @@ impl Vmm {
             mmio: Arc::new(mmio),
             subscribers,
             blocks,
+            nets,
             i8042,
             ctx,
             _vm: vm,
@@ -826,12 +830,36 @@ impl Vmm {
             .map_err(|e| format!("drive {id}: {e}"))
     }
 
-    /// Per-device metrics sections.
+    /// Per-device metrics sections (cumulative counters), as JSON objects.
     pub fn device_metrics(&self) -> Vec<(String, String)> {
-        self.blocks
-            .iter()
-            .map(|(id, _)| (format!("block_{id}"), "{}".to_string()))
-            .collect()
+        fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+            match m.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            }
+        }
+        let mut out = Vec::new();
+        for (id, dev) in &self.blocks {
+            let s = lock(dev).stats();
+            out.push((
+                format!("block_{id}"),
+                format!(
+                    "{{\"reads\":{},\"writes\":{},\"flushes\":{},\"read_bytes\":{},\"write_bytes\":{},\"errors\":{}}}",
+                    s.reads, s.writes, s.flushes, s.read_bytes, s.write_bytes, s.errors
+                ),
+            ));
+        }
+        for (id, dev) in &self.nets {
+            let s = lock(dev).stats();
+            out.push((
+                format!("net_{id}"),
+                format!(
+                    "{{\"rx_frames\":{},\"rx_bytes\":{},\"rx_dropped\":{},\"rx_bad_chains\":{},\"tx_frames\":{},\"tx_bytes\":{},\"tx_dropped\":{}}}",
+                    s.rx_frames, s.rx_bytes, s.rx_dropped, s.rx_bad_chains, s.tx_frames, s.tx_bytes, s.tx_dropped
+                ),
+            ));
+        }
+        out
     }
 
     /// Stops and joins every vCPU thread (kicking them out of KVM_RUN). A thread that does

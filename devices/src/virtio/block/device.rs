@@ -10,7 +10,7 @@ use super::disk::DiskImage;
 use super::features::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
 };
-use super::request::handle_chain;
+use super::request::{handle_chain_counted, BlockStats};
 use super::{BlockError, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_BLK_ID_BYTES};
 use crate::virtio::device_core::{impl_virtio_core, DeviceCore};
 use crate::virtio::ratelimit::warn_ratelimited;
@@ -33,6 +33,7 @@ pub struct BlockConfig {
 pub struct Block {
     disk: DiskImage,
     id: [u8; VIRTIO_BLK_ID_BYTES],
+    stats: BlockStats,
     pub(super) core: DeviceCore,
 }
 
@@ -48,6 +49,11 @@ fn build_config_space(nsectors: u64) -> Vec<u8> {
 }
 
 impl Block {
+    /// What the device did so far.
+    pub fn stats(&self) -> BlockStats {
+        self.stats
+    }
+
     /// Switches the backing image (Firecracker's `PATCH /drives/{id}` with `path_on_host`),
     /// keeping the device's read-only mode. The new size is published in config space and the
     /// driver is told with a config-change interrupt. On error the old image stays in use.
@@ -93,6 +99,7 @@ impl Block {
         Ok(Block {
             disk,
             id: id_bytes,
+            stats: BlockStats::default(),
             core,
         })
     }
@@ -149,7 +156,8 @@ impl Block {
                     break;
                 };
                 let head = chain.head_index();
-                let len = handle_chain(chain, mem, &mut self.disk, &self.id);
+                let len =
+                    handle_chain_counted(chain, mem, &mut self.disk, &self.id, &mut self.stats);
                 if let Err(e) = queue.add_used(mem, head, len) {
                     warn_ratelimited!("virtio-blk: queue {index}: cannot add used entry: {e}");
                 }

@@ -438,6 +438,23 @@ impl Request {
     }
 }
 
+/// Counters of what a block device did, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockStats {
+    /// Completed reads.
+    pub reads: u64,
+    /// Completed writes.
+    pub writes: u64,
+    /// Completed flushes.
+    pub flushes: u64,
+    /// Bytes read from the disk into guest memory.
+    pub read_bytes: u64,
+    /// Bytes written from guest memory to the disk.
+    pub write_bytes: u64,
+    /// Requests answered with an error status or dropped.
+    pub errors: u64,
+}
+
 /// Parse, execute and complete one chain. Returns the used length for the used ring: the data
 /// bytes written plus the status byte, or 0 for a dropped request.
 pub fn handle_chain<M>(
@@ -450,11 +467,41 @@ where
     M: Deref,
     M::Target: GuestMemory,
 {
+    handle_chain_counted(chain, mem, disk, id, &mut BlockStats::default())
+}
+
+/// [`handle_chain`], counting into `stats`.
+pub fn handle_chain_counted<M>(
+    chain: DescriptorChain<M>,
+    mem: &GuestMemoryMmap,
+    disk: &mut DiskImage,
+    id: &[u8; VIRTIO_BLK_ID_BYTES],
+    stats: &mut BlockStats,
+) -> u32
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
     let (status, written, status_addr) = match Request::parse(chain, mem) {
         Ok(request) => match request.execute(mem, disk, id) {
-            Ok(written) => (VIRTIO_BLK_S_OK, written, request.status_addr),
+            Ok(written) => {
+                match request.kind {
+                    RequestType::In => {
+                        stats.reads += 1;
+                        stats.read_bytes += request.data_len;
+                    }
+                    RequestType::Out => {
+                        stats.writes += 1;
+                        stats.write_bytes += request.data_len;
+                    }
+                    RequestType::Flush => stats.flushes += 1,
+                    _ => {}
+                }
+                (VIRTIO_BLK_S_OK, written, request.status_addr)
+            }
             Err(e) => {
                 warn_ratelimited!("virtio-blk: request failed: {e}");
+                stats.errors += 1;
                 (e.status(), 0, request.status_addr)
             }
         },
@@ -463,6 +510,7 @@ where
             status_addr: Some(addr),
         }) => {
             warn_ratelimited!("virtio-blk: bad request: {error}");
+            stats.errors += 1;
             (error.status(), 0, addr)
         }
         Err(ParseError {
@@ -470,6 +518,7 @@ where
             status_addr: None,
         }) => {
             warn_ratelimited!("virtio-blk: request dropped: {error}");
+            stats.errors += 1;
             return 0;
         }
     };

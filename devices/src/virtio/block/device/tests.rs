@@ -210,6 +210,13 @@ fn process_queue_completes_every_chain_and_interrupts() {
     assert_eq!(std::fs::read(file.as_path()).unwrap(), before);
     assert_eq!(irq_fd.read().unwrap(), 1);
     assert_eq!(irq.status(), crate::virtio::VIRTIO_MMIO_INT_VRING);
+    // One read of 512 bytes; the refused write and the looping chain are errors.
+    let st = b.stats();
+    assert_eq!(
+        (st.reads, st.read_bytes, st.writes, st.errors),
+        (1, 512, 0, 2),
+        "{st:?}"
+    );
 
     // Nothing new: no interrupt.
     b.process_queue(0);
