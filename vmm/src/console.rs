@@ -105,6 +105,54 @@ impl std::os::unix::io::AsRawFd for StdinFd {
     }
 }
 
+/// Terminal input for a virtio-console: fd 0 through the escape parser, so Ctrl-A x quits
+/// there too. The quit request goes to `exit`; the console then sees end of input.
+pub struct EscapingStdin {
+    parser: EscapeParser,
+    exit: Arc<ExitSignal>,
+}
+
+impl EscapingStdin {
+    /// Reads fd 0, watching for the escape sequence.
+    pub fn new(exit: Arc<ExitSignal>) -> Self {
+        EscapingStdin {
+            parser: EscapeParser::default(),
+            exit,
+        }
+    }
+}
+
+impl std::io::Read for EscapingStdin {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.len() < 2 {
+            return StdinFd.read(buf);
+        }
+        // One byte of room: a held Ctrl-A plus the next byte can come out as two.
+        let mut raw = vec![0u8; buf.len() - 1];
+        let n = StdinFd.read(&mut raw)?;
+        if n == 0 {
+            return Ok(0);
+        }
+        let mut out = Vec::with_capacity(n + 1);
+        if self.parser.feed(&raw[..n], &mut out) {
+            self.exit.request(ExitReason::Escape);
+            return Ok(0);
+        }
+        if out.is_empty() {
+            // Only a held Ctrl-A: nothing for the guest yet, but not end of input.
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        buf[..out.len()].copy_from_slice(&out);
+        Ok(out.len())
+    }
+}
+
+impl std::os::unix::io::AsRawFd for EscapingStdin {
+    fn as_raw_fd(&self) -> std::os::unix::io::RawFd {
+        libc::STDIN_FILENO
+    }
+}
+
 /// Ctrl-A: the escape prefix.
 pub const ESCAPE_PREFIX: u8 = 0x01;
 

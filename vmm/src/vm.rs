@@ -613,7 +613,11 @@ impl Vmm {
             let (input, output): (Option<Box<dyn VirtioConsoleInput>>, Box<dyn Write + Send>) =
                 match host {
                     VirtioConsoleHost::Stdio => (
-                        Some(Box::new(crate::console::StdinFd)),
+                        Some(if ctx.interactive {
+                            Box::new(crate::console::EscapingStdin::new(ctx.exit.clone()))
+                        } else {
+                            Box::new(crate::console::StdinFd)
+                        }),
                         console_out
                             .take()
                             .unwrap_or_else(|| Box::new(std::io::stdout())),
