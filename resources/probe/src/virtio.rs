@@ -239,6 +239,48 @@ struct Pool([u8; 64 * 1024]);
 static POOL: Global<Pool> = Global::new(Pool([0; 64 * 1024]));
 static POOL_USED: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
+/// Programs queue `idx` of `t` with its three rings in the 12 KiB at `base` (descriptor
+/// table, available ring, used ring: one page each), zeroes them, asks the device not to
+/// interrupt (polling drivers), and marks the queue ready. Returns the queue size: the
+/// device's maximum, capped at `max_size`; fails when the device offers fewer than
+/// `min_size` entries.
+pub fn setup_ring_queue(
+    t: Transport,
+    idx: u32,
+    base: u64,
+    max_size: usize,
+    min_size: u32,
+) -> Result<u16, &'static str> {
+    t.write(reg::QUEUE_SEL, idx);
+    if t.read(reg::QUEUE_READY) != 0 {
+        return Err("queue already ready");
+    }
+    let max = t.read(reg::QUEUE_NUM_MAX);
+    if max == 0 || max < min_size {
+        return Err("queue not available or too small");
+    }
+    let size = (max as usize).min(max_size);
+    if !size.is_power_of_two() {
+        return Err("queue size not a power of two");
+    }
+    for a in (base..base + 3 * 4096).step_by(8) {
+        crate::cpu::poke::<u64>(a, 0);
+    }
+    t.write(reg::QUEUE_NUM, size as u32);
+    for (r, a) in [
+        (reg::QUEUE_DESC, base),
+        (reg::QUEUE_DRIVER, base + 4096),
+        (reg::QUEUE_DEVICE, base + 8192),
+    ] {
+        t.write(r, a as u32);
+        t.write(r + 4, (a >> 32) as u32);
+    }
+    // VIRTQ_AVAIL_F_NO_INTERRUPT
+    crate::cpu::poke::<u16>(base + 4096, 1);
+    t.write(reg::QUEUE_READY, 1);
+    Ok(size as u16)
+}
+
 pub fn dma_alloc(len: u64, align: u64) -> Option<u64> {
     let base = POOL.get() as *const Pool as u64;
     let used = POOL_USED.load(Ordering::Relaxed);

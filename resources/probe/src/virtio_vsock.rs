@@ -43,7 +43,6 @@ const DATA: usize = 16 * 1024;
 const EVENTS: usize = 4;
 const DESC_NEXT: u16 = 1;
 const DESC_WRITE: u16 = 2;
-const AVAIL_NO_INTERRUPT: u16 = 1;
 const USED_NO_NOTIFY: u16 = 1;
 
 const DEFAULT_PORT: u64 = 5000;
@@ -109,44 +108,18 @@ struct Queue {
 
 impl Queue {
     fn setup(t: Transport, idx: u32) -> Result<Queue, &'static str> {
-        t.write(reg::QUEUE_SEL, idx);
-        if t.read(reg::QUEUE_READY) != 0 {
-            return Err("queue already ready");
-        }
-        let max = t.read(reg::QUEUE_NUM_MAX);
-        if max < 2 {
-            return Err("queue not available or smaller than 2");
-        }
-        let size = (max as usize).min(QMAX);
-        if !size.is_power_of_two() {
-            return Err("queue size not a power of two");
-        }
         let base = RINGS.get() as *const Rings as u64 + idx as u64 * 3 * 4096;
-        for a in (base..base + 3 * 4096).step_by(8) {
-            poke::<u64>(a, 0);
-        }
-        let q = Queue {
+        let size = virtio::setup_ring_queue(t, idx, base, QMAX, 2)?;
+        Ok(Queue {
             t,
             idx,
-            size: size as u16,
+            size,
             desc: base,
             avail: base + 4096,
             used: base + 8192,
             avail_idx: 0,
             last_used: 0,
-        };
-        t.write(reg::QUEUE_NUM, size as u32);
-        for (r, a) in [
-            (reg::QUEUE_DESC, q.desc),
-            (reg::QUEUE_DRIVER, q.avail),
-            (reg::QUEUE_DEVICE, q.used),
-        ] {
-            t.write(r, a as u32);
-            t.write(r + 4, (a >> 32) as u32);
-        }
-        poke::<u16>(q.avail, AVAIL_NO_INTERRUPT);
-        t.write(reg::QUEUE_READY, 1);
-        Ok(q)
+        })
     }
 
     fn set_desc(&self, i: usize, addr: u64, len: u32, flags: u16, next: u16) {
