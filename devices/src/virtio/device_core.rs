@@ -22,7 +22,7 @@ use std::io;
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::ratelimit::warn_ratelimited;
@@ -47,6 +47,67 @@ pub(crate) struct ActiveState {
 }
 
 impl ActiveState {
+    /// Completes every available chain of queue `index` with `handle`, which returns the used
+    /// length, and checks again after re-enabling notifications (the EVENT_IDX race). Raises
+    /// the used-buffer interrupt when anything completed, and returns whether it did. A queue
+    /// the driver broke beyond repair (e.g. an avail index more than a ring ahead, which would
+    /// report "more work" forever) makes the device ask for a reset (DEVICE_NEEDS_RESET). A
+    /// missing or not-ready queue is left alone.
+    pub(crate) fn drain_queue(
+        &mut self,
+        index: usize,
+        mut handle: impl FnMut(DescriptorChain<&GuestMemoryMmap>, &GuestMemoryMmap) -> u32,
+    ) -> bool {
+        let name = self.name;
+        let mem = &self.mem;
+        let Some(queue) = self.queues.get_mut(index) else {
+            return false;
+        };
+        if !queue.ready() {
+            return false;
+        }
+        let mut used_any = false;
+        'outer: loop {
+            if let Err(e) = queue.disable_notification(mem) {
+                warn_ratelimited!("{name}: queue {index}: cannot disable notifications: {e}");
+                break;
+            }
+            loop {
+                let chain = match queue.iter(mem) {
+                    Ok(mut iter) => iter.next(),
+                    Err(e) => {
+                        warn_ratelimited!("{name}: queue {index}: {e}");
+                        if let Err(e) = self.interrupt.signal_needs_reset() {
+                            warn_ratelimited!("{name}: cannot raise the interrupt: {e}");
+                        }
+                        break 'outer;
+                    }
+                };
+                let Some(chain) = chain else {
+                    break;
+                };
+                let head = chain.head_index();
+                let len = handle(chain, mem);
+                if let Err(e) = queue.add_used(mem, head, len) {
+                    warn_ratelimited!("{name}: queue {index}: cannot add used entry: {e}");
+                }
+                used_any = true;
+            }
+            match queue.enable_notification(mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    warn_ratelimited!("{name}: queue {index}: cannot enable notifications: {e}");
+                    break;
+                }
+            }
+        }
+        if used_any {
+            self.signal_used(index);
+        }
+        used_any
+    }
+
     /// Raise the used-buffer interrupt if queue `index` asks for it (always when that cannot be
     /// told). Failures are logged (rate-limited); an unknown index does nothing.
     pub(crate) fn signal_used(&mut self, index: usize) {

@@ -3,7 +3,6 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
-use virtio_queue::{QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::DiskImage;
@@ -13,7 +12,6 @@ use super::features::{
 use super::request::{handle_chain_counted, BlockStats};
 use super::{BlockError, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_BLK_ID_BYTES};
 use crate::virtio::device_core::{impl_virtio_core, DeviceCore};
-use crate::virtio::ratelimit::warn_ratelimited;
 use crate::virtio::{device_type, VirtioDevice, COMMON_FEATURES};
 
 /// How to build a [`Block`] device.
@@ -125,58 +123,10 @@ impl Block {
         let Some(active) = self.core.active_mut() else {
             return;
         };
-        let Some(queue) = active.queues.get_mut(index) else {
-            return;
-        };
-        if !queue.ready() {
-            return;
-        }
-        let mem = &active.mem;
-        let mut used_any = false;
-        'outer: loop {
-            if let Err(e) = queue.disable_notification(mem) {
-                warn_ratelimited!("virtio-blk: queue {index}: cannot disable notifications: {e}");
-                break;
-            }
-            loop {
-                let chain = match queue.iter(mem) {
-                    Ok(mut iter) => iter.next(),
-                    Err(e) => {
-                        // E.g. an avail index more than a ring ahead: the guest is broken, and
-                        // re-enabling notifications would report "more work" forever. Tell the
-                        // driver, which must reset the device.
-                        warn_ratelimited!("virtio-blk: queue {index}: {e}");
-                        if let Err(e) = active.interrupt.signal_needs_reset() {
-                            warn_ratelimited!("virtio-blk: cannot raise the interrupt: {e}");
-                        }
-                        break 'outer;
-                    }
-                };
-                let Some(chain) = chain else {
-                    break;
-                };
-                let head = chain.head_index();
-                let len =
-                    handle_chain_counted(chain, mem, &mut self.disk, &self.id, &mut self.stats);
-                if let Err(e) = queue.add_used(mem, head, len) {
-                    warn_ratelimited!("virtio-blk: queue {index}: cannot add used entry: {e}");
-                }
-                used_any = true;
-            }
-            match queue.enable_notification(mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    warn_ratelimited!(
-                        "virtio-blk: queue {index}: cannot enable notifications: {e}"
-                    );
-                    break;
-                }
-            }
-        }
-        if used_any {
-            active.signal_used(index);
-        }
+        let (disk, id, stats) = (&mut self.disk, &self.id, &mut self.stats);
+        active.drain_queue(index, |chain, mem| {
+            handle_chain_counted(chain, mem, disk, id, stats)
+        });
     }
 }
 

@@ -255,77 +255,41 @@ impl Console {
         let Some(active) = self.core.active_mut() else {
             return;
         };
-        let mem = &active.mem;
-        let Some(queue) = active.queues.get_mut(TX_QUEUE) else {
-            return;
-        };
-        if !queue.ready() {
-            return;
-        }
-        let mut used_any = false;
-        'outer: loop {
-            if let Err(e) = queue.disable_notification(mem) {
-                warn_ratelimited!("virtio-console: cannot disable notifications: {e}");
-                break;
-            }
-            loop {
-                let chain = match queue.iter(mem) {
-                    Ok(mut iter) => iter.next(),
-                    Err(e) => {
-                        warn_ratelimited!("virtio-console: transmit queue: {e}");
-                        break 'outer;
-                    }
-                };
-                let Some(chain) = chain else {
-                    break;
-                };
-                let head = chain.head_index();
-                let mut bufs: Vec<(GuestAddress, usize)> = Vec::with_capacity(2);
-                let mut bad = None;
-                let mut last_has_next = false;
-                for desc in chain {
-                    last_has_next = desc.has_next();
-                    let len = desc.len() as usize;
-                    if desc.is_write_only() {
-                        bad = Some("device-writable descriptor in a transmit chain");
-                        break;
-                    }
-                    if len > 0 && !mem.check_range(desc.addr(), len, Permissions::Read) {
-                        bad = Some("transmit buffer outside guest memory");
-                        break;
-                    }
-                    bufs.push((desc.addr(), len));
-                }
-                if bad.is_none() && last_has_next {
-                    bad = Some("malformed transmit chain");
-                }
-                if let Some(why) = bad {
-                    warn_ratelimited!("virtio-console: {why}; dropped");
-                } else {
-                    let sent = write_out(&mut *self.output, mem, &bufs);
-                    self.tx_bytes = self.tx_bytes.saturating_add(sent);
-                }
-                if let Err(e) = queue.add_used(mem, head, 0) {
-                    warn_ratelimited!("virtio-console: cannot add used entry: {e}");
-                }
-                used_any = true;
-            }
-            match queue.enable_notification(mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    warn_ratelimited!("virtio-console: cannot enable notifications: {e}");
+        let (output, tx_bytes) = (&mut self.output, &mut self.tx_bytes);
+        let used_any = active.drain_queue(TX_QUEUE, |chain, mem| {
+            let mut bufs: Vec<(GuestAddress, usize)> = Vec::with_capacity(2);
+            let mut bad = None;
+            let mut last_has_next = false;
+            for desc in chain {
+                last_has_next = desc.has_next();
+                let len = desc.len() as usize;
+                if desc.is_write_only() {
+                    bad = Some("device-writable descriptor in a transmit chain");
                     break;
                 }
+                if len > 0 && !mem.check_range(desc.addr(), len, Permissions::Read) {
+                    bad = Some("transmit buffer outside guest memory");
+                    break;
+                }
+                bufs.push((desc.addr(), len));
             }
-        }
+            if bad.is_none() && last_has_next {
+                bad = Some("malformed transmit chain");
+            }
+            if let Some(why) = bad {
+                warn_ratelimited!("virtio-console: {why}; dropped");
+            } else {
+                let sent = write_out(&mut **output, mem, &bufs);
+                *tx_bytes = tx_bytes.saturating_add(sent);
+            }
+            0
+        });
         if used_any {
             if let Err(e) = self.output.flush() {
                 if e.kind() != io::ErrorKind::WouldBlock {
                     warn_ratelimited!("virtio-console: cannot flush the output: {e}");
                 }
             }
-            active.signal_used(TX_QUEUE);
         }
     }
 }

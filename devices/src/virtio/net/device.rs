@@ -330,71 +330,34 @@ impl Net {
         let Some(active) = self.core.active_mut() else {
             return;
         };
-        let Some(queue) = active.queues.get_mut(TX_QUEUE) else {
-            return;
-        };
-        if !queue.ready() {
-            return;
-        }
-        let mem = &active.mem;
-        let mut used_any = false;
-        'outer: loop {
-            if let Err(e) = queue.disable_notification(mem) {
-                warn_ratelimited!("virtio-net: TX queue: cannot disable notifications: {e}");
-                break;
-            }
-            loop {
-                let chain = match queue.iter(mem) {
-                    Ok(mut iter) => iter.next(),
-                    Err(e) => {
-                        warn_ratelimited!("virtio-net: TX queue: {e}");
-                        break 'outer;
-                    }
-                };
-                let Some(chain) = chain else {
-                    break;
-                };
-                let head = chain.head_index();
-                match read_tx_chain(chain, mem, &mut self.tx_buf)
-                    .and_then(|len| check_tx_header(&self.tx_buf[..len], features).map(|_| len))
-                {
-                    Ok(len) => {
-                        // num_buffers means nothing on TX.
-                        self.tx_buf[10] = 0;
-                        self.tx_buf[11] = 0;
-                        match self.backend.send(&self.tx_buf[..len]) {
-                            Ok(_) => {
-                                self.stats.tx_frames += 1;
-                                self.stats.tx_bytes += (len - VNET_HDR_LEN) as u64;
-                            }
-                            Err(e) => {
-                                self.stats.tx_dropped += 1;
-                                warn_ratelimited!("virtio-net: TX: backend write failed: {e}");
-                            }
+        let (tx_buf, backend, stats) = (&mut self.tx_buf, &mut self.backend, &mut self.stats);
+        active.drain_queue(TX_QUEUE, |chain, mem| {
+            let head = chain.head_index();
+            match read_tx_chain(chain, mem, tx_buf)
+                .and_then(|len| check_tx_header(&tx_buf[..len], features).map(|_| len))
+            {
+                Ok(len) => {
+                    // num_buffers means nothing on TX.
+                    tx_buf[10] = 0;
+                    tx_buf[11] = 0;
+                    match backend.send(&tx_buf[..len]) {
+                        Ok(_) => {
+                            stats.tx_frames += 1;
+                            stats.tx_bytes += (len - VNET_HDR_LEN) as u64;
+                        }
+                        Err(e) => {
+                            stats.tx_dropped += 1;
+                            warn_ratelimited!("virtio-net: TX: backend write failed: {e}");
                         }
                     }
-                    Err(reason) => {
-                        self.stats.tx_dropped += 1;
-                        warn_ratelimited!("virtio-net: TX chain {head} dropped: {reason}");
-                    }
                 }
-                if let Err(e) = queue.add_used(mem, head, 0) {
-                    warn_ratelimited!("virtio-net: TX queue: cannot add used entry: {e}");
-                }
-                used_any = true;
-            }
-            match queue.enable_notification(mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    warn_ratelimited!("virtio-net: TX queue: cannot enable notifications: {e}");
-                    break;
+                Err(reason) => {
+                    stats.tx_dropped += 1;
+                    warn_ratelimited!("virtio-net: TX chain {head} dropped: {reason}");
                 }
             }
-        }
-        if used_any {
-            active.signal_used(TX_QUEUE);
-        }
+            0
+        });
     }
 }
 

@@ -3,7 +3,7 @@
 use std::io;
 use std::ops::Deref;
 
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestMemory, GuestMemoryError, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -147,53 +147,18 @@ impl Rng {
         let Some(active) = self.core.active_mut() else {
             return;
         };
-        let Some(queue) = active.queues.first_mut() else {
-            return;
-        };
-        let mem = &active.mem;
-        let mut used_any = false;
-        'outer: loop {
-            if let Err(e) = queue.disable_notification(mem) {
-                warn_ratelimited!("virtio-rng: cannot disable notifications: {e}");
-                break;
-            }
-            loop {
-                let chain = match queue.iter(mem) {
-                    Ok(mut iter) => iter.next(),
-                    Err(e) => {
-                        warn_ratelimited!("virtio-rng: {e}");
-                        break 'outer;
-                    }
-                };
-                let Some(chain) = chain else {
-                    break;
-                };
-                let head = chain.head_index();
-                let len = match fill_chain(chain, mem) {
-                    Ok(len) => len,
-                    Err(e) => {
-                        warn_ratelimited!("virtio-rng: request dropped: {e}");
-                        0
-                    }
-                };
-                self.bytes_served = self.bytes_served.saturating_add(u64::from(len));
-                if let Err(e) = queue.add_used(mem, head, len) {
-                    warn_ratelimited!("virtio-rng: cannot add used entry: {e}");
-                }
-                used_any = true;
-            }
-            match queue.enable_notification(mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
+        let served = &mut self.bytes_served;
+        active.drain_queue(0, |chain, mem| {
+            let len = match fill_chain(chain, mem) {
+                Ok(len) => len,
                 Err(e) => {
-                    warn_ratelimited!("virtio-rng: cannot enable notifications: {e}");
-                    break;
+                    warn_ratelimited!("virtio-rng: request dropped: {e}");
+                    0
                 }
-            }
-        }
-        if used_any {
-            active.signal_used(0);
-        }
+            };
+            *served = served.saturating_add(u64::from(len));
+            len
+        });
     }
 }
 
