@@ -241,7 +241,9 @@ impl Vcpu {
     ) {
         // The kick handler sets immediate_exit through this thread's pointer, so a kick that
         // lands just before KVM_RUN still makes it return at once.
-        let run_ptr: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
+        let kvm_run: *mut kvm_bindings::kvm_run = self.fd.get_kvm_run();
+        // SAFETY: `kvm_run` points at this vCPU's kvm_run mapping, alive as long as `self`.
+        let run_ptr: *mut u8 = unsafe { std::ptr::addr_of_mut!((*kvm_run).immediate_exit) };
         IMMEDIATE_EXIT.with(|p| p.set(run_ptr));
         let mut unhandled = 0u32;
         while control.wait_runnable(self.index) {
@@ -249,9 +251,7 @@ impl Vcpu {
             match result {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     metrics.vcpu.exit_io_out.inc();
-                    let data = data.to_vec();
-                    let size = self.io_size();
-                    for chunk in data.chunks(size) {
+                    for chunk in data.chunks(io_size(kvm_run)) {
                         if !pio.write(u64::from(port), chunk) {
                             metrics.vcpu.unhandled.inc();
                             unhandled = note_unhandled(unhandled, "port write", u64::from(port));
@@ -260,18 +260,13 @@ impl Vcpu {
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
                     metrics.vcpu.exit_io_in.inc();
-                    let mut buf = vec![0u8; data.len()];
-                    let size = self.io_size();
-                    for chunk in buf.chunks_mut(size) {
+                    for chunk in data.chunks_mut(io_size(kvm_run)) {
                         if !pio.read(u64::from(port), chunk) {
                             // Nothing there: the bus floats high.
                             chunk.fill(0xff);
                             metrics.vcpu.unhandled.inc();
                             unhandled = note_unhandled(unhandled, "port read", u64::from(port));
                         }
-                    }
-                    if let Ok(VcpuExit::IoIn(_, data)) = self.refetch_io_in() {
-                        data.copy_from_slice(&buf);
                     }
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
@@ -378,40 +373,6 @@ impl Vcpu {
         control.vcpu_exited();
     }
 
-    /// The element size of the current port I/O exit (1, 2 or 4; string I/O repeats it).
-    fn io_size(&mut self) -> usize {
-        let run = self.fd.get_kvm_run();
-        // SAFETY: called only while handling a KVM_EXIT_IO, when the kernel has filled the
-        // `io` member of the exit union.
-        let size = unsafe { run.__bindgen_anon_1.io.size } as usize;
-        if matches!(size, 1 | 2 | 4) {
-            size
-        } else {
-            1
-        }
-    }
-
-    /// Re-borrows the data buffer of the current KVM_EXIT_IO (in) exit.
-    fn refetch_io_in(&mut self) -> Result<VcpuExit<'_>, ()> {
-        let run = self.fd.get_kvm_run();
-        // SAFETY: the exit in progress is KVM_EXIT_IO in the `io` member; `data_offset` and
-        // `size * count` describe a buffer inside the kvm_run mapping, as kvm-ioctls itself
-        // computes it for `VcpuExit::IoIn`.
-        let (port, offset, len) = unsafe {
-            let io = run.__bindgen_anon_1.io;
-            (
-                io.port,
-                io.data_offset as usize,
-                io.size as usize * io.count as usize,
-            )
-        };
-        let base = run as *mut kvm_bindings::kvm_run as *mut u8;
-        // SAFETY: see above; the slice lives in the vCPU's kvm_run mapping, which outlives the
-        // borrow of `self`.
-        let data = unsafe { std::slice::from_raw_parts_mut(base.add(offset), len) };
-        Ok(VcpuExit::IoIn(port, data))
-    }
-
     /// The registers, for a fatal exit's report.
     fn dump(&self) -> String {
         let mut s = String::new();
@@ -430,6 +391,21 @@ impl Vcpu {
             Err(e) => s.push_str(&format!("  (system registers unavailable: {e})")),
         }
         s
+    }
+}
+
+/// The element size of the KVM_EXIT_IO being handled (1, 2 or 4; string I/O repeats it, and
+/// the exit's data holds size * count bytes).
+fn io_size(kvm_run: *const kvm_bindings::kvm_run) -> usize {
+    // SAFETY: `kvm_run` points at this vCPU's kvm_run mapping, which lives as long as the vCPU;
+    // during a KVM_EXIT_IO the kernel has filled the `io` member. The field is read by value
+    // through the raw pointer (no reference is made), and it lies in the kvm_run header, apart
+    // from the data buffer the exit's slice covers.
+    let size = unsafe { std::ptr::addr_of!((*kvm_run).__bindgen_anon_1.io.size).read() } as usize;
+    if matches!(size, 1 | 2 | 4) {
+        size
+    } else {
+        1
     }
 }
 
