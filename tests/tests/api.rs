@@ -38,6 +38,12 @@ fn start_api(sock: &Path, extra: &[&str]) -> Session {
     s
 }
 
+/// `PUT /actions` with `action_type`.
+fn action(sock: &Path, action_type: &str) -> cinder_tests::http::Response {
+    let body = format!(r#"{{"action_type": "{action_type}"}}"#);
+    request(sock, "PUT", "/actions", Some(&body))
+}
+
 fn fault(r: &cinder_tests::http::Response) -> String {
     r.json()["fault_message"]
         .as_str()
@@ -132,12 +138,7 @@ fn instance_start_failure_is_a_400_and_the_vmm_carries_on() {
     let sock = d.path("api.sock");
     let mut s = start_api(&sock, &["--kvm-device", "/nonexistent/kvm"]);
     // No boot source yet: refused with a reason.
-    let r = request(
-        &sock,
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type": "InstanceStart"}"#),
-    );
+    let r = action(&sock, "InstanceStart");
     assert_eq!(r.status, 400);
     assert!(fault(&r).contains("boot-source"), "{}", fault(&r));
     // A missing kernel: the boot error reaches the client.
@@ -146,12 +147,7 @@ fn instance_start_failure_is_a_400_and_the_vmm_carries_on() {
         request(&sock, "PUT", "/boot-source", Some(body)).status,
         204
     );
-    let r = request(
-        &sock,
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type": "InstanceStart"}"#),
-    );
+    let r = action(&sock, "InstanceStart");
     assert_eq!(r.status, 400);
     assert!(fault(&r).contains("/nonexistent/vmlinux"), "{}", fault(&r));
     // A good kernel but no KVM device: the KVM error reaches the client.
@@ -163,12 +159,7 @@ fn instance_start_failure_is_a_400_and_the_vmm_carries_on() {
         request(&sock, "PUT", "/boot-source", Some(&body)).status,
         204
     );
-    let r = request(
-        &sock,
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type": "InstanceStart"}"#),
-    );
+    let r = action(&sock, "InstanceStart");
     assert_eq!(r.status, 400);
     assert!(fault(&r).contains("/nonexistent/kvm"), "{}", fault(&r));
     assert_eq!(
@@ -344,12 +335,7 @@ fn api_lifecycle_under_cinder() {
     );
     let m = format!(r#"{{"metrics_path": "{}"}}"#, metrics.display());
     assert_eq!(request(&sock, "PUT", "/metrics", Some(&m)).status, 204);
-    let r = request(
-        &sock,
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type": "InstanceStart"}"#),
-    );
+    let r = action(&sock, "InstanceStart");
     assert_eq!(r.status, 204, "{r:?}\n{}", s.log());
     assert_eq!(request(&sock, "GET", "/", None).json()["state"], "Running");
     let t = wait_tick_past(&mut s, 5, Duration::from_secs(120));
@@ -388,16 +374,7 @@ fn api_lifecycle_under_cinder() {
     wait_tick_past(&mut s, paused_at + 3, Duration::from_secs(60));
 
     // Metrics: a JSON line that counts the guest's exits.
-    assert_eq!(
-        request(
-            &sock,
-            "PUT",
-            "/actions",
-            Some(r#"{"action_type": "FlushMetrics"}"#)
-        )
-        .status,
-        204
-    );
+    assert_eq!(action(&sock, "FlushMetrics").status, 204);
     let text = std::fs::read_to_string(&metrics).unwrap();
     let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
     assert!(line["vcpu"]["exit_io_out"].as_u64().unwrap() > 0, "{line}");
@@ -455,12 +432,7 @@ fn send_ctrl_alt_del_reaches_the_guest_under_cinder() {
     let sock = d.path("api.sock");
     let mut s = start_api(&sock, &[]);
     // SendCtrlAltDel before boot: refused.
-    let r = request(
-        &sock,
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
-    );
+    let r = action(&sock, "SendCtrlAltDel");
     assert_eq!(r.status, 400);
     let body = format!(
         r#"{{"kernel_image_path": "{}", "boot_args": "probe.run=kbd"}}"#,
@@ -470,24 +442,10 @@ fn send_ctrl_alt_del_reaches_the_guest_under_cinder() {
         request(&sock, "PUT", "/boot-source", Some(&body)).status,
         204
     );
-    assert_eq!(
-        request(
-            &sock,
-            "PUT",
-            "/actions",
-            Some(r#"{"action_type": "InstanceStart"}"#)
-        )
-        .status,
-        204
-    );
+    assert_eq!(action(&sock, "InstanceStart").status, 204);
     s.expect("PROBE kbd ready", Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("{e}"));
-    let r = request(
-        &sock,
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
-    );
+    let r = action(&sock, "SendCtrlAltDel");
     assert_eq!(r.status, 204, "{r:?}");
     let (text, _) = s
         .expect_line("PROBE DONE", Duration::from_secs(60))
@@ -540,16 +498,7 @@ fn patch_drive_after_boot_under_cinder() {
         request(&sock, "PATCH", "/drives/data", Some(&patch)).status,
         400
     );
-    assert_eq!(
-        request(
-            &sock,
-            "PUT",
-            "/actions",
-            Some(r#"{"action_type": "InstanceStart"}"#)
-        )
-        .status,
-        204
-    );
+    assert_eq!(action(&sock, "InstanceStart").status, 204);
     s.expect("PROBE tick 1 ", Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("{e}"));
     let r = request(&sock, "PATCH", "/drives/data", Some(&patch));
