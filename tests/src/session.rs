@@ -11,6 +11,8 @@ pub struct Session {
     child: Child,
     stdin: Option<ChildStdin>,
     rx: mpsc::Receiver<(bool, Vec<u8>)>,
+    /// Both pipe readers have seen EOF (the channel is disconnected).
+    eof: bool,
     out: Vec<u8>,
     err: Vec<u8>,
     /// Where in `out` the next `expect` starts looking.
@@ -51,6 +53,7 @@ impl Session {
             child,
             stdin,
             rx,
+            eof: false,
             out: Vec::new(),
             err: Vec::new(),
             cursor: 0,
@@ -68,7 +71,12 @@ impl Session {
         match self.rx.recv_timeout(wait) {
             Ok((true, b)) => self.out.extend_from_slice(&b),
             Ok((false, b)) => self.err.extend_from_slice(&b),
-            Err(_) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                self.eof = true;
+                // Nothing more will come: do not spin.
+                std::thread::sleep(wait.min(Duration::from_millis(10)));
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
         }
         if self.status.is_none() {
             if let Ok(Some(s)) = self.child.try_wait() {
@@ -94,8 +102,9 @@ impl Session {
                 return Ok((text, self.start.elapsed()));
             }
             if self.status.is_some() {
-                // Drain the pipes once more before giving up.
-                self.pump(Duration::from_millis(200));
+                // The VMM is gone: everything it wrote is in the pipes. Read them to EOF
+                // (bounded) before giving up.
+                self.drain(Duration::from_secs(10));
                 if !String::from_utf8_lossy(&self.out[self.cursor..]).contains(needle) {
                     return Err(format!(
                         "the VMM exited before {needle:?} appeared\n{}",
@@ -152,12 +161,16 @@ impl Session {
             }
             self.pump((deadline - now).min(Duration::from_millis(50)));
         }
-        // Collect the last output (bounded).
-        let until = Instant::now() + Duration::from_millis(500);
-        while Instant::now() < until {
+        self.drain(Duration::from_secs(10));
+        Ok(self.status.expect("checked above"))
+    }
+
+    /// Reads the pipes until both are at EOF or `limit` has passed.
+    fn drain(&mut self, limit: Duration) {
+        let until = Instant::now() + limit;
+        while !self.eof && Instant::now() < until {
             self.pump(Duration::from_millis(50));
         }
-        Ok(self.status.expect("checked above"))
     }
 
     /// Sends a signal to the VMM.

@@ -739,7 +739,8 @@ fn hundred_connections_under_cinder() {
     let mut total = 0u64;
     for i in 0..100u64 {
         let data = pattern(i + 1, 1000 + 37 * i as usize);
-        let mut c = connect(&uds, PORT).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        let mut c =
+            connect(&uds, PORT).unwrap_or_else(|e| panic!("connection {i}: {e}\n{}", s.log()));
         c.write_all(&data).expect("send");
         c.shutdown(Shutdown::Write).expect("half close");
         read_to_eof(&mut c);

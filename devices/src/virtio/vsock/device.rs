@@ -144,6 +144,11 @@ pub(super) struct Backend {
     pub(super) uds_path: PathBuf,
     pub(super) listener: UnixListener,
     pub(super) conns: HashMap<ConnKey, Connection<UnixStream>>,
+    /// Connections a device reset dropped: their host peers already see EOF, but the fds stay
+    /// open until the event loop has taken them out of its epoll set (event-manager can only
+    /// unregister an fd that is still open; a closed one would stay registered under its
+    /// number and make the next socket with that number fail to register).
+    pub(super) dropped: Vec<(ConnKey, Connection<UnixStream>)>,
     pub(super) clients: HashMap<u32, HostClient>,
     rst_queue: VecDeque<ConnKey>,
     next_local_port: u32,
@@ -328,6 +333,7 @@ impl Vsock {
                 uds_path: config.uds_path.clone(),
                 listener,
                 conns: HashMap::new(),
+                dropped: Vec::new(),
                 clients: HashMap::new(),
                 rst_queue: VecDeque::new(),
                 next_local_port: FIRST_LOCAL_PORT,
@@ -392,7 +398,10 @@ impl Vsock {
     /// On reset: the guest's sockets are gone, so every connection is dropped (host peers see
     /// EOF).
     fn drop_connections(&mut self) {
-        self.backend.conns.clear();
+        for (key, conn) in self.backend.conns.drain() {
+            let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+            self.backend.dropped.push((key, conn));
+        }
         self.backend.rst_queue.clear();
     }
 

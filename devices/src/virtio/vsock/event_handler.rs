@@ -73,7 +73,9 @@ impl Vsock {
             }
             self.interest.listener_watched = want_listener;
         }
-        // Finished connections: out of epoll, then dropped.
+        // Finished connections, and those a reset dropped: out of the epoll set while their
+        // fds are still open, then closed (dropped).
+        let mut closing = std::mem::take(&mut self.backend.dropped);
         let done: Vec<ConnKey> = self
             .backend
             .conns
@@ -82,10 +84,29 @@ impl Vsock {
             .map(|(k, _)| *k)
             .collect();
         for key in done {
-            self.backend.conns.remove(&key);
+            if let Some(conn) = self.backend.conns.remove(&key) {
+                closing.push((key, conn));
+            }
         }
-        // Forget connections that are gone (done, reset): their fds were closed, which took
-        // them out of the epoll set.
+        for (key, conn) in closing {
+            let fd = conn.stream.as_raw_fd();
+            // The registration is this connection's only if the fd matches: after a reset a
+            // new connection may already use the same key.
+            if let Some(&(tok, reg_fd, have)) = self.interest.conns.get(&key) {
+                if reg_fd == fd {
+                    self.interest.conns.remove(&key);
+                    self.interest.tokens.remove(&tok);
+                    if !have.is_empty() {
+                        if let Err(e) = ops.remove(Events::with_data_raw(fd, tok, have)) {
+                            warn_ratelimited!("virtio-vsock: cannot unwatch {key:?}: {e:?}");
+                        }
+                    }
+                }
+            }
+            drop(conn);
+        }
+        // Registrations whose connection is gone some other way (none expected): forgotten
+        // only, as their fd numbers may already belong to someone else.
         let gone: Vec<ConnKey> = self
             .interest
             .conns
