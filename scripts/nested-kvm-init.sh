@@ -41,7 +41,12 @@ mount -t tmpfs tmpfs $R/run
 ip link set lo up
 hostname cinder-l1
 
-chroot $R /bin/bash "$run/cmd.sh" </dev/null
+if [ -e "$R$run/interactive" ]; then
+	stty -F /dev/console onlcr sane 2>/dev/null
+	chroot $R /bin/bash "$run/cmd.sh" </dev/console
+else
+	chroot $R /bin/bash "$run/cmd.sh" </dev/null
+fi
 echo $? >"$R$run/rc"
 sync
 poweroff -f

@@ -2,7 +2,7 @@
 # Runs a command on this machine's own files inside a small Linux VM that has a working
 # /dev/kvm, for hosts whose kernel registers no KVM device (see scripts/kvm-lane.sh).
 #
-#   scripts/nested-kvm.sh [--cpus N] [--mem MIB] [--timeout SECS] -- CMD [ARGS...]
+#   scripts/nested-kvm.sh [--cpus N] [--mem MIB] [--timeout SECS] [--interactive] -- CMD [ARGS...]
 #
 # The VM ("L1") is QEMU with TCG, the software emulator, whose CPU model has AMD SVM; the
 # L1 kernel is Debian's stock linux-image-amd64 with its kvm-amd module, so cinder inside
@@ -14,7 +14,8 @@
 # top, so every program, library, build output and cached guest image is where it is here;
 # whatever L1 writes is thrown away when it powers off. CMD runs with the caller's
 # environment and working directory, its output streams to stdout, and this script exits
-# with CMD's exit status (or 125 when the VM itself fails, 124 on timeout).
+# with CMD's exit status (or 125 when the VM itself fails, 124 on timeout). CMD's stdin is
+# /dev/null, or with --interactive this terminal (through L1's serial console).
 #
 # Environment: CINDER_CACHE (default $HOME/.cache/cinder) holds the L1 kernel and initramfs,
 # built once from Debian packages (apt-get download; nothing else is fetched).
@@ -25,6 +26,7 @@ CACHE=${CINDER_CACHE:-$HOME/.cache/cinder}/l1
 CPUS=2
 MEM=8192
 TIMEOUT=3600
+INTERACTIVE=0
 
 log() { printf '[nested-kvm] %s\n' "$*" >&2; }
 die() {
@@ -37,6 +39,7 @@ while (($#)); do
 	--cpus) CPUS=$2; shift 2 ;;
 	--mem) MEM=$2; shift 2 ;;
 	--timeout) TIMEOUT=$2; shift 2 ;;
+	--interactive) INTERACTIVE=1; shift ;;
 	--) shift; break ;;
 	-h | --help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
 	*) die "unknown option $1 (usage: nested-kvm.sh [--cpus N] [--mem MIB] [--timeout SECS] -- CMD...)" ;;
@@ -68,7 +71,7 @@ pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/^ *Depends: \(
 ver=$(apt-cache policy "$pkg" | sed -n 's/^ *Candidate: //p')
 [[ -n $ver && $ver != "(none)" ]] || die "no candidate version for $pkg"
 # Bump the suffix when the initramfs recipe below changes.
-L1=$CACHE/${pkg}_${ver}-r1
+L1=$CACHE/${pkg}_${ver}-r2
 if [[ ! -s $L1/initrd.cpio.gz || ! -s $L1/vmlinuz ]]; then
 	log "building the L1 kernel and initramfs from $pkg $ver into $L1"
 	mkdir -p "$CACHE"
@@ -119,6 +122,7 @@ export -p | grep -vE '^declare -x (OLDPWD|PWD|SHLVL|_|TERM|COLUMNS|LINES)(=|$)' 
 	printf '\n'
 } >"$run/cmd.sh"
 echo "$run" >"$run/path"
+((INTERACTIVE)) && touch "$run/interactive"
 
 log "starting L1 (TCG, $CPUS CPUs, $MEM MiB) for: $*"
 status=0
@@ -130,7 +134,7 @@ timeout --foreground -k 10 "$TIMEOUT" qemu-system-x86_64 \
 	-append "console=ttyS0 quiet loglevel=4 panic=-1 cinder_run=$run" \
 	-device virtio-rng-pci \
 	-virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
-	-virtfs "local,path=$run,mount_tag=run,security_model=none" </dev/null || status=$?
+	-virtfs "local,path=$run,mount_tag=run,security_model=none" <"$([[ $INTERACTIVE == 1 ]] && echo /dev/stdin || echo /dev/null)" || status=$?
 if ((status == 124)); then
 	log "timed out after ${TIMEOUT}s"
 	exit 124

@@ -40,8 +40,7 @@ none)
 	cargo test --workspace --no-run --message-format=json 2>/dev/null |
 		sed -n 's/.*"manifest_path":"\([^"]*\)\/Cargo.toml".*"profile":{[^}]*"test":true[^}]*}.*"executable":"\([^"]*\)".*/\1 \2/p' >"$list"
 	[[ -s $list ]] || { echo "[test] error: found no test executables" >&2; exit 1; }
-	echo "[test] nested KVM lane: $(wc -l <"$list") test executables, filter under_cinder" >&2
-	bash scripts/nested-kvm.sh -- bash scripts/run-test-bins.sh "$list" under_cinder || status=$?
+	bash scripts/nested-tests.sh "$list" || status=$?
 	;;
 *)
 	[[ $lane == broken ]] &&

@@ -124,6 +124,32 @@ impl Session {
         }
     }
 
+    /// Waits until the console has any output after the previous match, without consuming it;
+    /// returns the time it was first seen.
+    pub fn expect_output(&mut self, timeout: Duration) -> Result<Duration, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.out.len() > self.cursor {
+                return Ok(self.start.elapsed());
+            }
+            if self.status.is_some() {
+                self.drain(Duration::from_secs(10));
+                if self.out.len() > self.cursor {
+                    continue;
+                }
+                return Err(format!("the VMM exited without output\n{}", self.log()));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(format!(
+                    "timed out after {timeout:?} waiting for console output\n{}",
+                    self.log()
+                ));
+            }
+            self.pump((deadline - now).min(Duration::from_millis(20)));
+        }
+    }
+
     /// Like [`Session::expect`], then also waits for the end of that line, so the whole line
     /// (which may arrive in pieces) is in the console output.
     pub fn expect_line(

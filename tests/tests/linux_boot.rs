@@ -40,7 +40,10 @@ fn boot(kernel: &str, protocol: &str, vcpus: u8, mib: u64, until: &'static str) 
         .args(["--boot-protocol", protocol])
         .args(["--vcpus", &vcpus.to_string(), "--memory", &mib.to_string()])
         .args(["--cmdline", CMDLINE]);
-    run(c, Duration::from_secs(300), move |out| out.contains(until))
+    // Stop once the line holding `until` is complete (output arrives in pieces).
+    run(c, Duration::from_secs(300), move |out| {
+        out.find(until).is_some_and(|at| out[at..].contains('\n'))
+    })
 }
 
 fn check_common(r: &RunResult, mib: u64) {
