@@ -131,7 +131,7 @@ timeout --foreground -k 10 "$TIMEOUT" qemu-system-x86_64 \
 	-smp "$CPUS" -m "$MEM" -nodefaults -no-user-config -nographic -no-reboot \
 	-serial stdio -monitor none \
 	-kernel "$L1/vmlinuz" -initrd "$L1/initrd.cpio.gz" \
-	-append "console=ttyS0 quiet loglevel=4 panic=-1 cinder_run=$run" \
+	-append "console=ttyS0 quiet loglevel=3 panic=-1 cinder_run=$run" \
 	-device virtio-rng-pci \
 	-virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
 	-virtfs "local,path=$run,mount_tag=run,security_model=none" <"$([[ $INTERACTIVE == 1 ]] && echo /dev/stdin || echo /dev/null)" || status=$?

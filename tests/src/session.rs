@@ -191,6 +191,21 @@ impl Session {
         Ok(self.status.expect("checked above"))
     }
 
+    /// Reads the pipes until nothing has arrived for `quiet` (or `limit` has passed): after
+    /// this, what the VMM had written before is in the log.
+    pub fn settle(&mut self, quiet: Duration, limit: Duration) {
+        let until = Instant::now() + limit;
+        let mut last = (self.out.len(), self.err.len(), Instant::now());
+        while Instant::now() < until && !self.eof {
+            self.pump(Duration::from_millis(20));
+            if (self.out.len(), self.err.len()) != (last.0, last.1) {
+                last = (self.out.len(), self.err.len(), Instant::now());
+            } else if last.2.elapsed() >= quiet {
+                break;
+            }
+        }
+    }
+
     /// Reads the pipes until both are at EOF or `limit` has passed.
     fn drain(&mut self, limit: Duration) {
         let until = Instant::now() + limit;

@@ -160,7 +160,12 @@ impl Console {
                 }
             };
             let Some(chain) = chain else {
-                break InputOutcome::NoBuffers;
+                // Out of receive buffers: ask for a kick when the driver posts more (with
+                // EVENT_IDX this publishes avail_event), and look again in case it just did.
+                match queue.enable_notification(mem) {
+                    Ok(true) => continue,
+                    Ok(_) | Err(_) => break InputOutcome::NoBuffers,
+                }
             };
             let head = chain.head_index();
             // Collect the writable buffers, checking them all before reading any input.

@@ -410,45 +410,26 @@ impl Vsock {
         let Some(active) = self.core.active_mut() else {
             return;
         };
-        let mem = &active.mem;
-        let Some(queue) = active.queues.get_mut(TX_QUEUE) else {
-            return;
-        };
-        let mut used_any = false;
-        loop {
-            let chain = match queue.iter(mem) {
-                Ok(mut iter) => iter.next(),
-                Err(e) => {
-                    warn_ratelimited!("virtio-vsock: transmit queue: {e}");
-                    break;
-                }
-            };
-            let Some(mut chain) = chain else {
-                break;
-            };
-            let head = chain.head_index();
+        let backend = &mut self.backend;
+        // The shared loop re-enables notifications before it stops (with EVENT_IDX that
+        // publishes avail_event; without it the driver would stop kicking this queue).
+        active.drain_queue(TX_QUEUE, |mut chain, mem| {
             match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
                 Ok(pkt) => {
                     let len = match pkt.data_slice() {
                         Some(slice) if !pkt.is_empty() => {
-                            let n = (pkt.len() as usize).min(self.backend.scratch.len());
-                            slice.copy_to(&mut self.backend.scratch[..n])
+                            let n = (pkt.len() as usize).min(backend.scratch.len());
+                            slice.copy_to(&mut backend.scratch[..n])
                         }
                         _ => 0,
                     };
                     let pkt_ref: &VsockPacket<'_, ()> = &pkt;
-                    self.backend.on_guest_packet(pkt_ref, len);
+                    backend.on_guest_packet(pkt_ref, len);
                 }
                 Err(e) => warn_ratelimited!("virtio-vsock: bad transmit packet dropped: {e}"),
             }
-            if let Err(e) = queue.add_used(mem, head, 0) {
-                warn_ratelimited!("virtio-vsock: cannot add used entry: {e}");
-            }
-            used_any = true;
-        }
-        if used_any {
-            active.signal_used(TX_QUEUE);
-        }
+            0
+        });
     }
 
     /// Fill the guest's receive buffers with whatever is pending.
@@ -470,7 +451,17 @@ impl Vsock {
                 }
             };
             let Some(mut chain) = chain else {
-                break;
+                // Out of receive buffers with packets pending: ask for a kick when the driver
+                // posts more (with EVENT_IDX this publishes avail_event), and look again in
+                // case it posted some meanwhile.
+                match queue.enable_notification(mem) {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        warn_ratelimited!("virtio-vsock: receive queue: {e}");
+                        break;
+                    }
+                }
             };
             let head = chain.head_index();
             let mut pkt = match VsockPacket::from_rx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
