@@ -35,7 +35,7 @@ fi
 start=$(date +%s.%N)
 set +e
 timeout "${QEMU_TIMEOUT:-300}" qemu-system-x86_64 \
-	-M microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=off "${accel[@]}" \
+	-M microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=off -bios /usr/share/qemu/qboot.rom "${accel[@]}" \
 	-smp "${QEMU_SMP:-1}" -m "${QEMU_MEM:-256}" -nodefaults -nographic -no-reboot \
 	-device i8042 ${QEMU_EXTRA:-} -serial stdio -kernel "$dir/$kernel" -initrd "$initrd" -append "$cmdline" </dev/null |
 	while IFS= read -r line; do

@@ -59,6 +59,9 @@ pub fn qemu_bin() -> PathBuf {
 }
 
 /// QEMU's microvm without option ROMs and RTC, with the ISA serial port.
+/// QEMU's qboot firmware (Debian: qemu-system-data).
+const QBOOT: &str = "/usr/share/qemu/qboot.rom";
+
 pub const DEFAULT_MACHINE: &str = "microvm,x-option-roms=off,rtc=off,isa-serial=on";
 
 /// A microvm configuration.
@@ -93,9 +96,13 @@ impl Microvm {
     /// or triple fault) into QEMU exiting.
     pub fn command(&self) -> Command {
         let mut c = Command::new(qemu_bin());
-        c.stdin(Stdio::null())
-            .args(["-M", &self.machine])
-            .args(self.accel.args())
+        c.stdin(Stdio::null()).args(["-M", &self.machine]);
+        // microvm boots the kernel through qboot. Debian's QEMU 10 defaults microvm to
+        // SeaBIOS's bios-microvm.bin, which does not start a -kernel with option ROMs off.
+        if self.machine.starts_with("microvm") && std::path::Path::new(QBOOT).exists() {
+            c.args(["-bios", QBOOT]);
+        }
+        c.args(self.accel.args())
             .args(["-m", &self.mem_mib.to_string()])
             .args(["-smp", &self.cpus.to_string()])
             .args([

@@ -186,6 +186,8 @@ fn main() {
         c.args([
             "-M",
             "microvm,x-option-roms=off,rtc=off,isa-serial=on",
+            "-bios",
+            "/usr/share/qemu/qboot.rom",
             "-accel",
             accel,
             "-cpu",
