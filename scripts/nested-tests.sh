@@ -17,7 +17,11 @@ set -uo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 list=${1:?usage: nested-tests.sh LIST}
 # Per executable: enough for the slowest (the Linux lanes boot several guests).
-PER_BIN_TIMEOUT=${CINDER_NESTED_TIMEOUT:-1500}
+PER_BIN_TIMEOUT=${CINDER_NESTED_TIMEOUT:-900}
+# A quarantined test is only reported: it gets less time.
+QUARANTINE_TIMEOUT=${CINDER_NESTED_QUARANTINE_TIMEOUT:-420}
+# No retries once the lane has run this long (keeps CI inside its budget).
+RETRY_BUDGET=${CINDER_NESTED_RETRY_BUDGET:-2700}
 
 # Quarantined test names (first word of each non-comment line).
 quarantine=()
@@ -63,11 +67,15 @@ while read -r dir exe; do
 			((attempt > 1)) && flaky+=("$name")
 			break
 		fi
+		if ((SECONDS > RETRY_BUDGET)); then
+			echo "[nested] $name: no retry, the lane has run ${SECONDS} s" >&2
+			break
+		fi
 	done
 	((ok)) || failed+=("$name")
 	for q in "${held[@]}"; do
 		echo "[nested] $name: quarantined test $q (report only)" >&2
-		if bash "$HERE/nested-kvm.sh" --timeout "$PER_BIN_TIMEOUT" -- \
+		if bash "$HERE/nested-kvm.sh" --timeout "$QUARANTINE_TIMEOUT" -- \
 			bash "$HERE/run-test-bins.sh" "$one" "$q" --exact --test-threads=1; then
 			qresults+=("$q: passed")
 		else
