@@ -46,6 +46,29 @@ pub(crate) struct ActiveState {
     name: &'static str,
 }
 
+/// A receive path ran out of available buffers: ask the driver for a kick when it posts more
+/// (with EVENT_IDX this publishes avail_event, so it is done every time the queue runs dry).
+/// Returns true when buffers arrived meanwhile and the caller should look again; at most once
+/// per `rearmed`, so a ring that reports buffers it cannot hand out never makes the caller spin.
+pub(crate) fn rearm_when_empty(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    rearmed: &mut bool,
+    name: &str,
+) -> bool {
+    match queue.enable_notification(mem) {
+        Ok(true) if !*rearmed => {
+            *rearmed = true;
+            true
+        }
+        Ok(_) => false,
+        Err(e) => {
+            warn_ratelimited!("{name}: receive queue: {e}");
+            false
+        }
+    }
+}
+
 impl ActiveState {
     /// Completes every available chain of queue `index` with `handle`, which returns the used
     /// length, and checks again after re-enabling notifications (the EVENT_IDX race). Raises

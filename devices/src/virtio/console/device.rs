@@ -10,7 +10,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ConsoleError, CONFIG_SIZE, QUEUE_SIZE, RX_CHUNK, RX_QUEUE, TX_QUEUE};
-use crate::virtio::device_core::{impl_virtio_core, DeviceCore};
+use crate::virtio::device_core::{impl_virtio_core, rearm_when_empty, DeviceCore};
 use crate::virtio::ratelimit::warn_ratelimited;
 use crate::virtio::{device_type, VirtioDevice, COMMON_FEATURES};
 use crate::GuestMemoryMmap;
@@ -151,6 +151,7 @@ impl Console {
             return InputOutcome::Inactive;
         }
         let mut used_any = false;
+        let mut rearmed = false;
         let outcome = loop {
             let chain = match queue.iter(mem) {
                 Ok(mut iter) => iter.next(),
@@ -160,12 +161,10 @@ impl Console {
                 }
             };
             let Some(chain) = chain else {
-                // Out of receive buffers: ask for a kick when the driver posts more (with
-                // EVENT_IDX this publishes avail_event), and look again in case it just did.
-                match queue.enable_notification(mem) {
-                    Ok(true) => continue,
-                    Ok(_) | Err(_) => break InputOutcome::NoBuffers,
+                if rearm_when_empty(queue, mem, &mut rearmed, "virtio-console") {
+                    continue;
                 }
+                break InputOutcome::NoBuffers;
             };
             let head = chain.head_index();
             // Collect the writable buffers, checking them all before reading any input.

@@ -18,7 +18,7 @@ use super::{
     VsockError, MAX_CONNECTIONS, MAX_CONNECT_LINE, MAX_PENDING_CONNECTS, MAX_PKT_DATA, QUEUE_SIZE,
     RX_QUEUE, TX_QUEUE,
 };
-use crate::virtio::device_core::{impl_virtio_core, DeviceCore};
+use crate::virtio::device_core::{impl_virtio_core, rearm_when_empty, DeviceCore};
 use crate::virtio::ratelimit::warn_ratelimited;
 use crate::virtio::{device_type, VirtioDevice, COMMON_FEATURES};
 
@@ -442,6 +442,7 @@ impl Vsock {
             return;
         };
         let mut used_any = false;
+        let mut rearmed = false;
         while self.backend.has_rx() {
             let chain = match queue.iter(mem) {
                 Ok(mut iter) => iter.next(),
@@ -451,17 +452,11 @@ impl Vsock {
                 }
             };
             let Some(mut chain) = chain else {
-                // Out of receive buffers with packets pending: ask for a kick when the driver
-                // posts more (with EVENT_IDX this publishes avail_event), and look again in
-                // case it posted some meanwhile.
-                match queue.enable_notification(mem) {
-                    Ok(true) => continue,
-                    Ok(false) => break,
-                    Err(e) => {
-                        warn_ratelimited!("virtio-vsock: receive queue: {e}");
-                        break;
-                    }
+                // Out of receive buffers with packets pending.
+                if rearm_when_empty(queue, mem, &mut rearmed, "virtio-vsock") {
+                    continue;
                 }
+                break;
             };
             let head = chain.head_index();
             let mut pkt = match VsockPacket::from_rx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
