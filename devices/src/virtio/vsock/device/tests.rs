@@ -157,7 +157,8 @@ impl<'a> Rig<'a> {
 
 type Em = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 
-fn start(rig: &Rig, dir: &Dir) -> (Arc<Mutex<Vsock>>, Em) {
+/// A device activated on the rig's three queues (EVENT_IDX as negotiated by `event_idx`).
+fn activated(rig: &Rig, dir: &Dir, event_idx: bool) -> Vsock {
     let mut v = Vsock::new(&VsockConfig {
         guest_cid: GUEST_CID,
         uds_path: dir.0.join("v.sock"),
@@ -166,17 +167,20 @@ fn start(rig: &Rig, dir: &Dir) -> (Arc<Mutex<Vsock>>, Em) {
     let irq = Arc::new(Interrupt::new(Arc::new(
         EventFd::new(EFD_NONBLOCK).unwrap(),
     )));
-    v.activate(
-        rig.mem.clone(),
-        vec![
-            rig.rx.create_queue().unwrap(),
-            rig.tx.create_queue().unwrap(),
-            rig.ev.create_queue().unwrap(),
-        ],
-        irq,
-    )
-    .unwrap();
-    let v = Arc::new(Mutex::new(v));
+    let mut queues: Vec<virtio_queue::Queue> = vec![
+        rig.rx.create_queue().unwrap(),
+        rig.tx.create_queue().unwrap(),
+        rig.ev.create_queue().unwrap(),
+    ];
+    for q in &mut queues {
+        virtio_queue::QueueT::set_event_idx(q, event_idx);
+    }
+    v.activate(rig.mem.clone(), queues, irq).unwrap();
+    v
+}
+
+fn start(rig: &Rig, dir: &Dir) -> (Arc<Mutex<Vsock>>, Em) {
+    let v = Arc::new(Mutex::new(activated(rig, dir, false)));
     let mut em = Em::new().unwrap();
     em.add_subscriber(v.clone());
     em.run_with_timeout(100).unwrap();
@@ -624,23 +628,7 @@ fn event_idx_avail_event_follows_the_transmit_queue() {
     let mem = mem();
     let dir = Dir::new("evidx");
     let mut rig = Rig::new(&mem);
-    let mut v = Vsock::new(&VsockConfig {
-        guest_cid: GUEST_CID,
-        uds_path: dir.0.join("v.sock"),
-    })
-    .unwrap();
-    let irq = Arc::new(Interrupt::new(Arc::new(
-        EventFd::new(EFD_NONBLOCK).unwrap(),
-    )));
-    let mut queues: Vec<virtio_queue::Queue> = vec![
-        rig.rx.create_queue().unwrap(),
-        rig.tx.create_queue().unwrap(),
-        rig.ev.create_queue().unwrap(),
-    ];
-    for q in &mut queues {
-        virtio_queue::QueueT::set_event_idx(q, true);
-    }
-    v.activate(rig.mem.clone(), queues, irq).unwrap();
+    let mut v = activated(&rig, &dir, true);
     let avail_event = |rig: &Rig| -> u16 {
         let at = rig.tx.used_addr().0 + 4 + 8 * u64::from(QSIZE);
         mem.read_obj::<u16>(GuestAddress(at)).unwrap()
