@@ -1,25 +1,50 @@
 #!/usr/bin/env bash
 # Benchmarks: builds cinder and the benchmark drivers (release) and prints reports.
-#   boot: exec -> first serial byte, exec -> probe exit, peak RSS; cinder vs QEMU microvm.
-#   api:  exec -> API socket ready, request round trip, InstanceStart -> first serial byte.
-#   io:   virtio-blk IOPS / MiB/s and virtio-net packets/s / Gbit/s measured by the probe.
-# Usage: scripts/bench.sh [boot|api|io|all] [extra args for the driver]
+#   boot:  exec -> first serial byte, exec -> probe exit, peak RSS; cinder vs QEMU microvm.
+#   api:   exec -> API socket ready, request round trip, InstanceStart -> first serial byte.
+#   io:    virtio-blk IOPS / MiB/s and virtio-net packets/s / Gbit/s measured by the probe,
+#          cinder vs QEMU microvm.
+#   vsock: virtio-vsock throughput each way and connection setup latency (cinder only: QEMU's
+#          vsock needs vhost-vsock).
+# Usage: scripts/bench.sh [boot|api|io|vsock|all] [extra args for the driver]
+#
+# On a host whose kernel has no KVM device (scripts/kvm-lane.sh says "none") the drivers run
+# inside the nested KVM lane (scripts/nested-kvm.sh), where cinder and QEMU both use the L1
+# VM's KVM. Every instruction there is emulated: such figures compare cinder with QEMU on the
+# same emulated machine, and one lane run with another, never with real hardware.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 what=${1:-all}
 shift || true
-cargo build --release -p vmm -p cinder-tests --bins >&2
 case $what in
-boot) target/release/bench_boot "$@" ;;
-api) target/release/bench_api "$@" ;;
-io) target/release/bench_io "$@" ;;
+boot | api | io | vsock | all) ;;
+*) echo "usage: scripts/bench.sh [boot|api|io|vsock|all] [args]" >&2; exit 2 ;;
+esac
+cargo build --release -p vmm -p cinder-tests --bins >&2
+
+run() {
+	if [[ $(bash scripts/kvm-lane.sh) == none ]]; then
+		echo "[bench] no KVM in this host's kernel: running $1 in the nested KVM lane (emulated" \
+			"hardware; compare only with other lane runs)"
+		bash scripts/nested-kvm.sh -- "target/release/$1" "${@:2}"
+	else
+		"target/release/$1" "${@:2}"
+	fi
+}
+
+case $what in
+boot) run bench_boot "$@" ;;
+api) run bench_api "$@" ;;
+io) run bench_io "$@" ;;
+vsock) run bench_vsock "$@" ;;
 all)
-	target/release/bench_boot "$@"
+	run bench_boot "$@"
 	echo
-	target/release/bench_api
+	run bench_api
 	echo
-	target/release/bench_io
+	run bench_io
+	echo
+	run bench_vsock
 	;;
-*) echo "usage: scripts/bench.sh [boot|api|io|all] [args]" >&2; exit 2 ;;
 esac

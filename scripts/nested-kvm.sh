@@ -2,7 +2,7 @@
 # Runs a command on this machine's own files inside a small Linux VM that has a working
 # /dev/kvm, for hosts whose kernel registers no KVM device (see scripts/kvm-lane.sh).
 #
-#   scripts/nested-kvm.sh [--cpus N] [--mem MIB] [--timeout SECS] [--interactive] -- CMD [ARGS...]
+#   scripts/nested-kvm.sh [--cpus N] [--mem MIB] [--timeout SECS] [--tcg single|multi] [--interactive] -- CMD [ARGS...]
 #
 # The VM ("L1") is QEMU with TCG, the software emulator, whose CPU model has AMD SVM; the
 # L1 kernel is Debian's stock linux-image-amd64 with its kvm-amd module, so cinder inside
@@ -17,6 +17,11 @@
 # with CMD's exit status (or 125 when the VM itself fails, 124 on timeout). CMD's stdin is
 # /dev/null, or with --interactive this terminal (through L1's serial console).
 #
+# --tcg single|multi (default single, or CINDER_L1_TCG): QEMU's TCG threading. With
+# thread=multi, nested SVM corrupted the L2 guest's state now and then (a guest doing only
+# port I/O at CPL3 shut down on a user-mode #PF; another's RIP became an L1 module address),
+# which single-threaded TCG has not shown.
+#
 # Environment: CINDER_CACHE (default $HOME/.cache/cinder) holds the L1 kernel and initramfs,
 # built once from Debian packages (apt-get download; nothing else is fetched).
 set -euo pipefail
@@ -27,6 +32,7 @@ CPUS=2
 MEM=8192
 TIMEOUT=3600
 INTERACTIVE=0
+TCG=${CINDER_L1_TCG:-single}
 
 log() { printf '[nested-kvm] %s\n' "$*" >&2; }
 die() {
@@ -40,9 +46,10 @@ while (($#)); do
 	--mem) MEM=$2; shift 2 ;;
 	--timeout) TIMEOUT=$2; shift 2 ;;
 	--interactive) INTERACTIVE=1; shift ;;
+	--tcg) TCG=$2; shift 2 ;;
 	--) shift; break ;;
-	-h | --help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
-	*) die "unknown option $1 (usage: nested-kvm.sh [--cpus N] [--mem MIB] [--timeout SECS] -- CMD...)" ;;
+	-h | --help) sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	*) die "unknown option $1 (usage: nested-kvm.sh [--cpus N] [--mem MIB] [--timeout SECS] [--tcg single|multi] -- CMD...)" ;;
 	esac
 done
 (($#)) || die "no command given (usage: nested-kvm.sh [options] -- CMD...)"
@@ -124,10 +131,10 @@ export -p | grep -vE '^declare -x (OLDPWD|PWD|SHLVL|_|TERM|COLUMNS|LINES)(=|$)' 
 echo "$run" >"$run/path"
 ((INTERACTIVE)) && touch "$run/interactive"
 
-log "starting L1 (TCG, $CPUS CPUs, $MEM MiB) for: $*"
+log "starting L1 (TCG thread=$TCG, $CPUS CPUs, $MEM MiB) for: $*"
 status=0
 timeout --foreground -k 10 "$TIMEOUT" qemu-system-x86_64 \
-	-machine q35 -accel tcg,thread=multi -cpu qemu64,+svm,+npt,+sse4.1,+sse4.2,+ssse3,+popcnt \
+	-machine q35 -accel tcg,thread="$TCG" -cpu qemu64,+svm,+npt,+sse4.1,+sse4.2,+ssse3,+popcnt \
 	-smp "$CPUS" -m "$MEM" -nodefaults -no-user-config -nographic -no-reboot \
 	-serial stdio -monitor none \
 	-kernel "$L1/vmlinuz" -initrd "$L1/initrd.cpio.gz" \

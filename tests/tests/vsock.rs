@@ -620,6 +620,9 @@ fn start(dir: &TempDir, keys: &str) -> (Session, std::path::PathBuf) {
         .arg(probe::elf_path())
         .args(["--vsock", &format!("cid={CID},uds={}", uds.display())])
         .args(["--cmdline", &format!("probe.run=vsock {keys}")]);
+    if std::env::var_os("CINDER_VSOCK_DEBUG").is_some() {
+        c.args(["--log-level", "debug"]);
+    }
     let mut s = Session::start(c);
     let (line, _) = s
         .expect_line("PROBE vsock ready", STEP)
@@ -734,20 +737,25 @@ fn hundred_connections_under_cinder() {
     require_kvm();
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = TempDir::new("vsock-100");
-    let (s, uds) = start(&dir, "probe.vsock_conns=100");
+    let (mut s, uds) = start(&dir, "probe.vsock_conns=100");
     let mut sum = 0u64;
     let mut total = 0u64;
     for i in 0..100u64 {
         let data = pattern(i + 1, 1000 + 37 * i as usize);
-        let mut c =
-            connect(&uds, PORT).unwrap_or_else(|e| panic!("connection {i}: {e}\n{}", s.log()));
+        let mut c = match connect(&uds, PORT) {
+            Ok(c) => c,
+            Err(e) => {
+                // What the probe printed about the earlier connections (their ends).
+                s.settle(Duration::from_secs(2), Duration::from_secs(20));
+                panic!("connection {i}: {e}\n{}", s.log())
+            }
+        };
         c.write_all(&data).expect("send");
         c.shutdown(Shutdown::Write).expect("half close");
         read_to_eof(&mut c);
         sum = sum.wrapping_add(fnv1a(&data));
         total += data.len() as u64;
     }
-    let mut s = s;
     let r = {
         s.expect("PROBE DONE", STEP)
             .unwrap_or_else(|e| panic!("{e}"));

@@ -13,7 +13,7 @@ use vm_memory::VolatileMemory;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::conn::{Connection, GuestHeader, RxPacket};
-use super::packet::{HOST_CID, OP_REQUEST, OP_RST, TYPE_STREAM};
+use super::packet::{HOST_CID, OP_REQUEST, OP_RST, OP_RW, TYPE_STREAM};
 use super::{
     VsockError, MAX_CONNECTIONS, MAX_CONNECT_LINE, MAX_PENDING_CONNECTS, MAX_PKT_DATA, QUEUE_SIZE,
     RX_QUEUE, TX_QUEUE,
@@ -223,6 +223,13 @@ impl Backend {
             fwd_cnt: pkt.fwd_cnt(),
         };
         let data = self.scratch.get(..data_len).unwrap_or(&[]);
+        if op != OP_RW {
+            log::debug!(
+                "virtio-vsock: guest op {op} flags {:#x} for {key:?} (known: {})",
+                hdr.flags,
+                self.conns.contains_key(&key)
+            );
+        }
         if let Some(conn) = self.conns.get_mut(&key) {
             if let Err(e) = conn.on_guest_packet(&hdr, data) {
                 warn_ratelimited!("virtio-vsock: connection {key:?} reset: {e}");
@@ -476,6 +483,13 @@ impl Vsock {
                 break;
             };
             let len = rx.len as usize;
+            if rx.op != OP_RW {
+                log::debug!(
+                    "virtio-vsock: op {} flags {:#x} to the guest for {key:?}",
+                    rx.op,
+                    rx.flags
+                );
+            }
             let ok = pkt.set_header_from_raw(&[0u8; PKT_HEADER_SIZE]).is_ok();
             pkt.set_src_cid(HOST_CID)
                 .set_dst_cid(self.backend.cid)
