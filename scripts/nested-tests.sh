@@ -27,7 +27,8 @@ RETRY_BUDGET=${CINDER_NESTED_RETRY_BUDGET:-2700}
 # with thread=multi the polling probe guest's state gets corrupted now and then (5 of 6 runs
 # of the vsock 100-connection test; "triple faults" and stalls mid serial line), with
 # thread=single an interrupt-driven Linux guest now and then spins forever in the kernel's
-# spinlock slow path before init (linux_blk: 4 hangs in 10 runs), where multi-threaded TCG
+# spinlock slow path before init (linux_blk: 4 hangs in 10 runs; QEMU microvm in cinder's
+# place hung booting the same guest in 2 of 8 runs), where multi-threaded TCG
 # failed a Linux run 1 time in 13. So the Linux-guest executables (linux_*) run on
 # multi-threaded TCG and the probe-guest ones on single-threaded TCG; the reruns absorb what is
 # left. CINDER_L1_TCG overrides both.
