@@ -10,3 +10,4 @@ pub mod probe;
 pub mod qemu;
 pub mod runner;
 pub mod session;
+pub mod vsock;

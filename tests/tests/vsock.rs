@@ -631,28 +631,8 @@ fn start(dir: &TempDir, keys: &str) -> (Session, std::path::PathBuf) {
     (s, uds)
 }
 
-/// `CONNECT <port>\n` on the hybrid socket; returns the stream after `OK <n>\n`, or the
-/// first line / error.
 fn connect(uds: &Path, port: u32) -> Result<UnixStream, String> {
-    let mut c = UnixStream::connect(uds).map_err(|e| format!("connect {}: {e}", uds.display()))?;
-    c.set_read_timeout(Some(STEP)).map_err(|e| e.to_string())?;
-    c.write_all(format!("CONNECT {port}\n").as_bytes())
-        .map_err(|e| e.to_string())?;
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    while line.len() < 64 {
-        match c.read(&mut b) {
-            Ok(1) if b[0] == b'\n' => break,
-            Ok(1) => line.push(b[0]),
-            Ok(_) => return Err(format!("EOF after {:?}", String::from_utf8_lossy(&line))),
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-    let line = String::from_utf8_lossy(&line).into_owned();
-    match line.strip_prefix("OK ").map(str::parse::<u32>) {
-        Some(Ok(_)) => Ok(c),
-        _ => Err(format!("bad answer {line:?}")),
-    }
+    cinder_tests::vsock::connect(uds, port, STEP)
 }
 
 /// Reads until EOF (bounded by the read timeout).

@@ -22,12 +22,12 @@
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cinder_tests::cinder::cinder_bin;
-use cinder_tests::linux::{fnv1a, pattern};
+use cinder_tests::linux::{fnv1a, pattern, TempDir};
 use cinder_tests::probe::{self, Status};
 use cinder_tests::session::Session;
 
@@ -42,24 +42,6 @@ struct Opts {
     conns: usize,
 }
 
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        let d =
-            std::env::temp_dir().join(format!("cinder-bench-vsock-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).expect("create scratch dir");
-        Scratch(d)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn start(uds: &Path, keys: &str) -> Result<Session, String> {
     let mut c = Command::new(cinder_bin());
     c.arg("--kernel")
@@ -72,27 +54,8 @@ fn start(uds: &Path, keys: &str) -> Result<Session, String> {
     Ok(s)
 }
 
-/// `CONNECT` on the hybrid socket; the stream after `OK`.
 fn connect(uds: &Path) -> Result<UnixStream, String> {
-    let mut c = UnixStream::connect(uds).map_err(|e| format!("connect {}: {e}", uds.display()))?;
-    c.set_read_timeout(Some(STEP)).map_err(|e| e.to_string())?;
-    c.write_all(format!("CONNECT {PORT}\n").as_bytes())
-        .map_err(|e| e.to_string())?;
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    while line.len() < 64 {
-        match c.read(&mut b) {
-            Ok(1) if b[0] == b'\n' => break,
-            Ok(1) => line.push(b[0]),
-            Ok(_) => return Err(format!("EOF after {:?}", String::from_utf8_lossy(&line))),
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-    if line.starts_with(b"OK ") {
-        Ok(c)
-    } else {
-        Err(format!("bad answer {:?}", String::from_utf8_lossy(&line)))
-    }
+    cinder_tests::vsock::connect(uds, PORT, STEP)
 }
 
 /// Waits for the probe's result and checks it.
@@ -114,8 +77,8 @@ fn mibs(bytes: usize, d: Duration) -> f64 {
 }
 
 fn host_to_guest(o: &Opts) -> Result<f64, String> {
-    let dir = Scratch::new("h2g");
-    let uds = dir.0.join("v.sock");
+    let dir = TempDir::new("bench-vsock-h2g");
+    let uds = dir.join("v.sock");
     let s = start(&uds, "probe.vsock_conns=1")?;
     let n = o.mib << 20;
     let data = pattern(0x5eed, n);
@@ -135,10 +98,10 @@ fn host_to_guest(o: &Opts) -> Result<f64, String> {
 }
 
 fn guest_to_host(o: &Opts) -> Result<f64, String> {
-    let dir = Scratch::new("g2h");
-    let uds = dir.0.join("v.sock");
+    let dir = TempDir::new("bench-vsock-g2h");
+    let uds = dir.join("v.sock");
     let n = o.mib << 20;
-    let l = UnixListener::bind(dir.0.join(format!("v.sock_{HOST_PORT}")))
+    let l = UnixListener::bind(dir.join(&format!("v.sock_{HOST_PORT}")))
         .map_err(|e| format!("listen: {e}"))?;
     let s = start(
         &uds,
@@ -175,8 +138,8 @@ fn guest_to_host(o: &Opts) -> Result<f64, String> {
 
 /// Median connect->OK and open-use-close times in microseconds.
 fn setup(o: &Opts) -> Result<(f64, f64), String> {
-    let dir = Scratch::new("setup");
-    let uds = dir.0.join("v.sock");
+    let dir = TempDir::new("bench-vsock-setup");
+    let uds = dir.join("v.sock");
     let s = start(&uds, &format!("probe.vsock_conns={}", o.conns))?;
     let msg = [0x42u8; 64];
     let mut ok_us = Vec::new();
