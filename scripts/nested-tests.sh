@@ -29,7 +29,7 @@ RETRY_BUDGET=${CINDER_NESTED_RETRY_BUDGET:-2700}
 # thread=single an interrupt-driven Linux guest now and then spins forever in the kernel's
 # spinlock slow path before init (linux_blk: 4 hangs in 10 runs; QEMU microvm in cinder's
 # place hung booting the same guest in 2 of 8 runs), where multi-threaded TCG
-# failed a Linux run 1 time in 13. So the executables whose Linux guests run to userspace
+# failed the 2-vCPU Linux lane test 1 time in 20. So the executables whose Linux guests run to userspace
 # (linux_* but linux_boot) use multi-threaded TCG; the probe-guest ones and linux_boot use
 # single-threaded TCG: linux_boot prints every early-boot line through the serial port (port
 # I/O is where the multi-threaded fault shows: it failed there once in the CI run of
