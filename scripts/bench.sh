@@ -23,8 +23,9 @@ boot | api | io | vsock | all) ;;
 esac
 cargo build --release -p vmm -p cinder-tests --bins >&2
 
+lane=$(bash scripts/kvm-lane.sh)
 run() {
-	if [[ $(bash scripts/kvm-lane.sh) == none ]]; then
+	if [[ $lane == none ]]; then
 		echo "[bench] no KVM in this host's kernel: running $1 in the nested KVM lane (emulated" \
 			"hardware; compare only with other lane runs)"
 		bash scripts/nested-kvm.sh -- "target/release/$1" "${@:2}"

@@ -17,10 +17,11 @@
 # with CMD's exit status (or 125 when the VM itself fails, 124 on timeout). CMD's stdin is
 # /dev/null, or with --interactive this terminal (through L1's serial console).
 #
-# --tcg single|multi (default single, or CINDER_L1_TCG): QEMU's TCG threading. With
-# thread=multi, nested SVM corrupted the L2 guest's state now and then (a guest doing only
-# port I/O at CPL3 shut down on a user-mode #PF; another's RIP became an L1 module address),
-# which single-threaded TCG has not shown.
+# --tcg single|multi (default single, or CINDER_L1_TCG): QEMU's TCG threading. Each mode has
+# a nested-SVM fault of its own: multi now and then corrupts the L2 guest's state (worst for
+# guests doing much port I/O, such as the probe), single now and then leaves a Linux guest
+# spinning before init. scripts/nested-tests.sh picks one per test executable (README, "The
+# nested KVM lane").
 #
 # Environment: CINDER_CACHE (default $HOME/.cache/cinder) holds the L1 kernel and initramfs,
 # built once from Debian packages (apt-get download; nothing else is fetched).
@@ -48,11 +49,12 @@ while (($#)); do
 	--interactive) INTERACTIVE=1; shift ;;
 	--tcg) TCG=$2; shift 2 ;;
 	--) shift; break ;;
-	-h | --help) sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+	-h | --help) sed -n '2,/^set /{/^#/p}' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
 	*) die "unknown option $1 (usage: nested-kvm.sh [--cpus N] [--mem MIB] [--timeout SECS] [--tcg single|multi] -- CMD...)" ;;
 	esac
 done
 (($#)) || die "no command given (usage: nested-kvm.sh [options] -- CMD...)"
+[[ $TCG == single || $TCG == multi ]] || die "--tcg (or CINDER_L1_TCG) must be single or multi, not '$TCG'"
 
 # --- packages ---
 need=()

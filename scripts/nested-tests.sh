@@ -24,17 +24,17 @@ QUARANTINE_TIMEOUT=${CINDER_NESTED_QUARANTINE_TIMEOUT:-420}
 RETRY_BUDGET=${CINDER_NESTED_RETRY_BUDGET:-2700}
 
 # QEMU's nested SVM has a different fault under each TCG threading mode (see nested-kvm.sh):
-# with thread=multi the polling probe guest's state gets corrupted now and then (5 of 6 runs
-# of the vsock 100-connection test; "triple faults" and stalls mid serial line), with
-# thread=single an interrupt-driven Linux guest now and then spins forever in the kernel's
-# spinlock slow path before init (linux_blk: 4 hangs in 10 runs; QEMU microvm in cinder's
-# place hung booting the same guest in 2 of 8 runs), where multi-threaded TCG
-# failed the 2-vCPU Linux lane test 1 time in 20. So the executables whose Linux guests run to userspace
-# (linux_* but linux_boot) use multi-threaded TCG; the probe-guest ones and linux_boot use
-# single-threaded TCG: linux_boot prints every early-boot line through the serial port (port
-# I/O is where the multi-threaded fault shows: it failed there once in the CI run of
-# 2026-11-28, then stalled) and stops at "smpboot: Allowing", before any driver is probed (5 of
-# 5 runs passed on single). The reruns absorb what is left. CINDER_L1_TCG overrides all.
+# - thread=multi now and then corrupts the L2 guest's state, mostly around port I/O: the
+#   polling probe "triple faults" or stalls mid serial line (vsock 100-connection test: 5 of 6
+#   runs failed); the 2-vCPU Linux lane test failed 1 run in 20.
+# - thread=single now and then leaves an interrupt-driven Linux guest spinning forever in the
+#   kernel's spinlock slow path before init (linux_blk: 4 hangs in 10 runs; QEMU microvm in
+#   cinder's place hung booting the same guest in 2 of 8 runs).
+# So the executables whose Linux guests run to userspace (linux_* but linux_boot) use multi;
+# the probe-guest ones and linux_boot use single. linux_boot prints every early-boot line
+# through the serial port (the multi fault hit it once in CI, then stalled it) and stops at
+# "smpboot: Allowing", before any driver is probed (5 of 5 runs passed on single). The reruns
+# absorb what is left. CINDER_L1_TCG overrides all.
 tcg_for() {
 	if [[ -n ${CINDER_L1_TCG:-} ]]; then
 		echo "$CINDER_L1_TCG"

@@ -646,6 +646,11 @@ fn read_to_eof(c: &mut UnixStream) -> Vec<u8> {
 fn finish(mut s: Session) -> probe::Check {
     s.expect("PROBE DONE", STEP)
         .unwrap_or_else(|e| panic!("{e}"));
+    result(s)
+}
+
+/// The probe's vsock result, once `PROBE DONE` has been seen.
+fn result(mut s: Session) -> probe::Check {
     let _ = s.wait_exit(Duration::from_secs(30));
     let log = probe::parse(&s.console());
     let c = log.check("vsock").cloned();
@@ -745,13 +750,8 @@ fn hundred_connections_under_cinder() {
             .filter(|l| l.starts_with("PROBE vsock conn "))
             .count();
         assert_eq!(lines, 100, "{log}");
-        // PROBE DONE is already consumed: read the result directly (finish() would wait for
-        // a second one).
-        let _ = s.wait_exit(Duration::from_secs(30));
-        probe::parse(&s.console())
-            .check("vsock")
-            .cloned()
-            .unwrap_or_else(|| panic!("no vsock result\n{}", s.log()))
+        // PROBE DONE is already consumed (finish() would wait for a second one).
+        result(s)
     };
     assert_ok(&r);
     assert_eq!(r.num("in"), Some(100));
