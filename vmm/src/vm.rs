@@ -130,6 +130,32 @@ pub struct VsockSpec {
     pub uds: PathBuf,
 }
 
+/// Where the `--` that starts init's arguments is in a kernel command line: the first word
+/// that is exactly `--` outside double quotes, as Linux's `parse_args` finds it (a `--`
+/// inside a quoted value, such as `run="set -- a"`, belongs to that value).
+fn init_args_start(cmdline: &str) -> Option<usize> {
+    let mut in_quote = false;
+    let mut word_start = None;
+    for (i, ch) in cmdline
+        .char_indices()
+        .chain(std::iter::once((cmdline.len(), ' ')))
+    {
+        if ch == '"' {
+            in_quote = !in_quote;
+        }
+        if ch.is_ascii_whitespace() && !in_quote {
+            if let Some(start) = word_start.take() {
+                if &cmdline[start..i] == "--" {
+                    return Some(start);
+                }
+            }
+        } else if word_start.is_none() {
+            word_start = Some(i);
+        }
+    }
+    None
+}
+
 /// One virtio-blk drive.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DriveSpec {
@@ -149,9 +175,8 @@ impl VmSpec {
     pub fn full_cmdline(&self) -> String {
         // Kernel parameters go before a `--`: what follows it is init's.
         let user = self.cmdline.trim();
-        let (kernel_part, init_part) = match user.find(" -- ") {
-            Some(i) => (&user[..i], Some(&user[i + 1..])),
-            None if user.starts_with("-- ") || user == "--" => ("", Some(user)),
+        let (kernel_part, init_part) = match init_args_start(user) {
+            Some(i) => (&user[..i], Some(&user[i..])),
             None => (user, None),
         };
         let mut c = kernel_part.trim().to_string();
@@ -848,8 +873,8 @@ impl Vmm {
             out.push((
                 format!("block_{id}"),
                 format!(
-                    "{{\"reads\":{},\"writes\":{},\"flushes\":{},\"read_bytes\":{},\"write_bytes\":{},\"errors\":{}}}",
-                    s.reads, s.writes, s.flushes, s.read_bytes, s.write_bytes, s.errors
+                    "{{\"reads\":{},\"writes\":{},\"flushes\":{},\"discards\":{},\"write_zeroes\":{},\"read_bytes\":{},\"write_bytes\":{},\"errors\":{}}}",
+                    s.reads, s.writes, s.flushes, s.discards, s.write_zeroes, s.read_bytes, s.write_bytes, s.errors
                 ),
             ));
         }
@@ -993,6 +1018,28 @@ mod spec_tests {
         );
         let s = spec("quiet", vec![]);
         assert_eq!(s.full_cmdline(), "quiet virtio_mmio.device=4K@0xd0000000:5");
+        let s = spec("-- a b", vec![]);
+        assert_eq!(
+            s.full_cmdline(),
+            "virtio_mmio.device=4K@0xd0000000:5 -- a b"
+        );
+    }
+
+    #[test]
+    fn a_quoted_double_dash_is_not_the_init_separator() {
+        let s = spec(
+            "quiet run=\"set -- $x; echo --\" x=\"a\"-- -- init \"--\"",
+            vec![drive("r", true, false)],
+        );
+        assert_eq!(
+            s.full_cmdline(),
+            "quiet run=\"set -- $x; echo --\" x=\"a\"-- virtio_mmio.device=4K@0xd0000000:5 \
+             virtio_mmio.device=4K@0xd0001000:6 root=/dev/vda rw -- init \"--\""
+        );
+        assert_eq!(init_args_start("a=\"--\" b"), None);
+        assert_eq!(init_args_start("--"), Some(0));
+        assert_eq!(init_args_start("a\t--\tb"), Some(2));
+        assert_eq!(init_args_start("a --b -- c"), Some(6));
     }
 
     #[test]

@@ -41,6 +41,7 @@ const CHECKS: &[(&str, CheckFn)] = &[
     ("console", crate::virtio_console::check),
     ("blk", crate::virtio_blk::check_blk),
     ("blkhostile", crate::virtio_blk_hostile::check_blkhostile),
+    ("blkdiscard", crate::virtio_blk_discard::check_blkdiscard),
     ("blkbench", crate::blk_bench::check_blkbench),
     ("net", crate::virtio_net::check_net),
     ("netbench", crate::net_bench::check_netbench),

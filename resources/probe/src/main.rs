@@ -24,6 +24,7 @@ mod sync;
 mod time;
 mod virtio;
 mod virtio_blk;
+mod virtio_blk_discard;
 mod virtio_blk_hostile;
 mod virtio_console;
 mod virtio_net;

@@ -74,6 +74,11 @@ impl Transport {
         poke(self.dev.addr + off, v)
     }
 
+    /// One byte of config space (u8 fields are read with 8-bit accesses).
+    pub fn read8(&self, off: u64) -> u8 {
+        peek(self.dev.addr + off)
+    }
+
     pub fn magic(&self) -> u32 {
         self.read(reg::MAGIC)
     }

@@ -44,6 +44,8 @@ pub const F_SEG_MAX: u64 = 1 << 2;
 pub const F_RO: u64 = 1 << 5;
 pub const F_BLK_SIZE: u64 = 1 << 6;
 pub const F_FLUSH: u64 = 1 << 9;
+pub const F_DISCARD: u64 = 1 << 13;
+pub const F_WRITE_ZEROES: u64 = 1 << 14;
 
 pub const DESC_NEXT: u16 = 1;
 pub const DESC_WRITE: u16 = 2;
@@ -172,7 +174,12 @@ impl Blk {
     /// with at most `qsize` entries (at most [`DESC_ROOM`]; the checks ask
     /// for [`QUEUE_MAX`], `blkbench` for more), DRIVER_OK, read the capacity.
     pub fn open(t: Transport, qsize: u16) -> Result<Blk, &'static str> {
-        let features = t.init(F_RO | F_FLUSH | F_SEG_MAX | F_SIZE_MAX | F_BLK_SIZE)?;
+        Blk::open_with(t, qsize, 0)
+    }
+
+    /// [`Blk::open`], also accepting the `extra` feature bits when offered.
+    pub fn open_with(t: Transport, qsize: u16, extra: u64) -> Result<Blk, &'static str> {
+        let features = t.init(F_RO | F_FLUSH | F_SEG_MAX | F_SIZE_MAX | F_BLK_SIZE | extra)?;
         t.write(reg::QUEUE_SEL, 0);
         if t.read(reg::QUEUE_READY) != 0 {
             return Err("queue 0 ready right after reset");
@@ -357,7 +364,7 @@ impl Blk {
     /// Streams `[0, cap)` through the slots, `depth` requests in flight:
     /// OUT with the pattern, or IN with `on_data(lba, words)` on each
     /// completed buffer (in LBA order only when `depth` is 1).
-    fn stream(
+    pub fn stream(
         &mut self,
         typ: u32,
         seed: u64,
@@ -423,7 +430,7 @@ impl Blk {
     }
 }
 
-enum Err2 {
+pub enum Err2 {
     Text(&'static str),
     /// A request at this LBA completed with this status.
     Status(u64, u8),
@@ -431,7 +438,7 @@ enum Err2 {
     Data(u64),
 }
 
-fn err2_text(d: &mut Details, what: &str, e: Err2) {
+pub fn err2_text(d: &mut Details, what: &str, e: Err2) {
     match e {
         Err2::Text(t) => {
             let _ = write!(d, "{what}: {t}");
@@ -494,7 +501,7 @@ fn past_end(b: &mut Blk) -> Result<(), (&'static str, u8)> {
     Ok(())
 }
 
-fn mib(sectors: u64) -> u64 {
+pub fn mib(sectors: u64) -> u64 {
     (sectors * SECTOR) >> 20
 }
 
@@ -672,7 +679,7 @@ fn one_device(t: Transport, seed: u64, d: &mut Details) -> Result<(), ()> {
     Ok(())
 }
 
-fn flush(b: &mut Blk, d: &mut Details) -> Result<(), ()> {
+pub fn flush(b: &mut Blk, d: &mut Details) -> Result<(), ()> {
     if b.features & F_FLUSH == 0 {
         let _ = d.write_str(",flush=not-offered");
         return Ok(());

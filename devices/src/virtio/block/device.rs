@@ -7,10 +7,15 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::DiskImage;
 use super::features::{
-    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use super::request::{handle_chain_counted, BlockStats};
-use super::{BlockError, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_BLK_ID_BYTES};
+use super::{
+    BlockError, DISCARD_SECTOR_ALIGNMENT, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG,
+    MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SIZE_MAX,
+    VIRTIO_BLK_ID_BYTES,
+};
 use crate::virtio::device_core::{impl_virtio_core, DeviceCore};
 use crate::virtio::{device_type, VirtioDevice, COMMON_FEATURES};
 
@@ -35,14 +40,26 @@ pub struct Block {
     pub(super) core: DeviceCore,
 }
 
+/// Size of `struct virtio_blk_config` up to `write_zeroes_may_unmap` and its padding.
+pub const CONFIG_SPACE_SIZE: usize = 60;
+
 fn build_config_space(nsectors: u64) -> Vec<u8> {
-    // struct virtio_blk_config: capacity, size_max, seg_max, geometry, blk_size.
-    let mut config = Vec::with_capacity(24);
-    config.extend_from_slice(&nsectors.to_le_bytes());
-    config.extend_from_slice(&SIZE_MAX.to_le_bytes());
-    config.extend_from_slice(&SEG_MAX.to_le_bytes());
-    config.extend_from_slice(&[0u8; 4]);
-    config.extend_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+    // struct virtio_blk_config (virtio 1.2 §5.2.4).
+    let mut config = Vec::with_capacity(CONFIG_SPACE_SIZE);
+    config.extend_from_slice(&nsectors.to_le_bytes()); // 0: capacity
+    config.extend_from_slice(&SIZE_MAX.to_le_bytes()); // 8: size_max
+    config.extend_from_slice(&SEG_MAX.to_le_bytes()); // 12: seg_max
+    config.extend_from_slice(&[0u8; 4]); // 16: geometry
+    config.extend_from_slice(&(SECTOR_SIZE as u32).to_le_bytes()); // 20: blk_size
+    config.extend_from_slice(&[0u8; 8]); // 24: topology
+    config.extend_from_slice(&[0u8; 4]); // 32: writeback, unused0, num_queues
+    config.extend_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes()); // 36
+    config.extend_from_slice(&MAX_DISCARD_SEG.to_le_bytes()); // 40
+    config.extend_from_slice(&DISCARD_SECTOR_ALIGNMENT.to_le_bytes()); // 44
+    config.extend_from_slice(&MAX_WRITE_ZEROES_SECTORS.to_le_bytes()); // 48
+    config.extend_from_slice(&MAX_WRITE_ZEROES_SEG.to_le_bytes()); // 52
+    config.extend_from_slice(&[1u8, 0, 0, 0]); // 56: write_zeroes_may_unmap, unused1
+    debug_assert_eq!(config.len(), CONFIG_SPACE_SIZE);
     config
 }
 
@@ -90,6 +107,8 @@ impl Block {
             | (1 << VIRTIO_BLK_F_SIZE_MAX);
         if config.read_only {
             avail_features |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            avail_features |= (1 << VIRTIO_BLK_F_DISCARD) | (1 << VIRTIO_BLK_F_WRITE_ZEROES);
         }
         let config_space = build_config_space(disk.nsectors());
         let core = DeviceCore::new("virtio-blk", avail_features, config_space, &[QUEUE_SIZE])

@@ -3,12 +3,13 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
 
 use vm_memory::{
     GuestAddress, GuestMemory, Permissions, ReadVolatile, VolatileMemoryError, WriteVolatile,
 };
+use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 
 use super::{BlockError, SECTOR_SHIFT, SECTOR_SIZE};
 use crate::GuestMemoryMmap;
@@ -166,6 +167,56 @@ impl DiskImage {
     pub fn flush(&mut self) -> io::Result<()> {
         self.file.sync_data()
     }
+
+    /// Deallocate `len` bytes at byte `offset` (a hole punch, size kept). Discarding is a hint:
+    /// where the host file system cannot punch holes the data simply stays. The caller checked
+    /// the range against the capacity and that the image is writable.
+    pub fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::ErrorKind::PermissionDenied.into());
+        }
+        match fallocate(&self.file, FallocateMode::PunchHole, true, offset, len) {
+            Ok(()) => Ok(()),
+            Err(e) if unsupported(e.errno()) => Ok(()),
+            Err(e) => Err(io::Error::from_raw_os_error(e.errno())),
+        }
+    }
+
+    /// Make `len` bytes at byte `offset` read back as zeroes: a hole punch when `unmap` allows
+    /// deallocation, else a zeroed range; when the host file system supports neither, the
+    /// zeroes are written. The caller checked the range against the capacity, that the image
+    /// is writable, and bounded `len`.
+    pub fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::ErrorKind::PermissionDenied.into());
+        }
+        let modes = if unmap {
+            [FallocateMode::PunchHole, FallocateMode::ZeroRange]
+        } else {
+            [FallocateMode::ZeroRange, FallocateMode::PunchHole]
+        };
+        for mode in modes {
+            match fallocate(&self.file, mode, true, offset, len) {
+                Ok(()) => return Ok(()),
+                Err(e) if unsupported(e.errno()) => {}
+                Err(e) => return Err(io::Error::from_raw_os_error(e.errno())),
+            }
+        }
+        const CHUNK: u64 = 1 << 20;
+        let zeroes = vec![0u8; CHUNK.min(len) as usize];
+        let mut done = 0u64;
+        while done < len {
+            let n = CHUNK.min(len - done) as usize;
+            self.file.write_all_at(&zeroes[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Whether a fallocate errno means "this file (system) cannot do that mode".
+fn unsupported(errno: i32) -> bool {
+    errno == libc::EOPNOTSUPP || errno == libc::ENOSYS || errno == libc::EINVAL
 }
 
 fn retry_or_fail(e: VolatileMemoryError) -> io::Result<()> {
@@ -219,6 +270,57 @@ mod tests {
         let err = DiskImage::open(f.as_path(), false).unwrap_err();
         assert!(matches!(err, BlockError::PermissionDenied { .. }), "{err}");
         assert!(DiskImage::open(f.as_path(), true).is_ok());
+    }
+
+    /// Bytes the file really occupies on the host.
+    fn allocated(f: &TempFile) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        f.as_file().metadata().unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn discard_and_write_zeroes() {
+        let f = TempFile::new().unwrap();
+        let size = 4usize << 20;
+        let content: Vec<u8> = (0..size).map(|i| (i % 253) as u8 | 1).collect();
+        std::fs::write(f.as_path(), &content).unwrap();
+        f.as_file().sync_all().unwrap();
+        let before = allocated(&f);
+        let mut disk = DiskImage::open(f.as_path(), false).unwrap();
+        let mib = 1u64 << 20;
+        // Zeroes without unmap, with unmap, and a discard (1 MiB each, 4 KiB aligned).
+        disk.write_zeroes(mib / 2 + 512, 4096, false).unwrap();
+        disk.write_zeroes(mib, mib, true).unwrap();
+        disk.discard(2 * mib, mib).unwrap();
+        let after = std::fs::read(f.as_path()).unwrap();
+        let mut want = content.clone();
+        want[(mib / 2 + 512) as usize..(mib / 2 + 512 + 4096) as usize].fill(0);
+        want[mib as usize..2 * mib as usize].fill(0);
+        // The discarded range may read as zeroes or keep its data; nothing else may change.
+        let d = 2 * mib as usize..3 * mib as usize;
+        assert!(after[d.clone()] == want[d.clone()] || after[d.clone()].iter().all(|&b| b == 0));
+        want[d.clone()].copy_from_slice(&after[d]);
+        assert!(
+            after == want,
+            "write_zeroes/discard changed bytes outside their ranges"
+        );
+        // Where the file system punches holes (tmpfs, ext4, xfs, btrfs), space was returned.
+        let now = allocated(&f);
+        if now < before {
+            assert!(before - now >= mib, "{before} -> {now}");
+        }
+        // The size is kept.
+        assert_eq!(f.as_file().metadata().unwrap().len(), size as u64);
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_refused_read_only() {
+        let f = TempFile::new().unwrap();
+        f.as_file().write_all(&[7u8; 8192]).unwrap();
+        let mut disk = DiskImage::open(f.as_path(), true).unwrap();
+        assert!(disk.discard(0, 4096).is_err());
+        assert!(disk.write_zeroes(0, 4096, false).is_err());
+        assert_eq!(std::fs::read(f.as_path()).unwrap(), vec![7u8; 8192]);
     }
 
     #[test]

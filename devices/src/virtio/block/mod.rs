@@ -27,6 +27,19 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const SEG_MAX: u32 = 128;
 /// Maximum size of one data segment (VIRTIO_BLK_F_SIZE_MAX).
 pub const SIZE_MAX: u32 = 1 << 20;
+/// Most sectors one DISCARD range may cover (`max_discard_sectors`): a hole punch costs the
+/// same whatever its size.
+pub const MAX_DISCARD_SECTORS: u32 = u32::MAX;
+/// Most ranges in one DISCARD request (`max_discard_seg`); Linux merges up to this many.
+pub const MAX_DISCARD_SEG: u32 = 32;
+/// Most sectors one WRITE_ZEROES range may cover (`max_write_zeroes_sectors`), 64 MiB: where
+/// the host file system can neither zero nor punch a range, the zeroes are written, on the
+/// device's thread, and this bounds that.
+pub const MAX_WRITE_ZEROES_SECTORS: u32 = 1 << 17;
+/// Most ranges in one WRITE_ZEROES request (`max_write_zeroes_seg`).
+pub const MAX_WRITE_ZEROES_SEG: u32 = 1;
+/// `discard_sector_alignment`: the host page size, in sectors.
+pub const DISCARD_SECTOR_ALIGNMENT: u32 = 8;
 
 /// virtio-blk feature bits (virtio 1.2 §5.2.3).
 pub mod features {
@@ -40,6 +53,10 @@ pub mod features {
     pub const VIRTIO_BLK_F_BLK_SIZE: u32 = 6;
     /// The device supports VIRTIO_BLK_T_FLUSH.
     pub const VIRTIO_BLK_F_FLUSH: u32 = 9;
+    /// The device supports VIRTIO_BLK_T_DISCARD (its limits are in config space).
+    pub const VIRTIO_BLK_F_DISCARD: u32 = 13;
+    /// The device supports VIRTIO_BLK_T_WRITE_ZEROES (its limits are in config space).
+    pub const VIRTIO_BLK_F_WRITE_ZEROES: u32 = 14;
 }
 
 /// Errors opening a block device's backing image.

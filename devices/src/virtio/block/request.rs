@@ -15,7 +15,10 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
 
 use super::disk::DiskImage;
-use super::{SECTOR_SHIFT, SECTOR_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_BLK_ID_BYTES};
+use super::{
+    MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG,
+    SECTOR_SHIFT, SECTOR_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_BLK_ID_BYTES,
+};
 use crate::virtio::ratelimit::warn_ratelimited;
 use crate::GuestMemoryMmap;
 
@@ -27,6 +30,15 @@ pub const VIRTIO_BLK_T_OUT: u32 = 1;
 pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
 /// Return the device ID string.
 pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+/// Deallocate ranges of sectors (their content becomes unspecified).
+pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
+/// Zero ranges of sectors, optionally deallocating them.
+pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
+
+/// `flags` bit of a DISCARD / WRITE_ZEROES range: the device may deallocate the sectors.
+pub const VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
+/// Size of one `struct virtio_blk_discard_write_zeroes` (sector, num_sectors, flags).
+pub const RANGE_SIZE: u64 = 16;
 
 /// Request completed.
 pub const VIRTIO_BLK_S_OK: u8 = 0;
@@ -51,6 +63,10 @@ pub enum RequestType {
     Flush,
     /// VIRTIO_BLK_T_GET_ID.
     GetId,
+    /// VIRTIO_BLK_T_DISCARD.
+    Discard,
+    /// VIRTIO_BLK_T_WRITE_ZEROES.
+    WriteZeroes,
     /// Anything else (answered with UNSUPP).
     Unsupported(u32),
 }
@@ -62,6 +78,8 @@ impl From<u32> for RequestType {
             VIRTIO_BLK_T_OUT => RequestType::Out,
             VIRTIO_BLK_T_FLUSH => RequestType::Flush,
             VIRTIO_BLK_T_GET_ID => RequestType::GetId,
+            VIRTIO_BLK_T_DISCARD => RequestType::Discard,
+            VIRTIO_BLK_T_WRITE_ZEROES => RequestType::WriteZeroes,
             other => RequestType::Unsupported(other),
         }
     }
@@ -148,6 +166,51 @@ pub enum RequestError {
     /// Writing the ID into guest memory failed.
     #[error("cannot write the device ID into guest memory: {0}")]
     IdWrite(GuestMemoryError),
+    /// DISCARD / WRITE_ZEROES data is empty or not a whole number of 16-byte ranges.
+    #[error("{kind:?} data is {len} bytes, not a non-zero multiple of 16")]
+    RangeDataLength {
+        /// DISCARD or WRITE_ZEROES.
+        kind: RequestType,
+        /// Data length in bytes.
+        len: u64,
+    },
+    /// More ranges than `max_discard_seg` / `max_write_zeroes_seg`.
+    #[error("{kind:?} request has {count} ranges, more than {max}")]
+    TooManyRanges {
+        /// DISCARD or WRITE_ZEROES.
+        kind: RequestType,
+        /// Ranges in the request.
+        count: u64,
+        /// The advertised limit.
+        max: u32,
+    },
+    /// A range covers more than `max_discard_sectors` / `max_write_zeroes_sectors`.
+    #[error("{kind:?} range of {count} sectors, more than {max}")]
+    RangeTooLarge {
+        /// DISCARD or WRITE_ZEROES.
+        kind: RequestType,
+        /// Sectors in the range.
+        count: u32,
+        /// The advertised limit.
+        max: u32,
+    },
+    /// A range has flags the device does not know, or UNMAP on a DISCARD (virtio 1.2
+    /// §5.2.6.2: both are UNSUPP).
+    #[error("{kind:?} range has unsupported flags {flags:#x}")]
+    RangeFlags {
+        /// DISCARD or WRITE_ZEROES.
+        kind: RequestType,
+        /// The flags.
+        flags: u32,
+    },
+    /// Reading the ranges from guest memory failed.
+    #[error("cannot read the {kind:?} ranges from guest memory: {source}")]
+    RangeRead {
+        /// DISCARD or WRITE_ZEROES.
+        kind: RequestType,
+        /// Why.
+        source: GuestMemoryError,
+    },
     /// The disk I/O failed.
     #[error("disk I/O failed: {0}")]
     Io(io::Error),
@@ -157,7 +220,7 @@ impl RequestError {
     /// The status byte that reports this error to the guest.
     pub fn status(&self) -> u8 {
         match self {
-            RequestError::Unsupported(_) => VIRTIO_BLK_S_UNSUPP,
+            RequestError::Unsupported(_) | RequestError::RangeFlags { .. } => VIRTIO_BLK_S_UNSUPP,
             _ => VIRTIO_BLK_S_IOERR,
         }
     }
@@ -330,7 +393,7 @@ impl Request {
                 }
                 (writable, Permissions::Write)
             }
-            RequestType::Out => {
+            RequestType::Out | RequestType::Discard | RequestType::WriteZeroes => {
                 if writable.iter().any(|s| s.1 > 0) {
                     return Err(fail(RequestError::DataDirection(kind)));
                 }
@@ -367,6 +430,26 @@ impl Request {
                 return Err(fail(RequestError::DataLengthNotSectorMultiple(data_len)))
             }
             RequestType::GetId if data_len == 0 => return Err(fail(RequestError::NoIdBuffer)),
+            RequestType::Discard | RequestType::WriteZeroes => {
+                if data_len == 0 || !data_len.is_multiple_of(RANGE_SIZE) {
+                    return Err(fail(RequestError::RangeDataLength {
+                        kind,
+                        len: data_len,
+                    }));
+                }
+                let max = if kind == RequestType::Discard {
+                    MAX_DISCARD_SEG
+                } else {
+                    MAX_WRITE_ZEROES_SEG
+                };
+                if data_len / RANGE_SIZE > u64::from(max) {
+                    return Err(fail(RequestError::TooManyRanges {
+                        kind,
+                        count: data_len / RANGE_SIZE,
+                        max,
+                    }));
+                }
+            }
             _ => {}
         }
         Ok(Request {
@@ -433,8 +516,81 @@ impl Request {
                 }
                 Ok(done as u32)
             }
+            RequestType::Discard | RequestType::WriteZeroes => {
+                if disk.read_only() {
+                    return Err(RequestError::ReadOnly);
+                }
+                // Every range is read and checked before the first is carried out, so a bad
+                // request changes nothing.
+                let ranges = self.ranges(mem, disk.nsectors())?;
+                for (sector, count, flags) in ranges.into_iter().filter(|r| r.1 > 0) {
+                    let (offset, len) = (sector << SECTOR_SHIFT, u64::from(count) << SECTOR_SHIFT);
+                    if self.kind == RequestType::Discard {
+                        disk.discard(offset, len)
+                    } else {
+                        let unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
+                        disk.write_zeroes(offset, len, unmap)
+                    }
+                    .map_err(RequestError::Io)?;
+                }
+                Ok(0)
+            }
             RequestType::Unsupported(t) => Err(RequestError::Unsupported(t)),
         }
+    }
+
+    /// The (sector, num_sectors, flags) ranges of a DISCARD / WRITE_ZEROES request, each
+    /// checked: known flags (UNMAP on WRITE_ZEROES only), at most the advertised sectors, and
+    /// inside a disk of `capacity` sectors.
+    fn ranges(
+        &self,
+        mem: &GuestMemoryMmap,
+        capacity: u64,
+    ) -> Result<Vec<(u64, u32, u32)>, RequestError> {
+        let kind = self.kind;
+        // parse() bounded the data to at most MAX_DISCARD_SEG 16-byte ranges.
+        let mut raw = vec![0u8; self.data_len as usize];
+        let mut at = 0usize;
+        for &(addr, len) in &self.data {
+            let n = len as usize;
+            mem.read_slice(&mut raw[at..at + n], addr)
+                .map_err(|source| RequestError::RangeRead { kind, source })?;
+            at += n;
+        }
+        let (max, allowed_flags) = if kind == RequestType::Discard {
+            (MAX_DISCARD_SECTORS, 0)
+        } else {
+            (MAX_WRITE_ZEROES_SECTORS, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)
+        };
+        let mut ranges = Vec::with_capacity(raw.len() / RANGE_SIZE as usize);
+        for r in raw.chunks_exact(RANGE_SIZE as usize) {
+            let mut sector = [0u8; 8];
+            sector.copy_from_slice(&r[0..8]);
+            let sector = u64::from_le_bytes(sector);
+            let mut word = [0u8; 4];
+            word.copy_from_slice(&r[8..12]);
+            let count = u32::from_le_bytes(word);
+            word.copy_from_slice(&r[12..16]);
+            let flags = u32::from_le_bytes(word);
+            if flags & !allowed_flags != 0 {
+                return Err(RequestError::RangeFlags { kind, flags });
+            }
+            if count > max {
+                return Err(RequestError::RangeTooLarge { kind, count, max });
+            }
+            let in_range = sector
+                .checked_add(u64::from(count))
+                .is_some_and(|end| end <= capacity);
+            if !in_range {
+                return Err(RequestError::OutOfRange {
+                    sector,
+                    count: u64::from(count),
+                    capacity,
+                });
+            }
+            ranges.push((sector, count, flags));
+        }
+        Ok(ranges)
     }
 }
 
@@ -447,6 +603,10 @@ pub struct BlockStats {
     pub writes: u64,
     /// Completed flushes.
     pub flushes: u64,
+    /// Completed DISCARD requests.
+    pub discards: u64,
+    /// Completed WRITE_ZEROES requests.
+    pub write_zeroes: u64,
     /// Bytes read from the disk into guest memory.
     pub read_bytes: u64,
     /// Bytes written from guest memory to the disk.
@@ -495,6 +655,8 @@ where
                         stats.write_bytes += request.data_len;
                     }
                     RequestType::Flush => stats.flushes += 1,
+                    RequestType::Discard => stats.discards += 1,
+                    RequestType::WriteZeroes => stats.write_zeroes += 1,
                     _ => {}
                 }
                 (VIRTIO_BLK_S_OK, written, request.status_addr)

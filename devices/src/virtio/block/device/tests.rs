@@ -70,6 +70,24 @@ fn features_and_config_space() {
     assert_eq!(u32::from_le_bytes(word), SEG_MAX);
     rw.read_config(20, &mut word);
     assert_eq!(u32::from_le_bytes(word), 512);
+    // Discard and write-zeroes: offered on a writable disk only, limits in config space.
+    for bit in [VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES] {
+        assert_ne!(f & (1 << bit), 0);
+        assert_eq!(ro.avail_features() & (1 << bit), 0);
+    }
+    for (off, want) in [
+        (36, MAX_DISCARD_SECTORS),
+        (40, MAX_DISCARD_SEG),
+        (44, DISCARD_SECTOR_ALIGNMENT),
+        (48, MAX_WRITE_ZEROES_SECTORS),
+        (52, MAX_WRITE_ZEROES_SEG),
+    ] {
+        rw.read_config(off, &mut word);
+        assert_eq!(u32::from_le_bytes(word), want, "config offset {off}");
+    }
+    let mut byte = [0u8; 1];
+    rw.read_config(56, &mut byte);
+    assert_eq!(byte, [1], "write_zeroes_may_unmap");
     let mut past = [0u8; 4];
     rw.read_config(0x200, &mut past);
     assert_eq!(past, [0; 4]);
