@@ -13,6 +13,6 @@ cmd=(target/release/cinder --kernel "$guest/vmlinux" --initrd "$guest/initramfs.
 	--cmdline "console=ttyS0 reboot=k panic=1 quiet" "$@")
 if [[ $(bash scripts/kvm-lane.sh) == none ]]; then
 	echo "[run] this host's kernel has no KVM: booting inside the nested KVM lane (slow)" >&2
-	exec bash scripts/nested-kvm.sh --interactive --tcg multi -- "${cmd[@]}"
+	exec bash scripts/nested-kvm.sh --interactive --tcg multi --cpus 1 -- "${cmd[@]}"
 fi
 exec "${cmd[@]}"
