@@ -2,7 +2,7 @@
 # Benchmarks: builds cinder and the benchmark drivers (release) and prints reports.
 #   boot:  exec -> first serial byte, exec -> probe exit, peak RSS; cinder vs QEMU microvm.
 #   api:   exec -> API socket ready, request round trip, InstanceStart -> first serial byte.
-#   io:    virtio-blk IOPS / MiB/s and virtio-net packets/s / Gbit/s measured by the probe,
+#   io:    virtio-blk IOPS / MiB/s and virtio-net packets/s / Mbit/s measured by the probe,
 #          cinder vs QEMU microvm.
 #   vsock: virtio-vsock throughput each way and connection setup latency (cinder only: QEMU's
 #          vsock needs vhost-vsock).

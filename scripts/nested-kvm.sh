@@ -21,8 +21,8 @@
 # a nested-SVM fault of its own: multi with 2 or more L1 CPUs now and then corrupts the L2
 # guest's state (worst for guests doing much port I/O), single now and then leaves a Linux
 # guest spinning before init. --cpus N (default 2, or CINDER_L1_CPUS): L1's CPUs; multi with
-# 1 CPU has shown neither fault. scripts/nested-tests.sh picks both per test executable
-# (README, "The nested KVM lane").
+# 1 CPU fails far less (once in 10 runs of linux_net, by freezing L1).
+# scripts/nested-tests.sh picks both per test executable (README, "The nested KVM lane").
 #
 # Environment: CINDER_CACHE (default $HOME/.cache/cinder) holds the L1 kernel and initramfs,
 # built once from Debian packages (apt-get download; nothing else is fetched).

@@ -17,7 +17,7 @@
 //!
 //! Frame sizes: "64" is a 60-byte frame (64 on the wire with the FCS, 18
 //! bytes of UDP payload), "1500" a 1514-byte frame (a 1500-byte IP packet).
-//! Gbit/s counts frame bytes without the FCS or the virtio-net header.
+//! Mbit/s counts frame bytes without the FCS or the virtio-net header.
 //! Guest->host rates use what the host received over the probe's sending
 //! time (first frame queued to the last one completed); `g2h_*_sent_pps`
 //! is what the device consumed. Host->guest rates are frames received
@@ -155,17 +155,13 @@ pub fn check_netbench(d: &mut Details) -> Status {
                 let _ = write!(key, "g2h_{label}_pps");
                 dec2(d, key_str(&key), rate_x100(rx as u128, g.ticks));
                 key = Details::new();
-                let _ = write!(key, "g2h_{label}_gbps");
+                let _ = write!(key, "g2h_{label}_mbps");
                 let bytes = rx as u128 * if i == 0 { 60 } else { 1514 };
-                // bits/s / 1e9, x100
-                dec2(
-                    d,
-                    key_str(&key),
-                    rate_x100(bytes * 8, g.ticks) / 1_000_000_000,
-                );
+                // bits/s / 1e6, x100
+                dec2(d, key_str(&key), rate_x100(bytes * 8, g.ticks) / 1_000_000);
             }
             None => {
-                let _ = write!(d, " g2h_{label}_pps=none g2h_{label}_gbps=none");
+                let _ = write!(d, " g2h_{label}_pps=none g2h_{label}_mbps=none");
                 st = Status::Fail;
             }
         }
@@ -175,14 +171,14 @@ pub fn check_netbench(d: &mut Details) -> Status {
             let _ = write!(key, "h2g_{label}_pps");
             dec2(d, key_str(&key), rate_x100(h.frames as u128, h.ticks));
             key = Details::new();
-            let _ = write!(key, "h2g_{label}_gbps");
+            let _ = write!(key, "h2g_{label}_mbps");
             dec2(
                 d,
                 key_str(&key),
-                rate_x100(h.bytes as u128 * 8, h.ticks) / 1_000_000_000,
+                rate_x100(h.bytes as u128 * 8, h.ticks) / 1_000_000,
             );
         } else {
-            let _ = write!(d, " h2g_{label}_pps=none h2g_{label}_gbps=none");
+            let _ = write!(d, " h2g_{label}_pps=none h2g_{label}_mbps=none");
             st = Status::Fail;
         }
     }

@@ -41,13 +41,13 @@ const BLK_KEYS: [&str; 6] = [
 ];
 const NET_KEYS: [&str; 8] = [
     "g2h_64_pps",
-    "g2h_64_gbps",
+    "g2h_64_mbps",
     "g2h_1500_pps",
-    "g2h_1500_gbps",
+    "g2h_1500_mbps",
     "h2g_64_pps",
-    "h2g_64_gbps",
+    "h2g_64_mbps",
     "h2g_1500_pps",
-    "h2g_1500_gbps",
+    "h2g_1500_mbps",
 ];
 const PROBE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
 const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
