@@ -156,7 +156,27 @@ impl std::os::unix::io::AsRawFd for EscapingStdin {
 /// Ctrl-A: the escape prefix.
 pub const ESCAPE_PREFIX: u8 = 0x01;
 
-/// Puts stdin in raw mode while it lives, if stdin is a terminal.
+/// The settings stdin's terminal had before cinder made it raw: what every exit path puts
+/// back (the drop of [`RawTerminal`], and the panic hook through [`restore_terminal`]).
+static SAVED_TERMIOS: Mutex<Option<libc::termios>> = Mutex::new(None);
+
+/// Puts stdin's terminal back as it was before [`RawTerminal::enter`]; does nothing if it was
+/// never made raw. Safe to call from a panic hook (never blocks on the lock).
+pub fn restore_terminal() {
+    let saved = match SAVED_TERMIOS.try_lock() {
+        Ok(g) => *g,
+        Err(std::sync::TryLockError::Poisoned(p)) => *p.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    };
+    if let Some(t) = saved {
+        // SAFETY: tcsetattr only reads the termios passed by reference; fd 0 is open for the
+        // life of the process.
+        unsafe { libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &t) };
+    }
+}
+
+/// Puts stdin in raw mode while it lives, if stdin is a terminal, and restores the exact
+/// settings it had (not a generic cooked mode) when dropped.
 pub struct RawTerminal {
     active: bool,
 }
@@ -167,7 +187,18 @@ impl RawTerminal {
         let stdin = std::io::stdin();
         // SAFETY: isatty only inspects the fd.
         let tty = unsafe { libc::isatty(stdin.as_raw_fd()) } == 1;
-        let active = tty && stdin.lock().set_raw_mode().is_ok();
+        let mut saved = std::mem::MaybeUninit::<libc::termios>::uninit();
+        // SAFETY: tcgetattr writes a whole termios into `saved` when it returns 0.
+        let got = tty && unsafe { libc::tcgetattr(stdin.as_raw_fd(), saved.as_mut_ptr()) } == 0;
+        if got {
+            // SAFETY: tcgetattr returned 0, so `saved` is initialised.
+            let saved = unsafe { saved.assume_init() };
+            match SAVED_TERMIOS.lock() {
+                Ok(mut g) => *g = Some(saved),
+                Err(p) => *p.into_inner() = Some(saved),
+            }
+        }
+        let active = got && stdin.lock().set_raw_mode().is_ok();
         RawTerminal { active }
     }
 
@@ -180,7 +211,7 @@ impl RawTerminal {
 impl Drop for RawTerminal {
     fn drop(&mut self) {
         if self.active {
-            let _ = std::io::stdin().lock().set_canon_mode();
+            restore_terminal();
         }
     }
 }

@@ -323,7 +323,7 @@ fn main() -> ExitCode {
     // A panic (abort in release builds) must not leave the user's terminal raw.
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let _ = vmm_sys_util::terminal::Terminal::set_canon_mode(&std::io::stdin().lock());
+        vmm::console::restore_terminal();
         default_hook(info);
     }));
     let signals = match SignalFd::new(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]) {
