@@ -555,6 +555,12 @@ pub fn check_blk(d: &mut Details) -> Status {
         let _ = d.write_str("flushspin: not killed within 300 s;");
         failed = true;
     }
+    report(d, n, seed, failed, &body)
+}
+
+/// The end of a per-device check's line: `a device failed;` when one did, `devs=N seed=S`,
+/// then each device's part (`body`). FAIL when a device failed.
+pub fn report(d: &mut Details, n: usize, seed: u64, failed: bool, body: &Details) -> Status {
     if failed {
         let _ = d.write_str("a device failed;");
     }

@@ -20,9 +20,9 @@ use crate::checks::Status;
 use crate::cpu::{peek, poke};
 use crate::virtio::reg;
 use crate::virtio_blk::{
-    block_devices, data_addr, err2_text, flush, hdr_addr, mib, pattern_word, seed, status_addr,
-    Blk, Details, DESC_NEXT, DESC_WRITE, F_DISCARD, F_WRITE_ZEROES, QUEUE_MAX, REQ_TIMEOUT_US,
-    SLOTS, S_IOERR, S_OK, S_UNSUPP, T_IN, T_OUT,
+    block_devices, data_addr, err2_text, flush, hdr_addr, mib, pattern_word, report, seed,
+    status_addr, Blk, Details, DESC_NEXT, DESC_WRITE, F_DISCARD, F_WRITE_ZEROES, QUEUE_MAX,
+    REQ_TIMEOUT_US, SLOTS, S_IOERR, S_OK, S_UNSUPP, T_IN, T_OUT,
 };
 use core::fmt::Write;
 
@@ -128,16 +128,7 @@ pub fn check_blkdiscard(d: &mut Details) -> Status {
         let _ = d.write_str("no virtio-blk device on the command line");
         return Status::Skip;
     }
-    if failed {
-        let _ = d.write_str("a device failed;");
-    }
-    let _ = write!(d, " devs={n} seed={seed}");
-    let _ = d.write_str(core::str::from_utf8(body.as_bytes()).unwrap_or(""));
-    if failed {
-        Status::Fail
-    } else {
-        Status::Ok
-    }
+    report(d, n, seed, failed, &body)
 }
 
 fn one_device(t: crate::virtio::Transport, seed: u64, d: &mut Details) -> Result<(), ()> {
