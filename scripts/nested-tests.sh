@@ -41,30 +41,15 @@ RETRY_BUDGET=${CINDER_NESTED_RETRY_BUDGET:-2700}
 # So the Linux-guest executables (linux_*) run on multi-threaded TCG with 1 L1 CPU; the
 # probe-guest ones run on single-threaded TCG with 2 L1 CPUs (their 4-vCPU guests crawl on one
 # L1 CPU). The reruns absorb what is left. CINDER_L1_TCG / CINDER_L1_CPUS override all.
-tcg_for() {
-	if [[ -n ${CINDER_L1_TCG:-} ]]; then
-		echo "$CINDER_L1_TCG"
-	elif [[ $1 == linux_* ]]; then
-		echo multi
-	else
-		echo single
-	fi
-}
-timeout_for() {
+#
+# lane_opts NAME [TIMEOUT]: nested-kvm.sh's options for executable NAME, as above; TIMEOUT,
+# when given, replaces the executable's timeout.
+lane_opts() {
+	local tcg=single cpus=2 timeout=$PER_BIN_TIMEOUT
 	if [[ $1 == linux_* ]]; then
-		echo "$LINUX_BIN_TIMEOUT"
-	else
-		echo "$PER_BIN_TIMEOUT"
+		tcg=multi cpus=1 timeout=$LINUX_BIN_TIMEOUT
 	fi
-}
-cpus_for() {
-	if [[ -n ${CINDER_L1_CPUS:-} ]]; then
-		echo "$CINDER_L1_CPUS"
-	elif [[ $1 == linux_* ]]; then
-		echo 1
-	else
-		echo 2
-	fi
+	echo --timeout "${2:-$timeout}" --tcg "${CINDER_L1_TCG:-$tcg}" --cpus "${CINDER_L1_CPUS:-$cpus}"
 }
 
 # Quarantined test names (first word of each non-comment line).
@@ -102,8 +87,9 @@ while read -r dir exe; do
 		((count > 0)) || break
 		echo "[nested] $name: $count test(s), attempt $attempt" >&2
 		start=$(date +%s)
-		bash "$HERE/nested-kvm.sh" --timeout "$(timeout_for "$name")" --tcg "$(tcg_for "$name")" \
-			--cpus "$(cpus_for "$name")" -- bash "$HERE/run-test-bins.sh" "$one" under_cinder "${skip[@]}" --test-threads=1
+		# shellcheck disable=SC2046 # lane_opts prints words without spaces, to be split
+		bash "$HERE/nested-kvm.sh" $(lane_opts "$name") -- \
+			bash "$HERE/run-test-bins.sh" "$one" under_cinder "${skip[@]}" --test-threads=1
 		rc=$?
 		echo "[nested] $name: attempt $attempt exited $rc after $(($(date +%s) - start)) s" >&2
 		if ((rc == 0)); then
@@ -119,8 +105,9 @@ while read -r dir exe; do
 	((ok)) || failed+=("$name")
 	for q in "${held[@]}"; do
 		echo "[nested] $name: quarantined test $q (report only)" >&2
-		if bash "$HERE/nested-kvm.sh" --timeout "$QUARANTINE_TIMEOUT" --tcg "$(tcg_for "$name")" \
-			--cpus "$(cpus_for "$name")" -- bash "$HERE/run-test-bins.sh" "$one" "$q" --exact --test-threads=1; then
+		# shellcheck disable=SC2046 # as above
+		if bash "$HERE/nested-kvm.sh" $(lane_opts "$name" "$QUARANTINE_TIMEOUT") -- \
+			bash "$HERE/run-test-bins.sh" "$one" "$q" --exact --test-threads=1; then
 			qresults+=("$q: passed")
 		else
 			qresults+=("$q: FAILED")

@@ -10,7 +10,7 @@
 //! under QEMU over the guest's vsock loopback (CID 1), which needs no device.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -48,19 +48,15 @@ fn line(r: &mut impl Read) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Host -> guest: CONNECT to the guest's listening agent, send a framed message, return the
-/// agent's reply line.
-fn host_to_guest(uds: &Path, data: &[u8]) -> (String, String) {
-    let mut c =
-        UnixStream::connect(uds).unwrap_or_else(|e| panic!("connect {}: {e}", uds.display()));
-    c.set_read_timeout(Some(STEP)).expect("read timeout");
-    c.write_all(format!("CONNECT {GUEST_PORT}\n").as_bytes())
-        .expect("write CONNECT");
-    let ok_line = line(&mut c);
+/// Host -> guest: CONNECT to the guest's listening agent (the hybrid handshake of
+/// `cinder_tests::vsock`), send a framed message, return the agent's reply line; Err with the
+/// CONNECT answer when it was not `OK <port>`.
+fn host_to_guest(uds: &Path, data: &[u8]) -> Result<String, String> {
+    let mut c = cinder_tests::vsock::connect(uds, GUEST_PORT, STEP)?;
     let mut msg = format!("{}\n", data.len()).into_bytes();
     msg.extend_from_slice(data);
     c.write_all(&msg).expect("send the message");
-    (ok_line, line(&mut c))
+    Ok(line(&mut c))
 }
 
 /// Guest -> host: accept the agent's connection on `PATH_<port>`, read its framed message and
@@ -117,14 +113,10 @@ fn linux_vsock_agent_both_ways_under_cinder() {
     ok(s.expect_line("AGENT listening", STEP));
     let data = pattern(0x7654_3210, BYTES);
     let t = Instant::now();
-    let (ok_line, reply) = host_to_guest(&uds, &data);
+    let reply =
+        host_to_guest(&uds, &data).unwrap_or_else(|e| panic!("CONNECT answer: {e}\n{}", s.log()));
     let t_in = t.elapsed();
     let want = format!("bytes={BYTES} sum={:016x}", fnv1a(&data));
-    assert!(
-        ok_line.starts_with("OK "),
-        "CONNECT answer {ok_line:?}\n{}",
-        s.log()
-    );
     assert_eq!(reply, want, "the agent's reply\n{}", s.log());
     let (got, _) = ok(s.expect_line("AGENT received", STEP));
     assert!(got.contains(&want), "agent: {got:?}\n{}", s.log());
