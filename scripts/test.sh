@@ -5,8 +5,13 @@
 # Tests that boot guests under cinder (names containing "under_cinder") need /dev/kvm and
 # fail loudly without it. On a host whose kernel has no KVM device at all (see
 # scripts/kvm-lane.sh) they run inside a nested VM that has KVM (scripts/nested-kvm.sh).
+# Every test executable runs even when one fails (--no-fail-fast); the run ends with the
+# failing executables and tests and a "summary: N passed, M failed" line.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+lane=$(bash scripts/kvm-lane.sh)
+echo "[test] host kind: $lane" >&2
 
 bash scripts/setup.sh
 
@@ -26,26 +31,30 @@ echo "[test] probe guest: fmt and clippy" >&2
 echo "[test] building cinder" >&2
 cargo build -p vmm
 
-lane=$(bash scripts/kvm-lane.sh)
 status=0
+log=$(mktemp /tmp/cinder-test-log.XXXXXX)
+list=$(mktemp /tmp/cinder-test-bins.XXXXXX)
+trap 'rm -f "$log" "$list"' EXIT
 case $lane in
 none)
 	# No KVM in this host's kernel: every test that needs no KVM runs here, and the tests that
 	# boot guests under cinder run inside a nested VM that has KVM (scripts/nested-kvm.sh).
 	echo "[test] this host's kernel has no KVM device: tests that boot guests under cinder run in the nested KVM lane" >&2
-	cargo test --workspace -- --skip under_cinder || status=$?
-	list=$(mktemp /tmp/cinder-test-bins.XXXXXX)
-	trap 'rm -f "$list"' EXIT
+	cargo test --workspace --no-fail-fast -- --skip under_cinder 2>&1 | tee -a "$log" || status=$?
 	# One line per test executable: "<package dir> <executable>".
 	cargo test --workspace --no-run --message-format=json 2>/dev/null |
 		sed -n 's/.*"manifest_path":"\([^"]*\)\/Cargo.toml".*"profile":{[^}]*"test":true[^}]*}.*"executable":"\([^"]*\)".*/\1 \2/p' >"$list"
 	[[ -s $list ]] || { echo "[test] error: found no test executables" >&2; exit 1; }
-	bash scripts/nested-tests.sh "$list" || status=$?
+	bash scripts/nested-tests.sh "$list" 2>&1 | tee -a "$log" || status=$?
 	;;
 *)
 	[[ $lane == broken ]] &&
 		echo "[test] /dev/kvm exists in the kernel but cannot be opened: the KVM tests will fail loudly" >&2
-	cargo test --workspace || status=$?
+	[[ $lane == kvm-pvm ]] &&
+		echo "[test] kvm-pvm: guest kernel mode is emulated here; Linux guests under cinder use the test profile, QEMU runs the clean default guest on TCG" >&2
+	cargo test --workspace --no-fail-fast 2>&1 | tee -a "$log" || status=$?
 	;;
 esac
+echo "[test] host kind: $lane" >&2
+bash scripts/test-summary.sh "$log"
 exit $status

@@ -36,6 +36,7 @@ pub fn cinder() -> Command {
 /// Fails the test loudly when `/dev/kvm` cannot be opened: tests that boot guests under
 /// cinder never skip.
 pub fn require_kvm() {
+    crate::host::kind(); // printed once per test executable
     if let Err(e) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

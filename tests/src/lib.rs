@@ -3,6 +3,7 @@
 
 pub mod cinder;
 pub mod guest;
+pub mod host;
 pub mod http;
 pub mod linux;
 pub mod netns;

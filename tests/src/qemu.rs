@@ -1,8 +1,10 @@
 //! QEMU as an oracle: the `microvm` machine booting a guest kernel (the
 //! probe, through its PVH note) with the serial console on stdout. Uses
-//! KVM when `/dev/kvm` opens, TCG otherwise. Running and timeouts are
+//! KVM when `/dev/kvm` opens, TCG otherwise (and TCG for a stock kernel on
+//! a kvm-pvm host: see `crate::host`). Running and timeouts are
 //! `runner::run`'s job.
 
+use crate::host::{self, HostKind};
 use crate::runner::{self, RunResult};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -16,22 +18,38 @@ pub enum Accel {
 }
 
 impl Accel {
-    /// KVM if `/dev/kvm` can be opened read-write, else TCG.
+    /// KVM if `/dev/kvm` can be opened read-write (on any host kind), else TCG: for the
+    /// probe and the Linux test profile, which run on every kind of KVM.
     pub fn detect() -> Accel {
-        match std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-        {
-            Ok(_) => Accel::Kvm,
-            Err(_) => Accel::Tcg,
+        match host::kind() {
+            HostKind::Hardware | HostKind::KvmPvm => Accel::Kvm,
+            HostKind::None => Accel::Tcg,
+        }
+    }
+
+    /// For a stock Linux kernel (the clean default guest): KVM only on a hardware KVM host.
+    /// kvm-pvm emulates guest kernel mode and cannot run one, so QEMU uses TCG there.
+    pub fn for_stock_kernel() -> Accel {
+        if host::kind().runs_stock_kernels() {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
         }
     }
 
     /// `-accel` and `-cpu` arguments.
     pub fn args(self) -> [&'static str; 4] {
         match self {
-            // `-cpu host` alone fails on MSR 0x10a on the CI hosts.
+            // `-cpu host` alone fails on MSR 0x10a on kvm-pvm hosts. There a hypercall hangs
+            // the vCPU, so QEMU also hides the KVM PV features that make Linux issue them:
+            // the same three that cinder's `--cpu-template no-pv-hypercalls` hides
+            // (arch/src/cpuid.rs), so the oracle and cinder show the test profile one CPU.
+            Accel::Kvm if host::kind() == HostKind::KvmPvm => [
+                "-accel",
+                "kvm",
+                "-cpu",
+                "host,-arch-capabilities,kvm-pv-unhalt=off,kvm-pv-ipi=off,kvm-pv-sched-yield=off",
+            ],
             Accel::Kvm => ["-accel", "kvm", "-cpu", "host,-arch-capabilities"],
             Accel::Tcg => ["-accel", "tcg", "-cpu", "max"],
         }

@@ -3,11 +3,15 @@
 //! report the CPUs and memory QEMU gave them, run a command typed into the serial console, and
 //! `reboot -f` ends the VMM with exit code 0. This proves the recipes in resources/guest on
 //! any host (TCG without KVM), so a failure under cinder points at cinder.
+//!
+//! The clean default guest is a stock kernel: QEMU runs it on KVM only on a hardware KVM host
+//! (TCG elsewhere: kvm-pvm cannot run its kernel mode). The test profile runs on KVM whenever
+//! `/dev/kvm` opens, with the KVM PV features hidden on kvm-pvm as cinder hides them.
 
 use std::time::Duration;
 
 use cinder_tests::guest::GuestDir;
-use cinder_tests::qemu::Microvm;
+use cinder_tests::qemu::{Accel, Microvm};
 use cinder_tests::session::Session;
 
 const MACHINE: &str = "microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=off";
@@ -19,8 +23,9 @@ fn field(line: &str, key: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-fn boot(g: &GuestDir, kernel: &str, cmdline: &str, cpus: u32, mib: u64) {
+fn boot(g: &GuestDir, kernel: &str, cmdline: &str, cpus: u32, mib: u64, accel: Accel) {
     let mut vm = Microvm::new(&g.file(kernel), cmdline, cpus, mib);
+    vm.accel = accel;
     vm.machine = MACHINE.to_string();
     vm.extra = vec![
         "-device".into(),
@@ -65,7 +70,14 @@ fn boot(g: &GuestDir, kernel: &str, cmdline: &str, cpus: u32, mib: u64) {
 #[test]
 fn default_guest_vmlinux_boots_under_qemu() {
     let g = GuestDir::default_guest();
-    boot(&g, "vmlinux", "console=ttyS0 reboot=k panic=-1", 2, 256);
+    boot(
+        &g,
+        "vmlinux",
+        "console=ttyS0 reboot=k panic=-1",
+        2,
+        256,
+        Accel::for_stock_kernel(),
+    );
 }
 
 #[test]
@@ -77,6 +89,7 @@ fn default_guest_bzimage_boots_under_qemu() {
         "console=ttyS0 reboot=k panic=-1",
         1,
         128,
+        Accel::for_stock_kernel(),
     );
 }
 
@@ -84,5 +97,5 @@ fn default_guest_bzimage_boots_under_qemu() {
 fn test_profile_boots_under_qemu() {
     let g = GuestDir::test_profile();
     let cmdline = std::fs::read_to_string(g.file("cmdline")).expect("profile cmdline");
-    boot(&g, "vmlinux", cmdline.trim(), 2, 256);
+    boot(&g, "vmlinux", cmdline.trim(), 2, 256, Accel::detect());
 }

@@ -60,9 +60,20 @@ pub enum KvmError {
     },
 }
 
+static KVM_PVM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// Whether the host's KVM is kvm-pvm (`/sys/module/kvm_pvm` exists): guest user mode runs
+/// natively there, guest kernel mode in a slow instruction emulator that cannot run a stock
+/// Linux kernel. Decided once, when `/dev/kvm` is opened (before any thread is confined), and
+/// only used to explain an emulation failure.
+pub fn host_is_kvm_pvm() -> bool {
+    *KVM_PVM.get_or_init(|| std::path::Path::new("/sys/module/kvm_pvm").exists())
+}
+
 /// Opens the KVM device at `path` (normally `/dev/kvm`) and checks the API version and every
 /// capability in [`REQUIRED_CAPS`].
 pub fn open(path: &str) -> Result<Kvm, KvmError> {
+    host_is_kvm_pvm();
     let file = OpenOptions::new()
         .read(true)
         .write(true)

@@ -328,8 +328,17 @@ impl Vcpu {
                         3 => "delivery event",
                         _ => "internal error",
                     };
+                    // On kvm-pvm an emulation failure is nearly always the host's emulator
+                    // meeting an instruction it lacks: say so in one more line.
+                    let hint = if sub == 1 && crate::kvm::host_is_kvm_pvm() {
+                        "\nthis host's KVM is kvm-pvm: it emulates guest kernel mode and could not \
+                         run this kernel (a stock Linux kernel cannot run there; the test-profile \
+                         guest can, see \"The Linux test profile\" in the README)"
+                    } else {
+                        ""
+                    };
                     exit.request(ExitReason::GuestFatal(format!(
-                        "vCPU {}: KVM internal error (suberror {sub}: {what})\n{}",
+                        "vCPU {}: KVM internal error (suberror {sub}: {what}){hint}\n{}",
                         self.index,
                         self.dump()
                     )));

@@ -3,7 +3,7 @@
 
 use crate::bootinfo::{self, Entry, E820_RAM};
 use crate::cmdline;
-use crate::cpu::{self, cpuid, outb, peek, rdtsc};
+use crate::cpu::{self, cpuid, outb, peek, poke, rdtsc};
 use crate::lapic;
 use crate::serial::{self, Line, Printable};
 use crate::smp::{self, SMP};
@@ -50,6 +50,10 @@ const CHECKS: &[(&str, CheckFn)] = &[
     // Self-tests of the failure paths: always FAIL, then the run goes on.
     ("selftest_fault", check_selftest_fault),
     ("selftest_panic", check_selftest_panic),
+    ("selftest_stack", check_selftest_stack),
+    // These end the run: a failure inside the failure path resets the VM.
+    ("selftest_nested_fault", check_selftest_nested_fault),
+    ("selftest_nested_panic", check_selftest_nested_panic),
 ];
 
 struct RunList {
@@ -210,19 +214,45 @@ fn stop_timer() {
     }
 }
 
-/// After an exception at CPL3 (see entry.S): a FAIL line for the check that
-/// was running, then the next check. APs record the fault and park.
-pub fn on_fault(vector: u64, error: u64, rip: u64, cr2: u64) -> ! {
-    if INIT_DONE.load(Ordering::Acquire) && lapic::id() != smp::BSP_APIC.load(Ordering::Relaxed) {
-        let me = lapic::id();
-        for s in smp::SLOTS.iter() {
-            if s.lapic_id.load(Ordering::Relaxed) == me {
-                s.fault_vector.store(vector, Ordering::Relaxed);
-                s.fault_rip.store(rip, Ordering::Relaxed);
-                s.state.store(smp::ST_FAULTED, Ordering::Release);
-            }
-        }
-        smp::park()
+/// Whether CPU `cpu` is in its failure path (set by entry.S for a fault,
+/// by `on_panic` for a panic; cleared when the checks go on).
+fn fault_mark(cpu: usize) -> bool {
+    peek::<u8>(crate::sym_addr!(fault_active) + cpu as u64) != 0
+}
+
+fn set_fault_mark(cpu: usize, on: bool) {
+    poke(crate::sym_addr!(fault_active) + cpu as u64, on as u8);
+}
+
+/// What the `selftest_nested_*` checks ask the failure path to do wrong.
+static NESTED_SELFTEST: AtomicU32 = AtomicU32::new(NESTED_NONE);
+const NESTED_NONE: u32 = 0;
+const NESTED_FAULT: u32 = 1;
+const NESTED_PANIC: u32 = 2;
+/// Set once a fatal line is being printed: a fault or panic past that
+/// point resets at once.
+static FATAL: AtomicBool = AtomicBool::new(false);
+
+/// An AP that failed records it for `smp` and parks.
+fn park_failed_ap(cpu: usize, vector: u64, rip: u64) -> ! {
+    if let Some(s) = smp::SLOTS.get(cpu) {
+        s.fault_vector.store(vector, Ordering::Relaxed);
+        s.fault_rip.store(rip, Ordering::Relaxed);
+        s.state.store(smp::ST_FAULTED, Ordering::Release);
+    }
+    smp::park()
+}
+
+/// After an exception at CPL3 (see entry.S), on this CPU's fault stack with
+/// its fault mark set: a FAIL line for the check that was running, then the
+/// next check. APs record the fault and park.
+pub fn on_fault(vector: u64, error: u64, rip: u64, cr2: u64, cpu: usize) -> ! {
+    if cpu != 0 {
+        park_failed_ap(cpu, vector, rip)
+    }
+    if NESTED_SELFTEST.load(Ordering::Relaxed) == NESTED_FAULT {
+        // selftest_nested_fault: fault inside the fault path.
+        let _: u64 = peek(paging::mapped_limit() + 0x1000);
     }
     let mut d = Details::new();
     let _ = write!(
@@ -233,6 +263,20 @@ pub fn on_fault(vector: u64, error: u64, rip: u64, cr2: u64) -> ! {
 }
 
 pub fn on_panic(info: &core::panic::PanicInfo) -> ! {
+    let cpu = cpu::cpu_index();
+    if cpu >= smp::MAX_CPUS || fault_mark(cpu) {
+        // A panic in the failure path: one last line, then the reset path
+        // (never round again).
+        if !FATAL.swap(true, Ordering::AcqRel) {
+            println!("PROBE FATAL panic in the failure path: {}", info.message());
+        }
+        cpu::reset();
+        smp::park()
+    }
+    set_fault_mark(cpu, true);
+    if cpu != 0 {
+        park_failed_ap(cpu, u64::MAX, 0)
+    }
     let mut d = Details::new();
     let _ = write!(d, "panic: {}", info.message());
     if let Some(l) = info.location() {
@@ -241,12 +285,18 @@ pub fn on_panic(info: &core::panic::PanicInfo) -> ! {
     after_failure(&d)
 }
 
+/// The boot CPU's failure path (fault mark set): report, then the checks go
+/// on after the failed one; after too many failures, or one that happened
+/// while finishing, the run ends.
 fn after_failure(d: &Details) -> ! {
     cpu::cli();
     stop_timer();
+    if NESTED_SELFTEST.load(Ordering::Relaxed) == NESTED_PANIC {
+        panic!("selftest_nested_panic");
+    }
     let n = FAULTS.fetch_add(1, Ordering::Relaxed);
     let cur = CURRENT.load(Ordering::Acquire);
-    if !RUNNING.load(Ordering::Acquire) {
+    let next = if !RUNNING.load(Ordering::Acquire) {
         report(b"init", Status::Fail, d);
         if n > 4 || !INIT_DONE.load(Ordering::Acquire) && n > 0 {
             finish()
@@ -256,13 +306,30 @@ fn after_failure(d: &Details) -> ! {
             INIT_DONE.store(true, Ordering::Release);
             parse_run_list(false);
         }
-        run_from(0)
+        0
+    } else {
+        if cur == usize::MAX || n > 16 {
+            finish()
+        }
+        report(name_of(cur), Status::Fail, d);
+        cur + 1
+    };
+    extern "C" {
+        fn switch_stack(arg: u64, stack: u64, f: extern "C" fn(u64) -> !) -> !;
     }
-    if cur == usize::MAX || n > 16 {
-        finish()
-    }
-    report(name_of(cur), Status::Fail, d);
-    run_from(cur + 1)
+    let top = crate::sym_addr!(bsp_ustack_top) - 8;
+    // SAFETY: `switch_stack` (entry.S) loads RSP with `top`, the top of the
+    // boot CPU's user stack minus 8 (the alignment at a function's entry),
+    // and jumps to `resume_checks`, which never returns. Everything on that
+    // stack belongs to the check that failed and is abandoned with it.
+    unsafe { switch_stack(next as u64, top, resume_checks) }
+}
+
+/// The end of the failure path: on the top of the boot CPU's stack again,
+/// the fault mark is cleared and the checks go on from `next`.
+extern "C" fn resume_checks(next: u64) -> ! {
+    set_fault_mark(0, false);
+    run_from(next as usize)
 }
 
 // ------------------------------------------------------------------ checks
@@ -742,4 +809,33 @@ fn check_selftest_fault(_d: &mut Details) -> Status {
 
 fn check_selftest_panic(_d: &mut Details) -> Status {
     panic!("selftest_panic")
+}
+
+/// Recursion with 4 KiB frames, deeper than the boot CPU's 256 KiB stack:
+/// the guard page below the stack must stop it with a page fault.
+fn check_selftest_stack(d: &mut Details) -> Status {
+    #[inline(never)]
+    fn dive(depth: u32) -> u64 {
+        let mut frame = [0u8; 4096];
+        frame[0] = depth as u8;
+        let frame = core::hint::black_box(&mut frame);
+        if depth == 0 {
+            return frame[0] as u64;
+        }
+        dive(depth - 1) + frame[4095] as u64
+    }
+    let v = dive(core::hint::black_box(128));
+    // Not reached when the guard page works.
+    let _ = write!(d, "512 KiB of stack used without a fault ({v})");
+    Status::Fail
+}
+
+fn check_selftest_nested_fault(_d: &mut Details) -> Status {
+    NESTED_SELFTEST.store(NESTED_FAULT, Ordering::Relaxed);
+    check_selftest_fault(_d)
+}
+
+fn check_selftest_nested_panic(_d: &mut Details) -> Status {
+    NESTED_SELFTEST.store(NESTED_PANIC, Ordering::Relaxed);
+    check_selftest_fault(_d)
 }

@@ -46,10 +46,10 @@ pub extern "C" fn ap_main(cpu: u64) -> ! {
 }
 
 /// Entered (by the CPL0 exception path rewriting the iret frame) after an
-/// exception at CPL3.
+/// exception at CPL3, on CPU `cpu`'s fault stack.
 #[no_mangle]
-pub extern "C" fn user_fault(vector: u64, error: u64, rip: u64, cr2: u64) -> ! {
-    checks::on_fault(vector, error, rip, cr2)
+pub extern "C" fn user_fault(vector: u64, error: u64, rip: u64, cr2: u64, cpu: u64) -> ! {
+    checks::on_fault(vector, error, rip, cr2, cpu as usize)
 }
 
 #[panic_handler]

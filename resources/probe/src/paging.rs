@@ -1,6 +1,7 @@
 //! Extends the static identity map of `entry.S` (0-4 GiB in 2 MiB pages,
 //! 3-4 GiB uncached) from CPL3: RAM in 3-4 GiB becomes write-back, RAM
-//! above 4 GiB and virtio-mmio windows above 4 GiB get mapped, then CPL0
+//! above 4 GiB and virtio-mmio windows above 4 GiB get mapped, the stack
+//! region is remapped in 4 KiB pages without its guard pages, then CPL0
 //! reloads CR3. The tables are ordinary user-accessible memory.
 
 use crate::bootinfo::{self, E820_RAM};
@@ -47,6 +48,36 @@ fn pde_addr(addr: u64) -> Option<u64> {
     }
 }
 
+/// The stack region (entry.S, 2 MiB aligned by link.ld) in 4 KiB pages,
+/// each guard page left unmapped: a stack that overflows takes a page fault
+/// there instead of writing over what lies below it.
+fn guard_stacks() {
+    const PTE: u64 = 0x7; // present, writable, user
+    let region = crate::sym_addr!(stacks_region);
+    let guards = [
+        crate::sym_addr!(stack_guard0),
+        crate::sym_addr!(stack_guard1),
+        crate::sym_addr!(stack_guard2),
+        crate::sym_addr!(stack_guard3),
+    ];
+    let pt = crate::sym_addr!(stacks_pt);
+    if region % PAGE_2M != 0 || crate::sym_addr!(stacks_region_end) > region + PAGE_2M {
+        return; // link.ld keeps it one aligned 2 MiB page; never map half of it
+    }
+    for i in 0..512u64 {
+        let page = region + i * 4096;
+        let e = if guards.contains(&page) {
+            0
+        } else {
+            page | PTE
+        };
+        poke(pt + i * 8, e);
+    }
+    if let Some(p) = pde_addr(region) {
+        poke(p, pt | PTE);
+    }
+}
+
 pub fn setup() {
     let bi = bootinfo::get();
     let top = bi.mem().iter().map(|e| e.end()).max().unwrap_or(0);
@@ -89,6 +120,7 @@ pub fn setup() {
             a += PAGE_2M;
         }
     }
+    guard_stacks();
     MAPPED_LIMIT.store(limit, Ordering::Relaxed);
     load_cr3(crate::sym_addr!(pml4));
     // Read one entry back so the compiler keeps the writes before CR3 use.

@@ -1,7 +1,10 @@
-//! COM1 (8250 at 0x3f8) output by polling LSR.THRE, plus a fixed-size
-//! line buffer implementing `fmt::Write` (no allocator in the probe).
+//! COM1 (8250 at 0x3f8) output, plus a fixed-size line buffer
+//! implementing `fmt::Write` (no allocator in the probe). The bytes go out
+//! at CPL0 through one service-gate call per buffer (`cpu::serial_write`,
+//! which polls LSR.THRE per byte): on a host that emulates CPL0, a gate call
+//! per byte would make every line cost hundreds of emulated entries.
 
-use crate::cpu::{inb, outb};
+use crate::cpu::{outb, serial_write};
 use core::fmt;
 
 const COM1: u16 = 0x3f8;
@@ -11,21 +14,10 @@ pub fn init() {
     outb(COM1 + 3, 0x03); // 8N1, DLAB off
 }
 
-pub fn putb(b: u8) {
-    // Bounded wait: a missing UART reads 0xff (THRE set) anyway.
-    for _ in 0..100_000 {
-        if inb(COM1 + 5) & 0x20 != 0 {
-            break;
-        }
-        core::hint::spin_loop();
-    }
-    outb(COM1, b);
-}
-
+/// Writes bytes to COM1 (the wait for THRE is bounded: a missing UART reads
+/// 0xff, THRE set, anyway).
 pub fn write_bytes(s: &[u8]) {
-    for &b in s {
-        putb(b);
-    }
+    serial_write(s);
 }
 
 /// A line being built; excess text is dropped and marked with `...`.
@@ -69,12 +61,36 @@ impl<const N: usize> fmt::Write for Line<N> {
     }
 }
 
-/// Writes text straight to the port.
-pub struct Port;
+/// Text to the port through a small buffer: one gate call per 256 bytes
+/// and one at `flush` (the caller flushes; nothing is lost on overflow).
+pub struct Port {
+    buf: [u8; 256],
+    len: usize,
+}
+
+impl Port {
+    pub const fn new() -> Self {
+        Self {
+            buf: [0; 256],
+            len: 0,
+        }
+    }
+
+    pub fn flush(&mut self) {
+        write_bytes(&self.buf[..self.len]);
+        self.len = 0;
+    }
+}
 
 impl fmt::Write for Port {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        write_bytes(s.as_bytes());
+        for &b in s.as_bytes() {
+            if self.len == self.buf.len() {
+                self.flush();
+            }
+            self.buf[self.len] = b;
+            self.len += 1;
+        }
         Ok(())
     }
 }
@@ -98,7 +114,9 @@ impl fmt::Display for Printable<'_> {
 #[macro_export]
 macro_rules! println {
     ($($arg:tt)*) => {{
-        let _ = core::fmt::Write::write_fmt(&mut $crate::serial::Port, format_args!($($arg)*));
-        $crate::serial::write_bytes(b"\n");
+        let mut port = $crate::serial::Port::new();
+        let _ = core::fmt::Write::write_fmt(&mut port, format_args!($($arg)*));
+        let _ = core::fmt::Write::write_str(&mut port, "\n");
+        port.flush();
     }};
 }
