@@ -32,7 +32,8 @@ impl Run {
     }
 }
 
-fn boot(protocol: &str, vcpus: u8, mib: u64, cmdline: &str) -> Run {
+/// Runs the probe to its end, whatever that is (see `boot` for a normal run).
+fn start(protocol: &str, vcpus: u8, mib: u64, cmdline: &str) -> Run {
     require_kvm();
     let mut c = cinder();
     c.arg("--kernel")
@@ -50,6 +51,12 @@ fn boot(protocol: &str, vcpus: u8, mib: u64, cmdline: &str) -> Run {
     eprintln!("{what}: {:.2?}, done={:?}", r.elapsed, log.done);
     let run = Run { r, log, what };
     run.ensure(!run.r.timed_out, "timed out (cinder killed)");
+    run
+}
+
+/// A normal run: to `PROBE DONE` and the probe's i8042 reset.
+fn boot(protocol: &str, vcpus: u8, mib: u64, cmdline: &str) -> Run {
+    let run = start(protocol, vcpus, mib, cmdline);
     run.ensure(run.log.done.is_some(), "no PROBE DONE line");
     run.ensure(
         run.r.code() == Some(0),
@@ -161,6 +168,67 @@ fn probe_unknown_check_fails_cleanly_under_cinder() {
         run.check("no_such_check").status == Status::Fail,
         "unknown name FAILs",
     );
+}
+
+#[test]
+fn probe_faults_panics_and_stack_overflow_become_fail_lines_under_cinder() {
+    // Each self-test fails on purpose at CPL3: a read of unmapped memory, a panic, and a
+    // recursion past the end of the 256 KiB stack into its guard page. The fault path (on its
+    // own stack) reports each and the run goes on, on every CPU count.
+    let run = boot(
+        "auto",
+        2,
+        128,
+        "probe.run=selftest_fault,tsc,selftest_panic,selftest_stack,boot",
+    );
+    run.ensure(run.log.done == Some((2, 5)), "expected PROBE DONE 2/5");
+    let f = run.check("selftest_fault");
+    run.ensure(
+        f.status == Status::Fail && f.num("vector") == Some(14),
+        "selftest_fault is a page fault",
+    );
+    run.ensure(
+        run.check("selftest_panic")
+            .details
+            .starts_with("panic: selftest_panic"),
+        "panic message",
+    );
+    let st = run.check("selftest_stack");
+    run.ensure(
+        st.status == Status::Fail && st.num("vector") == Some(14),
+        "the stack overflow is a page fault in the guard page",
+    );
+    run.ensure(run.check("tsc").status == Status::Ok, "tsc after the fault");
+    run.ensure(
+        run.check("boot").status == Status::Ok,
+        "boot after the stack overflow",
+    );
+}
+
+#[test]
+fn probe_failure_in_the_failure_path_ends_the_run_under_cinder() {
+    // A fault or a panic while the fault path runs must not recurse: one FATAL line, then the
+    // reset path (cinder ends with 0), and nothing after it.
+    for (check, line) in [
+        (
+            "selftest_nested_fault",
+            "PROBE FATAL fault in the failure path vector=0xe rip=0x",
+        ),
+        (
+            "selftest_nested_panic",
+            "PROBE FATAL panic in the failure path: selftest_nested_panic",
+        ),
+    ] {
+        let run = start("auto", 1, 128, &format!("probe.run=boot,{check},tsc"));
+        run.ensure(run.check("boot").status == Status::Ok, "boot ran first");
+        run.ensure(run.r.stdout.contains(line), &format!("a line `{line}`"));
+        run.ensure(
+            run.log.done.is_none(),
+            "no PROBE DONE after a fatal failure",
+        );
+        run.ensure(run.log.check("tsc").is_none(), "no check after it");
+        run.ensure(run.r.code() == Some(0), "the reset ends cinder with 0");
+    }
 }
 
 #[test]

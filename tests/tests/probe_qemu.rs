@@ -45,7 +45,8 @@ fn boot(cpus: u32, mem_mib: u64, cmdline: &str, extra: &[&str]) -> Run {
     boot_on(DEFAULT_MACHINE, cpus, mem_mib, cmdline, extra)
 }
 
-fn boot_on(machine: &str, cpus: u32, mem_mib: u64, cmdline: &str, extra: &[&str]) -> Run {
+/// Runs the probe to its end, whatever that is (see `boot_on` for a normal run).
+fn start_on(machine: &str, cpus: u32, mem_mib: u64, cmdline: &str, extra: &[&str]) -> Run {
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut vm = Microvm::new(&probe::elf_path(), cmdline, cpus, mem_mib);
     vm.machine = machine.to_string();
@@ -69,6 +70,11 @@ fn boot_on(machine: &str, cpus: u32, mem_mib: u64, cmdline: &str, extra: &[&str]
     );
     let run = Run { result, log, what };
     run.ensure(!run.result.timed_out, "timed out (QEMU killed)");
+    run
+}
+
+fn boot_on(machine: &str, cpus: u32, mem_mib: u64, cmdline: &str, extra: &[&str]) -> Run {
+    let run = start_on(machine, cpus, mem_mib, cmdline, extra);
     run.ensure(run.log.done.is_some(), "no PROBE DONE line");
     run
 }
@@ -247,13 +253,14 @@ fn mp_table_and_virtio_devices_without_acpi() {
 fn faults_and_panics_become_fail_lines() {
     // The self-tests fault (unmapped read at CPL3) and panic on purpose;
     // the CPL0 exception path and the panic handler must report and go on.
+    // selftest_stack recurses into the guard page below the stack.
     let run = boot(
         1,
         128,
-        "probe.run=selftest_fault,tsc,selftest_panic,boot",
+        "probe.run=selftest_fault,tsc,selftest_panic,selftest_stack,boot",
         &[],
     );
-    run.ensure(run.log.done == Some((2, 4)), "expected PROBE DONE 2/4");
+    run.ensure(run.log.done == Some((2, 5)), "expected PROBE DONE 2/5");
     let f = run.check("selftest_fault");
     run.ensure(f.status == Status::Fail, "selftest_fault FAILs");
     run.ensure(f.num("vector") == Some(14), "reported as a page fault");
@@ -262,8 +269,43 @@ fn faults_and_panics_become_fail_lines() {
         p.details.starts_with("panic: selftest_panic"),
         "panic message",
     );
+    let st = run.check("selftest_stack");
+    run.ensure(
+        st.status == Status::Fail && st.num("vector") == Some(14),
+        "the stack overflow is a page fault",
+    );
     run.ensure(
         run.check("boot").status == Status::Ok,
-        "boot after the panic",
+        "boot after the panic and the overflow",
     );
+}
+
+#[test]
+fn a_failure_in_the_failure_path_ends_the_run() {
+    // No recursion: one FATAL line, then the reset (QEMU exits, -no-reboot), nothing after.
+    for (check, line) in [
+        (
+            "selftest_nested_fault",
+            "PROBE FATAL fault in the failure path vector=0xe rip=0x",
+        ),
+        (
+            "selftest_nested_panic",
+            "PROBE FATAL panic in the failure path: selftest_nested_panic",
+        ),
+    ] {
+        let run = start_on(
+            DEFAULT_MACHINE,
+            1,
+            128,
+            &format!("probe.run=boot,{check},tsc"),
+            &["-device", "i8042"],
+        );
+        run.ensure(run.check("boot").status == Status::Ok, "boot ran first");
+        run.ensure(
+            run.result.stdout.contains(line),
+            &format!("a line `{line}`"),
+        );
+        run.ensure(run.log.done.is_none(), "no PROBE DONE after it");
+        run.ensure(run.log.check("tsc").is_none(), "no check after it");
+    }
 }
