@@ -6,7 +6,10 @@
 //!
 //! ```text
 //! cargo run --release -p cinder-tests --bin bench_boot -- [--runs N] [--memory MIB] [--vcpus N]
+//!     [--checks LIST]
 //! ```
+//! `--checks` is the probe's `probe.run` list (default `boot`; `default` is the probe's own
+//! default list, `boot,mem,smp,cpuid,irq,tsc`).
 //! QEMU uses KVM when /dev/kvm opens, else TCG (then its figures are not comparable, and the
 //! report says so). cinder needs /dev/kvm; without it its rows say why they are missing.
 
@@ -17,6 +20,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cinder_tests::cinder::cinder_bin;
+use cinder_tests::qemu::Accel;
 
 struct Sample {
     first_byte: Duration,
@@ -127,6 +131,7 @@ fn main() {
     let mut runs = 10usize;
     let mut memory = 128u64;
     let mut vcpus = 1u8;
+    let mut checks = "boot".to_string();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = |name: &str| {
@@ -137,22 +142,25 @@ fn main() {
             "--runs" => runs = val("--runs").parse().expect("--runs N"),
             "--memory" => memory = val("--memory").parse().expect("--memory MIB"),
             "--vcpus" => vcpus = val("--vcpus").parse().expect("--vcpus N"),
+            "--checks" => checks = val("--checks"),
             other => {
-                eprintln!("unknown argument {other}; usage: bench_boot [--runs N] [--memory MIB] [--vcpus N]");
+                eprintln!("unknown argument {other}; usage: bench_boot [--runs N] [--memory MIB] [--vcpus N] [--checks LIST]");
                 std::process::exit(2);
             }
         }
     }
     let probe = probe_elf();
-    let cmdline = "probe.run=boot";
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
+    if checks == "default" {
+        checks = "boot,mem,smp,cpuid,irq,tsc".to_string();
+    }
+    let cmdline = &format!("probe.run={checks}");
+    let host = cinder_tests::host::kind();
+    let accel = Accel::detect();
+    let kvm = accel == Accel::Kvm;
     println!(
-        "boot benchmark: probe {} ({runs} runs, {vcpus} vCPU, {memory} MiB, cmdline {cmdline:?})",
-        probe.display()
+        "boot benchmark: probe {} ({runs} runs, {vcpus} vCPU, {memory} MiB, cmdline {cmdline:?}, host kind {})",
+        probe.display(),
+        host.name()
     );
 
     let mut cinder_samples = Vec::new();
@@ -175,12 +183,6 @@ fn main() {
     }
 
     let mut qemu_samples = Vec::new();
-    let accel = if kvm { "kvm" } else { "tcg" };
-    let cpu = if kvm {
-        "host,-arch-capabilities"
-    } else {
-        "max"
-    };
     for _ in 0..runs {
         let mut c = Command::new("qemu-system-x86_64");
         c.args([
@@ -188,11 +190,8 @@ fn main() {
             "microvm,x-option-roms=off,rtc=off,isa-serial=on",
             "-bios",
             "/usr/share/qemu/qboot.rom",
-            "-accel",
-            accel,
-            "-cpu",
-            cpu,
         ])
+        .args(accel.args())
         .args(["-m", &memory.to_string(), "-smp", &vcpus.to_string()])
         .args([
             "-nodefaults",
@@ -216,7 +215,7 @@ fn main() {
     } else {
         println!("cinder                 not measured: /dev/kvm cannot be opened on this host");
     }
-    report(&format!("qemu microvm ({accel})"), &qemu_samples);
+    report(&format!("qemu microvm ({accel:?})"), &qemu_samples);
     if !kvm {
         println!("note: QEMU ran under TCG (software emulation); its figures are not comparable to a KVM VMM's");
     }
