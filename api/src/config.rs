@@ -15,8 +15,10 @@ use crate::model::{
     PartialDrive, PartialNetworkInterface, RateLimiter, Vsock,
 };
 
-/// Largest vCPU count.
-pub const MAX_VCPUS: u8 = 32;
+/// Largest vCPU count: what cinder's MP table can describe (APIC IDs 0..=253; see
+/// `arch::mptable::MAX_CPUS`). The host's KVM may allow fewer; that is checked when the VM is
+/// built. One ceiling for the command line, the config file and the API.
+pub const MAX_VCPUS: u8 = 254;
 /// vCPU count before any machine configuration.
 pub const DEFAULT_VCPUS: u8 = 1;
 /// Memory size in MiB before any machine configuration.
@@ -420,22 +422,10 @@ impl VmConfig {
                 .ok_or(ConfigError::MissingBootSource)?,
         )?;
         for d in &file.drives {
-            if cfg.drives.iter().any(|x| x.drive_id == d.drive_id) {
-                return Err(ConfigError::DuplicateId {
-                    key: "drives.drive_id",
-                    id: d.drive_id.clone(),
-                });
-            }
-            cfg.upsert_drive(d)?;
+            cfg.add_drive(d)?;
         }
         for n in &file.network_interfaces {
-            if cfg.net.iter().any(|x| x.iface_id == n.iface_id) {
-                return Err(ConfigError::DuplicateId {
-                    key: "network-interfaces.iface_id",
-                    id: n.iface_id.clone(),
-                });
-            }
-            cfg.upsert_net(n)?;
+            cfg.add_net(n)?;
         }
         if let Some(v) = &file.vsock {
             cfg.set_vsock(v)?;
@@ -556,6 +546,29 @@ impl VmConfig {
             None => self.insert_drive(new),
         }
         Ok(())
+    }
+
+    /// Adds a drive whose id must be new (a config file or the command line, where the same
+    /// id twice is a mistake, not a replacement).
+    pub fn add_drive(&mut self, d: &Drive) -> Result<(), ConfigError> {
+        if self.drives.iter().any(|x| x.drive_id == d.drive_id) {
+            return Err(ConfigError::DuplicateId {
+                key: "drives.drive_id",
+                id: d.drive_id.clone(),
+            });
+        }
+        self.upsert_drive(d)
+    }
+
+    /// Adds an interface whose id must be new (as [`VmConfig::add_drive`]).
+    pub fn add_net(&mut self, n: &NetworkInterface) -> Result<(), ConfigError> {
+        if self.net.iter().any(|x| x.iface_id == n.iface_id) {
+            return Err(ConfigError::DuplicateId {
+                key: "network-interfaces.iface_id",
+                id: n.iface_id.clone(),
+            });
+        }
+        self.upsert_net(n)
     }
 
     fn insert_drive(&mut self, d: DriveConfig) {
@@ -710,22 +723,10 @@ impl VmConfig {
             })?;
         }
         for d in self.drive_models() {
-            if check.drives.iter().any(|x| x.drive_id == d.drive_id) {
-                return Err(ConfigError::DuplicateId {
-                    key: "drives.drive_id",
-                    id: d.drive_id,
-                });
-            }
-            check.upsert_drive(&d)?;
+            check.add_drive(&d)?;
         }
         for n in self.net_models() {
-            if check.net.iter().any(|x| x.iface_id == n.iface_id) {
-                return Err(ConfigError::DuplicateId {
-                    key: "network-interfaces.iface_id",
-                    id: n.iface_id,
-                });
-            }
-            check.upsert_net(&n)?;
+            check.add_net(&n)?;
         }
         if let Some(v) = &self.vsock {
             check.set_vsock(&Vsock {

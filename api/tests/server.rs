@@ -288,8 +288,8 @@ fn bad_bodies_and_routes_keep_the_connection() {
         &mut c,
         "PUT",
         "/machine-config",
-        Some(r#"{"vcpu_count": 33, "mem_size_mib": 128}"#),
-        "machine-config.vcpu_count: 33",
+        Some(r#"{"vcpu_count": 255, "mem_size_mib": 128}"#),
+        "machine-config.vcpu_count: 255 is out of range; it must be 1..=254",
     );
     expect_400_keep(
         &mut c,

@@ -541,7 +541,7 @@ fn drive_id_twice() {
             format!("path={},id=disk", a.display()),
             format!("path={},id=disk", b.display()),
         ]),
-        &["\"disk\"", "used twice"],
+        &["--drive", "drives.drive_id: `disk` appears more than once"],
     );
 }
 
@@ -555,7 +555,7 @@ fn drive_two_roots() {
             format!("path={},root", a.display()),
             format!("path={},root", b.display()),
         ]),
-        &["more than one drive", "root"],
+        &["is already the root device; only one is allowed"],
     );
 }
 
@@ -579,8 +579,27 @@ fn drive_malformed_spec() {
             vec!["unknown or empty part"],
         ),
     ] {
-        fails_with(&kernel_args(&[spec]), &expect);
+        // A malformed spec is a usage error (clap, exit 2), like any other.
+        let args = kernel_args(&[spec]);
+        let out = cinder().args(&args).output().expect("run cinder");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        for e in expect.iter().chain(&["--drive"]) {
+            assert!(stderr.contains(e), "{args:?}: {stderr} lacks {e:?}");
+        }
     }
+}
+
+#[test]
+fn drive_id_follows_the_api_rule() {
+    // The API's rule for ids (PUT /drives/{id}), with the API's message.
+    let s = Scratch::new("badid");
+    let a = s.file("a.img", &[0u8; 4096]);
+    fails_with(
+        &kernel_args(&[format!("path={},id=my-disk", a.display())]),
+        &["drives.drive_id: `my-disk` is not a valid id"],
+    );
 }
 
 /// Root reads any file, so cinder runs as nobody (setpriv) when we are root.

@@ -88,6 +88,25 @@ fn fails_with(args: &[&str], expect: &[&str]) -> String {
     stderr
 }
 
+/// Runs cinder with `args`; asserts clap's usage error (exit 2, no panic) naming every string
+/// in `expect`.
+fn usage_error(args: &[&str], expect: &[&str]) {
+    let out = cinder().args(args).output().expect("run cinder");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "cinder {args:?}: expected a usage error; stderr: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for e in expect {
+        assert!(
+            stderr.contains(e),
+            "error for {args:?} lacks {e:?}: {stderr}"
+        );
+    }
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -171,7 +190,10 @@ fn too_many_vcpus() {
     let k = d.file("vmlinux", &elf(62, 0x100000, 0x1000));
     fails_with(
         &["--kernel", s(&k), "--vcpus", "255"],
-        &["--vcpus 255", "at most 254"],
+        &[
+            "--vcpus 255",
+            "machine-config.vcpu_count: 255 is out of range; it must be 1..=254",
+        ],
     );
     // Not a number for a u8 at all: clap's own one-line error.
     let out = cinder()
@@ -325,16 +347,27 @@ fn vsock_bad_input() {
                 "--vsock",
                 &format!("cid={cid},uds={uds_s}"),
             ],
-            &[&format!("CID {cid} is reserved")],
+            &[&format!("--vsock: vsock.guest_cid: {cid} is reserved")],
         );
     }
+    // The API refuses the top CID too; so does the command line (one rule).
     fails_with(
-        &["--kernel", s(&k), "--vsock", "cid=x,uds=/tmp/v"],
-        &["not a number"],
+        &[
+            "--kernel",
+            s(&k),
+            "--vsock",
+            &format!("cid=4294967295,uds={uds_s}"),
+        ],
+        &["vsock.guest_cid: 4294967295 is reserved"],
     );
-    fails_with(
+    // A malformed spec is a usage error, like any other (exit 2).
+    usage_error(
+        &["--kernel", s(&k), "--vsock", "cid=x,uds=/tmp/v"],
+        &["--vsock", "not a number"],
+    );
+    usage_error(
         &["--kernel", s(&k), "--vsock", "cid=3"],
-        &["uds=PATH is required"],
+        &["--vsock", "uds=PATH is required"],
     );
     fails_with(
         &[

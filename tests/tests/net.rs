@@ -401,8 +401,9 @@ fn net_tap_errors() {
         err.contains(&format!("tap {} is in use by another process", ns.tap)),
         "{err}"
     );
-    // Bad specifications: one line, exit 1, before anything is opened.
-    let spec_err = |args: &[&str], want: &str| {
+    // Bad values: one line, exit 1, before anything is opened, with the API's messages
+    // (PUT /network-interfaces); a malformed spec is a usage error (clap, exit 2).
+    let spec_err = |args: &[&str], code: i32, want: &str| {
         let out = Command::new(cinder_bin())
             .arg("--kernel")
             .arg(probe::elf_path())
@@ -410,15 +411,35 @@ fn net_tap_errors() {
             .output()
             .unwrap_or_else(|e| panic!("run cinder: {e}"));
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
-        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        if code == 1 {
+            assert_eq!(err.trim().lines().count(), 1, "{err}");
+        }
         assert!(err.contains(want), "{args:?}: {err} lacks {want:?}");
     };
-    spec_err(&["--net", "tap=x,mac=02:00:00:00:00"], "malformed MAC");
-    spec_err(&["--net", "tap=x,mac=zz:00:00:00:00:01"], "malformed MAC");
-    spec_err(&["--net", "mac=02:00:00:00:00:01"], "tap=NAME is required");
+    spec_err(
+        &["--net", "tap=x,mac=02:00:00:00:00"],
+        1,
+        "network-interfaces[net0].guest_mac: `02:00:00:00:00` is not a MAC address",
+    );
+    spec_err(
+        &["--net", "tap=x,mac=zz:00:00:00:00:01"],
+        1,
+        "network-interfaces[net0].guest_mac: `zz:00:00:00:00:01` is not a MAC address",
+    );
+    spec_err(
+        &["--net", "mac=02:00:00:00:00:01"],
+        2,
+        "tap=NAME is required",
+    );
     spec_err(
         &["--net", "tap=a,id=n", "--net", "tap=b,id=n"],
-        "network interface id \"n\" is used twice",
+        1,
+        "network-interfaces.iface_id: `n` appears more than once",
+    );
+    spec_err(
+        &["--net", "tap=a,id=x-y"],
+        1,
+        "network-interfaces.iface_id: `x-y` is not a valid id",
     );
 }

@@ -3,14 +3,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use std::str::FromStr;
-
-use api::config::{
-    BootSourceConfig, DriveConfig, EntropyConfig, MacAddr, NetConfig, VmConfig, VsockConfig,
-};
+use api::config::{ConfigError, VmConfig};
 use api::controller::PreBootController;
 use api::handler::api_channel;
-use api::model::{CacheType, IoEngine};
+use api::model::{
+    BootSource, CacheType, Drive, EntropyDevice, MachineConfiguration, NetworkInterface, Vsock,
+};
 use api::server::ApiServer;
 use arch::loader::ProtocolChoice;
 use clap::{Parser, ValueEnum};
@@ -79,7 +77,8 @@ struct Cli {
     #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
     cmdline: String,
 
-    /// Number of vCPUs (1 to 254, and no more than KVM allows on this host).
+    /// Number of vCPUs (1 to 254, and no more than KVM allows on this host; the same rule as
+    /// the API's machine-config).
     #[arg(long, value_name = "N", default_value_t = 1)]
     vcpus: u8,
 
@@ -90,14 +89,14 @@ struct Cli {
     /// A virtio-blk drive backed by a raw image: path=FILE[,id=NAME][,ro][,root]. Repeatable;
     /// the guest sees them as /dev/vda, /dev/vdb, ... with the root drive first. `root`
     /// appends root=/dev/vda (and ro for a read-only drive) to the command line.
-    #[arg(long, value_name = "SPEC", requires = "kernel")]
-    drive: Vec<String>,
+    #[arg(long, value_name = "SPEC", requires = "kernel", value_parser = parse_drive_arg)]
+    drive: Vec<DriveArg>,
 
     /// A virtio-net device on an existing TAP interface: tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,id=NAME].
     /// Repeatable. Without mac= the MAC is derived from the id and tap name (stable). cinder
     /// does not configure the host network.
-    #[arg(long, value_name = "SPEC", requires = "kernel")]
-    net: Vec<String>,
+    #[arg(long, value_name = "SPEC", requires = "kernel", value_parser = parse_net_arg)]
+    net: Vec<NetArg>,
 
     /// A virtio-rng entropy device fed from getrandom(2).
     #[arg(long, requires = "kernel")]
@@ -105,8 +104,8 @@ struct Cli {
 
     /// A virtio-vsock device: cid=N,uds=PATH (CID 3 or more). Host clients connect to PATH
     /// and send `CONNECT <port>`; guest connections to host port P go to PATH_P.
-    #[arg(long, value_name = "SPEC", requires = "kernel")]
-    vsock: Option<String>,
+    #[arg(long, value_name = "SPEC", requires = "kernel", value_parser = parse_vsock_arg)]
+    vsock: Option<VsockArg>,
 
     /// The console: serial (COM1 on stdin/stdout), virtio (a virtio-console, hvc0 in Linux;
     /// COM1 is then off unless the virtio-console is redirected), or none.
@@ -151,39 +150,47 @@ struct Cli {
     kvm_device: String,
 }
 
-/// Parses `path=FILE[,id=NAME][,ro][,root]`.
-fn parse_drive(spec: &str, index: usize) -> Result<DriveConfig, String> {
+/// `--drive path=FILE[,id=NAME][,ro][,root]`, parsed by clap (a malformed spec is a usage
+/// error, exit 2). Its values are checked by the same rules as the API's `PUT /drives`.
+#[derive(Clone, Debug)]
+struct DriveArg {
+    path: String,
+    id: Option<String>,
+    ro: bool,
+    root: bool,
+}
+
+fn parse_drive_arg(spec: &str) -> Result<DriveArg, String> {
     let mut path = None;
     let mut id = None;
     let (mut ro, mut root) = (false, false);
     for part in spec.split(',') {
         match part.split_once('=') {
-            Some(("path", v)) if !v.is_empty() => path = Some(PathBuf::from(v)),
+            Some(("path", v)) if !v.is_empty() => path = Some(v.to_string()),
             Some(("id", v)) if !v.is_empty() => id = Some(v.to_string()),
             None if part == "ro" => ro = true,
             None if part == "root" => root = true,
             _ => {
                 return Err(format!(
-                    "--drive {spec}: unknown or empty part {part:?} (expected path=FILE[,id=NAME][,ro][,root])"
+                    "unknown or empty part {part:?} (expected path=FILE[,id=NAME][,ro][,root])"
                 ))
             }
         }
     }
-    let path = path.ok_or_else(|| format!("--drive {spec}: path=FILE is required"))?;
-    Ok(DriveConfig {
-        drive_id: id.unwrap_or_else(|| format!("drive{index}")),
-        path_on_host: path,
-        is_read_only: ro,
-        is_root_device: root,
-        partuuid: None,
-        cache_type: CacheType::Writeback,
-        io_engine: IoEngine::Sync,
-        rate_limiter: None,
-    })
+    let path = path.ok_or("path=FILE is required (path=FILE[,id=NAME][,ro][,root])")?;
+    Ok(DriveArg { path, id, ro, root })
 }
 
-/// Parses `tap=NAME[,mac=..][,id=NAME]`.
-fn parse_net(spec: &str, index: usize) -> Result<NetConfig, String> {
+/// `--net tap=NAME[,mac=..][,id=NAME]`, parsed by clap; values checked as `PUT
+/// /network-interfaces` checks them.
+#[derive(Clone, Debug)]
+struct NetArg {
+    tap: String,
+    mac: Option<String>,
+    id: Option<String>,
+}
+
+fn parse_net_arg(spec: &str) -> Result<NetArg, String> {
     let mut tap = None;
     let mut mac = None;
     let mut id = None;
@@ -191,57 +198,47 @@ fn parse_net(spec: &str, index: usize) -> Result<NetConfig, String> {
         match part.split_once('=') {
             Some(("tap", v)) if !v.is_empty() => tap = Some(v.to_string()),
             Some(("id", v)) if !v.is_empty() => id = Some(v.to_string()),
-            Some(("mac", v)) => {
-                mac = Some(MacAddr::from_str(v).map_err(|()| {
-                    format!("--net {spec}: malformed MAC {v:?} (expected six hex bytes like 02:00:00:00:00:01)")
-                })?)
-            }
+            Some(("mac", v)) if !v.is_empty() => mac = Some(v.to_string()),
             _ => {
                 return Err(format!(
-                    "--net {spec}: unknown or empty part {part:?} (expected tap=NAME[,mac=..][,id=NAME])"
+                    "unknown or empty part {part:?} (expected tap=NAME[,mac=..][,id=NAME])"
                 ))
             }
         }
     }
-    Ok(NetConfig {
-        iface_id: id.unwrap_or_else(|| format!("net{index}")),
-        host_dev_name: tap.ok_or_else(|| format!("--net {spec}: tap=NAME is required"))?,
-        guest_mac: mac,
-        mtu: None,
-        rx_rate_limiter: None,
-        tx_rate_limiter: None,
-    })
+    let tap = tap.ok_or("tap=NAME is required (tap=NAME[,mac=..][,id=NAME])")?;
+    Ok(NetArg { tap, mac, id })
 }
 
-/// Parses `cid=N,uds=PATH`.
-fn parse_vsock(spec: &str) -> Result<VsockConfig, String> {
+/// `--vsock cid=N,uds=PATH`, parsed by clap; values checked as `PUT /vsock` checks them.
+#[derive(Clone, Debug)]
+struct VsockArg {
+    cid: u32,
+    uds: String,
+}
+
+fn parse_vsock_arg(spec: &str) -> Result<VsockArg, String> {
     let mut cid = None;
     let mut uds = None;
     for part in spec.split(',') {
         match part.split_once('=') {
             Some(("cid", v)) => {
-                cid = Some(v.parse::<u32>().map_err(|_| {
-                    format!("--vsock {spec}: cid {v:?} is not a number from 3 to 4294967295")
-                })?)
+                cid = Some(
+                    v.parse::<u32>()
+                        .map_err(|_| format!("cid {v:?} is not a number (cid=N,uds=PATH)"))?,
+                )
             }
-            Some(("uds", v)) if !v.is_empty() => uds = Some(PathBuf::from(v)),
+            Some(("uds", v)) if !v.is_empty() => uds = Some(v.to_string()),
             _ => {
                 return Err(format!(
-                    "--vsock {spec}: unknown or empty part {part:?} (expected cid=N,uds=PATH)"
+                    "unknown or empty part {part:?} (expected cid=N,uds=PATH)"
                 ))
             }
         }
     }
-    let guest_cid = cid.ok_or_else(|| format!("--vsock {spec}: cid=N is required"))?;
-    if guest_cid < 3 {
-        return Err(format!(
-            "--vsock {spec}: CID {guest_cid} is reserved (0-2: hypervisor, local, host); use 3 or more"
-        ));
-    }
-    let uds_path = uds.ok_or_else(|| format!("--vsock {spec}: uds=PATH is required"))?;
-    Ok(VsockConfig {
-        guest_cid,
-        uds_path,
+    Ok(VsockArg {
+        cid: cid.ok_or("cid=N is required (cid=N,uds=PATH)")?,
+        uds: uds.ok_or("uds=PATH is required (cid=N,uds=PATH)")?,
     })
 }
 
@@ -263,33 +260,68 @@ fn console_from_flags(cli: &Cli) -> Result<ConsoleSpec, String> {
     })
 }
 
-/// The configuration from flags: the same `VmConfig` the config file and the API build.
+/// The configuration from flags: the same `VmConfig` the config file and the API build,
+/// through the same validating setters (so the same values are refused with the same
+/// messages, prefixed with the flag).
 fn config_from_flags(cli: &Cli, kernel: PathBuf) -> Result<VmConfig, String> {
     let mut cfg = VmConfig::default();
-    cfg.machine.vcpu_count = cli.vcpus;
-    cfg.machine.mem_size_mib =
+    let mem_size_mib =
         usize::try_from(cli.memory).map_err(|_| format!("--memory {}: too large", cli.memory))?;
-    cfg.boot_source = Some(BootSourceConfig {
-        kernel_image_path: kernel,
-        initrd_path: cli.initrd.clone(),
+    cfg.set_machine_config(&MachineConfiguration {
+        vcpu_count: cli.vcpus,
+        mem_size_mib,
+        ..MachineConfiguration::default()
+    })
+    .map_err(|e| match e {
+        ConfigError::MemSizeZero | ConfigError::HugePagesMemSize(_) => {
+            format!("--memory {}: {e}", cli.memory)
+        }
+        _ => format!("--vcpus {}: {e}", cli.vcpus),
+    })?;
+    cfg.set_boot_source(&BootSource {
+        kernel_image_path: kernel.to_string_lossy().into_owned(),
+        initrd_path: cli
+            .initrd
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned()),
         boot_args: Some(cli.cmdline.clone()),
-    });
-    let mut drives = Vec::new();
+    })
+    .map_err(|e| format!("--kernel/--initrd: {e}"))?;
     for (i, d) in cli.drive.iter().enumerate() {
-        drives.push(parse_drive(d, i)?);
+        let drive = Drive {
+            drive_id: d.id.clone().unwrap_or_else(|| format!("drive{i}")),
+            is_root_device: d.root,
+            is_read_only: Some(d.ro),
+            path_on_host: Some(d.path.clone()),
+            // cinder's block device advertises and honours FLUSH.
+            cache_type: CacheType::Writeback,
+            ..Drive::default()
+        };
+        cfg.add_drive(&drive)
+            .map_err(|e| format!("--drive {}: {e}", d.path))?;
     }
-    // The root drive first, so it is /dev/vda.
-    drives.sort_by_key(|d| !d.is_root_device);
-    cfg.drives = drives;
     for (i, n) in cli.net.iter().enumerate() {
-        cfg.net.push(parse_net(n, i)?);
+        let iface = NetworkInterface {
+            iface_id: n.id.clone().unwrap_or_else(|| format!("net{i}")),
+            host_dev_name: n.tap.clone(),
+            guest_mac: n.mac.clone(),
+            ..NetworkInterface::default()
+        };
+        cfg.add_net(&iface)
+            .map_err(|e| format!("--net tap={}: {e}", n.tap))?;
     }
     if cli.rng {
-        cfg.entropy = Some(EntropyConfig::default());
+        cfg.set_entropy(&EntropyDevice::default());
     }
     if let Some(v) = &cli.vsock {
-        cfg.vsock = Some(parse_vsock(v)?);
+        cfg.set_vsock(&Vsock {
+            guest_cid: v.cid,
+            uds_path: v.uds.clone(),
+            vsock_id: None,
+        })
+        .map_err(|e| format!("--vsock: {e}"))?;
     }
+    cfg.validate().map_err(|e| e.to_string())?;
     Ok(cfg)
 }
 
