@@ -11,4 +11,5 @@ pub mod probe;
 pub mod qemu;
 pub mod runner;
 pub mod session;
+pub mod tmp;
 pub mod vsock;

@@ -2,33 +2,14 @@
 //! `under_cinder` in their name need no KVM (they stop before a guest runs, or point cinder at
 //! a KVM device that does not exist); the others boot the probe and drive its lifecycle.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cinder_tests::cinder::{cinder, cinder_bin, require_kvm};
 use cinder_tests::http::{raw, request, wait_for_socket};
 use cinder_tests::probe;
 use cinder_tests::session::Session;
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let d = std::env::temp_dir().join(format!("cinder-api-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Scratch(d)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use cinder_tests::tmp::TempDir as Scratch;
 
 fn start_api(sock: &Path, extra: &[&str]) -> Session {
     let mut c = cinder();
@@ -54,8 +35,8 @@ fn fault(r: &cinder_tests::http::Response) -> String {
 #[test]
 fn preboot_configuration_through_the_socket() {
     let d = Scratch::new("preboot");
-    let sock = d.path("api.sock");
-    let img = d.path("disk.img");
+    let sock = d.join("api.sock");
+    let img = d.join("disk.img");
     std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
     let mut s = start_api(&sock, &[]);
 
@@ -135,7 +116,7 @@ fn preboot_configuration_through_the_socket() {
 #[test]
 fn instance_start_failure_is_a_400_and_the_vmm_carries_on() {
     let d = Scratch::new("startfail");
-    let sock = d.path("api.sock");
+    let sock = d.join("api.sock");
     let mut s = start_api(&sock, &["--kvm-device", "/nonexistent/kvm"]);
     // No boot source yet: refused with a reason.
     let r = action(&sock, "InstanceStart");
@@ -196,13 +177,13 @@ fn api_socket_errors() {
         &["/nonexistent/dir"],
     );
     // Bound by a live process: refused.
-    let sock = d.path("live.sock");
+    let sock = d.join("live.sock");
     let mut first = start_api(&sock, &[]);
     one_line_error(&["--api-sock", sock.to_str().unwrap()], &["already in use"]);
     first.signal(libc::SIGTERM);
     first.wait_exit(Duration::from_secs(10)).unwrap();
     // A stale socket file from a dead process is replaced.
-    let stale = d.path("stale.sock");
+    let stale = d.join("stale.sock");
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
     assert!(stale.exists());
     let mut s = start_api(&stale, &[]);
@@ -214,7 +195,7 @@ fn api_socket_errors() {
 #[test]
 fn a_failed_boot_removes_the_api_socket() {
     let d = Scratch::new("failsock");
-    let sock = d.path("api.sock");
+    let sock = d.join("api.sock");
     one_line_error(
         &[
             "--api-sock",
@@ -234,13 +215,13 @@ fn config_file_errors() {
         &["--config-file", "/nonexistent/vm.json", "--no-api"],
         &["/nonexistent/vm.json"],
     );
-    let bad = d.path("bad.json");
+    let bad = d.join("bad.json");
     std::fs::write(&bad, "{ not json").unwrap();
     one_line_error(
         &["--config-file", bad.to_str().unwrap(), "--no-api"],
         &["bad.json"],
     );
-    let unknown = d.path("unknown.json");
+    let unknown = d.join("unknown.json");
     std::fs::write(
         &unknown,
         r#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "frobs": 3}}"#,
@@ -250,7 +231,7 @@ fn config_file_errors() {
         &["--config-file", unknown.to_str().unwrap(), "--no-api"],
         &["frobs"],
     );
-    let zero = d.path("zero.json");
+    let zero = d.join("zero.json");
     std::fs::write(
         &zero,
         r#"{"boot-source": {"kernel_image_path": "/k"}, "machine-config": {"vcpu_count": 0, "mem_size_mib": 64}}"#,
@@ -267,7 +248,7 @@ fn config_file_errors() {
 fn config_file_and_flags_agree_on_errors() {
     // The same missing kernel, from the config file and from flags, fails the same way.
     let d = Scratch::new("cfgkernel");
-    let f = d.path("vm.json");
+    let f = d.join("vm.json");
     std::fs::write(
         &f,
         r#"{"boot-source": {"kernel_image_path": "/nonexistent/vmlinux"}}"#,
@@ -312,8 +293,8 @@ fn wait_tick_past(s: &mut Session, n: u64, timeout: Duration) -> u64 {
 fn api_lifecycle_under_cinder() {
     require_kvm();
     let d = Scratch::new("lifecycle");
-    let sock = d.path("api.sock");
-    let metrics = d.path("metrics.json");
+    let sock = d.join("api.sock");
+    let metrics = d.join("metrics.json");
     let mut s = start_api(&sock, &[]);
     let body = format!(
         r#"{{"kernel_image_path": "{}", "boot_args": "probe.run=tick probe.ticks=1000000 probe.tick_ms=20"}}"#,
@@ -395,8 +376,8 @@ fn api_lifecycle_under_cinder() {
 fn config_file_without_api_under_cinder() {
     require_kvm();
     let d = Scratch::new("cfgboot");
-    let f = d.path("vm.json");
-    let metrics = d.path("metrics.json");
+    let f = d.join("vm.json");
+    let metrics = d.join("metrics.json");
     std::fs::write(
         &f,
         format!(
@@ -430,7 +411,7 @@ fn config_file_without_api_under_cinder() {
 fn send_ctrl_alt_del_reaches_the_guest_under_cinder() {
     require_kvm();
     let d = Scratch::new("cad");
-    let sock = d.path("api.sock");
+    let sock = d.join("api.sock");
     let mut s = start_api(&sock, &[]);
     // SendCtrlAltDel before boot: refused.
     let r = action(&sock, "SendCtrlAltDel");
@@ -469,8 +450,8 @@ fn send_ctrl_alt_del_reaches_the_guest_under_cinder() {
 fn patch_drive_after_boot_under_cinder() {
     require_kvm();
     let d = Scratch::new("patchdrive");
-    let sock = d.path("api.sock");
-    let (a, b) = (d.path("a.img"), d.path("b.img"));
+    let sock = d.join("api.sock");
+    let (a, b) = (d.join("a.img"), d.join("b.img"));
     std::fs::write(&a, vec![0u8; 1 << 20]).unwrap();
     std::fs::write(&b, vec![0u8; 4 << 20]).unwrap();
     let mut s = start_api(&sock, &[]);

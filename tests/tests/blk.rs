@@ -6,10 +6,8 @@
 //! sector `lba`, little endian, is splitmix64's finalizer of
 //! `seed * 0x9e3779b97f4a7c15 + lba * 64 + i` (wrapping).
 
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -18,6 +16,7 @@ use cinder_tests::probe::{self, ProbeLog, Status};
 use cinder_tests::qemu::{Microvm, DEFAULT_MACHINE};
 use cinder_tests::runner::{run, RunResult};
 use cinder_tests::session::Session;
+use cinder_tests::tmp::TempDir as Scratch;
 
 /// QEMU under TCG takes both cores: one guest at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -30,32 +29,6 @@ const R_MIB: u64 = 8;
 /// a buffer straddling or past the end of RAM completes with OK; and it executes a write
 /// whose status byte is outside guest memory (cinder drops such a request unexecuted).
 const QEMU_SKIP: &str = "data_past_ram,in_past_ram,status_outside";
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let d = std::env::temp_dir().join(format!("cinder-blk-{name}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).expect("create scratch dir");
-        Scratch(d)
-    }
-    fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
-        let p = self.0.join(name);
-        std::fs::File::create(&p)
-            .and_then(|mut f| f.write_all(bytes))
-            .unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
-        p
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn pattern_word(seed: u64, lba: u64, i: u64) -> u64 {
     let mut x = seed

@@ -2,33 +2,11 @@
 //! problem, a non-zero exit, no panic and no backtrace. These run before KVM is touched
 //! (except the /dev/kvm cases themselves), so they hold on any host.
 
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use cinder_tests::cinder::cinder;
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let d = std::env::temp_dir().join(format!("cinder-cli-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Scratch(d)
-    }
-    fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
-        let p = self.0.join(name);
-        std::fs::File::create(&p).unwrap().write_all(bytes).unwrap();
-        p
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use cinder_tests::tmp::TempDir as Scratch;
 
 /// A minimal x86_64 ELF (or for `machine`) with one 4 KiB PT_LOAD at `paddr` of `memsz`.
 fn elf(machine: u16, paddr: u64, memsz: u64) -> Vec<u8> {

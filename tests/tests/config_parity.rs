@@ -4,7 +4,7 @@
 //! The tests without `under_cinder` need no KVM: an accepted configuration is shown by cinder
 //! getting as far as opening a KVM device that does not exist.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
@@ -12,32 +12,9 @@ use cinder_tests::cinder::{cinder, require_kvm};
 use cinder_tests::http::{request, wait_for_socket, Response};
 use cinder_tests::probe;
 use cinder_tests::session::Session;
+use cinder_tests::tmp::TempDir as Scratch;
 
 const NO_KVM: &str = "/nonexistent/kvm";
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        // Tests run in parallel: a counter keeps their directories apart.
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let d =
-            std::env::temp_dir().join(format!("cinder-parity-{name}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).expect("scratch dir");
-        Scratch(d)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// One value given the three ways.
 struct Case {
@@ -69,7 +46,7 @@ fn run_file(d: &Scratch, c: &Case) -> Output {
         kernel(),
         c.file
     );
-    let f = d.path("vm.json");
+    let f = d.join("vm.json");
     std::fs::write(&f, json).expect("write config file");
     cinder()
         .arg("--config-file")
@@ -88,7 +65,7 @@ fn start_api(sock: &Path) -> Session {
 }
 
 fn run_api(d: &Scratch, c: &Case) -> Response {
-    let sock = d.path("api.sock");
+    let sock = d.join("api.sock");
     let _s = start_api(&sock);
     let mut last = None;
     for (method, path, body) in &c.api {
@@ -180,7 +157,7 @@ fn machine(vcpus: u32) -> Case {
 }
 
 fn drive(d: &Scratch, id: &str) -> Case {
-    let img = d.path("disk.img");
+    let img = d.join("disk.img");
     std::fs::write(&img, vec![0u8; 4096]).expect("image");
     let img = img.display().to_string();
     let body =
@@ -194,7 +171,7 @@ fn drive(d: &Scratch, id: &str) -> Case {
 }
 
 fn two_roots(d: &Scratch) -> Case {
-    let img = d.path("root.img");
+    let img = d.join("root.img");
     std::fs::write(&img, vec![0u8; 4096]).expect("image");
     let img = img.display().to_string();
     let body = |id: &str| {
@@ -217,7 +194,7 @@ fn two_roots(d: &Scratch) -> Case {
 }
 
 fn vsock(d: &Scratch, cid: u32) -> Case {
-    let uds = d.path("v.sock").display().to_string();
+    let uds = d.join("v.sock").display().to_string();
     let body = format!(r#"{{"guest_cid": {cid}, "uds_path": "{uds}"}}"#);
     Case {
         what: "vsock CID",
@@ -297,10 +274,10 @@ fn network_interface_is_one_rule() {
 fn flags_round_trip_through_get_vm_config_under_cinder() {
     require_kvm();
     let d = Scratch::new("roundtrip");
-    let sock = d.path("api.sock");
-    let img = d.path("disk.img");
+    let sock = d.join("api.sock");
+    let img = d.join("disk.img");
     std::fs::write(&img, vec![0u8; 1 << 20]).expect("image");
-    let uds = d.path("v.sock");
+    let uds = d.join("v.sock");
     let mut c = cinder();
     c.args(["--kernel", &kernel()])
         .args([
@@ -325,7 +302,7 @@ fn flags_round_trip_through_get_vm_config_under_cinder() {
     assert_eq!(doc["drives"][0]["drive_id"], "disk_1", "{doc}");
     assert_eq!(doc["drives"][0]["is_read_only"], true, "{doc}");
     assert_eq!(doc["vsock"]["guest_cid"], 7, "{doc}");
-    let f = d.path("back.json");
+    let f = d.join("back.json");
     std::fs::write(&f, r.body.as_bytes()).expect("write");
     let out = cinder()
         .arg("--config-file")

@@ -9,42 +9,15 @@
 use cinder_tests::probe::{self, ProbeLog, Status};
 use cinder_tests::qemu::Microvm;
 use cinder_tests::session::Session;
+use cinder_tests::tmp::TempDir;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// One QEMU at a time (TCG on a 2-core host).
 static SERIAL: Mutex<()> = Mutex::new(());
-
-/// A temporary directory for the monitor socket, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "cinder-kbd-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir(&p).unwrap_or_else(|e| panic!("cannot create {}: {e}", p.display()));
-        TempDir(p)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn vm(cmdline: &str, with_i8042: bool, monitor: Option<&Path>) -> Microvm {
     let mut vm = Microvm::new(&probe::elf_path(), cmdline, 1, 128);
@@ -98,7 +71,7 @@ fn monitor_command(sock: &Path, cmd: &str) -> Result<UnixStream, String> {
 /// Boots the probe with `kbd,tsc`, types Ctrl+Alt+Del when it is ready, returns its report.
 fn ctrl_alt_del(xlate: u8) -> (ProbeLog, String) {
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = TempDir::new();
+    let dir = TempDir::new("kbd");
     let sock = dir.path().join("monitor.sock");
     let cmdline = format!("probe.run=kbd,tsc probe.kbd_timeout_ms=60000 probe.kbd_xlate={xlate}");
     let vm = vm(&cmdline, true, Some(&sock));

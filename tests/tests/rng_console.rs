@@ -9,8 +9,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -18,6 +17,7 @@ use cinder_tests::cinder::{cinder, require_kvm};
 use cinder_tests::probe::{self, ProbeLog, Status};
 use cinder_tests::qemu::{Microvm, DEFAULT_MACHINE};
 use cinder_tests::runner::{run, RunResult};
+use cinder_tests::tmp::TempDir as Scratch;
 
 /// QEMU under TCG takes both cores: one guest at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -58,30 +58,6 @@ fn qemu_vm(cmdline: &str, extra: &[&str]) -> Microvm {
     vm.extra = vec!["-global".into(), "virtio-mmio.force-legacy=false".into()];
     vm.extra.extend(extra.iter().map(|s| s.to_string()));
     vm
-}
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        // Short: Unix socket paths are limited to 107 bytes.
-        let d = std::env::temp_dir().join(format!("cdr-{name}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).expect("create scratch dir");
-        Scratch(d)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -208,7 +184,7 @@ fn check_console(run: &Run, host_got: Result<String, String>, reply: &str) {
 fn console_qemu_hello_and_reply() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let s = Scratch::new("con");
-    let sock = s.path("c.sock");
+    let sock = s.join("c.sock");
     let reply = format!("PROBE-HOST reply {}", std::process::id());
     let chardev = format!("socket,id=c0,path={},server=on,wait=on", sock.display());
     let vm = qemu_vm(
@@ -240,7 +216,7 @@ fn console_qemu_hello_and_reply() {
 fn console_hello_and_reply_under_cinder() {
     require_kvm();
     let s = Scratch::new("con");
-    let sock = s.path("c.sock");
+    let sock = s.join("c.sock");
     let listener = UnixListener::bind(&sock).expect("bind the console socket");
     let reply = format!("PROBE-HOST reply {}", std::process::id());
     let host = {
@@ -272,7 +248,7 @@ fn console_hello_and_reply_under_cinder() {
 fn console_output_to_file_under_cinder() {
     require_kvm();
     let s = Scratch::new("conout");
-    let out = s.path("console.out");
+    let out = s.join("console.out");
     let mut c = cinder();
     c.arg("--kernel")
         .arg(probe::elf_path())
