@@ -1,7 +1,5 @@
 //! The seam between the VMM's PIO/MMIO bus and the device models.
 
-use std::io;
-
 /// A device that answers guest register accesses (port I/O or MMIO).
 ///
 /// `offset` is relative to the base address the device was registered at. `data.len()` is
@@ -13,16 +11,4 @@ pub trait BusDevice: Send {
     fn read(&mut self, offset: u64, data: &mut [u8]);
     /// The guest writes `data` at `offset`.
     fn write(&mut self, offset: u64, data: &[u8]);
-}
-
-/// Raises an interrupt line in the guest (in cinder, an irqfd registered with KVM).
-pub trait InterruptTrigger: Send + Sync {
-    /// Raise the interrupt once (edge).
-    fn trigger(&self) -> io::Result<()>;
-}
-
-impl InterruptTrigger for vmm_sys_util::eventfd::EventFd {
-    fn trigger(&self) -> io::Result<()> {
-        self.write(1)
-    }
 }

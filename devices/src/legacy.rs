@@ -5,10 +5,10 @@ use std::io::{self, Write};
 use std::sync::Arc;
 
 use vm_superio::serial::SerialEvents;
-use vm_superio::{Serial, Trigger};
+use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::BusDevice;
+use crate::{BusDevice, EventFdTrigger};
 
 /// COM1's base port.
 pub const COM1_PORT: u64 = 0x3f8;
@@ -20,17 +20,6 @@ pub const COM1_IRQ: u32 = 4;
 pub const I8042_PORT: u64 = 0x60;
 /// i8042 port range (0x60..=0x64).
 pub const I8042_LEN: u64 = 5;
-
-/// An `EventFd` as vm-superio's interrupt / reset trigger.
-#[derive(Clone)]
-pub struct EventFdTrigger(pub Arc<EventFd>);
-
-impl Trigger for EventFdTrigger {
-    type E = io::Error;
-    fn trigger(&self) -> io::Result<()> {
-        self.0.write(1)
-    }
-}
 
 /// Tells the event loop when the guest has drained the UART's input FIFO, so it can push more
 /// console input without polling.

@@ -5,10 +5,12 @@
 
 pub mod bus;
 pub mod i8042;
+pub mod irq;
 pub mod legacy;
 pub mod virtio;
 
-pub use bus::{BusDevice, InterruptTrigger};
+pub use bus::BusDevice;
+pub use irq::{EventFdTrigger, InterruptTrigger};
 
 /// The guest memory type used by every device.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;

@@ -25,7 +25,7 @@ use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::ratelimit::warn_ratelimited;
+use super::log_limit::warn_ratelimited;
 use super::{read_config_bytes, ActivateError, Interrupt};
 use crate::GuestMemoryMmap;
 

@@ -14,7 +14,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::features::VIRTIO_F_VERSION_1;
-use super::ratelimit::warn_ratelimited;
+use super::log_limit::warn_ratelimited;
 use super::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK};
 use super::{features::VIRTIO_RING_F_EVENT_IDX, Interrupt, VirtioDevice};
 use crate::{BusDevice, GuestMemoryMmap, InterruptTrigger};

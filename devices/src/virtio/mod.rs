@@ -13,9 +13,9 @@ pub mod block;
 pub mod console;
 pub(crate) mod device_core;
 pub mod interrupt;
+pub(crate) mod log_limit;
 pub mod mmio;
 pub mod net;
-pub(crate) mod ratelimit;
 pub mod rng;
 pub mod vsock;
 

@@ -10,7 +10,7 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 
 use super::device::Block;
 use crate::virtio::device_core::CoreEvent;
-use crate::virtio::ratelimit::warn_ratelimited;
+use crate::virtio::log_limit::warn_ratelimited;
 use crate::virtio::VirtioDevice;
 
 impl MutEventSubscriber for Block {

@@ -19,7 +19,7 @@ use super::{
     MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG,
     SECTOR_SHIFT, SECTOR_SIZE, SEG_MAX, SIZE_MAX, VIRTIO_BLK_ID_BYTES,
 };
-use crate::virtio::ratelimit::warn_ratelimited;
+use crate::virtio::log_limit::warn_ratelimited;
 use crate::GuestMemoryMmap;
 
 /// Read sectors into the guest.

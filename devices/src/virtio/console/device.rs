@@ -11,7 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{ConsoleError, CONFIG_SIZE, QUEUE_SIZE, RX_CHUNK, RX_QUEUE, TX_QUEUE};
 use crate::virtio::device_core::{impl_virtio_core, rearm_when_empty, DeviceCore};
-use crate::virtio::ratelimit::warn_ratelimited;
+use crate::virtio::log_limit::warn_ratelimited;
 use crate::virtio::{device_type, VirtioDevice, COMMON_FEATURES};
 use crate::GuestMemoryMmap;
 

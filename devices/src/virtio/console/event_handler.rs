@@ -11,7 +11,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use super::device::{Console, InputOutcome};
 use super::{RX_QUEUE, TX_QUEUE};
 use crate::virtio::device_core::CoreEvent;
-use crate::virtio::ratelimit::warn_ratelimited;
+use crate::virtio::log_limit::warn_ratelimited;
 use crate::virtio::VirtioDevice;
 
 /// Event data tag of the input fd.

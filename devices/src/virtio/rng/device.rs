@@ -9,7 +9,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{RngError, MAX_BYTES_PER_REQUEST, QUEUE_SIZE};
 use crate::virtio::device_core::{impl_virtio_core, DeviceCore};
-use crate::virtio::ratelimit::warn_ratelimited;
+use crate::virtio::log_limit::warn_ratelimited;
 use crate::virtio::{device_type, VirtioDevice, COMMON_FEATURES};
 use crate::GuestMemoryMmap;
 

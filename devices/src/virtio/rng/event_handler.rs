@@ -8,7 +8,7 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 
 use super::device::Rng;
 use crate::virtio::device_core::CoreEvent;
-use crate::virtio::ratelimit::warn_ratelimited;
+use crate::virtio::log_limit::warn_ratelimited;
 
 impl MutEventSubscriber for Rng {
     fn init(&mut self, ops: &mut EventOps) {

@@ -19,7 +19,7 @@ use super::{
     RX_QUEUE, TX_QUEUE,
 };
 use crate::virtio::device_core::{impl_virtio_core, rearm_when_empty, DeviceCore};
-use crate::virtio::ratelimit::warn_ratelimited;
+use crate::virtio::log_limit::warn_ratelimited;
 use crate::virtio::{device_type, VirtioDevice, COMMON_FEATURES};
 
 /// Most RSTs for unknown connections waiting for a receive buffer; more are dropped.

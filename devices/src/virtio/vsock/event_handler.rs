@@ -15,7 +15,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use super::device::{ClientOutcome, ConnKey, Vsock};
 use super::{EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
 use crate::virtio::device_core::CoreEvent;
-use crate::virtio::ratelimit::warn_ratelimited;
+use crate::virtio::log_limit::warn_ratelimited;
 use crate::virtio::VirtioDevice;
 
 const LISTENER_EVENT: u32 = u32::MAX - 1;

@@ -76,8 +76,8 @@ impl Default for LogLimiter {
 /// `log::warn!` limited to [`BURST`] messages per [`WINDOW`] at each call site.
 macro_rules! warn_ratelimited {
     ($($arg:tt)+) => {{
-        static LIMITER: $crate::virtio::ratelimit::LogLimiter =
-            $crate::virtio::ratelimit::LogLimiter::new();
+        static LIMITER: $crate::virtio::log_limit::LogLimiter =
+            $crate::virtio::log_limit::LogLimiter::new();
         if LIMITER.allow() {
             log::warn!($($arg)+);
         }
