@@ -22,9 +22,9 @@ use crate::{BusDevice, GuestMemoryMmap, InterruptTrigger};
 /// Size of the MMIO window of one device.
 pub const MMIO_SIZE: u64 = 0x1000;
 /// Offset of the QueueNotify register: the ioeventfd address is `base + NOTIFY_REG_OFFSET`.
-pub const NOTIFY_REG_OFFSET: u64 = 0x50;
+pub const NOTIFY_REG_OFFSET: u64 = reg::QUEUE_NOTIFY;
 /// Offset of the device configuration space.
-pub const CONFIG_SPACE_OFFSET: u64 = 0x100;
+pub const CONFIG_SPACE_OFFSET: u64 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_CONFIG as u64;
 
 /// "virt" in little endian.
 pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
@@ -33,64 +33,67 @@ pub const MMIO_VERSION: u32 = 2;
 /// The vendor ID the transport reports ("CNDR").
 pub const VENDOR_ID: u32 = 0x5244_4e43;
 
-/// Register offsets (virtio 1.2 §4.2.2, table "MMIO Device Register Layout").
+/// Register offsets (virtio 1.2 §4.2.2, table "MMIO Device Register Layout"), from
+/// virtio-bindings (whose names follow the legacy layout: AVAIL is the driver area, USED the
+/// device area).
 pub mod reg {
+    use virtio_bindings::virtio_mmio as m;
     /// R: magic value.
-    pub const MAGIC_VALUE: u64 = 0x000;
+    pub const MAGIC_VALUE: u64 = m::VIRTIO_MMIO_MAGIC_VALUE as u64;
     /// R: version.
-    pub const VERSION: u64 = 0x004;
+    pub const VERSION: u64 = m::VIRTIO_MMIO_VERSION as u64;
     /// R: device ID.
-    pub const DEVICE_ID: u64 = 0x008;
+    pub const DEVICE_ID: u64 = m::VIRTIO_MMIO_DEVICE_ID as u64;
     /// R: vendor ID.
-    pub const VENDOR_ID: u64 = 0x00c;
+    pub const VENDOR_ID: u64 = m::VIRTIO_MMIO_VENDOR_ID as u64;
     /// R: device features, 32 bits selected by DEVICE_FEATURES_SEL.
-    pub const DEVICE_FEATURES: u64 = 0x010;
+    pub const DEVICE_FEATURES: u64 = m::VIRTIO_MMIO_DEVICE_FEATURES as u64;
     /// W: device features word selector.
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    pub const DEVICE_FEATURES_SEL: u64 = m::VIRTIO_MMIO_DEVICE_FEATURES_SEL as u64;
     /// W: driver features, 32 bits selected by DRIVER_FEATURES_SEL.
-    pub const DRIVER_FEATURES: u64 = 0x020;
+    pub const DRIVER_FEATURES: u64 = m::VIRTIO_MMIO_DRIVER_FEATURES as u64;
     /// W: driver features word selector.
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    pub const DRIVER_FEATURES_SEL: u64 = m::VIRTIO_MMIO_DRIVER_FEATURES_SEL as u64;
     /// W: queue selector.
-    pub const QUEUE_SEL: u64 = 0x030;
+    pub const QUEUE_SEL: u64 = m::VIRTIO_MMIO_QUEUE_SEL as u64;
     /// R: maximum size of the selected queue (0: no such queue).
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
+    pub const QUEUE_NUM_MAX: u64 = m::VIRTIO_MMIO_QUEUE_NUM_MAX as u64;
     /// W: size of the selected queue.
-    pub const QUEUE_NUM: u64 = 0x038;
+    pub const QUEUE_NUM: u64 = m::VIRTIO_MMIO_QUEUE_NUM as u64;
     /// RW: the selected queue is ready.
-    pub const QUEUE_READY: u64 = 0x044;
+    pub const QUEUE_READY: u64 = m::VIRTIO_MMIO_QUEUE_READY as u64;
     /// W: queue notification (value: queue index).
-    pub const QUEUE_NOTIFY: u64 = 0x050;
+    pub const QUEUE_NOTIFY: u64 = m::VIRTIO_MMIO_QUEUE_NOTIFY as u64;
     /// R: interrupt status.
-    pub const INTERRUPT_STATUS: u64 = 0x060;
+    pub const INTERRUPT_STATUS: u64 = m::VIRTIO_MMIO_INTERRUPT_STATUS as u64;
     /// W: interrupt acknowledge.
-    pub const INTERRUPT_ACK: u64 = 0x064;
+    pub const INTERRUPT_ACK: u64 = m::VIRTIO_MMIO_INTERRUPT_ACK as u64;
     /// RW: device status.
-    pub const STATUS: u64 = 0x070;
+    pub const STATUS: u64 = m::VIRTIO_MMIO_STATUS as u64;
     /// W: descriptor table address, low 32 bits.
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
+    pub const QUEUE_DESC_LOW: u64 = m::VIRTIO_MMIO_QUEUE_DESC_LOW as u64;
     /// W: descriptor table address, high 32 bits.
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    pub const QUEUE_DESC_HIGH: u64 = m::VIRTIO_MMIO_QUEUE_DESC_HIGH as u64;
     /// W: available ring address, low 32 bits.
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    pub const QUEUE_DRIVER_LOW: u64 = m::VIRTIO_MMIO_QUEUE_AVAIL_LOW as u64;
     /// W: available ring address, high 32 bits.
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    pub const QUEUE_DRIVER_HIGH: u64 = m::VIRTIO_MMIO_QUEUE_AVAIL_HIGH as u64;
     /// W: used ring address, low 32 bits.
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    pub const QUEUE_DEVICE_LOW: u64 = m::VIRTIO_MMIO_QUEUE_USED_LOW as u64;
     /// W: used ring address, high 32 bits.
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    pub const QUEUE_DEVICE_HIGH: u64 = m::VIRTIO_MMIO_QUEUE_USED_HIGH as u64;
     /// W: shared memory region selector.
-    pub const SHM_SEL: u64 = 0x0ac;
+    pub const SHM_SEL: u64 = m::VIRTIO_MMIO_SHM_SEL as u64;
     /// R: shared memory region length, low.
-    pub const SHM_LEN_LOW: u64 = 0x0b0;
+    pub const SHM_LEN_LOW: u64 = m::VIRTIO_MMIO_SHM_LEN_LOW as u64;
     /// R: shared memory region length, high.
-    pub const SHM_LEN_HIGH: u64 = 0x0b4;
+    pub const SHM_LEN_HIGH: u64 = m::VIRTIO_MMIO_SHM_LEN_HIGH as u64;
     /// R: shared memory region base, low.
-    pub const SHM_BASE_LOW: u64 = 0x0b8;
+    pub const SHM_BASE_LOW: u64 = m::VIRTIO_MMIO_SHM_BASE_LOW as u64;
     /// R: shared memory region base, high.
-    pub const SHM_BASE_HIGH: u64 = 0x0bc;
+    pub const SHM_BASE_HIGH: u64 = m::VIRTIO_MMIO_SHM_BASE_HIGH as u64;
     /// R: configuration generation.
-    pub const CONFIG_GENERATION: u64 = 0x0fc;
+    pub const CONFIG_GENERATION: u64 = m::VIRTIO_MMIO_CONFIG_GENERATION as u64;
 }
 
 /// Errors building a transport.

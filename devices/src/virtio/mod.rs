@@ -29,44 +29,44 @@ use crate::GuestMemoryMmap;
 pub use interrupt::{Interrupt, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 pub use mmio::MmioTransport;
 
-/// Virtio device IDs (virtio 1.2 §5).
+/// Virtio device IDs (virtio 1.2 §5), from virtio-bindings.
 pub mod device_type {
+    use virtio_bindings::virtio_ids as ids;
     /// Network card.
-    pub const NET: u32 = 1;
+    pub const NET: u32 = ids::VIRTIO_ID_NET;
     /// Block device.
-    pub const BLOCK: u32 = 2;
+    pub const BLOCK: u32 = ids::VIRTIO_ID_BLOCK;
     /// Console.
-    pub const CONSOLE: u32 = 3;
+    pub const CONSOLE: u32 = ids::VIRTIO_ID_CONSOLE;
     /// Entropy source.
-    pub const RNG: u32 = 4;
+    pub const RNG: u32 = ids::VIRTIO_ID_RNG;
     /// Socket device.
-    pub const VSOCK: u32 = 19;
+    pub const VSOCK: u32 = ids::VIRTIO_ID_VSOCK;
 }
 
-/// Device-independent feature bits (virtio 1.2 §6).
+/// Device-independent feature bits (virtio 1.2 §6), from virtio-bindings: indirect
+/// descriptors, used_event / avail_event suppression, and virtio 1.x compliance (required by
+/// cinder: legacy drivers are refused).
 pub mod features {
-    /// The driver may use indirect descriptor tables.
-    pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
-    /// used_event / avail_event notification suppression.
-    pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
-    /// Compliance with virtio 1.x. Required by cinder: legacy drivers are refused.
-    pub const VIRTIO_F_VERSION_1: u32 = 32;
+    pub use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+    pub use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 }
 
-/// Device status bits (virtio 1.2 §2.1).
+/// Device status bits (virtio 1.2 §2.1), from virtio-bindings.
 pub mod status {
+    use virtio_bindings::virtio_config as c;
     /// The guest noticed the device.
-    pub const ACKNOWLEDGE: u32 = 0x01;
+    pub const ACKNOWLEDGE: u32 = c::VIRTIO_CONFIG_S_ACKNOWLEDGE;
     /// The guest knows how to drive the device.
-    pub const DRIVER: u32 = 0x02;
+    pub const DRIVER: u32 = c::VIRTIO_CONFIG_S_DRIVER;
     /// The driver is set up and ready to drive the device.
-    pub const DRIVER_OK: u32 = 0x04;
+    pub const DRIVER_OK: u32 = c::VIRTIO_CONFIG_S_DRIVER_OK;
     /// Feature negotiation is complete.
-    pub const FEATURES_OK: u32 = 0x08;
+    pub const FEATURES_OK: u32 = c::VIRTIO_CONFIG_S_FEATURES_OK;
     /// The device hit an error and needs a reset.
-    pub const DEVICE_NEEDS_RESET: u32 = 0x40;
+    pub const DEVICE_NEEDS_RESET: u32 = c::VIRTIO_CONFIG_S_NEEDS_RESET;
     /// The guest gave up on the device.
-    pub const FAILED: u32 = 0x80;
+    pub const FAILED: u32 = c::VIRTIO_CONFIG_S_FAILED;
 }
 
 /// The feature bits every cinder virtio device offers on top of its own.

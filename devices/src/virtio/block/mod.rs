@@ -41,22 +41,14 @@ pub const MAX_WRITE_ZEROES_SEG: u32 = 1;
 /// `discard_sector_alignment`: the host page size, in sectors.
 pub const DISCARD_SECTOR_ALIGNMENT: u32 = 8;
 
-/// virtio-blk feature bits (virtio 1.2 §5.2.3).
+/// virtio-blk feature bits (virtio 1.2 §5.2.3), from virtio-bindings: `size_max`, `seg_max`
+/// and `blk_size` in config space, read-only, FLUSH, DISCARD and WRITE_ZEROES (with their
+/// limits in config space).
 pub mod features {
-    /// `size_max` in config space is valid.
-    pub const VIRTIO_BLK_F_SIZE_MAX: u32 = 1;
-    /// `seg_max` in config space is valid.
-    pub const VIRTIO_BLK_F_SEG_MAX: u32 = 2;
-    /// The device is read-only.
-    pub const VIRTIO_BLK_F_RO: u32 = 5;
-    /// `blk_size` in config space is valid.
-    pub const VIRTIO_BLK_F_BLK_SIZE: u32 = 6;
-    /// The device supports VIRTIO_BLK_T_FLUSH.
-    pub const VIRTIO_BLK_F_FLUSH: u32 = 9;
-    /// The device supports VIRTIO_BLK_T_DISCARD (its limits are in config space).
-    pub const VIRTIO_BLK_F_DISCARD: u32 = 13;
-    /// The device supports VIRTIO_BLK_T_WRITE_ZEROES (its limits are in config space).
-    pub const VIRTIO_BLK_F_WRITE_ZEROES: u32 = 14;
+    pub use virtio_bindings::virtio_blk::{
+        VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
+        VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+    };
 }
 
 /// Errors opening a block device's backing image.

@@ -22,30 +22,26 @@ use super::{
 use crate::virtio::log_limit::warn_ratelimited;
 use crate::GuestMemoryMmap;
 
-/// Read sectors into the guest.
-pub const VIRTIO_BLK_T_IN: u32 = 0;
-/// Write sectors from the guest.
-pub const VIRTIO_BLK_T_OUT: u32 = 1;
-/// Flush the write cache.
-pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
-/// Return the device ID string.
-pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
-/// Deallocate ranges of sectors (their content becomes unspecified).
-pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
-/// Zero ranges of sectors, optionally deallocating them.
-pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
+// Request types (virtio 1.2 §5.2.6), from virtio-bindings: IN reads sectors into the guest,
+// OUT writes them, FLUSH flushes the write cache, GET_ID returns the device ID string,
+// DISCARD deallocates ranges (their content becomes unspecified), WRITE_ZEROES zeroes ranges
+// (optionally deallocating them).
+pub use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+};
 
 /// `flags` bit of a DISCARD / WRITE_ZEROES range: the device may deallocate the sectors.
 pub const VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
 /// Size of one `struct virtio_blk_discard_write_zeroes` (sector, num_sectors, flags).
 pub const RANGE_SIZE: u64 = 16;
 
-/// Request completed.
-pub const VIRTIO_BLK_S_OK: u8 = 0;
+/// Request completed (the status byte; virtio-bindings has the values as u32).
+pub const VIRTIO_BLK_S_OK: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK as u8;
 /// Request failed.
-pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+pub const VIRTIO_BLK_S_IOERR: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8;
 /// Request type not supported.
-pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+pub const VIRTIO_BLK_S_UNSUPP: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
 
 /// Size of the request header (type, reserved, sector).
 pub const REQUEST_HEADER_SIZE: u32 = 16;

@@ -37,32 +37,16 @@ pub const DEFAULT_MTU: u16 = 1500;
 /// Smallest MTU accepted in the configuration (IPv4 minimum).
 pub const MIN_MTU: u16 = 68;
 
-/// virtio-net feature bits (virtio 1.2 §5.1.3).
+/// virtio-net feature bits (virtio 1.2 §5.1.3), from virtio-bindings: checksum offload each
+/// way, `mtu` / `mac` / `status` in config space, TSO and UFO each way, mergeable receive
+/// buffers.
 pub mod features {
-    /// The device handles packets with partial checksum (guest -> host checksum offload).
-    pub const VIRTIO_NET_F_CSUM: u32 = 0;
-    /// The driver handles packets with partial checksum (host -> guest).
-    pub const VIRTIO_NET_F_GUEST_CSUM: u32 = 1;
-    /// `mtu` in config space is valid.
-    pub const VIRTIO_NET_F_MTU: u32 = 3;
-    /// `mac` in config space is valid.
-    pub const VIRTIO_NET_F_MAC: u32 = 5;
-    /// The driver can receive TSOv4.
-    pub const VIRTIO_NET_F_GUEST_TSO4: u32 = 7;
-    /// The driver can receive TSOv6.
-    pub const VIRTIO_NET_F_GUEST_TSO6: u32 = 8;
-    /// The driver can receive UFO.
-    pub const VIRTIO_NET_F_GUEST_UFO: u32 = 10;
-    /// The device can receive TSOv4 from the driver.
-    pub const VIRTIO_NET_F_HOST_TSO4: u32 = 11;
-    /// The device can receive TSOv6 from the driver.
-    pub const VIRTIO_NET_F_HOST_TSO6: u32 = 12;
-    /// The device can receive UFO from the driver.
-    pub const VIRTIO_NET_F_HOST_UFO: u32 = 14;
-    /// The driver can merge receive buffers.
-    pub const VIRTIO_NET_F_MRG_RXBUF: u32 = 15;
-    /// `status` in config space is valid.
-    pub const VIRTIO_NET_F_STATUS: u32 = 16;
+    pub use virtio_bindings::virtio_net::{
+        VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
+        VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_TSO4,
+        VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
+        VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
+    };
 }
 
 /// `status` bit in config space: the link is up.
