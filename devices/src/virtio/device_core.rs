@@ -6,9 +6,9 @@
 //!   device runs, its [`ActiveState`] (guest memory, queues, interrupt). It does the
 //!   [`VirtioDevice`] bookkeeping: the checks of [`VirtioDevice::activate`] and what
 //!   [`VirtioDevice::reset`] forgets.
-//! * [`impl_virtio_core!`] expands, inside an `impl VirtioDevice for X` block, every method but
-//!   `device_type` from the device's `core` field, with optional device hooks run during
-//!   `activate` and `reset`.
+//! * [`CoreDevice`]: a device names its type and its core (and, if it needs them, hooks run
+//!   during `activate` and `reset`); every [`VirtioDevice`] method then comes from the one
+//!   blanket implementation over the core.
 //! * The event-loop half: [`DeviceCore::init_events`] watches the activate EventFd,
 //!   [`DeviceCore::on_event`] drains the activate or a queue EventFd (watching the queue
 //!   EventFds on the first activation) and says which it was ([`CoreEvent`]), so a device's
@@ -26,7 +26,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::log_limit::warn_ratelimited;
-use super::{read_config_bytes, ActivateError, Interrupt};
+use super::{read_config_bytes, ActivateError, Interrupt, VirtioDevice};
 use crate::GuestMemoryMmap;
 
 /// Event data tag of the activate EventFd (queue EventFds carry their index). Devices tag
@@ -377,61 +377,72 @@ impl DeviceCore {
     }
 }
 
-/// Inside `impl VirtioDevice for X`, where `X` has a [`DeviceCore`] field named `core`: every
-/// [`super::VirtioDevice`] method but `device_type`, forwarded to the core.
-///
-/// Optional hooks, each a path to a `fn(&mut X)`:
-/// * `before_activate`: run once the activation checks passed, before the event loop is told.
-/// * `on_reset`: run on reset, before the core forgets the activation and acked features.
-macro_rules! impl_virtio_core {
-    ($(before_activate: $before_activate:path,)? $(on_reset: $on_reset:path,)?) => {
-        fn avail_features(&self) -> u64 {
-            self.core.avail_features()
-        }
-
-        fn set_acked_features(&mut self, features: u64) {
-            self.core.set_acked_features(features);
-        }
-
-        fn acked_features(&self) -> u64 {
-            self.core.acked_features()
-        }
-
-        fn queue_max_sizes(&self) -> &[u16] {
-            self.core.queue_max_sizes()
-        }
-
-        fn queue_events(&self) -> &[::vmm_sys_util::eventfd::EventFd] {
-            self.core.queue_events()
-        }
-
-        fn read_config(&self, offset: u64, data: &mut [u8]) {
-            self.core.read_config(offset, data);
-        }
-
-        fn write_config(&mut self, offset: u64, data: &[u8]) {
-            self.core.write_config(offset, data);
-        }
-
-        fn activate(
-            &mut self,
-            mem: $crate::GuestMemoryMmap,
-            queues: ::std::vec::Vec<::virtio_queue::Queue>,
-            interrupt: ::std::sync::Arc<$crate::virtio::Interrupt>,
-        ) -> ::std::result::Result<(), $crate::virtio::ActivateError> {
-            self.core.check_activate(&queues)?;
-            $($before_activate(self);)?
-            self.core.commit_activate(mem, queues, interrupt)
-        }
-
-        fn reset(&mut self) {
-            $($on_reset(self);)?
-            self.core.reset();
-        }
-
-        fn is_activated(&self) -> bool {
-            self.core.is_activated()
-        }
-    };
+/// A device model built on a [`DeviceCore`]: it says what it is and where its core is, and
+/// gets every [`VirtioDevice`] method from the blanket implementation below. The two hooks
+/// have empty defaults.
+pub(crate) trait CoreDevice: Send {
+    /// The virtio device ID ([`super::device_type`]).
+    const DEVICE_TYPE: u32;
+    /// The shared core.
+    fn core(&self) -> &DeviceCore;
+    /// The shared core, mutably.
+    fn core_mut(&mut self) -> &mut DeviceCore;
+    /// Runs once the activation checks passed, before the event loop is told.
+    fn before_activate(&mut self) {}
+    /// Runs on reset, before the core forgets the activation and acked features.
+    fn on_reset(&mut self) {}
 }
-pub(crate) use impl_virtio_core;
+
+impl<T: CoreDevice> VirtioDevice for T {
+    fn device_type(&self) -> u32 {
+        T::DEVICE_TYPE
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.core().avail_features()
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.core_mut().set_acked_features(features);
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.core().acked_features()
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        self.core().queue_max_sizes()
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        self.core().queue_events()
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        self.core().read_config(offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        self.core_mut().write_config(offset, data);
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<Interrupt>,
+    ) -> Result<(), ActivateError> {
+        self.core().check_activate(&queues)?;
+        self.before_activate();
+        self.core_mut().commit_activate(mem, queues, interrupt)
+    }
+
+    fn reset(&mut self) {
+        self.on_reset();
+        self.core_mut().reset();
+    }
+
+    fn is_activated(&self) -> bool {
+        self.core().is_activated()
+    }
+}

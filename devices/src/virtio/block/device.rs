@@ -16,8 +16,8 @@ use super::{
     MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SIZE_MAX,
     VIRTIO_BLK_ID_BYTES,
 };
-use crate::virtio::device_core::{impl_virtio_core, DeviceCore};
-use crate::virtio::{device_type, VirtioDevice, COMMON_FEATURES};
+use crate::virtio::device_core::{CoreDevice, DeviceCore};
+use crate::virtio::{device_type, COMMON_FEATURES};
 
 /// How to build a [`Block`] device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,11 +149,15 @@ impl Block {
     }
 }
 
-impl VirtioDevice for Block {
-    impl_virtio_core!();
+impl CoreDevice for Block {
+    const DEVICE_TYPE: u32 = device_type::BLOCK;
 
-    fn device_type(&self) -> u32 {
-        device_type::BLOCK
+    fn core(&self) -> &DeviceCore {
+        &self.core
+    }
+
+    fn core_mut(&mut self) -> &mut DeviceCore {
+        &mut self.core
     }
 }
 

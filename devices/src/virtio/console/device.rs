@@ -10,9 +10,9 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ConsoleError, CONFIG_SIZE, QUEUE_SIZE, RX_CHUNK, RX_QUEUE, TX_QUEUE};
-use crate::virtio::device_core::{impl_virtio_core, rearm_when_empty, DeviceCore};
+use crate::virtio::device_core::{rearm_when_empty, CoreDevice, DeviceCore};
 use crate::virtio::log_limit::warn_ratelimited;
-use crate::virtio::{device_type, VirtioDevice, COMMON_FEATURES};
+use crate::virtio::{device_type, COMMON_FEATURES};
 use crate::GuestMemoryMmap;
 
 /// The host input of a console: something readable with an fd the event loop can watch
@@ -333,11 +333,15 @@ fn write_out(
     total
 }
 
-impl VirtioDevice for Console {
-    impl_virtio_core!();
+impl CoreDevice for Console {
+    const DEVICE_TYPE: u32 = device_type::CONSOLE;
 
-    fn device_type(&self) -> u32 {
-        device_type::CONSOLE
+    fn core(&self) -> &DeviceCore {
+        &self.core
+    }
+
+    fn core_mut(&mut self) -> &mut DeviceCore {
+        &mut self.core
     }
 }
 

@@ -26,9 +26,9 @@ use super::{
     VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
     VIRTIO_NET_HDR_GSO_UDP, VIRTIO_NET_S_LINK_UP, VNET_HDR_LEN,
 };
-use crate::virtio::device_core::{impl_virtio_core, DeviceCore};
+use crate::virtio::device_core::{CoreDevice, DeviceCore};
 use crate::virtio::log_limit::warn_ratelimited;
-use crate::virtio::{device_type, VirtioDevice, COMMON_FEATURES};
+use crate::virtio::{device_type, COMMON_FEATURES};
 use crate::GuestMemoryMmap;
 
 /// Frames moved per RX pass before yielding to the event loop (the TAP stays readable, so
@@ -612,14 +612,23 @@ fn check_tx_header(pkt: &[u8], features: u64) -> Result<(), String> {
     Ok(())
 }
 
-impl VirtioDevice for Net {
-    impl_virtio_core!(
-        before_activate: Net::set_tap_offloads,
-        on_reset: Net::drop_held_frame,
-    );
+impl CoreDevice for Net {
+    const DEVICE_TYPE: u32 = device_type::NET;
 
-    fn device_type(&self) -> u32 {
-        device_type::NET
+    fn core(&self) -> &DeviceCore {
+        &self.core
+    }
+
+    fn core_mut(&mut self) -> &mut DeviceCore {
+        &mut self.core
+    }
+
+    fn before_activate(&mut self) {
+        self.set_tap_offloads();
+    }
+
+    fn on_reset(&mut self) {
+        self.drop_held_frame();
     }
 }
 

@@ -8,9 +8,9 @@ use vm_memory::{Address, Bytes, GuestMemory, GuestMemoryError, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{RngError, MAX_BYTES_PER_REQUEST, QUEUE_SIZE};
-use crate::virtio::device_core::{impl_virtio_core, DeviceCore};
+use crate::virtio::device_core::{CoreDevice, DeviceCore};
 use crate::virtio::log_limit::warn_ratelimited;
-use crate::virtio::{device_type, VirtioDevice, COMMON_FEATURES};
+use crate::virtio::{device_type, COMMON_FEATURES};
 use crate::GuestMemoryMmap;
 
 /// Size of the host bounce buffer getrandom(2) fills before the bytes are copied to the guest.
@@ -162,11 +162,15 @@ impl Rng {
     }
 }
 
-impl VirtioDevice for Rng {
-    impl_virtio_core!();
+impl CoreDevice for Rng {
+    const DEVICE_TYPE: u32 = device_type::RNG;
 
-    fn device_type(&self) -> u32 {
-        device_type::RNG
+    fn core(&self) -> &DeviceCore {
+        &self.core
+    }
+
+    fn core_mut(&mut self) -> &mut DeviceCore {
+        &mut self.core
     }
 }
 

@@ -18,9 +18,9 @@ use super::{
     VsockError, MAX_CONNECTIONS, MAX_CONNECT_LINE, MAX_PENDING_CONNECTS, MAX_PKT_DATA, QUEUE_SIZE,
     RX_QUEUE, TX_QUEUE,
 };
-use crate::virtio::device_core::{impl_virtio_core, rearm_when_empty, DeviceCore};
+use crate::virtio::device_core::{rearm_when_empty, CoreDevice, DeviceCore};
 use crate::virtio::log_limit::warn_ratelimited;
-use crate::virtio::{device_type, VirtioDevice, COMMON_FEATURES};
+use crate::virtio::{device_type, COMMON_FEATURES};
 
 /// Most RSTs for unknown connections waiting for a receive buffer; more are dropped.
 const MAX_PENDING_RST: usize = 256;
@@ -536,11 +536,19 @@ impl Drop for Vsock {
     }
 }
 
-impl VirtioDevice for Vsock {
-    impl_virtio_core!(on_reset: Vsock::drop_connections,);
+impl CoreDevice for Vsock {
+    const DEVICE_TYPE: u32 = device_type::VSOCK;
 
-    fn device_type(&self) -> u32 {
-        device_type::VSOCK
+    fn core(&self) -> &DeviceCore {
+        &self.core
+    }
+
+    fn core_mut(&mut self) -> &mut DeviceCore {
+        &mut self.core
+    }
+
+    fn on_reset(&mut self) {
+        self.drop_connections();
     }
 }
 

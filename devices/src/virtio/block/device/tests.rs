@@ -3,6 +3,7 @@ use crate::virtio::block::request::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use crate::virtio::features::VIRTIO_F_VERSION_1;
+use crate::virtio::VirtioDevice;
 use crate::virtio::{ActivateError, Interrupt};
 use crate::GuestMemoryMmap;
 use std::sync::Arc;

@@ -1,5 +1,6 @@
 use super::*;
 use crate::virtio::Interrupt;
+use crate::virtio::VirtioDevice;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;

@@ -2,6 +2,7 @@ use super::*;
 use crate::virtio::features::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::virtio::net::VIRTIO_NET_HDR_F_DATA_VALID;
 use crate::virtio::Interrupt;
+use crate::virtio::VirtioDevice;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::AtomicU32;
 use std::sync::Arc;

@@ -1,5 +1,6 @@
 use super::*;
 use crate::virtio::features::VIRTIO_F_VERSION_1;
+use crate::virtio::VirtioDevice;
 use crate::virtio::{ActivateError, Interrupt};
 use std::sync::Arc;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};

@@ -1,5 +1,6 @@
 use super::*;
 use crate::virtio::Interrupt;
+use crate::virtio::VirtioDevice;
 use crate::GuestMemoryMmap;
 use std::io::Write;
 use std::sync::Arc;
