@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::io::{self, Read};
+use std::io::{self};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
@@ -12,8 +12,9 @@ use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
 use vm_memory::VolatileMemory;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::conn::{Connection, GuestHeader, RxPacket};
-use super::packet::{HOST_CID, OP_REQUEST, OP_RST, OP_RW, TYPE_STREAM};
+pub use super::backend::{parse_connect, ConnKey};
+use super::backend::{Backend, HostClient, FIRST_LOCAL_PORT};
+use super::packet::{HOST_CID, OP_RW, TYPE_STREAM};
 use super::{
     VsockError, MAX_CONNECTIONS, MAX_CONNECT_LINE, MAX_PENDING_CONNECTS, MAX_PKT_DATA, QUEUE_SIZE,
     RX_QUEUE, TX_QUEUE,
@@ -21,11 +22,6 @@ use super::{
 use crate::virtio::device_core::{rearm_when_empty, CoreDevice, DeviceCore};
 use crate::virtio::log_limit::warn_ratelimited;
 use crate::virtio::{device_type, COMMON_FEATURES};
-
-/// Most RSTs for unknown connections waiting for a receive buffer; more are dropped.
-const MAX_PENDING_RST: usize = 256;
-/// First port handed out to host-initiated connections.
-const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
 /// How to build a [`Vsock`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,228 +74,11 @@ impl VsockConfig {
     }
 }
 
-/// Identifies a connection: (host port, guest port).
-pub type ConnKey = (u32, u32);
-
-/// A host client that connected to `uds_path` and has not finished its `CONNECT` line.
-#[derive(Debug)]
-pub(super) struct HostClient {
-    pub(super) stream: UnixStream,
-    line: Vec<u8>,
-}
-
-/// What a host client's `CONNECT` line came to.
-#[derive(Debug, PartialEq, Eq)]
-pub(super) enum ClientOutcome {
-    /// Still reading.
-    Pending,
-    /// The line named this guest port.
-    Connect(u32),
-    /// Bad line, end of file or error: drop the client.
-    Drop,
-}
-
-/// Parse `CONNECT <port>` (without the newline).
-pub fn parse_connect(line: &[u8]) -> Option<u32> {
-    let s = std::str::from_utf8(line).ok()?;
-    let s = s.strip_suffix('\r').unwrap_or(s);
-    let port = s.strip_prefix("CONNECT ")?;
-    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    port.parse().ok()
-}
-
-impl HostClient {
-    /// Read what is there (bounded); decide when the line is complete.
-    pub(super) fn on_readable(&mut self) -> ClientOutcome {
-        // One byte at a time (the line is at most MAX_CONNECT_LINE bytes), so nothing past
-        // the newline (the client's first data) is consumed here.
-        let mut b = [0u8; 1];
-        loop {
-            match self.stream.read(&mut b) {
-                Ok(0) => return ClientOutcome::Drop,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ClientOutcome::Pending,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => return ClientOutcome::Drop,
-            }
-            if b[0] == b'\n' {
-                return match parse_connect(&self.line) {
-                    Some(port) => ClientOutcome::Connect(port),
-                    None => ClientOutcome::Drop,
-                };
-            }
-            self.line.push(b[0]);
-            if self.line.len() >= MAX_CONNECT_LINE {
-                return ClientOutcome::Drop;
-            }
-        }
-    }
-}
-
-/// Everything but the virtqueues: sockets, connections, pending RSTs.
-pub(super) struct Backend {
-    pub(super) cid: u64,
-    pub(super) uds_path: PathBuf,
-    pub(super) listener: UnixListener,
-    pub(super) conns: HashMap<ConnKey, Connection<UnixStream>>,
-    /// Connections a device reset dropped: their host peers already see EOF, but the fds stay
-    /// open until the event loop has taken them out of its epoll set (event-manager can only
-    /// unregister an fd that is still open; a closed one would stay registered under its
-    /// number and make the next socket with that number fail to register).
-    pub(super) dropped: Vec<(ConnKey, Connection<UnixStream>)>,
-    pub(super) clients: HashMap<u32, HostClient>,
-    rst_queue: VecDeque<ConnKey>,
-    next_local_port: u32,
-    scratch: Vec<u8>,
-}
-
-impl Backend {
-    fn queue_rst(&mut self, key: ConnKey) {
-        if self.rst_queue.len() < MAX_PENDING_RST {
-            self.rst_queue.push_back(key);
-        } else {
-            warn_ratelimited!("virtio-vsock: too many pending resets; one dropped");
-        }
-    }
-
-    /// A free host port for a host-initiated connection to `peer_port`.
-    fn alloc_local_port(&mut self, peer_port: u32) -> u32 {
-        loop {
-            let p = self.next_local_port;
-            self.next_local_port = self
-                .next_local_port
-                .checked_add(1)
-                .unwrap_or(FIRST_LOCAL_PORT);
-            if !self.conns.contains_key(&(p, peer_port)) {
-                return p;
-            }
-        }
-    }
-
-    /// A host client asked for guest port `peer_port`.
-    pub(super) fn connect_from_host(
-        &mut self,
-        stream: UnixStream,
-        peer_port: u32,
-    ) -> Option<ConnKey> {
-        if self.conns.len() >= MAX_CONNECTIONS {
-            warn_ratelimited!(
-                "virtio-vsock: {MAX_CONNECTIONS} connections open; host client refused"
-            );
-            return None;
-        }
-        let local = self.alloc_local_port(peer_port);
-        let key = (local, peer_port);
-        self.conns
-            .insert(key, Connection::from_host(stream, local, peer_port));
-        Some(key)
-    }
-
-    /// One packet from the guest's transmit queue.
-    fn on_guest_packet(&mut self, pkt: &VsockPacket<'_, ()>, data_len: usize) {
-        if pkt.src_cid() != self.cid || pkt.dst_cid() != HOST_CID {
-            warn_ratelimited!(
-                "virtio-vsock: packet from cid {} to cid {} dropped (guest cid {}, host cid 2)",
-                pkt.src_cid(),
-                pkt.dst_cid(),
-                self.cid
-            );
-            return;
-        }
-        let key = (pkt.dst_port(), pkt.src_port());
-        let op = pkt.op();
-        if pkt.type_() != TYPE_STREAM {
-            if op != OP_RST {
-                self.queue_rst(key);
-            }
-            return;
-        }
-        let hdr = GuestHeader {
-            op,
-            flags: pkt.flags(),
-            buf_alloc: pkt.buf_alloc(),
-            fwd_cnt: pkt.fwd_cnt(),
-        };
-        let data = self.scratch.get(..data_len).unwrap_or(&[]);
-        if op != OP_RW {
-            log::debug!(
-                "virtio-vsock: guest op {op} flags {:#x} for {key:?} (known: {})",
-                hdr.flags,
-                self.conns.contains_key(&key)
-            );
-        }
-        if let Some(conn) = self.conns.get_mut(&key) {
-            if let Err(e) = conn.on_guest_packet(&hdr, data) {
-                warn_ratelimited!("virtio-vsock: connection {key:?} reset: {e}");
-            }
-            return;
-        }
-        if op == OP_REQUEST {
-            if self.conns.len() >= MAX_CONNECTIONS {
-                warn_ratelimited!("virtio-vsock: {MAX_CONNECTIONS} connections open; refused");
-                self.queue_rst(key);
-                return;
-            }
-            let mut path = self.uds_path.clone().into_os_string();
-            path.push(format!("_{}", key.0));
-            let path = PathBuf::from(path);
-            match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
-                Ok(stream) => {
-                    self.conns
-                        .insert(key, Connection::from_guest(stream, key.0, key.1, &hdr));
-                }
-                Err(e) => {
-                    log::debug!("virtio-vsock: guest connect to {}: {e}", path.display());
-                    self.queue_rst(key);
-                }
-            }
-        } else if op != OP_RST {
-            self.queue_rst(key);
-        }
-    }
-
-    /// The next packet for the guest: header fields (src port, dst port, packet), data in
-    /// `scratch[..len]`.
-    fn next_rx(&mut self, data_cap: usize) -> Option<(ConnKey, RxPacket)> {
-        if let Some(key) = self.rst_queue.pop_front() {
-            let pkt = RxPacket {
-                op: OP_RST,
-                flags: 0,
-                len: 0,
-                buf_alloc: 0,
-                fwd_cnt: 0,
-            };
-            return Some((key, pkt));
-        }
-        let cap = data_cap.min(self.scratch.len());
-        // Bounded: each failed try clears the reason `has_rx` was true for that connection.
-        for _ in 0..=self.conns.len() {
-            let key = self
-                .conns
-                .iter()
-                .find(|(_, c)| c.has_rx())
-                .map(|(k, _)| *k)?;
-            let conn = self.conns.get_mut(&key)?;
-            if let Some(pkt) = conn.next_rx(&mut self.scratch[..cap]) {
-                return Some((key, pkt));
-            }
-        }
-        None
-    }
-
-    /// Whether anything waits for a receive buffer.
-    fn has_rx(&self) -> bool {
-        !self.rst_queue.is_empty() || self.conns.values().any(|c| c.has_rx())
-    }
-}
-
 /// A virtio-vsock device.
 pub struct Vsock {
     pub(super) backend: Backend,
     pub(super) core: DeviceCore,
-    pub(super) interest: super::event_handler::Interest,
+    pub(super) interest: super::interest::Interest,
 }
 
 impl fmt::Debug for Vsock {
@@ -347,7 +126,7 @@ impl Vsock {
                 scratch: vec![0u8; MAX_PKT_DATA as usize],
             },
             core,
-            interest: super::event_handler::Interest::default(),
+            interest: super::interest::Interest::default(),
         })
     }
 

@@ -7,55 +7,19 @@
 //! socket with nothing to wait for is not in the epoll set at all, so a hung-up peer cannot
 //! make the loop spin.
 
-use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
-use super::device::{ClientOutcome, ConnKey, Vsock};
+use super::backend::{ClientOutcome, ConnKey};
+use super::device::Vsock;
+use super::interest::Token;
 use super::{EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
 use crate::virtio::device_core::CoreEvent;
 use crate::virtio::log_limit::warn_ratelimited;
 use crate::virtio::VirtioDevice;
 
 const LISTENER_EVENT: u32 = u32::MAX - 1;
-/// First token for host clients and connections.
-const FIRST_TOKEN: u32 = 16;
-const LAST_TOKEN: u32 = u32::MAX - 16;
-
-/// What a dynamic token stands for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Token {
-    Client,
-    Conn(ConnKey),
-}
-
-/// The event loop's view of what is registered.
-#[derive(Debug, Default)]
-pub struct Interest {
-    next_token: u32,
-    tokens: HashMap<u32, Token>,
-    /// Per connection: its token, fd and the event set currently registered (empty: not in
-    /// the epoll set).
-    conns: HashMap<ConnKey, (u32, i32, EventSet)>,
-    listener_watched: bool,
-}
-
-impl Interest {
-    fn alloc(&mut self, t: Token) -> u32 {
-        loop {
-            if self.next_token < FIRST_TOKEN || self.next_token > LAST_TOKEN {
-                self.next_token = FIRST_TOKEN;
-            }
-            let tok = self.next_token;
-            self.next_token += 1;
-            if let std::collections::hash_map::Entry::Vacant(e) = self.tokens.entry(tok) {
-                e.insert(t);
-                return tok;
-            }
-        }
-    }
-}
 
 impl Vsock {
     /// Bring the epoll set in line with what each connection wants; drop finished ones.

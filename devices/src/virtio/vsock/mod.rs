@@ -7,14 +7,20 @@
 //!   `<uds_path>_<P>`.
 //!
 //! * [`conn`]: one connection's state machine and credit-based flow control.
+//! * `backend`: the host side (listener, host clients before their `CONNECT` line,
+//!   connections, RSTs waiting for the guest).
 //! * [`device`]: the [`Vsock`] model (rx, tx and event queues; packets through the
-//!   `virtio-vsock` crate's `VsockPacket`).
+//!   `virtio-vsock` crate's `VsockPacket`) over its backend.
 //! * [`event_handler`]: the event-loop wiring (queue kicks, the listener, every connection's
-//!   socket, pending `CONNECT` lines).
+//!   socket, pending `CONNECT` lines), with what it registered kept in `interest`.
+//!
+//! Dependencies point one way: `event_handler` -> `device` -> `backend` -> `conn`.
 
+mod backend;
 pub mod conn;
 pub mod device;
 pub mod event_handler;
+mod interest;
 pub mod packet;
 
 use std::io;

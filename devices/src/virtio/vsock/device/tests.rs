@@ -1,7 +1,9 @@
 use super::*;
+use crate::virtio::vsock::packet::{OP_REQUEST, OP_RST};
 use crate::virtio::Interrupt;
 use crate::virtio::VirtioDevice;
 use crate::GuestMemoryMmap;
+use std::io::Read;
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::Mutex;
