@@ -11,24 +11,29 @@ use cinder_tests::guest::GuestDir;
 use linux_loader::loader::bootparam::boot_params;
 use linux_loader::loader::elf::start_info::{hvm_modlist_entry, hvm_start_info};
 use vm_memory::{Bytes, GuestAddress};
-use vmm::vm::{prepare_guest, ConsoleSpec, CpuTemplate, VmSpec};
+use vmm::api::config::{BootSourceConfig, MachineConfig, VmConfig};
+use vmm::builder::prepare_guest;
+use vmm::cmdline::guest_cmdline;
+use vmm::options::ConsoleSpec;
 
-fn spec(kernel: PathBuf, initrd: &Path, mib: u64, protocol: ProtocolChoice) -> VmSpec {
-    VmSpec {
-        kernel,
-        initrd: Some(initrd.to_path_buf()),
-        cmdline: "console=ttyS0 reboot=k panic=1".into(),
-        vcpus: 2,
-        memory_mib: mib,
-        boot_protocol: protocol,
-        cpu_template: CpuTemplate::Host,
-        kvm_path: "/dev/kvm".into(),
-        drives: Vec::new(),
-        nets: Vec::new(),
-        rng: false,
-        console: ConsoleSpec::Serial,
-        vsock: None,
+fn config(kernel: PathBuf, initrd: &Path, mib: usize) -> VmConfig {
+    VmConfig {
+        machine: MachineConfig {
+            vcpu_count: 2,
+            mem_size_mib: mib,
+            ..MachineConfig::default()
+        },
+        boot_source: Some(BootSourceConfig {
+            kernel_image_path: kernel,
+            initrd_path: Some(initrd.to_path_buf()),
+            boot_args: Some("console=ttyS0 reboot=k panic=1".into()),
+        }),
+        ..VmConfig::default()
     }
+}
+
+fn cmdline(cfg: &VmConfig) -> String {
+    guest_cmdline(cfg, &ConsoleSpec::Serial)
 }
 
 fn initrd_in_memory(mem: &arch::GuestMemoryMmap, addr: u64, file: &Path) {
@@ -45,9 +50,11 @@ fn initrd_in_memory(mem: &arch::GuestMemoryMmap, addr: u64, file: &Path) {
 fn bzimage_setup_header_as_the_boot_protocol_asks() {
     let g = GuestDir::default_guest();
     let rd = g.file("initramfs.cpio");
-    for (kernel, mib) in [("bzImage", 256u64), ("bzImage-uncompressed", 5120)] {
-        let s = spec(g.file(kernel), &rd, mib, ProtocolChoice::Auto);
-        let p = prepare_guest(&s, &s.full_cmdline()).unwrap_or_else(|e| panic!("{kernel}: {e}"));
+    for (kernel, mib) in [("bzImage", 256usize), ("bzImage-uncompressed", 5120)] {
+        let c = config(g.file(kernel), &rd, mib);
+        let line = cmdline(&c);
+        let p = prepare_guest(&c, ProtocolChoice::Auto, &line)
+            .unwrap_or_else(|e| panic!("{kernel}: {e}"));
         assert_eq!(p.kernel.protocol, BootProtocol::Linux64);
         assert!(p.kernel.is_bzimage);
         let bp: boot_params = p.mem.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
@@ -65,12 +72,12 @@ fn bzimage_setup_header_as_the_boot_protocol_asks() {
         assert_ne!(hdr.loadflags & 0x01, 0, "{kernel}: LOADED_HIGH");
         assert_ne!(hdr.loadflags & 0x80, 0, "{kernel}: CAN_USE_HEAP");
         assert_eq!({ hdr.cmd_line_ptr }, CMDLINE_START as u32);
-        let mut line = vec![0u8; s.full_cmdline().len() + 1];
+        let mut got = vec![0u8; line.len() + 1];
         p.mem
-            .read_slice(&mut line, GuestAddress(CMDLINE_START))
+            .read_slice(&mut got, GuestAddress(CMDLINE_START))
             .unwrap();
-        assert_eq!(&line[..line.len() - 1], s.full_cmdline().as_bytes());
-        assert_eq!(line[line.len() - 1], 0);
+        assert_eq!(&got[..got.len() - 1], line.as_bytes());
+        assert_eq!(got[got.len() - 1], 0);
         // The initrd sits below initrd_addr_max, above the kernel, page aligned.
         let rd_addr = u64::from(hdr.ramdisk_image);
         let rd_size = u64::from(hdr.ramdisk_size);
@@ -87,7 +94,7 @@ fn bzimage_setup_header_as_the_boot_protocol_asks() {
         initrd_in_memory(&p.mem, rd_addr, &rd);
         // e820: the map cinder documents.
         let n = bp.e820_entries as usize;
-        let map = arch::layout::e820_map(mib << 20);
+        let map = arch::layout::e820_map((mib as u64) << 20);
         assert_eq!(n, map.len());
         for (e, want) in bp.e820_table[..n].iter().zip(&map) {
             assert_eq!(
@@ -109,8 +116,8 @@ fn vmlinux_pvh_and_linux64_entries() {
     let g = GuestDir::default_guest();
     let rd = g.file("initramfs.cpio");
     // PVH: entered at the note's address with hvm_start_info.
-    let s = spec(g.file("vmlinux"), &rd, 512, ProtocolChoice::Auto);
-    let p = prepare_guest(&s, &s.full_cmdline()).unwrap();
+    let c = config(g.file("vmlinux"), &rd, 512);
+    let p = prepare_guest(&c, ProtocolChoice::Auto, &cmdline(&c)).unwrap();
     assert_eq!(
         p.kernel.protocol,
         BootProtocol::Pvh,
@@ -128,8 +135,7 @@ fn vmlinux_pvh_and_linux64_entries() {
     assert_eq!(m.size, std::fs::metadata(&rd).unwrap().len());
     initrd_in_memory(&p.mem, m.paddr, &rd);
     // Linux64: entered at e_entry (startup_64's physical address) with boot_params.
-    let s = spec(g.file("vmlinux"), &rd, 512, ProtocolChoice::Linux64);
-    let p = prepare_guest(&s, &s.full_cmdline()).unwrap();
+    let p = prepare_guest(&c, ProtocolChoice::Linux64, &cmdline(&c)).unwrap();
     assert_eq!(p.kernel.protocol, BootProtocol::Linux64);
     assert_eq!(
         p.kernel.entry.0, 0x100_0000,

@@ -1,11 +1,20 @@
 //! The cinder VMM: KVM VM and vCPUs, the PIO/MMIO bus, the event loop and the lifecycle.
 
+pub mod builder;
 pub mod bus;
+pub mod cmdline;
 pub mod console;
+pub mod error;
 pub mod exit;
 pub mod kvm;
 pub mod logger;
 pub mod metrics;
+pub mod options;
 pub mod runtime;
+pub mod signal;
 pub mod vcpu;
 pub mod vm;
+
+/// The configuration crate whose [`api::config::VmConfig`] the builder takes, re-exported for
+/// crates that build a configuration without depending on `api` themselves.
+pub use api;

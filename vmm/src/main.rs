@@ -13,8 +13,9 @@ use api::server::ApiServer;
 use arch::loader::ProtocolChoice;
 use clap::{Parser, ValueEnum};
 use vmm::exit::ExitReason;
-use vmm::runtime::{spec_from_config, ApiState, Runtime, VmmOptions, DEFAULT_CMDLINE};
-use vmm::vm::{ConsoleSpec, CpuTemplate, SignalFd, VirtioConsoleHost};
+use vmm::options::{ConsoleSpec, CpuTemplate, VirtioConsoleHost, VmmOptions};
+use vmm::runtime::{ApiState, Runtime, DEFAULT_CMDLINE};
+use vmm::signal::SignalFd;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum BootProtocolArg {
@@ -455,7 +456,7 @@ fn main() -> ExitCode {
         .map(|m| PathBuf::from(&m.metrics_path));
     let mut rt = match Runtime::new(
         signals,
-        opts.clone(),
+        opts,
         Box::new(std::io::stdout()),
         api_state,
         metrics_path,
@@ -464,11 +465,7 @@ fn main() -> ExitCode {
         Err(e) => return fail(e),
     };
     if let Some(cfg) = &boot_now {
-        let spec = match spec_from_config(cfg, &opts) {
-            Ok(s) => s,
-            Err(e) => return fail(e),
-        };
-        if let Err(e) = rt.start_vm(&spec) {
+        if let Err(e) = rt.start_vm(cfg) {
             drop(rt);
             return fail(e);
         }

@@ -14,88 +14,26 @@ use api::controller::{Outcome, PreBootController};
 use api::handler::VmmEndpoint;
 use api::model::{ActionType, InstanceState, VmState};
 use api::routes::{ApiRequest, ApiResponse};
-use arch::loader::ProtocolChoice;
 use event_manager::{
     EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberId, SubscriberOps,
 };
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::builder::VmBuilder;
 use crate::console::{spawn_console_writer, RawTerminal};
+use crate::error::VmError;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::metrics::open_sink;
 use crate::metrics::Metrics;
-use crate::vm::{
-    ConsoleSpec, CpuTemplate, DriveSpec, NetSpec, SignalFd, Subscriber, VirtioConsoleHost,
-    VmContext, VmError, VmSpec, Vmm, VsockSpec,
-};
+use crate::options::VmmOptions;
+use crate::signal::SignalFd;
+use crate::vm::{Subscriber, VmContext, Vmm};
 
-/// The command line a guest gets when none is configured.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+pub use crate::cmdline::DEFAULT_CMDLINE;
+
 /// How often metrics are written when a metrics path is configured.
 pub const METRICS_PERIOD: Duration = Duration::from_secs(60);
-
-/// Knobs that only cinder has (not in Firecracker's configuration).
-#[derive(Clone, Debug)]
-pub struct VmmOptions {
-    /// Boot protocol choice for ELF kernels.
-    pub boot_protocol: ProtocolChoice,
-    /// CPU template.
-    pub cpu_template: CpuTemplate,
-    /// KVM device path.
-    pub kvm_path: String,
-    /// The console (not part of Firecracker's configuration).
-    pub console: ConsoleSpec,
-}
-
-/// Resolves the shared configuration into what the VMM builds.
-pub fn spec_from_config(cfg: &VmConfig, opts: &VmmOptions) -> Result<VmSpec, String> {
-    let boot = cfg
-        .boot_source
-        .as_ref()
-        .ok_or("no boot source: configure boot-source (kernel_image_path)")?;
-    let vcpus = cfg.machine.vcpu_count;
-    let mem = cfg.machine.mem_size_mib as u64;
-    Ok(VmSpec {
-        kernel: boot.kernel_image_path.clone(),
-        initrd: boot.initrd_path.clone(),
-        cmdline: boot
-            .boot_args
-            .clone()
-            .unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
-        vcpus,
-        memory_mib: mem,
-        boot_protocol: opts.boot_protocol,
-        cpu_template: opts.cpu_template,
-        kvm_path: opts.kvm_path.clone(),
-        drives: cfg
-            .drives
-            .iter()
-            .map(|d| DriveSpec {
-                id: d.drive_id.clone(),
-                path: d.path_on_host.clone(),
-                read_only: d.is_read_only,
-                root: d.is_root_device,
-            })
-            .collect(),
-        nets: cfg
-            .net
-            .iter()
-            .map(|n| NetSpec {
-                id: n.iface_id.clone(),
-                tap: n.host_dev_name.clone(),
-                mac: n.guest_mac.map(|m| m.0),
-                mtu: n.mtu,
-            })
-            .collect(),
-        rng: cfg.entropy.is_some(),
-        console: opts.console.clone(),
-        vsock: cfg.vsock.as_ref().map(|v| VsockSpec {
-            cid: u64::from(v.guest_cid),
-            uds: v.uds_path.clone(),
-        }),
-    })
-}
 
 /// The API side of the runtime.
 pub struct ApiState {
@@ -238,11 +176,12 @@ impl Runtime {
         })
     }
 
-    /// Builds and starts the VM.
-    pub fn start_vm(&mut self, spec: &VmSpec) -> Result<(), VmError> {
+    /// Builds and starts the VM for `cfg` (validated) with this runtime's options.
+    pub fn start_vm(&mut self, cfg: &VmConfig) -> Result<(), VmError> {
         if self.vm.is_some() {
-            return Err(VmError::DriveSpec("the microVM is already running".into()));
+            return Err(VmError::AlreadyRunning);
         }
+        let builder = VmBuilder::new(cfg, &self.opts)?;
         let out = self
             .console_out
             .take()
@@ -253,16 +192,12 @@ impl Runtime {
         })?;
         self.console_thread = Some(handle);
         // Raw mode only when the guest's console reads this terminal.
-        let reads_stdin = matches!(
-            spec.console,
-            ConsoleSpec::Serial | ConsoleSpec::Virtio(VirtioConsoleHost::Stdio)
-        );
-        if reads_stdin && self.terminal.is_none() {
+        if self.opts.console.reads_stdin() && self.terminal.is_none() {
             let t = RawTerminal::enter();
             self.ctx.interactive = t.is_active();
             self.terminal = Some(t);
         }
-        let mut vm = Vmm::build(spec, Box::new(writer), self.ctx.clone())?;
+        let mut vm = builder.build(Box::new(writer), self.ctx.clone())?;
         if let Err(e) = vm.start() {
             vm.shutdown();
             return Err(e);
@@ -400,21 +335,18 @@ impl Runtime {
                 r
             }
             Outcome::Start => {
-                let spec = match self
-                    .api
-                    .as_ref()
-                    .map(|a| spec_from_config(a.controller.config(), &self.opts))
-                {
-                    Some(Ok(s)) => s,
-                    Some(Err(e)) => return ApiResponse::error(400, format!("InstanceStart: {e}")),
-                    None => return ApiResponse::error(500, "no API state"),
+                let Some(cfg) = self.api.as_ref().map(|a| a.controller.config().clone()) else {
+                    return ApiResponse::error(500, "no API state");
                 };
-                match self.start_vm(&spec) {
+                match self.start_vm(&cfg) {
                     Ok(()) => {
                         if let Some(a) = self.api.as_mut() {
                             a.controller.mark_started();
                         }
                         ApiResponse::no_content()
+                    }
+                    Err(e @ VmError::NoBootSource) => {
+                        ApiResponse::error(400, format!("InstanceStart: {e}"))
                     }
                     Err(e) => ApiResponse::error(400, format!("InstanceStart failed: {e}")),
                 }

@@ -1,0 +1,660 @@
+//! Building a [`Vmm`] from a validated [`VmConfig`] and cinder's own [`VmmOptions`], in named
+//! steps: check, open the devices' host sides, prepare the guest, create the VM, attach the
+//! legacy devices, attach the virtio devices, create the vCPUs.
+//!
+//! Everything that can be checked without KVM (files, sockets, kernel format, sizes, command
+//! line) is checked first, so bad input gets its own precise error on any host.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use api::config::VmConfig;
+use arch::boot::{place_initrd, write_boot_info, write_cmdline, InitrdPlacement};
+use arch::cpuid::CpuidOptions;
+use arch::layout::{self, ram_regions, ram_top, MIB};
+use arch::loader::{load_kernel, LoadedKernel, ProtocolChoice};
+use arch::mptable::{setup_mptable, MAX_CPUS};
+use arch::GuestMemoryMmap;
+use devices::i8042::I8042;
+use devices::legacy::{self, SerialDevice};
+use devices::virtio::block::{Block, BlockConfig};
+use devices::virtio::console::{Console as VirtioConsole, ConsoleInput as VirtioConsoleInput};
+use devices::virtio::net::{generate_mac, Net, NetConfig, DEFAULT_MTU};
+use devices::virtio::rng::Rng;
+use devices::virtio::vsock::{Vsock, VsockConfig};
+use devices::virtio::{mmio, MmioTransport, VirtioDevice};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::Bus;
+use crate::cmdline::{guest_cmdline, virtio_count, virtio_slot, MAX_VIRTIO_DEVICES};
+use crate::console::ConsoleInput;
+use crate::error::{os, vm_ioctl, VmError};
+use crate::options::{ConsoleSpec, CpuTemplate, VirtioConsoleHost, VmmOptions};
+use crate::vcpu::{Vcpu, VcpuControl, CPUID_ENTRIES};
+use crate::vm::{Subscriber, VmContext, Vmm};
+
+/// The keyboard's IRQ (ISA IRQ 1).
+pub const KBD_IRQ: u32 = 1;
+
+/// Builds one microVM. [`VmBuilder::new`] checks what needs nothing opened;
+/// [`VmBuilder::build`] opens, loads and creates everything.
+pub struct VmBuilder<'a> {
+    cfg: &'a VmConfig,
+    opts: &'a VmmOptions,
+    cmdline: String,
+}
+
+/// A virtio device opened before boot: its name (for errors), the device for its transport,
+/// and the same device as an event-loop subscriber.
+type NewVirtio = (String, Arc<Mutex<dyn VirtioDevice>>, Subscriber);
+
+/// The devices' host sides, opened before anything else.
+struct OpenDevices {
+    /// Drives by id, for the API's PATCH and metrics.
+    blocks: Vec<(String, Arc<Mutex<Block>>)>,
+    /// Network interfaces by id, for metrics.
+    nets: Vec<(String, Arc<Mutex<Net>>)>,
+    /// Every virtio device in slot order.
+    virtio: Vec<NewVirtio>,
+    /// The console output, unless a virtio-console on stdio took it.
+    console_out: Option<Box<dyn Write + Send>>,
+}
+
+/// The PIO bus with COM1 (when enabled) and the i8042 on it.
+struct LegacyDevices {
+    pio: Bus,
+    i8042: Arc<Mutex<I8042>>,
+    /// COM1's input, when COM1 exists.
+    serial_input: Option<Subscriber>,
+}
+
+impl<'a> VmBuilder<'a> {
+    /// Checks `cfg` and `opts` together, without opening anything: a boot source is there, the
+    /// configuration keeps its own rules, the virtio devices fit the IOAPIC; and composes the
+    /// guest's command line.
+    pub fn new(cfg: &'a VmConfig, opts: &'a VmmOptions) -> Result<Self, VmError> {
+        if cfg.boot_source.is_none() {
+            return Err(VmError::NoBootSource);
+        }
+        cfg.validate()?;
+        check_device_count(cfg, &opts.console)?;
+        Ok(VmBuilder {
+            cfg,
+            opts,
+            cmdline: guest_cmdline(cfg, &opts.console),
+        })
+    }
+
+    /// The command line the guest gets.
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    /// Builds the VM (vCPUs created, not running), with the serial console writing to
+    /// `console_out`.
+    pub fn build(self, console_out: Box<dyn Write + Send>, ctx: VmContext) -> Result<Vmm, VmError> {
+        let mut devices = self.open_devices(console_out, &ctx)?;
+        let guest = prepare_guest(self.cfg, self.opts.boot_protocol, &self.cmdline)?;
+        let kvm = self.open_kvm()?;
+        let vm = create_vm(&kvm, &guest.mem)?;
+        let serial_out = self.opts.console.serial_enabled().then(|| {
+            devices
+                .console_out
+                .take()
+                .unwrap_or_else(|| Box::new(std::io::sink()))
+        });
+        let legacy = attach_legacy_devices(&vm, serial_out, &ctx)?;
+        let mut subscribers: Vec<Subscriber> = legacy.serial_input.into_iter().collect();
+        let mmio = attach_virtio_devices(&vm, &guest.mem, devices.virtio, &mut subscribers)?;
+        let vcpus = self.create_vcpus(&kvm, &vm, &guest)?;
+        log::info!(
+            "VM ready: {} vCPU, {} MiB, {:?} entry at {:#x}, cmdline {:?}",
+            self.cfg.machine.vcpu_count,
+            self.cfg.machine.mem_size_mib,
+            guest.kernel.protocol,
+            guest.kernel.entry.0,
+            self.cmdline
+        );
+        Ok(Vmm {
+            vcpu_count: vcpus.len(),
+            vcpus,
+            threads: Vec::new(),
+            control: Arc::new(VcpuControl::default()),
+            pio: Arc::new(legacy.pio),
+            mmio: Arc::new(mmio),
+            subscribers,
+            blocks: devices.blocks,
+            nets: devices.nets,
+            i8042: legacy.i8042,
+            ctx,
+            _vm: vm,
+            _kvm: kvm,
+            _mem: guest.mem,
+        })
+    }
+
+    /// Opens every device's host side before anything else: a missing image or a socket in
+    /// use is the user's error, and must be reported as such on any host. The order is the
+    /// guest's slot order: drives (the root drive first), network interfaces, rng,
+    /// virtio-console, vsock.
+    fn open_devices(
+        &self,
+        console_out: Box<dyn Write + Send>,
+        ctx: &VmContext,
+    ) -> Result<OpenDevices, VmError> {
+        let mut open = OpenDevices {
+            blocks: Vec::with_capacity(self.cfg.drives.len()),
+            nets: Vec::with_capacity(self.cfg.net.len()),
+            virtio: Vec::new(),
+            console_out: Some(console_out),
+        };
+        for d in &self.cfg.drives {
+            let serial = (d.drive_id.len() <= 20).then(|| d.drive_id.clone());
+            let blk = Block::new(&BlockConfig {
+                path: d.path_on_host.clone(),
+                read_only: d.is_read_only,
+                id: serial,
+            })
+            .map_err(|source| VmError::Drive {
+                id: d.drive_id.clone(),
+                source,
+            })?;
+            let dev = Arc::new(Mutex::new(blk));
+            open.blocks.push((d.drive_id.clone(), dev.clone()));
+            open.virtio
+                .push((format!("drive {}", d.drive_id), dev.clone(), dev));
+        }
+        for n in &self.cfg.net {
+            let mac = n.guest_mac.map(|m| m.0).unwrap_or_else(|| {
+                generate_mac(format!("{}/{}", n.iface_id, n.host_dev_name).as_bytes())
+            });
+            let net = Net::new(&NetConfig {
+                tap: n.host_dev_name.clone(),
+                mac,
+                mtu: n.mtu.unwrap_or(DEFAULT_MTU),
+            })
+            .map_err(|source| VmError::Net {
+                id: n.iface_id.clone(),
+                source,
+            })?;
+            let dev = Arc::new(Mutex::new(net));
+            open.nets.push((n.iface_id.clone(), dev.clone()));
+            open.virtio.push((
+                format!("network interface {}", n.iface_id),
+                dev.clone(),
+                dev,
+            ));
+        }
+        if self.cfg.entropy.is_some() {
+            let dev = Arc::new(Mutex::new(Rng::new().map_err(VmError::Rng)?));
+            open.virtio.push(("rng".into(), dev.clone(), dev));
+        }
+        if let ConsoleSpec::Virtio(host) = &self.opts.console {
+            let con = open_virtio_console(host, &mut open.console_out, ctx)?;
+            let dev = Arc::new(Mutex::new(con));
+            open.virtio.push(("console".into(), dev.clone(), dev));
+        }
+        if let Some(v) = &self.cfg.vsock {
+            let cfg = VsockConfig {
+                guest_cid: u64::from(v.guest_cid),
+                uds_path: v.uds_path.clone(),
+            };
+            cfg.validate().map_err(VmError::Vsock)?;
+            let dev = Arc::new(Mutex::new(Vsock::new(&cfg).map_err(VmError::Vsock)?));
+            open.virtio.push(("vsock".into(), dev.clone(), dev));
+        }
+        Ok(open)
+    }
+
+    /// Opens KVM and checks that it takes this many vCPUs.
+    fn open_kvm(&self) -> Result<Kvm, VmError> {
+        let kvm = crate::kvm::open(&self.opts.kvm_path)?;
+        let max = kvm.get_max_vcpus();
+        let vcpus = self.cfg.machine.vcpu_count;
+        if usize::from(vcpus) > max {
+            return Err(VmError::TooManyVcpus {
+                got: vcpus,
+                limit: "KVM on this host",
+                max,
+            });
+        }
+        Ok(kvm)
+    }
+
+    /// Creates every vCPU, set up to enter the loaded kernel.
+    fn create_vcpus(
+        &self,
+        kvm: &Kvm,
+        vm: &VmFd,
+        guest: &PreparedGuest,
+    ) -> Result<Vec<Vcpu>, VmError> {
+        let supported = kvm
+            .get_supported_cpuid(CPUID_ENTRIES)
+            .map_err(vm_ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        let opts = CpuidOptions {
+            hide_kvm_hypercalls: self.opts.cpu_template == CpuTemplate::NoPvHypercalls,
+            tsc_khz: None,
+        };
+        let count = self.cfg.machine.vcpu_count;
+        let mut vcpus = Vec::with_capacity(usize::from(count));
+        for i in 0..count {
+            vcpus.push(Vcpu::new(
+                kvm,
+                vm,
+                &guest.mem,
+                i,
+                count,
+                &guest.kernel,
+                &supported,
+                opts,
+            )?);
+        }
+        Ok(vcpus)
+    }
+}
+
+/// Refuses more virtio devices than there are IOAPIC pins for them.
+fn check_device_count(cfg: &VmConfig, console: &ConsoleSpec) -> Result<(), VmError> {
+    let count = virtio_count(cfg, console);
+    if count > MAX_VIRTIO_DEVICES {
+        return Err(VmError::TooManyDevices {
+            count,
+            max: MAX_VIRTIO_DEVICES,
+        });
+    }
+    Ok(())
+}
+
+/// Opens a virtio-console's host side. On stdio it takes `console_out` (COM1 is then off).
+fn open_virtio_console(
+    host: &VirtioConsoleHost,
+    console_out: &mut Option<Box<dyn Write + Send>>,
+    ctx: &VmContext,
+) -> Result<VirtioConsole, VmError> {
+    let (input, output): (Option<Box<dyn VirtioConsoleInput>>, Box<dyn Write + Send>) = match host {
+        VirtioConsoleHost::Stdio => (
+            Some(if ctx.interactive {
+                Box::new(crate::console::EscapingStdin::new(ctx.exit.clone()))
+            } else {
+                Box::new(crate::console::StdinFd)
+            }),
+            console_out
+                .take()
+                .unwrap_or_else(|| Box::new(std::io::stdout())),
+        ),
+        VirtioConsoleHost::File(p) => (
+            None,
+            Box::new(File::create(p).map_err(|source| VmError::ConsoleOut {
+                path: p.clone(),
+                source,
+            })?),
+        ),
+        VirtioConsoleHost::Socket(p) => {
+            let sock = std::os::unix::net::UnixStream::connect(p).map_err(|source| {
+                VmError::ConsoleSock {
+                    path: p.clone(),
+                    source,
+                }
+            })?;
+            let input = sock.try_clone().map_err(os("console socket"))?;
+            sock.set_nonblocking(true).map_err(os("console socket"))?;
+            (Some(Box::new(input)), Box::new(sock))
+        }
+    };
+    VirtioConsole::new(input, output).map_err(VmError::VirtioConsole)
+}
+
+/// Guest memory with the kernel, initrd and boot data in place.
+pub struct PreparedGuest {
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// The loaded kernel.
+    pub kernel: LoadedKernel,
+    /// Where the initrd went.
+    pub initrd: Option<InitrdPlacement>,
+}
+
+/// The host's physical address width, from CPUID leaf 0x80000008.
+fn host_phys_bits() -> u32 {
+    let max_ext = std::arch::x86_64::__cpuid(0x8000_0000).eax;
+    if max_ext >= 0x8000_0008 {
+        std::arch::x86_64::__cpuid(0x8000_0008).eax & 0xff
+    } else {
+        36
+    }
+}
+
+/// Maps guest memory for `cfg`'s machine and loads its boot source (kernel by `protocol`,
+/// initrd), with `cmdline` as the command line, the boot information and the MP table.
+/// Needs no KVM.
+pub fn prepare_guest(
+    cfg: &VmConfig,
+    protocol: ProtocolChoice,
+    cmdline: &str,
+) -> Result<PreparedGuest, VmError> {
+    let boot = cfg.boot_source.as_ref().ok_or(VmError::NoBootSource)?;
+    let vcpus = cfg.machine.vcpu_count;
+    let mib = cfg.machine.mem_size_mib as u64;
+    if vcpus == 0 {
+        return Err(VmError::NoVcpus(0));
+    }
+    if vcpus > MAX_CPUS {
+        return Err(VmError::TooManyVcpus {
+            got: vcpus,
+            limit: "the MP table",
+            max: MAX_CPUS as usize,
+        });
+    }
+    if mib == 0 {
+        return Err(VmError::NoMemory);
+    }
+    let mem_size = mib.checked_mul(MIB).ok_or(VmError::MemoryTooLarge {
+        mib,
+        top: u64::MAX,
+        bits: host_phys_bits(),
+    })?;
+    let bits = host_phys_bits();
+    let top = ram_top(mem_size);
+    if bits < 64 && top > (1u64 << bits) {
+        return Err(VmError::MemoryTooLarge { mib, top, bits });
+    }
+    let mem =
+        GuestMemoryMmap::from_ranges(&ram_regions(mem_size)).map_err(|e| VmError::MemoryMap {
+            mib,
+            why: e.to_string(),
+        })?;
+    let kernel = load_kernel(
+        &mem,
+        &boot.kernel_image_path,
+        layout::low_ram_end(mem_size),
+        protocol,
+    )?;
+    let cmdline_len = write_cmdline(&mem, &kernel, cmdline)?;
+    let initrd = match &boot.initrd_path {
+        None => None,
+        Some(path) => {
+            let p = path.display().to_string();
+            let ierr = |why: String| VmError::Initrd {
+                path: p.clone(),
+                why,
+            };
+            let mut f = File::open(path).map_err(|e| ierr(e.to_string()))?;
+            let meta = f.metadata().map_err(|e| ierr(e.to_string()))?;
+            if !meta.is_file() {
+                return Err(ierr("not a regular file".into()));
+            }
+            let size = meta.len();
+            let placement = place_initrd(mem_size, &kernel, size)?;
+            mem.read_exact_volatile_from(GuestAddress(placement.addr), &mut f, size as usize)
+                .map_err(|e| ierr(e.to_string()))?;
+            Some(placement)
+        }
+    };
+    write_boot_info(&mem, mem_size, &kernel, cmdline_len, initrd)?;
+    setup_mptable(&mem, vcpus)?;
+    Ok(PreparedGuest {
+        mem,
+        kernel,
+        initrd,
+    })
+}
+
+/// Creates the VM: in-kernel irqchip and PIT, TSS and identity map, memory slots.
+fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
+    let vm = kvm.create_vm().map_err(vm_ioctl("KVM_CREATE_VM"))?;
+    vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+        .map_err(vm_ioctl("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(vm_ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.create_irq_chip()
+        .map_err(vm_ioctl("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(vm_ioctl("KVM_CREATE_PIT2"))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| VmError::MemoryMap {
+                mib: region.len() >> 20,
+                why: e.to_string(),
+            })?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM (the
+        // vCPU threads are joined before `mem` is dropped), and slots do not overlap.
+        unsafe { vm.set_user_memory_region(r) }.map_err(vm_ioctl(format!(
+            "KVM_SET_USER_MEMORY_REGION (slot {slot}, {} MiB at {:#x})",
+            region.len() >> 20,
+            region.start_addr().0
+        )))?;
+    }
+    Ok(vm)
+}
+
+/// Puts COM1 (when `serial_out` is given: its output) and the i8042 on a new PIO bus, each
+/// with an irqfd for its ISA IRQ.
+fn attach_legacy_devices(
+    vm: &VmFd,
+    serial_out: Option<Box<dyn Write + Send>>,
+    ctx: &VmContext,
+) -> Result<LegacyDevices, VmError> {
+    let mut pio = Bus::new();
+    let mut serial_input: Option<Subscriber> = None;
+    if let Some(out) = serial_out {
+        let serial_irq = efd()?;
+        vm.register_irqfd(&serial_irq, legacy::COM1_IRQ)
+            .map_err(vm_ioctl("KVM_IRQFD (serial)"))?;
+        let serial_in_empty = efd()?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            serial_irq,
+            serial_in_empty.clone(),
+            out,
+        )));
+        pio.insert(serial.clone(), legacy::COM1_PORT, legacy::COM1_LEN)?;
+        serial_input = Some(Arc::new(Mutex::new(ConsoleInput::new(
+            serial,
+            serial_in_empty,
+            ctx.exit.clone(),
+            ctx.interactive,
+        ))));
+    }
+    let kbd_irq = efd()?;
+    vm.register_irqfd(&kbd_irq, KBD_IRQ)
+        .map_err(vm_ioctl("KVM_IRQFD (i8042)"))?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(kbd_irq, ctx.reset_evt.clone())));
+    pio.insert(i8042.clone(), legacy::I8042_PORT, legacy::I8042_LEN)?;
+    Ok(LegacyDevices {
+        pio,
+        i8042,
+        serial_input,
+    })
+}
+
+/// Puts every virtio device in its slot on a new MMIO bus, in order, and adds each to
+/// `subscribers`.
+fn attach_virtio_devices(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    virtio: Vec<NewVirtio>,
+    subscribers: &mut Vec<Subscriber>,
+) -> Result<Bus, VmError> {
+    let mut mmio = Bus::new();
+    for (slot, (name, dev, sub)) in virtio.into_iter().enumerate() {
+        attach_virtio(vm, mem, &mut mmio, slot, &name, dev)?;
+        subscribers.push(sub);
+    }
+    Ok(mmio)
+}
+
+/// Puts a virtio device in MMIO slot `slot`: its transport on the bus, an irqfd for its IRQ,
+/// and an ioeventfd per queue at the notify register (a kick never exits to userspace).
+fn attach_virtio(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    mmio_bus: &mut Bus,
+    slot: usize,
+    name: &str,
+    dev: Arc<Mutex<dyn VirtioDevice>>,
+) -> Result<(), VmError> {
+    let (base, irq) = virtio_slot(slot);
+    let irqfd = efd()?;
+    vm.register_irqfd(&irqfd, irq)
+        .map_err(vm_ioctl(format!("KVM_IRQFD ({name})")))?;
+    let transport =
+        MmioTransport::new(mem.clone(), dev, irqfd).map_err(|e| VmError::Transport {
+            id: name.to_string(),
+            why: e.to_string(),
+        })?;
+    for (q, evt) in transport.queue_evts().iter().enumerate() {
+        vm.register_ioevent(
+            evt,
+            &IoEventAddress::Mmio(base + mmio::NOTIFY_REG_OFFSET),
+            q as u32,
+        )
+        .map_err(vm_ioctl(format!("KVM_IOEVENTFD ({name} queue {q})")))?;
+    }
+    mmio_bus.insert(Arc::new(Mutex::new(transport)), base, mmio::MMIO_SIZE)?;
+    Ok(())
+}
+
+fn efd() -> Result<Arc<EventFd>, VmError> {
+    EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+        .map(Arc::new)
+        .map_err(os("eventfd"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cmdline::tests::{config, drive};
+    use crate::exit::ExitSignal;
+    use crate::metrics::Metrics;
+
+    fn opts(console: ConsoleSpec) -> VmmOptions {
+        VmmOptions {
+            boot_protocol: ProtocolChoice::Auto,
+            cpu_template: CpuTemplate::Host,
+            kvm_path: "/dev/kvm".into(),
+            console,
+        }
+    }
+
+    fn ctx() -> VmContext {
+        VmContext {
+            reset_evt: efd().unwrap(),
+            exit: Arc::new(ExitSignal::new().unwrap()),
+            metrics: Arc::new(Metrics::default()),
+            interactive: false,
+        }
+    }
+
+    fn error(cfg: &VmConfig, opts: &VmmOptions) -> String {
+        match VmBuilder::new(cfg, opts) {
+            Ok(_) => panic!("{cfg:?} was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn the_builder_composes_the_command_line() {
+        let cfg = config("quiet -- x", vec![drive("r", true, true)]);
+        let o = opts(ConsoleSpec::Serial);
+        let b = VmBuilder::new(&cfg, &o).unwrap();
+        assert_eq!(
+            b.cmdline(),
+            "quiet virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 \
+             root=/dev/vda ro -- x"
+        );
+    }
+
+    #[test]
+    fn no_boot_source_is_refused() {
+        let mut cfg = config("", vec![]);
+        cfg.boot_source = None;
+        let o = opts(ConsoleSpec::Serial);
+        assert_eq!(
+            error(&cfg, &o),
+            "no boot source: configure boot-source (kernel_image_path)"
+        );
+        assert!(matches!(
+            prepare_guest(&cfg, ProtocolChoice::Auto, ""),
+            Err(VmError::NoBootSource)
+        ));
+    }
+
+    #[test]
+    fn the_virtio_devices_must_fit_the_ioapic() {
+        // 18 drives and the rng fill the 19 pins (IRQ 5 to 23); a virtio-console is one more.
+        let drives = (0..18).map(|i| drive(&format!("d{i}"), false, false));
+        let cfg = config("", drives.collect());
+        assert!(VmBuilder::new(&cfg, &opts(ConsoleSpec::Serial)).is_ok());
+        let o = opts(ConsoleSpec::Virtio(VirtioConsoleHost::Stdio));
+        assert_eq!(
+            error(&cfg, &o),
+            "20 virtio devices: at most 19 fit the IOAPIC's pins"
+        );
+        assert!(matches!(
+            VmBuilder::new(&cfg, &o),
+            Err(VmError::TooManyDevices { count: 20, max: 19 })
+        ));
+    }
+
+    #[test]
+    fn duplicate_ids_and_roots_are_refused() {
+        let o = opts(ConsoleSpec::Serial);
+        let cfg = config("", vec![drive("a", false, false), drive("a", false, false)]);
+        assert!(error(&cfg, &o).contains("appears more than once"));
+        let cfg = config("", vec![drive("a", true, false), drive("b", true, false)]);
+        assert!(error(&cfg, &o).contains("is already the root device"));
+    }
+
+    #[test]
+    fn open_devices_refuses_a_missing_image() {
+        let path = "/nonexistent/cinder-builder-test/disk.img";
+        let mut d = drive("r", true, false);
+        d.path_on_host = path.into();
+        let cfg = config("", vec![d]);
+        let o = opts(ConsoleSpec::Serial);
+        let b = VmBuilder::new(&cfg, &o).unwrap();
+        let e = match b.open_devices(Box::new(std::io::sink()), &ctx()) {
+            Ok(_) => panic!("a missing image was opened"),
+            Err(e) => e,
+        };
+        assert!(
+            matches!(e, VmError::Drive { ref id, .. } if id == "r"),
+            "{e:?}"
+        );
+        let msg = e.to_string();
+        assert!(msg.starts_with("drive r: "), "{msg}");
+        assert!(
+            msg.contains(path) && msg.contains("does not exist"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_stdio_virtio_console_takes_the_console_output() {
+        let cfg = config("", vec![]);
+        let o = opts(ConsoleSpec::Virtio(VirtioConsoleHost::Stdio));
+        let b = VmBuilder::new(&cfg, &o).unwrap();
+        let open = b.open_devices(Box::new(std::io::sink()), &ctx()).unwrap();
+        assert!(open.console_out.is_none());
+        let names: Vec<&str> = open.virtio.iter().map(|(n, _, _)| n.as_str()).collect();
+        assert_eq!(names, ["rng", "console"]);
+        let o = opts(ConsoleSpec::Serial);
+        let b = VmBuilder::new(&cfg, &o).unwrap();
+        let open = b.open_devices(Box::new(std::io::sink()), &ctx()).unwrap();
+        assert!(open.console_out.is_some());
+    }
+}
