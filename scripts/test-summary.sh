@@ -8,6 +8,7 @@ log=${1:?usage: test-summary.sh LOG}
 awk '
 	# cargo: "     Running tests/api.rs (target/debug/deps/api-0123abcd)"
 	/^ *Running / { exe = $0; sub(/^ *Running /, "", exe); sub(/ \(.*/, "", exe) }
+	/^ *Doc-tests / { exe = "doc-tests of " $2 }
 	# run-test-bins.sh (nested lane): "[tests] probe_cinder-0123abcd under_cinder ..."
 	/^\[tests\] [^ ]+ / && $2 !~ /^(all|FAILED)$/ { exe = $2 }
 	/^test .* \.\.\. FAILED$/ {

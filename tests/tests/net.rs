@@ -20,10 +20,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use cinder_tests::cinder::{cinder_bin, require_kvm};
+use cinder_tests::http::{request, wait_for_socket};
 use cinder_tests::netns::{ping, NetNs};
 use cinder_tests::probe::{self, Status};
 use cinder_tests::qemu::{Microvm, DEFAULT_MACHINE};
 use cinder_tests::session::Session;
+use cinder_tests::tmp::TempDir;
 
 /// QEMU under TCG takes both cores: one guest at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -442,4 +444,112 @@ fn net_tap_errors() {
         1,
         "network-interfaces.iface_id: `x-y` is not a valid id",
     );
+}
+
+/// `PATCH /vm Paused` holds the devices, not only the vCPUs: frames that reach the TAP while
+/// the VM is paused stay out of guest memory (the device's `rx_frames` does not move) and are
+/// delivered, in order, after `Resumed` (the probe then answers them).
+#[test]
+fn net_frames_wait_while_paused_under_cinder() {
+    require_kvm();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let ns = NetNs::new();
+    let d = TempDir::new("netpause");
+    let sock = d.join("api.sock");
+    let metrics = d.join("metrics.json");
+    let cfg = d.file(
+        "vm.json",
+        format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}", "boot_args": "{CMDLINE}"}},
+                "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "{}",
+                                         "guest_mac": "02:00:0a:00:02:0f"}}],
+                "metrics": {{"metrics_path": "{}"}}}}"#,
+            probe::elf_path().display(),
+            ns.tap,
+            metrics.display()
+        )
+        .as_bytes(),
+    );
+    let mut c = Command::new(cinder_bin());
+    c.arg("--config-file")
+        .arg(&cfg)
+        .arg("--api-sock")
+        .arg(&sock);
+    let mut s = Session::start(ns.wrap(&c));
+    s.expect("PROBE net ready", Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}"));
+    wait_for_socket(&sock, Duration::from_secs(10)).unwrap_or_else(|e| panic!("{e}"));
+    let rx_frames = || -> u64 {
+        let body = r#"{"action_type": "FlushMetrics"}"#;
+        let r = request(&sock, "PUT", "/actions", Some(body));
+        assert_eq!(r.status, 204, "FlushMetrics: {r:?}");
+        let text = std::fs::read_to_string(&metrics).unwrap_or_default();
+        let last = text.lines().last().unwrap_or("{}");
+        let v: serde_json::Value = serde_json::from_str(last).unwrap_or_default();
+        v["net_eth0"]["rx_frames"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no net_eth0.rx_frames in {last}"))
+    };
+    let patch = |state: &str| {
+        let body = format!(r#"{{"state": "{state}"}}"#);
+        let r = request(&sock, "PATCH", "/vm", Some(&body));
+        assert_eq!(r.status, 204, "PATCH /vm {state}: {r:?}");
+    };
+
+    patch("Paused");
+    let before = rx_frames();
+    // The paused probe cannot answer ARP: the namespace gets a static entry for it.
+    let tap = ns.tap.clone();
+    let (udp, answered) = ns.run(move || {
+        cinder_tests::netns::sh(&[
+            "ip",
+            "neigh",
+            "replace",
+            "10.0.2.15",
+            "lladdr",
+            "02:00:0a:00:02:0f",
+            "dev",
+            &tap,
+        ]);
+        let udp = UdpSocket::bind(SocketAddrV4::new(HOST_IP, 0)).expect("bind 10.0.2.2");
+        udp.connect(SocketAddrV4::new(PROBE_IP, PORT))
+            .expect("connect");
+        for i in 0..5u8 {
+            udp.send(&[b'E', b'p', i]).expect("send while paused");
+        }
+        let mut buf = [0u8; 64];
+        let answered = recv_timeout(&udp, &mut buf, Duration::from_millis(700));
+        (udp, answered)
+    });
+    assert_eq!(answered, None, "the paused probe answered\n{}", s.log());
+    assert_eq!(
+        rx_frames(),
+        before,
+        "frames reached guest memory while the VM was paused\n{}",
+        s.log()
+    );
+
+    patch("Resumed");
+    let replies = ns.run(move || {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        while let Some(n) = recv_timeout(&udp, &mut buf, Duration::from_secs(5)) {
+            got.push(buf[..n].to_vec());
+            if got.len() == 5 {
+                break;
+            }
+        }
+        let _ = udp.send(b"X");
+        got
+    });
+    let want: Vec<Vec<u8>> = (0..5u8).map(|i| vec![b'e', b'p', i]).collect();
+    assert_eq!(
+        replies,
+        want,
+        "after Resumed the probe answers what waited\n{}",
+        s.log()
+    );
+    assert!(rx_frames() >= before + 5, "frames delivered after resume");
+    s.expect_line("PROBE DONE", Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
 }

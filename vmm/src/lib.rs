@@ -4,6 +4,7 @@ pub mod builder;
 pub mod bus;
 pub mod cmdline;
 pub mod console;
+pub mod device_loop;
 pub mod error;
 pub mod exit;
 pub mod kvm;

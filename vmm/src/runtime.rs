@@ -1,6 +1,7 @@
-//! The one event loop of a cinder process, in every mode: CLI flags, `--config-file`, and the
+//! The control loop of a cinder process, in every mode: CLI flags, `--config-file`, and the
 //! API socket. It owns the VM once started, serves API requests that arrive through the
 //! channel + EventFd from the API thread, handles signals, the guest's reset, and metrics.
+//! The devices run on their own loop ([`crate::device_loop`]), which pausing the VM parks.
 
 use std::io::Write;
 use std::os::unix::io::AsRawFd;
@@ -14,14 +15,13 @@ use api::controller::{Outcome, PreBootController};
 use api::handler::VmmEndpoint;
 use api::model::{ActionType, InstanceState, VmState};
 use api::routes::{ApiRequest, ApiResponse};
-use event_manager::{
-    EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberId, SubscriberOps,
-};
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::builder::VmBuilder;
 use crate::console::{spawn_console_writer, RawTerminal};
+use crate::device_loop::DeviceLoop;
 use crate::error::VmError;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::metrics::open_sink;
@@ -113,7 +113,7 @@ pub struct Runtime {
     metrics_path: Option<PathBuf>,
     metrics_sink: Option<(PathBuf, std::fs::File)>,
     console_thread: Option<std::thread::JoinHandle<()>>,
-    vm_subscribers: Vec<SubscriberId>,
+    devices: Option<DeviceLoop>,
     terminal: Option<RawTerminal>,
 }
 
@@ -171,7 +171,7 @@ impl Runtime {
             metrics_path,
             metrics_sink: None,
             console_thread: None,
-            vm_subscribers: Vec::new(),
+            devices: None,
             terminal: None,
         })
     }
@@ -202,8 +202,12 @@ impl Runtime {
             vm.shutdown();
             return Err(e);
         }
-        for s in vm.subscribers() {
-            self.vm_subscribers.push(self.em.add_subscriber(s));
+        match DeviceLoop::start(vm.subscribers(), self.ctx.exit.clone()) {
+            Ok(d) => self.devices = Some(d),
+            Err(e) => {
+                vm.shutdown();
+                return Err(e);
+            }
         }
         self.vm = Some(vm);
         Ok(())
@@ -276,10 +280,10 @@ impl Runtime {
         if let Some(vm) = self.vm.take() {
             vm.shutdown();
         }
-        // Drop the event loop's references to the devices, so the UART's end of the console
-        // channel goes away with them.
-        for id in self.vm_subscribers.drain(..) {
-            let _ = self.em.remove_subscriber(id);
+        // Stopping the device loop drops its references to the devices, so the UART's end of
+        // the console channel goes away with them.
+        if let Some(d) = self.devices.take() {
+            d.stop();
         }
         // The VM is gone, so is the UART's end of the console channel: let the writer finish
         // what the guest printed last (bounded: 2 s, the reader may be stalled).
@@ -361,11 +365,20 @@ impl Runtime {
                 let Some(vm) = self.vm.as_ref() else {
                     return ApiResponse::error(400, "the microVM is not running");
                 };
+                // Paused: the vCPUs first (no new queue kicks), then the device loop, so no
+                // device touches guest memory until Resumed (devices first, then vCPUs).
+                let devices = self.devices.as_ref();
                 let (res, new_state) = match state {
-                    VmState::Paused => {
-                        (vm.pause().map_err(|e| e.to_string()), InstanceState::Paused)
-                    }
+                    VmState::Paused => (
+                        vm.pause()
+                            .and_then(|()| devices.map_or(Ok(()), DeviceLoop::pause))
+                            .map_err(|e| e.to_string()),
+                        InstanceState::Paused,
+                    ),
                     VmState::Resumed => {
+                        if let Some(d) = devices {
+                            d.resume();
+                        }
                         vm.resume();
                         (Ok(()), InstanceState::Running)
                     }
