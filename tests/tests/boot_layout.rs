@@ -5,13 +5,13 @@
 
 use std::path::{Path, PathBuf};
 
+use api::config::{BootSourceConfig, MachineConfig, VmConfig};
 use arch::layout::{CMDLINE_START, MPTABLE_START, PVH_INFO_START, ZERO_PAGE_START};
 use arch::loader::{BootProtocol, ProtocolChoice};
 use cinder_tests::guest::GuestDir;
 use linux_loader::loader::bootparam::boot_params;
 use linux_loader::loader::elf::start_info::{hvm_modlist_entry, hvm_start_info};
 use vm_memory::{Bytes, GuestAddress};
-use vmm::api::config::{BootSourceConfig, MachineConfig, VmConfig};
 use vmm::builder::prepare_guest;
 use vmm::cmdline::guest_cmdline;
 use vmm::options::ConsoleSpec;

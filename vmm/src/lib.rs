@@ -15,7 +15,3 @@ pub mod runtime;
 pub mod signal;
 pub mod vcpu;
 pub mod vm;
-
-/// The configuration crate whose [`api::config::VmConfig`] the builder takes, re-exported for
-/// crates that build a configuration without depending on `api` themselves.
-pub use api;
