@@ -10,9 +10,18 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// A monotonically increasing counter.
+use serde::{Serialize, Serializer};
+use serde_json::{Map, Value};
+
+/// A monotonically increasing counter (serialised as its current value).
 #[derive(Default)]
 pub struct Counter(AtomicU64);
+
+impl Serialize for Counter {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.get())
+    }
+}
 
 impl Counter {
     /// Adds `n`.
@@ -30,7 +39,7 @@ impl Counter {
 }
 
 /// vCPU exit counters.
-#[derive(Default)]
+#[derive(Default, Serialize)]
 pub struct VcpuMetrics {
     /// Port reads.
     pub exit_io_in: Counter,
@@ -47,7 +56,7 @@ pub struct VcpuMetrics {
 }
 
 /// API counters.
-#[derive(Default)]
+#[derive(Default, Serialize)]
 pub struct ApiMetrics {
     /// Requests handled by the VMM.
     pub requests: Counter,
@@ -69,36 +78,40 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// One JSON object (no trailing newline), with extra device sections appended.
-    pub fn to_json(&self, devices: &[(String, String)]) -> String {
+    /// One JSON object (no trailing newline), with the device sections (`name`, its counters
+    /// as a JSON object) appended.
+    pub fn to_json(&self, devices: &[(String, Value)]) -> String {
+        #[derive(Serialize)]
+        struct Own<'a> {
+            flushes: &'a Counter,
+            sink_errors: &'a Counter,
+        }
         let ts = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0);
-        let v = &self.vcpu;
-        let mut s = format!(
-            "{{\"utc_timestamp_ms\":{ts},\"vcpu\":{{\"exit_io_in\":{},\"exit_io_out\":{},\"exit_mmio_read\":{},\"exit_mmio_write\":{},\"unhandled\":{},\"failures\":{}}},\"api_server\":{{\"requests\":{},\"errors\":{}}},\"metrics\":{{\"flushes\":{},\"sink_errors\":{}}}",
-            v.exit_io_in.get(),
-            v.exit_io_out.get(),
-            v.exit_mmio_read.get(),
-            v.exit_mmio_write.get(),
-            v.unhandled.get(),
-            v.failures.get(),
-            self.api.requests.get(),
-            self.api.errors.get(),
-            self.flushes.get(),
-            self.sink_errors.get(),
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let mut m = Map::new();
+        m.insert("utc_timestamp_ms".into(), Value::from(ts));
+        let mut put = |k: &str, v: Result<Value, serde_json::Error>| {
+            m.insert(k.into(), v.unwrap_or(Value::Null));
+        };
+        put("vcpu", serde_json::to_value(&self.vcpu));
+        put("api_server", serde_json::to_value(&self.api));
+        put(
+            "metrics",
+            serde_json::to_value(Own {
+                flushes: &self.flushes,
+                sink_errors: &self.sink_errors,
+            }),
         );
-        for (name, json) in devices {
-            s.push_str(&format!(",\"{name}\":{json}"));
+        for (name, v) in devices {
+            m.insert(name.clone(), v.clone());
         }
-        s.push('}');
-        s
+        Value::Object(m).to_string()
     }
 
     /// Appends one line to `sink` (see [`open_sink`]). A reader that does not keep up loses
     /// lines; cinder never blocks on it.
-    pub fn flush_to(&self, sink: &mut File, devices: &[(String, String)]) -> std::io::Result<()> {
+    pub fn flush_to(&self, sink: &mut File, devices: &[(String, Value)]) -> std::io::Result<()> {
         self.flushes.inc();
         let line = self.to_json(devices) + "\n";
         let res = sink.write_all(line.as_bytes());
@@ -131,7 +144,7 @@ mod tests {
         let m = Metrics::default();
         m.vcpu.exit_io_out.add(3);
         m.api.requests.inc();
-        let json = m.to_json(&[("block_rootfs".into(), "{\"reads\":2}".into())]);
+        let json = m.to_json(&[("block_rootfs".into(), serde_json::json!({"reads": 2}))]);
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(v["vcpu"]["exit_io_out"], 3);
         assert_eq!(v["api_server"]["requests"], 1);

@@ -146,7 +146,7 @@ impl Vmm {
     }
 
     /// Per-device metrics sections (cumulative counters), as JSON objects.
-    pub fn device_metrics(&self) -> Vec<(String, String)> {
+    pub fn device_metrics(&self) -> Vec<(String, serde_json::Value)> {
         fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
             match m.lock() {
                 Ok(g) => g,
@@ -158,20 +158,22 @@ impl Vmm {
             let s = lock(dev).stats();
             out.push((
                 format!("block_{id}"),
-                format!(
-                    "{{\"reads\":{},\"writes\":{},\"flushes\":{},\"discards\":{},\"write_zeroes\":{},\"read_bytes\":{},\"write_bytes\":{},\"errors\":{}}}",
-                    s.reads, s.writes, s.flushes, s.discards, s.write_zeroes, s.read_bytes, s.write_bytes, s.errors
-                ),
+                serde_json::json!({
+                    "reads": s.reads, "writes": s.writes, "flushes": s.flushes,
+                    "discards": s.discards, "write_zeroes": s.write_zeroes,
+                    "read_bytes": s.read_bytes, "write_bytes": s.write_bytes, "errors": s.errors,
+                }),
             ));
         }
         for (id, dev) in &self.nets {
             let s = lock(dev).stats();
             out.push((
                 format!("net_{id}"),
-                format!(
-                    "{{\"rx_frames\":{},\"rx_bytes\":{},\"rx_dropped\":{},\"rx_bad_chains\":{},\"tx_frames\":{},\"tx_bytes\":{},\"tx_dropped\":{}}}",
-                    s.rx_frames, s.rx_bytes, s.rx_dropped, s.rx_bad_chains, s.tx_frames, s.tx_bytes, s.tx_dropped
-                ),
+                serde_json::json!({
+                    "rx_frames": s.rx_frames, "rx_bytes": s.rx_bytes, "rx_dropped": s.rx_dropped,
+                    "rx_bad_chains": s.rx_bad_chains, "tx_frames": s.tx_frames,
+                    "tx_bytes": s.tx_bytes, "tx_dropped": s.tx_dropped,
+                }),
             ));
         }
         out
