@@ -23,7 +23,7 @@ use devices::virtio::console::{Console as VirtioConsole, ConsoleInput as VirtioC
 use devices::virtio::net::{generate_mac, Net, NetConfig, DEFAULT_MTU};
 use devices::virtio::rng::Rng;
 use devices::virtio::vsock::{Vsock, VsockConfig};
-use devices::virtio::{mmio, MmioTransport, VirtioDevice};
+use devices::virtio::{mmio, MmioTransport, VirtioDevice, VirtioEventDevice};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -48,9 +48,9 @@ pub struct VmBuilder<'a> {
     cmdline: String,
 }
 
-/// A virtio device opened before boot: its name (for errors), the device for its transport,
-/// and the same device as an event-loop subscriber.
-type NewVirtio = (String, Arc<Mutex<dyn VirtioDevice>>, Subscriber);
+/// A virtio device opened before boot: its name (for errors) and the device, which is both
+/// its transport's device and an event-loop subscriber.
+type NewVirtio = (String, Arc<Mutex<dyn VirtioEventDevice>>);
 
 /// The devices' host sides, opened before anything else.
 struct OpenDevices {
@@ -165,8 +165,7 @@ impl<'a> VmBuilder<'a> {
             })?;
             let dev = Arc::new(Mutex::new(blk));
             open.blocks.push((d.drive_id.clone(), dev.clone()));
-            open.virtio
-                .push((format!("drive {}", d.drive_id), dev.clone(), dev));
+            open.virtio.push((format!("drive {}", d.drive_id), dev));
         }
         for n in &self.cfg.net {
             let mac = n.guest_mac.map(|m| m.0).unwrap_or_else(|| {
@@ -183,20 +182,17 @@ impl<'a> VmBuilder<'a> {
             })?;
             let dev = Arc::new(Mutex::new(net));
             open.nets.push((n.iface_id.clone(), dev.clone()));
-            open.virtio.push((
-                format!("network interface {}", n.iface_id),
-                dev.clone(),
-                dev,
-            ));
+            open.virtio
+                .push((format!("network interface {}", n.iface_id), dev));
         }
         if self.cfg.entropy.is_some() {
             let dev = Arc::new(Mutex::new(Rng::new().map_err(VmError::Rng)?));
-            open.virtio.push(("rng".into(), dev.clone(), dev));
+            open.virtio.push(("rng".into(), dev));
         }
         if let ConsoleSpec::Virtio(host) = &self.opts.console {
             let con = open_virtio_console(host, &mut open.console_out, ctx)?;
             let dev = Arc::new(Mutex::new(con));
-            open.virtio.push(("console".into(), dev.clone(), dev));
+            open.virtio.push(("console".into(), dev));
         }
         if let Some(v) = &self.cfg.vsock {
             let cfg = VsockConfig {
@@ -205,7 +201,7 @@ impl<'a> VmBuilder<'a> {
             };
             cfg.validate().map_err(VmError::Vsock)?;
             let dev = Arc::new(Mutex::new(Vsock::new(&cfg).map_err(VmError::Vsock)?));
-            open.virtio.push(("vsock".into(), dev.clone(), dev));
+            open.virtio.push(("vsock".into(), dev));
         }
         Ok(open)
     }
@@ -490,9 +486,9 @@ fn attach_virtio_devices(
     subscribers: &mut Vec<Subscriber>,
 ) -> Result<Bus, VmError> {
     let mut mmio = Bus::new();
-    for (slot, (name, dev, sub)) in virtio.into_iter().enumerate() {
-        attach_virtio(vm, mem, &mut mmio, slot, &name, dev)?;
-        subscribers.push(sub);
+    for (slot, (name, dev)) in virtio.into_iter().enumerate() {
+        attach_virtio(vm, mem, &mut mmio, slot, &name, dev.clone())?;
+        subscribers.push(dev);
     }
     Ok(mmio)
 }
@@ -650,7 +646,7 @@ mod tests {
         let b = VmBuilder::new(&cfg, &o).unwrap();
         let open = b.open_devices(Box::new(std::io::sink()), &ctx()).unwrap();
         assert!(open.console_out.is_none());
-        let names: Vec<&str> = open.virtio.iter().map(|(n, _, _)| n.as_str()).collect();
+        let names: Vec<&str> = open.virtio.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["rng", "console"]);
         let o = opts(ConsoleSpec::Serial);
         let b = VmBuilder::new(&cfg, &o).unwrap();

@@ -141,6 +141,13 @@ pub trait VirtioDevice: Send {
     fn is_activated(&self) -> bool;
 }
 
+/// A virtio device model that is also its own event-loop half: the one object a VMM opens,
+/// then hands to the transport (as a [`VirtioDevice`]) and to the event loop (as an
+/// [`event_manager::MutEventSubscriber`]). Every device model here is one.
+pub trait VirtioEventDevice: VirtioDevice + event_manager::MutEventSubscriber {}
+
+impl<T: VirtioDevice + event_manager::MutEventSubscriber> VirtioEventDevice for T {}
+
 /// Copy `data.len()` bytes of `config` at `offset` into `data`; bytes past the end of `config`
 /// are left as they are (zero). Never panics.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
