@@ -182,7 +182,7 @@ fn blk_pattern(vmm: Vmm) {
     let s = Scratch::new("pattern");
     let (w, r, r_content) = images(&s);
     let cmdline = format!("probe.run=blk probe.blk_seed={SEED}");
-    let run = vmm(&cmdline, &[(&w, "probe-w", false), (&r, "probe-r", true)]);
+    let run = vmm(&cmdline, &[(&w, "probe_w", false), (&r, "probe_r", true)]);
     run.ensure(run.log.done == Some((1, 1)), "expected PROBE DONE 1/1");
     run.ensure(run.r.code() == Some(0), "exit code 0");
     run.ensure(run.check("blk").status == Status::Ok, "blk not ok");
@@ -200,14 +200,14 @@ fn blk_pattern(vmm: Vmm) {
         get(wdev, "cap") == Some(&((W_MIB << 20) / 512).to_string()),
         "writable capacity",
     );
-    run.ensure(get(wdev, "id") == Some("probe-w"), "writable serial");
+    run.ensure(get(wdev, "id") == Some("probe_w"), "writable serial");
     run.ensure(get(wdev, "written") == Some(&W_MIB.to_string()), "written");
     run.ensure(get(wdev, "flush") == Some("ok"), "flush");
     run.ensure(
         get(rdev, "cap") == Some(&((R_MIB << 20) / 512).to_string()),
         "read-only capacity",
     );
-    run.ensure(get(rdev, "id") == Some("probe-r"), "read-only serial");
+    run.ensure(get(rdev, "id") == Some("probe_r"), "read-only serial");
     run.ensure(
         get(rdev, "hash") == Some(&format!("{:#018x}", fnv1a(&r_content))),
         "the probe read the read-only disk's content",
@@ -285,7 +285,7 @@ fn punches_holes(s: &Scratch) -> bool {
 fn blk_discard(vmm: Vmm, s: &Scratch) -> (Run, Vec<(String, String)>, PathBuf) {
     let (w, r, r_content) = images(s);
     let cmdline = format!("probe.run=blkdiscard probe.blk_seed={SEED}");
-    let run = vmm(&cmdline, &[(&w, "probe-w", false), (&r, "probe-r", true)]);
+    let run = vmm(&cmdline, &[(&w, "probe_w", false), (&r, "probe_r", true)]);
     run.ensure(run.log.done == Some((1, 1)), "expected PROBE DONE 1/1");
     run.ensure(run.r.code() == Some(0), "exit code 0");
     run.ensure(

@@ -13,8 +13,7 @@ use linux_loader::loader::bootparam::boot_params;
 use linux_loader::loader::elf::start_info::{hvm_modlist_entry, hvm_start_info};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::builder::prepare_guest;
-use vmm::cmdline::guest_cmdline;
-use vmm::options::ConsoleSpec;
+use vmm::cmdline::{user_cmdline, GuestCmdline};
 
 fn config(kernel: PathBuf, initrd: &Path, mib: usize) -> VmConfig {
     VmConfig {
@@ -32,8 +31,11 @@ fn config(kernel: PathBuf, initrd: &Path, mib: usize) -> VmConfig {
     }
 }
 
+/// The command line cinder gives a configuration without virtio devices.
 fn cmdline(cfg: &VmConfig) -> String {
-    guest_cmdline(cfg, &ConsoleSpec::Serial)
+    GuestCmdline::new(user_cmdline(cfg))
+        .and_then(GuestCmdline::finish)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn initrd_in_memory(mem: &arch::GuestMemoryMmap, addr: u64, file: &Path) {

@@ -30,7 +30,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::Bus;
-use crate::cmdline::{guest_cmdline, virtio_count, virtio_slot, MAX_VIRTIO_DEVICES};
+use crate::cmdline::{user_cmdline, virtio_count, virtio_slot, GuestCmdline, MAX_VIRTIO_DEVICES};
 use crate::console::ConsoleInput;
 use crate::error::{os, vm_ioctl, VmError};
 use crate::options::{ConsoleSpec, CpuTemplate, VirtioConsoleHost, VmmOptions};
@@ -45,7 +45,6 @@ pub const KBD_IRQ: u32 = 1;
 pub struct VmBuilder<'a> {
     cfg: &'a VmConfig,
     opts: &'a VmmOptions,
-    cmdline: String,
 }
 
 /// A virtio device opened before boot: its name (for errors) and the device, which is both
@@ -74,31 +73,31 @@ struct LegacyDevices {
 
 impl<'a> VmBuilder<'a> {
     /// Checks `cfg` and `opts` together, without opening anything: a boot source is there, the
-    /// configuration keeps its own rules, the virtio devices fit the IOAPIC; and composes the
-    /// guest's command line.
+    /// configuration keeps its own rules, the virtio devices fit the IOAPIC, the command line
+    /// is one linux-loader takes.
     pub fn new(cfg: &'a VmConfig, opts: &'a VmmOptions) -> Result<Self, VmError> {
         if cfg.boot_source.is_none() {
             return Err(VmError::NoBootSource);
         }
         cfg.validate()?;
         check_device_count(cfg, &opts.console)?;
-        Ok(VmBuilder {
-            cfg,
-            opts,
-            cmdline: guest_cmdline(cfg, &opts.console),
-        })
-    }
-
-    /// The command line the guest gets.
-    pub fn cmdline(&self) -> &str {
-        &self.cmdline
+        GuestCmdline::new(user_cmdline(cfg))?;
+        Ok(VmBuilder { cfg, opts })
     }
 
     /// Builds the VM (vCPUs created, not running), with the serial console writing to
-    /// `console_out`.
+    /// `console_out`. Everything up to the command line in guest memory needs no KVM.
     pub fn build(self, console_out: Box<dyn Write + Send>, ctx: VmContext) -> Result<Vmm, VmError> {
         let mut devices = self.open_devices(console_out, &ctx)?;
-        let guest = prepare_guest(self.cfg, self.opts.boot_protocol, &self.cmdline)?;
+        let guest = load_guest(self.cfg, self.opts.boot_protocol)?;
+        let mut cmdline = GuestCmdline::new(user_cmdline(self.cfg))?;
+        let virtio = place_virtio_devices(&guest.mem, devices.virtio, &mut cmdline)?;
+        if let Some(i) = self.cfg.drives.iter().position(|d| d.is_root_device) {
+            // Drives take the first slots, in order: the root drive is the ith virtio disk.
+            cmdline.add_root(i, self.cfg.drives[i].is_read_only)?;
+        }
+        let cmdline = cmdline.finish()?;
+        finish_guest(&guest, self.cfg, &cmdline)?;
         let kvm = self.open_kvm()?;
         let vm = create_vm(&kvm, &guest.mem)?;
         let serial_out = self.opts.console.serial_enabled().then(|| {
@@ -108,8 +107,9 @@ impl<'a> VmBuilder<'a> {
                 .unwrap_or_else(|| Box::new(std::io::sink()))
         });
         let legacy = attach_legacy_devices(&vm, serial_out, &ctx)?;
+        wire_virtio_devices(&vm, &virtio.placed)?;
         let mut subscribers: Vec<Subscriber> = legacy.serial_input.into_iter().collect();
-        let mmio = attach_virtio_devices(&vm, &guest.mem, devices.virtio, &mut subscribers)?;
+        subscribers.extend(virtio.subscribers);
         let vcpus = self.create_vcpus(&kvm, &vm, &guest)?;
         log::info!(
             "VM ready: {} vCPU, {} MiB, {:?} entry at {:#x}, cmdline {:?}",
@@ -117,7 +117,7 @@ impl<'a> VmBuilder<'a> {
             self.cfg.machine.mem_size_mib,
             guest.kernel.protocol,
             guest.kernel.entry.0,
-            self.cmdline
+            cmdline
         );
         Ok(Vmm {
             vcpu_count: vcpus.len(),
@@ -125,7 +125,7 @@ impl<'a> VmBuilder<'a> {
             threads: Vec::new(),
             control: Arc::new(VcpuControl::default()),
             pio: Arc::new(legacy.pio),
-            mmio: Arc::new(mmio),
+            mmio: Arc::new(virtio.bus),
             subscribers,
             blocks: devices.blocks,
             nets: devices.nets,
@@ -325,13 +325,20 @@ fn host_phys_bits() -> u32 {
 }
 
 /// Maps guest memory for `cfg`'s machine and loads its boot source (kernel by `protocol`,
-/// initrd), with `cmdline` as the command line, the boot information and the MP table.
-/// Needs no KVM.
+/// initrd), with `cmdline` as the command line, the boot information and the MP table: what
+/// [`VmBuilder::build`] does before KVM, for a given command line. Needs no KVM.
 pub fn prepare_guest(
     cfg: &VmConfig,
     protocol: ProtocolChoice,
     cmdline: &str,
 ) -> Result<PreparedGuest, VmError> {
+    let guest = load_guest(cfg, protocol)?;
+    finish_guest(&guest, cfg, cmdline)?;
+    Ok(guest)
+}
+
+/// Maps guest memory for `cfg`'s machine and loads the kernel (by `protocol`) and the initrd.
+fn load_guest(cfg: &VmConfig, protocol: ProtocolChoice) -> Result<PreparedGuest, VmError> {
     let boot = cfg.boot_source.as_ref().ok_or(VmError::NoBootSource)?;
     let vcpus = cfg.machine.vcpu_count;
     let mib = cfg.machine.mem_size_mib as u64;
@@ -369,7 +376,6 @@ pub fn prepare_guest(
         layout::low_ram_end(mem_size),
         protocol,
     )?;
-    let cmdline_len = write_cmdline(&mem, &kernel, cmdline)?;
     let initrd = match &boot.initrd_path {
         None => None,
         Some(path) => {
@@ -390,13 +396,27 @@ pub fn prepare_guest(
             Some(placement)
         }
     };
-    write_boot_info(&mem, mem_size, &kernel, cmdline_len, initrd)?;
-    setup_mptable(&mem, vcpus)?;
     Ok(PreparedGuest {
         mem,
         kernel,
         initrd,
     })
+}
+
+/// Writes the command line (its length checked against the guest's limit), the boot
+/// information and the MP table into the loaded guest.
+fn finish_guest(guest: &PreparedGuest, cfg: &VmConfig, cmdline: &str) -> Result<(), VmError> {
+    let mem_size = (cfg.machine.mem_size_mib as u64).saturating_mul(MIB);
+    let cmdline_len = write_cmdline(&guest.mem, &guest.kernel, cmdline)?;
+    write_boot_info(
+        &guest.mem,
+        mem_size,
+        &guest.kernel,
+        cmdline_len,
+        guest.initrd,
+    )?;
+    setup_mptable(&guest.mem, cfg.machine.vcpu_count)?;
+    Ok(())
 }
 
 /// Creates the VM: in-kernel irqchip and PIT, TSS and identity map, memory slots.
@@ -477,50 +497,80 @@ fn attach_legacy_devices(
     })
 }
 
-/// Puts every virtio device in its slot on a new MMIO bus, in order, and adds each to
-/// `subscribers`.
-fn attach_virtio_devices(
-    vm: &VmFd,
-    mem: &GuestMemoryMmap,
-    virtio: Vec<NewVirtio>,
-    subscribers: &mut Vec<Subscriber>,
-) -> Result<Bus, VmError> {
-    let mut mmio = Bus::new();
-    for (slot, (name, dev)) in virtio.into_iter().enumerate() {
-        attach_virtio(vm, mem, &mut mmio, slot, &name, dev.clone())?;
-        subscribers.push(dev);
-    }
-    Ok(mmio)
+/// The virtio devices in their slots: the MMIO bus with their transports, what KVM must be
+/// told about each, and the devices as event-loop subscribers.
+struct PlacedVirtio {
+    bus: Bus,
+    placed: Vec<Placed>,
+    subscribers: Vec<Subscriber>,
 }
 
-/// Puts a virtio device in MMIO slot `slot`: its transport on the bus, an irqfd for its IRQ,
-/// and an ioeventfd per queue at the notify register (a kick never exits to userspace).
-fn attach_virtio(
-    vm: &VmFd,
-    mem: &GuestMemoryMmap,
-    mmio_bus: &mut Bus,
+/// One virtio device in slot `slot`, not yet wired to KVM.
+struct Placed {
+    name: String,
     slot: usize,
-    name: &str,
-    dev: Arc<Mutex<dyn VirtioDevice>>,
-) -> Result<(), VmError> {
-    let (base, irq) = virtio_slot(slot);
-    let irqfd = efd()?;
-    vm.register_irqfd(&irqfd, irq)
-        .map_err(vm_ioctl(format!("KVM_IRQFD ({name})")))?;
-    let transport =
-        MmioTransport::new(mem.clone(), dev, irqfd).map_err(|e| VmError::Transport {
-            id: name.to_string(),
-            why: e.to_string(),
+    irqfd: Arc<EventFd>,
+    transport: Arc<Mutex<MmioTransport>>,
+}
+
+/// Puts every virtio device in its slot, in order: its transport (raising its interrupt
+/// through a new irqfd) on a new MMIO bus, and its `virtio_mmio.device=` entry on the command
+/// line, in the same step so the two cannot disagree. Needs no KVM.
+fn place_virtio_devices(
+    mem: &GuestMemoryMmap,
+    virtio: Vec<NewVirtio>,
+    cmdline: &mut GuestCmdline,
+) -> Result<PlacedVirtio, VmError> {
+    let mut out = PlacedVirtio {
+        bus: Bus::new(),
+        placed: Vec::with_capacity(virtio.len()),
+        subscribers: Vec::with_capacity(virtio.len()),
+    };
+    for (slot, (name, dev)) in virtio.into_iter().enumerate() {
+        let (base, _) = virtio_slot(slot);
+        let irqfd = efd()?;
+        let as_device: Arc<Mutex<dyn VirtioDevice>> = dev.clone();
+        let transport = MmioTransport::new(mem.clone(), as_device, irqfd.clone()).map_err(|e| {
+            VmError::Transport {
+                id: name.clone(),
+                why: e.to_string(),
+            }
         })?;
-    for (q, evt) in transport.queue_evts().iter().enumerate() {
-        vm.register_ioevent(
-            evt,
-            &IoEventAddress::Mmio(base + mmio::NOTIFY_REG_OFFSET),
-            q as u32,
-        )
-        .map_err(vm_ioctl(format!("KVM_IOEVENTFD ({name} queue {q})")))?;
+        let transport = Arc::new(Mutex::new(transport));
+        out.bus.insert(transport.clone(), base, mmio::MMIO_SIZE)?;
+        cmdline.add_virtio_device(slot)?;
+        out.subscribers.push(dev);
+        out.placed.push(Placed {
+            name,
+            slot,
+            irqfd,
+            transport,
+        });
     }
-    mmio_bus.insert(Arc::new(Mutex::new(transport)), base, mmio::MMIO_SIZE)?;
+    Ok(out)
+}
+
+/// Tells KVM about each placed virtio device: an irqfd for its IRQ, and an ioeventfd per queue
+/// at its QueueNotify register (a kick never exits to userspace).
+fn wire_virtio_devices(vm: &VmFd, placed: &[Placed]) -> Result<(), VmError> {
+    for p in placed {
+        let (base, irq) = virtio_slot(p.slot);
+        let name = &p.name;
+        vm.register_irqfd(&p.irqfd, irq)
+            .map_err(vm_ioctl(format!("KVM_IRQFD ({name})")))?;
+        let transport = match p.transport.lock() {
+            Ok(t) => t,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for (q, evt) in transport.queue_evts().iter().enumerate() {
+            vm.register_ioevent(
+                evt,
+                &IoEventAddress::Mmio(base + mmio::NOTIFY_REG_OFFSET),
+                q as u32,
+            )
+            .map_err(vm_ioctl(format!("KVM_IOEVENTFD ({name} queue {q})")))?;
+        }
+    }
     Ok(())
 }
 
@@ -563,15 +613,32 @@ mod tests {
     }
 
     #[test]
-    fn the_builder_composes_the_command_line() {
-        let cfg = config("quiet -- x", vec![drive("r", true, true)]);
-        let o = opts(ConsoleSpec::Serial);
+    fn placing_the_devices_writes_the_command_line() {
+        // rng and a virtio-console, opened for real (no KVM needed), placed in slots 0 and 1.
+        let cfg = config("quiet -- x", vec![]);
+        let o = opts(ConsoleSpec::Virtio(VirtioConsoleHost::Stdio));
         let b = VmBuilder::new(&cfg, &o).unwrap();
+        let open = b.open_devices(Box::new(std::io::sink()), &ctx()).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut line = GuestCmdline::new(user_cmdline(&cfg)).unwrap();
+        let placed = place_virtio_devices(&mem, open.virtio, &mut line).unwrap();
+        assert_eq!(placed.placed.len(), 2);
+        assert_eq!(placed.subscribers.len(), 2);
         assert_eq!(
-            b.cmdline(),
-            "quiet virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 \
-             root=/dev/vda ro -- x"
+            line.finish().unwrap(),
+            "quiet virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 -- x"
         );
+        // Slot 1's transport answers at its window: the magic value "virt".
+        let mut magic = [0u8; 4];
+        placed.bus.read(0xd000_1000, &mut magic);
+        assert_eq!(&magic, b"virt");
+    }
+
+    #[test]
+    fn a_command_line_linux_loader_refuses_is_refused_early() {
+        let cfg = config("quiet\u{7f}", vec![]);
+        let e = error(&cfg, &opts(ConsoleSpec::Serial));
+        assert!(e.contains("printable ASCII"), "{e}");
     }
 
     #[test]

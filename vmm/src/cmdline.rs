@@ -6,6 +6,8 @@
 
 use api::config::VmConfig;
 use arch::layout;
+use linux_loader::cmdline::Cmdline;
+use vm_memory::GuestAddress;
 
 use crate::options::ConsoleSpec;
 
@@ -20,6 +22,9 @@ pub fn virtio_slot(i: usize) -> (u64, u32) {
     )
 }
 
+/// The size of one virtio-mmio window.
+const VIRTIO_MMIO_SIZE: u64 = layout::VIRTIO_MMIO_SIZE;
+
 /// How many virtio slots there are: one per IOAPIC pin from `IRQ_BASE` to `IRQ_MAX`.
 pub const MAX_VIRTIO_DEVICES: usize = (layout::IRQ_MAX - layout::IRQ_BASE + 1) as usize;
 
@@ -33,50 +38,76 @@ pub fn virtio_count(cfg: &VmConfig, console: &ConsoleSpec) -> usize {
         + usize::from(cfg.vsock.is_some())
 }
 
-/// The command line the guest gets for `cfg`: the configured one (or [`DEFAULT_CMDLINE`]),
-/// with one `virtio_mmio.device=` per virtio device and the root device before init's
-/// arguments.
-pub fn guest_cmdline(cfg: &VmConfig, console: &ConsoleSpec) -> String {
-    let user = cfg
-        .boot_source
+/// The configured command line, or [`DEFAULT_CMDLINE`].
+pub fn user_cmdline(cfg: &VmConfig) -> &str {
+    cfg.boot_source
         .as_ref()
         .and_then(|b| b.boot_args.as_deref())
-        .unwrap_or(DEFAULT_CMDLINE);
-    let root = cfg
-        .drives
-        .iter()
-        .enumerate()
-        .find(|(_, d)| d.is_root_device)
-        .map(|(i, d)| (i, d.is_read_only));
-    compose(user, virtio_count(cfg, console), root)
+        .unwrap_or(DEFAULT_CMDLINE)
 }
 
-/// `user` with `virtio_devices` slots and the root drive (its index among the drives, and
-/// whether it is read-only) inserted before init's arguments.
-fn compose(user: &str, virtio_devices: usize, root: Option<(usize, bool)>) -> String {
-    // Kernel parameters go before a `--`: what follows it is init's.
-    let user = user.trim();
-    let (kernel_part, init_part) = match init_args_start(user) {
-        Some(i) => (&user[..i], Some(&user[i..])),
-        None => (user, None),
-    };
-    let mut c = kernel_part.trim().to_string();
-    for i in 0..virtio_devices {
-        let (base, irq) = virtio_slot(i);
-        c.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+/// Why a command line could not be built (linux-loader refuses what is not printable ASCII).
+#[derive(Debug, thiserror::Error)]
+#[error("kernel command line: {0} (it takes printable ASCII only)")]
+pub struct CmdlineError(#[source] pub linux_loader::cmdline::Error);
+
+/// The guest's kernel command line, built as the VM is put together (linux-loader's
+/// `Cmdline`): the user's kernel parameters first, then a `virtio_mmio.device=` entry for
+/// each virtio device as it is placed in its slot, then the root device, and init's
+/// arguments (what followed the user's first `--` outside double quotes) last.
+pub struct GuestCmdline {
+    line: Cmdline,
+    init: String,
+}
+
+/// Room for the builder; the guest's real limit (2048 bytes) is checked, with its own
+/// message, when the line is written into guest memory.
+const BUILD_CAPACITY: usize = 1 << 20;
+
+impl GuestCmdline {
+    /// Starts from the user's command line `user`.
+    pub fn new(user: &str) -> Result<Self, CmdlineError> {
+        let user = user.trim();
+        let (kernel_part, init) = match init_args_start(user) {
+            Some(i) => (&user[..i], user[i + 2..].trim()),
+            None => (user, ""),
+        };
+        let mut line = Cmdline::new(BUILD_CAPACITY).map_err(CmdlineError)?;
+        if !kernel_part.trim().is_empty() {
+            line.insert_str(kernel_part).map_err(CmdlineError)?;
+        }
+        Ok(GuestCmdline {
+            line,
+            init: init.to_string(),
+        })
     }
-    if let Some((i, read_only)) = root {
-        c.push_str(&format!(
-            " root=/dev/{} {}",
-            virtio_disk_name(i),
-            if read_only { "ro" } else { "rw" }
-        ));
+
+    /// Announces the virtio device just placed in slot `slot`.
+    pub fn add_virtio_device(&mut self, slot: usize) -> Result<(), CmdlineError> {
+        let (base, irq) = virtio_slot(slot);
+        self.line
+            .add_virtio_mmio_device(VIRTIO_MMIO_SIZE, GuestAddress(base), irq, None)
+            .map_err(CmdlineError)
     }
-    if let Some(init) = init_part {
-        c.push(' ');
-        c.push_str(init);
+
+    /// Boots from the `index`th virtio disk (`root=/dev/vdX`, `ro` or `rw`).
+    pub fn add_root(&mut self, index: usize, read_only: bool) -> Result<(), CmdlineError> {
+        let mode = if read_only { "ro" } else { "rw" };
+        self.line
+            .insert_str(format!("root=/dev/{} {mode}", virtio_disk_name(index)))
+            .map_err(CmdlineError)
     }
-    c.trim().to_string()
+
+    /// The finished command line.
+    pub fn finish(mut self) -> Result<String, CmdlineError> {
+        if !self.init.is_empty() {
+            self.line
+                .insert_init_args(&self.init)
+                .map_err(CmdlineError)?;
+        }
+        let c = self.line.as_cstring().map_err(CmdlineError)?;
+        Ok(c.to_string_lossy().into_owned())
+    }
 }
 
 /// The name Linux gives the `i`th virtio disk: vda .. vdz, vdaa .. vdzz, ...
@@ -155,8 +186,21 @@ pub(crate) mod tests {
         }
     }
 
-    fn cmdline(cfg: &VmConfig) -> String {
-        guest_cmdline(cfg, &ConsoleSpec::Serial)
+    /// What the builder writes for `cfg` with a serial console: every virtio device placed in
+    /// slot order (drives first), then the root drive.
+    pub(crate) fn cmdline(cfg: &VmConfig) -> String {
+        cmdline_with(cfg, &ConsoleSpec::Serial)
+    }
+
+    fn cmdline_with(cfg: &VmConfig, console: &ConsoleSpec) -> String {
+        let mut c = GuestCmdline::new(user_cmdline(cfg)).unwrap();
+        for slot in 0..virtio_count(cfg, console) {
+            c.add_virtio_device(slot).unwrap();
+        }
+        if let Some(i) = cfg.drives.iter().position(|d| d.is_root_device) {
+            c.add_root(i, cfg.drives[i].is_read_only).unwrap();
+        }
+        c.finish().unwrap()
     }
 
     #[test]
@@ -222,7 +266,7 @@ pub(crate) mod tests {
         assert_eq!(virtio_count(&c, &console), 5);
         assert_eq!(virtio_count(&c, &ConsoleSpec::Serial), 4);
         assert_eq!(
-            guest_cmdline(&c, &console),
+            cmdline_with(&c, &console),
             "quiet virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 \
              virtio_mmio.device=4K@0xd0002000:7 virtio_mmio.device=4K@0xd0003000:8 \
              virtio_mmio.device=4K@0xd0004000:9 root=/dev/vda rw"
@@ -230,6 +274,21 @@ pub(crate) mod tests {
         assert_eq!(
             virtio_slot(MAX_VIRTIO_DEVICES - 1),
             (0xd000_0000 + 18 * 0x1000, 23)
+        );
+    }
+
+    #[test]
+    fn what_linux_loader_refuses_is_an_error() {
+        let e = GuestCmdline::new("quiet\tx").err().map(|e| e.to_string());
+        assert!(
+            e.as_deref().is_some_and(|m| m.contains("printable ASCII")),
+            "{e:?}"
+        );
+        let mut c = GuestCmdline::new("a -- b").unwrap();
+        c.add_virtio_device(0).unwrap();
+        assert_eq!(
+            c.finish().unwrap(),
+            "a virtio_mmio.device=4K@0xd0000000:5 -- b"
         );
     }
 

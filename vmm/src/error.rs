@@ -146,6 +146,9 @@ pub enum VmError {
     /// The vsock device cannot be created.
     #[error("--vsock: {0}")]
     Vsock(VsockError),
+    /// The kernel command line cannot be built.
+    #[error(transparent)]
+    Cmdline(#[from] crate::cmdline::CmdlineError),
     /// The virtio transport refused a device.
     #[error("{id}: {why}")]
     Transport {
