@@ -391,7 +391,9 @@ fn load_guest(cfg: &VmConfig, protocol: ProtocolChoice) -> Result<PreparedGuest,
             }
             let size = meta.len();
             let placement = place_initrd(mem_size, &kernel, size)?;
-            mem.read_exact_volatile_from(GuestAddress(placement.addr), &mut f, size as usize)
+            // place_initrd fitted it into guest memory, which this process has mapped.
+            let len = usize::try_from(size).map_err(|_| ierr("too large".into()))?;
+            mem.read_exact_volatile_from(GuestAddress(placement.addr), &mut f, len)
                 .map_err(|e| ierr(e.to_string()))?;
             Some(placement)
         }
@@ -422,7 +424,11 @@ fn finish_guest(guest: &PreparedGuest, cfg: &VmConfig, cmdline: &str) -> Result<
 /// Creates the VM: in-kernel irqchip and PIT, TSS and identity map, memory slots.
 fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
     let vm = kvm.create_vm().map_err(vm_ioctl("KVM_CREATE_VM"))?;
-    vm.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
+    let tss = usize::try_from(layout::KVM_TSS_ADDRESS).map_err(|_| VmError::VmIoctl {
+        what: "KVM_SET_TSS_ADDR".into(),
+        source: kvm_ioctls::Error::new(libc::EOVERFLOW),
+    })?;
+    vm.set_tss_address(tss)
         .map_err(vm_ioctl("KVM_SET_TSS_ADDR"))?;
     vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_ADDRESS)
         .map_err(vm_ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
@@ -441,7 +447,8 @@ fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
                 why: e.to_string(),
             })?;
         let r = kvm_userspace_memory_region {
-            slot: slot as u32,
+            // At most a handful of regions (below and above the MMIO gap).
+            slot: u32::try_from(slot).unwrap_or(u32::MAX),
             flags: 0,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
@@ -566,7 +573,8 @@ fn wire_virtio_devices(vm: &VmFd, placed: &[Placed]) -> Result<(), VmError> {
             vm.register_ioevent(
                 evt,
                 &IoEventAddress::Mmio(base + mmio::NOTIFY_REG_OFFSET),
-                q as u32,
+                // A device has a few queues (virtio-mmio selects them with a u32).
+                u32::try_from(q).unwrap_or(u32::MAX),
             )
             .map_err(vm_ioctl(format!("KVM_IOEVENTFD ({name} queue {q})")))?;
         }

@@ -109,7 +109,7 @@ mod tests {
     struct Echo(u8);
     impl BusDevice for Echo {
         fn read(&mut self, offset: u64, data: &mut [u8]) {
-            data.fill(self.0 + offset as u8);
+            data.fill(self.0.wrapping_add(u8::try_from(offset).unwrap_or(0)));
         }
         fn write(&mut self, _offset: u64, data: &[u8]) {
             self.0 = data[0];

@@ -18,7 +18,8 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
 pub fn virtio_slot(i: usize) -> (u64, u32) {
     (
         layout::VIRTIO_MMIO_START + i as u64 * layout::VIRTIO_MMIO_SIZE,
-        layout::IRQ_BASE + i as u32,
+        // i < MAX_VIRTIO_DEVICES (19): slots beyond are refused before any is placed.
+        layout::IRQ_BASE.saturating_add(u32::try_from(i).unwrap_or(u32::MAX)),
     )
 }
 
@@ -115,7 +116,7 @@ fn virtio_disk_name(i: usize) -> String {
     let mut letters = Vec::new();
     let mut n = i;
     loop {
-        letters.push(b'a' + (n % 26) as u8);
+        letters.push(b'a' + u8::try_from(n % 26).unwrap_or(0));
         if n < 26 {
             break;
         }

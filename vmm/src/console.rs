@@ -91,11 +91,8 @@ impl std::io::Read for StdinFd {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         // SAFETY: reads at most buf.len() bytes into buf.
         let rc = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
-        if rc < 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(rc as usize)
-        }
+        // A negative return is an error; any other fits in usize.
+        usize::try_from(rc).map_err(|_| std::io::Error::last_os_error())
     }
 }
 

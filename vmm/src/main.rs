@@ -480,5 +480,6 @@ fn main() -> ExitCode {
         ExitReason::GuestFatal(why) => eprintln!("cinder: guest failed: {why}"),
         ExitReason::VmmError(why) => eprintln!("cinder: error: {why}"),
     }
-    ExitCode::from(reason.exit_code() as u8)
+    // Exit codes are 0..=3 and 128 + a signal number: all fit in a u8.
+    ExitCode::from(u8::try_from(reason.exit_code()).unwrap_or(1))
 }

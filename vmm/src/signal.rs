@@ -59,6 +59,8 @@ impl SignalFd {
                 size,
             )
         };
-        (n as usize == size).then_some(info.ssi_signo as i32)
+        (usize::try_from(n) == Ok(size))
+            .then(|| i32::try_from(info.ssi_signo).ok())
+            .flatten()
     }
 }
