@@ -333,7 +333,7 @@ impl Vcpu {
                     let hint = if sub == 1 && crate::kvm::host_is_kvm_pvm() {
                         "\nthis host's KVM is kvm-pvm: it emulates guest kernel mode and could not \
                          run this kernel (a stock Linux kernel cannot run there; the test-profile \
-                         guest can, see \"The Linux test profile\" in the README)"
+                         guest can, see \"The Linux test profile\" in TESTING.md)"
                     } else {
                         ""
                     };
