@@ -623,8 +623,10 @@ impl VmConfig {
             None => None,
         };
         let mtu = match n.mtu {
-            Some(m) if MTU_RANGE.contains(&m) => Some(m as u16),
-            Some(mtu) => return Err(ConfigError::Mtu { id, mtu }),
+            Some(mtu) => match u16::try_from(mtu) {
+                Ok(m) if MTU_RANGE.contains(&mtu) => Some(m),
+                _ => return Err(ConfigError::Mtu { id, mtu }),
+            },
             None => None,
         };
         for other in self.net.iter().filter(|x| x.iface_id != id) {

@@ -170,14 +170,16 @@ pub fn parse_request(buf: &[u8], max_body: usize) -> Result<Parsed, HttpError> {
         }
         None => 0,
     };
-    if body_len > max_body as u64 {
-        return Err(HttpError::BodyTooLarge {
-            len: body_len,
-            limit: max_body,
-        });
-    }
-    // body_len <= max_body, so it fits a usize.
-    let total = head_len + body_len as usize;
+    let body_len = match usize::try_from(body_len) {
+        Ok(n) if n <= max_body => n,
+        _ => {
+            return Err(HttpError::BodyTooLarge {
+                len: body_len,
+                limit: max_body,
+            })
+        }
+    };
+    let total = head_len + body_len;
     if buf.len() < total {
         return Ok(Parsed::Incomplete { expect_continue });
     }

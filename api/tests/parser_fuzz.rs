@@ -16,7 +16,7 @@ impl XorShift {
         x
     }
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
+        usize::try_from(self.next() % n.max(1) as u64).unwrap()
     }
 }
 
@@ -57,7 +57,7 @@ fn mutate(rng: &mut XorShift, input: &mut Vec<u8>) {
             }
             1 if len > 0 => {
                 let i = rng.below(len);
-                input[i] = rng.next() as u8;
+                input[i] = (rng.next() & 0xff) as u8;
             }
             2 => {
                 let i = rng.below(len + 1);
@@ -112,7 +112,7 @@ fn mutated_requests_never_panic() {
     // Pure noise too.
     for _ in 0..2000 {
         let n = rng.below(300);
-        let noise: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+        let noise: Vec<u8> = (0..n).map(|_| (rng.next() & 0xff) as u8).collect();
         drive(&noise);
     }
 }
@@ -130,7 +130,7 @@ fn mutated_config_files_never_panic() {
                 1 => {
                     input.remove(i);
                 }
-                _ => input.insert(i, rng.next() as u8 & 0x7f),
+                _ => input.insert(i, (rng.next() & 0x7f) as u8),
             }
         }
         let text = String::from_utf8_lossy(&input);

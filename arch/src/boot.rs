@@ -27,6 +27,8 @@ const CAN_USE_HEAP: u8 = 0x80;
 /// Default initrd_addr_max for kernels that do not say (boot protocol < 2.03).
 const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 const PAGE_SIZE: u64 = 4096;
+/// Mask of the low half of a 64-bit value the boot protocol splits in two.
+const LOW_32_BITS: u64 = 0xffff_ffff;
 
 /// Errors while writing boot information.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +62,9 @@ pub enum BootError {
     /// Writing to guest memory failed (a layout bug; the address is named).
     #[error("cannot write boot data at guest address {0:#x}")]
     GuestWrite(u64),
+    /// The PVH memory map has more entries than its 32-bit count can say (a layout bug).
+    #[error("the PVH memory map has {0} entries, more than hvm_start_info can count")]
+    MemoryMapTooLong(usize),
     /// linux-loader refused the boot parameters.
     #[error("cannot write boot parameters: {0}")]
     Configurator(#[from] linux_loader::configurator::Error),
@@ -173,21 +178,31 @@ fn write_zero_page(
         };
     }
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
-    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
-    params.hdr.cmdline_size = (cmdline_len.saturating_sub(1)) as u32;
+    // The boot protocol splits 64-bit addresses and sizes into a low half in the setup header
+    // and a high half in the zero page's ext_* fields.
+    params.hdr.cmd_line_ptr = (CMDLINE_START & LOW_32_BITS) as u32;
+    params.ext_cmd_line_ptr = (CMDLINE_START >> 32) as u32;
+    // cmdline_size excludes the NUL.
+    params.hdr.cmdline_size =
+        u32::try_from(cmdline_len.saturating_sub(1)).map_err(|_| BootError::CmdlineTooLong {
+            len: cmdline_len,
+            max: CMDLINE_MAX_SIZE,
+        })?;
     if let Some(rd) = initrd {
-        params.hdr.ramdisk_image = rd.addr as u32;
-        params.hdr.ramdisk_size = rd.size as u32;
+        params.hdr.ramdisk_image = (rd.addr & LOW_32_BITS) as u32;
+        params.hdr.ramdisk_size = (rd.size & LOW_32_BITS) as u32;
         params.ext_ramdisk_image = (rd.addr >> 32) as u32;
         params.ext_ramdisk_size = (rd.size >> 32) as u32;
     }
     let map = e820_map(mem_size);
+    params.e820_entries = 0;
     for (slot, e) in params.e820_table.iter_mut().zip(map.iter()) {
         slot.addr = e.addr;
         slot.size = e.size;
         slot.r#type = e.kind;
+        // At most the table's 128 slots: no overflow.
+        params.e820_entries += 1;
     }
-    params.e820_entries = map.len().min(params.e820_table.len()) as u8;
     let bp = BootParams::new::<boot_params>(&params, GuestAddress(ZERO_PAGE_START));
     LinuxBootConfigurator::write_bootparams::<GuestMemoryMmap>(&bp, mem)?;
     Ok(())
@@ -212,7 +227,8 @@ fn write_pvh_info(
         version: 1,
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: PVH_MEMMAP_START,
-        memmap_entries: memmap.len() as u32,
+        memmap_entries: u32::try_from(memmap.len())
+            .map_err(|_| BootError::MemoryMapTooLong(memmap.len()))?,
         ..Default::default()
     };
     let mut bp = BootParams::new::<hvm_start_info>(&info, GuestAddress(PVH_INFO_START));
@@ -263,8 +279,10 @@ mod tests {
         write_boot_info(&m, size, &k, len, Some(rd)).unwrap();
         let bp: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
         assert_eq!({ bp.hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
-        assert_eq!({ bp.hdr.cmd_line_ptr }, CMDLINE_START as u32);
-        assert_eq!({ bp.hdr.ramdisk_image }, rd.addr as u32);
+        assert_eq!(u64::from(bp.hdr.cmd_line_ptr), CMDLINE_START);
+        assert_eq!({ bp.ext_cmd_line_ptr }, 0);
+        assert_eq!(u64::from(bp.hdr.ramdisk_image), rd.addr);
+        assert_eq!({ bp.ext_ramdisk_image }, 0);
         assert_eq!({ bp.hdr.ramdisk_size }, 10000);
         assert_eq!(bp.e820_entries, 3);
         let ram: u64 = bp.e820_table[..3]

@@ -80,16 +80,22 @@ pub const E820_RESERVED: u32 = 2;
 /// when the RAM does not fit there, one more starting at 4 GiB.
 pub fn ram_regions(mem_size: u64) -> Vec<(GuestAddress, usize)> {
     if mem_size <= MMIO_GAP_START {
-        vec![(GuestAddress(0), mem_size as usize)]
+        vec![(GuestAddress(0), region_len(mem_size))]
     } else {
         vec![
-            (GuestAddress(0), MMIO_GAP_START as usize),
+            (GuestAddress(0), region_len(MMIO_GAP_START)),
             (
                 GuestAddress(MMIO_GAP_END),
-                (mem_size - MMIO_GAP_START) as usize,
+                region_len(mem_size - MMIO_GAP_START),
             ),
         ]
     }
+}
+
+/// A region length as `usize`: lossless on 64-bit hosts; on a narrower host a length that does
+/// not fit saturates, so mapping it fails instead of silently mapping less.
+fn region_len(len: u64) -> usize {
+    usize::try_from(len).unwrap_or(usize::MAX)
 }
 
 /// One e820 / PVH memory map entry.

@@ -28,9 +28,17 @@ pub enum MptableError {
     /// No vCPUs.
     #[error("the MP table needs at least one vCPU")]
     NoCpus,
+    /// An address the table must hold does not fit its 32-bit fields.
+    #[error("the MP table cannot hold address {0:#x}: it only has 32-bit addresses")]
+    AddressAbove4GiB(u64),
     /// Writing guest memory failed.
     #[error("cannot write the MP table at guest address {0:#x}")]
     GuestWrite(u64),
+}
+
+/// `addr` as the 32-bit address the table stores.
+fn addr32(addr: u64) -> Result<u32, MptableError> {
+    u32::try_from(addr).map_err(|_| MptableError::AddressAbove4GiB(addr))
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
@@ -66,7 +74,7 @@ pub fn build(num_cpus: u8, base: u64) -> Result<Vec<u8>, MptableError> {
     count += 1;
     // The IOAPIC.
     let mut io = [2u8, ioapic_id, IOAPIC_VERSION, 1, 0, 0, 0, 0];
-    io[4..8].copy_from_slice(&(IOAPIC_START as u32).to_le_bytes());
+    io[4..8].copy_from_slice(&addr32(IOAPIC_START)?.to_le_bytes());
     entries.extend_from_slice(&io);
     count += 1;
     // ISA IRQ n -> IOAPIC pin n, conforming polarity and trigger.
@@ -82,20 +90,22 @@ pub fn build(num_cpus: u8, base: u64) -> Result<Vec<u8>, MptableError> {
     let table_addr = base + 16;
     let mut hdr = [0u8; 44];
     hdr[0..4].copy_from_slice(b"PCMP");
-    let length = (44 + entries.len()) as u16;
+    // At most MAX_CPUS processor entries: far below 64 KiB.
+    let length =
+        u16::try_from(44 + entries.len()).map_err(|_| MptableError::TooManyCpus(num_cpus))?;
     hdr[4..6].copy_from_slice(&length.to_le_bytes());
     hdr[6] = 4; // spec revision 1.4
     hdr[8..16].copy_from_slice(b"CINDER  ");
     hdr[16..28].copy_from_slice(b"MICROVM     ");
     hdr[34..36].copy_from_slice(&count.to_le_bytes());
-    hdr[36..40].copy_from_slice(&(APIC_START as u32).to_le_bytes());
+    hdr[36..40].copy_from_slice(&addr32(APIC_START)?.to_le_bytes());
     let mut table = hdr.to_vec();
     table.extend_from_slice(&entries);
     table[7] = 0u8.wrapping_sub(checksum(&table));
 
     let mut fp = [0u8; 16];
     fp[0..4].copy_from_slice(b"_MP_");
-    fp[4..8].copy_from_slice(&(table_addr as u32).to_le_bytes());
+    fp[4..8].copy_from_slice(&addr32(table_addr)?.to_le_bytes());
     fp[8] = 1; // length in 16-byte units
     fp[9] = 4;
     fp[10] = 0u8.wrapping_sub(checksum(&fp));
@@ -143,6 +153,14 @@ mod tests {
     fn refuses_zero_and_too_many() {
         assert!(matches!(build(0, 0), Err(MptableError::NoCpus)));
         assert!(matches!(build(255, 0), Err(MptableError::TooManyCpus(255))));
+    }
+
+    #[test]
+    fn refuses_a_table_above_4gib() {
+        assert!(matches!(
+            build(1, 1 << 32),
+            Err(MptableError::AddressAbove4GiB(a)) if a == (1 << 32) + 16
+        ));
     }
 
     #[test]

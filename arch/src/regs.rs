@@ -55,7 +55,7 @@ pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 /// Decodes a GDT descriptor into the segment register form KVM takes.
 pub fn segment_from_gdt(entry: u64, index: u16) -> kvm_segment {
     let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
-    let limit_raw = ((entry & 0xffff) | ((entry >> 32) & 0x000f_0000)) as u32;
+    let limit_raw = ((entry & 0xffff) as u32) | (((entry >> 32) & 0x000f_0000) as u32);
     let g = ((entry >> 55) & 1) as u8;
     let present = ((entry >> 47) & 1) as u8;
     kvm_segment {
@@ -79,9 +79,15 @@ pub fn segment_from_gdt(entry: u64, index: u16) -> kvm_segment {
     }
 }
 
+/// Entries in the boot GDT.
+const BOOT_GDT_ENTRIES: usize = 5;
+/// GDTR limit of the boot GDT: its size in bytes minus one.
+const BOOT_GDT_LIMIT: u16 = 5 * 8 - 1;
+const _: () = assert!(BOOT_GDT_LIMIT as usize == BOOT_GDT_ENTRIES * 8 - 1);
+
 /// The boot GDT for a protocol: null, null, code (64-bit for Linux64, 32-bit for PVH),
 /// data, TSS.
-pub fn boot_gdt(protocol: BootProtocol) -> [u64; 5] {
+pub fn boot_gdt(protocol: BootProtocol) -> [u64; BOOT_GDT_ENTRIES] {
     let code = match protocol {
         // P=1 DPL=0 S=1 type=0xb (execute/read, accessed); L=1, G=1.
         BootProtocol::Linux64 => gdt_entry(0xa09b, 0, 0xfffff),
@@ -117,7 +123,7 @@ pub fn setup_segments(
             addr: BOOT_IDT_START,
         })?;
     sregs.gdt.base = BOOT_GDT_START;
-    sregs.gdt.limit = (std::mem::size_of_val(&gdt) - 1) as u16;
+    sregs.gdt.limit = BOOT_GDT_LIMIT;
     sregs.idt.base = BOOT_IDT_START;
     sregs.idt.limit = 7;
     let code = segment_from_gdt(gdt[2], 2);
@@ -256,14 +262,19 @@ const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
+// The LAPIC register page is an array of C chars; each is reinterpreted as the raw byte it
+// holds (`to_ne_bytes` / `from_ne_bytes` on a one-byte integer change no bits).
 fn lapic_reg(state: &kvm_lapic_state, off: usize) -> u32 {
-    let b = &state.regs[off..off + 4];
-    u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8])
+    let mut bytes = [0u8; 4];
+    for (dst, src) in bytes.iter_mut().zip(&state.regs[off..off + 4]) {
+        *dst = src.to_ne_bytes()[0];
+    }
+    u32::from_le_bytes(bytes)
 }
 
 fn set_lapic_reg(state: &mut kvm_lapic_state, off: usize, val: u32) {
-    for (i, byte) in val.to_le_bytes().iter().enumerate() {
-        state.regs[off + i] = *byte as _;
+    for (dst, byte) in state.regs[off..off + 4].iter_mut().zip(val.to_le_bytes()) {
+        *dst = std::ffi::c_char::from_ne_bytes([byte]);
     }
 }
 

@@ -152,11 +152,21 @@ pub enum I8042Error {
          {needed}: the guest is not reading its keyboard (does its kernel have the i8042 \
          and AT keyboard drivers?)"
     )]
-    BufferFull { needed: usize, free: usize },
+    BufferFull {
+        /// Bytes in the key sequence.
+        needed: usize,
+        /// Bytes the output buffer has room for.
+        free: usize,
+    },
     /// The guest disabled the keyboard (command 0xAD, or 0xF5 to the keyboard): a real
     /// keyboard drops keystrokes then.
     #[error("the guest has disabled its keyboard (i8042 command byte {ctr:#04x}, scanning {scanning}): keys would be lost, try again later")]
-    KeyboardDisabled { ctr: u8, scanning: bool },
+    KeyboardDisabled {
+        /// The controller command byte (bit 4 set: keyboard interface disabled).
+        ctr: u8,
+        /// Whether the keyboard itself is scanning (0xF5 turns that off).
+        scanning: bool,
+    },
     /// Raising IRQ1 failed.
     #[error("cannot raise the keyboard interrupt: {0}")]
     Interrupt(#[source] std::io::Error),

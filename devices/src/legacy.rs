@@ -86,17 +86,26 @@ impl SerialDevice {
     }
 }
 
+/// The UART register a one-byte access at `offset` reaches, if any.
+fn uart_register(offset: u64, len: usize) -> Option<u8> {
+    if len == 1 && offset < COM1_LEN {
+        u8::try_from(offset).ok()
+    } else {
+        None
+    }
+}
+
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        if data.len() == 1 && offset < COM1_LEN {
-            data[0] = self.serial.read(offset as u8);
+        if let Some(reg) = uart_register(offset, data.len()) {
+            data[0] = self.serial.read(reg);
         }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if data.len() == 1 && offset < COM1_LEN {
-            if let Err(e) = self.serial.write(offset as u8, data[0]) {
+        if let Some(reg) = uart_register(offset, data.len()) {
+            if let Err(e) = self.serial.write(reg, data[0]) {
                 log::warn!("serial write failed: {e:?}");
             }
         }

@@ -46,7 +46,9 @@ impl Vm {
     fn new(read_only: bool) -> Vm {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let file = TempFile::new().unwrap();
-        let image: Vec<u8> = (0..64 * 512).map(|i| (i % 241) as u8).collect();
+        let image: Vec<u8> = (0..64 * 512u32)
+            .map(|i| u8::try_from(i % 241).unwrap())
+            .collect();
         std::fs::write(file.as_path(), image).unwrap();
         let block = Arc::new(Mutex::new(
             Block::new(&BlockConfig {
@@ -95,11 +97,11 @@ impl Vm {
         assert_eq!(r32(t, reg::QUEUE_READY), 0);
         assert!(r32(t, reg::QUEUE_NUM_MAX) >= u32::from(QSIZE));
         w32(t, reg::QUEUE_NUM, u32::from(QSIZE));
-        w32(t, reg::QUEUE_DESC_LOW, DESC as u32);
+        w32(t, reg::QUEUE_DESC_LOW, u32::try_from(DESC).unwrap());
         w32(t, reg::QUEUE_DESC_HIGH, 0);
-        w32(t, reg::QUEUE_DRIVER_LOW, AVAIL as u32);
+        w32(t, reg::QUEUE_DRIVER_LOW, u32::try_from(AVAIL).unwrap());
         w32(t, reg::QUEUE_DRIVER_HIGH, 0);
-        w32(t, reg::QUEUE_DEVICE_LOW, USED as u32);
+        w32(t, reg::QUEUE_DEVICE_LOW, u32::try_from(USED).unwrap());
         w32(t, reg::QUEUE_DEVICE_HIGH, 0);
         w32(t, reg::QUEUE_READY, 1);
         w32(

@@ -65,7 +65,6 @@ impl Interrupt {
         self.config_generation.load(Ordering::SeqCst)
     }
 
-    /// Device reset: drop pending status bits.
     /// The device cannot go on (the driver broke a queue beyond repair): the transport shows
     /// DEVICE_NEEDS_RESET in the status register, and the driver is told by a config-change
     /// interrupt (virtio 1.x, 2.1.2).
@@ -79,6 +78,7 @@ impl Interrupt {
         self.needs_reset.load(Ordering::SeqCst)
     }
 
+    /// Device reset: drop the pending status bits and the needs-reset flag.
     pub fn reset(&self) {
         self.needs_reset.store(false, Ordering::SeqCst);
         self.status.store(0, Ordering::SeqCst);

@@ -246,7 +246,7 @@ impl MmioTransport {
             reg::DEVICE_ID => self.device_type,
             reg::VENDOR_ID => VENDOR_ID,
             reg::DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.avail_features as u32,
+                0 => (self.avail_features & 0xffff_ffff) as u32,
                 1 => (self.avail_features >> 32) as u32,
                 _ => 0,
             },

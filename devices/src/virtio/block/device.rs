@@ -13,7 +13,7 @@ use super::features::{
 use super::request::{handle_chain_counted, BlockStats};
 use super::{
     BlockError, DISCARD_SECTOR_ALIGNMENT, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG,
-    MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX, SIZE_MAX,
+    MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, QUEUE_SIZE, SECTOR_SHIFT, SEG_MAX, SIZE_MAX,
     VIRTIO_BLK_ID_BYTES,
 };
 use crate::virtio::device_core::{CoreDevice, DeviceCore};
@@ -50,7 +50,7 @@ fn build_config_space(nsectors: u64) -> Vec<u8> {
     config.extend_from_slice(&SIZE_MAX.to_le_bytes()); // 8: size_max
     config.extend_from_slice(&SEG_MAX.to_le_bytes()); // 12: seg_max
     config.extend_from_slice(&[0u8; 4]); // 16: geometry
-    config.extend_from_slice(&(SECTOR_SIZE as u32).to_le_bytes()); // 20: blk_size
+    config.extend_from_slice(&(1u32 << SECTOR_SHIFT).to_le_bytes()); // 20: blk_size (SECTOR_SIZE)
     config.extend_from_slice(&[0u8; 8]); // 24: topology
     config.extend_from_slice(&[0u8; 4]); // 32: writeback, unused0, num_queues
     config.extend_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes()); // 36

@@ -202,11 +202,13 @@ impl DiskImage {
                 Err(e) => return Err(io::Error::from_raw_os_error(e.errno())),
             }
         }
-        const CHUNK: u64 = 1 << 20;
-        let zeroes = vec![0u8; CHUNK.min(len) as usize];
+        const CHUNK: usize = 1 << 20;
+        // At most CHUNK bytes of the `left` still to write.
+        let chunk = |left: u64| usize::try_from(left).map_or(CHUNK, |left| left.min(CHUNK));
+        let zeroes = vec![0u8; chunk(len)];
         let mut done = 0u64;
         while done < len {
-            let n = CHUNK.min(len - done) as usize;
+            let n = chunk(len - done);
             self.file.write_all_at(&zeroes[..n], offset + done)?;
             done += n as u64;
         }
@@ -282,22 +284,25 @@ mod tests {
     fn discard_and_write_zeroes() {
         let f = TempFile::new().unwrap();
         let size = 4usize << 20;
-        let content: Vec<u8> = (0..size).map(|i| (i % 253) as u8 | 1).collect();
+        let content: Vec<u8> = (0..size)
+            .map(|i| u8::try_from(i % 253).unwrap() | 1)
+            .collect();
         std::fs::write(f.as_path(), &content).unwrap();
         f.as_file().sync_all().unwrap();
         let before = allocated(&f);
         let mut disk = DiskImage::open(f.as_path(), false).unwrap();
         let mib = 1u64 << 20;
+        let at = |off: u64| usize::try_from(off).unwrap();
         // Zeroes without unmap, with unmap, and a discard (1 MiB each, 4 KiB aligned).
         disk.write_zeroes(mib / 2 + 512, 4096, false).unwrap();
         disk.write_zeroes(mib, mib, true).unwrap();
         disk.discard(2 * mib, mib).unwrap();
         let after = std::fs::read(f.as_path()).unwrap();
         let mut want = content.clone();
-        want[(mib / 2 + 512) as usize..(mib / 2 + 512 + 4096) as usize].fill(0);
-        want[mib as usize..2 * mib as usize].fill(0);
+        want[at(mib / 2 + 512)..at(mib / 2 + 512 + 4096)].fill(0);
+        want[at(mib)..at(2 * mib)].fill(0);
         // The discarded range may read as zeroes or keep its data; nothing else may change.
-        let d = 2 * mib as usize..3 * mib as usize;
+        let d = at(2 * mib)..at(3 * mib);
         assert!(after[d.clone()] == want[d.clone()] || after[d.clone()].iter().all(|&b| b == 0));
         want[d.clone()].copy_from_slice(&after[d]);
         assert!(

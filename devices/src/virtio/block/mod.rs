@@ -18,6 +18,7 @@ pub use device::{Block, BlockConfig};
 pub const SECTOR_SIZE: u64 = 512;
 /// log2 of [`SECTOR_SIZE`].
 pub const SECTOR_SHIFT: u32 = 9;
+const _: () = assert!(SECTOR_SIZE == 1 << SECTOR_SHIFT);
 /// Length of the device ID string returned by VIRTIO_BLK_T_GET_ID.
 pub const VIRTIO_BLK_ID_BYTES: usize = 20;
 

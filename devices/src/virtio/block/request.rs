@@ -35,13 +35,22 @@ pub use virtio_bindings::virtio_blk::{
 pub const VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
 /// Size of one `struct virtio_blk_discard_write_zeroes` (sector, num_sectors, flags).
 pub const RANGE_SIZE: u64 = 16;
+/// [`RANGE_SIZE`] as a slice length.
+const RANGE_BYTES: usize = 16;
+const _: () = assert!(RANGE_BYTES as u64 == RANGE_SIZE);
 
 /// Request completed (the status byte; virtio-bindings has the values as u32).
-pub const VIRTIO_BLK_S_OK: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK as u8;
+pub const VIRTIO_BLK_S_OK: u8 = 0;
 /// Request failed.
-pub const VIRTIO_BLK_S_IOERR: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8;
+pub const VIRTIO_BLK_S_IOERR: u8 = 1;
 /// Request type not supported.
-pub const VIRTIO_BLK_S_UNSUPP: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
+pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+// The status bytes are virtio-bindings' values.
+const _: () = assert!(
+    VIRTIO_BLK_S_OK as u32 == virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK
+        && VIRTIO_BLK_S_IOERR as u32 == virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR
+        && VIRTIO_BLK_S_UNSUPP as u32 == virtio_bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP
+);
 
 /// Size of the request header (type, reserved, sector).
 pub const REQUEST_HEADER_SIZE: u32 = 16;
@@ -262,13 +271,19 @@ fn split_stream(segs: &[(GuestAddress, u32)], n: u64) -> (Segments, Segments) {
     for &(addr, len) in segs {
         if left == 0 {
             tail.push((addr, len));
-        } else if u64::from(len) <= left {
-            head.push((addr, len));
-            left -= u64::from(len);
-        } else {
-            head.push((addr, left as u32));
-            tail.push((GuestAddress(addr.0.wrapping_add(left)), len - left as u32));
-            left = 0;
+            continue;
+        }
+        match u32::try_from(left) {
+            // The split falls inside this segment (so `left` < `len` fits in a u32).
+            Ok(part) if part < len => {
+                head.push((addr, part));
+                tail.push((GuestAddress(addr.0.wrapping_add(left)), len - part));
+                left = 0;
+            }
+            _ => {
+                head.push((addr, len));
+                left -= u64::from(len);
+            }
         }
     }
     (head, tail)
@@ -360,7 +375,9 @@ impl Request {
         let (header_segs, out_data) = split_stream(&readable, u64::from(REQUEST_HEADER_SIZE));
         let header_len: u64 = header_segs.iter().map(|s| u64::from(s.1)).sum();
         if header_len < u64::from(REQUEST_HEADER_SIZE) {
-            return Err(fail(RequestError::HeaderLength(header_len as u32)));
+            // Below REQUEST_HEADER_SIZE here, so the conversion cannot saturate.
+            let len = u32::try_from(header_len).unwrap_or(u32::MAX);
+            return Err(fail(RequestError::HeaderLength(len)));
         }
         let mut raw = [0u8; REQUEST_HEADER_SIZE as usize];
         let mut at = 0usize;
@@ -510,7 +527,8 @@ impl Request {
                         .map_err(RequestError::IdWrite)?;
                     done += n;
                 }
-                Ok(done as u32)
+                // At most VIRTIO_BLK_ID_BYTES.
+                Ok(u32::try_from(done).unwrap_or(u32::MAX))
             }
             RequestType::Discard | RequestType::WriteZeroes => {
                 if disk.read_only() {
@@ -545,7 +563,11 @@ impl Request {
     ) -> Result<Vec<(u64, u32, u32)>, RequestError> {
         let kind = self.kind;
         // parse() bounded the data to at most MAX_DISCARD_SEG 16-byte ranges.
-        let mut raw = vec![0u8; self.data_len as usize];
+        let len = usize::try_from(self.data_len).map_err(|_| RequestError::RangeDataLength {
+            kind,
+            len: self.data_len,
+        })?;
+        let mut raw = vec![0u8; len];
         let mut at = 0usize;
         for &(addr, len) in &self.data {
             let n = len as usize;
@@ -558,8 +580,8 @@ impl Request {
         } else {
             (MAX_WRITE_ZEROES_SECTORS, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)
         };
-        let mut ranges = Vec::with_capacity(raw.len() / RANGE_SIZE as usize);
-        for r in raw.chunks_exact(RANGE_SIZE as usize) {
+        let mut ranges = Vec::with_capacity(raw.len() / RANGE_BYTES);
+        for r in raw.chunks_exact(RANGE_BYTES) {
             let mut sector = [0u8; 8];
             sector.copy_from_slice(&r[0..8]);
             let sector = u64::from_le_bytes(sector);

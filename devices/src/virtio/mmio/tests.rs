@@ -134,7 +134,7 @@ fn features_ok(t: &mut MmioTransport, features: u64) {
     w32(t, reg::STATUS, ACKNOWLEDGE);
     w32(t, reg::STATUS, ACKNOWLEDGE | DRIVER);
     w32(t, reg::DRIVER_FEATURES_SEL, 0);
-    w32(t, reg::DRIVER_FEATURES, features as u32);
+    w32(t, reg::DRIVER_FEATURES, (features & 0xffff_ffff) as u32);
     w32(t, reg::DRIVER_FEATURES_SEL, 1);
     w32(t, reg::DRIVER_FEATURES, (features >> 32) as u32);
     w32(t, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
@@ -142,14 +142,14 @@ fn features_ok(t: &mut MmioTransport, features: u64) {
 
 /// Configure queue `sel` with valid rings in the 1 MiB of guest memory.
 fn setup_queue(t: &mut MmioTransport, sel: u32, size: u32) {
-    let base = 0x1_0000 * u64::from(sel + 1);
+    let base = 0x1_0000 * (sel + 1);
     w32(t, reg::QUEUE_SEL, sel);
     w32(t, reg::QUEUE_NUM, size);
-    w32(t, reg::QUEUE_DESC_LOW, base as u32);
+    w32(t, reg::QUEUE_DESC_LOW, base);
     w32(t, reg::QUEUE_DESC_HIGH, 0);
-    w32(t, reg::QUEUE_DRIVER_LOW, (base + 0x1000) as u32);
+    w32(t, reg::QUEUE_DRIVER_LOW, base + 0x1000);
     w32(t, reg::QUEUE_DRIVER_HIGH, 0);
-    w32(t, reg::QUEUE_DEVICE_LOW, (base + 0x2000) as u32);
+    w32(t, reg::QUEUE_DEVICE_LOW, base + 0x2000);
     w32(t, reg::QUEUE_DEVICE_HIGH, 0);
     w32(t, reg::QUEUE_READY, 1);
 }
@@ -181,7 +181,10 @@ fn device_features_by_selector() {
     let mut f = fixture();
     let feats = COMMON_FEATURES | DEVICE_FEATURE_BIT;
     w32(&mut f.t, reg::DEVICE_FEATURES_SEL, 0);
-    assert_eq!(r32(&mut f.t, reg::DEVICE_FEATURES), feats as u32);
+    assert_eq!(
+        r32(&mut f.t, reg::DEVICE_FEATURES),
+        (feats & 0xffff_ffff) as u32
+    );
     w32(&mut f.t, reg::DEVICE_FEATURES_SEL, 1);
     let high = r32(&mut f.t, reg::DEVICE_FEATURES);
     assert_eq!(high, (feats >> 32) as u32);
@@ -601,7 +604,7 @@ fn register_width_and_alignment() {
         assert_eq!(r32(&mut f.t, off), 0, "offset {off:#x}");
     }
     // Narrow / unaligned writes are ignored.
-    f.t.write(reg::STATUS, &[ACKNOWLEDGE as u8]);
+    f.t.write(reg::STATUS, &[u8::try_from(ACKNOWLEDGE).unwrap()]);
     f.t.write(reg::STATUS, &[1, 0, 0, 0, 0, 0, 0, 0]);
     f.t.write(reg::STATUS + 1, &[1, 0, 0, 0]);
     f.t.write(reg::STATUS, &[]);

@@ -485,12 +485,14 @@ fn deliver(
             if off == frame.len() {
                 break;
             }
-            let n = (len as usize).min(frame.len() - off);
-            if let Err(e) = mem.write_slice(&frame[off..off + n], addr) {
+            // The buffer's length, or less when the rest of the frame is shorter.
+            let n = u32::try_from(frame.len() - off).map_or(len, |rest| rest.min(len));
+            let end = off + n as usize;
+            if let Err(e) = mem.write_slice(&frame[off..end], addr) {
                 warn_ratelimited!("virtio-net: RX: cannot write a guest buffer: {e}");
             }
-            off += n;
-            written += n as u32;
+            off = end;
+            written += n;
         }
         if let Err(e) = queue.add_used(mem, entry.head, written) {
             warn_ratelimited!("virtio-net: RX queue: cannot add used entry: {e}");

@@ -26,6 +26,10 @@ pub const IFF_VNET_HDR: u16 = 0x4000;
 /// `IFF_PERSIST` (reported by TUNGETIFF): the interface outlives its file descriptors.
 pub const IFF_PERSIST: u16 = 0x0800;
 
+/// [`VNET_HDR_LEN`] as the C int `TUNSETVNETHDRSZ` reads.
+const VNET_HDR_SIZE: libc::c_int = 12;
+const _: () = assert!(VNET_HDR_SIZE as usize == VNET_HDR_LEN);
+
 /// TUN offload flags for `TUNSETOFFLOAD`.
 pub mod offload {
     /// The guest accepts partial checksums.
@@ -205,7 +209,7 @@ impl Tap {
         if flags & IFF_TAP == 0 {
             return Err(TapError::NotTap(name.to_string()));
         }
-        let size = VNET_HDR_LEN as libc::c_int;
+        let size = VNET_HDR_SIZE;
         // SAFETY: TUNSETVNETHDRSZ reads an int through the pointer, valid for the call.
         let ret = unsafe { libc::ioctl(tap.file.as_raw_fd(), TUNSETVNETHDRSZ, &size) };
         if ret < 0 {

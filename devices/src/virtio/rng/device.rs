@@ -14,7 +14,7 @@ use crate::virtio::{device_type, COMMON_FEATURES};
 use crate::GuestMemoryMmap;
 
 /// Size of the host bounce buffer getrandom(2) fills before the bytes are copied to the guest.
-const CHUNK: usize = 4096;
+const CHUNK: u32 = 4096;
 
 /// Why a request was completed with used length 0.
 #[derive(Debug, thiserror::Error)]
@@ -88,14 +88,14 @@ where
     if last_has_next {
         return Err(RequestError::MalformedChain);
     }
-    let mut chunk = [0u8; CHUNK];
+    let mut chunk = [0u8; CHUNK as usize];
     let mut left = MAX_BYTES_PER_REQUEST;
     let mut written: u32 = 0;
     for (addr, len) in bufs {
         let mut off: u32 = 0;
         let want = len.min(left);
         while off < want {
-            let n = (want - off).min(CHUNK as u32);
+            let n = (want - off).min(CHUNK);
             let part = &mut chunk[..n as usize];
             getrandom(part).map_err(RequestError::Getrandom)?;
             let at = addr

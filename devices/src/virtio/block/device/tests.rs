@@ -302,12 +302,12 @@ fn hostile_avail_index_does_not_hang_or_panic() {
     // avail idx claims 1000 new entries in a 16-entry ring; ring entries point anywhere.
     // (Only the first entries: the mock places the used ring over the avail ring's tail.)
     vq.avail().idx().store(1000);
-    for i in 0..4 {
+    for i in 0..4u16 {
         vq.avail()
             .ring()
-            .ref_at(i)
+            .ref_at(usize::from(i))
             .unwrap()
-            .store(0xffff - i as u16);
+            .store(0xffff - i);
     }
     b.process_queue(0);
     assert_eq!(vq.used().idx().load(), 0);

@@ -25,13 +25,15 @@ struct Fx {
 }
 
 fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i % 251) as u8).collect()
+    (0..len).map(|i| u8::try_from(i % 251).unwrap()).collect()
 }
 
 fn fx(read_only: bool) -> Fx {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+    let mem =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), usize::try_from(MEM_SIZE).unwrap())])
+            .unwrap();
     let file = TempFile::new().unwrap();
-    let original = pattern((SECTORS * SECTOR_SIZE) as usize);
+    let original = pattern(usize::try_from(SECTORS * SECTOR_SIZE).unwrap());
     std::fs::write(file.as_path(), &original).unwrap();
     let disk = DiskImage::open(file.as_path(), read_only).unwrap();
     // Status byte starts as garbage so that "untouched" is observable.
@@ -522,6 +524,11 @@ fn write_indirect_table(mem: &GuestMemoryMmap, descs: &[RawDescriptor]) {
     }
 }
 
+/// Length in bytes of an indirect descriptor table.
+fn table_bytes(table: &[RawDescriptor]) -> u32 {
+    16 * u32::try_from(table.len()).unwrap()
+}
+
 fn chained(descs: &[(u64, u32, u16)]) -> Vec<RawDescriptor> {
     let n = descs.len();
     descs
@@ -529,7 +536,7 @@ fn chained(descs: &[(u64, u32, u16)]) -> Vec<RawDescriptor> {
         .enumerate()
         .map(|(i, &(addr, len, flags))| {
             if i + 1 < n {
-                dn(addr, len, flags | F_NEXT, i as u16 + 1)
+                dn(addr, len, flags | F_NEXT, u16::try_from(i + 1).unwrap())
             } else {
                 dn(addr, len, flags, 0)
             }
@@ -560,7 +567,7 @@ fn too_many_descriptors_via_indirect() {
     spec.push((STATUS, 1, F_WRITE));
     let table = chained(&spec);
     write_indirect_table(&f.mem, &table);
-    let len = f.run(&[d(INDIRECT, 16 * table.len() as u32, F_INDIRECT)]);
+    let len = f.run(&[d(INDIRECT, table_bytes(&table), F_INDIRECT)]);
     assert_eq!(len, 1);
     assert_eq!(f.status(), VIRTIO_BLK_S_IOERR);
 
@@ -573,10 +580,7 @@ fn too_many_descriptors_via_indirect() {
     // The disk has 16 sectors, so read them 8 times over is past the end: IOERR, but parsed.
     f.header(VIRTIO_BLK_T_IN, 0);
     write_indirect_table(&f.mem, &table);
-    assert_eq!(
-        f.run(&[d(INDIRECT, 16 * table.len() as u32, F_INDIRECT)]),
-        1
-    );
+    assert_eq!(f.run(&[d(INDIRECT, table_bytes(&table), F_INDIRECT)]), 1);
     assert_eq!(f.status(), VIRTIO_BLK_S_IOERR);
 }
 
@@ -634,11 +638,11 @@ fn ranges(f: &Fx, ranges: &[(u64, u32, u32)]) -> u32 {
         raw.extend_from_slice(&flags.to_le_bytes());
     }
     f.mem.write_slice(&raw, GuestAddress(DATA)).unwrap();
-    raw.len() as u32
+    u32::try_from(raw.len()).unwrap()
 }
 
 fn sectors(a: u64, b: u64) -> std::ops::Range<usize> {
-    (a * SECTOR_SIZE) as usize..(b * SECTOR_SIZE) as usize
+    usize::try_from(a * SECTOR_SIZE).unwrap()..usize::try_from(b * SECTOR_SIZE).unwrap()
 }
 
 #[test]

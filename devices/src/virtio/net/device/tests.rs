@@ -56,7 +56,12 @@ impl Peer {
     fn send(&self, pkt: &[u8]) {
         // SAFETY: `pkt` is valid for reads of its length.
         let n = unsafe { libc::send(self.0.as_raw_fd(), pkt.as_ptr().cast(), pkt.len(), 0) };
-        assert_eq!(n, pkt.len() as isize, "{}", io::Error::last_os_error());
+        assert_eq!(
+            n,
+            isize::try_from(pkt.len()).unwrap(),
+            "{}",
+            io::Error::last_os_error()
+        );
     }
     fn recv(&self) -> Option<Vec<u8>> {
         let mut buf = vec![0u8; 70_000];
@@ -119,7 +124,13 @@ fn feat(bits: &[u32]) -> u64 {
 /// A header with `num_buffers` 0, and a frame of `len` bytes with a recognisable pattern.
 fn packet(hdr: [u8; 12], len: usize, seed: u8) -> Vec<u8> {
     let mut p = hdr.to_vec();
-    p.extend((0..len).map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed)));
+    // Byte i of the frame is i mod 256, scrambled.
+    p.extend(
+        (0..=u8::MAX)
+            .cycle()
+            .take(len)
+            .map(|i| i.wrapping_mul(7).wrapping_add(seed)),
+    );
     p
 }
 
@@ -140,9 +151,9 @@ fn qa(start: u64) -> (Qa, Queue) {
     };
     let mut queue = Queue::new(16).unwrap();
     queue.set_size(16);
-    queue.set_desc_table_address(Some(q.desc as u32), Some(0));
-    queue.set_avail_ring_address(Some(q.avail as u32), Some(0));
-    queue.set_used_ring_address(Some(q.used as u32), Some(0));
+    queue.set_desc_table_address(Some(u32::try_from(q.desc).unwrap()), Some(0));
+    queue.set_avail_ring_address(Some(u32::try_from(q.avail).unwrap()), Some(0));
+    queue.set_used_ring_address(Some(u32::try_from(q.used).unwrap()), Some(0));
     queue.set_ready(true);
     (q, queue)
 }
@@ -153,7 +164,7 @@ fn add_chains(mem: &GuestMemoryMmap, q: Qa, descs: &[RawDescriptor], offset: u16
     // A descriptor is a chain head unless the previous one links to it.
     let mut prev_next = false;
     for (i, raw) in descs.iter().enumerate() {
-        let at = offset + i as u16;
+        let at = offset + u16::try_from(i).unwrap();
         mem.write_obj(*raw, GuestAddress(q.desc + 16 * u64::from(at)))
             .unwrap();
         if !prev_next {
@@ -191,7 +202,9 @@ struct Rig {
 
 impl Rig {
     fn new(features: u64, event_idx: bool) -> Rig {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+        let mem =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), usize::try_from(MEM_SIZE).unwrap())])
+                .unwrap();
         let (backend, peer, offload) = pair();
         let mut net = Net::with_backend(Box::new(backend), MAC, 1500).unwrap();
         net.set_acked_features(features);

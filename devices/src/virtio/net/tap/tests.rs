@@ -50,7 +50,7 @@ fn set_up(name: &str) {
     // SAFETY: ifreq-sized buffers valid for the calls.
     unsafe {
         assert_eq!(libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req), 0);
-        req.flags |= libc::IFF_UP as u16;
+        req.flags |= u16::try_from(libc::IFF_UP).unwrap();
         assert_eq!(libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req), 0);
     }
 }
@@ -99,7 +99,7 @@ fn open_errors_and_frames_through_a_real_tap() {
             libc::socket(
                 libc::AF_PACKET,
                 libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                (libc::ETH_P_ALL as u16).to_be() as i32,
+                i32::from(u16::try_from(libc::ETH_P_ALL).unwrap().to_be()),
             )
         };
         assert!(ps >= 0, "{}", io::Error::last_os_error());
@@ -107,19 +107,20 @@ fn open_errors_and_frames_through_a_real_tap() {
         let ps = unsafe { OwnedFd::from_raw_fd(ps) };
         // SAFETY: zeroed sockaddr_ll is valid; bind reads it.
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+        sll.sll_family = u16::try_from(libc::AF_PACKET).unwrap();
+        sll.sll_protocol = u16::try_from(libc::ETH_P_ALL).unwrap().to_be();
         sll.sll_ifindex = {
             let c = std::ffi::CString::new("cndr-tap0").unwrap();
             // SAFETY: valid C string.
-            unsafe { libc::if_nametoindex(c.as_ptr()) as i32 }
+            let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+            i32::try_from(index).unwrap()
         };
         // SAFETY: `sll` is a valid sockaddr_ll of the given size.
         let r = unsafe {
             libc::bind(
                 ps.as_raw_fd(),
                 (&sll as *const libc::sockaddr_ll).cast(),
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_ll>()).unwrap(),
             )
         };
         assert_eq!(r, 0, "{}", io::Error::last_os_error());
@@ -142,7 +143,8 @@ fn open_errors_and_frames_through_a_real_tap() {
                     libc::MSG_DONTWAIT,
                 )
             };
-            if n > 0 && buf[..n as usize] == frame[..] {
+            let n = usize::try_from(n).unwrap_or(0);
+            if n > 0 && buf[..n] == frame[..] {
                 got = Some(n);
                 break;
             }
@@ -155,7 +157,7 @@ fn open_errors_and_frames_through_a_real_tap() {
         // Host -> guest: the tap gives header + frame.
         // SAFETY: `frame` valid for reads of its length.
         let n = unsafe { libc::send(ps.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        assert_eq!(n, frame.len() as isize);
+        assert_eq!(n, isize::try_from(frame.len()).unwrap());
         let mut seen = false;
         for _ in 0..100 {
             match tap.recv(&mut buf) {

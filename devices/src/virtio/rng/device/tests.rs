@@ -15,7 +15,7 @@ const F_NEXT: u16 = 1;
 const MEM_SIZE: u64 = 0x20_0000;
 
 fn mem() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), usize::try_from(MEM_SIZE).unwrap())]).unwrap()
 }
 
 fn d(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {

@@ -21,6 +21,9 @@ const F_WRITE: u16 = 2;
 const F_NEXT: u16 = 1;
 const GUEST_CID: u64 = 3;
 const QSIZE: u16 = 64;
+/// [`PKT_HEADER_SIZE`] as a descriptor length.
+const HDR_LEN: u32 = 44;
+const _: () = assert!(HDR_LEN as usize == PKT_HEADER_SIZE);
 
 fn mem() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap()
@@ -105,7 +108,7 @@ impl<'a> Rig<'a> {
         let mut descs = Vec::new();
         for i in first..first + n {
             let base = 0x80_0000 + u64::from(i) * 0x2000;
-            descs.push(d(base, PKT_HEADER_SIZE as u32, F_WRITE | F_NEXT, 2 * i + 1));
+            descs.push(d(base, HDR_LEN, F_WRITE | F_NEXT, 2 * i + 1));
             descs.push(d(base + 0x100, 4096, F_WRITE, 0));
         }
         self.rx.add_desc_chains(&descs, 2 * first).unwrap();
@@ -119,15 +122,15 @@ impl<'a> Rig<'a> {
             .unwrap();
         let i = self.tx_next;
         let descs = if data.is_empty() {
-            vec![d(at, PKT_HEADER_SIZE as u32, 0, 0)]
+            vec![d(at, HDR_LEN, 0, 0)]
         } else {
             vec![
-                d(at, PKT_HEADER_SIZE as u32, F_NEXT, i + 1),
-                d(at + 0x100, data.len() as u32, 0, 0),
+                d(at, HDR_LEN, F_NEXT, i + 1),
+                d(at + 0x100, u32::try_from(data.len()).unwrap(), 0, 0),
             ]
         };
         self.tx.add_desc_chains(&descs, i).unwrap();
-        self.tx_next += descs.len() as u16;
+        self.tx_next += u16::try_from(descs.len()).unwrap();
         self.tx_addr += 0x1_0000;
     }
 
@@ -145,7 +148,7 @@ impl<'a> Rig<'a> {
             assert_eq!(u64::from_le_bytes(h[0..8].try_into().unwrap()), HOST_CID);
             assert_eq!(u64::from_le_bytes(h[8..16].try_into().unwrap()), GUEST_CID);
             let len = u32_at(24);
-            assert_eq!(e.len(), PKT_HEADER_SIZE as u32 + len);
+            assert_eq!(e.len(), HDR_LEN + len);
             let mut data = vec![0u8; len as usize];
             self.mem
                 .read_slice(&mut data, GuestAddress(base + 0x100))
@@ -474,13 +477,7 @@ fn hostile_packets() {
     .unwrap();
     let i = rig.tx_next;
     rig.tx
-        .add_desc_chains(
-            &[
-                d(at, PKT_HEADER_SIZE as u32, F_NEXT, i + 1),
-                d(at + 0x100, 16, 0, 0),
-            ],
-            i,
-        )
+        .add_desc_chains(&[d(at, HDR_LEN, F_NEXT, i + 1), d(at + 0x100, 16, 0, 0)], i)
         .unwrap();
     rig.tx_next += 2;
     // header descriptor too short, and a device-writable one
