@@ -612,8 +612,8 @@ impl Request {
     }
 }
 
-/// Counters of what a block device did, for metrics.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Counters of what a block device did; serialised as its metrics section.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct BlockStats {
     /// Completed reads.
     pub reads: u64,

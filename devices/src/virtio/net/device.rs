@@ -39,8 +39,8 @@ const CONFIG_LEN: usize = 12;
 /// Longest virtio-net header + frame the device handles.
 const BUF_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN;
 
-/// Counters of one device (cumulative since creation).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Counters of one device (cumulative since creation); serialised as its metrics section.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct NetStats {
     /// Frames delivered to the guest.
     pub rx_frames: u64,
