@@ -1,10 +1,14 @@
 //! [`PreBootController`]: a pure state machine answering every request that
 //! only touches the configuration, so the VMM implements only what needs a
 //! running VM (InstanceStart, pause/resume, Ctrl+Alt+Del, flushing metrics,
-//! live drive/interface updates).
+//! live drive/interface updates), as a [`VmmAction`]. It owns the instance
+//! state (`Not started` / `Running` / `Paused`): the VMM reports each
+//! action's result to [`PreBootController::complete`], which records what a
+//! success changed and answers.
 
+use crate::adapter::{action_response, VmmAction, VmmError};
 use crate::config::VmConfig;
-use crate::model::{ActionType, FirecrackerVersion, InstanceInfo, InstanceState};
+use crate::model::{ActionType, FirecrackerVersion, InstanceInfo, InstanceState, VmState};
 use crate::routes::{ApiRequest, ApiResponse};
 
 /// What the VMM must do with a request after the controller saw it.
@@ -12,17 +16,10 @@ use crate::routes::{ApiRequest, ApiResponse};
 pub enum Outcome {
     /// Send this answer; nothing else to do.
     Respond(ApiResponse),
-    /// `InstanceStart` on a bootable configuration: boot from
-    /// [`PreBootController::config`], call [`PreBootController::mark_started`]
-    /// on success, and answer 204 (or the boot error as 400).
-    Start,
-    /// A request only the VMM can carry out (FlushMetrics, SendCtrlAltDel,
-    /// PATCH /vm, PATCH drive or interface after boot). It was checked
-    /// against the configuration; the VMM executes and answers it, and on
-    /// success records a drive/interface patch with
-    /// [`VmConfig::patch_drive`] / [`VmConfig::patch_net`] through
-    /// [`PreBootController::config_mut`].
-    Forward(ApiRequest),
+    /// A request only the VMM can carry out, checked against the
+    /// configuration and the lifecycle: the VMM executes the action and
+    /// hands its result to [`PreBootController::complete`], which answers.
+    Execute(VmmAction),
 }
 
 /// Applies configuration requests to a [`VmConfig`] and enforces
@@ -84,9 +81,30 @@ impl PreBootController {
         self.info.state = InstanceState::Running;
     }
 
-    /// Records a pause or resume done by the VMM.
-    pub fn set_state(&mut self, state: InstanceState) {
-        self.info.state = state;
+    /// Records what `action` changed when it succeeded (the instance state,
+    /// a patched drive or interface) and answers the request: 204, or the
+    /// VMM's error as [`action_response`] maps it.
+    pub fn complete(&mut self, action: VmmAction, result: Result<(), VmmError>) -> ApiResponse {
+        if result.is_ok() {
+            match &action {
+                VmmAction::Start | VmmAction::Resume => self.info.state = InstanceState::Running,
+                VmmAction::Pause => self.info.state = InstanceState::Paused,
+                VmmAction::PatchDrive(d) => {
+                    if let Err(e) = self.config.patch_drive(d) {
+                        log::warn!("drive {} changed but not recorded: {e}", d.drive_id);
+                    }
+                }
+                VmmAction::PatchNetworkInterface(n) => {
+                    if let Err(e) = self.config.patch_net(n) {
+                        log::warn!("interface {} changed but not recorded: {e}", n.iface_id);
+                    }
+                }
+                VmmAction::FlushMetrics
+                | VmmAction::SendCtrlAltDel
+                | VmmAction::ConfigureLogger(_) => {}
+            }
+        }
+        action_response(&action, result)
     }
 
     /// Handles one request.
@@ -130,8 +148,9 @@ impl PreBootController {
                 Outcome::Respond(ApiResponse::no_content())
             }
             ApiRequest::PutLogger(l) => {
-                self.config.logger = Some(l);
-                Outcome::Respond(ApiResponse::no_content())
+                // Recorded even if the VMM then cannot apply it, as cinder always did.
+                self.config.logger = Some(l.clone());
+                Outcome::Execute(VmmAction::ConfigureLogger(l))
             }
             ApiRequest::PutMetrics(m) => {
                 if self.config.metrics.is_some() {
@@ -148,7 +167,7 @@ impl PreBootController {
                     ));
                 }
                 match self.config.validate() {
-                    Ok(()) => Outcome::Start,
+                    Ok(()) => Outcome::Execute(VmmAction::Start),
                     Err(e) => Outcome::Respond(ApiResponse::bad_request(e.to_string())),
                 }
             }
@@ -173,7 +192,18 @@ impl PreBootController {
                     p.iface_id
                 )))
             }
-            other => Outcome::Forward(other),
+            ApiRequest::Action(ActionType::FlushMetrics) => {
+                Outcome::Execute(VmmAction::FlushMetrics)
+            }
+            ApiRequest::Action(ActionType::SendCtrlAltDel) => {
+                Outcome::Execute(VmmAction::SendCtrlAltDel)
+            }
+            ApiRequest::PatchVm(VmState::Paused) => Outcome::Execute(VmmAction::Pause),
+            ApiRequest::PatchVm(VmState::Resumed) => Outcome::Execute(VmmAction::Resume),
+            ApiRequest::PatchDrive(p) => Outcome::Execute(VmmAction::PatchDrive(p)),
+            ApiRequest::PatchNetworkInterface(p) => {
+                Outcome::Execute(VmmAction::PatchNetworkInterface(p))
+            }
         }
     }
 }
@@ -206,13 +236,10 @@ pub fn describe(req: &ApiRequest) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{BootSource, PartialDrive, VmState};
+    use crate::model::{BootSource, Drive, PartialDrive, VmState};
 
-    #[test]
-    fn lifecycle() {
+    fn booted() -> PreBootController {
         let mut c = PreBootController::new(VmConfig::default(), "id", "1");
-        let start = ApiRequest::Action(ActionType::InstanceStart);
-        assert!(matches!(c.handle(start.clone()), Outcome::Respond(r) if r.status == 400));
         let boot = BootSource {
             kernel_image_path: "/k".into(),
             ..Default::default()
@@ -221,11 +248,41 @@ mod tests {
             c.handle(ApiRequest::PutBootSource(boot)),
             Outcome::Respond(ApiResponse::no_content())
         );
-        assert_eq!(c.handle(start.clone()), Outcome::Start);
-        c.mark_started();
+        c
+    }
+
+    #[test]
+    fn lifecycle() {
+        let mut c = PreBootController::new(VmConfig::default(), "id", "1");
+        let start = ApiRequest::Action(ActionType::InstanceStart);
+        assert!(matches!(c.handle(start.clone()), Outcome::Respond(r) if r.status == 400));
+        let mut c = booted();
+        assert_eq!(c.handle(start.clone()), Outcome::Execute(VmmAction::Start));
+        // A failed boot leaves the microVM not started.
+        let r = c.complete(VmmAction::Start, Err(VmmError::Boot("no kvm".into())));
+        assert_eq!(r.status, 400);
+        assert_eq!(
+            r.fault_message().as_deref(),
+            Some("InstanceStart failed: no kvm")
+        );
+        assert_eq!(c.state(), InstanceState::NotStarted);
+        assert_eq!(
+            c.complete(VmmAction::Start, Ok(())),
+            ApiResponse::no_content()
+        );
+        assert_eq!(c.state(), InstanceState::Running);
         assert!(matches!(c.handle(start), Outcome::Respond(r) if r.status == 400));
         let pause = ApiRequest::PatchVm(VmState::Paused);
-        assert_eq!(c.handle(pause.clone()), Outcome::Forward(pause));
+        assert_eq!(c.handle(pause), Outcome::Execute(VmmAction::Pause));
+        c.complete(VmmAction::Pause, Ok(()));
+        assert_eq!(c.state(), InstanceState::Paused);
+        // A failed resume leaves it paused.
+        c.complete(VmmAction::Resume, Err(VmmError::Vm("stuck".into())));
+        assert_eq!(c.state(), InstanceState::Paused);
+        let resume = ApiRequest::PatchVm(VmState::Resumed);
+        assert_eq!(c.handle(resume), Outcome::Execute(VmmAction::Resume));
+        c.complete(VmmAction::Resume, Ok(()));
+        assert_eq!(c.state(), InstanceState::Running);
         let patch = ApiRequest::PatchDrive(PartialDrive {
             drive_id: "nope".into(),
             ..Default::default()
@@ -233,5 +290,47 @@ mod tests {
         assert!(matches!(c.handle(patch), Outcome::Respond(r) if r.status == 400));
         let flush = ApiRequest::Action(ActionType::FlushMetrics);
         assert!(matches!(c.handle(flush), Outcome::Respond(r) if r.status == 400));
+    }
+
+    #[test]
+    fn a_drive_patch_is_recorded_only_when_it_succeeded() {
+        let mut c = booted();
+        let drive = Drive {
+            drive_id: "d1".into(),
+            path_on_host: Some("/a.img".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            c.handle(ApiRequest::PutDrive(drive)),
+            Outcome::Respond(ApiResponse::no_content())
+        );
+        c.mark_started();
+        let to = |p: &str| PartialDrive {
+            drive_id: "d1".into(),
+            path_on_host: Some(p.into()),
+            ..Default::default()
+        };
+        let req = ApiRequest::PatchDrive(to("/b.img"));
+        let Outcome::Execute(action) = c.handle(req) else {
+            panic!("a patch of a configured drive goes to the VMM");
+        };
+        assert_eq!(action, VmmAction::PatchDrive(to("/b.img")));
+        let r = c.complete(
+            VmmAction::PatchDrive(to("/c.img")),
+            Err(VmmError::Vm("drive d1: cannot open /c.img".into())),
+        );
+        assert_eq!(
+            r.fault_message().as_deref(),
+            Some("PATCH /drives/d1: drive d1: cannot open /c.img")
+        );
+        assert_eq!(
+            c.config().drives[0].path_on_host,
+            std::path::Path::new("/a.img")
+        );
+        assert_eq!(c.complete(action, Ok(())), ApiResponse::no_content());
+        assert_eq!(
+            c.config().drives[0].path_on_host,
+            std::path::Path::new("/b.img")
+        );
     }
 }

@@ -10,10 +10,13 @@
 //! - [`server`]: [`ApiServer`], one thread, many clients;
 //! - [`handler`]: the [`RequestHandler`] seam and [`ChannelHandler`], which
 //!   hands requests to the VMM event loop;
-//! - [`controller`]: [`PreBootController`], the configuration state machine.
+//! - [`controller`]: [`PreBootController`], the configuration state machine;
+//! - [`adapter`]: what the VMM is asked to do ([`VmmAction`]), why it fails
+//!   ([`VmmError`]), and how its result becomes an answer.
 
 #![deny(missing_docs)]
 
+pub mod adapter;
 pub mod config;
 pub mod controller;
 pub mod handler;
@@ -22,6 +25,7 @@ pub mod model;
 pub mod routes;
 pub mod server;
 
+pub use adapter::{action_response, VmmAction, VmmError};
 pub use config::{ConfigError, VmConfig};
 pub use controller::{Outcome, PreBootController};
 pub use handler::{api_channel, ChannelHandler, RequestHandler, VmmEndpoint};

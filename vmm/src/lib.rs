@@ -1,5 +1,6 @@
 //! The cinder VMM: KVM VM and vCPUs, the PIO/MMIO bus, the event loop and the lifecycle.
 
+pub mod actions;
 pub mod builder;
 pub mod bus;
 pub mod cmdline;

@@ -1,34 +1,38 @@
 //! The control loop of a cinder process, in every mode: CLI flags, `--config-file`, and the
-//! API socket. It owns the VM once started, serves API requests that arrive through the
-//! channel + EventFd from the API thread, handles signals, the guest's reset, and metrics.
-//! The devices run on their own loop ([`crate::device_loop`]), which pausing the VM parks.
+//! API socket. It owns the VM once started (through [`Executor`]), serves API requests that
+//! arrive through the channel + EventFd from the API thread, handles signals, the guest's
+//! reset, and metrics. The devices run on their own loop ([`crate::device_loop`]), which
+//! pausing the VM parks.
+//!
+//! An API request goes to the controller (configuration, lifecycle, instance state); what it
+//! hands over as a [`api::adapter::VmmAction`] the [`Executor`] carries out, and the domain
+//! result goes back to the controller, which answers. Nothing here builds an HTTP answer.
 
 use std::io::Write;
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use api::config::VmConfig;
 use api::controller::{Outcome, PreBootController};
 use api::handler::VmmEndpoint;
-use api::model::{ActionType, InstanceState, VmState};
-use api::routes::{ApiRequest, ApiResponse};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
+use crate::actions::{Executor, Machine};
 use crate::builder::VmBuilder;
 use crate::console::{spawn_console_writer, RawTerminal};
 use crate::device_loop::DeviceLoop;
 use crate::error::VmError;
 use crate::exit::{ExitReason, ExitSignal};
-use crate::metrics::open_sink;
 use crate::metrics::Metrics;
 use crate::options::VmmOptions;
 use crate::signal::SignalFd;
-use crate::vm::{Subscriber, VmContext, Vmm};
+use crate::vm::{Subscriber, VmContext};
 
 pub use crate::cmdline::DEFAULT_CMDLINE;
 
@@ -39,8 +43,13 @@ pub const METRICS_PERIOD: Duration = Duration::from_secs(60);
 pub struct ApiState {
     /// Requests from the API thread.
     pub endpoint: VmmEndpoint,
-    /// The configuration and the lifecycle rules.
+    /// The configuration, the lifecycle rules and the instance state.
     pub controller: PreBootController,
+}
+
+/// The metrics file of a configuration.
+fn metrics_path_of(cfg: &VmConfig) -> Option<PathBuf> {
+    cfg.metrics.as_ref().map(|m| PathBuf::from(&m.metrics_path))
 }
 
 type Em = EventManager<Subscriber>;
@@ -99,22 +108,60 @@ impl MutEventSubscriber for Control {
     }
 }
 
+/// What starting a microVM takes besides its configuration, and what the end hands back:
+/// the options, the context the VM reports through, the console output and the terminal.
+struct Launcher {
+    opts: VmmOptions,
+    ctx: VmContext,
+    console_out: Option<Box<dyn Write + Send>>,
+    console_thread: Option<JoinHandle<()>>,
+    terminal: Option<RawTerminal>,
+}
+
+impl Launcher {
+    /// Builds and starts the VM for `cfg` (validated) and its device loop.
+    fn launch(&mut self, cfg: &VmConfig) -> Result<Machine, VmError> {
+        let builder = VmBuilder::new(cfg, &self.opts)?;
+        let out = self
+            .console_out
+            .take()
+            .unwrap_or_else(|| Box::new(std::io::stdout()));
+        let (writer, handle) = spawn_console_writer(out).map_err(|source| VmError::Os {
+            what: "starting the console writer",
+            source,
+        })?;
+        self.console_thread = Some(handle);
+        // Raw mode only when the guest's console reads this terminal.
+        if self.opts.console.reads_stdin() && self.terminal.is_none() {
+            let t = RawTerminal::enter();
+            self.ctx.interactive = t.is_active();
+            self.terminal = Some(t);
+        }
+        let mut vm = builder.build(Box::new(writer), self.ctx.clone())?;
+        if let Err(e) = vm.start() {
+            vm.shutdown();
+            return Err(e);
+        }
+        match DeviceLoop::start(vm.subscribers(), self.ctx.exit.clone()) {
+            Ok(devices) => Ok(Machine { vm, devices }),
+            Err(e) => {
+                vm.shutdown();
+                Err(e)
+            }
+        }
+    }
+}
+
 /// A cinder process's event loop and state.
 pub struct Runtime {
     em: Em,
-    ctx: VmContext,
-    opts: VmmOptions,
-    vm: Option<Vmm>,
-    console_out: Option<Box<dyn Write + Send>>,
+    launcher: Launcher,
+    vmm: Executor,
     api: Option<ApiState>,
     api_pending: Arc<AtomicBool>,
     metrics_due: Arc<AtomicBool>,
     /// The metrics path when no API controller holds the configuration.
     metrics_path: Option<PathBuf>,
-    metrics_sink: Option<(PathBuf, std::fs::File)>,
-    console_thread: Option<std::thread::JoinHandle<()>>,
-    devices: Option<DeviceLoop>,
-    terminal: Option<RawTerminal>,
 }
 
 impl Runtime {
@@ -153,64 +200,34 @@ impl Runtime {
                 .map(|a| (a.endpoint.event.as_raw_fd(), api_pending.clone())),
         };
         em.add_subscriber(Arc::new(Mutex::new(control)));
+        let metrics = Arc::new(Metrics::default());
         let ctx = VmContext {
             reset_evt,
             exit,
-            metrics: Arc::new(Metrics::default()),
+            metrics: metrics.clone(),
             interactive: false,
         };
         Ok(Runtime {
             em,
-            ctx,
-            opts,
-            vm: None,
-            console_out: Some(console_out),
+            launcher: Launcher {
+                opts,
+                ctx,
+                console_out: Some(console_out),
+                console_thread: None,
+                terminal: None,
+            },
+            vmm: Executor::new(metrics),
             api,
             api_pending,
             metrics_due,
             metrics_path,
-            metrics_sink: None,
-            console_thread: None,
-            devices: None,
-            terminal: None,
         })
     }
 
     /// Builds and starts the VM for `cfg` (validated) with this runtime's options.
     pub fn start_vm(&mut self, cfg: &VmConfig) -> Result<(), VmError> {
-        if self.vm.is_some() {
-            return Err(VmError::AlreadyRunning);
-        }
-        let builder = VmBuilder::new(cfg, &self.opts)?;
-        let out = self
-            .console_out
-            .take()
-            .unwrap_or_else(|| Box::new(std::io::stdout()));
-        let (writer, handle) = spawn_console_writer(out).map_err(|source| VmError::Os {
-            what: "starting the console writer",
-            source,
-        })?;
-        self.console_thread = Some(handle);
-        // Raw mode only when the guest's console reads this terminal.
-        if self.opts.console.reads_stdin() && self.terminal.is_none() {
-            let t = RawTerminal::enter();
-            self.ctx.interactive = t.is_active();
-            self.terminal = Some(t);
-        }
-        let mut vm = builder.build(Box::new(writer), self.ctx.clone())?;
-        if let Err(e) = vm.start() {
-            vm.shutdown();
-            return Err(e);
-        }
-        match DeviceLoop::start(vm.subscribers(), self.ctx.exit.clone()) {
-            Ok(d) => self.devices = Some(d),
-            Err(e) => {
-                vm.shutdown();
-                return Err(e);
-            }
-        }
-        self.vm = Some(vm);
-        Ok(())
+        let launcher = &mut self.launcher;
+        self.vmm.start(|| launcher.launch(cfg))
     }
 
     /// Tells the API controller the VM was started outside the API (config file / flags).
@@ -223,71 +240,43 @@ impl Runtime {
     /// The metrics file, from the API configuration or the config file.
     fn metrics_path(&self) -> Option<PathBuf> {
         match &self.api {
-            Some(a) => a
-                .controller
-                .config()
-                .metrics
-                .as_ref()
-                .map(|m| PathBuf::from(&m.metrics_path)),
+            Some(a) => metrics_path_of(a.controller.config()),
             None => self.metrics_path.clone(),
         }
-    }
-
-    fn flush_metrics(&mut self) -> Result<(), String> {
-        let Some(path) = self.metrics_path() else {
-            return Err("metrics are not configured".into());
-        };
-        if self.metrics_sink.as_ref().map(|(p, _)| p) != Some(&path) {
-            let f = open_sink(&path)
-                .map_err(|e| format!("cannot open metrics path {}: {e}", path.display()))?;
-            self.metrics_sink = Some((path.clone(), f));
-        }
-        let devices = self
-            .vm
-            .as_ref()
-            .map(|v| v.device_metrics())
-            .unwrap_or_default();
-        let Some((_, sink)) = self.metrics_sink.as_mut() else {
-            return Err("metrics are not configured".into());
-        };
-        self.ctx
-            .metrics
-            .flush_to(sink, &devices)
-            .map_err(|e| format!("cannot write metrics to {}: {e}", path.display()))
     }
 
     /// Runs until the VM (or, before a VM exists, a signal) ends the process; returns why.
     pub fn run(mut self) -> ExitReason {
         let reason = loop {
-            if let Some(r) = self.ctx.exit.reason() {
+            if let Some(r) = self.launcher.ctx.exit.reason() {
                 break r;
             }
             if let Err(e) = self.em.run_with_timeout(1000) {
                 break ExitReason::VmmError(format!("event loop failed: {e:?}"));
             }
-            if self.metrics_due.swap(false, Ordering::AcqRel) && self.metrics_path().is_some() {
-                if let Err(e) = self.flush_metrics() {
-                    log::warn!("{e}");
+            if self.metrics_due.swap(false, Ordering::AcqRel) {
+                if let Some(path) = self.metrics_path() {
+                    if let Err(e) = self.vmm.flush_metrics(&path) {
+                        log::warn!("{e}");
+                    }
                 }
             }
             if self.api_pending.swap(false, Ordering::AcqRel) {
                 self.serve_api();
             }
         };
-        if self.metrics_path().is_some() {
-            let _ = self.flush_metrics();
+        if let Some(path) = self.metrics_path() {
+            let _ = self.vmm.flush_metrics(&path);
         }
-        if let Some(vm) = self.vm.take() {
+        if let Some(Machine { vm, devices }) = self.vmm.take_machine() {
             vm.shutdown();
-        }
-        // Stopping the device loop drops its references to the devices, so the UART's end of
-        // the console channel goes away with them.
-        if let Some(d) = self.devices.take() {
-            d.stop();
+            // Stopping the device loop drops its references to the devices, so the UART's end
+            // of the console channel goes away with them.
+            devices.stop();
         }
         // The VM is gone, so is the UART's end of the console channel: let the writer finish
         // what the guest printed last (bounded: 2 s, the reader may be stalled).
-        if let Some(h) = self.console_thread.take() {
+        if let Some(h) = self.launcher.console_thread.take() {
             for _ in 0..200 {
                 if h.is_finished() {
                     let _ = h.join();
@@ -300,150 +289,33 @@ impl Runtime {
     }
 
     fn serve_api(&mut self) {
-        let Some(api) = self.api.as_ref() else {
+        let Some(api) = self.api.as_mut() else {
             return;
         };
         let _ = api.endpoint.event.read();
         // Bounded: at most what is queued now (the API thread waits for each reply).
         for _ in 0..64 {
-            let Some(req) = self.api.as_ref().and_then(|a| a.endpoint.next_request()) else {
+            let Some(req) = api.endpoint.next_request() else {
                 break;
             };
-            self.ctx.metrics.api.requests.inc();
-            let resp = self.handle_api(req);
+            self.launcher.ctx.metrics.api.requests.inc();
+            let resp = match api.controller.handle(req) {
+                Outcome::Respond(r) => r,
+                Outcome::Execute(action) => {
+                    let cfg = api.controller.config();
+                    let launcher = &mut self.launcher;
+                    let result = self
+                        .vmm
+                        .execute(&action, metrics_path_of(cfg).as_deref(), || {
+                            launcher.launch(cfg)
+                        });
+                    api.controller.complete(action, result)
+                }
+            };
             if resp.status >= 400 {
-                self.ctx.metrics.api.errors.inc();
+                self.launcher.ctx.metrics.api.errors.inc();
             }
-            if let Some(a) = self.api.as_ref() {
-                a.endpoint.reply(resp);
-            }
-        }
-    }
-
-    fn handle_api(&mut self, req: ApiRequest) -> ApiResponse {
-        let logger = match &req {
-            ApiRequest::PutLogger(l) => Some(l.clone()),
-            _ => None,
-        };
-        let outcome = match self.api.as_mut() {
-            Some(a) => a.controller.handle(req),
-            None => return ApiResponse::error(500, "no API state"),
-        };
-        match outcome {
-            Outcome::Respond(r) => {
-                if let (Some(l), true) = (logger, r.status < 300) {
-                    if let Err(e) = crate::logger::apply(&l) {
-                        return ApiResponse::error(400, e);
-                    }
-                }
-                r
-            }
-            Outcome::Start => {
-                let Some(cfg) = self.api.as_ref().map(|a| a.controller.config().clone()) else {
-                    return ApiResponse::error(500, "no API state");
-                };
-                match self.start_vm(&cfg) {
-                    Ok(()) => {
-                        if let Some(a) = self.api.as_mut() {
-                            a.controller.mark_started();
-                        }
-                        ApiResponse::no_content()
-                    }
-                    Err(e @ VmError::NoBootSource) => {
-                        ApiResponse::error(400, format!("InstanceStart: {e}"))
-                    }
-                    Err(e) => ApiResponse::error(400, format!("InstanceStart failed: {e}")),
-                }
-            }
-            Outcome::Forward(req) => self.runtime_request(req),
-        }
-    }
-
-    fn runtime_request(&mut self, req: ApiRequest) -> ApiResponse {
-        match req {
-            ApiRequest::PatchVm(state) => {
-                let Some(vm) = self.vm.as_ref() else {
-                    return ApiResponse::error(400, "the microVM is not running");
-                };
-                // Paused: the vCPUs first (no new queue kicks), then the device loop, so no
-                // device touches guest memory until Resumed (devices first, then vCPUs).
-                let devices = self.devices.as_ref();
-                let (res, new_state) = match state {
-                    VmState::Paused => (
-                        vm.pause()
-                            .and_then(|()| devices.map_or(Ok(()), DeviceLoop::pause))
-                            .map_err(|e| e.to_string()),
-                        InstanceState::Paused,
-                    ),
-                    VmState::Resumed => {
-                        if let Some(d) = devices {
-                            d.resume();
-                        }
-                        vm.resume();
-                        (Ok(()), InstanceState::Running)
-                    }
-                };
-                match res {
-                    Ok(()) => {
-                        if let Some(a) = self.api.as_mut() {
-                            a.controller.set_state(new_state);
-                        }
-                        ApiResponse::no_content()
-                    }
-                    Err(e) => ApiResponse::error(400, e),
-                }
-            }
-            ApiRequest::Action(ActionType::FlushMetrics) => match self.flush_metrics() {
-                Ok(()) => ApiResponse::no_content(),
-                Err(e) => ApiResponse::error(400, format!("FlushMetrics: {e}")),
-            },
-            ApiRequest::Action(ActionType::SendCtrlAltDel) => match self.vm.as_ref() {
-                Some(vm) => match vm.send_ctrl_alt_del() {
-                    Ok(()) => ApiResponse::no_content(),
-                    Err(e) => ApiResponse::error(400, e),
-                },
-                None => ApiResponse::error(400, "SendCtrlAltDel: the microVM is not running"),
-            },
-            ApiRequest::PatchDrive(d) => {
-                if d.rate_limiter.is_some() {
-                    return ApiResponse::error(
-                        400,
-                        format!(
-                            "PATCH /drives/{}: rate limiters are not supported by cinder yet",
-                            d.drive_id
-                        ),
-                    );
-                }
-                let (Some(vm), Some(path)) = (self.vm.as_ref(), d.path_on_host.as_ref()) else {
-                    return ApiResponse::error(
-                        400,
-                        format!("PATCH /drives/{}: nothing to change", d.drive_id),
-                    );
-                };
-                if let Err(e) = vm.patch_drive(&d.drive_id, std::path::Path::new(path)) {
-                    return ApiResponse::error(400, format!("PATCH /drives/{}: {e}", d.drive_id));
-                }
-                if let Some(a) = self.api.as_mut() {
-                    if let Err(e) = a.controller.config_mut().patch_drive(&d) {
-                        log::warn!("drive {} changed but not recorded: {e}", d.drive_id);
-                    }
-                }
-                ApiResponse::no_content()
-            }
-            ApiRequest::PatchNetworkInterface(n) => ApiResponse::error(
-                400,
-                format!(
-                    "PATCH /network-interfaces/{}: rate limiters are not supported by cinder yet",
-                    n.iface_id
-                ),
-            ),
-            other => ApiResponse::error(
-                400,
-                format!(
-                    "{} is not supported at this point",
-                    api::controller::describe(&other)
-                ),
-            ),
+            api.endpoint.reply(resp);
         }
     }
 }

@@ -7,8 +7,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use arch::GuestMemoryMmap;
-use devices::i8042::I8042;
-use devices::virtio::block::Block;
+use devices::i8042::{I8042Error, I8042};
+use devices::virtio::block::{Block, BlockError};
 use devices::virtio::net::Net;
 use event_manager::MutEventSubscriber;
 use kvm_ioctls::{Kvm, VmFd};
@@ -37,6 +37,32 @@ pub struct VmContext {
 
 /// An event-loop subscriber.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Why Ctrl+Alt+Del did not reach the guest.
+#[derive(Debug, thiserror::Error)]
+#[error("the guest is not taking keyboard input ({source})")]
+pub struct CtrlAltDelError {
+    /// What the i8042 said.
+    #[source]
+    pub source: I8042Error,
+}
+
+/// Why a drive could not be switched to a new image.
+#[derive(Debug, thiserror::Error)]
+pub enum PatchDriveError {
+    /// The VM has no drive with this id.
+    #[error("drive {0} does not exist")]
+    NotFound(String),
+    /// The new image cannot back the drive.
+    #[error("drive {id}: {source}")]
+    Backing {
+        /// The drive id.
+        id: String,
+        /// Why.
+        #[source]
+        source: BlockError,
+    },
+}
 
 /// A built microVM: memory, KVM VM, devices and vCPUs.
 pub struct Vmm {
@@ -120,29 +146,32 @@ impl Vmm {
     }
 
     /// Presses Ctrl+Alt+Del on the guest's keyboard (i8042, IRQ 1).
-    pub fn send_ctrl_alt_del(&self) -> Result<(), String> {
+    pub fn send_ctrl_alt_del(&self) -> Result<(), CtrlAltDelError> {
         let mut k = match self.i8042.lock() {
             Ok(k) => k,
             Err(p) => p.into_inner(),
         };
         k.trigger_ctrl_alt_del()
-            .map_err(|e| format!("SendCtrlAltDel: the guest is not taking keyboard input ({e})"))
+            .map_err(|source| CtrlAltDelError { source })
     }
 
     /// Switches drive `id` to a new backing image (same read-only mode); the guest is told of
     /// the new size.
-    pub fn patch_drive(&self, id: &str, path: &std::path::Path) -> Result<(), String> {
+    pub fn patch_drive(&self, id: &str, path: &std::path::Path) -> Result<(), PatchDriveError> {
         let (_, dev) = self
             .blocks
             .iter()
             .find(|(d, _)| d == id)
-            .ok_or_else(|| format!("drive {id} does not exist"))?;
+            .ok_or_else(|| PatchDriveError::NotFound(id.to_string()))?;
         let mut dev = match dev.lock() {
             Ok(d) => d,
             Err(p) => p.into_inner(),
         };
         dev.set_backing(path)
-            .map_err(|e| format!("drive {id}: {e}"))
+            .map_err(|source| PatchDriveError::Backing {
+                id: id.to_string(),
+                source,
+            })
     }
 
     /// Per-device metrics sections (cumulative counters), as JSON objects.

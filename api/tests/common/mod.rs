@@ -10,8 +10,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use api::{
-    model::InstanceState, ApiRequest, ApiResponse, ApiServer, Outcome, PreBootController,
-    ServerConfig, ShutdownHandle, VmConfig,
+    ApiRequest, ApiResponse, ApiServer, Outcome, PreBootController, ServerConfig, ShutdownHandle,
+    VmConfig,
 };
 
 /// A directory removed on drop.
@@ -56,24 +56,8 @@ impl MockVmm {
         self.seen.lock().unwrap().push(req.clone());
         match self.ctl.handle(req) {
             Outcome::Respond(r) => r,
-            Outcome::Start => {
-                self.ctl.mark_started();
-                ApiResponse::no_content()
-            }
-            Outcome::Forward(ApiRequest::PatchVm(s)) => {
-                self.ctl.set_state(match s {
-                    api::model::VmState::Paused => InstanceState::Paused,
-                    api::model::VmState::Resumed => InstanceState::Running,
-                });
-                ApiResponse::no_content()
-            }
-            Outcome::Forward(ApiRequest::PatchDrive(p)) => {
-                match self.ctl.config_mut().patch_drive(&p) {
-                    Ok(()) => ApiResponse::no_content(),
-                    Err(e) => ApiResponse::bad_request(e.to_string()),
-                }
-            }
-            Outcome::Forward(_) => ApiResponse::no_content(),
+            // Every action succeeds at once; the controller records what it changed.
+            Outcome::Execute(action) => self.ctl.complete(action, Ok(())),
         }
     }
 }
