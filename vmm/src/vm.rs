@@ -182,28 +182,18 @@ impl Vmm {
                 Err(p) => p.into_inner(),
             }
         }
+        // Each device's counters serialise themselves (devices' BlockStats and NetStats).
+        let section = |stats: Result<serde_json::Value, serde_json::Error>| {
+            stats.unwrap_or(serde_json::Value::Null)
+        };
         let mut out = Vec::new();
         for (id, dev) in &self.blocks {
             let s = lock(dev).stats();
-            out.push((
-                format!("block_{id}"),
-                serde_json::json!({
-                    "reads": s.reads, "writes": s.writes, "flushes": s.flushes,
-                    "discards": s.discards, "write_zeroes": s.write_zeroes,
-                    "read_bytes": s.read_bytes, "write_bytes": s.write_bytes, "errors": s.errors,
-                }),
-            ));
+            out.push((format!("block_{id}"), section(serde_json::to_value(s))));
         }
         for (id, dev) in &self.nets {
             let s = lock(dev).stats();
-            out.push((
-                format!("net_{id}"),
-                serde_json::json!({
-                    "rx_frames": s.rx_frames, "rx_bytes": s.rx_bytes, "rx_dropped": s.rx_dropped,
-                    "rx_bad_chains": s.rx_bad_chains, "tx_frames": s.tx_frames,
-                    "tx_bytes": s.tx_bytes, "tx_dropped": s.tx_dropped,
-                }),
-            ));
+            out.push((format!("net_{id}"), section(serde_json::to_value(s))));
         }
         out
     }
