@@ -99,9 +99,9 @@ impl PreBootController {
                         log::warn!("interface {} changed but not recorded: {e}", n.iface_id);
                     }
                 }
-                VmmAction::FlushMetrics
-                | VmmAction::SendCtrlAltDel
-                | VmmAction::ConfigureLogger(_) => {}
+                // Recorded only once applied: a refused PUT /logger changes nothing.
+                VmmAction::ConfigureLogger(l) => self.config.logger = Some(l.clone()),
+                VmmAction::FlushMetrics | VmmAction::SendCtrlAltDel => {}
             }
         }
         action_response(&action, result)
@@ -147,11 +147,8 @@ impl PreBootController {
                 self.config.set_entropy(&e);
                 Outcome::Respond(ApiResponse::no_content())
             }
-            ApiRequest::PutLogger(l) => {
-                // Recorded even if the VMM then cannot apply it, as cinder always did.
-                self.config.logger = Some(l.clone());
-                Outcome::Execute(VmmAction::ConfigureLogger(l))
-            }
+            // Recorded by `complete` once the VMM applied it.
+            ApiRequest::PutLogger(l) => Outcome::Execute(VmmAction::ConfigureLogger(l)),
             ApiRequest::PutMetrics(m) => {
                 if self.config.metrics.is_some() {
                     return Outcome::Respond(ApiResponse::bad_request(
@@ -290,6 +287,27 @@ mod tests {
         assert!(matches!(c.handle(patch), Outcome::Respond(r) if r.status == 400));
         let flush = ApiRequest::Action(ActionType::FlushMetrics);
         assert!(matches!(c.handle(flush), Outcome::Respond(r) if r.status == 400));
+    }
+
+    #[test]
+    fn a_refused_logger_changes_nothing() {
+        let mut c = booted();
+        let bad = crate::model::Logger {
+            log_path: Some("/nonexistent/dir/log".into()),
+            ..Default::default()
+        };
+        let Outcome::Execute(action) = c.handle(ApiRequest::PutLogger(bad)) else {
+            panic!("PUT /logger goes to the VMM");
+        };
+        let r = c.complete(action, Err(VmmError::Logger("cannot open it".into())));
+        assert_eq!(r.status, 400);
+        assert_eq!(c.config().logger, None, "the refused logger was recorded");
+        let good = crate::model::Logger::default();
+        let Outcome::Execute(action) = c.handle(ApiRequest::PutLogger(good.clone())) else {
+            panic!("PUT /logger goes to the VMM");
+        };
+        assert_eq!(c.complete(action, Ok(())), ApiResponse::no_content());
+        assert_eq!(c.config().logger, Some(good));
     }
 
     #[test]
