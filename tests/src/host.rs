@@ -11,14 +11,19 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
+/// The kind of KVM host (see the module docs for how each is recognised).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HostKind {
+    /// `/dev/kvm` opens and guest kernel mode runs on the CPU.
     Hardware,
+    /// `/dev/kvm` opens but belongs to kvm-pvm (guest kernel mode is emulated).
     KvmPvm,
+    /// `/dev/kvm` cannot be opened.
     None,
 }
 
 impl HostKind {
+    /// The kind's name as `scripts/kvm-lane.sh` prints it: `hardware`, `kvm-pvm` or `none`.
     pub fn name(self) -> &'static str {
         match self {
             HostKind::Hardware => "hardware",

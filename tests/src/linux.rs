@@ -29,6 +29,8 @@ pub use crate::tmp::TempDir;
 pub struct RootFs(pub PathBuf);
 
 impl RootFs {
+    /// The artifact directory: `$CINDER_ROOTFS_DIR` if set, else the directory that
+    /// `build-rootfs.sh` prints last (panics if the script cannot run or fails).
     pub fn get() -> RootFs {
         if let Some(d) = std::env::var_os("CINDER_ROOTFS_DIR") {
             return RootFs(PathBuf::from(d));

@@ -33,11 +33,15 @@ pub fn sh(args: &[&str]) {
 
 /// A network namespace with a TAP at 10.0.2.2/24, deleted on drop.
 pub struct NetNs {
+    /// The namespace's name (`cndr-t-<pid>-<n>`), for `ip netns exec`.
     pub name: String,
+    /// The TAP device's name inside the namespace (`tapc<n>`).
     pub tap: String,
 }
 
 impl NetNs {
+    /// Creates a fresh namespace with `lo` up and the TAP at 10.0.2.2/24, up (panics if an
+    /// `ip` command fails).
     pub fn new() -> NetNs {
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
@@ -116,7 +120,7 @@ fn icmp_checksum(data: &[u8]) -> u16 {
     while s >> 16 != 0 {
         s = (s & 0xffff) + (s >> 16);
     }
-    !(s as u16)
+    !u16::try_from(s).expect("the sum is folded into 16 bits")
 }
 
 /// ICMP echo to `dst` through a raw socket (run it inside the namespace); the number of
@@ -138,11 +142,12 @@ pub fn ping(dst: Ipv4Addr, count: u16, timeout: Duration) -> u16 {
             libc::SOL_SOCKET,
             libc::SO_RCVTIMEO,
             (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
+            libc::socklen_t::try_from(std::mem::size_of::<libc::timeval>())
+                .expect("a timeval's size fits socklen_t"),
         )
     };
     let sa = libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
+        sin_family: libc::sa_family_t::try_from(libc::AF_INET).expect("AF_INET fits sa_family_t"),
         sin_port: 0,
         sin_addr: libc::in_addr {
             s_addr: u32::from(dst).to_be(),
@@ -166,7 +171,8 @@ pub fn ping(dst: Ipv4Addr, count: u16, timeout: Duration) -> u16 {
                 pkt.len(),
                 0,
                 (&sa as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as u32,
+                libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_in>())
+                    .expect("a sockaddr_in's size fits socklen_t"),
             )
         };
         let until = Instant::now() + timeout;

@@ -15,15 +15,20 @@ pub fn elf_path() -> PathBuf {
 /// Outcome of one check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
+    /// `ok`: the check passed.
     Ok,
+    /// `FAIL`: the check failed.
     Fail,
+    /// `skip`: a device the check needs is absent (neither passed nor counted in the total).
     Skip,
 }
 
 /// One `PROBE <check> <status> <details>` line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Check {
+    /// The check's name (`<check>`).
     pub name: String,
+    /// Its status word.
     pub status: Status,
     /// Everything after the status word (including the trailing `tsc=`).
     pub details: String,
@@ -46,6 +51,7 @@ impl Check {
 pub struct ProbeLog {
     /// Details of the `PROBE begin` line, if printed.
     pub begin: Option<String>,
+    /// The check result lines, in the order printed.
     pub checks: Vec<Check>,
     /// `PROBE tick <n> <tsc>` lines: (n, tsc).
     pub ticks: Vec<(u64, u64)>,

@@ -13,7 +13,9 @@ use std::time::Duration;
 /// The accelerator a run used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Accel {
+    /// Hardware virtualisation through `/dev/kvm` (`-accel kvm`).
     Kvm,
+    /// QEMU's software emulator (`-accel tcg`).
     Tcg,
 }
 
@@ -76,19 +78,24 @@ pub fn qemu_bin() -> PathBuf {
     }
 }
 
-/// QEMU's microvm without option ROMs and RTC, with the ISA serial port.
 /// QEMU's qboot firmware (Debian: qemu-system-data).
 const QBOOT: &str = "/usr/share/qemu/qboot.rom";
 
+/// QEMU's microvm without option ROMs and RTC, with the ISA serial port.
 pub const DEFAULT_MACHINE: &str = "microvm,x-option-roms=off,rtc=off,isa-serial=on";
 
 /// A microvm configuration.
 #[derive(Clone, Debug)]
 pub struct Microvm {
+    /// The guest kernel (`-kernel`).
     pub kernel: PathBuf,
+    /// The kernel command line (`-append`).
     pub cmdline: String,
+    /// vCPUs (`-smp`).
     pub cpus: u32,
+    /// Guest memory in MiB (`-m`).
     pub mem_mib: u64,
+    /// The accelerator (`-accel` and `-cpu`).
     pub accel: Accel,
     /// `-M` value; ACPI is on by default (MADT), `acpi=off` gives an MP
     /// table and `virtio_mmio.device=` keys on the command line instead.
@@ -98,6 +105,8 @@ pub struct Microvm {
 }
 
 impl Microvm {
+    /// `kernel` with `cmdline` on `cpus` vCPUs and `mem_mib` MiB: [`Accel::detect`]'s
+    /// accelerator, [`DEFAULT_MACHINE`], no extra arguments.
     pub fn new(kernel: &Path, cmdline: &str, cpus: u32, mem_mib: u64) -> Microvm {
         Microvm {
             kernel: kernel.to_path_buf(),

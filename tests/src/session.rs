@@ -216,8 +216,9 @@ impl Session {
 
     /// Sends a signal to the VMM.
     pub fn signal(&self, sig: i32) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("a Linux pid fits pid_t");
         // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        unsafe { libc::kill(pid, sig) };
     }
 
     /// The VMM's pid.

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 pub struct TempDir(pub PathBuf);
 
 impl TempDir {
+    /// Creates the directory, replacing a stale one of the same name (panics if it cannot be
+    /// created).
     pub fn new(tag: &str) -> TempDir {
         static N: AtomicU32 = AtomicU32::new(0);
         let p = std::env::temp_dir().join(format!(

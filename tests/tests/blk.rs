@@ -40,9 +40,14 @@ fn pattern_word(seed: u64, lba: u64, i: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+/// `n` bytes as a buffer length or offset (panics if they do not fit the address space).
+fn byte_len(n: u64) -> usize {
+    usize::try_from(n).unwrap_or_else(|_| panic!("{n} bytes do not fit usize"))
+}
+
 /// `sectors` sectors of the pattern starting at `lba`.
 fn pattern(seed: u64, lba: u64, sectors: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity((sectors * 512) as usize);
+    let mut v = Vec::with_capacity(byte_len(sectors * 512));
     for s in lba..lba + sectors {
         for i in 0..64 {
             v.extend_from_slice(&pattern_word(seed, s, i).to_le_bytes());
@@ -171,7 +176,7 @@ fn finish(r: RunResult, what: String) -> Run {
 
 /// A writable zero image and a read-only one with known content.
 fn images(s: &Scratch) -> (PathBuf, PathBuf, Vec<u8>) {
-    let w = s.file("w.img", &vec![0u8; (W_MIB << 20) as usize]);
+    let w = s.file("w.img", &vec![0u8; byte_len(W_MIB << 20)]);
     let content = pattern(0xabcd, 0, (R_MIB << 20) / 512);
     let r = s.file("r.img", &content);
     (w, r, content)
@@ -403,7 +408,7 @@ fn blk_hostile_all_cases_under_cinder() {
 fn blk_flush_survives_sigkill_under_cinder() {
     require_kvm();
     let s = Scratch::new("flush");
-    let w = s.file("w.img", &vec![0u8; (W_MIB << 20) as usize]);
+    let w = s.file("w.img", &vec![0u8; byte_len(W_MIB << 20)]);
     let mut c = cinder();
     c.arg("--kernel").arg(probe::elf_path()).args([
         "--cmdline",
@@ -427,7 +432,7 @@ fn blk_flush_survives_sigkill_under_cinder() {
     let sectors = (W_MIB << 20) / 512;
     let n = 256u64; // 128 KiB
     for lba in [0, sectors - n] {
-        let at = (lba * 512) as usize;
+        let at = byte_len(lba * 512);
         let want = pattern(SEED, lba, n);
         assert!(
             got[at..at + want.len()] == want[..],

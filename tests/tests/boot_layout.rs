@@ -73,7 +73,8 @@ fn bzimage_setup_header_as_the_boot_protocol_asks() {
         assert_eq!(hdr.type_of_loader, 0xff, "{kernel}");
         assert_ne!(hdr.loadflags & 0x01, 0, "{kernel}: LOADED_HIGH");
         assert_ne!(hdr.loadflags & 0x80, 0, "{kernel}: CAN_USE_HEAP");
-        assert_eq!({ hdr.cmd_line_ptr }, CMDLINE_START as u32);
+        let cmdline_start = u32::try_from(CMDLINE_START).expect("CMDLINE_START is below 4 GiB");
+        assert_eq!({ hdr.cmd_line_ptr }, cmdline_start);
         let mut got = vec![0u8; line.len() + 1];
         p.mem
             .read_slice(&mut got, GuestAddress(CMDLINE_START))

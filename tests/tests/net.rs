@@ -112,7 +112,9 @@ fn host_side() -> HostResult {
     let mut echo_ok = 0;
     for (i, len) in [1usize, 100, 1400].into_iter().enumerate() {
         let mut msg = vec![b'E'];
-        msg.extend((0..len).map(|j| (j + i) as u8));
+        // reason: `% 256` keeps the value below 256, so the cast to u8 cannot truncate.
+        #[allow(clippy::cast_possible_truncation)]
+        msg.extend((0..len).map(|j| ((j + i) % 256) as u8));
         for _ in 0..10 {
             sock.send(&msg).expect("send echo");
             if let Some(n) = recv_timeout(&sock, &mut buf, Duration::from_secs(2)) {

@@ -68,7 +68,7 @@ fn boot(protocol: &str, vcpus: u8, mib: u64, cmdline: &str) -> Run {
 fn full(protocol: &str, vcpus: u8, mib: u64) {
     let cmdline = format!("probe.run={CHECKS} probe.cpus={vcpus} probe.mem_mib={mib}");
     let run = boot(protocol, vcpus, mib, &cmdline);
-    let n = CHECKS.split(',').count() as u32;
+    let n = u32::try_from(CHECKS.split(',').count()).expect("the check count fits u32");
     run.ensure(
         run.log.done == Some((n, n)),
         &format!("expected PROBE DONE {n}/{n}"),

@@ -82,7 +82,7 @@ fn boot_on(machine: &str, cpus: u32, mem_mib: u64, cmdline: &str, extra: &[&str]
 fn full_run(cpus: u32, mem_mib: u64) {
     let cmdline = format!("probe.run={ALL} probe.ticks={TICKS} probe.tick_ms=20");
     let run = boot(cpus, mem_mib, &cmdline, &[]);
-    let n = ALL.split(',').count() as u32;
+    let n = u32::try_from(ALL.split(',').count()).expect("the check count fits u32");
     run.ensure(
         run.log.done == Some((n, n)),
         &format!("expected PROBE DONE {n}/{n}"),

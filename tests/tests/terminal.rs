@@ -210,8 +210,9 @@ fn terminal_restored_after_sigterm_under_cinder() {
     raw_then_restored(
         "SIGTERM",
         |_, child| {
+            let pid = libc::pid_t::try_from(child.id()).expect("a Linux pid fits pid_t");
             // SAFETY: kill only sends a signal to the child we started.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            unsafe { libc::kill(pid, libc::SIGTERM) };
         },
         143,
     );

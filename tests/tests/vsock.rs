@@ -54,6 +54,12 @@ fn probe_pattern(n: usize) -> Vec<u8> {
     v
 }
 
+/// A payload length (or a byte count) as the header's `u32` fields carry it; panics if it
+/// does not fit.
+fn len32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or_else(|_| panic!("{n} does not fit u32"))
+}
+
 /// A packet from the host (CID 2) to the probe.
 fn from_host(op: u16, src_port: u32, dst_port: u32, len: u32, buf_alloc: u32, fwd: u32) -> Hdr {
     Hdr {
@@ -162,7 +168,7 @@ mod engine {
         let mut sent = 0usize;
         let mut updates = 0;
         for chunk in data.chunks(16 * 1024) {
-            let h = from_host(OP_RW, 1 << 30, PORT, chunk.len() as u32, 65536, 0);
+            let h = from_host(OP_RW, 1 << 30, PORT, len32(chunk.len()), 65536, 0);
             e.on_rx(&h, chunk, 0);
             sent += chunk.len();
             for (h, _) in drain(&mut e, 0) {
@@ -219,7 +225,7 @@ mod engine {
         e.on_rx(&from_host(OP_REQUEST, 8, PORT, 0, 0, 0), &[], 0);
         drain(&mut e, 0);
         let big = vec![0u8; SUM_BUF_ALLOC as usize];
-        e.on_rx(&from_host(OP_RW, 8, PORT, big.len() as u32, 0, 0), &big, 0);
+        e.on_rx(&from_host(OP_RW, 8, PORT, len32(big.len()), 0, 0), &big, 0);
         // Consumed 1000 bytes only: no update (below a quarter), and the credit is spent.
         assert!(drain(&mut e, 0).is_empty());
         assert_eq!(e.totals.stalled, 1);
@@ -255,7 +261,7 @@ mod engine {
         assert_eq!(got.len(), 40_000, "exactly the peer's credit");
         assert_eq!(out.last().map(|p| p.0.op), Some(OP_CREDIT_REQUEST));
         // The peer forwarded everything and has room again.
-        let mut fwd = got.len() as u32;
+        let mut fwd = len32(got.len());
         e.on_rx(
             &from_host(OP_CREDIT_UPDATE, 6000, port, 0, 40_000, fwd),
             &[],
@@ -266,7 +272,7 @@ mod engine {
             got.extend_from_slice(&d);
         }
         assert_eq!(got.len(), 80_000);
-        fwd = got.len() as u32;
+        fwd = len32(got.len());
         e.on_rx(
             &from_host(OP_CREDIT_UPDATE, 6000, port, 0, 40_000, fwd),
             &[],
@@ -308,11 +314,11 @@ mod engine {
         let mut e = engine(Mode::Echo);
         e.on_rx(&from_host(OP_REQUEST, 1, PORT, 0, 1 << 20, 0), &[], 0);
         let out = drain(&mut e, 0);
-        assert_eq!(out[0].0.buf_alloc, ECHO_CAP as u32);
+        assert_eq!(out[0].0.buf_alloc, len32(ECHO_CAP));
         let data = pattern(3, 3 * ECHO_CAP + 5);
         let mut back = Vec::new();
         for c in data.chunks(5000) {
-            e.on_rx(&from_host(OP_RW, 1, PORT, c.len() as u32, 1 << 20, 0), c, 0);
+            e.on_rx(&from_host(OP_RW, 1, PORT, len32(c.len()), 1 << 20, 0), c, 0);
             for (h, d) in drain(&mut e, 0) {
                 assert_eq!(h.op, OP_RW);
                 back.extend_from_slice(&d);
@@ -349,7 +355,8 @@ mod engine {
     #[test]
     fn full_slots_refuse_and_protocol_errors_reset() {
         let mut e = engine(Mode::Sum);
-        for p in 0..MAX_CONNS as u32 + 1 {
+        let max_conns = u32::try_from(MAX_CONNS).expect("MAX_CONNS fits u32");
+        for p in 0..max_conns + 1 {
             e.on_rx(&from_host(OP_REQUEST, p, PORT, 0, 0, 0), &[], 0);
         }
         let out = drain(&mut e, 0);
@@ -560,7 +567,7 @@ mod with_cinder_conn {
         assert_eq!(r.end, proto::End::PeerRstAfterShutdown);
         assert_eq!(got.len() as u64, n);
         assert_eq!(fnv1a(&got), r.tx_sum);
-        assert!(got == probe_pattern(n as usize));
+        assert!(got == probe_pattern(usize::try_from(n).expect("the stream fits usize")));
     }
 
     /// A guest that closes right after its last byte (as Linux does on close(2)) while the
@@ -726,7 +733,7 @@ fn hundred_connections_under_cinder() {
     let mut sum = 0u64;
     let mut total = 0u64;
     for i in 0..100u64 {
-        let data = pattern(i + 1, 1000 + 37 * i as usize);
+        let data = pattern(i + 1, 1000 + 37 * usize::try_from(i).expect("i < 100"));
         let mut c = match connect(&uds, PORT) {
             Ok(c) => c,
             Err(e) => {

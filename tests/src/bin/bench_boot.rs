@@ -40,7 +40,10 @@ fn measure(mut cmd: Command, timeout: Duration) -> Result<Sample, String> {
         .stderr(Stdio::null());
     let start = Instant::now();
     let mut child = cmd.spawn().map_err(|e| format!("spawn: {e}"))?;
-    let pid = child.id() as libc::pid_t;
+    let Ok(pid) = libc::pid_t::try_from(child.id()) else {
+        let _ = child.kill();
+        return Err(format!("pid {} does not fit pid_t", child.id()));
+    };
     let mut out = child.stdout.take().ok_or("no stdout")?;
     let reader = std::thread::spawn(move || {
         let mut first = None;

@@ -195,7 +195,8 @@ fn set_rcvbuf(sock: &UdpSocket, bytes: i32) {
             libc::SOL_SOCKET,
             libc::SO_RCVBUFFORCE,
             (&bytes as *const i32).cast(),
-            std::mem::size_of::<i32>() as u32,
+            libc::socklen_t::try_from(std::mem::size_of::<i32>())
+                .expect("an int's size fits socklen_t"),
         )
     };
 }
@@ -209,6 +210,8 @@ struct HostCounts {
 
 /// The host side of `netbench`, inside the namespace; ends with STOP.
 fn net_host(ms: u64) -> Result<HostCounts, String> {
+    // The B request carries the duration as a u32.
+    let ms32 = u32::try_from(ms).map_err(|_| format!("{ms} ms does not fit the probe's u32"))?;
     let sock = UdpSocket::bind(SocketAddrV4::new(HOST_IP, 0)).map_err(|e| format!("bind: {e}"))?;
     sock.connect(SocketAddrV4::new(PROBE_IP, PORT))
         .map_err(|e| format!("connect: {e}"))?;
@@ -221,7 +224,7 @@ fn net_host(ms: u64) -> Result<HostCounts, String> {
         // Guest -> host blast.
         let mut b = vec![b'B'];
         b.extend(len.to_le_bytes());
-        b.extend((ms as u32).to_le_bytes());
+        b.extend(ms32.to_le_bytes());
         sock.send(&b).map_err(|e| format!("send B: {e}"))?;
         let mut count = 0u64;
         let start = Instant::now();
@@ -461,7 +464,12 @@ fn main() {
         };
         match a.as_str() {
             "blk" | "net" | "all" => what = a,
-            "--runs" => o.runs = num("--runs").max(1) as usize,
+            "--runs" => {
+                o.runs = usize::try_from(num("--runs").max(1)).unwrap_or_else(|_| {
+                    eprintln!("--runs is too large; {usage}");
+                    std::process::exit(2)
+                })
+            }
             "--ms" => o.ms = num("--ms").clamp(1, 600_000),
             "--disk-mib" => o.disk_mib = num("--disk-mib").max(2),
             other => {

@@ -34,6 +34,9 @@ pub const SHUTDOWN_SEND: u32 = 2;
 pub const MAX_CONNS: usize = 8;
 /// Per-connection buffer of echo mode (its `buf_alloc` there).
 pub const ECHO_CAP: usize = 16 * 1024;
+/// [`ECHO_CAP`] as the header's `u32` `buf_alloc` field.
+const ECHO_BUF_ALLOC: u32 = 16 * 1024;
+const _: () = assert!(ECHO_BUF_ALLOC as usize == ECHO_CAP);
 /// `buf_alloc` advertised in `sum` and `stall` modes.
 pub const SUM_BUF_ALLOC: u32 = 256 * 1024;
 /// First local port of guest-initiated connections.
@@ -436,7 +439,7 @@ impl Engine {
 
     fn buf_alloc(&self) -> u32 {
         match self.mode {
-            Mode::Echo => ECHO_CAP as u32,
+            Mode::Echo => ECHO_BUF_ALLOC,
             _ => SUM_BUF_ALLOC,
         }
     }
@@ -623,7 +626,13 @@ impl Engine {
                 c.next_ask = now_ms;
             }
             (OP_RW, St::Open | St::Closing) => {
-                let len = data.len() as u32;
+                // The payload is at most `h.len` bytes, a u32; a longer one cannot be
+                // accounted for in the u32 counters, so it is a protocol error.
+                let Ok(len) = u32::try_from(data.len()) else {
+                    self.totals.bad_packets += 1;
+                    self.abort(i, End::Protocol);
+                    return;
+                };
                 if c.peer_shut & SHUTDOWN_SEND != 0 {
                     self.totals.stray_bytes += len as u64;
                     return;
@@ -639,8 +648,11 @@ impl Engine {
                     Mode::Sum => c.fwd_cnt = c.fwd_cnt.wrapping_add(len),
                     Mode::Stall(limit) => {
                         let before = c.rx_bytes - len as u64;
-                        let take = limit.saturating_sub(before).min(len as u64);
-                        c.fwd_cnt = c.fwd_cnt.wrapping_add(take as u32);
+                        // Bytes still to take before the limit, clamped to u32 (the
+                        // `min` with `len` makes the clamp exact).
+                        let to_limit = limit.saturating_sub(before);
+                        let take = u32::try_from(to_limit).unwrap_or(u32::MAX).min(len);
+                        c.fwd_cnt = c.fwd_cnt.wrapping_add(take);
                         if before < limit && c.rx_bytes >= limit {
                             self.totals.stalled += 1;
                         }
@@ -654,8 +666,10 @@ impl Engine {
                         }
                         c.echo_len += n;
                         // Beyond the ring only with a credit violation:
-                        // those bytes are counted, not echoed.
-                        c.fwd_cnt = c.fwd_cnt.wrapping_add((data.len() - n) as u32);
+                        // those bytes are counted, not echoed. At most
+                        // `data.len()`, which is `len`, so the clamp never bites.
+                        let over = u32::try_from(data.len() - n).unwrap_or(len);
+                        c.fwd_cnt = c.fwd_cnt.wrapping_add(over);
                     }
                 }
                 self.credit_check(i);
@@ -799,12 +813,14 @@ impl Engine {
             return Some(self.hdr(i, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, 0));
         }
         if c.st == St::Open && c.has_data(mode) {
-            let credit = c.peer_credit() as usize;
+            let credit = c.peer_credit();
             let avail = match mode {
                 Mode::Echo => c.echo_len,
-                _ => c.tx_left.min(usize::MAX as u64) as usize,
+                _ => usize::try_from(c.tx_left).unwrap_or(usize::MAX),
             };
-            let n = credit.min(avail).min(out.len());
+            // At most `credit`, a u32: clamping the rest to u32 first changes nothing.
+            let n32 = credit.min(u32::try_from(avail.min(out.len())).unwrap_or(u32::MAX));
+            let n = n32 as usize;
             if n > 0 {
                 match mode {
                     Mode::Echo => {
@@ -813,22 +829,22 @@ impl Engine {
                         }
                         c.echo_head = (c.echo_head + n) % ECHO_CAP;
                         c.echo_len -= n;
-                        c.fwd_cnt = c.fwd_cnt.wrapping_add(n as u32);
+                        c.fwd_cnt = c.fwd_cnt.wrapping_add(n32);
                     }
                     _ => {
                         fill_pattern(c.tx_bytes, &mut out[..n]);
-                        c.tx_left -= n as u64;
+                        c.tx_left -= u64::from(n32);
                         if c.tx_left == 0 {
                             c.deadline = now_ms + LINGER_MS;
                             c.next_ask = now_ms;
                         }
                     }
                 }
-                c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
-                c.tx_bytes += n as u64;
+                c.tx_cnt = c.tx_cnt.wrapping_add(n32);
+                c.tx_bytes += u64::from(n32);
                 c.tx_sum = fnv1a(c.tx_sum, &out[..n]);
                 c.want_update = false;
-                return Some(self.hdr(i, OP_RW, 0, n as u32));
+                return Some(self.hdr(i, OP_RW, 0, n32));
             }
             if credit == 0 && !c.asked && now_ms >= c.next_ask {
                 c.want_credit_request = true;
