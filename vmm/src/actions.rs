@@ -173,7 +173,9 @@ impl<V: MicroVm, D: Parkable> Executor<V, D> {
                     .map_err(vm_error)
             }
             VmmAction::PatchNetworkInterface(_) => Err(VmmError::NotSupported("rate limiters")),
-            VmmAction::ConfigureLogger(l) => crate::logger::apply(l).map_err(VmmError::Logger),
+            VmmAction::ConfigureLogger(l) => {
+                crate::logger::apply(l).map_err(|e| VmmError::Logger(e.to_string()))
+            }
         }
     }
 

@@ -76,14 +76,27 @@ pub fn init(level: LevelFilter) {
     log::set_max_level(level);
 }
 
+/// Why a logger configuration could not be applied.
+#[derive(Debug, thiserror::Error)]
+#[error("logger: cannot open log_path {path}: {source}")]
+pub struct LoggerError {
+    /// The destination asked for.
+    pub path: String,
+    /// Why it could not be opened.
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// Applies a `PUT /logger` body: level, destination (file or named pipe, opened for
-/// appending), and what each line shows.
-pub fn apply(cfg: &api::model::Logger) -> Result<(), String> {
+/// appending), and what each line shows. Nothing changes when it fails.
+pub fn apply(cfg: &api::model::Logger) -> Result<(), LoggerError> {
     use api::model::LogLevel;
     let sink = match &cfg.log_path {
         Some(p) => Some(
-            crate::metrics::open_sink(std::path::Path::new(p))
-                .map_err(|e| format!("logger: cannot open log_path {p}: {e}"))?,
+            crate::metrics::open_sink(std::path::Path::new(p)).map_err(|source| LoggerError {
+                path: p.clone(),
+                source,
+            })?,
         ),
         None => None,
     };
