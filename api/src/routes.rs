@@ -5,7 +5,9 @@
 //! (v1.16.1) with each of its methods, and whether cinder serves it. Routes
 //! cinder lacks answer 400 "... is not supported by cinder yet"; paths or
 //! methods outside the document answer 400 "Invalid request method and/or
-//! path", as Firecracker does.
+//! path", as Firecracker does. Paths match as Firecracker matches them (see
+//! `canonical_path`): `PUT /vsock/vsock0` and `PUT /boot-source/` are
+//! `PUT /vsock` and `PUT /boot-source`.
 
 use serde::Serialize;
 
@@ -321,6 +323,39 @@ fn matches_template(template: &str, path: &str) -> Option<Option<String>> {
     }
 }
 
+/// The route template `path` stands for under `method`, matched as Firecracker matches paths:
+/// the first segment names the resource (a trailing `/` adds no segment); a route without more
+/// segments ignores whatever follows (`PUT /vsock/vsock0`, `PUT /machine-config/x`,
+/// `PUT /boot-source/`); a route with more takes the next segments as its fixed parts or its
+/// parameter (`GET /vm/config`, `PUT /drives/{drive_id}`) and ignores what follows those.
+/// `None` when no route of `method` starts with that resource.
+fn canonical_path(method: &str, path: &str) -> Option<String> {
+    let mut toks = path.trim_start_matches('/').split_terminator('/');
+    let first = toks.next().unwrap_or("");
+    let rest: Vec<&str> = toks.collect();
+    let mut short = None;
+    for r in ROUTES.iter().filter(|r| r.method == method) {
+        let mut t = r.path.trim_start_matches('/').split_terminator('/');
+        if t.next().unwrap_or("") != first {
+            continue;
+        }
+        let tail: Vec<&str> = t.collect();
+        if tail.is_empty() {
+            short = Some(format!("/{first}"));
+            continue;
+        }
+        let fits = tail.len() <= rest.len()
+            && tail
+                .iter()
+                .zip(&rest)
+                .all(|(t, p)| (t.starts_with('{') && !p.is_empty()) || t == p);
+        if fits {
+            return Some(format!("/{first}/{}", rest[..tail.len()].join("/")));
+        }
+    }
+    short
+}
+
 fn missing_param(path: &str) -> Option<&'static str> {
     match path {
         "/drives" | "/drives/" => Some("drive_id"),
@@ -337,11 +372,13 @@ pub fn parse_api_request(
     path: &str,
     body: &[u8],
 ) -> Result<ApiRequest, RequestError> {
+    let canonical = canonical_path(method, path);
+    let matched = canonical.as_deref().unwrap_or(path);
     let mut template = None;
     let mut param = None;
     let mut allowed = Vec::new();
     for r in ROUTES {
-        if let Some(p) = matches_template(r.path, path) {
+        if let Some(p) = matches_template(r.path, matched) {
             allowed.push(r.method);
             if r.method == method {
                 template = Some(r);
@@ -478,6 +515,54 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn paths_match_as_firecracker_matches_them() {
+        let vsock = br#"{"guest_cid": 3, "uds_path": "/v.sock"}"#;
+        for path in ["/vsock", "/vsock/", "/vsock/vsock0", "/vsock/a/b"] {
+            assert!(
+                matches!(
+                    parse_api_request("PUT", path, vsock),
+                    Ok(ApiRequest::PutVsock(_))
+                ),
+                "{path}"
+            );
+        }
+        let m = br#"{"vcpu_count": 1, "mem_size_mib": 128}"#;
+        assert!(matches!(
+            parse_api_request("PUT", "/machine-config/x", m),
+            Ok(ApiRequest::PutMachineConfig(_))
+        ));
+        assert!(matches!(
+            parse_api_request("PUT", "/boot-source/", br#"{"kernel_image_path": "/k"}"#),
+            Ok(ApiRequest::PutBootSource(_))
+        ));
+        assert!(matches!(
+            parse_api_request("GET", "/vm/config/", b""),
+            Ok(ApiRequest::GetVmConfig)
+        ));
+        assert!(matches!(
+            parse_api_request("PATCH", "/vm/x", br#"{"state": "Paused"}"#),
+            Ok(ApiRequest::PatchVm(VmState::Paused))
+        ));
+        assert!(matches!(
+            parse_api_request("GET", "/", b""),
+            Ok(ApiRequest::GetInstanceInfo)
+        ));
+        // A route with a parameter takes the next segment and ignores what follows.
+        let d = br#"{"drive_id": "d1", "is_root_device": false}"#;
+        assert!(matches!(
+            parse_api_request("PUT", "/drives/d1/extra", d),
+            Ok(ApiRequest::PutDrive(x)) if x.drive_id == "d1"
+        ));
+        // Fixed segments still have to be there.
+        assert!(parse_api_request("GET", "/vm", b"").is_err());
+        assert!(parse_api_request("GET", "/vm/other", b"").is_err());
+        assert!(matches!(
+            parse_api_request("PUT", "/drives", b"{}"),
+            Err(RequestError::MissingPathParam("drive_id"))
+        ));
     }
 
     #[test]
