@@ -129,7 +129,8 @@ impl PreBootController {
         match req {
             ApiRequest::GetInstanceInfo => Outcome::Respond(ApiResponse::ok(&self.info)),
             ApiRequest::GetVersion => Outcome::Respond(ApiResponse::ok(&FirecrackerVersion {
-                firecracker_version: self.version.clone(),
+                firecracker_version: crate::model::FIRECRACKER_API_VERSION.to_string(),
+                cinder_version: Some(self.version.clone()),
             })),
             ApiRequest::GetMachineConfig => {
                 Outcome::Respond(ApiResponse::ok(&self.config.machine.to_model()))

@@ -372,12 +372,19 @@ pub struct InstanceInfo {
     pub vmm_version: String,
 }
 
+/// The version of Firecracker's API that cinder implements: what a client of `GET /version`
+/// relies on.
+pub const FIRECRACKER_API_VERSION: &str = "1.16.1";
+
 /// `FirecrackerVersion`: answer of `GET /version`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FirecrackerVersion {
-    /// Version of the monitor.
+    /// The Firecracker API version cinder implements ([`FIRECRACKER_API_VERSION`]).
     pub firecracker_version: String,
+    /// cinder's own version (a field Firecracker's clients ignore).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cinder_version: Option<String>,
 }
 
 /// `FullVmConfiguration`: answer of `GET /vm/config`; also the supported

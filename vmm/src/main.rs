@@ -55,6 +55,9 @@ enum LogLevel {
     Trace,
 }
 
+/// `--version`: cinder's own version and the Firecracker API version it implements.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (Firecracker API 1.16.1)");
+
 /// cinder: a KVM microVM monitor. Boots a guest kernel with a serial console on stdin and
 /// stdout, from flags (--kernel ...), from a Firecracker-style config file (--config-file),
 /// or configured through a Firecracker-compatible API socket (--api-sock). A guest reset ends
@@ -64,7 +67,7 @@ enum LogLevel {
 /// running); 2 bad command line; 3 the guest hit a fatal KVM error (registers are printed);
 /// 128+N ended by signal N (SIGINT 130, SIGTERM 143).
 #[derive(Parser, Debug)]
-#[command(name = "cinder", version)]
+#[command(name = "cinder", version = VERSION)]
 struct Cli {
     /// Guest kernel: an ELF vmlinux (PVH note or 64-bit entry) or a bzImage.
     #[arg(long, value_name = "PATH", conflicts_with = "config_file")]
@@ -482,4 +485,13 @@ fn main() -> ExitCode {
     }
     // Exit codes are 0..=3 and 128 + a signal number: all fit in a u8.
     ExitCode::from(u8::try_from(reason.exit_code()).unwrap_or(1))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn version_names_the_firecracker_api_it_implements() {
+        assert!(super::VERSION.contains(api::model::FIRECRACKER_API_VERSION));
+        assert!(super::VERSION.starts_with(env!("CARGO_PKG_VERSION")));
+    }
 }
