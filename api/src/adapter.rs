@@ -11,7 +11,7 @@
 
 use std::path::PathBuf;
 
-use crate::model::{Logger, PartialDrive, PartialNetworkInterface};
+use crate::model::{Logger, PartialDrive, PartialNetworkInterface, Vsock};
 use crate::routes::ApiResponse;
 
 /// Any error, as the VMM side reports it (its own error types are out of
@@ -38,6 +38,9 @@ pub enum VmmAction {
     PatchNetworkInterface(PartialNetworkInterface),
     /// `PUT /logger`: apply the logger configuration to the process.
     ConfigureLogger(Logger),
+    /// `PUT /vsock` (already checked against the configuration's rules): bind its Unix socket
+    /// now, as Firecracker does, so a client can wait for the socket before `InstanceStart`.
+    ConfigureVsock(Vsock),
 }
 
 /// Why the VMM could not carry out a [`VmmAction`]. The `Display` text is the
@@ -84,6 +87,9 @@ pub enum VmmError {
     /// The logger configuration cannot be applied.
     #[error("{0}")]
     Logger(String),
+    /// The vsock device's socket cannot be bound.
+    #[error("vsock.uds_path: {0}")]
+    VsockSocket(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl VmmError {
@@ -100,7 +106,8 @@ impl VmmError {
             | VmmError::Boot(_)
             | VmmError::Vm(_)
             | VmmError::Io { .. }
-            | VmmError::Logger(_) => 400,
+            | VmmError::Logger(_)
+            | VmmError::VsockSocket(_) => 400,
         }
     }
 }
@@ -113,7 +120,10 @@ fn fault_message(action: &VmmAction, e: &VmmError) -> String {
             VmmError::BootConfig(_) => format!("InstanceStart: {e}"),
             _ => format!("InstanceStart failed: {e}"),
         },
-        VmmAction::Pause | VmmAction::Resume | VmmAction::ConfigureLogger(_) => e.to_string(),
+        VmmAction::Pause
+        | VmmAction::Resume
+        | VmmAction::ConfigureLogger(_)
+        | VmmAction::ConfigureVsock(_) => e.to_string(),
         VmmAction::FlushMetrics => format!("FlushMetrics: {e}"),
         VmmAction::SendCtrlAltDel => format!("SendCtrlAltDel: {e}"),
         VmmAction::PatchDrive(d) => format!("PATCH /drives/{}: {e}", d.drive_id),

@@ -101,6 +101,11 @@ impl PreBootController {
                 }
                 // Recorded only once applied: a refused PUT /logger changes nothing.
                 VmmAction::ConfigureLogger(l) => self.config.logger = Some(l.clone()),
+                VmmAction::ConfigureVsock(v) => {
+                    if let Err(e) = self.config.set_vsock(v) {
+                        log::warn!("vsock socket bound but not recorded: {e}");
+                    }
+                }
                 VmmAction::FlushMetrics | VmmAction::SendCtrlAltDel => {}
             }
         }
@@ -143,7 +148,14 @@ impl PreBootController {
             ApiRequest::PutBootSource(b) => applied(self.config.set_boot_source(&b)),
             ApiRequest::PutDrive(d) => applied(self.config.upsert_drive(&d)),
             ApiRequest::PutNetworkInterface(n) => applied(self.config.upsert_net(&n)),
-            ApiRequest::PutVsock(v) => applied(self.config.set_vsock(&v)),
+            ApiRequest::PutVsock(v) => {
+                // The configuration's rules first (on a copy: nothing changes on a refusal),
+                // then the VMM binds the socket; `complete` records it once bound.
+                match self.config.clone().set_vsock(&v) {
+                    Ok(()) => Outcome::Execute(VmmAction::ConfigureVsock(v)),
+                    Err(e) => Outcome::Respond(ApiResponse::bad_request(e.to_string())),
+                }
+            }
             ApiRequest::PutEntropy(e) => {
                 self.config.set_entropy(&e);
                 Outcome::Respond(ApiResponse::no_content())

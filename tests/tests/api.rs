@@ -502,3 +502,95 @@ fn patch_drive_after_boot_under_cinder() {
     s.wait_exit(Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("{e}"));
 }
+
+/// `PUT /vsock` binds the device's Unix socket while the request is handled, as Firecracker
+/// does (managers wait for the socket before `InstanceStart`); a second `PUT /vsock` replaces
+/// it, one whose socket cannot be bound is a 400 that changes nothing, and the socket goes
+/// when cinder does.
+#[test]
+fn put_vsock_binds_the_socket_at_once() {
+    let d = Scratch::new("putvsock");
+    let sock = d.join("api.sock");
+    let uds = d.join("v.sock");
+    let mut s = start_api(&sock, &["--kvm-device", "/nonexistent/kvm"]);
+    let body = |cid: u32, path: &Path| {
+        format!(
+            r#"{{"guest_cid": {cid}, "uds_path": "{}"}}"#,
+            path.display()
+        )
+    };
+    let r = request(&sock, "PUT", "/vsock", Some(&body(3, &uds)));
+    assert_eq!(r.status, 204, "{r:?}\n{}", s.log());
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = |p: &Path| {
+        std::fs::symlink_metadata(p)
+            .map(|m| m.file_type().is_socket())
+            .unwrap_or(false)
+    };
+    assert!(
+        is_socket(&uds),
+        "no socket at {} after PUT /vsock",
+        uds.display()
+    );
+    assert!(
+        std::os::unix::net::UnixStream::connect(&uds).is_ok(),
+        "nothing listens at {}",
+        uds.display()
+    );
+    // Again, with another CID: replaced, not "in use" by cinder itself.
+    let r = request(&sock, "PUT", "/vsock", Some(&body(4, &uds)));
+    assert_eq!(r.status, 204, "{r:?}");
+    // A socket that cannot be bound: 400 naming it, and the configuration stays as it was.
+    let bad = d.join("missing-dir/v.sock");
+    let r = request(&sock, "PUT", "/vsock", Some(&body(5, &bad)));
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(fault(&r).contains("missing-dir"), "{}", fault(&r));
+    let cfg = request(&sock, "GET", "/vm/config", None).json();
+    assert_eq!(cfg["vsock"]["guest_cid"], 4, "{cfg}");
+    s.signal(libc::SIGTERM);
+    let st = s
+        .wait_exit(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(st.code(), Some(143), "{}", s.log());
+    assert!(!uds.exists(), "the vsock socket outlived cinder");
+}
+
+/// The socket `PUT /vsock` bound is the one the device serves after `InstanceStart`.
+#[test]
+fn put_vsock_socket_serves_the_guest_under_cinder() {
+    require_kvm();
+    let d = Scratch::new("putvsockrun");
+    let sock = d.join("api.sock");
+    let uds = d.join("v.sock");
+    let mut s = start_api(&sock, &[]);
+    let body = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "probe.run=vsock probe.vsock_conns=1"}}"#,
+        probe::elf_path().display()
+    );
+    assert_eq!(
+        request(&sock, "PUT", "/boot-source", Some(&body)).status,
+        204
+    );
+    let v = format!(r#"{{"guest_cid": 3, "uds_path": "{}"}}"#, uds.display());
+    assert_eq!(request(&sock, "PUT", "/vsock", Some(&v)).status, 204);
+    assert!(uds.exists(), "no socket before InstanceStart");
+    let r = action(&sock, "InstanceStart");
+    assert_eq!(r.status, 204, "{r:?}\n{}", s.log());
+    s.expect("PROBE vsock ready", Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut c = cinder_tests::vsock::connect(&uds, 5000, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.log()));
+    use std::io::{Read, Write};
+    c.write_all(&[0x5a; 1000]).expect("send");
+    c.shutdown(std::net::Shutdown::Write).expect("half close");
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest);
+    s.expect_line("PROBE DONE", Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let log = probe::parse(&s.console());
+    let v = log
+        .check("vsock")
+        .unwrap_or_else(|| panic!("no vsock result\n{}", s.log()));
+    assert_eq!(v.status, probe::Status::Ok, "{}\n{}", v.details, s.log());
+    assert_eq!(v.num("rx_bytes"), Some(1000), "{}", v.details);
+}

@@ -13,6 +13,8 @@ use std::sync::Arc;
 use api::adapter::{VmmAction, VmmError};
 use serde_json::Value;
 
+use devices::virtio::vsock::{VsockConfig, VsockListener};
+
 use crate::device_loop::DeviceLoop;
 use crate::error::VmError;
 use crate::metrics::{open_sink, Metrics};
@@ -86,6 +88,8 @@ pub struct Executor<V = Vmm, D = DeviceLoop> {
     machine: Option<Machine<V, D>>,
     metrics: Arc<Metrics>,
     sink: Option<(PathBuf, File)>,
+    /// The vsock socket `PUT /vsock` bound, waiting for the device at `InstanceStart`.
+    vsock: Option<VsockListener>,
 }
 
 /// A failure of the running microVM, with its typed error as the source.
@@ -109,6 +113,7 @@ impl<V: MicroVm, D: Parkable> Executor<V, D> {
             machine: None,
             metrics,
             sink: None,
+            vsock: None,
         }
     }
 
@@ -119,14 +124,15 @@ impl<V: MicroVm, D: Parkable> Executor<V, D> {
 
     /// Starts the microVM `launch` builds, unless one was started already (then `launch` is not
     /// called).
+    /// `launch` gets the vsock socket `PUT /vsock` bound, if any.
     pub fn start(
         &mut self,
-        launch: impl FnOnce() -> Result<Machine<V, D>, VmError>,
+        launch: impl FnOnce(Option<VsockListener>) -> Result<Machine<V, D>, VmError>,
     ) -> Result<(), VmError> {
         if self.machine.is_some() {
             return Err(VmError::AlreadyRunning);
         }
-        self.machine = Some(launch()?);
+        self.machine = Some(launch(self.vsock.take())?);
         Ok(())
     }
 
@@ -140,7 +146,7 @@ impl<V: MicroVm, D: Parkable> Executor<V, D> {
         &mut self,
         action: &VmmAction,
         metrics_path: Option<&Path>,
-        launch: impl FnOnce() -> Result<Machine<V, D>, VmError>,
+        launch: impl FnOnce(Option<VsockListener>) -> Result<Machine<V, D>, VmError>,
     ) -> Result<(), VmmError> {
         match action {
             VmmAction::Start => self.start(launch).map_err(start_error),
@@ -175,6 +181,22 @@ impl<V: MicroVm, D: Parkable> Executor<V, D> {
             VmmAction::PatchNetworkInterface(_) => Err(VmmError::NotSupported("rate limiters")),
             VmmAction::ConfigureLogger(l) => {
                 crate::logger::apply(l).map_err(|e| VmmError::Logger(e.to_string()))
+            }
+            VmmAction::ConfigureVsock(v) => {
+                if self.machine.is_some() {
+                    return Err(VmmError::AlreadyRunning);
+                }
+                // A second PUT /vsock replaces the first: its socket goes before the new one
+                // is bound (the same path would otherwise be "in use" by ourselves).
+                self.vsock = None;
+                let cfg = VsockConfig {
+                    guest_cid: u64::from(v.guest_cid),
+                    uds_path: PathBuf::from(&v.uds_path),
+                };
+                self.vsock = Some(
+                    VsockListener::bind(&cfg).map_err(|e| VmmError::VsockSocket(Box::new(e)))?,
+                );
+                Ok(())
             }
         }
     }
@@ -308,11 +330,11 @@ mod tests {
     fn started() -> (Fake, Calls) {
         let calls = Calls::default();
         let mut x = Fake::new(Arc::new(Metrics::default()));
-        x.start(|| Ok(fake_machine(&calls))).unwrap();
+        x.start(|_| Ok(fake_machine(&calls))).unwrap();
         (x, calls)
     }
 
-    fn no_launch() -> Result<Machine<FakeVm, FakeDevices>, VmError> {
+    fn no_launch(_: Option<VsockListener>) -> Result<Machine<FakeVm, FakeDevices>, VmError> {
         panic!("only Start builds a microVM")
     }
 
@@ -479,18 +501,20 @@ mod tests {
         // Start: a failed build leaves nothing started; the second start is refused without
         // building.
         let start = VmmAction::Start;
-        let r = x.execute(&start, None, || Err(VmError::NoBootSource));
+        let r = x.execute(&start, None, |_| Err(VmError::NoBootSource));
         assert_eq!(
             action_response(&start, r).fault_message().as_deref(),
             Some("InstanceStart: no boot source: configure boot-source (kernel_image_path)")
         );
-        let r = x.execute(&start, None, || Err(VmError::NoMemory));
+        let r = x.execute(&start, None, |_| Err(VmError::NoMemory));
         assert_eq!(
             action_response(&start, r).fault_message().as_deref(),
             Some("InstanceStart failed: --memory 0: the guest needs memory")
         );
         assert!(x.machine.is_none());
-        assert!(x.execute(&start, None, || Ok(fake_machine(&calls))).is_ok());
+        assert!(x
+            .execute(&start, None, |_| Ok(fake_machine(&calls)))
+            .is_ok());
         let r = x.execute(&start, None, no_launch);
         assert_eq!(
             action_response(&start, r).fault_message().as_deref(),

@@ -22,7 +22,7 @@ use devices::virtio::block::{Block, BlockConfig};
 use devices::virtio::console::{Console as VirtioConsole, ConsoleInput as VirtioConsoleInput};
 use devices::virtio::net::{generate_mac, Net, NetConfig, DEFAULT_MTU};
 use devices::virtio::rng::Rng;
-use devices::virtio::vsock::{Vsock, VsockConfig};
+use devices::virtio::vsock::{Vsock, VsockConfig, VsockListener};
 use devices::virtio::{mmio, MmioTransport, VirtioDevice, VirtioEventDevice};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
@@ -45,6 +45,8 @@ pub const KBD_IRQ: u32 = 1;
 pub struct VmBuilder<'a> {
     cfg: &'a VmConfig,
     opts: &'a VmmOptions,
+    /// The vsock socket, when it was bound before the build (`PUT /vsock`).
+    vsock: Option<VsockListener>,
 }
 
 /// A virtio device opened before boot: its name (for errors) and the device, which is both
@@ -82,12 +84,27 @@ impl<'a> VmBuilder<'a> {
         cfg.validate()?;
         check_device_count(cfg, &opts.console)?;
         GuestCmdline::new(user_cmdline(cfg))?;
-        Ok(VmBuilder { cfg, opts })
+        Ok(VmBuilder {
+            cfg,
+            opts,
+            vsock: None,
+        })
+    }
+
+    /// Builds the vsock device on `listener` (bound for the configured path by `PUT /vsock`)
+    /// instead of binding its socket.
+    pub fn with_vsock_listener(mut self, listener: Option<VsockListener>) -> Self {
+        self.vsock = listener;
+        self
     }
 
     /// Builds the VM (vCPUs created, not running), with the serial console writing to
     /// `console_out`. Everything up to the command line in guest memory needs no KVM.
-    pub fn build(self, console_out: Box<dyn Write + Send>, ctx: VmContext) -> Result<Vmm, VmError> {
+    pub fn build(
+        mut self,
+        console_out: Box<dyn Write + Send>,
+        ctx: VmContext,
+    ) -> Result<Vmm, VmError> {
         let mut devices = self.open_devices(console_out, &ctx)?;
         let guest = load_guest(self.cfg, self.opts.boot_protocol)?;
         let mut cmdline = GuestCmdline::new(user_cmdline(self.cfg))?;
@@ -142,7 +159,7 @@ impl<'a> VmBuilder<'a> {
     /// guest's slot order: drives (the root drive first), network interfaces, rng,
     /// virtio-console, vsock.
     fn open_devices(
-        &self,
+        &mut self,
         console_out: Box<dyn Write + Send>,
         ctx: &VmContext,
     ) -> Result<OpenDevices, VmError> {
@@ -199,8 +216,11 @@ impl<'a> VmBuilder<'a> {
                 guest_cid: u64::from(v.guest_cid),
                 uds_path: v.uds_path.clone(),
             };
-            cfg.validate().map_err(VmError::Vsock)?;
-            let dev = Arc::new(Mutex::new(Vsock::new(&cfg).map_err(VmError::Vsock)?));
+            let vs = match self.vsock.take() {
+                Some(l) if l.path() == cfg.uds_path => Vsock::with_listener(&cfg, l),
+                _ => Vsock::new(&cfg),
+            };
+            let dev = Arc::new(Mutex::new(vs.map_err(VmError::Vsock)?));
             open.virtio.push(("vsock".into(), dev));
         }
         Ok(open)
@@ -625,7 +645,7 @@ mod tests {
         // rng and a virtio-console, opened for real (no KVM needed), placed in slots 0 and 1.
         let cfg = config("quiet -- x", vec![]);
         let o = opts(ConsoleSpec::Virtio(VirtioConsoleHost::Stdio));
-        let b = VmBuilder::new(&cfg, &o).unwrap();
+        let mut b = VmBuilder::new(&cfg, &o).unwrap();
         let open = b.open_devices(Box::new(std::io::sink()), &ctx()).unwrap();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let mut line = GuestCmdline::new(user_cmdline(&cfg)).unwrap();
@@ -697,7 +717,7 @@ mod tests {
         d.path_on_host = path.into();
         let cfg = config("", vec![d]);
         let o = opts(ConsoleSpec::Serial);
-        let b = VmBuilder::new(&cfg, &o).unwrap();
+        let mut b = VmBuilder::new(&cfg, &o).unwrap();
         let e = match b.open_devices(Box::new(std::io::sink()), &ctx()) {
             Ok(_) => panic!("a missing image was opened"),
             Err(e) => e,
@@ -718,13 +738,13 @@ mod tests {
     fn a_stdio_virtio_console_takes_the_console_output() {
         let cfg = config("", vec![]);
         let o = opts(ConsoleSpec::Virtio(VirtioConsoleHost::Stdio));
-        let b = VmBuilder::new(&cfg, &o).unwrap();
+        let mut b = VmBuilder::new(&cfg, &o).unwrap();
         let open = b.open_devices(Box::new(std::io::sink()), &ctx()).unwrap();
         assert!(open.console_out.is_none());
         let names: Vec<&str> = open.virtio.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["rng", "console"]);
         let o = opts(ConsoleSpec::Serial);
-        let b = VmBuilder::new(&cfg, &o).unwrap();
+        let mut b = VmBuilder::new(&cfg, &o).unwrap();
         let open = b.open_devices(Box::new(std::io::sink()), &ctx()).unwrap();
         assert!(open.console_out.is_some());
     }

@@ -33,6 +33,7 @@ use crate::metrics::Metrics;
 use crate::options::VmmOptions;
 use crate::signal::SignalFd;
 use crate::vm::{Subscriber, VmContext};
+use devices::virtio::vsock::VsockListener;
 
 pub use crate::cmdline::DEFAULT_CMDLINE;
 
@@ -119,9 +120,10 @@ struct Launcher {
 }
 
 impl Launcher {
-    /// Builds and starts the VM for `cfg` (validated) and its device loop.
-    fn launch(&mut self, cfg: &VmConfig) -> Result<Machine, VmError> {
-        let builder = VmBuilder::new(cfg, &self.opts)?;
+    /// Builds and starts the VM for `cfg` (validated) and its device loop, its vsock device on
+    /// `vsock` when `PUT /vsock` bound the socket already.
+    fn launch(&mut self, cfg: &VmConfig, vsock: Option<VsockListener>) -> Result<Machine, VmError> {
+        let builder = VmBuilder::new(cfg, &self.opts)?.with_vsock_listener(vsock);
         let out = self
             .console_out
             .take()
@@ -227,7 +229,7 @@ impl Runtime {
     /// Builds and starts the VM for `cfg` (validated) with this runtime's options.
     pub fn start_vm(&mut self, cfg: &VmConfig) -> Result<(), VmError> {
         let launcher = &mut self.launcher;
-        self.vmm.start(|| launcher.launch(cfg))
+        self.vmm.start(|vsock| launcher.launch(cfg, vsock))
     }
 
     /// Tells the API controller the VM was started outside the API (config file / flags).
@@ -304,11 +306,11 @@ impl Runtime {
                 Outcome::Execute(action) => {
                     let cfg = api.controller.config();
                     let launcher = &mut self.launcher;
-                    let result = self
-                        .vmm
-                        .execute(&action, metrics_path_of(cfg).as_deref(), || {
-                            launcher.launch(cfg)
-                        });
+                    let result =
+                        self.vmm
+                            .execute(&action, metrics_path_of(cfg).as_deref(), |vsock| {
+                                launcher.launch(cfg, vsock)
+                            });
                     api.controller.complete(action, result)
                 }
             };

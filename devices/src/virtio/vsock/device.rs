@@ -74,6 +74,54 @@ impl VsockConfig {
     }
 }
 
+/// The listening socket of a vsock device, bound ahead of the device. Until a [`Vsock`]
+/// takes it, dropping it removes the socket file (as dropping the device does).
+#[derive(Debug)]
+pub struct VsockListener {
+    path: PathBuf,
+    listener: Option<UnixListener>,
+}
+
+impl VsockListener {
+    /// Checks `config` ([`VsockConfig::validate`]), replaces a stale socket file nobody
+    /// listens on, and binds a non-blocking listener at `config.uds_path`.
+    pub fn bind(config: &VsockConfig) -> Result<Self, VsockError> {
+        config.validate()?;
+        if config.stale_socket() {
+            let _ = std::fs::remove_file(&config.uds_path);
+        }
+        let listener = UnixListener::bind(&config.uds_path)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|source| VsockError::Bind {
+                path: config.uds_path.clone(),
+                source,
+            })?;
+        Ok(VsockListener {
+            path: config.uds_path.clone(),
+            listener: Some(listener),
+        })
+    }
+
+    /// The path it listens on.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Hands the socket over to the device, which removes the file when dropped (`None`
+    /// cannot happen: only this takes it, and it consumes `self`).
+    fn into_listener(mut self) -> Option<UnixListener> {
+        self.listener.take()
+    }
+}
+
+impl Drop for VsockListener {
+    fn drop(&mut self) {
+        if self.listener.is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// A virtio-vsock device.
 pub struct Vsock {
     pub(super) backend: Backend,
@@ -95,16 +143,30 @@ impl fmt::Debug for Vsock {
 impl Vsock {
     /// Validate the configuration and listen on `uds_path` (non-blocking).
     pub fn new(config: &VsockConfig) -> Result<Self, VsockError> {
-        config.validate()?;
-        if config.stale_socket() {
-            let _ = std::fs::remove_file(&config.uds_path);
-        }
-        let listener = UnixListener::bind(&config.uds_path)
-            .and_then(|l| l.set_nonblocking(true).map(|()| l))
-            .map_err(|source| VsockError::Bind {
+        Self::with_listener(config, VsockListener::bind(config)?)
+    }
+
+    /// A device for `config` on a listener bound before (by [`VsockListener::bind`] for the
+    /// same path), so that the socket can exist before the device does (Firecracker creates
+    /// it when `PUT /vsock` is handled).
+    pub fn with_listener(
+        config: &VsockConfig,
+        listener: VsockListener,
+    ) -> Result<Self, VsockError> {
+        if listener.path != config.uds_path {
+            return Err(VsockError::Bind {
                 path: config.uds_path.clone(),
-                source,
-            })?;
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("the bound socket is {}", listener.path.display()),
+                ),
+            });
+        }
+        let path = listener.path.clone();
+        let listener = listener.into_listener().ok_or_else(|| VsockError::Bind {
+            path,
+            source: io::Error::other("the listener was already handed over"),
+        })?;
         let config_space = config.guest_cid.to_le_bytes().to_vec();
         let core = DeviceCore::new(
             "virtio-vsock",

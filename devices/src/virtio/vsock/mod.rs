@@ -26,7 +26,7 @@ pub mod packet;
 use std::io;
 use std::path::PathBuf;
 
-pub use device::{Vsock, VsockConfig};
+pub use device::{Vsock, VsockConfig, VsockListener};
 
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
