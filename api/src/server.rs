@@ -32,7 +32,7 @@ use crate::routes::{parse_api_request, ApiResponse};
 /// Tunables of the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerConfig {
-    /// Largest accepted body.
+    /// Largest accepted body (`--http-api-max-payload-size`; a larger one is a 400).
     pub max_body_bytes: usize,
     /// Time for a whole request to arrive, and for an answer to be read.
     pub request_timeout: Duration,
@@ -329,7 +329,8 @@ impl Conn {
     }
 
     fn capacity(cfg: &ServerConfig) -> usize {
-        MAX_HEADER_BYTES + cfg.max_body_bytes
+        // `--http-api-max-payload-size` may be as large as a usize.
+        MAX_HEADER_BYTES.saturating_add(cfg.max_body_bytes)
     }
 
     fn read_some(&mut self, cfg: &ServerConfig) {

@@ -13,6 +13,8 @@ struct Settings {
     show_level: bool,
     show_origin: bool,
     module: Option<String>,
+    /// `--id`, shown in each line when given.
+    instance_id: Option<String>,
 }
 
 struct CinderLogger {
@@ -38,6 +40,9 @@ impl Log for CinderLogger {
             }
         }
         let mut line = String::from("cinder: ");
+        if let Some(id) = &s.instance_id {
+            line.push_str(&format!("[{id}] "));
+        }
         if s.show_level {
             line.push_str(&format!("[{}] ", record.level().as_str().to_lowercase()));
         }
@@ -67,8 +72,18 @@ static LOGGER: CinderLogger = CinderLogger {
         show_level: true,
         show_origin: false,
         module: None,
+        instance_id: None,
     }),
 };
+
+/// Shows the instance id (`--id`) in each line, after `cinder: ` and before the level.
+pub fn set_instance_id(id: &str) {
+    let mut s = match LOGGER.settings.lock() {
+        Ok(s) => s,
+        Err(p) => p.into_inner(),
+    };
+    s.instance_id = Some(id.to_string());
+}
 
 /// Installs the logger at `level` (a second call only changes the level).
 pub fn init(level: LevelFilter) {

@@ -67,7 +67,7 @@ const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (Firecracker API 1.16
 /// running); 2 bad command line; 3 the guest hit a fatal KVM error (registers are printed);
 /// 128+N ended by signal N (SIGINT 130, SIGTERM 143).
 #[derive(Parser, Debug)]
-#[command(name = "cinder", version = VERSION)]
+#[command(name = "cinder", version = VERSION, disable_version_flag = true)]
 struct Cli {
     /// Guest kernel: an ELF vmlinux (PVH note or 64-bit entry) or a bzImage.
     #[arg(long, value_name = "PATH", conflicts_with = "config_file")]
@@ -124,19 +124,6 @@ struct Cli {
     #[arg(long, value_name = "PATH")]
     console_sock: Option<PathBuf>,
 
-    /// Boot from a Firecracker-style JSON config file (boot-source, machine-config, drives,
-    /// logger, metrics, ...), at once.
-    #[arg(long, value_name = "FILE")]
-    config_file: Option<PathBuf>,
-
-    /// Serve the Firecracker-compatible API on this Unix socket (before and after boot).
-    #[arg(long, value_name = "PATH", conflicts_with = "no_api")]
-    api_sock: Option<PathBuf>,
-
-    /// Run without an API socket (needs --config-file or --kernel).
-    #[arg(long)]
-    no_api: bool,
-
     /// Boot protocol for ELF kernels (a bzImage always uses the 64-bit protocol).
     #[arg(long, value_enum, value_name = "PROTOCOL", default_value = "auto")]
     boot_protocol: BootProtocolArg,
@@ -145,13 +132,240 @@ struct Cli {
     #[arg(long, value_enum, value_name = "TEMPLATE", default_value = "host")]
     cpu_template: CpuTemplateArg,
 
-    /// Log level for cinder's own messages on stderr.
+    /// Log level for cinder's own messages on stderr. When --level is given too, --level
+    /// (Firecracker's flag) wins.
     #[arg(long, value_enum, value_name = "LEVEL", default_value = "warn")]
     log_level: LogLevel,
 
     /// KVM device to use.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm", hide = true)]
     kvm_device: String,
+
+    // Firecracker v1.16.1's flags, with Firecracker's meaning (a manager that spawns
+    // `firecracker` can spawn cinder). Each help line says whether cinder implements it.
+    /// [implemented] Serve the Firecracker-compatible API on this Unix socket (before and
+    /// after boot).
+    #[arg(long, value_name = "PATH", conflicts_with = "no_api", help_heading = FC_FLAGS)]
+    api_sock: Option<PathBuf>,
+
+    /// [refused: cinder has no boot-timer device] Firecracker's boot-timer device.
+    #[arg(long, help_heading = FC_FLAGS)]
+    boot_timer: bool,
+
+    /// [implemented] Boot from a Firecracker JSON config file (boot-source, machine-config,
+    /// drives, logger, metrics, ...), at once.
+    #[arg(long, value_name = "FILE", help_heading = FC_FLAGS)]
+    config_file: Option<PathBuf>,
+
+    /// [refused: cinder has no snapshots yet] Print a snapshot file's data format version.
+    #[arg(long, value_name = "PATH", help_heading = FC_FLAGS)]
+    describe_snapshot: Option<PathBuf>,
+
+    /// [accepted, no PCI: devices stay on virtio-mmio, with one warning] Firecracker's PCIe
+    /// transport.
+    #[arg(long, help_heading = FC_FLAGS)]
+    enable_pci: bool,
+
+    /// [implemented] Largest API request body, in bytes (cinder's default 65536); a larger
+    /// body is a 400.
+    #[arg(long, value_name = "BYTES", value_parser = parse_payload_size, help_heading = FC_FLAGS)]
+    http_api_max_payload_size: Option<usize>,
+
+    /// [implemented] The instance id, in GET / and in each log line: 1 to 64 alphanumerics
+    /// or '-' (default cinder-PID).
+    #[arg(long, value_name = "ID", help_heading = FC_FLAGS)]
+    id: Option<String>,
+
+    /// [implemented] Logger level, as PUT /logger: Off, Error, Warning (or Warn), Info,
+    /// Debug, Trace (any case). Wins over --log-level.
+    #[arg(long, value_name = "LEVEL", help_heading = FC_FLAGS)]
+    level: Option<String>,
+
+    /// [implemented] Send the log to this file or named pipe, as PUT /logger's log_path.
+    #[arg(long, value_name = "PATH", help_heading = FC_FLAGS)]
+    log_path: Option<PathBuf>,
+
+    /// [refused: cinder has no MMDS] A JSON file of metadata for the MMDS.
+    #[arg(long, value_name = "PATH", help_heading = FC_FLAGS)]
+    metadata: Option<PathBuf>,
+
+    /// [implemented] Write metrics lines to this file or named pipe, as PUT /metrics (which
+    /// is then refused: the destination is set once).
+    #[arg(long, value_name = "PATH", help_heading = FC_FLAGS)]
+    metrics_path: Option<PathBuf>,
+
+    /// [refused: cinder has no MMDS] The MMDS data store limit, in bytes.
+    #[arg(long, value_name = "BYTES", help_heading = FC_FLAGS)]
+    mmds_size_limit: Option<String>,
+
+    /// [implemented] Log only records of this module path, as PUT /logger's module.
+    #[arg(long, value_name = "MODULE", help_heading = FC_FLAGS)]
+    module: Option<String>,
+
+    /// [implemented] Run without an API socket (needs --config-file or --kernel).
+    #[arg(long, help_heading = FC_FLAGS)]
+    no_api: bool,
+
+    /// [accepted: cinder installs no seccomp filter yet, there is nothing to disable] Run
+    /// without seccomp filters.
+    #[arg(long, help_heading = FC_FLAGS)]
+    no_seccomp: bool,
+
+    /// [implemented] The parent's CPU time, in microseconds, added to the metrics'
+    /// api_server.process_startup_time_cpu_us.
+    #[arg(long, value_name = "US", help_heading = FC_FLAGS)]
+    parent_cpu_time_us: Option<u64>,
+
+    /// [refused: cinder has no seccomp filters yet] A custom seccomp filter file.
+    #[arg(long, value_name = "PATH", help_heading = FC_FLAGS)]
+    seccomp_filter: Option<PathBuf>,
+
+    /// [implemented] Show the level in each log line, as PUT /logger's show_level.
+    #[arg(long, help_heading = FC_FLAGS)]
+    show_level: bool,
+
+    /// [implemented] Show the file and line of each log record, as PUT /logger's
+    /// show_log_origin.
+    #[arg(long, help_heading = FC_FLAGS)]
+    show_log_origin: bool,
+
+    /// [refused: cinder has no snapshots yet] Print the supported snapshot format version.
+    #[arg(long, help_heading = FC_FLAGS)]
+    snapshot_version: bool,
+
+    /// [implemented] Process start CPU time (CLOCK_PROCESS_CPUTIME_ID, microseconds): the
+    /// metrics' api_server.process_startup_time_cpu_us counts from it.
+    #[arg(long, value_name = "US", help_heading = FC_FLAGS)]
+    start_time_cpu_us: Option<u64>,
+
+    /// [implemented] Process start time (CLOCK_MONOTONIC, microseconds): the metrics'
+    /// api_server.process_startup_time_us counts from it to the API socket being ready.
+    #[arg(long, value_name = "US", help_heading = FC_FLAGS)]
+    start_time_us: Option<u64>,
+
+    /// [implemented] Print cinder's version and the Firecracker API version it implements.
+    #[arg(short = 'V', long, action = clap::ArgAction::Version, help_heading = FC_FLAGS)]
+    version: Option<bool>,
+}
+
+/// The help group of Firecracker's own flags.
+const FC_FLAGS: &str = "Firecracker v1.16.1 flags";
+
+/// `--http-api-max-payload-size`: a byte count of at least 1.
+fn parse_payload_size(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1 byte".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("not a byte count: {e}")),
+    }
+}
+
+/// Firecracker's rule for an instance id (`--id`): 1 to 64 bytes, each character
+/// alphanumeric or '-'; its messages.
+fn validate_instance_id(id: &str) -> Result<(), String> {
+    const MIN: usize = 1;
+    const MAX: usize = 64;
+    if id.len() < MIN || id.len() > MAX {
+        return Err(format!(
+            "Invalid len ({});  the length must be between {MIN} and {MAX}",
+            id.len()
+        ));
+    }
+    match id
+        .chars()
+        .enumerate()
+        .find(|(_, c)| !(*c == '-' || c.is_alphanumeric()))
+    {
+        Some((i, c)) => Err(format!("Invalid char ({c}) at position {i}")),
+        None => Ok(()),
+    }
+}
+
+/// The Firecracker flags cinder does not implement: the first one given, as the one line
+/// cinder exits with.
+fn refused_flag(cli: &Cli) -> Option<&'static str> {
+    [
+        (
+            cli.metadata.is_some(),
+            "--metadata: cinder has no MMDS (microVM metadata service)",
+        ),
+        (
+            cli.mmds_size_limit.is_some(),
+            "--mmds-size-limit: cinder has no MMDS (microVM metadata service)",
+        ),
+        (
+            cli.seccomp_filter.is_some(),
+            "--seccomp-filter: cinder has no seccomp filters yet",
+        ),
+        (
+            cli.describe_snapshot.is_some(),
+            "--describe-snapshot: cinder has no snapshots yet",
+        ),
+        (
+            cli.snapshot_version,
+            "--snapshot-version: cinder has no snapshots yet",
+        ),
+        (
+            cli.boot_timer,
+            "--boot-timer: cinder has no boot-timer device",
+        ),
+    ]
+    .into_iter()
+    .find_map(|(given, msg)| given.then_some(msg))
+}
+
+/// The logger configuration of Firecracker's logger flags, as `PUT /logger` would take it;
+/// `None` when none is given. A bad --level is refused with the API's message.
+fn logger_from_flags(cli: &Cli) -> Result<Option<api::model::Logger>, String> {
+    let level = match &cli.level {
+        None => None,
+        Some(l) => Some(api::model::LogLevel::parse(l).ok_or_else(|| {
+            format!(
+                "--level {l}: unknown log level, expected one of Error, Warning, Info, Debug, \
+                 Trace, Off"
+            )
+        })?),
+    };
+    let cfg = api::model::Logger {
+        level,
+        log_path: cli
+            .log_path
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned()),
+        show_level: cli.show_level.then_some(true),
+        show_log_origin: cli.show_log_origin.then_some(true),
+        module: cli.module.clone(),
+    };
+    Ok((cfg != api::model::Logger::default()).then_some(cfg))
+}
+
+/// Microseconds on `clock` (0 if it cannot be read).
+fn clock_us(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which we own, and reads nothing else.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return 0;
+    }
+    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+    let micros = u64::try_from(ts.tv_nsec).unwrap_or(0) / 1000;
+    secs.saturating_mul(1_000_000).saturating_add(micros)
+}
+
+/// Firecracker's process start-up times, from `--start-time-us`, `--start-time-cpu-us` and
+/// `--parent-cpu-time-us`, measured now (when the API socket is ready).
+fn startup_times(cli: &Cli) -> (Option<u64>, Option<u64>) {
+    let wall = cli
+        .start_time_us
+        .map(|t| clock_us(libc::CLOCK_MONOTONIC).saturating_sub(t));
+    let cpu = cli.start_time_cpu_us.map(|t| {
+        clock_us(libc::CLOCK_PROCESS_CPUTIME_ID)
+            .saturating_sub(t)
+            .saturating_add(cli.parent_cpu_time_us.unwrap_or(0))
+    });
+    (wall, cpu)
 }
 
 /// `--drive path=FILE[,id=NAME][,ro][,root]`, parsed by clap (a malformed spec is a usage
@@ -355,6 +569,22 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Firecracker's flags cinder does not implement: refused before anything happens.
+    if let Some(msg) = refused_flag(&cli) {
+        return fail(msg);
+    }
+    if let Some(id) = &cli.id {
+        if let Err(e) = validate_instance_id(id) {
+            return fail(format!("--id {id:?}: invalid instance id: {e}"));
+        }
+    }
+    let flag_logger = match logger_from_flags(&cli) {
+        Ok(l) => l,
+        Err(e) => return fail(e),
+    };
+    let flag_metrics = cli.metrics_path.as_ref().map(|p| api::model::Metrics {
+        metrics_path: p.to_string_lossy().into_owned(),
+    });
     // Before any thread exists: SIGINT/SIGTERM are blocked everywhere and read from a signalfd.
     // A panic (abort in release builds) must not leave the user's terminal raw.
     let default_hook = std::panic::take_hook();
@@ -374,6 +604,16 @@ fn main() -> ExitCode {
         LogLevel::Debug => log::LevelFilter::Debug,
         LogLevel::Trace => log::LevelFilter::Trace,
     });
+    if let Some(id) = &cli.id {
+        vmm::logger::set_instance_id(id);
+    }
+    // Firecracker's logger flags, applied as `PUT /logger` applies its body (so --level wins
+    // over --log-level); a config file's logger comes after, as in Firecracker.
+    if let Some(l) = &flag_logger {
+        if let Err(e) = vmm::logger::apply(l) {
+            return fail(format!("--log-path: {e}"));
+        }
+    }
     let opts = VmmOptions {
         boot_protocol: match cli.boot_protocol {
             BootProtocolArg::Auto => ProtocolChoice::Auto,
@@ -392,7 +632,7 @@ fn main() -> ExitCode {
     };
 
     // What to boot at once, if anything.
-    let boot_now: Option<VmConfig> = if let Some(path) = &cli.config_file {
+    let mut boot_now: Option<VmConfig> = if let Some(path) = &cli.config_file {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) => return fail(format!("cannot read config file {}: {e}", path.display())),
@@ -412,6 +652,25 @@ fn main() -> ExitCode {
     if boot_now.is_none() && cli.api_sock.is_none() {
         return fail("nothing to boot: give --kernel, --config-file, or --api-sock to configure through the API");
     }
+    // `--metrics-path`: the metrics destination, as `PUT /metrics` sets it (once).
+    if let Some(m) = &flag_metrics {
+        if boot_now.as_ref().is_some_and(|c| c.metrics.is_some()) {
+            return fail(
+                "--metrics-path: the config file sets metrics too; the metrics destination can be set only once",
+            );
+        }
+        if let Err(e) = vmm::metrics::open_sink(std::path::Path::new(&m.metrics_path)) {
+            return fail(format!(
+                "--metrics-path: cannot open {}: {e}",
+                m.metrics_path
+            ));
+        }
+        if let Some(c) = boot_now.as_mut() {
+            if let Err(e) = c.set_metrics(m) {
+                return fail(format!("--metrics-path: {e}"));
+            }
+        }
+    }
     if let Some(l) = boot_now.as_ref().and_then(|c| c.logger.as_ref()) {
         if let Err(e) = vmm::logger::apply(l) {
             return fail(e);
@@ -425,7 +684,11 @@ fn main() -> ExitCode {
     let api_state = match &cli.api_sock {
         None => None,
         Some(path) => {
-            let server = match ApiServer::bind(path) {
+            let mut server_cfg = api::server::ServerConfig::default();
+            if let Some(n) = cli.http_api_max_payload_size {
+                server_cfg.max_body_bytes = n;
+            }
+            let server = match ApiServer::bind_with_config(path, server_cfg) {
                 Ok(s) => s,
                 Err(e) => return fail(e),
             };
@@ -441,22 +704,40 @@ fn main() -> ExitCode {
                 Ok(h) => api_guard.thread = Some(h),
                 Err(e) => return fail(format!("cannot start the API thread: {e}")),
             }
-            let cfg = boot_now.clone().unwrap_or_default();
+            let cfg = match (&boot_now, &flag_metrics) {
+                (Some(c), _) => c.clone(),
+                (None, Some(m)) => {
+                    let mut c = VmConfig::default();
+                    if let Err(e) = c.set_metrics(m) {
+                        return fail(format!("--metrics-path: {e}"));
+                    }
+                    c
+                }
+                (None, None) => VmConfig::default(),
+            };
             Some(ApiState {
                 endpoint,
                 controller: PreBootController::new(
                     cfg,
-                    format!("cinder-{}", std::process::id()),
+                    cli.id
+                        .clone()
+                        .unwrap_or_else(|| format!("cinder-{}", std::process::id())),
                     env!("CARGO_PKG_VERSION"),
                 ),
             })
         }
     };
 
+    // Measured once the API socket is ready, as Firecracker measures them.
+    let (startup_us, startup_cpu_us) = startup_times(&cli);
     let metrics_path = boot_now
         .as_ref()
         .and_then(|c| c.metrics.as_ref())
+        .or(flag_metrics.as_ref())
         .map(|m| PathBuf::from(&m.metrics_path));
+    if cli.enable_pci {
+        eprintln!("cinder: warning: --enable-pci: cinder has no PCI; devices stay on virtio-mmio");
+    }
     let mut rt = match Runtime::new(
         signals,
         opts,
@@ -467,6 +748,12 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(e),
     };
+    if let Some(us) = startup_us {
+        rt.metrics().api.process_startup_time_us.set(us);
+    }
+    if let Some(us) = startup_cpu_us {
+        rt.metrics().api.process_startup_time_cpu_us.set(us);
+    }
     if let Some(cfg) = &boot_now {
         if let Err(e) = rt.start_vm(cfg) {
             drop(rt);
@@ -493,5 +780,18 @@ mod tests {
     fn version_names_the_firecracker_api_it_implements() {
         assert!(super::VERSION.contains(api::model::FIRECRACKER_API_VERSION));
         assert!(super::VERSION.starts_with(env!("CARGO_PKG_VERSION")));
+    }
+
+    #[test]
+    fn instance_ids_follow_firecrackers_rule() {
+        use super::validate_instance_id as v;
+        assert!(v("12-3aa").is_ok());
+        assert!(v(&"a".repeat(64)).is_ok());
+        assert_eq!(
+            v("").unwrap_err(),
+            "Invalid len (0);  the length must be between 1 and 64"
+        );
+        assert_eq!(v("12_3aa").unwrap_err(), "Invalid char (_) at position 2");
+        assert!(v(&"a".repeat(65)).is_err());
     }
 }

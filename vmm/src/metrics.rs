@@ -38,6 +38,27 @@ impl Counter {
     }
 }
 
+/// A value that is set, not counted (serialised as its current value).
+#[derive(Default)]
+pub struct Gauge(AtomicU64);
+
+impl Serialize for Gauge {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.get())
+    }
+}
+
+impl Gauge {
+    /// Sets the value.
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// vCPU exit counters.
 #[derive(Default, Serialize)]
 pub struct VcpuMetrics {
@@ -62,6 +83,13 @@ pub struct ApiMetrics {
     pub requests: Counter,
     /// Requests answered with an error status.
     pub errors: Counter,
+    /// Microseconds from `--start-time-us` (CLOCK_MONOTONIC, given by the process that
+    /// started cinder) to the API socket being ready, as Firecracker reports it; 0 without
+    /// the flag.
+    pub process_startup_time_us: Gauge,
+    /// CPU microseconds cinder used from `--start-time-cpu-us` to the API socket being
+    /// ready, plus `--parent-cpu-time-us`, as Firecracker reports it; 0 without the flag.
+    pub process_startup_time_cpu_us: Gauge,
 }
 
 /// Every metric cinder keeps.
@@ -148,6 +176,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(v["vcpu"]["exit_io_out"], 3);
         assert_eq!(v["api_server"]["requests"], 1);
+        assert_eq!(v["api_server"]["process_startup_time_us"], 0);
         assert_eq!(v["block_rootfs"]["reads"], 2);
         let dir = std::env::temp_dir().join(format!("cinder-metrics-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -232,6 +232,12 @@ impl Runtime {
         self.vmm.start(|vsock| launcher.launch(cfg, vsock))
     }
 
+    /// The metrics this runtime writes (for what `main` records before the loop runs, such as
+    /// the process start-up times).
+    pub fn metrics(&self) -> &Metrics {
+        &self.launcher.ctx.metrics
+    }
+
     /// Tells the API controller the VM was started outside the API (config file / flags).
     pub fn mark_api_started(&mut self) {
         if let Some(a) = self.api.as_mut() {
