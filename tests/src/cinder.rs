@@ -1,6 +1,6 @@
 //! Finding and starting the real `cinder` binary, and the KVM precondition.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// The `cinder` binary: `$CINDER_BIN`, else the one cargo built next to this test binary
@@ -55,4 +55,15 @@ pub fn repo_root() -> PathBuf {
         .parent()
         .expect("tests/ has a parent")
         .to_path_buf()
+}
+
+/// Starts cinder serving its API on `sock`, with `extra` flags (nothing boots unless they say
+/// so), and waits (at most 10 s) for the socket to take connections.
+pub fn start_api(sock: &Path, extra: &[&str]) -> crate::session::Session {
+    let mut c = cinder();
+    c.arg("--api-sock").arg(sock).args(extra);
+    let s = crate::session::Session::start(c);
+    crate::http::wait_for_socket(sock, std::time::Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.log()));
+    s
 }

@@ -5,19 +5,11 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cinder_tests::cinder::{cinder, cinder_bin, require_kvm};
-use cinder_tests::http::{raw, request, wait_for_socket};
+use cinder_tests::cinder::{cinder, cinder_bin, require_kvm, start_api};
+use cinder_tests::http::{raw, request};
 use cinder_tests::probe;
 use cinder_tests::session::Session;
 use cinder_tests::tmp::TempDir as Scratch;
-
-fn start_api(sock: &Path, extra: &[&str]) -> Session {
-    let mut c = cinder();
-    c.arg("--api-sock").arg(sock).args(extra);
-    let s = Session::start(c);
-    wait_for_socket(sock, Duration::from_secs(10)).unwrap_or_else(|e| panic!("{e}\n{}", s.log()));
-    s
-}
 
 /// `PUT /actions` with `action_type`.
 fn action(sock: &Path, action_type: &str) -> cinder_tests::http::Response {

@@ -4,11 +4,10 @@
 //! The tests without `under_cinder` need no KVM: an accepted configuration is shown by cinder
 //! getting as far as opening a KVM device that does not exist.
 
-use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use cinder_tests::cinder::{cinder, require_kvm};
+use cinder_tests::cinder::{cinder, require_kvm, start_api};
 use cinder_tests::http::{request, wait_for_socket, Response};
 use cinder_tests::probe;
 use cinder_tests::session::Session;
@@ -56,17 +55,9 @@ fn run_file(d: &Scratch, c: &Case) -> Output {
         .expect("run cinder")
 }
 
-fn start_api(sock: &Path) -> Session {
-    let mut c = cinder();
-    c.arg("--api-sock").arg(sock).args(["--kvm-device", NO_KVM]);
-    let s = Session::start(c);
-    wait_for_socket(sock, Duration::from_secs(10)).unwrap_or_else(|e| panic!("{e}\n{}", s.log()));
-    s
-}
-
 fn run_api(d: &Scratch, c: &Case) -> Response {
     let sock = d.join("api.sock");
-    let _s = start_api(&sock);
+    let _s = start_api(&sock, &["--kvm-device", NO_KVM]);
     let mut last = None;
     for (method, path, body) in &c.api {
         last = Some(request(&sock, method, path, Some(body)));

@@ -8,21 +8,12 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use cinder_tests::cinder::{cinder, require_kvm};
-use cinder_tests::http::{raw, request, wait_for_socket, Response};
+use cinder_tests::cinder::{cinder, require_kvm, start_api};
+use cinder_tests::http::{raw, request, Response};
 use cinder_tests::probe::{self, Status};
 use cinder_tests::runner::run;
 use cinder_tests::session::Session;
 use cinder_tests::tmp::TempDir as Scratch;
-
-/// Starts cinder serving the API on `sock` (nothing boots), with `extra` flags.
-fn start_api(sock: &Path, extra: &[&str]) -> Session {
-    let mut c = cinder();
-    c.arg("--api-sock").arg(sock).args(extra);
-    let s = Session::start(c);
-    wait_for_socket(sock, Duration::from_secs(10)).unwrap_or_else(|e| panic!("{e}\n{}", s.log()));
-    s
-}
 
 /// Ends a session with SIGTERM and returns what it wrote on stderr.
 fn stop(mut s: Session) -> String {
