@@ -4,7 +4,9 @@
 #   resources/guest/qemu-boot.sh <output-dir> [kernel-file] [extra kernel args...]
 #
 # kernel-file: vmlinux (default), bzImage or bzImage-uncompressed.
-# Uses KVM when /dev/kvm is usable, otherwise TCG. Uses the dir's `cmdline`
+# Uses KVM on a hardware KVM host, otherwise TCG (on a kvm-pvm host too: its
+# emulated guest kernel mode cannot run a stock kernel and is not a faithful
+# CPU for the test profile; see TESTING.md). Uses the dir's `cmdline`
 # file if there is one, else the default console line. Serial output goes to
 # stdout; the wall time from QEMU start to the CINDER-INIT marker and to QEMU's
 # exit goes to stderr. QEMU_SMP (default 1), QEMU_MEM (default 256),
@@ -28,7 +30,7 @@ fi
 cmdline="$cmdline $*"
 
 accel=(-accel tcg -cpu max)
-if [[ -r /dev/kvm && -w /dev/kvm ]]; then
+if [[ -r /dev/kvm && -w /dev/kvm && ! -e /sys/module/kvm_pvm ]]; then
 	accel=(-accel kvm -cpu host,-arch-capabilities)
 fi
 

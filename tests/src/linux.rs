@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::guest::GuestDir;
-use crate::qemu::Microvm;
+use crate::qemu::{Accel, Microvm};
 
 /// Per-step deadline: the guest kernel runs in an emulator on the KVM test hosts.
 pub const STEP: Duration = Duration::from_secs(300);
@@ -73,9 +73,11 @@ pub fn profile_cmdline(g: &GuestDir) -> String {
         .to_string()
 }
 
-/// QEMU microvm booting the profile's `vmlinux` with an i8042 (so `reboot -f` ends QEMU).
+/// QEMU microvm booting the profile's `vmlinux` with an i8042 (so `reboot -f` ends QEMU), on
+/// [`Accel::for_linux`].
 pub fn qemu_vm(g: &GuestDir, cmdline: &str, cpus: u32, mib: u64) -> Microvm {
     let mut vm = Microvm::new(&g.file("vmlinux"), cmdline, cpus, mib);
+    vm.accel = Accel::for_linux();
     vm.machine = QEMU_MACHINE.to_string();
     vm.extra = vec!["-device".into(), "i8042".into()];
     vm

@@ -86,7 +86,7 @@ fn two_boots(what: &str, vmm: impl Fn() -> Command) {
 fn qemu(g: &GuestDir) -> Command {
     let mut c = Command::new(qemu_bin());
     c.args(["-M", QEMU_MACHINE])
-        .args(Accel::detect().args())
+        .args(Accel::for_linux().args())
         .args(["-m", "128", "-smp", "1"])
         .args(["-nodefaults", "-display", "none", "-no-reboot"])
         .args(["-serial", "none", "-monitor", "none", "-device", "i8042"])
@@ -107,7 +107,7 @@ fn qemu(g: &GuestDir) -> Command {
 fn linux_hvc0_console_and_hwrng_qemu() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let g = GuestDir::test_profile();
-    two_boots(&format!("QEMU ({:?})", Accel::detect()), || qemu(&g));
+    two_boots(&format!("QEMU ({:?})", Accel::for_linux()), || qemu(&g));
 }
 
 #[test]

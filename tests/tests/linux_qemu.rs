@@ -4,9 +4,9 @@
 //! `reboot -f` ends the VMM with exit code 0. This proves the recipes in resources/guest on
 //! any host (TCG without KVM), so a failure under cinder points at cinder.
 //!
-//! The clean default guest is a stock kernel: QEMU runs it on KVM only on a hardware KVM host
-//! (TCG elsewhere: kvm-pvm cannot run its kernel mode). The test profile runs on KVM whenever
-//! `/dev/kvm` opens, with the KVM PV features hidden on kvm-pvm as cinder hides them.
+//! QEMU runs both guests on KVM only on a hardware KVM host, and on TCG elsewhere: kvm-pvm
+//! cannot run a stock kernel's kernel mode, and its emulated kernel mode is not a faithful
+//! CPU for the test profile either (see `Accel::for_linux`).
 
 use std::time::Duration;
 
@@ -76,7 +76,7 @@ fn default_guest_vmlinux_boots_under_qemu() {
         "console=ttyS0 reboot=k panic=-1",
         2,
         256,
-        Accel::for_stock_kernel(),
+        Accel::for_linux(),
     );
 }
 
@@ -89,7 +89,7 @@ fn default_guest_bzimage_boots_under_qemu() {
         "console=ttyS0 reboot=k panic=-1",
         1,
         128,
-        Accel::for_stock_kernel(),
+        Accel::for_linux(),
     );
 }
 
@@ -97,5 +97,5 @@ fn default_guest_bzimage_boots_under_qemu() {
 fn test_profile_boots_under_qemu() {
     let g = GuestDir::test_profile();
     let cmdline = std::fs::read_to_string(g.file("cmdline")).expect("profile cmdline");
-    boot(&g, "vmlinux", cmdline.trim(), 2, 256, Accel::detect());
+    boot(&g, "vmlinux", cmdline.trim(), 2, 256, Accel::for_linux());
 }
