@@ -19,6 +19,12 @@ use crate::model::{
 /// `arch::mptable::MAX_CPUS`). The host's KVM may allow fewer; that is checked when the VM is
 /// built. One ceiling for the command line, the config file and the API.
 pub const MAX_VCPUS: u8 = 254;
+
+/// Largest guest memory in MiB (1 TiB): far above any microVM, and low enough that every
+/// guest physical address, MMIO gap included, fits in 41 bits and the layout's arithmetic
+/// cannot overflow (`--memory 17592186044415` used to wrap it). One ceiling for the command
+/// line, the config file and the API; the host may still refuse less when memory is mapped.
+pub const MAX_MEM_SIZE_MIB: usize = 1 << 20;
 /// vCPU count before any machine configuration.
 pub const DEFAULT_VCPUS: u8 = 1;
 /// Memory size in MiB before any machine configuration.
@@ -51,6 +57,9 @@ pub enum ConfigError {
     /// Zero memory.
     #[error("machine-config.mem_size_mib: must be greater than 0")]
     MemSizeZero,
+    /// More memory than cinder lays out.
+    #[error("machine-config.mem_size_mib: {0} is above the largest, {MAX_MEM_SIZE_MIB} (1 TiB)")]
+    MemSizeTooLarge(usize),
     /// Memory not a multiple of the huge page size.
     #[error("machine-config.mem_size_mib: {0} must be a multiple of 2 with huge_pages \"2M\"")]
     HugePagesMemSize(usize),
@@ -223,6 +232,9 @@ impl MachineConfig {
         }
         if self.mem_size_mib == 0 {
             return Err(ConfigError::MemSizeZero);
+        }
+        if self.mem_size_mib > MAX_MEM_SIZE_MIB {
+            return Err(ConfigError::MemSizeTooLarge(self.mem_size_mib));
         }
         if self.huge_pages == HugePages::Hugetlbfs2M && self.mem_size_mib % 2 == 1 {
             return Err(ConfigError::HugePagesMemSize(self.mem_size_mib));

@@ -182,9 +182,8 @@ impl PreBootController {
                 }
             }
             ApiRequest::Action(ActionType::FlushMetrics) if self.config.metrics.is_none() => {
-                Outcome::Respond(ApiResponse::bad_request(
-                    "FlushMetrics: metrics are not configured; PUT /metrics first",
-                ))
+                // Nothing to flush: 204, as Firecracker answers.
+                Outcome::Respond(ApiResponse::no_content())
             }
             ApiRequest::PatchDrive(ref p)
                 if !self.config.drives.iter().any(|d| d.drive_id == p.drive_id) =>
@@ -299,7 +298,7 @@ mod tests {
         });
         assert!(matches!(c.handle(patch), Outcome::Respond(r) if r.status == 400));
         let flush = ApiRequest::Action(ActionType::FlushMetrics);
-        assert!(matches!(c.handle(flush), Outcome::Respond(r) if r.status == 400));
+        assert!(matches!(c.handle(flush), Outcome::Respond(r) if r.status == 204));
     }
 
     #[test]

@@ -435,7 +435,13 @@ pub struct ErrorBody {
 
 /// Deserializes a JSON body, reporting the path of the offending field on a
 /// type error (`vcpu_count: invalid type: string "2", expected u8 ...`).
+///
+/// Every body of the API is a JSON object: an array is refused here, though serde would
+/// read one as a struct's fields in order (Firecracker refuses it too).
 pub fn from_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, String> {
+    if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return Err("the body must be a JSON object, not an array".into());
+    }
     let mut de = serde_json::Deserializer::from_slice(body);
     let parsed: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();

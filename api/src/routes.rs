@@ -450,7 +450,16 @@ pub fn parse_api_request(
         ("GET", "/vm/config") => ApiRequest::GetVmConfig,
         ("PUT", "/machine-config") => ApiRequest::PutMachineConfig(body!(MachineConfiguration)),
         ("PATCH", "/machine-config") => {
-            ApiRequest::PatchMachineConfig(body!(MachineConfigurationUpdate))
+            let update = body!(MachineConfigurationUpdate);
+            if update == MachineConfigurationUpdate::default() {
+                // As Firecracker: a PATCH that sets nothing is a client error.
+                return Err(RequestError::InvalidBody {
+                    method: method.to_string(),
+                    path: path.to_string(),
+                    reason: "the body sets no field".into(),
+                });
+            }
+            ApiRequest::PatchMachineConfig(update)
         }
         ("PUT", "/boot-source") => ApiRequest::PutBootSource(body!(BootSource)),
         ("PUT", "/drives/{drive_id}") => {
@@ -591,6 +600,28 @@ mod tests {
             ),
             Err(RequestError::IdMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn bodies_firecracker_refuses() {
+        // A JSON array is not an object, even where serde could read it as a struct.
+        for (path, body) in [
+            ("/logger", &b"[]"[..]),
+            ("/entropy", b" [ ]"),
+            ("/machine-config", b"[2, 128]"),
+        ] {
+            let e = parse_api_request("PUT", path, body)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("JSON object"), "{path}: {e}");
+        }
+        // A PATCH that sets nothing.
+        let e = parse_api_request("PATCH", "/machine-config", b"{}")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sets no field"), "{e}");
+        assert!(parse_api_request("PATCH", "/machine-config", br#"{"smt": false}"#).is_ok());
+        assert!(parse_api_request("PUT", "/logger", b"{}").is_ok());
     }
 
     #[test]

@@ -147,6 +147,19 @@ fn machine(vcpus: u32) -> Case {
     }
 }
 
+fn memory(mib: u64) -> Case {
+    Case {
+        what: "memory size",
+        cli: vec!["--memory".into(), mib.to_string()],
+        file: format!(r#""machine-config": {{"vcpu_count": 1, "mem_size_mib": {mib}}}"#),
+        api: vec![(
+            "PUT",
+            "/machine-config".into(),
+            format!(r#"{{"vcpu_count": 1, "mem_size_mib": {mib}}}"#),
+        )],
+    }
+}
+
 fn drive(d: &Scratch, id: &str) -> Case {
     let img = d.join("disk.img");
     std::fs::write(&img, vec![0u8; 4096]).expect("image");
@@ -214,6 +227,20 @@ fn vcpu_ceiling_is_one_rule() {
     refused_alike(&machine(0), "machine-config.vcpu_count: 0 is out of range");
     // 254 is what the MP table can describe; KVM's own limit is checked when the VM is built.
     accepted_alike(&machine(254));
+}
+
+/// Issue 18 finding 10: a memory size the layout's arithmetic would overflow (it wrapped in
+/// release builds) is refused by every configuration path, with the ceiling named.
+#[test]
+fn memory_ceiling_is_one_rule() {
+    refused_alike(
+        &memory(17_592_186_044_415),
+        "machine-config.mem_size_mib: 17592186044415 is above the largest, 1048576 (1 TiB)",
+    );
+    refused_alike(
+        &memory(1_048_577),
+        "machine-config.mem_size_mib: 1048577 is above the largest",
+    );
 }
 
 #[test]
