@@ -491,7 +491,9 @@ fn config_from_flags(cli: &Cli, kernel: PathBuf) -> Result<VmConfig, String> {
         ..MachineConfiguration::default()
     })
     .map_err(|e| match e {
-        ConfigError::MemSizeZero | ConfigError::HugePagesMemSize(_) => {
+        ConfigError::MemSizeZero
+        | ConfigError::MemSizeTooLarge(_)
+        | ConfigError::HugePagesMemSize(_) => {
             format!("--memory {}: {e}", cli.memory)
         }
         _ => format!("--vcpus {}: {e}", cli.vcpus),
