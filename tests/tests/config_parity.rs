@@ -134,30 +134,24 @@ fn accepted_alike_until(c: &Case, later: &str) {
     }
 }
 
-fn machine(vcpus: u32) -> Case {
+/// A machine configuration set on each path: `flag` on the command line, the same values in
+/// the file and the API body.
+fn machine_case(what: &'static str, flag: &str, value: u64, vcpus: u64, mib: u64) -> Case {
+    let body = format!(r#"{{"vcpu_count": {vcpus}, "mem_size_mib": {mib}}}"#);
     Case {
-        what: "vcpu count",
-        cli: vec!["--vcpus".into(), vcpus.to_string()],
-        file: format!(r#""machine-config": {{"vcpu_count": {vcpus}, "mem_size_mib": 128}}"#),
-        api: vec![(
-            "PUT",
-            "/machine-config".into(),
-            format!(r#"{{"vcpu_count": {vcpus}, "mem_size_mib": 128}}"#),
-        )],
+        what,
+        cli: vec![flag.into(), value.to_string()],
+        file: format!(r#""machine-config": {body}"#),
+        api: vec![("PUT", "/machine-config".into(), body)],
     }
 }
 
+fn machine(vcpus: u32) -> Case {
+    machine_case("vcpu count", "--vcpus", vcpus.into(), vcpus.into(), 128)
+}
+
 fn memory(mib: u64) -> Case {
-    Case {
-        what: "memory size",
-        cli: vec!["--memory".into(), mib.to_string()],
-        file: format!(r#""machine-config": {{"vcpu_count": 1, "mem_size_mib": {mib}}}"#),
-        api: vec![(
-            "PUT",
-            "/machine-config".into(),
-            format!(r#"{{"vcpu_count": 1, "mem_size_mib": {mib}}}"#),
-        )],
-    }
+    machine_case("memory size", "--memory", mib, 1, mib)
 }
 
 fn drive(d: &Scratch, id: &str) -> Case {
