@@ -21,7 +21,8 @@ pub enum Accel {
 
 impl Accel {
     /// KVM if `/dev/kvm` can be opened read-write (on any host kind), else TCG: for the
-    /// probe and the Linux test profile, which run on every kind of KVM.
+    /// probe, which runs on every kind of KVM, and for benchmarks that compare QEMU and
+    /// cinder on the same KVM. Tests of Linux guests use [`Accel::for_linux`].
     pub fn detect() -> Accel {
         match host::kind() {
             HostKind::Hardware | HostKind::KvmPvm => Accel::Kvm,
@@ -51,7 +52,8 @@ impl Accel {
             // `-cpu host` alone fails on MSR 0x10a on kvm-pvm hosts. There a hypercall hangs
             // the vCPU, so QEMU also hides the KVM PV features that make Linux issue them:
             // the same three that cinder's `--cpu-template no-pv-hypercalls` hides
-            // (arch/src/cpuid.rs), so the oracle and cinder show the test profile one CPU.
+            // (arch/src/cpuid.rs), so QEMU and cinder show the test profile one CPU where a
+            // benchmark runs it on KVM here (`bench_io`; the tests use TCG, see `for_linux`).
             Accel::Kvm if host::kind() == HostKind::KvmPvm => [
                 "-accel",
                 "kvm",
