@@ -11,7 +11,7 @@
 
 use std::path::PathBuf;
 
-use crate::model::{Logger, PartialDrive, PartialNetworkInterface, Vsock};
+use crate::model::{Logger, Metrics, PartialDrive, PartialNetworkInterface, Vsock};
 use crate::routes::ApiResponse;
 
 /// Any error, as the VMM side reports it (its own error types are out of
@@ -41,6 +41,10 @@ pub enum VmmAction {
     /// `PUT /vsock` (already checked against the configuration's rules): bind its Unix socket
     /// now, as Firecracker does, so a client can wait for the socket before `InstanceStart`.
     ConfigureVsock(Vsock),
+    /// `PUT /metrics` (checked against the configuration's rules, none configured yet): open
+    /// the destination now, as Firecracker does, so a path that cannot be opened is refused at
+    /// the `PUT` and can be corrected.
+    ConfigureMetrics(Metrics),
 }
 
 /// Why the VMM could not carry out a [`VmmAction`]. The `Display` text is the
@@ -123,7 +127,8 @@ fn fault_message(action: &VmmAction, e: &VmmError) -> String {
         VmmAction::Pause
         | VmmAction::Resume
         | VmmAction::ConfigureLogger(_)
-        | VmmAction::ConfigureVsock(_) => e.to_string(),
+        | VmmAction::ConfigureVsock(_)
+        | VmmAction::ConfigureMetrics(_) => e.to_string(),
         VmmAction::FlushMetrics => format!("FlushMetrics: {e}"),
         VmmAction::SendCtrlAltDel => format!("SendCtrlAltDel: {e}"),
         VmmAction::PatchDrive(d) => format!("PATCH /drives/{}: {e}", d.drive_id),

@@ -14,6 +14,7 @@ use crate::model::{
     IoEngine, Logger, MachineConfiguration, MachineConfigurationUpdate, Metrics, NetworkInterface,
     PartialDrive, PartialNetworkInterface, RateLimiter, Vsock,
 };
+use crate::paths::{open_boot_file, open_checked, PathError, PathPolicy};
 
 /// Largest vCPU count: what cinder's MP table can describe (APIC IDs 0..=253; see
 /// `arch::mptable::MAX_CPUS`). The host's KVM may allow fewer; that is checked when the VM is
@@ -155,6 +156,15 @@ pub enum ConfigError {
     /// Reserved vsock CID.
     #[error("vsock.guest_cid: {0} is reserved; it must be at least 3 and below 4294967295")]
     VsockCid(u32),
+    /// A host file (kernel, initrd, drive image) that cannot be opened or is not what it must
+    /// be (see [`crate::paths`]).
+    #[error("{key}: {why}")]
+    HostFile {
+        /// The key naming the file.
+        key: String,
+        /// Why it was refused ([`PathError`]'s message, which names the path).
+        why: String,
+    },
 }
 
 /// A MAC address.
@@ -339,6 +349,15 @@ pub struct VmConfig {
     pub logger: Option<Logger>,
     /// Metrics configuration.
     pub metrics: Option<Metrics>,
+    /// What the host-path checks allow (not part of the API's view: a process setting).
+    pub paths: PathPolicy,
+}
+
+fn host_file(key: impl Into<String>, e: PathError) -> ConfigError {
+    ConfigError::HostFile {
+        key: key.into(),
+        why: e.to_string(),
+    }
 }
 
 fn check_id(key: &'static str, id: &str) -> Result<(), ConfigError> {
@@ -409,8 +428,22 @@ pub const UNSUPPORTED_CONFIG_KEYS: &[&str] = &[
 ];
 
 impl VmConfig {
-    /// Parses and validates a Firecracker-style `--config-file`.
+    /// Parses and validates a Firecracker-style `--config-file`, with the default
+    /// [`PathPolicy`] (every path checked, no block devices as drives).
     pub fn from_config_file(json: &str) -> Result<VmConfig, ConfigError> {
+        Self::from_config_file_with(json, PathPolicy::default())
+    }
+
+    /// An empty configuration whose paths are checked by `paths`.
+    pub fn with_paths(paths: PathPolicy) -> VmConfig {
+        VmConfig {
+            paths,
+            ..VmConfig::default()
+        }
+    }
+
+    /// [`VmConfig::from_config_file`], with the host paths checked by `paths`.
+    pub fn from_config_file_with(json: &str, paths: PathPolicy) -> Result<VmConfig, ConfigError> {
         let file: ConfigFile =
             crate::model::from_json(json.as_bytes()).map_err(ConfigError::Json)?;
         let unsupported = [
@@ -424,7 +457,7 @@ impl VmConfig {
         if let Some(i) = unsupported.iter().position(|&present| present) {
             return Err(ConfigError::Unsupported(UNSUPPORTED_CONFIG_KEYS[i]));
         }
-        let mut cfg = VmConfig::default();
+        let mut cfg = VmConfig::with_paths(paths);
         if let Some(m) = &file.machine_config {
             cfg.set_machine_config(m)?;
         }
@@ -500,14 +533,22 @@ impl VmConfig {
         Ok(())
     }
 
-    /// Sets the boot source (`PUT /boot-source`).
+    /// Sets the boot source (`PUT /boot-source`). The kernel and initrd must be regular files
+    /// that can be read (opened without blocking or following a link; see [`crate::paths`]).
     pub fn set_boot_source(&mut self, b: &BootSource) -> Result<(), ConfigError> {
-        let kernel_image_path =
-            non_empty("boot-source.kernel_image_path".into(), &b.kernel_image_path)?;
+        const KERNEL: &str = "boot-source.kernel_image_path";
+        const INITRD: &str = "boot-source.initrd_path";
+        let kernel_image_path = non_empty(KERNEL.into(), &b.kernel_image_path)?;
         let initrd_path = match &b.initrd_path {
-            Some(p) => Some(non_empty("boot-source.initrd_path".into(), p)?),
+            Some(p) => Some(non_empty(INITRD.into(), p)?),
             None => None,
         };
+        if self.paths.check_host {
+            open_boot_file("kernel image", &kernel_image_path).map_err(|e| host_file(KERNEL, e))?;
+            if let Some(p) = &initrd_path {
+                open_boot_file("initrd", p).map_err(|e| host_file(INITRD, e))?;
+            }
+        }
         self.boot_source = Some(BootSourceConfig {
             kernel_image_path,
             initrd_path,
@@ -526,7 +567,19 @@ impl VmConfig {
             .path_on_host
             .as_deref()
             .ok_or_else(|| ConfigError::DrivePathMissing(d.drive_id.clone()))?;
-        let path_on_host = non_empty(format!("drives[{}].path_on_host", d.drive_id), path)?;
+        let key = format!("drives[{}].path_on_host", d.drive_id);
+        let path_on_host = non_empty(key.clone(), path)?;
+        let is_read_only = d.is_read_only.unwrap_or(false);
+        if self.paths.check_host {
+            open_checked(
+                "block image",
+                &path_on_host,
+                !is_read_only,
+                true,
+                self.paths.allow_block_devices,
+            )
+            .map_err(|e| host_file(key, e))?;
+        }
         if d.is_root_device {
             if let Some(root) = self
                 .drives
@@ -542,7 +595,7 @@ impl VmConfig {
         let new = DriveConfig {
             drive_id: d.drive_id.clone(),
             path_on_host,
-            is_read_only: d.is_read_only.unwrap_or(false),
+            is_read_only,
             is_root_device: d.is_root_device,
             partuuid: d.partuuid.clone(),
             cache_type: d.cache_type,
@@ -723,7 +776,7 @@ impl VmConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut check = VmConfig {
             machine: self.machine.clone(),
-            ..VmConfig::default()
+            ..VmConfig::with_paths(self.paths)
         };
         self.machine.validate()?;
         if let Some(b) = &self.boot_source {

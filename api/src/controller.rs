@@ -106,6 +106,11 @@ impl PreBootController {
                         log::warn!("vsock socket bound but not recorded: {e}");
                     }
                 }
+                VmmAction::ConfigureMetrics(m) => {
+                    if let Err(e) = self.config.set_metrics(m) {
+                        log::warn!("metrics destination opened but not recorded: {e}");
+                    }
+                }
                 VmmAction::FlushMetrics | VmmAction::SendCtrlAltDel => {}
             }
         }
@@ -168,7 +173,13 @@ impl PreBootController {
                         "metrics: already configured; the metrics destination can be set only once",
                     ));
                 }
-                applied(self.config.set_metrics(&m))
+                // The rules first (on a copy), then the VMM opens the destination now, as
+                // Firecracker does: one that cannot be opened is a 400 that records nothing,
+                // so a corrected PUT /metrics is taken. `complete` records it once open.
+                match self.config.clone().set_metrics(&m) {
+                    Ok(()) => Outcome::Execute(VmmAction::ConfigureMetrics(m)),
+                    Err(e) => Outcome::Respond(ApiResponse::bad_request(e.to_string())),
+                }
             }
             ApiRequest::Action(ActionType::InstanceStart) => {
                 if self.config.boot_source.is_none() {
@@ -247,8 +258,12 @@ mod tests {
     use super::*;
     use crate::model::{BootSource, Drive, PartialDrive, VmState};
 
+    fn unchecked() -> VmConfig {
+        VmConfig::with_paths(crate::paths::PathPolicy::UNCHECKED)
+    }
+
     fn booted() -> PreBootController {
-        let mut c = PreBootController::new(VmConfig::default(), "id", "1");
+        let mut c = PreBootController::new(unchecked(), "id", "1");
         let boot = BootSource {
             kernel_image_path: "/k".into(),
             ..Default::default()
@@ -262,7 +277,7 @@ mod tests {
 
     #[test]
     fn lifecycle() {
-        let mut c = PreBootController::new(VmConfig::default(), "id", "1");
+        let mut c = PreBootController::new(unchecked(), "id", "1");
         let start = ApiRequest::Action(ActionType::InstanceStart);
         assert!(matches!(c.handle(start.clone()), Outcome::Respond(r) if r.status == 400));
         let mut c = booted();

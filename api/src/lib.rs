@@ -22,6 +22,7 @@ pub mod controller;
 pub mod handler;
 pub mod http;
 pub mod model;
+pub mod paths;
 pub mod routes;
 pub mod server;
 

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use api::config::{ConfigError, MacAddr};
 use api::model::{CacheType, HugePages, IoEngine, LogLevel};
+use api::paths::PathPolicy;
 use api::VmConfig;
 
 const FULL: &str = r#"{
@@ -35,7 +36,7 @@ const FULL: &str = r#"{
 
 #[test]
 fn full_file() {
-    let c = VmConfig::from_config_file(FULL).unwrap();
+    let c = VmConfig::from_config_file_with(FULL, PathPolicy::UNCHECKED).unwrap();
     assert_eq!(c.machine.vcpu_count, 2);
     assert_eq!(c.machine.mem_size_mib, 1024);
     assert!(c.machine.track_dirty_pages);
@@ -72,7 +73,11 @@ fn full_file() {
 
 #[test]
 fn minimal_file_gets_defaults() {
-    let c = VmConfig::from_config_file(r#"{"boot-source": {"kernel_image_path": "/k"}}"#).unwrap();
+    let c = VmConfig::from_config_file_with(
+        r#"{"boot-source": {"kernel_image_path": "/k"}}"#,
+        PathPolicy::UNCHECKED,
+    )
+    .unwrap();
     assert_eq!(c.machine.vcpu_count, 1);
     assert_eq!(c.machine.mem_size_mib, 128);
     assert!(c.drives.is_empty() && c.net.is_empty() && c.vsock.is_none());
@@ -80,14 +85,14 @@ fn minimal_file_gets_defaults() {
 
 #[test]
 fn vm_config_round_trips_through_the_file_format() {
-    let c = VmConfig::from_config_file(FULL).unwrap();
+    let c = VmConfig::from_config_file_with(FULL, PathPolicy::UNCHECKED).unwrap();
     let json = serde_json::to_string_pretty(&c.to_full_config()).unwrap();
-    let again = VmConfig::from_config_file(&json).unwrap();
+    let again = VmConfig::from_config_file_with(&json, PathPolicy::UNCHECKED).unwrap();
     assert_eq!(c, again);
 }
 
 fn err(json: &str) -> String {
-    let e = VmConfig::from_config_file(json).unwrap_err();
+    let e = VmConfig::from_config_file_with(json, PathPolicy::UNCHECKED).unwrap_err();
     e.to_string()
 }
 
@@ -292,10 +297,10 @@ fn each_error_names_its_key() {
 
 #[test]
 fn validate_catches_what_the_cli_may_build() {
-    let mut c = VmConfig::from_config_file(FULL).unwrap();
+    let mut c = VmConfig::from_config_file_with(FULL, PathPolicy::UNCHECKED).unwrap();
     c.machine.vcpu_count = 0;
     assert_eq!(c.validate(), Err(ConfigError::VcpuCount(0)));
-    let mut c = VmConfig::from_config_file(FULL).unwrap();
+    let mut c = VmConfig::from_config_file_with(FULL, PathPolicy::UNCHECKED).unwrap();
     let dup = c.drives[1].clone();
     c.drives.push(dup);
     assert!(matches!(c.validate(), Err(ConfigError::DuplicateId { .. })));
@@ -303,7 +308,7 @@ fn validate_catches_what_the_cli_may_build() {
 
 #[test]
 fn api_setters_are_atomic() {
-    let mut c = VmConfig::default();
+    let mut c = VmConfig::with_paths(PathPolicy::UNCHECKED);
     let bad = api::model::MachineConfigurationUpdate {
         vcpu_count: Some(4),
         mem_size_mib: Some(0),

@@ -563,7 +563,11 @@ fn channel_handler_reaches_the_event_loop() {
                 EpollEvent::new(EventSet::IN, 7),
             )
             .unwrap();
-        let mut ctl = api::PreBootController::new(api::VmConfig::default(), "chan", "v");
+        let mut ctl = api::PreBootController::new(
+            api::VmConfig::with_paths(api::paths::PathPolicy::UNCHECKED),
+            "chan",
+            "v",
+        );
         let mut handled = 0;
         let mut events = [EpollEvent::default(); 4];
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -253,6 +253,40 @@ fn check_elf(file: &mut File, path: &str) -> Result<u64, LoaderError> {
     Ok(top)
 }
 
+/// Opens a client-named kernel image without blocking and without following a symbolic link
+/// (a FIFO opens at once, then is refused: it would freeze the thread reading it), and takes
+/// only a regular file, as its `fstat` says.
+fn open_kernel(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => {
+                std::io::Error::other("it is a symbolic link: give the path of the file itself")
+            }
+            _ => e,
+        })?;
+    let t = file.metadata()?.file_type();
+    let kind = if t.is_file() {
+        return Ok(file);
+    } else if t.is_dir() {
+        "directory"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_socket() {
+        "socket"
+    } else if t.is_char_device() {
+        "character device"
+    } else {
+        "block device"
+    };
+    Err(std::io::Error::other(format!(
+        "is a {kind}, not a regular file"
+    )))
+}
+
 /// Loads the kernel at `path` into `mem`, whose RAM below the MMIO gap ends at `low_end`.
 pub fn load_kernel(
     mem: &GuestMemoryMmap,
@@ -261,16 +295,10 @@ pub fn load_kernel(
     choice: ProtocolChoice,
 ) -> Result<LoadedKernel, LoaderError> {
     let p = path.display().to_string();
-    let mut file = File::open(path).map_err(|source| LoaderError::Open {
+    let mut file = open_kernel(path).map_err(|source| LoaderError::Open {
         path: p.clone(),
         source,
     })?;
-    if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
-        return Err(LoaderError::Open {
-            path: p,
-            source: std::io::Error::other("is a directory"),
-        });
-    }
     let too_big = |needed: u64| LoaderError::TooBig {
         path: p.clone(),
         needed_mib: needed.div_ceil(1 << 20),

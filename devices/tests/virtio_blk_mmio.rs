@@ -55,6 +55,7 @@ impl Vm {
                 path: file.as_path().to_path_buf(),
                 read_only,
                 id: Some("e2e".into()),
+                allow_block_device: false,
             })
             .unwrap(),
         ));

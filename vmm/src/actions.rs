@@ -182,6 +182,7 @@ impl<V: MicroVm, D: Parkable> Executor<V, D> {
             VmmAction::ConfigureLogger(l) => {
                 crate::logger::apply(l).map_err(|e| VmmError::Logger(e.to_string()))
             }
+            VmmAction::ConfigureMetrics(m) => self.configure_metrics(Path::new(&m.metrics_path)),
             VmmAction::ConfigureVsock(v) => {
                 if self.machine.is_some() {
                     return Err(VmmError::AlreadyRunning);
@@ -199,6 +200,17 @@ impl<V: MicroVm, D: Parkable> Executor<V, D> {
                 Ok(())
             }
         }
+    }
+
+    /// Opens the metrics destination `path` (`PUT /metrics`): a refusal changes nothing.
+    pub fn configure_metrics(&mut self, path: &Path) -> Result<(), VmmError> {
+        let f = open_sink(path).map_err(|source| VmmError::Io {
+            what: "metrics.metrics_path: cannot open",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        self.sink = Some((path.to_path_buf(), f));
+        Ok(())
     }
 
     /// Appends one metrics line to `path` (opened on first use, or when the path changes), with

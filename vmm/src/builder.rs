@@ -175,6 +175,7 @@ impl<'a> VmBuilder<'a> {
                 path: d.path_on_host.clone(),
                 read_only: d.is_read_only,
                 id: serial,
+                allow_block_device: self.cfg.paths.allow_block_devices,
             })
             .map_err(|source| VmError::Drive {
                 id: d.drive_id.clone(),
@@ -344,6 +345,28 @@ fn host_phys_bits() -> u32 {
     }
 }
 
+/// Marks every guest RAM region `MADV_DONTDUMP`: a core dump of cinder must not carry the
+/// guest's memory (its secrets, and gigabytes of it). Best effort: a refusal is logged.
+fn exclude_from_core_dumps(mem: &GuestMemoryMmap) {
+    for region in mem.iter() {
+        let len = region.len();
+        let Ok(len) = usize::try_from(len) else {
+            continue;
+        };
+        // SAFETY: `as_ptr()` and `len` describe exactly one mapping this process made for the
+        // region (vm-memory's MmapRegion, alive as long as `mem`); MADV_DONTDUMP only changes
+        // the mapping's core-dump flag, never its contents or protection.
+        let rc = unsafe { libc::madvise(region.as_ptr().cast(), len, libc::MADV_DONTDUMP) };
+        if rc != 0 {
+            log::warn!(
+                "guest memory at {:#x}: madvise(MADV_DONTDUMP): {}",
+                region.start_addr().0,
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
 /// Maps guest memory for `cfg`'s machine and loads its boot source (kernel by `protocol`,
 /// initrd), with `cmdline` as the command line, the boot information and the MP table: what
 /// [`VmBuilder::build`] does before KVM, for a given command line. Needs no KVM.
@@ -390,6 +413,7 @@ fn load_guest(cfg: &VmConfig, protocol: ProtocolChoice) -> Result<PreparedGuest,
             mib,
             why: e.to_string(),
         })?;
+    exclude_from_core_dumps(&mem);
     let kernel = load_kernel(
         &mem,
         &boot.kernel_image_path,
@@ -404,11 +428,13 @@ fn load_guest(cfg: &VmConfig, protocol: ProtocolChoice) -> Result<PreparedGuest,
                 path: p.clone(),
                 why,
             };
-            let mut f = File::open(path).map_err(|e| ierr(e.to_string()))?;
+            // Without blocking or following a link, a regular file only (a FIFO here used to
+            // freeze the control loop until it got a writer).
+            let mut f = api::paths::open_boot_file("initrd", path).map_err(|e| match e {
+                api::paths::PathError::Open { source, .. } => ierr(source.to_string()),
+                e => ierr(e.to_string()),
+            })?;
             let meta = f.metadata().map_err(|e| ierr(e.to_string()))?;
-            if !meta.is_file() {
-                return Err(ierr("not a regular file".into()));
-            }
             let size = meta.len();
             let placement = place_initrd(mem_size, &kernel, size)?;
             // place_initrd fitted it into guest memory, which this process has mapped.

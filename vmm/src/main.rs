@@ -9,6 +9,7 @@ use api::handler::api_channel;
 use api::model::{
     BootSource, CacheType, Drive, EntropyDevice, MachineConfiguration, NetworkInterface, Vsock,
 };
+use api::paths::PathPolicy;
 use api::server::ApiServer;
 use arch::loader::ProtocolChoice;
 use clap::{Parser, ValueEnum};
@@ -95,6 +96,11 @@ struct Cli {
     /// appends root=/dev/vda (and ro for a read-only drive) to the command line.
     #[arg(long, value_name = "SPEC", requires = "kernel", value_parser = parse_drive_arg)]
     drive: Vec<DriveArg>,
+
+    /// Let a drive (--drive, the config file's drives, PUT /drives) be a host block device.
+    /// Without it only regular files back drives: a block device is refused, with one line.
+    #[arg(long)]
+    allow_block_devices: bool,
 
     /// A virtio-net device on an existing TAP interface: tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,id=NAME].
     /// Repeatable. Without mac= the MAC is derived from the id and tap name (stable). cinder
@@ -478,11 +484,19 @@ fn console_from_flags(cli: &Cli) -> Result<ConsoleSpec, String> {
     })
 }
 
+/// How the configuration checks the host paths it is given (`--allow-block-devices`).
+fn path_policy(cli: &Cli) -> PathPolicy {
+    PathPolicy {
+        allow_block_devices: cli.allow_block_devices,
+        ..PathPolicy::default()
+    }
+}
+
 /// The configuration from flags: the same `VmConfig` the config file and the API build,
 /// through the same validating setters (so the same values are refused with the same
 /// messages, prefixed with the flag).
 fn config_from_flags(cli: &Cli, kernel: PathBuf) -> Result<VmConfig, String> {
-    let mut cfg = VmConfig::default();
+    let mut cfg = VmConfig::with_paths(path_policy(cli));
     let mem_size_mib =
         usize::try_from(cli.memory).map_err(|_| format!("--memory {}: too large", cli.memory))?;
     cfg.set_machine_config(&MachineConfiguration {
@@ -639,7 +653,7 @@ fn main() -> ExitCode {
             Ok(t) => t,
             Err(e) => return fail(format!("cannot read config file {}: {e}", path.display())),
         };
-        match VmConfig::from_config_file(&text) {
+        match VmConfig::from_config_file_with(&text, path_policy(&cli)) {
             Ok(c) => Some(c),
             Err(e) => return fail(format!("config file {}: {e}", path.display())),
         }
@@ -671,6 +685,20 @@ fn main() -> ExitCode {
             if let Err(e) = c.set_metrics(m) {
                 return fail(format!("--metrics-path: {e}"));
             }
+        }
+    }
+    // The config file's metrics destination: opened now, as `PUT /metrics` and
+    // `--metrics-path` are, so a path that cannot be opened fails here, not at the first flush.
+    if let (Some(path), Some(m)) = (
+        &cli.config_file,
+        boot_now.as_ref().and_then(|c| c.metrics.as_ref()),
+    ) {
+        if let Err(e) = vmm::metrics::open_sink(std::path::Path::new(&m.metrics_path)) {
+            return fail(format!(
+                "config file {}: metrics.metrics_path: cannot open {}: {e}",
+                path.display(),
+                m.metrics_path
+            ));
         }
     }
     if let Some(l) = boot_now.as_ref().and_then(|c| c.logger.as_ref()) {
@@ -709,13 +737,13 @@ fn main() -> ExitCode {
             let cfg = match (&boot_now, &flag_metrics) {
                 (Some(c), _) => c.clone(),
                 (None, Some(m)) => {
-                    let mut c = VmConfig::default();
+                    let mut c = VmConfig::with_paths(path_policy(&cli));
                     if let Err(e) = c.set_metrics(m) {
                         return fail(format!("--metrics-path: {e}"));
                     }
                     c
                 }
-                (None, None) => VmConfig::default(),
+                (None, None) => VmConfig::with_paths(path_policy(&cli)),
             };
             Some(ApiState {
                 endpoint,

@@ -150,17 +150,35 @@ impl Metrics {
     }
 }
 
-/// Opens a metrics or log destination that never blocks cinder: a regular file (created,
-/// appended to) or a named pipe, opened read-write and non-blocking so that neither the open
-/// nor a write waits for a reader (Firecracker's users point these at FIFOs).
+/// Opens a metrics or log destination that never blocks cinder: a regular file (created
+/// with mode 0600, appended to) or a named pipe, opened read-write and non-blocking so that
+/// neither the open nor a write waits for a reader (Firecracker's users point these at FIFOs).
+/// A symbolic link as the last component is refused, not followed (`O_NOFOLLOW`), and so is
+/// anything but a regular file or a FIFO (a device, a socket, a directory).
 pub fn open_sink(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new()
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let f = OpenOptions::new()
         .read(true)
         .append(true)
         .create(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .mode(0o600)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOFOLLOW)
         .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => std::io::Error::other(
+                "it is a symbolic link: give the path of the file itself (cinder does not follow links there)",
+            ),
+            _ => e,
+        })?;
+    let t = f.metadata()?.file_type();
+    if t.is_file() || t.is_fifo() {
+        Ok(f)
+    } else {
+        Err(std::io::Error::other(format!(
+            "it is a {}, not a regular file or FIFO",
+            api::paths::kind_of(t)
+        )))
+    }
 }
 
 #[cfg(test)]

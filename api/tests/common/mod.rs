@@ -47,7 +47,11 @@ pub struct MockVmm {
 impl MockVmm {
     pub fn new() -> Self {
         MockVmm {
-            ctl: PreBootController::new(VmConfig::default(), "test-vm", "0.1.0"),
+            ctl: PreBootController::new(
+                VmConfig::with_paths(api::paths::PathPolicy::UNCHECKED),
+                "test-vm",
+                "0.1.0",
+            ),
             seen: Arc::new(Mutex::new(Vec::new())),
         }
     }

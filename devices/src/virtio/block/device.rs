@@ -29,6 +29,9 @@ pub struct BlockConfig {
     /// Serial returned by GET_ID (at most 20 bytes). Default: derived from the image's device
     /// and inode numbers.
     pub id: Option<String>,
+    /// Whether `path` may be a host block device (`--allow-block-devices`), also for a later
+    /// [`Block::set_backing`].
+    pub allow_block_device: bool,
 }
 
 /// A virtio-blk device over a raw image file, with one request queue.
@@ -37,6 +40,7 @@ pub struct Block {
     disk: DiskImage,
     id: [u8; VIRTIO_BLK_ID_BYTES],
     stats: BlockStats,
+    allow_block_device: bool,
     pub(super) core: DeviceCore,
 }
 
@@ -73,7 +77,7 @@ impl Block {
     /// keeping the device's read-only mode. The new size is published in config space and the
     /// driver is told with a config-change interrupt. On error the old image stays in use.
     pub fn set_backing(&mut self, path: &std::path::Path) -> Result<(), BlockError> {
-        let disk = DiskImage::open(path, self.disk.read_only())?;
+        let disk = DiskImage::open_with(path, self.disk.read_only(), self.allow_block_device)?;
         let nsectors = disk.nsectors();
         self.disk = disk;
         self.core.update_config(build_config_space(nsectors));
@@ -92,7 +96,7 @@ impl Block {
             Some(id) => Some(id.clone()),
             None => None,
         };
-        let disk = DiskImage::open(&config.path, config.read_only)?;
+        let disk = DiskImage::open_with(&config.path, config.read_only, config.allow_block_device)?;
         let id = id.unwrap_or_else(|| match disk.file().metadata() {
             Ok(meta) => format!("{:x}{:x}", meta.dev(), meta.ino()),
             Err(_) => String::new(),
@@ -117,6 +121,7 @@ impl Block {
             disk,
             id: id_bytes,
             stats: BlockStats::default(),
+            allow_block_device: config.allow_block_device,
             core,
         })
     }

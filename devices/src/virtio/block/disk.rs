@@ -49,24 +49,40 @@ fn open_error(path: &Path, read_only: bool, source: io::Error) -> BlockError {
 }
 
 impl DiskImage {
-    /// Open `path` (read-only or read-write); its size must be a multiple of 512 bytes.
+    /// Open `path` (read-only or read-write); its size must be a multiple of 512 bytes. A
+    /// regular file only: a host block device needs [`DiskImage::open_with`].
     pub fn open(path: &Path, read_only: bool) -> Result<Self, BlockError> {
-        // Check the type first: opening a directory read-only succeeds on Linux.
-        match std::fs::metadata(path) {
-            Ok(meta) if meta.is_dir() => {
-                return Err(BlockError::ImageIsDirectory(path.to_path_buf()))
-            }
-            Ok(meta) if !meta.is_file() && !meta.file_type().is_block_device() => {
-                return Err(BlockError::NotAFile(path.to_path_buf()))
-            }
-            Ok(_) => {}
-            Err(e) => return Err(open_error(path, read_only, e)),
-        }
+        Self::open_with(path, read_only, false)
+    }
+
+    /// As [`DiskImage::open`]; `block_devices` lets the image be a host block device (the
+    /// operator's `--allow-block-devices`). The open never blocks (`O_NONBLOCK`: a FIFO opens
+    /// at once) and the type is checked on the opened file (`fstat`).
+    pub fn open_with(
+        path: &Path,
+        read_only: bool,
+        block_devices: bool,
+    ) -> Result<Self, BlockError> {
+        use std::os::unix::fs::OpenOptionsExt;
         let mut file = OpenOptions::new()
             .read(true)
             .write(!read_only)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(path)
             .map_err(|e| open_error(path, read_only, e))?;
+        let ft = file
+            .metadata()
+            .map_err(|e| open_error(path, read_only, e))?
+            .file_type();
+        if ft.is_dir() {
+            return Err(BlockError::ImageIsDirectory(path.to_path_buf()));
+        }
+        if ft.is_block_device() && !block_devices {
+            return Err(BlockError::BlockDeviceNotAllowed(path.to_path_buf()));
+        }
+        if !ft.is_file() && !ft.is_block_device() {
+            return Err(BlockError::NotAFile(path.to_path_buf()));
+        }
         // Seeking to the end also sizes block devices, whose metadata length is 0.
         let size = file
             .seek(SeekFrom::End(0))

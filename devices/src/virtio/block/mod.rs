@@ -64,6 +64,9 @@ pub enum BlockError {
     /// The image is neither a regular file nor a block device.
     #[error("block image {0} is not a regular file or block device")]
     NotAFile(PathBuf),
+    /// A host block device, which the operator did not allow.
+    #[error("block image {0} is a block device: cinder attaches host block devices only when started with --allow-block-devices")]
+    BlockDeviceNotAllowed(PathBuf),
     /// No permission to open the image in the requested mode.
     #[error("no permission to open block image {path} for {mode}: fix its permissions{hint}")]
     PermissionDenied {

@@ -34,6 +34,7 @@ fn block(file: &TempFile, read_only: bool, id: Option<&str>) -> Block {
         path: file.as_path().to_path_buf(),
         read_only,
         id: id.map(str::to_string),
+        allow_block_device: false,
     })
     .unwrap()
 }
@@ -130,6 +131,7 @@ fn id_too_long_is_rejected() {
         path: file.as_path().to_path_buf(),
         read_only: false,
         id: Some("x".repeat(21)),
+        allow_block_device: false,
     })
     .unwrap_err();
     assert!(
