@@ -48,7 +48,15 @@ impl PathPolicy {
 /// Why a client-named host file was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum PathError {
-    /// The OS refused the open (missing, no permission, ...).
+    /// Nothing at that path.
+    #[error("{what} {} does not exist: check the path", path.display())]
+    NotFound {
+        /// "kernel image", "initrd", "block image".
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+    },
+    /// The OS refused the open (no permission, ...).
     #[error("cannot read {what} {}: {source}", path.display())]
     Open {
         /// "kernel image", "initrd", "block image".
@@ -130,6 +138,10 @@ pub fn open_checked(
         .open(path)
         .map_err(|source| match source.raw_os_error() {
             Some(libc::ELOOP) if !follow => PathError::Symlink {
+                what,
+                path: path.to_path_buf(),
+            },
+            Some(libc::ENOENT) => PathError::NotFound {
                 what,
                 path: path.to_path_buf(),
             },
@@ -240,7 +252,7 @@ mod tests {
         let e = open_boot_file("kernel image", Path::new("/nonexistent/k")).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "cannot read kernel image /nonexistent/k: No such file or directory (os error 2)"
+            "kernel image /nonexistent/k does not exist: check the path"
         );
     }
 }

@@ -114,15 +114,14 @@ fn instance_start_failure_is_a_400_and_the_vmm_carries_on() {
     let r = action(&sock, "InstanceStart");
     assert_eq!(r.status, 400);
     assert!(fault(&r).contains("boot-source"), "{}", fault(&r));
-    // A missing kernel: the boot error reaches the client.
+    // A missing kernel: refused at the PUT (as Firecracker does), and nothing recorded.
     let body = r#"{"kernel_image_path": "/nonexistent/vmlinux"}"#;
-    assert_eq!(
-        request(&sock, "PUT", "/boot-source", Some(body)).status,
-        204
-    );
-    let r = action(&sock, "InstanceStart");
+    let r = request(&sock, "PUT", "/boot-source", Some(body));
     assert_eq!(r.status, 400);
     assert!(fault(&r).contains("/nonexistent/vmlinux"), "{}", fault(&r));
+    let r = action(&sock, "InstanceStart");
+    assert_eq!(r.status, 400);
+    assert!(fault(&r).contains("boot-source"), "{}", fault(&r));
     // A good kernel but no KVM device: the KVM error reaches the client.
     let body = format!(
         r#"{{"kernel_image_path": "{}"}}"#,
@@ -248,11 +247,11 @@ fn config_file_and_flags_agree_on_errors() {
     .unwrap();
     one_line_error(
         &["--config-file", f.to_str().unwrap(), "--no-api"],
-        &["cannot read kernel image /nonexistent/vmlinux"],
+        &["kernel image /nonexistent/vmlinux does not exist"],
     );
     one_line_error(
         &["--kernel", "/nonexistent/vmlinux"],
-        &["cannot read kernel image /nonexistent/vmlinux"],
+        &["kernel image /nonexistent/vmlinux does not exist"],
     );
 }
 

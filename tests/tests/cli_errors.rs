@@ -93,7 +93,7 @@ fn s(p: &Path) -> &str {
 fn missing_kernel() {
     fails_with(
         &["--kernel", "/nonexistent/vmlinux"],
-        &["/nonexistent/vmlinux", "No such file"],
+        &["kernel image /nonexistent/vmlinux does not exist"],
     );
 }
 
