@@ -317,6 +317,45 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_metrics_path_changes_nothing_and_can_be_corrected() {
+        let mut c = booted();
+        let m = |p: &str| crate::model::Metrics {
+            metrics_path: p.into(),
+        };
+        let Outcome::Execute(action) = c.handle(ApiRequest::PutMetrics(m("/no/dir/m"))) else {
+            panic!("PUT /metrics goes to the VMM, which opens the destination");
+        };
+        let r = c.complete(
+            action,
+            Err(VmmError::Io {
+                what: "metrics.metrics_path: cannot open",
+                path: "/no/dir/m".into(),
+                source: std::io::ErrorKind::NotFound.into(),
+            }),
+        );
+        assert_eq!(r.status, 400);
+        assert_eq!(
+            r.fault_message().as_deref(),
+            Some("metrics.metrics_path: cannot open /no/dir/m: entity not found")
+        );
+        assert_eq!(
+            c.config().metrics,
+            None,
+            "the refused metrics path was recorded"
+        );
+        let Outcome::Execute(action) = c.handle(ApiRequest::PutMetrics(m("/m"))) else {
+            panic!("the corrected PUT /metrics was refused");
+        };
+        assert_eq!(c.complete(action, Ok(())), ApiResponse::no_content());
+        assert_eq!(c.config().metrics, Some(m("/m")));
+        // Once set, it stays set (as in Firecracker).
+        assert!(matches!(
+            c.handle(ApiRequest::PutMetrics(m("/other"))),
+            Outcome::Respond(r) if r.status == 400
+        ));
+    }
+
+    #[test]
     fn a_refused_logger_changes_nothing() {
         let mut c = booted();
         let bad = crate::model::Logger {

@@ -318,3 +318,45 @@ fn api_setters_are_atomic() {
     assert_eq!(c.machine.vcpu_count, 1);
     assert_eq!(c.machine.mem_size_mib, 128);
 }
+
+#[test]
+fn host_paths_are_checked_when_given() {
+    // The default policy opens each path: a missing kernel, a FIFO, a character device as a
+    // drive are refused by the setter that was given them, with the key and the path.
+    let e =
+        VmConfig::from_config_file(r#"{"boot-source": {"kernel_image_path": "/nonexistent/k"}}"#)
+            .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "boot-source.kernel_image_path: kernel image /nonexistent/k does not exist: check the path"
+    );
+    let e = VmConfig::from_config_file(
+        r#"{"boot-source": {"kernel_image_path": "/proc/self/exe"},
+            "drives": [{"drive_id": "d", "path_on_host": "/dev/null", "is_root_device": false}]}"#,
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("kernel image /proc/self/exe is a symbolic link"),
+        "{e}"
+    );
+    let exe = std::env::current_exe().unwrap();
+    let json = format!(
+        r#"{{"boot-source": {{"kernel_image_path": "{}"}},
+            "drives": [{{"drive_id": "d", "path_on_host": "/dev/null", "is_root_device": false}}]}}"#,
+        exe.display()
+    );
+    let e = VmConfig::from_config_file(&json).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "drives[d].path_on_host: block image /dev/null is a character device, not a regular file"
+    );
+    let allowed = PathPolicy {
+        allow_block_devices: true,
+        ..PathPolicy::default()
+    };
+    assert!(
+        VmConfig::from_config_file_with(&json, allowed).is_err(),
+        "a char device is no block device"
+    );
+}

@@ -532,4 +532,40 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("/nonexistent/vmlinux"), "{e}");
     }
+
+    #[test]
+    fn fifo_or_symlink_kernel_is_refused_without_blocking() {
+        let dir = std::env::temp_dir().join(format!("cinder-arch-fifo-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("vmlinux");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo reads a NUL-terminated path and touches no memory of ours.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // A FIFO with no writer: a blocking open would never return, so the load runs on a
+        // thread and the test waits (bounded) for its answer.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = fifo.clone();
+        std::thread::spawn(move || {
+            let r = load_kernel(&mem(16), &p, 16 << 20, ProtocolChoice::Auto).map(|_| ());
+            let _ = tx.send(r.map_err(|e| e.to_string()));
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("load_kernel blocked on a FIFO");
+        let e = r.expect_err("a FIFO is not a kernel");
+        assert_eq!(
+            e,
+            format!(
+                "cannot read kernel image {}: is a FIFO, not a regular file",
+                fifo.display()
+            )
+        );
+        let target = tmpfile("linked", &elf(62, 0x100000, 0x1000, None));
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = load_kernel(&mem(16), &link, 16 << 20, ProtocolChoice::Auto).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

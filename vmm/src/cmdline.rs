@@ -169,7 +169,8 @@ pub(crate) mod tests {
             }),
             drives,
             entropy: Some(EntropyConfig::default()),
-            ..VmConfig::default()
+            // Paths that need not exist: the builder's own checks are tested here.
+            ..VmConfig::with_paths(api::paths::PathPolicy::UNCHECKED)
         }
     }
 

@@ -218,4 +218,26 @@ mod tests {
         assert!(m.sink_errors.get() > 0, "a full FIFO drops lines");
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn sinks_are_private_and_never_a_link_or_a_device() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("cinder-sink-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("new.log");
+        drop(open_sink(&p).unwrap());
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "created {mode:o}");
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        let e = open_sink(&link).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        let e = open_sink(Path::new("/dev/null")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "it is a character device, not a regular file or FIFO"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
