@@ -56,7 +56,22 @@ pub enum PathError {
         /// The path given.
         path: PathBuf,
     },
-    /// The OS refused the open (no permission, ...).
+    /// No permission to open it as asked.
+    #[error(
+        "{what} {}: no permission to open it for {mode} (Permission denied): fix its permissions{hint}",
+        path.display()
+    )]
+    PermissionDenied {
+        /// What the file is for.
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+        /// "reading" or "reading and writing".
+        mode: &'static str,
+        /// Extra advice.
+        hint: &'static str,
+    },
+    /// The OS refused the open (any other reason).
     #[error("cannot read {what} {}: {source}", path.display())]
     Open {
         /// "kernel image", "initrd", "block image".
@@ -144,6 +159,16 @@ pub fn open_checked(
             Some(libc::ENOENT) => PathError::NotFound {
                 what,
                 path: path.to_path_buf(),
+            },
+            Some(libc::EACCES) | Some(libc::EPERM) => PathError::PermissionDenied {
+                what,
+                path: path.to_path_buf(),
+                mode: if write {
+                    "reading and writing"
+                } else {
+                    "reading"
+                },
+                hint: if write { " or attach it read-only" } else { "" },
             },
             Some(libc::EISDIR) => PathError::NotRegular {
                 what,
