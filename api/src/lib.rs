@@ -5,6 +5,8 @@
 //!   OpenAPI document;
 //! - [`config`]: [`VmConfig`], the one internal configuration, and its
 //!   validation; [`VmConfig::from_config_file`];
+//! - [`paths`]: the host files a client names (kernel, initrd, drive images): opened
+//!   without blocking, `fstat`-checked, regular files only ([`paths::PathPolicy`]);
 //! - [`http`]: HTTP/1.1 framing;
 //! - [`routes`]: the route table and the router to [`ApiRequest`];
 //! - [`server`]: [`ApiServer`], one thread, many clients;

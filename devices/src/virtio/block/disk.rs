@@ -22,6 +22,22 @@ pub struct DiskImage {
     read_only: bool,
 }
 
+/// Clears `O_NONBLOCK` on `file`.
+fn clear_nonblock(file: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL on a descriptor `file` owns; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL on a descriptor `file` owns, with an int argument; no memory is passed.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn open_error(path: &Path, read_only: bool, source: io::Error) -> BlockError {
     match source.kind() {
         io::ErrorKind::NotFound => BlockError::ImageNotFound(path.to_path_buf()),
@@ -83,6 +99,9 @@ impl DiskImage {
         if !ft.is_file() && !ft.is_block_device() {
             return Err(BlockError::NotAFile(path.to_path_buf()));
         }
+        // O_NONBLOCK was for the open only: I/O on the image is ordinary blocking I/O (an
+        // io_uring request on an O_NONBLOCK file would fail with EAGAIN instead of waiting).
+        clear_nonblock(&file).map_err(|e| open_error(path, read_only, e))?;
         // Seeking to the end also sizes block devices, whose metadata length is 0.
         let size = file
             .seek(SeekFrom::End(0))
@@ -351,5 +370,25 @@ mod tests {
         let disk = DiskImage::open(f.as_path(), true).unwrap();
         assert_eq!(disk.nsectors(), 8);
         assert!(disk.read_only());
+    }
+
+    #[test]
+    fn a_fifo_is_refused_and_an_image_is_left_blocking() {
+        let dir = TempDir::new().unwrap();
+        let fifo = dir.as_path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo reads a NUL-terminated path and touches no memory of ours.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        for ro in [true, false] {
+            let err = DiskImage::open(&fifo, ro).unwrap_err();
+            assert!(matches!(err, BlockError::NotAFile(_)), "{err}");
+        }
+        let f = TempFile::new().unwrap();
+        f.as_file().write_all(&[0u8; 512]).unwrap();
+        let disk = DiskImage::open(f.as_path(), false).unwrap();
+        use std::os::fd::AsRawFd;
+        // SAFETY: F_GETFL on a descriptor the image owns.
+        let flags = unsafe { libc::fcntl(disk.file().as_raw_fd(), libc::F_GETFL) };
+        assert_eq!(flags & libc::O_NONBLOCK, 0, "the image's I/O must block");
     }
 }
