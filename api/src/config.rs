@@ -543,7 +543,16 @@ impl VmConfig {
             Some(p) => Some(non_empty(INITRD.into(), p)?),
             None => None,
         };
-        if self.paths.check_host {
+        let paths = &self.paths;
+        paths
+            .check_beneath("kernel image", &kernel_image_path)
+            .map_err(|e| host_file(KERNEL, e))?;
+        if let Some(p) = &initrd_path {
+            paths
+                .check_beneath("initrd", p)
+                .map_err(|e| host_file(INITRD, e))?;
+        }
+        if paths.check_host {
             open_boot_file("kernel image", &kernel_image_path).map_err(|e| host_file(KERNEL, e))?;
             if let Some(p) = &initrd_path {
                 open_boot_file("initrd", p).map_err(|e| host_file(INITRD, e))?;
@@ -570,6 +579,9 @@ impl VmConfig {
         let key = format!("drives[{}].path_on_host", d.drive_id);
         let path_on_host = non_empty(key.clone(), path)?;
         let is_read_only = d.is_read_only.unwrap_or(false);
+        self.paths
+            .check_beneath("block image", &path_on_host)
+            .map_err(|e| host_file(key.clone(), e))?;
         if self.paths.check_host {
             open_checked(
                 "block image",
@@ -655,7 +667,12 @@ impl VmConfig {
                 id: p.drive_id.clone(),
             })?;
         if let Some(path) = &p.path_on_host {
-            drive.path_on_host = non_empty(format!("drives[{}].path_on_host", p.drive_id), path)?;
+            let key = format!("drives[{}].path_on_host", p.drive_id);
+            let path = non_empty(key.clone(), path)?;
+            self.paths
+                .check_beneath("block image", &path)
+                .map_err(|e| host_file(key, e))?;
+            drive.path_on_host = path;
         }
         if p.rate_limiter.is_some() {
             drive.rate_limiter = p.rate_limiter;
@@ -750,6 +767,9 @@ impl VmConfig {
             return Err(ConfigError::VsockCid(v.guest_cid));
         }
         let uds_path = non_empty("vsock.uds_path".into(), &v.uds_path)?;
+        self.paths
+            .check_beneath("vsock socket", &uds_path)
+            .map_err(|e| host_file("vsock.uds_path", e))?;
         self.vsock = Some(VsockConfig {
             guest_cid: v.guest_cid,
             uds_path,
@@ -766,7 +786,10 @@ impl VmConfig {
 
     /// Sets the metrics destination (`PUT /metrics`).
     pub fn set_metrics(&mut self, m: &Metrics) -> Result<(), ConfigError> {
-        non_empty("metrics.metrics_path".into(), &m.metrics_path)?;
+        let path = non_empty("metrics.metrics_path".into(), &m.metrics_path)?;
+        self.paths
+            .check_beneath("metrics file", &path)
+            .map_err(|e| host_file("metrics.metrics_path", e))?;
         self.metrics = Some(m.clone());
         Ok(())
     }
@@ -776,7 +799,7 @@ impl VmConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut check = VmConfig {
             machine: self.machine.clone(),
-            ..VmConfig::with_paths(self.paths)
+            ..VmConfig::with_paths(self.paths.clone())
         };
         self.machine.validate()?;
         if let Some(b) = &self.boot_source {

@@ -166,7 +166,20 @@ impl PreBootController {
                 Outcome::Respond(ApiResponse::no_content())
             }
             // Recorded by `complete` once the VMM applied it.
-            ApiRequest::PutLogger(l) => Outcome::Execute(VmmAction::ConfigureLogger(l)),
+            ApiRequest::PutLogger(l) => {
+                if let Some(p) = &l.log_path {
+                    if let Err(e) = self
+                        .config
+                        .paths
+                        .check_beneath("log file", std::path::Path::new(p))
+                    {
+                        return Outcome::Respond(ApiResponse::bad_request(format!(
+                            "logger.log_path: {e}"
+                        )));
+                    }
+                }
+                Outcome::Execute(VmmAction::ConfigureLogger(l))
+            }
             ApiRequest::PutMetrics(m) => {
                 if self.config.metrics.is_some() {
                     return Outcome::Respond(ApiResponse::bad_request(
@@ -220,7 +233,11 @@ impl PreBootController {
             }
             ApiRequest::PatchVm(VmState::Paused) => Outcome::Execute(VmmAction::Pause),
             ApiRequest::PatchVm(VmState::Resumed) => Outcome::Execute(VmmAction::Resume),
-            ApiRequest::PatchDrive(p) => Outcome::Execute(VmmAction::PatchDrive(p)),
+            ApiRequest::PatchDrive(p) => match self.config.clone().patch_drive(&p) {
+                // The configuration's rules first (on a copy), then the VMM opens the image.
+                Ok(()) => Outcome::Execute(VmmAction::PatchDrive(p)),
+                Err(e) => Outcome::Respond(ApiResponse::bad_request(e.to_string())),
+            },
             ApiRequest::PatchNetworkInterface(p) => {
                 Outcome::Execute(VmmAction::PatchNetworkInterface(p))
             }

@@ -19,13 +19,16 @@ use std::path::{Path, PathBuf};
 pub const ALLOW_BLOCK_DEVICES_FLAG: &str = "--allow-block-devices";
 
 /// What the host-path checks of a [`VmConfig`](crate::VmConfig) do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PathPolicy {
     /// Open each client-named path when it is given (the default). Off only for unit tests of
     /// the configuration rules, which use paths that do not exist.
     pub check_host: bool,
     /// Let a drive be a block device (`--allow-block-devices`).
     pub allow_block_devices: bool,
+    /// `--confine-paths`: the directory (absolute, canonical) every client-named path must be
+    /// beneath, as written (no `..`; the kernel enforces the rest with Landlock).
+    pub confined_to: Option<PathBuf>,
 }
 
 impl Default for PathPolicy {
@@ -33,6 +36,7 @@ impl Default for PathPolicy {
         PathPolicy {
             check_host: true,
             allow_block_devices: false,
+            confined_to: None,
         }
     }
 }
@@ -42,7 +46,30 @@ impl PathPolicy {
     pub const UNCHECKED: PathPolicy = PathPolicy {
         check_host: false,
         allow_block_devices: false,
+        confined_to: None,
     };
+
+    /// With `--confine-paths`, `path` (a `what`) must be written as an absolute path beneath
+    /// that directory, without `..`.
+    pub fn check_beneath(&self, what: &'static str, path: &Path) -> Result<(), PathError> {
+        let Some(root) = &self.confined_to else {
+            return Ok(());
+        };
+        let inside = path.is_absolute()
+            && !path
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+            && path.starts_with(root);
+        if inside {
+            Ok(())
+        } else {
+            Err(PathError::Outside {
+                what,
+                path: path.to_path_buf(),
+                root: root.clone(),
+            })
+        }
+    }
 }
 
 /// Why a client-named host file was refused.
@@ -99,6 +126,19 @@ pub enum PathError {
         path: PathBuf,
         /// What it is instead.
         kind: &'static str,
+    },
+    /// Outside the `--confine-paths` directory.
+    #[error(
+        "{what} {} is not beneath {}: cinder was started with --confine-paths {}, give a path beneath it",
+        path.display(), root.display(), root.display()
+    )]
+    Outside {
+        /// What the file is for.
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+        /// The directory.
+        root: PathBuf,
     },
     /// A block device as a drive, without the operator's leave.
     #[error(
@@ -279,5 +319,35 @@ mod tests {
             e.to_string(),
             "kernel image /nonexistent/k does not exist: check the path"
         );
+    }
+
+    #[test]
+    fn confined_paths_must_be_written_beneath_the_root() {
+        let p = PathPolicy {
+            confined_to: Some("/srv/vm".into()),
+            ..PathPolicy::default()
+        };
+        assert!(p
+            .check_beneath("initrd", Path::new("/srv/vm/initrd"))
+            .is_ok());
+        for bad in [
+            "/srv/vm/../etc/passwd",
+            "/srv/vmx/k",
+            "srv/vm/k",
+            "/etc/passwd",
+        ] {
+            let e = p.check_beneath("initrd", Path::new(bad)).unwrap_err();
+            assert!(matches!(e, PathError::Outside { .. }), "{bad}: {e}");
+        }
+        let e = p
+            .check_beneath("initrd", Path::new("/etc/passwd"))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "initrd /etc/passwd is not beneath /srv/vm: cinder was started with --confine-paths /srv/vm, give a path beneath it"
+        );
+        assert!(PathPolicy::default()
+            .check_beneath("initrd", Path::new("/etc/passwd"))
+            .is_ok());
     }
 }

@@ -510,3 +510,144 @@ fn guest_memory_is_not_dumped_under_cinder() {
     }
     stop(s);
 }
+
+/// Optional confinement (`--confine-paths DIR`, Landlock): a client path written outside DIR
+/// is refused at the PUT with a precise message, and one inside DIR that leads out through a
+/// symbolic link is refused by the kernel itself.
+#[test]
+fn confine_paths_refuses_what_is_outside_the_directory() {
+    let d = Scratch::new("paths-confine");
+    let root = d.join("root");
+    std::fs::create_dir(&root).unwrap();
+    let k = root.join("vmlinux");
+    std::fs::copy(probe::elf_path(), &k).expect("copy the probe");
+    let outside = d.file("outside.img", &[0u8; 4096]);
+    let outside_k = d.join("vmlinux");
+    std::fs::copy(probe::elf_path(), &outside_k).expect("copy the probe");
+    let sock = root.join("api.sock");
+    let r = root.display().to_string();
+    let s = start_api(&sock, &["--confine-paths", &r, "--kvm-device", NO_KVM]);
+    let resp = request(&sock, "PUT", "/boot-source", Some(&boot_body(&outside_k)));
+    assert_eq!(resp.status, 400, "{resp:?}");
+    assert_eq!(
+        fault(&resp),
+        format!(
+            "boot-source.kernel_image_path: kernel image {} is not beneath {r}: cinder was started with --confine-paths {r}, give a path beneath it",
+            outside_k.display()
+        )
+    );
+    let resp = request(&sock, "PUT", "/boot-source", Some(&boot_body(&k)));
+    assert_eq!(resp.status, 204, "{resp:?}");
+    // Written beneath the directory, leading out of it: the kernel refuses the open.
+    let link = root.join("link.img");
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    let body = format!(
+        r#"{{"drive_id": "d1", "path_on_host": "{}", "is_root_device": false}}"#,
+        link.display()
+    );
+    let resp = request(&sock, "PUT", "/drives/d1", Some(&body));
+    assert_eq!(resp.status, 400, "{resp:?}");
+    assert!(
+        fault(&resp).contains("Permission denied"),
+        "{}",
+        fault(&resp)
+    );
+    for (route, body) in [
+        (
+            "/logger",
+            format!(r#"{{"log_path": "{}/log"}}"#, d.0.display()),
+        ),
+        (
+            "/metrics",
+            format!(r#"{{"metrics_path": "{}/m"}}"#, d.0.display()),
+        ),
+        (
+            "/vsock",
+            format!(
+                r#"{{"guest_cid": 3, "uds_path": "{}/v.sock"}}"#,
+                d.0.display()
+            ),
+        ),
+    ] {
+        let resp = request(&sock, "PUT", route, Some(&body));
+        assert_eq!(resp.status, 400, "{route}: {resp:?}");
+        assert!(
+            fault(&resp).contains("is not beneath"),
+            "{route}: {}",
+            fault(&resp)
+        );
+    }
+    assert!(!d.join("log").exists() && !d.join("m").exists() && !d.join("v.sock").exists());
+    stop(s);
+    // The command line: the same rule, before anything runs.
+    refused(
+        &[
+            "--confine-paths",
+            &r,
+            "--kernel",
+            outside_k.to_str().unwrap(),
+        ],
+        &["is not beneath", "--confine-paths"],
+    );
+    refused(
+        &[
+            "--confine-paths",
+            outside.to_str().unwrap(),
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ],
+        &["--confine-paths", "not a directory"],
+    );
+}
+
+/// Confined, cinder still reaches the KVM device and everything beneath DIR: the probe boots
+/// from there with a drive and a metrics file there, and is done.
+#[test]
+fn confine_paths_boots_a_guest_from_the_directory_under_cinder() {
+    require_kvm();
+    let d = Scratch::new("paths-confine-boot");
+    let root = d.join("root");
+    std::fs::create_dir(&root).unwrap();
+    let k = root.join("vmlinux");
+    std::fs::copy(probe::elf_path(), &k).expect("copy the probe");
+    let img = root.join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let sock = root.join("api.sock");
+    let r = root.display().to_string();
+    let mut s = start_api(&sock, &["--confine-paths", &r]);
+    let body = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "probe.run=boot"}}"#,
+        k.display()
+    );
+    assert_eq!(
+        request(&sock, "PUT", "/boot-source", Some(&body)).status,
+        204
+    );
+    let drive = format!(
+        r#"{{"drive_id": "d1", "path_on_host": "{}", "is_root_device": false}}"#,
+        img.display()
+    );
+    assert_eq!(
+        request(&sock, "PUT", "/drives/d1", Some(&drive)).status,
+        204
+    );
+    let m = root.join("metrics.json");
+    let body = format!(r#"{{"metrics_path": "{}"}}"#, m.display());
+    assert_eq!(request(&sock, "PUT", "/metrics", Some(&body)).status, 204);
+    let resp = request(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(resp.status, 204, "{resp:?}\n{}", s.log());
+    s.expect_line("PROBE DONE", Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let st = s
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(st.code(), Some(0), "{}", s.log());
+    let log = probe::parse(&s.console());
+    assert!(log.all_passed(), "{}", s.log());
+    assert!(m.exists(), "metrics file beneath the directory");
+}

@@ -4,6 +4,7 @@ pub mod actions;
 pub mod builder;
 pub mod bus;
 pub mod cmdline;
+pub mod confine;
 pub mod console;
 pub mod device_loop;
 pub mod error;

@@ -102,6 +102,13 @@ struct Cli {
     #[arg(long)]
     allow_block_devices: bool,
 
+    /// Confine what cinder opens, creates or binds once started (kernel, initrd, drive images,
+    /// log and metrics files, vsock sockets) to files beneath DIR, enforced by the kernel
+    /// (Landlock); the KVM device and /dev/net/tun stay reachable. A path outside DIR is
+    /// refused when it is given. Put the API socket beneath DIR too.
+    #[arg(long, value_name = "DIR")]
+    confine_paths: Option<PathBuf>,
+
     /// A virtio-net device on an existing TAP interface: tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,id=NAME].
     /// Repeatable. Without mac= the MAC is derived from the id and tap name (stable). cinder
     /// does not configure the host network.
@@ -488,6 +495,11 @@ fn console_from_flags(cli: &Cli) -> Result<ConsoleSpec, String> {
 fn path_policy(cli: &Cli) -> PathPolicy {
     PathPolicy {
         allow_block_devices: cli.allow_block_devices,
+        // Made canonical (and checked to be a directory) at start-up, before any use.
+        confined_to: cli
+            .confine_paths
+            .as_deref()
+            .and_then(|d| vmm::confine::root(d).ok()),
         ..PathPolicy::default()
     }
 }
@@ -592,6 +604,11 @@ fn main() -> ExitCode {
     if let Some(id) = &cli.id {
         if let Err(e) = validate_instance_id(id) {
             return fail(format!("--id {id:?}: invalid instance id: {e}"));
+        }
+    }
+    if let Some(dir) = &cli.confine_paths {
+        if let Err(e) = vmm::confine::root(dir) {
+            return fail(e);
         }
     }
     let flag_logger = match logger_from_flags(&cli) {
@@ -757,6 +774,18 @@ fn main() -> ExitCode {
             })
         }
     };
+
+    // `--confine-paths`: from here on, this thread and every thread it starts (vCPUs, the
+    // device loop, the console writer) reach files only beneath DIR and the devices named.
+    // The API thread, started above, opens no path (its socket is bound already) and removes
+    // its socket file at exit.
+    if let Some(dir) = path_policy(&cli).confined_to {
+        let kvm = PathBuf::from(&opts.kvm_path);
+        let devices = [kvm.as_path(), std::path::Path::new("/dev/net/tun")];
+        if let Err(e) = vmm::confine::apply(&dir, &devices) {
+            return fail(e);
+        }
+    }
 
     // Measured once the API socket is ready, as Firecracker measures them.
     let (startup_us, startup_cpu_us) = startup_times(&cli);
