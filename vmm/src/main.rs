@@ -492,14 +492,10 @@ fn console_from_flags(cli: &Cli) -> Result<ConsoleSpec, String> {
 }
 
 /// How the configuration checks the host paths it is given (`--allow-block-devices`).
-fn path_policy(cli: &Cli) -> PathPolicy {
+fn path_policy(cli: &Cli, confined_to: Option<&std::path::Path>) -> PathPolicy {
     PathPolicy {
         allow_block_devices: cli.allow_block_devices,
-        // Made canonical (and checked to be a directory) at start-up, before any use.
-        confined_to: cli
-            .confine_paths
-            .as_deref()
-            .and_then(|d| vmm::confine::root(d).ok()),
+        confined_to: confined_to.map(std::path::Path::to_path_buf),
         ..PathPolicy::default()
     }
 }
@@ -507,8 +503,8 @@ fn path_policy(cli: &Cli) -> PathPolicy {
 /// The configuration from flags: the same `VmConfig` the config file and the API build,
 /// through the same validating setters (so the same values are refused with the same
 /// messages, prefixed with the flag).
-fn config_from_flags(cli: &Cli, kernel: PathBuf) -> Result<VmConfig, String> {
-    let mut cfg = VmConfig::with_paths(path_policy(cli));
+fn config_from_flags(cli: &Cli, kernel: PathBuf, paths: PathPolicy) -> Result<VmConfig, String> {
+    let mut cfg = VmConfig::with_paths(paths);
     let mem_size_mib =
         usize::try_from(cli.memory).map_err(|_| format!("--memory {}: too large", cli.memory))?;
     cfg.set_machine_config(&MachineConfiguration {
@@ -606,11 +602,13 @@ fn main() -> ExitCode {
             return fail(format!("--id {id:?}: invalid instance id: {e}"));
         }
     }
-    if let Some(dir) = &cli.confine_paths {
-        if let Err(e) = vmm::confine::root(dir) {
-            return fail(e);
-        }
-    }
+    // `--confine-paths`: the directory, made canonical once (the rules and the checks use it).
+    let confine_root = match cli.confine_paths.as_deref().map(vmm::confine::root) {
+        None => None,
+        Some(Ok(root)) => Some(root),
+        Some(Err(e)) => return fail(e),
+    };
+    let paths = path_policy(&cli, confine_root.as_deref());
     let flag_logger = match logger_from_flags(&cli) {
         Ok(l) => l,
         Err(e) => return fail(e),
@@ -670,12 +668,12 @@ fn main() -> ExitCode {
             Ok(t) => t,
             Err(e) => return fail(format!("cannot read config file {}: {e}", path.display())),
         };
-        match VmConfig::from_config_file_with(&text, path_policy(&cli)) {
+        match VmConfig::from_config_file_with(&text, paths.clone()) {
             Ok(c) => Some(c),
             Err(e) => return fail(format!("config file {}: {e}", path.display())),
         }
     } else if let Some(k) = &cli.kernel {
-        match config_from_flags(&cli, k.clone()) {
+        match config_from_flags(&cli, k.clone(), paths.clone()) {
             Ok(c) => Some(c),
             Err(e) => return fail(e),
         }
@@ -754,13 +752,13 @@ fn main() -> ExitCode {
             let cfg = match (&boot_now, &flag_metrics) {
                 (Some(c), _) => c.clone(),
                 (None, Some(m)) => {
-                    let mut c = VmConfig::with_paths(path_policy(&cli));
+                    let mut c = VmConfig::with_paths(paths.clone());
                     if let Err(e) = c.set_metrics(m) {
                         return fail(format!("--metrics-path: {e}"));
                     }
                     c
                 }
-                (None, None) => VmConfig::with_paths(path_policy(&cli)),
+                (None, None) => VmConfig::with_paths(paths.clone()),
             };
             Some(ApiState {
                 endpoint,
@@ -779,10 +777,10 @@ fn main() -> ExitCode {
     // device loop, the console writer) reach files only beneath DIR and the devices named.
     // The API thread, started above, opens no path (its socket is bound already) and removes
     // its socket file at exit.
-    if let Some(dir) = path_policy(&cli).confined_to {
+    if let Some(dir) = &confine_root {
         let kvm = PathBuf::from(&opts.kvm_path);
         let devices = [kvm.as_path(), std::path::Path::new("/dev/net/tun")];
-        if let Err(e) = vmm::confine::apply(&dir, &devices) {
+        if let Err(e) = vmm::confine::apply(dir, &devices) {
             return fail(e);
         }
     }
