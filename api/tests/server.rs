@@ -616,3 +616,78 @@ fn client_that_never_reads_is_dropped() {
     }
     assert_eq!(srv.connect().request("GET", "/", None).status, 200);
 }
+
+/// Issue 18 item 2 (API part): a control loop that does not answer (it was stuck opening a
+/// FIFO given as the kernel) leaves the client with a 503 after the reply timeout, not a
+/// hang; the late reply is discarded, never delivered to the next request.
+#[test]
+fn slow_vmm_gets_503_and_late_reply_is_not_misdelivered() {
+    use std::os::unix::io::AsRawFd;
+    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+    let dir = TempDir::new("slowvmm");
+    let sock = dir.path().join("api.sock");
+    let server = ApiServer::bind_with_config(&sock, test_config()).unwrap();
+    let stop = server.shutdown_handle().unwrap();
+    let (mut handler, endpoint) = api::api_channel().unwrap();
+    let timeout = Duration::from_millis(300);
+    handler.reply_timeout = Some(timeout);
+    let api_thread = std::thread::spawn(move || server.run(handler));
+    // The "VMM": answers each request with its own sequence number; the first answer comes
+    // 450 ms late (after its request timed out, while the second request waits).
+    let vmm = std::thread::spawn(move || {
+        let epoll = Epoll::new().unwrap();
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                endpoint.event.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, 7),
+            )
+            .unwrap();
+        let mut n = 0u32;
+        let mut events = [EpollEvent::default(); 4];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while n < 3 && Instant::now() < deadline {
+            if epoll.wait(100, &mut events).unwrap() == 0 {
+                continue;
+            }
+            while let Some(_req) = endpoint.next_request() {
+                if n == 0 {
+                    std::thread::sleep(Duration::from_millis(450));
+                }
+                let resp = ApiResponse {
+                    status: 200,
+                    body: Some(format!(r#"{{"seq": {n}}}"#)),
+                };
+                if !endpoint.reply(resp) {
+                    return n;
+                }
+                n += 1;
+            }
+        }
+        n
+    });
+    let mut c = Client::connect(&sock);
+    let start = Instant::now();
+    let r = c.request("GET", "/", None);
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.fault().contains("did not answer"), "{}", r.fault());
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    // The next request is sent while the first one's reply is still due: it must get its
+    // own answer (seq 1), never the late one (seq 0).
+    let r = c.request("GET", "/", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.json()["seq"],
+        1,
+        "the late reply went to the wrong request"
+    );
+    let r = c.request("GET", "/", None);
+    assert_eq!(r.json()["seq"], 2);
+    assert_eq!(vmm.join().unwrap(), 3);
+    stop.shutdown().unwrap();
+    api_thread.join().unwrap().unwrap();
+}
