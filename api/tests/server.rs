@@ -483,19 +483,33 @@ fn pipelined_requests_and_expect_continue() {
 }
 
 #[test]
-fn connection_limit_answers_503() {
+fn connection_limit_answers_503_after_reading_the_request() {
     let srv = TestServer::start_with(ServerConfig {
         max_connections: 2,
         ..test_config()
     });
+    // Both slots mid-request (a request head begun, not finished): none is idle.
     let mut a = srv.connect();
     let mut b = srv.connect();
-    assert_eq!(a.request("GET", "/", None).status, 200);
-    assert_eq!(b.request("GET", "/", None).status, 200);
+    a.send_raw(b"GET / HTTP/1.1\r\n");
+    b.send_raw(b"GET / HTTP/1.1\r\n");
+    std::thread::sleep(Duration::from_millis(100));
+    // The third client is not closed on arrival: it sends its request (no EPIPE) and reads
+    // the 503 (no ECONNRESET).
     let mut c = srv.connect();
-    let r = c.read_response().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    c.stream
+        .write_all(b"GET / HTTP/1.1\r\n\r\n")
+        .expect("the server closed a client over the limit before reading its request");
+    let r = c.read_response().expect("a 503, not a reset");
     assert_eq!(r.status, 503);
-    assert!(r.fault().contains("too many"));
+    assert!(r.fault().contains("too many"), "{}", r.fault());
+    assert!(c.is_closed());
+    // The busy ones finish their requests and are served.
+    a.send_raw(b"\r\n");
+    assert_eq!(a.read_response().unwrap().status, 200);
+    b.send_raw(b"\r\n");
+    assert_eq!(b.read_response().unwrap().status, 200);
     drop(a);
     // The freed slot is reusable (the server notices the close).
     let start = Instant::now();
@@ -510,6 +524,61 @@ fn connection_limit_answers_503() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(b.request("GET", "/", None).status, 200);
+}
+
+/// Whether the server closed `c` (EOF within 2 s; a read timeout is not a close).
+fn closed_by_server(c: &mut Client) -> bool {
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    matches!(c.stream.read(&mut b), Ok(0))
+}
+
+/// Issue 18 item 8: 256 idle keep-alive connections no longer lock a new client out: the
+/// longest-idle one makes room.
+#[test]
+fn idle_connections_make_room_for_a_new_client() {
+    let srv = TestServer::start();
+    let mut idle: Vec<Client> = (0..api::server::DEFAULT_MAX_CONNECTIONS)
+        .map(|_| {
+            let mut c = srv.connect();
+            assert_eq!(c.request("GET", "/", None).status, 200);
+            c
+        })
+        .collect();
+    let mut fresh = srv.connect();
+    let r = fresh.request("GET", "/", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The one evicted is the oldest: the first client.
+    assert!(
+        closed_by_server(&mut idle[0]),
+        "the longest-idle connection was not the one closed"
+    );
+    assert_eq!(idle[1].request("GET", "/", None).status, 200);
+    idle.clear();
+}
+
+/// Issue 18 item 8: an idle keep-alive connection is closed after the idle timeout.
+#[test]
+fn idle_connection_is_closed_after_the_idle_timeout() {
+    let srv = TestServer::start_with(ServerConfig {
+        idle_timeout: Duration::from_millis(300),
+        ..test_config()
+    });
+    let mut c = srv.connect();
+    assert_eq!(c.request("GET", "/", None).status, 200);
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        closed_by_server(&mut c),
+        "an idle connection outlived the idle timeout"
+    );
+    // A connection in use is not cut: requests 100 ms apart for a second.
+    let mut d = srv.connect();
+    for _ in 0..10 {
+        assert_eq!(d.request("GET", "/", None).status, 200);
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
