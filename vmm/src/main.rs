@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use api::config::{ConfigError, VmConfig};
 use api::controller::PreBootController;
@@ -564,8 +565,55 @@ impl Drop for ApiThread {
     }
 }
 
+/// How long cinder waits at exit for its last log lines to be written (stderr or the log
+/// file may be a pipe nobody drains: then they are lost, but cinder still exits).
+const EXIT_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// File descriptors cinder may hold at once, by subsystem (issue 18 item 3): the base (KVM,
+/// the VM, vCPUs, each virtio device's eventfds, irqfds and ioeventfds, disk images, taps,
+/// the log, metrics and console files, signalfd, timers, epolls), the vsock device
+/// (1024 connections and 64 pending), and the API server ([`api::server::fd_budget`]).
+const FD_BUDGET_BASE: u64 = 256;
+/// The vsock device's share of [`FD_BUDGET_BASE`]'s budget.
+const FD_BUDGET_VSOCK: u64 = 1024 + 64;
+
+/// Raises the soft open-files limit to the hard limit (the usual soft limit, 1024, is below
+/// what cinder may need), and warns when even that is below the budget: then a subsystem
+/// that runs out refuses new connections (accept backs off) rather than failing whole.
+fn raise_fd_limit(api_fds: u64) {
+    let budget = (FD_BUDGET_BASE + FD_BUDGET_VSOCK).saturating_add(api_fds);
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads one rlimit from a struct we own.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim = raised;
+        }
+    }
+    if lim.rlim_cur < budget {
+        log::warn!(
+            "the open-files limit (RLIMIT_NOFILE) is {}, below the {budget} cinder may need \
+             ({FD_BUDGET_BASE} for the VM and its devices, {FD_BUDGET_VSOCK} for vsock, \
+             {api_fds} for the API): connections beyond it wait; raise the hard limit \
+             (ulimit -Hn) to lift this",
+            lim.rlim_cur
+        );
+    }
+}
+
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("cinder: error: {msg}");
+    vmm::logger::print_stderr(&format!("cinder: error: {msg}"));
+    vmm::logger::flush(EXIT_FLUSH_TIMEOUT);
     ExitCode::from(1)
 }
 
@@ -609,6 +657,12 @@ fn main() -> ExitCode {
     if let Some(id) = &cli.id {
         vmm::logger::set_instance_id(id);
     }
+    raise_fd_limit(if cli.api_sock.is_some() {
+        u64::try_from(api::server::fd_budget(&api::server::ServerConfig::default()))
+            .unwrap_or(u64::MAX)
+    } else {
+        0
+    });
     // Firecracker's logger flags, applied as `PUT /logger` applies its body (so --level wins
     // over --log-level); a config file's logger comes after, as in Firecracker.
     if let Some(l) = &flag_logger {
@@ -738,7 +792,9 @@ fn main() -> ExitCode {
         .or(flag_metrics.as_ref())
         .map(|m| PathBuf::from(&m.metrics_path));
     if cli.enable_pci {
-        eprintln!("cinder: warning: --enable-pci: cinder has no PCI; devices stay on virtio-mmio");
+        vmm::logger::print_stderr(
+            "cinder: warning: --enable-pci: cinder has no PCI; devices stay on virtio-mmio",
+        );
     }
     let mut rt = match Runtime::new(
         signals,
@@ -767,11 +823,16 @@ fn main() -> ExitCode {
     drop(api_guard);
     match &reason {
         ExitReason::Reset => log::info!("guest reset: exiting"),
-        ExitReason::Escape => eprintln!("\r\ncinder: quit from the console (Ctrl-A x)"),
+        ExitReason::Escape => {
+            vmm::logger::print_stderr("\r\ncinder: quit from the console (Ctrl-A x)")
+        }
         ExitReason::Signal(s) => log::info!("ended by signal {s}"),
-        ExitReason::GuestFatal(why) => eprintln!("cinder: guest failed: {why}"),
-        ExitReason::VmmError(why) => eprintln!("cinder: error: {why}"),
+        ExitReason::GuestFatal(why) => {
+            vmm::logger::print_stderr(&format!("cinder: guest failed: {why}"))
+        }
+        ExitReason::VmmError(why) => vmm::logger::print_stderr(&format!("cinder: error: {why}")),
     }
+    vmm::logger::flush(EXIT_FLUSH_TIMEOUT);
     // Exit codes are 0..=3 and 128 + a signal number: all fit in a u8.
     ExitCode::from(u8::try_from(reason.exit_code()).unwrap_or(1))
 }

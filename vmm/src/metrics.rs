@@ -131,6 +131,10 @@ impl Metrics {
                 sink_errors: &self.sink_errors,
             }),
         );
+        put(
+            "logger",
+            Ok(serde_json::json!({ "missed_log_count": crate::logger::dropped_lines() })),
+        );
         for (name, v) in devices {
             m.insert(name.clone(), v.clone());
         }
