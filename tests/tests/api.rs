@@ -784,3 +784,54 @@ fn undrained_stderr_pipe_blocks_neither_api_nor_exit() {
         &got[..got.len().min(200)]
     );
 }
+
+/// Issue 18 item 10: a log file stops growing at `--log-max-size`; the lines past it are
+/// counted as missed in the metrics.
+#[test]
+fn log_file_is_capped() {
+    let d = Scratch::new("logcap");
+    let sock = d.join("api.sock");
+    let log = d.join("cinder.log");
+    let metrics = d.join("metrics.json");
+    let mut s = start_api(
+        &sock,
+        &[
+            "--log-path",
+            log.to_str().unwrap(),
+            "--level",
+            "Debug",
+            "--log-max-size",
+            "4K",
+            "--metrics-path",
+            metrics.to_str().unwrap(),
+        ],
+    );
+    // Each refused route is a debug line of about 100 bytes.
+    for i in 0..200 {
+        let r = request(&sock, "GET", &format!("/no/such/route/{i:0>40}"), None);
+        assert_eq!(r.status, 400);
+    }
+    let r = request(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "FlushMetrics"}"#),
+    );
+    assert_eq!(r.status, 204, "{}", r.body);
+    s.signal(libc::SIGTERM);
+    s.wait_exit(Duration::from_secs(10)).unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.len() <= 4096 + 200,
+        "log file of {} bytes with a 4 KiB cap",
+        text.len()
+    );
+    assert!(
+        text.contains("log file reached its limit of 4096 bytes"),
+        "{text}"
+    );
+    let m = std::fs::read_to_string(&metrics).unwrap();
+    let last: serde_json::Value = serde_json::from_str(m.lines().last().unwrap()).unwrap();
+    let missed = last["logger"]["missed_log_count"].as_u64().unwrap();
+    assert!(missed >= 100, "missed_log_count {missed}");
+}

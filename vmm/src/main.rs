@@ -121,6 +121,23 @@ struct Cli {
     #[arg(long, value_name = "PATH", conflicts_with = "console_sock")]
     console_out: Option<PathBuf>,
 
+    /// The most bytes written to the --console-out file (K, M, G suffixes: binary units;
+    /// 0: no limit). The guest's first output is kept, then one line says the rest was
+    /// dropped.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "64M")]
+    console_out_max_size: u64,
+
+    /// The most bytes written to a log file (--log-path or PUT /logger on a regular file;
+    /// 0: no limit). Past it one line says so and further lines are dropped and counted
+    /// (metrics: logger.missed_log_count). A named pipe has no limit.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "64M")]
+    log_max_size: u64,
+
+    /// The most bytes written to a metrics file (0: no limit); past it, lines are dropped
+    /// (metrics: metrics.sink_errors). A named pipe has no limit.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "64M")]
+    metrics_max_size: u64,
+
     /// With --console virtio: connect the console both ways to this listening Unix socket.
     #[arg(long, value_name = "PATH")]
     console_sock: Option<PathBuf>,
@@ -259,6 +276,26 @@ fn parse_payload_size(s: &str) -> Result<usize, String> {
         Ok(n) => Ok(n),
         Err(e) => Err(format!("not a byte count: {e}")),
     }
+}
+
+/// A byte count with an optional binary suffix: 4096, 64K, 64M, 1G.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, unit) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c.to_ascii_uppercase()),
+        _ => (s, 'B'),
+    };
+    let shift = match unit {
+        'B' => 0,
+        'K' => 10,
+        'M' => 20,
+        'G' => 30,
+        other => return Err(format!("unknown unit {other:?}: use K, M or G")),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|e| format!("not a byte count: {e}"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s} is too large"))
 }
 
 /// Firecracker's rule for an instance id (`--id`): 1 to 64 bytes, each character
@@ -657,6 +694,9 @@ fn main() -> ExitCode {
     if let Some(id) = &cli.id {
         vmm::logger::set_instance_id(id);
     }
+    vmm::logger::set_max_file_bytes(cli.log_max_size);
+    vmm::metrics::set_max_file_bytes(cli.metrics_max_size);
+    vmm::console::set_console_out_max_bytes(cli.console_out_max_size);
     raise_fd_limit(if cli.api_sock.is_some() {
         u64::try_from(api::server::fd_budget(&api::server::ServerConfig::default()))
             .unwrap_or(u64::MAX)
@@ -843,6 +883,20 @@ mod tests {
     fn version_names_the_firecracker_api_it_implements() {
         assert!(super::VERSION.contains(api::model::FIRECRACKER_API_VERSION));
         assert!(super::VERSION.starts_with(env!("CARGO_PKG_VERSION")));
+    }
+
+    #[test]
+    fn sizes_take_binary_suffixes() {
+        use super::parse_size as p;
+        assert_eq!(p("4096"), Ok(4096));
+        assert_eq!(p("0"), Ok(0));
+        assert_eq!(p("64K"), Ok(64 << 10));
+        assert_eq!(p("64m"), Ok(64 << 20));
+        assert_eq!(p("1G"), Ok(1 << 30));
+        assert!(p("1T").is_err());
+        assert!(p("").is_err());
+        assert!(p("M").is_err());
+        assert!(p("99999999999999G").is_err());
     }
 
     #[test]
