@@ -835,3 +835,17 @@ fn log_file_is_capped() {
     let missed = last["logger"]["missed_log_count"].as_u64().unwrap();
     assert!(missed >= 100, "missed_log_count {missed}");
 }
+
+/// Issue 18 item 4: with logging handed to a writer thread, the last lines before exit (the
+/// signal, the exit reason) must still reach stderr: cinder waits for them, boundedly.
+#[test]
+fn last_log_lines_are_flushed_at_exit() {
+    let d = Scratch::new("lastlines");
+    let sock = d.join("api.sock");
+    let mut s = start_api(&sock, &["--log-level", "info"]);
+    s.signal(libc::SIGTERM);
+    s.wait_exit(Duration::from_secs(10)).unwrap();
+    let log = s.log();
+    assert!(log.contains("signal 15: shutting down"), "{log}");
+    assert!(log.contains("ended by signal 15"), "{log}");
+}
