@@ -672,6 +672,11 @@ fn fd_exhaustion_does_not_spin_the_api() {
     let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
     s.settle(Duration::from_millis(200), Duration::from_secs(2));
     let log = s.log();
+    eprintln!(
+        "fd exhaustion: {} ms of CPU in {window:?}, {} bytes of output",
+        used * 1000 / hz,
+        log.len()
+    );
     // A spinning loop uses the whole window (3 s of CPU); resting with a 100 ms back-off
     // uses a few ms. The bound leaves room for a loaded host.
     assert!(
