@@ -738,16 +738,15 @@ fn undrained_stderr_pipe_blocks_neither_api_nor_exit() {
     // (64 KiB), and nobody reads `read_end`.
     let mut conn = std::os::unix::net::UnixStream::connect(&sock).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut buf = vec![0u8; 4096];
     for i in 0..3000 {
         let req = format!("GET /no/such/route/{i:0>40} HTTP/1.1\r\n\r\n");
         conn.write_all(req.as_bytes()).unwrap();
-        let n = conn.read(&mut buf).unwrap_or_else(|e| {
+        let r = cinder_tests::http::read_response(&mut conn).unwrap_or_else(|e| {
             let _ = child.kill();
             let _ = child.wait();
             panic!("request {i}: no answer ({e}): the API blocked on a full stderr pipe")
         });
-        assert!(n > 0 && buf.starts_with(b"HTTP/1.1 400"), "request {i}");
+        assert_eq!(r.status, 400, "request {i}");
     }
     let r = raw(&sock, b"GET / HTTP/1.1\r\n\r\n").unwrap();
     assert_eq!(r.status, 200);
@@ -778,11 +777,9 @@ fn undrained_stderr_pipe_blocks_neither_api_nor_exit() {
         )
     };
     let _ = rf.read_to_end(&mut got);
-    assert!(
-        got.len() >= 60_000,
-        "only {} bytes reached stderr",
-        got.len()
-    );
+    // The pipe held what it could (64 KiB by default, less when the user's pipe quota is
+    // spent); the 3000 lines (about 270 KB) were far more.
+    assert!(got.len() >= 4096, "only {} bytes reached stderr", got.len());
     assert!(
         got.starts_with(b"cinder: "),
         "{:?}",
