@@ -39,6 +39,10 @@ pub struct ChannelHandler {
     stale: usize,
 }
 
+/// How long a request waits for the late reply of an earlier one that timed out before it
+/// is answered 503 itself (bounded by the reply timeout).
+pub const STALE_GRACE: Duration = Duration::from_secs(1);
+
 /// Default [`ChannelHandler::reply_timeout`]: how long the API thread waits for the control
 /// loop before answering 503 (a control loop stuck on a slow host call must not leave
 /// clients hanging).
@@ -99,9 +103,12 @@ impl RequestHandler for ChannelHandler {
     fn handle(&mut self, req: ApiRequest) -> ApiResponse {
         let deadline = self.reply_timeout.map(|t| Instant::now() + t);
         // Replies that arrive after their request timed out belong to those requests:
-        // discard them (in order) so that each reply reaches its own request.
+        // discard them (in order) so that each reply reaches its own request. While the VMM
+        // is still stuck on one, the API thread waits for it only [`STALE_GRACE`], so every
+        // client gets its 503 quickly rather than one reply timeout each in turn.
+        let stale_deadline = deadline.map(|d| d.min(Instant::now() + STALE_GRACE));
         while self.stale > 0 {
-            match self.recv_until(deadline) {
+            match self.recv_until(stale_deadline) {
                 Ok(_) => self.stale -= 1,
                 Err(RecvTimeoutError::Timeout) => {
                     return ApiResponse::error(

@@ -760,3 +760,37 @@ fn slow_vmm_gets_503_and_late_reply_is_not_misdelivered() {
     stop.shutdown().unwrap();
     api_thread.join().unwrap().unwrap();
 }
+
+/// Issue 18 item 2 (API part): while the control loop stays stuck on one request, each
+/// further request gets its 503 after a short grace, not a whole reply timeout in turn.
+#[test]
+fn stuck_vmm_answers_each_request_503_quickly() {
+    let dir = TempDir::new("stuckvmm");
+    let sock = dir.path().join("api.sock");
+    let server = ApiServer::bind_with_config(&sock, test_config()).unwrap();
+    let stop = server.shutdown_handle().unwrap();
+    let (mut handler, endpoint) = api::api_channel().unwrap();
+    handler.reply_timeout = Some(Duration::from_secs(3));
+    let api_thread = std::thread::spawn(move || server.run(handler));
+    let mut c = Client::connect(&sock);
+    let start = Instant::now();
+    let r = c.request("GET", "/", None);
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(start.elapsed() >= Duration::from_secs(3));
+    for _ in 0..2 {
+        let start = Instant::now();
+        let r = c.request("GET", "/", None);
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert!(r.fault().contains("still busy"), "{}", r.fault());
+        let took = start.elapsed();
+        assert!(
+            took < Duration::from_millis(2500),
+            "a request behind a stuck one waited {took:?}"
+        );
+    }
+    // The VMM never answered: only the first request reached it.
+    assert!(endpoint.next_request().is_some());
+    assert!(endpoint.next_request().is_none());
+    stop.shutdown().unwrap();
+    api_thread.join().unwrap().unwrap();
+}
