@@ -2,7 +2,7 @@
 
 use std::io;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender, TryRecvError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -31,9 +31,22 @@ pub struct ChannelHandler {
     pub rx: Receiver<ApiResponse>,
     /// Written once per request.
     pub notify: EventFd,
-    /// How long to wait for a reply; `None` waits forever.
+    /// How long to wait for a reply ([`DEFAULT_REPLY_TIMEOUT`]); `None` waits forever.
+    /// A request not answered in time gets a 503, and its late reply is discarded.
     pub reply_timeout: Option<Duration>,
+    /// Requests that timed out and whose replies have not arrived yet. The VMM answers
+    /// every request once and in order, so the next this many replies are theirs.
+    stale: usize,
 }
+
+/// How long a request waits for the late reply of an earlier one that timed out before it
+/// is answered 503 itself (bounded by the reply timeout).
+pub const STALE_GRACE: Duration = Duration::from_secs(1);
+
+/// Default [`ChannelHandler::reply_timeout`]: how long the API thread waits for the control
+/// loop before answering 503 (a control loop stuck on a slow host call must not leave
+/// clients hanging).
+pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The VMM end of a [`ChannelHandler`]: register `event` in the event
 /// loop; when it is readable call [`VmmEndpoint::next_request`] until it
@@ -59,7 +72,8 @@ pub fn api_channel() -> io::Result<(ChannelHandler, VmmEndpoint)> {
             tx: req_tx,
             rx: resp_rx,
             notify,
-            reply_timeout: None,
+            reply_timeout: Some(DEFAULT_REPLY_TIMEOUT),
+            stale: 0,
         },
         VmmEndpoint {
             requests: req_rx,
@@ -69,29 +83,64 @@ pub fn api_channel() -> io::Result<(ChannelHandler, VmmEndpoint)> {
     ))
 }
 
+impl ChannelHandler {
+    /// Waits for one reply until `deadline` (forever without one).
+    fn recv_until(&self, deadline: Option<Instant>) -> Result<ApiResponse, RecvTimeoutError> {
+        match deadline {
+            Some(d) => self
+                .rx
+                .recv_timeout(d.saturating_duration_since(Instant::now())),
+            None => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+        }
+    }
+}
+
+fn gone() -> ApiResponse {
+    ApiResponse::error(500, "the VMM is not running anymore")
+}
+
 impl RequestHandler for ChannelHandler {
     fn handle(&mut self, req: ApiRequest) -> ApiResponse {
-        // A reply that arrived after an earlier timeout belongs to that
-        // request: drop it so replies stay paired with their requests.
-        while self.rx.try_recv().is_ok() {}
+        let deadline = self.reply_timeout.map(|t| Instant::now() + t);
+        // Replies that arrive after their request timed out belong to those requests:
+        // discard them (in order) so that each reply reaches its own request. While the VMM
+        // is still stuck on one, the API thread waits for it only [`STALE_GRACE`], so every
+        // client gets its 503 quickly rather than one reply timeout each in turn.
+        let stale_deadline = deadline.map(|d| d.min(Instant::now() + STALE_GRACE));
+        while self.stale > 0 {
+            match self.recv_until(stale_deadline) {
+                Ok(_) => self.stale -= 1,
+                Err(RecvTimeoutError::Timeout) => {
+                    return ApiResponse::error(
+                        503,
+                        "the VMM is still busy with an earlier request that timed out; retry later",
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => return gone(),
+            }
+        }
         if self.tx.send(req).is_err() {
-            return ApiResponse::error(500, "the VMM is not running anymore");
+            return gone();
         }
         if let Err(e) = self.notify.write(1) {
             return ApiResponse::error(500, format!("cannot notify the VMM: {e}"));
         }
-        let reply = match self.reply_timeout {
-            Some(t) => self.rx.recv_timeout(t),
-            None => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-        };
-        match reply {
+        match self.recv_until(deadline) {
             Ok(r) => r,
             Err(RecvTimeoutError::Timeout) => {
-                ApiResponse::error(500, "the VMM did not answer in time")
+                self.stale += 1;
+                let waited = self.reply_timeout.unwrap_or_default();
+                log::warn!("API: the VMM did not answer a request within {waited:?}");
+                ApiResponse::error(
+                    503,
+                    format!(
+                        "the VMM did not answer within {} ms (it is busy); the request may \
+                         still take effect: check with GET before retrying",
+                        waited.as_millis()
+                    ),
+                )
             }
-            Err(RecvTimeoutError::Disconnected) => {
-                ApiResponse::error(500, "the VMM is not running anymore")
-            }
+            Err(RecvTimeoutError::Disconnected) => gone(),
         }
     }
 }

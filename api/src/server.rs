@@ -8,8 +8,17 @@
 //!   so a stalled client never holds up the others;
 //! - a connection buffers at most one request (header limit plus body
 //!   limit) and one answer: memory per connection is bounded;
-//! - at most [`ServerConfig::max_connections`] clients at once; the next
-//!   gets 503 and is closed;
+//! - at most [`ServerConfig::max_connections`] clients at once. A client
+//!   idle (between requests) for [`ServerConfig::idle_timeout`] is
+//!   disconnected, and a new client takes the slot of the longest-idle one
+//!   when all are taken; only when every slot is mid-request does the new
+//!   client get a 503, written once its request has been read (so it sees
+//!   the answer, not a reset), from one of [`REJECT_SLOTS`] extra slots;
+//! - when accept(2) fails for lack of fds (EMFILE, ENFILE) or memory, the
+//!   listener leaves the epoll set for [`ACCEPT_BACKOFF`] (level-triggered,
+//!   it would otherwise spin) and the failure is logged at most once per
+//!   [`ACCEPT_LOG_PERIOD`];
+//! - the socket file is created with mode 0600 whatever the umask;
 //! - a framing error (see [`crate::http::HttpError`]) is answered and the
 //!   connection closed; a routing or body error is answered and the
 //!   connection kept.
@@ -38,12 +47,29 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     /// Most simultaneous connections.
     pub max_connections: usize,
+    /// How long a connection may stay open between requests.
+    pub idle_timeout: Duration,
 }
 
 /// Default [`ServerConfig::request_timeout`].
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default [`ServerConfig::max_connections`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// Default [`ServerConfig::idle_timeout`].
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Connections beyond [`ServerConfig::max_connections`] kept just long enough to read their
+/// request and answer it 503; past these, a new connection is closed at once.
+pub const REJECT_SLOTS: usize = 16;
+/// How long the listener rests after accept(2) ran out of fds or memory.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// At most one log line per this period about failing accept(2) calls.
+pub const ACCEPT_LOG_PERIOD: Duration = Duration::from_secs(10);
+/// The most file descriptors the API server holds: its connections, the rejected ones
+/// being answered, the listener, its epoll and its stop eventfd (for the process's fd
+/// budget).
+pub fn fd_budget(cfg: &ServerConfig) -> usize {
+    cfg.max_connections.saturating_add(REJECT_SLOTS + 3)
+}
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -51,6 +77,7 @@ impl Default for ServerConfig {
             max_body_bytes: http::DEFAULT_MAX_BODY_BYTES,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
         }
     }
 }
@@ -146,7 +173,7 @@ impl ApiServer {
                 source,
             })?;
         }
-        let listener = UnixListener::bind(path).map_err(|source| ApiError::Bind {
+        let listener = bind_private(path).map_err(|source| ApiError::Bind {
             path: path.to_path_buf(),
             source,
         })?;
@@ -183,11 +210,15 @@ impl ApiServer {
             self.stop.as_raw_fd(),
             EpollEvent::new(EventSet::IN, STOP),
         )?;
-        let mut conns: HashMap<u64, Conn> = HashMap::new();
-        let mut next_token: u64 = 2;
+        let mut st = LoopState {
+            conns: HashMap::new(),
+            next_token: 2,
+            accept_paused_until: None,
+            accept_log: AcceptLog::default(),
+        };
         let mut events = vec![EpollEvent::default(); MAX_EVENTS];
         let result = loop {
-            let timeout = next_timeout(&conns);
+            let timeout = st.next_timeout(&self.config);
             let n = match epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -197,9 +228,9 @@ impl ApiServer {
             for ev in &events[..n] {
                 match ev.data() {
                     STOP => stop = true,
-                    LISTENER => self.accept_all(&epoll, &mut conns, &mut next_token),
+                    LISTENER => self.accept_all(&epoll, &mut st),
                     token => {
-                        if let Some(conn) = conns.get_mut(&token) {
+                        if let Some(conn) = st.conns.get_mut(&token) {
                             conn.on_event(ev.event_set(), &self.config, &mut handler);
                         }
                     }
@@ -209,12 +240,28 @@ impl ApiServer {
                 break Ok(());
             }
             let now = Instant::now();
-            for conn in conns.values_mut() {
+            if st.accept_paused_until.is_some_and(|t| now >= t) {
+                // Re-arm the listener after the back-off (a failure leaves it paused for
+                // another round on the next accept error).
+                if epoll
+                    .ctl(
+                        ControlOperation::Add,
+                        self.listener.as_raw_fd(),
+                        EpollEvent::new(EventSet::IN, LISTENER),
+                    )
+                    .is_ok()
+                {
+                    st.accept_paused_until = None;
+                } else {
+                    st.accept_paused_until = Some(now + ACCEPT_BACKOFF);
+                }
+            }
+            for conn in st.conns.values_mut() {
                 conn.on_tick(now, &self.config);
             }
             // Dropping a stream closes its fd, which also removes it from the
             // epoll set.
-            conns.retain(|token, conn| {
+            st.conns.retain(|token, conn| {
                 if !conn.closed {
                     conn.update_interest(&epoll, *token);
                 }
@@ -225,34 +272,56 @@ impl ApiServer {
         result
     }
 
-    fn accept_all(&self, epoll: &Epoll, conns: &mut HashMap<u64, Conn>, next_token: &mut u64) {
-        loop {
+    fn accept_all(&self, epoll: &Epoll, st: &mut LoopState) {
+        // Bounded: at most this many accepts per wake-up, so clients already connected are
+        // served between bursts of new ones.
+        for _ in 0..MAX_EVENTS {
             let stream = match self.listener.accept() {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // EMFILE and friends: try again on the next event.
-                    log::warn!("API socket accept failed: {e}");
+                    // EMFILE, ENFILE, ENOBUFS, ENOMEM: the pending client stays queued and
+                    // the level-triggered listener would wake us at once, forever. Rest it.
+                    st.accept_log.failed(&e);
+                    if epoll
+                        .ctl(
+                            ControlOperation::Delete,
+                            self.listener.as_raw_fd(),
+                            EpollEvent::default(),
+                        )
+                        .is_ok()
+                    {
+                        st.accept_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
+                    }
                     return;
                 }
             };
             if stream.set_nonblocking(true).is_err() {
                 continue;
             }
-            if conns.len() >= self.config.max_connections {
-                let msg = format!(
-                    "too many API connections (limit {}); retry later",
-                    self.config.max_connections
-                );
-                let resp = ApiResponse::error(503, msg);
-                let bytes = http::serialize_response(resp.status, resp.body.as_deref(), true);
-                // Best effort: a fresh socket buffer takes a short answer.
-                let _ = (&stream).write(&bytes);
-                continue;
+            let live = st.conns.values().filter(|c| !c.reject && !c.closed).count();
+            let mut reject = false;
+            if live >= self.config.max_connections {
+                // Every slot taken: the longest-idle client makes room; with none idle, the
+                // new client is told 503 once its request is read.
+                if let Some(token) = st.oldest_idle() {
+                    if let Some(c) = st.conns.get_mut(&token) {
+                        log::debug!("API: too many connections; closing the longest-idle one");
+                        c.closed = true;
+                    }
+                    // Closed now, not at the end of this pass: its fd is free for the next
+                    // accept.
+                    st.conns.remove(&token);
+                } else if st.conns.values().filter(|c| c.reject).count() < REJECT_SLOTS {
+                    reject = true;
+                } else {
+                    // Beyond even the reject slots: close at once (the client sees EOF).
+                    continue;
+                }
             }
-            let token = *next_token;
-            *next_token += 1;
+            let token = st.next_token;
+            st.next_token += 1;
             if epoll
                 .ctl(
                     ControlOperation::Add,
@@ -263,18 +332,87 @@ impl ApiServer {
             {
                 continue;
             }
-            conns.insert(token, Conn::new(stream));
+            let mut conn = Conn::new(stream);
+            if reject {
+                conn.reject = true;
+                conn.deadline = Some(Instant::now() + self.config.request_timeout);
+            }
+            st.conns.insert(token, conn);
         }
     }
 }
 
-fn next_timeout(conns: &HashMap<u64, Conn>) -> i32 {
-    let now = Instant::now();
-    match conns.values().filter_map(|c| c.deadline).min() {
-        None => -1,
-        Some(d) => {
-            let ms = d.saturating_duration_since(now).as_millis() + 1;
-            i32::try_from(ms).unwrap_or(i32::MAX)
+/// Binds `path` with mode 0600, whatever the process's umask: the API controls the VM, and
+/// only its owner may connect.
+fn bind_private(path: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: umask(2) only swaps the process's file-creation mask; it cannot fail. The
+    // mask is restored right after bind; a file another thread creates meanwhile is at
+    // most created with fewer permissions.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = bound?;
+    // Also set it explicitly, should another thread have changed the umask meanwhile.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Rate-limits the log line about failing accept(2) calls.
+#[derive(Default)]
+struct AcceptLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl AcceptLog {
+    fn failed(&mut self, e: &io::Error) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < ACCEPT_LOG_PERIOD)
+        {
+            self.suppressed += 1;
+            return;
+        }
+        log::warn!(
+            "API socket accept failed: {e} ({} more failures since the last report); \
+             new clients wait (raise the open-files limit, RLIMIT_NOFILE)",
+            self.suppressed
+        );
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}
+
+struct LoopState {
+    conns: HashMap<u64, Conn>,
+    next_token: u64,
+    /// The listener is out of the epoll set until then (see [`ACCEPT_BACKOFF`]).
+    accept_paused_until: Option<Instant>,
+    accept_log: AcceptLog,
+}
+
+impl LoopState {
+    /// The connection idle the longest (none: every client is mid-request).
+    fn oldest_idle(&self) -> Option<u64> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.is_idle())
+            .min_by_key(|(_, c)| c.last_active)
+            .map(|(t, _)| *t)
+    }
+
+    fn next_timeout(&self, cfg: &ServerConfig) -> i32 {
+        let now = Instant::now();
+        let conn_deadlines = self.conns.values().filter_map(|c| c.next_deadline(cfg));
+        match conn_deadlines.chain(self.accept_paused_until).min() {
+            None => -1,
+            Some(d) => {
+                let ms = d.saturating_duration_since(now).as_millis() + 1;
+                i32::try_from(ms).unwrap_or(i32::MAX)
+            }
         }
     }
 }
@@ -290,6 +428,10 @@ struct Conn {
     peer_closed: bool,
     closed: bool,
     writing: bool,
+    /// Over the connection limit: its request is read, then answered 503.
+    reject: bool,
+    /// When a request or answer last moved (for the idle timeout and eviction).
+    last_active: Instant,
 }
 
 impl Conn {
@@ -305,6 +447,26 @@ impl Conn {
             peer_closed: false,
             closed: false,
             writing: false,
+            reject: false,
+            last_active: Instant::now(),
+        }
+    }
+
+    /// Between requests: nothing buffered either way.
+    fn is_idle(&self) -> bool {
+        !self.closed
+            && !self.reject
+            && self.rbuf.is_empty()
+            && !self.has_output()
+            && !self.close_after_write
+    }
+
+    /// When [`Conn::on_tick`] has something to do.
+    fn next_deadline(&self, cfg: &ServerConfig) -> Option<Instant> {
+        if self.is_idle() {
+            Some(self.last_active + cfg.idle_timeout)
+        } else {
+            self.deadline
         }
     }
 
@@ -341,6 +503,7 @@ impl Conn {
             match self.stream.read(&mut chunk[..want]) {
                 Ok(0) => self.peer_closed = true,
                 Ok(n) => {
+                    self.last_active = Instant::now();
                     if self.rbuf.is_empty() {
                         self.deadline = Some(Instant::now() + cfg.request_timeout);
                     }
@@ -361,7 +524,9 @@ impl Conn {
     fn process<H: RequestHandler>(&mut self, cfg: &ServerConfig, h: &mut H) {
         while !self.has_output() && !self.close_after_write && !self.closed {
             if self.rbuf.is_empty() {
-                self.deadline = None;
+                if !self.reject {
+                    self.deadline = None;
+                }
                 return;
             }
             match http::parse_request(&self.rbuf, cfg.max_body_bytes) {
@@ -373,6 +538,10 @@ impl Conn {
                     } else {
                         Some(Instant::now() + cfg.request_timeout)
                     };
+                    if self.reject {
+                        self.queue_rejection(cfg);
+                        return;
+                    }
                     let resp = match parse_api_request(&req.method, &req.path, &req.body) {
                         Ok(api_req) => h.handle(api_req),
                         Err(e) => {
@@ -385,7 +554,9 @@ impl Conn {
                     self.flush(cfg);
                 }
                 Ok(Parsed::Incomplete { expect_continue }) => {
-                    if self.peer_closed {
+                    if self.peer_closed && self.reject {
+                        self.queue_rejection(cfg);
+                    } else if self.peer_closed {
                         let e = HttpError::Malformed(
                             "connection closed before the request was complete".into(),
                         );
@@ -398,6 +569,10 @@ impl Conn {
                     }
                     return;
                 }
+                Err(_) if self.reject => {
+                    self.queue_rejection(cfg);
+                    return;
+                }
                 Err(e) => {
                     log::debug!("bad HTTP request on the API socket: {e}");
                     self.queue_error(&e, cfg);
@@ -405,6 +580,18 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// The 503 of a client over the connection limit; the connection closes after it.
+    fn queue_rejection(&mut self, cfg: &ServerConfig) {
+        let msg = format!(
+            "too many API connections (limit {}), all busy; retry later",
+            cfg.max_connections
+        );
+        let resp = ApiResponse::error(503, msg);
+        self.rbuf.clear();
+        self.queue(resp.status, resp.body.as_deref(), true, cfg);
+        self.flush(cfg);
     }
 
     fn queue_error(&mut self, e: &HttpError, cfg: &ServerConfig) {
@@ -439,6 +626,7 @@ impl Conn {
         }
         self.wbuf.clear();
         self.wpos = 0;
+        self.last_active = Instant::now();
         // Answer delivered: the clock restarts with the next request.
         self.deadline = if self.rbuf.is_empty() {
             None
@@ -457,11 +645,21 @@ impl Conn {
         if self.closed {
             return;
         }
+        if self.is_idle() {
+            if now >= self.last_active + cfg.idle_timeout {
+                // An idle keep-alive connection may be closed at any time (RFC 9112 9.8).
+                self.closed = true;
+            }
+            return;
+        }
         if let Some(d) = self.deadline {
             if now >= d {
                 if self.has_output() {
                     // The client does not read its answer.
                     self.closed = true;
+                } else if self.reject {
+                    self.queue_rejection(cfg);
+                    self.finish_if_done();
                 } else {
                     let e = HttpError::Timeout(cfg.request_timeout.as_millis());
                     self.queue_error(&e, cfg);

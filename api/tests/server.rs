@@ -483,19 +483,33 @@ fn pipelined_requests_and_expect_continue() {
 }
 
 #[test]
-fn connection_limit_answers_503() {
+fn connection_limit_answers_503_after_reading_the_request() {
     let srv = TestServer::start_with(ServerConfig {
         max_connections: 2,
         ..test_config()
     });
+    // Both slots mid-request (a request head begun, not finished): none is idle.
     let mut a = srv.connect();
     let mut b = srv.connect();
-    assert_eq!(a.request("GET", "/", None).status, 200);
-    assert_eq!(b.request("GET", "/", None).status, 200);
+    a.send_raw(b"GET / HTTP/1.1\r\n");
+    b.send_raw(b"GET / HTTP/1.1\r\n");
+    std::thread::sleep(Duration::from_millis(100));
+    // The third client is not closed on arrival: it sends its request (no EPIPE) and reads
+    // the 503 (no ECONNRESET).
     let mut c = srv.connect();
-    let r = c.read_response().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    c.stream
+        .write_all(b"GET / HTTP/1.1\r\n\r\n")
+        .expect("the server closed a client over the limit before reading its request");
+    let r = c.read_response().expect("a 503, not a reset");
     assert_eq!(r.status, 503);
-    assert!(r.fault().contains("too many"));
+    assert!(r.fault().contains("too many"), "{}", r.fault());
+    assert!(c.is_closed());
+    // The busy ones finish their requests and are served.
+    a.send_raw(b"\r\n");
+    assert_eq!(a.read_response().unwrap().status, 200);
+    b.send_raw(b"\r\n");
+    assert_eq!(b.read_response().unwrap().status, 200);
     drop(a);
     // The freed slot is reusable (the server notices the close).
     let start = Instant::now();
@@ -510,6 +524,61 @@ fn connection_limit_answers_503() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(b.request("GET", "/", None).status, 200);
+}
+
+/// Whether the server closed `c` (EOF within 2 s; a read timeout is not a close).
+fn closed_by_server(c: &mut Client) -> bool {
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    matches!(c.stream.read(&mut b), Ok(0))
+}
+
+/// Issue 18 item 8: 256 idle keep-alive connections no longer lock a new client out: the
+/// longest-idle one makes room.
+#[test]
+fn idle_connections_make_room_for_a_new_client() {
+    let srv = TestServer::start();
+    let mut idle: Vec<Client> = (0..api::server::DEFAULT_MAX_CONNECTIONS)
+        .map(|_| {
+            let mut c = srv.connect();
+            assert_eq!(c.request("GET", "/", None).status, 200);
+            c
+        })
+        .collect();
+    let mut fresh = srv.connect();
+    let r = fresh.request("GET", "/", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The one evicted is the oldest: the first client.
+    assert!(
+        closed_by_server(&mut idle[0]),
+        "the longest-idle connection was not the one closed"
+    );
+    assert_eq!(idle[1].request("GET", "/", None).status, 200);
+    idle.clear();
+}
+
+/// Issue 18 item 8: an idle keep-alive connection is closed after the idle timeout.
+#[test]
+fn idle_connection_is_closed_after_the_idle_timeout() {
+    let srv = TestServer::start_with(ServerConfig {
+        idle_timeout: Duration::from_millis(300),
+        ..test_config()
+    });
+    let mut c = srv.connect();
+    assert_eq!(c.request("GET", "/", None).status, 200);
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        closed_by_server(&mut c),
+        "an idle connection outlived the idle timeout"
+    );
+    // A connection in use is not cut: requests 100 ms apart for a second.
+    let mut d = srv.connect();
+    for _ in 0..10 {
+        assert_eq!(d.request("GET", "/", None).status, 200);
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
@@ -619,4 +688,113 @@ fn client_that_never_reads_is_dropped() {
         }
     }
     assert_eq!(srv.connect().request("GET", "/", None).status, 200);
+}
+
+/// Issue 18 item 2 (API part): a control loop that does not answer (it was stuck opening a
+/// FIFO given as the kernel) leaves the client with a 503 after the reply timeout, not a
+/// hang; the late reply is discarded, never delivered to the next request.
+#[test]
+fn slow_vmm_gets_503_and_late_reply_is_not_misdelivered() {
+    use std::os::unix::io::AsRawFd;
+    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+    let dir = TempDir::new("slowvmm");
+    let sock = dir.path().join("api.sock");
+    let server = ApiServer::bind_with_config(&sock, test_config()).unwrap();
+    let stop = server.shutdown_handle().unwrap();
+    let (mut handler, endpoint) = api::api_channel().unwrap();
+    let timeout = Duration::from_millis(300);
+    handler.reply_timeout = Some(timeout);
+    let api_thread = std::thread::spawn(move || server.run(handler));
+    // The "VMM": answers each request with its own sequence number; the first answer comes
+    // 450 ms late (after its request timed out, while the second request waits).
+    let vmm = std::thread::spawn(move || {
+        let epoll = Epoll::new().unwrap();
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                endpoint.event.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, 7),
+            )
+            .unwrap();
+        let mut n = 0u32;
+        let mut events = [EpollEvent::default(); 4];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while n < 3 && Instant::now() < deadline {
+            if epoll.wait(100, &mut events).unwrap() == 0 {
+                continue;
+            }
+            while let Some(_req) = endpoint.next_request() {
+                if n == 0 {
+                    std::thread::sleep(Duration::from_millis(450));
+                }
+                let resp = ApiResponse {
+                    status: 200,
+                    body: Some(format!(r#"{{"seq": {n}}}"#)),
+                };
+                if !endpoint.reply(resp) {
+                    return n;
+                }
+                n += 1;
+            }
+        }
+        n
+    });
+    let mut c = Client::connect(&sock);
+    let start = Instant::now();
+    let r = c.request("GET", "/", None);
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.fault().contains("did not answer"), "{}", r.fault());
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+    // The next request is sent while the first one's reply is still due: it must get its
+    // own answer (seq 1), never the late one (seq 0).
+    let r = c.request("GET", "/", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.json()["seq"],
+        1,
+        "the late reply went to the wrong request"
+    );
+    let r = c.request("GET", "/", None);
+    assert_eq!(r.json()["seq"], 2);
+    assert_eq!(vmm.join().unwrap(), 3);
+    stop.shutdown().unwrap();
+    api_thread.join().unwrap().unwrap();
+}
+
+/// Issue 18 item 2 (API part): while the control loop stays stuck on one request, each
+/// further request gets its 503 after a short grace, not a whole reply timeout in turn.
+#[test]
+fn stuck_vmm_answers_each_request_503_quickly() {
+    let dir = TempDir::new("stuckvmm");
+    let sock = dir.path().join("api.sock");
+    let server = ApiServer::bind_with_config(&sock, test_config()).unwrap();
+    let stop = server.shutdown_handle().unwrap();
+    let (mut handler, endpoint) = api::api_channel().unwrap();
+    handler.reply_timeout = Some(Duration::from_secs(3));
+    let api_thread = std::thread::spawn(move || server.run(handler));
+    let mut c = Client::connect(&sock);
+    let start = Instant::now();
+    let r = c.request("GET", "/", None);
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(start.elapsed() >= Duration::from_secs(3));
+    for _ in 0..2 {
+        let start = Instant::now();
+        let r = c.request("GET", "/", None);
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert!(r.fault().contains("still busy"), "{}", r.fault());
+        let took = start.elapsed();
+        assert!(
+            took < Duration::from_millis(2500),
+            "a request behind a stuck one waited {took:?}"
+        );
+    }
+    // The VMM never answered: only the first request reached it.
+    assert!(endpoint.next_request().is_some());
+    assert!(endpoint.next_request().is_none());
+    stop.shutdown().unwrap();
+    api_thread.join().unwrap().unwrap();
 }

@@ -268,6 +268,33 @@ fn console_output_to_file_under_cinder() {
     );
 }
 
+/// Issue 18 item 10: `--console-out` stops growing at `--console-out-max-size`: the guest's
+/// first bytes are kept, then one line says the rest was dropped.
+#[test]
+fn console_output_file_is_capped_under_cinder() {
+    require_kvm();
+    let s = Scratch::new("conoutcap");
+    let out = s.join("console.out");
+    let mut c = cinder();
+    c.arg("--kernel")
+        .arg(probe::elf_path())
+        .args(["--cmdline", "probe.run=console probe.console_ms=500"])
+        .args(["--console", "virtio", "--console-out-max-size", "8"])
+        .arg("--console-out")
+        .arg(&out);
+    let r = run(c, Duration::from_secs(120), |_| false);
+    let run = finish(r, "capped console file under cinder".to_string());
+    let text = std::fs::read_to_string(&out).unwrap_or_default();
+    let kept = &HELLO[..8];
+    run.ensure(
+        text.starts_with(&format!(
+            "{kept}\n[cinder: console output reached its limit of 8 bytes"
+        )),
+        &format!("file holds {text:?}"),
+    );
+    run.ensure(text.lines().count() == 2, &format!("file holds {text:?}"));
+}
+
 /// Without a console device the check is skipped.
 #[test]
 fn console_qemu_without_device_skips() {

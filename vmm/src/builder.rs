@@ -305,10 +305,13 @@ fn open_virtio_console(
         ),
         VirtioConsoleHost::File(p) => (
             None,
-            Box::new(File::create(p).map_err(|source| VmError::ConsoleOut {
-                path: p.clone(),
-                source,
-            })?),
+            Box::new(crate::console::CappedWriter::new(
+                File::create(p).map_err(|source| VmError::ConsoleOut {
+                    path: p.clone(),
+                    source,
+                })?,
+                crate::console::console_out_max_bytes(),
+            )),
         ),
         VirtioConsoleHost::Socket(p) => {
             let sock = std::os::unix::net::UnixStream::connect(p).map_err(|source| {

@@ -14,6 +14,82 @@ use crate::exit::{ExitReason, ExitSignal};
 /// Bytes of console output that may wait for a slow reader before new output is dropped.
 pub const CONSOLE_BACKLOG: usize = 64 * 1024;
 
+/// Default cap on a `--console-out` file ([`set_console_out_max_bytes`], the
+/// `--console-out-max-size` flag).
+pub const DEFAULT_CONSOLE_OUT_MAX_BYTES: u64 = 64 * 1024 * 1024;
+
+static CONSOLE_OUT_MAX_BYTES: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(DEFAULT_CONSOLE_OUT_MAX_BYTES);
+
+/// Sets the cap of console output files opened from now on (0: no cap).
+pub fn set_console_out_max_bytes(max: u64) {
+    CONSOLE_OUT_MAX_BYTES.store(max, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The cap of console output files ([`set_console_out_max_bytes`]).
+pub fn console_out_max_bytes() -> u64 {
+    CONSOLE_OUT_MAX_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A console output file that stops growing at a cap: the first `max` bytes the guest
+/// printed are kept, then one line says the rest was dropped (a guest printing in a loop
+/// must not fill the host's disk).
+pub struct CappedWriter<W: std::io::Write> {
+    inner: W,
+    written: u64,
+    max: u64,
+    capped: bool,
+}
+
+impl<W: std::io::Write> CappedWriter<W> {
+    /// `inner`, capped at `max` bytes (0: no cap).
+    pub fn new(inner: W, max: u64) -> Self {
+        CappedWriter {
+            inner,
+            written: 0,
+            max,
+            capped: false,
+        }
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for CappedWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.max == 0 {
+            return self.inner.write(buf);
+        }
+        if self.capped {
+            return Ok(buf.len());
+        }
+        let room = self.max.saturating_sub(self.written);
+        if (buf.len() as u64) <= room {
+            let n = self.inner.write(buf)?;
+            self.written += n as u64;
+            return Ok(n);
+        }
+        // `room` < buf.len(), a usize.
+        let fits = usize::try_from(room).unwrap_or(0);
+        self.inner.write_all(&buf[..fits])?;
+        self.written += room;
+        self.capped = true;
+        let note = format!(
+            "\n[cinder: console output reached its limit of {} bytes (--console-out-max-size); \
+             the rest is dropped]\n",
+            self.max
+        );
+        self.inner.write_all(note.as_bytes())?;
+        log::warn!(
+            "console output reached its limit of {} bytes: the rest is dropped",
+            self.max
+        );
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// The guest's console output as the UART sees it: a non-blocking hand-off to a writer
 /// thread, so a vCPU never blocks on a stalled stdout. When the backlog is full, output is
 /// dropped (and counted) rather than stalling the guest.
@@ -394,6 +470,24 @@ mod tests {
         }
         assert!(start.elapsed() < std::time::Duration::from_secs(5));
         assert!(w.dropped.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    }
+
+    #[test]
+    fn capped_writer_keeps_the_first_bytes_and_says_so() {
+        use std::io::Write;
+        let mut w = CappedWriter::new(Vec::new(), 10);
+        for _ in 0..1000 {
+            w.write_all(b"abcd").unwrap();
+        }
+        let out = String::from_utf8(w.inner).unwrap();
+        assert!(
+            out.starts_with("abcdabcdab\n[cinder: console output reached"),
+            "{out}"
+        );
+        assert_eq!(out.lines().count(), 2, "{out}");
+        let mut w = CappedWriter::new(Vec::new(), 0);
+        w.write_all(&[7u8; 5000]).unwrap();
+        assert_eq!(w.inner.len(), 5000);
     }
 
     #[test]

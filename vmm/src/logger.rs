@@ -4,17 +4,177 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use log::{LevelFilter, Log, Metadata, Record};
 
+/// Lines that may wait for the writer thread; past this, new lines are dropped and counted
+/// ([`dropped_lines`], the metrics' `logger.missed_log_count`).
+pub const LOG_QUEUE_LINES: usize = 1024;
+
+/// Default cap on a log file (`--log-path`, `PUT /logger` on a regular file): once it holds
+/// this many bytes, one last line says so and further lines are dropped and counted.
+pub const DEFAULT_LOG_FILE_MAX_BYTES: u64 = 64 * 1024 * 1024;
+
 struct Settings {
-    sink: Option<File>,
     show_level: bool,
     show_origin: bool,
     module: Option<String>,
     /// `--id`, shown in each line when given.
     instance_id: Option<String>,
+}
+
+/// Where a queued line goes.
+enum Dest {
+    /// The configured log destination (stderr until one is set).
+    Log,
+    /// Always stderr: the process's own last words (errors, exit reasons).
+    Stderr,
+}
+
+/// The one writer thread's side: it owns the log file, takes new destinations from
+/// [`Shared::new_sink`], and counts what it wrote so [`flush`] can wait for it.
+struct Shared {
+    /// A destination set by [`apply`], taken by the writer before its next line (the writer
+    /// never holds this lock while writing, so `apply` never waits on a stalled sink).
+    new_sink: Mutex<Option<File>>,
+    /// Lines queued (accepted by the channel).
+    queued: AtomicU64,
+    /// Lines the writer is done with (written or failed).
+    done: AtomicU64,
+    /// Lines dropped because the queue was full (or the writer could not start).
+    dropped: AtomicU64,
+    /// Lines that could not be written, or were refused by the file cap.
+    failed: AtomicU64,
+    /// The log file's size cap in bytes.
+    max_file_bytes: AtomicU64,
+}
+
+static SHARED: Shared = Shared {
+    new_sink: Mutex::new(None),
+    queued: AtomicU64::new(0),
+    done: AtomicU64::new(0),
+    dropped: AtomicU64::new(0),
+    failed: AtomicU64::new(0),
+    max_file_bytes: AtomicU64::new(DEFAULT_LOG_FILE_MAX_BYTES),
+};
+
+static QUEUE: OnceLock<Option<SyncSender<(Dest, String)>>> = OnceLock::new();
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// The queue to the writer thread, started on first use (`None` when it cannot start).
+fn queue() -> Option<&'static SyncSender<(Dest, String)>> {
+    QUEUE
+        .get_or_init(|| {
+            let (tx, rx) = sync_channel(LOG_QUEUE_LINES);
+            std::thread::Builder::new()
+                .name("log-writer".into())
+                .spawn(move || writer_loop(rx))
+                .ok()
+                .map(|_| tx)
+        })
+        .as_ref()
+}
+
+/// The writer thread: the only place that writes log lines, so a stalled stderr or log
+/// FIFO blocks only this thread.
+fn writer_loop(rx: Receiver<(Dest, String)>) {
+    // The file, its size, and whether it is a regular file (a FIFO has no size to cap).
+    let mut sink: Option<(File, u64, bool)> = None;
+    let mut capped = false;
+    while let Ok((dest, line)) = rx.recv() {
+        if let Some(f) = lock(&SHARED.new_sink).take() {
+            let (size, is_file) = f.metadata().map_or((0, false), |m| (m.len(), m.is_file()));
+            sink = Some((f, size, is_file));
+            capped = false;
+        }
+        let ok = match (dest, sink.as_mut()) {
+            (Dest::Log, Some((f, size, is_file))) => {
+                let max = SHARED.max_file_bytes.load(Ordering::Relaxed);
+                if *is_file && size.saturating_add(line.len() as u64) > max {
+                    if !capped {
+                        capped = true;
+                        let note = format!(
+                            "cinder: [warn] log file reached its limit of {max} bytes: \
+                             further lines are dropped (see the metrics' logger.missed_log_count)\n"
+                        );
+                        let _ = f.write_all(note.as_bytes());
+                        *size = size.saturating_add(note.len() as u64);
+                    }
+                    false
+                } else {
+                    let r = f.write_all(line.as_bytes()).is_ok();
+                    *size = size.saturating_add(line.len() as u64);
+                    r
+                }
+            }
+            _ => std::io::stderr().lock().write_all(line.as_bytes()).is_ok(),
+        };
+        if !ok {
+            SHARED.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        SHARED.done.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// Queues `line` without ever blocking; a full queue drops it and counts it.
+fn enqueue(dest: Dest, line: String) {
+    let Some(tx) = queue() else {
+        SHARED.dropped.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    SHARED.queued.fetch_add(1, Ordering::AcqRel);
+    match tx.try_send((dest, line)) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+            SHARED.queued.fetch_sub(1, Ordering::AcqRel);
+            SHARED.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Log lines dropped because the writer could not keep up (a stalled stderr or log pipe),
+/// plus those refused by the log file's cap.
+pub fn dropped_lines() -> u64 {
+    SHARED.dropped.load(Ordering::Relaxed) + SHARED.failed.load(Ordering::Relaxed)
+}
+
+/// Writes `msg` and a newline to stderr through the writer thread (never blocking the
+/// caller), whatever the log level and destination: for the process's last words. Call
+/// [`flush`] before exiting.
+pub fn print_stderr(msg: &str) {
+    enqueue(Dest::Stderr, format!("{msg}\n"));
+}
+
+/// Waits until every line queued so far is written, at most `timeout`. Returns whether it
+/// got there (false: stderr or the log file is stalled; the rest is lost at exit).
+pub fn flush(timeout: Duration) -> bool {
+    let target = SHARED.queued.load(Ordering::Acquire);
+    let deadline = Instant::now() + timeout;
+    // Bounded: sleeps of 2 ms until the deadline.
+    loop {
+        if SHARED.done.load(Ordering::Acquire) >= target {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Sets the log file's size cap (bytes).
+pub fn set_max_file_bytes(max: u64) {
+    SHARED.max_file_bytes.store(max, Ordering::Relaxed);
 }
 
 struct CinderLogger {
@@ -30,10 +190,8 @@ impl Log for CinderLogger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let mut s = match self.settings.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
+        // Formatting only under the lock: no I/O here, so no caller ever waits on a sink.
+        let s = lock(&self.settings);
         if let Some(m) = &s.module {
             if !record.module_path().unwrap_or("").starts_with(m.as_str()) {
                 return;
@@ -53,14 +211,9 @@ impl Log for CinderLogger {
                 record.line().unwrap_or(0)
             ));
         }
+        drop(s);
         line.push_str(&format!("{}\n", record.args()));
-        let written = match s.sink.as_mut() {
-            Some(f) => f.write_all(line.as_bytes()).is_ok(),
-            None => false,
-        };
-        if !written {
-            let _ = std::io::stderr().lock().write_all(line.as_bytes());
-        }
+        enqueue(Dest::Log, line);
     }
 
     fn flush(&self) {}
@@ -68,7 +221,6 @@ impl Log for CinderLogger {
 
 static LOGGER: CinderLogger = CinderLogger {
     settings: Mutex::new(Settings {
-        sink: None,
         show_level: true,
         show_origin: false,
         module: None,
@@ -78,15 +230,13 @@ static LOGGER: CinderLogger = CinderLogger {
 
 /// Shows the instance id (`--id`) in each line, after `cinder: ` and before the level.
 pub fn set_instance_id(id: &str) {
-    let mut s = match LOGGER.settings.lock() {
-        Ok(s) => s,
-        Err(p) => p.into_inner(),
-    };
+    let mut s = lock(&LOGGER.settings);
     s.instance_id = Some(id.to_string());
 }
 
 /// Installs the logger at `level` (a second call only changes the level).
 pub fn init(level: LevelFilter) {
+    let _ = queue();
     let _ = log::set_logger(&LOGGER);
     log::set_max_level(level);
 }
@@ -115,13 +265,10 @@ pub fn apply(cfg: &api::model::Logger) -> Result<(), LoggerError> {
         ),
         None => None,
     };
-    let mut s = match LOGGER.settings.lock() {
-        Ok(s) => s,
-        Err(p) => p.into_inner(),
-    };
-    if sink.is_some() {
-        s.sink = sink;
+    if let Some(f) = sink {
+        *lock(&SHARED.new_sink) = Some(f);
     }
+    let mut s = lock(&LOGGER.settings);
     if let Some(v) = cfg.show_level {
         s.show_level = v;
     }

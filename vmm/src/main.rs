@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use api::config::{ConfigError, VmConfig};
 use api::controller::PreBootController;
@@ -132,6 +133,23 @@ struct Cli {
     /// With --console virtio: write the guest's console output to this file (no input).
     #[arg(long, value_name = "PATH", conflicts_with = "console_sock")]
     console_out: Option<PathBuf>,
+
+    /// The most bytes written to the --console-out file (K, M, G suffixes: binary units;
+    /// 0: no limit). The guest's first output is kept, then one line says the rest was
+    /// dropped.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "64M")]
+    console_out_max_size: u64,
+
+    /// The most bytes written to a log file (--log-path or PUT /logger on a regular file;
+    /// 0: no limit). Past it one line says so and further lines are dropped and counted
+    /// (metrics: logger.missed_log_count). A named pipe has no limit.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "64M")]
+    log_max_size: u64,
+
+    /// The most bytes written to a metrics file (0: no limit); past it, lines are dropped
+    /// (metrics: metrics.sink_errors). A named pipe has no limit.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size, default_value = "64M")]
+    metrics_max_size: u64,
 
     /// With --console virtio: connect the console both ways to this listening Unix socket.
     #[arg(long, value_name = "PATH")]
@@ -271,6 +289,26 @@ fn parse_payload_size(s: &str) -> Result<usize, String> {
         Ok(n) => Ok(n),
         Err(e) => Err(format!("not a byte count: {e}")),
     }
+}
+
+/// A byte count with an optional binary suffix: 4096, 64K, 64M, 1G.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, unit) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c.to_ascii_uppercase()),
+        _ => (s, 'B'),
+    };
+    let shift = match unit {
+        'B' => 0,
+        'K' => 10,
+        'M' => 20,
+        'G' => 30,
+        other => return Err(format!("unknown unit {other:?}: use K, M or G")),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|e| format!("not a byte count: {e}"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s} is too large"))
 }
 
 /// Firecracker's rule for an instance id (`--id`): 1 to 64 bytes, each character
@@ -586,8 +624,55 @@ impl Drop for ApiThread {
     }
 }
 
+/// How long cinder waits at exit for its last log lines to be written (stderr or the log
+/// file may be a pipe nobody drains: then they are lost, but cinder still exits).
+const EXIT_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// File descriptors cinder may hold at once, by subsystem (issue 18 item 3): the base (KVM,
+/// the VM, vCPUs, each virtio device's eventfds, irqfds and ioeventfds, disk images, taps,
+/// the log, metrics and console files, signalfd, timers, epolls), the vsock device
+/// (1024 connections and 64 pending), and the API server ([`api::server::fd_budget`]).
+const FD_BUDGET_BASE: u64 = 256;
+/// The vsock device's share of [`FD_BUDGET_BASE`]'s budget.
+const FD_BUDGET_VSOCK: u64 = 1024 + 64;
+
+/// Raises the soft open-files limit to the hard limit (the usual soft limit, 1024, is below
+/// what cinder may need), and warns when even that is below the budget: then a subsystem
+/// that runs out refuses new connections (accept backs off) rather than failing whole.
+fn raise_fd_limit(api_fds: u64) {
+    let budget = (FD_BUDGET_BASE + FD_BUDGET_VSOCK).saturating_add(api_fds);
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads one rlimit from a struct we own.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim = raised;
+        }
+    }
+    if lim.rlim_cur < budget {
+        log::warn!(
+            "the open-files limit (RLIMIT_NOFILE) is {}, below the {budget} cinder may need \
+             ({FD_BUDGET_BASE} for the VM and its devices, {FD_BUDGET_VSOCK} for vsock, \
+             {api_fds} for the API): connections beyond it wait; raise the hard limit \
+             (ulimit -Hn) to lift this",
+            lim.rlim_cur
+        );
+    }
+}
+
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("cinder: error: {msg}");
+    vmm::logger::print_stderr(&format!("cinder: error: {msg}"));
+    vmm::logger::flush(EXIT_FLUSH_TIMEOUT);
     ExitCode::from(1)
 }
 
@@ -638,6 +723,15 @@ fn main() -> ExitCode {
     if let Some(id) = &cli.id {
         vmm::logger::set_instance_id(id);
     }
+    vmm::logger::set_max_file_bytes(cli.log_max_size);
+    vmm::metrics::set_max_file_bytes(cli.metrics_max_size);
+    vmm::console::set_console_out_max_bytes(cli.console_out_max_size);
+    raise_fd_limit(if cli.api_sock.is_some() {
+        u64::try_from(api::server::fd_budget(&api::server::ServerConfig::default()))
+            .unwrap_or(u64::MAX)
+    } else {
+        0
+    });
     // Firecracker's logger flags, applied as `PUT /logger` applies its body (so --level wins
     // over --log-level); a config file's logger comes after, as in Firecracker.
     if let Some(l) = &flag_logger {
@@ -793,7 +887,9 @@ fn main() -> ExitCode {
         .or(flag_metrics.as_ref())
         .map(|m| PathBuf::from(&m.metrics_path));
     if cli.enable_pci {
-        eprintln!("cinder: warning: --enable-pci: cinder has no PCI; devices stay on virtio-mmio");
+        vmm::logger::print_stderr(
+            "cinder: warning: --enable-pci: cinder has no PCI; devices stay on virtio-mmio",
+        );
     }
     let mut rt = match Runtime::new(
         signals,
@@ -822,11 +918,16 @@ fn main() -> ExitCode {
     drop(api_guard);
     match &reason {
         ExitReason::Reset => log::info!("guest reset: exiting"),
-        ExitReason::Escape => eprintln!("\r\ncinder: quit from the console (Ctrl-A x)"),
+        ExitReason::Escape => {
+            vmm::logger::print_stderr("\r\ncinder: quit from the console (Ctrl-A x)")
+        }
         ExitReason::Signal(s) => log::info!("ended by signal {s}"),
-        ExitReason::GuestFatal(why) => eprintln!("cinder: guest failed: {why}"),
-        ExitReason::VmmError(why) => eprintln!("cinder: error: {why}"),
+        ExitReason::GuestFatal(why) => {
+            vmm::logger::print_stderr(&format!("cinder: guest failed: {why}"))
+        }
+        ExitReason::VmmError(why) => vmm::logger::print_stderr(&format!("cinder: error: {why}")),
     }
+    vmm::logger::flush(EXIT_FLUSH_TIMEOUT);
     // Exit codes are 0..=3 and 128 + a signal number: all fit in a u8.
     ExitCode::from(u8::try_from(reason.exit_code()).unwrap_or(1))
 }
@@ -837,6 +938,20 @@ mod tests {
     fn version_names_the_firecracker_api_it_implements() {
         assert!(super::VERSION.contains(api::model::FIRECRACKER_API_VERSION));
         assert!(super::VERSION.starts_with(env!("CARGO_PKG_VERSION")));
+    }
+
+    #[test]
+    fn sizes_take_binary_suffixes() {
+        use super::parse_size as p;
+        assert_eq!(p("4096"), Ok(4096));
+        assert_eq!(p("0"), Ok(0));
+        assert_eq!(p("64K"), Ok(64 << 10));
+        assert_eq!(p("64m"), Ok(64 << 20));
+        assert_eq!(p("1G"), Ok(1 << 30));
+        assert!(p("1T").is_err());
+        assert!(p("").is_err());
+        assert!(p("M").is_err());
+        assert!(p("99999999999999G").is_err());
     }
 
     #[test]

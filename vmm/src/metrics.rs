@@ -131,6 +131,10 @@ impl Metrics {
                 sink_errors: &self.sink_errors,
             }),
         );
+        put(
+            "logger",
+            Ok(serde_json::json!({ "missed_log_count": crate::logger::dropped_lines() })),
+        );
         for (name, v) in devices {
             m.insert(name.clone(), v.clone());
         }
@@ -140,14 +144,49 @@ impl Metrics {
     /// Appends one line to `sink` (see [`open_sink`]). A reader that does not keep up loses
     /// lines; cinder never blocks on it.
     pub fn flush_to(&self, sink: &mut File, devices: &[(String, Value)]) -> std::io::Result<()> {
+        self.flush_capped(sink, devices, max_file_bytes())
+    }
+
+    /// [`Metrics::flush_to`] with the file cap `max` (0: none).
+    fn flush_capped(
+        &self,
+        sink: &mut File,
+        devices: &[(String, Value)],
+        max: u64,
+    ) -> std::io::Result<()> {
         self.flushes.inc();
         let line = self.to_json(devices) + "\n";
+        // A regular file stops growing at its cap (a FIFO has no size).
+        if let Ok(meta) = sink.metadata() {
+            if max != 0 && meta.is_file() && meta.len().saturating_add(line.len() as u64) > max {
+                self.sink_errors.inc();
+                return Err(std::io::Error::other(format!(
+                    "the metrics file reached its limit of {max} bytes (--metrics-max-size)"
+                )));
+            }
+        }
         let res = sink.write_all(line.as_bytes());
         if res.is_err() {
             self.sink_errors.inc();
         }
         res
     }
+}
+
+/// Default cap on a metrics file ([`set_max_file_bytes`], the `--metrics-max-size` flag):
+/// a line a minute takes months to reach it.
+pub const DEFAULT_METRICS_FILE_MAX_BYTES: u64 = 64 * 1024 * 1024;
+
+static MAX_FILE_BYTES: AtomicU64 = AtomicU64::new(DEFAULT_METRICS_FILE_MAX_BYTES);
+
+/// Sets the metrics file's size cap (0: none). Past it, lines are not written and count as
+/// `sink_errors`; the file keeps its first lines.
+pub fn set_max_file_bytes(max: u64) {
+    MAX_FILE_BYTES.store(max, Ordering::Relaxed);
+}
+
+fn max_file_bytes() -> u64 {
+    MAX_FILE_BYTES.load(Ordering::Relaxed)
 }
 
 /// Opens a metrics or log destination that never blocks cinder: a regular file (created
@@ -238,6 +277,23 @@ mod tests {
             e.to_string(),
             "it is a character device, not a regular file or FIFO"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn metrics_file_stops_at_its_cap() {
+        let m = Metrics::default();
+        let dir = std::env::temp_dir().join(format!("cinder-metrics-cap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("m.json");
+        let mut sink = open_sink(&p).unwrap();
+        let line = m.to_json(&[]).len() as u64 + 1;
+        for _ in 0..100 {
+            let _ = m.flush_capped(&mut sink, &[], line * 3 + line / 2);
+        }
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(text.lines().count(), 3, "{text}");
+        assert_eq!(m.sink_errors.get(), 97);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

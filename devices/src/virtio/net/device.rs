@@ -218,9 +218,9 @@ impl Net {
         let flags = self.tun_offload_flags();
         if let Err(e) = self.backend.set_offload(flags) {
             // Without them the host sends complete frames, which every driver accepts.
-            log::error!("virtio-net: cannot set TAP offloads {flags:#x}: {e}; using none");
+            error_ratelimited!("virtio-net: cannot set TAP offloads {flags:#x}: {e}; using none");
             if let Err(e) = self.backend.set_offload(0) {
-                log::error!("virtio-net: cannot clear TAP offloads: {e}");
+                error_ratelimited!("virtio-net: cannot clear TAP offloads: {e}");
             }
         }
     }
@@ -260,7 +260,9 @@ impl Net {
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
-                        log::error!("virtio-net: cannot read from the backend, RX stops: {e}");
+                        error_ratelimited!(
+                            "virtio-net: cannot read from the backend, RX stops: {e}"
+                        );
                         state = RxState::BackendError;
                         break;
                     }

@@ -37,7 +37,7 @@ impl Net {
         };
         match result {
             Ok(()) => self.backend_registered = want,
-            Err(e) => log::error!(
+            Err(e) => error_ratelimited!(
                 "virtio-net: cannot {} the tap fd: {e:?}",
                 if want { "watch" } else { "stop watching" }
             ),
@@ -48,7 +48,9 @@ impl Net {
         let state = self.process_rx();
         self.watch_backend(ops, state.wants_backend_events());
         if state == RxState::BackendError {
-            log::error!("virtio-net: the tap failed; receiving stops until the device is reset");
+            error_ratelimited!(
+                "virtio-net: the tap failed; receiving stops until the device is reset"
+            );
         }
     }
 }

@@ -10,6 +10,19 @@
 //! offloads the guest accepts are applied to the TAP with `TUNSETOFFLOAD` on activation.
 //! cinder never creates or configures host interfaces: the TAP must already exist.
 
+/// `log::error!` limited like [`crate::virtio::log_limit`]'s `warn_ratelimited!`: at most
+/// its `BURST` lines per `WINDOW` per call site. After a TAP failure each guest kick would
+/// otherwise log again, at the guest's kick rate.
+macro_rules! error_ratelimited {
+    ($($arg:tt)+) => {{
+        static LIMITER: $crate::virtio::log_limit::LogLimiter =
+            $crate::virtio::log_limit::LogLimiter::new();
+        if LIMITER.allow() {
+            log::error!($($arg)+);
+        }
+    }};
+}
+
 pub mod device;
 pub mod event_handler;
 pub mod tap;

@@ -685,3 +685,89 @@ fn event_loop_stops_watching_the_backend_without_buffers() {
     assert_eq!(em.run_with_timeout(50).unwrap(), 1);
     assert_eq!(used_of(&mem, rx).len(), 3);
 }
+
+/// A backend whose TAP has failed: every read is an error.
+#[derive(Debug)]
+struct FailedBackend(OwnedFd);
+
+impl AsRawFd for FailedBackend {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+impl NetBackend for FailedBackend {
+    fn recv(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
+        Err(io::Error::from_raw_os_error(libc::EBADFD))
+    }
+    fn send(&mut self, _buf: &[u8]) -> io::Result<usize> {
+        Err(io::Error::from_raw_os_error(libc::EBADFD))
+    }
+    fn set_offload(&mut self, _flags: u32) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EBADFD))
+    }
+}
+
+/// Counts the log lines of this test binary that mention the failed TAP.
+struct CountingLogger(std::sync::atomic::AtomicUsize);
+
+impl log::Log for CountingLogger {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record) {
+        let msg = record.args().to_string();
+        if msg.contains("cannot read from the backend")
+            || msg.contains("the tap failed")
+            || msg.contains("TAP offloads")
+        {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    fn flush(&self) {}
+}
+
+static TAP_FAILURE_LINES: CountingLogger = CountingLogger(std::sync::atomic::AtomicUsize::new(0));
+
+/// Issue 18 item 10: after a TAP failure, each RX kick (and each activation) logged an
+/// error line, at the rate the guest kicks. Now at most a burst per call site and window.
+#[test]
+fn tap_failure_lines_are_rate_limited() {
+    use event_manager::{EventManager, SubscriberOps};
+    // Only this test installs a logger in this binary; the count is of its own lines.
+    let _ = log::set_logger(&TAP_FAILURE_LINES);
+    log::set_max_level(log::LevelFilter::Trace);
+    let mem =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), usize::try_from(MEM_SIZE).unwrap())])
+            .unwrap();
+    let (backend, _peer, _) = pair();
+    let mut net = Net::with_backend(Box::new(FailedBackend(backend.fd)), MAC, 1500).unwrap();
+    net.set_acked_features(feat(&[VIRTIO_NET_F_GUEST_CSUM]));
+    let irq = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+    let (rx_a, rx) = qa(RXQ);
+    let (_, tx) = qa(TXQ);
+    net.activate(mem.clone(), vec![rx, tx], Arc::new(Interrupt::new(irq)))
+        .unwrap();
+    add_chains(&mem, rx_a, &[d(0x10_0000, 2048, F_WRITE, 0)], 0);
+    let rx_kick = net.queue_events()[RX_QUEUE].try_clone().unwrap();
+    let net = Arc::new(Mutex::new(net));
+    let mut em = EventManager::<Arc<Mutex<Net>>>::new().unwrap();
+    em.add_subscriber(net.clone());
+    // The guest kicks the RX queue 500 times (bounded: one event-loop pass each).
+    for _ in 0..500 {
+        rx_kick.write(1).unwrap();
+        em.run_with_timeout(50).unwrap();
+    }
+    for _ in 0..500 {
+        assert_eq!(net.lock().unwrap().process_rx(), RxState::BackendError);
+    }
+    let lines = TAP_FAILURE_LINES.0.load(Ordering::SeqCst);
+    // Three call sites (offloads, read error, "tap failed"), a burst each in one window
+    // (the test runs well within one), plus the clear-offloads line.
+    let most = 4 * crate::virtio::log_limit::BURST as usize;
+    assert!(lines > 0, "no line about the failed TAP");
+    assert!(
+        lines <= most,
+        "{lines} lines about one TAP failure (at most {most})"
+    );
+}
