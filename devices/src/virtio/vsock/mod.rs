@@ -44,6 +44,20 @@ pub const MAX_CONNECTIONS: usize = 1024;
 pub const MAX_PENDING_CONNECTS: usize = 64;
 /// Longest `CONNECT <port>\n` line accepted.
 pub const MAX_CONNECT_LINE: usize = 32;
+/// How long a host client has to send its `CONNECT` line after connecting; then it is dropped
+/// (so idle clients cannot hold the [`MAX_PENDING_CONNECTS`] places).
+pub const CONNECT_LINE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long the guest has to answer a host-initiated REQUEST; then the connection is reset
+/// and the host client sees EOF (Firecracker's 2 s).
+pub const LOCAL_INIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long the listener is left out of the event loop after `accept` failed for want of file
+/// descriptors (EMFILE, ENFILE, ENOBUFS, ENOMEM): the pending client stays in the backlog, and
+/// a level-triggered listener would otherwise wake the loop for it again and again.
+pub const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(200);
+/// Most guest bytes buffered for host sockets across all connections (each connection may
+/// buffer [`conn::CONN_BUF_SIZE`], 1024 x 256 KiB = 256 MiB at worst without this); beyond it,
+/// the connection whose packet went over is reset.
+pub const TX_BUDGET: usize = 32 << 20;
 
 /// Errors creating a [`Vsock`] (checked before the guest starts).
 #[derive(Debug, thiserror::Error)]
