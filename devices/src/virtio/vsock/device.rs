@@ -18,8 +18,8 @@ use vm_memory::VolatileMemory;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-pub use super::backend::{parse_connect, ConnKey};
 use super::backend::{out_of_fds, Backend, HostClient, Timeouts, FIRST_LOCAL_PORT};
+pub use super::backend::{parse_connect, ConnKey};
 use super::packet::{HOST_CID, OP_RW, TYPE_STREAM};
 use super::{
     VsockError, MAX_CONNECTIONS, MAX_CONNECT_LINE, MAX_PENDING_CONNECTS, MAX_PKT_DATA, QUEUE_SIZE,
@@ -151,11 +151,10 @@ impl VsockListener {
         if config.stale_socket() {
             let _ = std::fs::remove_file(&config.uds_path);
         }
-        let (listener, id) =
-            bind_private(&config.uds_path).map_err(|source| VsockError::Bind {
-                path: config.uds_path.clone(),
-                source,
-            })?;
+        let (listener, id) = bind_private(&config.uds_path).map_err(|source| VsockError::Bind {
+            path: config.uds_path.clone(),
+            source,
+        })?;
         Ok(VsockListener {
             path: config.uds_path.clone(),
             listener: Some(listener),

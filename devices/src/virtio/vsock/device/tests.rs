@@ -1,6 +1,6 @@
 use super::*;
-use crate::virtio::vsock::MAX_PENDING_CONNECTS;
 use crate::virtio::vsock::packet::{OP_REQUEST, OP_RST};
+use crate::virtio::vsock::MAX_PENDING_CONNECTS;
 use crate::virtio::Interrupt;
 use crate::virtio::VirtioDevice;
 use crate::GuestMemoryMmap;
@@ -690,7 +690,13 @@ fn spin_until(em: &mut Em, limit: Duration, mut done: impl FnMut() -> bool) -> b
     done()
 }
 
-fn from_guest(src_port: u32, dst_port: u32, len: u32, op: u16, flags: u32) -> [u8; PKT_HEADER_SIZE] {
+fn from_guest(
+    src_port: u32,
+    dst_port: u32,
+    len: u32,
+    op: u16,
+    flags: u32,
+) -> [u8; PKT_HEADER_SIZE] {
     header(
         GUEST_CID,
         HOST_CID,
@@ -806,7 +812,9 @@ fn idle_host_clients_are_dropped_and_do_not_lock_out_others() {
     // And a real client gets through.
     let mut client = UnixStream::connect(&sock).unwrap();
     client.write_all(b"CONNECT 52\n").unwrap();
-    spin_until(&mut em, Duration::from_secs(5), || rig.rx.used().idx().load() > 0);
+    spin_until(&mut em, Duration::from_secs(5), || {
+        rig.rx.used().idx().load() > 0
+    });
     let got = rig.received();
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!((got[0].1, got[0].2), (52, OP_REQUEST));
@@ -825,7 +833,9 @@ fn unanswered_host_initiated_connection_is_reset() {
     spin(&mut em, 1);
     let mut client = UnixStream::connect(dir.0.join("v.sock")).unwrap();
     client.write_all(b"CONNECT 52\n").unwrap();
-    spin_until(&mut em, Duration::from_secs(5), || rig.rx.used().idx().load() > 0);
+    spin_until(&mut em, Duration::from_secs(5), || {
+        rig.rx.used().idx().load() > 0
+    });
     let got = rig.received();
     assert_eq!(got.len(), 1, "{got:?}");
     let local = got[0].0;
@@ -866,7 +876,9 @@ fn unanswered_shutdown_is_reset() {
     spin(&mut em, 2);
     let (peer, _) = host.accept().unwrap();
     drop(peer);
-    spin_until(&mut em, Duration::from_secs(5), || rig.rx.used().idx().load() >= 2);
+    spin_until(&mut em, Duration::from_secs(5), || {
+        rig.rx.used().idx().load() >= 2
+    });
     let ops: Vec<u16> = rig.received().iter().map(|p| p.2).collect();
     assert_eq!(ops, vec![OP_RESPONSE, super::super::packet::OP_SHUTDOWN]);
     assert!(
@@ -930,7 +942,10 @@ fn buffered_bytes_budget_is_enforced() {
     drop(dev);
     peer.set_nonblocking(true).unwrap();
     let got = read_all_nb(&mut peer);
-    assert!(got <= sock_cap + chunk.len(), "{got} bytes reached the host");
+    assert!(
+        got <= sock_cap + chunk.len(),
+        "{got} bytes reached the host"
+    );
 }
 
 fn read_all_nb(s: &mut UnixStream) -> usize {
@@ -962,7 +977,11 @@ fn socket_is_created_0600() {
     // SAFETY: as above, restoring it.
     unsafe { libc::umask(old) };
     let v = v.unwrap();
-    let mode = std::fs::metadata(&cfg.uds_path).unwrap().permissions().mode() & 0o7777;
+    let mode = std::fs::metadata(&cfg.uds_path)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777;
     assert_eq!(mode, 0o600, "mode {mode:o}");
     drop(v);
 }
@@ -995,4 +1014,71 @@ fn only_own_socket_is_removed() {
     let l = VsockListener::bind(&cfg).unwrap();
     drop(l);
     assert!(!cfg.uds_path.exists());
+}
+
+/// Issue 18 item 3: when `accept` fails for want of file descriptors (EMFILE), the listener is
+/// left out of the event loop for a while and re-armed from the timer: the loop does not wake
+/// up again and again for the client in the backlog (413,180 dispatches in 1 s before), and the
+/// client is served once descriptors are free again. RLIMIT_NOFILE is per process, so the test
+/// runs itself again in a child process with the limit lowered there.
+#[test]
+fn accept_out_of_fds_backs_off() {
+    const CHILD: &str = "CINDER_VSOCK_EMFILE_CHILD";
+    const NAME: &str = "virtio::vsock::device::tests::accept_out_of_fds_backs_off";
+    if std::env::var_os(CHILD).is_none() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--nocapture", "--test-threads", "1"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "the child failed:\n{text}");
+        assert!(text.contains("1 passed"), "the child ran no test:\n{text}");
+        return;
+    }
+    let mem = mem();
+    let dir = Dir::new("emfile");
+    let mut rig = Rig::new(&mem);
+    let (v, mut em) = start_with(&rig, &dir, short_timeouts);
+    rig.post_rx(0, 8);
+    kick(&v, RX_QUEUE);
+    spin(&mut em, 1);
+    let mut client = UnixStream::connect(dir.0.join("v.sock")).unwrap();
+    client.write_all(b"CONNECT 52\n").unwrap();
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut old) }, 0);
+    let none = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: setrlimit reads the struct it is given; this process runs only this test.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &none) }, 0);
+    let mut dispatched = 0usize;
+    let until = std::time::Instant::now() + Duration::from_millis(500);
+    while std::time::Instant::now() < until {
+        dispatched += em.run_with_timeout(50).unwrap();
+    }
+    // SAFETY: as above, restoring the limit.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &old) }, 0);
+    println!("dispatched {dispatched} events in 500 ms without file descriptors");
+    // With a 100 ms back-off: about 5 retries, each a listener and a timer event.
+    assert!(
+        dispatched < 100,
+        "{dispatched} event dispatches in 500 ms while accept had no file descriptor"
+    );
+    // Descriptors are back: the client in the backlog is served.
+    spin_until(&mut em, Duration::from_secs(5), || {
+        rig.rx.used().idx().load() > 0
+    });
+    let got = rig.received();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!((got[0].1, got[0].2), (52, OP_REQUEST));
 }
