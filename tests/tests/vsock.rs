@@ -900,6 +900,8 @@ fn guest_connect_to_full_backlog_does_not_stall_under_cinder() {
         .expect_line("dir=out port=", Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("the guest's connection to a full backlog did not end: {e}"));
     assert!(line.0.contains("peer=6000"), "{}", line.0);
+    // Refused by cinder, not given up by the guest's own timer.
+    assert!(line.0.contains("end=peer_rst"), "{}", line.0);
     // A host-initiated connection on the same device is served.
     let mut c =
         cinder_tests::vsock::connect(&uds, PORT, Duration::from_secs(30)).unwrap_or_else(|e| {
