@@ -143,7 +143,7 @@ pub(super) struct Backend {
     pub(super) uds_path: PathBuf,
     pub(super) listener: UnixListener,
     pub(super) conns: HashMap<ConnKey, Connection<UnixStream>>,
-    /// Connections a device reset dropped: their host peers already see EOF, but the fds stay
+    /// Connections a device reset or a timer dropped: their host peers already see EOF, but the fds stay
     /// open until the event loop has taken them out of its epoll set (event-manager can only
     /// unregister an fd that is still open; a closed one would stay registered under its
     /// number and make the next socket with that number fail to register).
@@ -299,13 +299,25 @@ impl Backend {
         }
     }
 
-    /// Timers that ran out by `now`: connections reset (an RST goes to the guest, the host
-    /// peer sees EOF once it is dropped), the listener's back-off ended. Host clients are
-    /// the event loop's (they are registered by token); see `expired_clients`.
+    /// Timers that ran out by `now`: connections reset (an RST goes to the guest when it has
+    /// a receive buffer; the host peer sees EOF at once, as the connection is dropped now, not
+    /// when the RST goes out), the listener's back-off ended. Host clients are the event
+    /// loop's (they are registered by token); see `expired_clients`.
     pub(super) fn expire(&mut self, now: Instant) {
-        for (key, conn) in self.conns.iter_mut() {
-            if conn.expire(now) {
+        let expired: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.deadline().is_some_and(|at| at <= now))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            if let Some(mut conn) = self.conns.remove(&key) {
                 log::info!("virtio-vsock: connection {key:?} timed out; reset");
+                conn.kill();
+                let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+                // Out of the epoll set, then closed, by the event loop.
+                self.dropped.push((key, conn));
+                self.queue_rst(key);
             }
         }
         if self.listener_backoff.is_some_and(|t| t <= now) {

@@ -186,23 +186,12 @@ impl<S: Read + Write> Connection<S> {
         self.shutdown_timeout = d;
     }
 
-    /// When [`Connection::expire`] will reset it (None: no timer runs, or already closed).
+    /// When the owner should reset it (None: no timer runs, or already closed).
     pub fn deadline(&self) -> Option<Instant> {
         if self.state == State::Closed {
             None
         } else {
             self.deadline
-        }
-    }
-
-    /// Resets the connection if its deadline passed by `now`; says whether it did.
-    pub fn expire(&mut self, now: Instant) -> bool {
-        match self.deadline() {
-            Some(at) if at <= now => {
-                self.kill();
-                true
-            }
-            _ => false,
         }
     }
 

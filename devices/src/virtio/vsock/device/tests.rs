@@ -1082,3 +1082,36 @@ fn accept_out_of_fds_backs_off() {
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!((got[0].1, got[0].2), (52, OP_REQUEST));
 }
+
+/// Issue 18 item 7: a guest that posts no receive buffer never even sees the REQUEST; the
+/// host client still gets EOF at the timeout and its socket is closed (not kept until an RST
+/// could be delivered).
+#[test]
+fn host_initiated_connection_to_a_deaf_guest_is_closed() {
+    let mem = mem();
+    let dir = Dir::new("deaf");
+    let rig = Rig::new(&mem);
+    let (v, mut em) = start_with(&rig, &dir, short_timeouts);
+    let mut client = UnixStream::connect(dir.0.join("v.sock")).unwrap();
+    client.write_all(b"CONNECT 52\n").unwrap();
+    assert!(spin_until(&mut em, Duration::from_secs(5), || v
+        .lock()
+        .unwrap()
+        .connection_count()
+        == 1));
+    assert!(
+        spin_until(&mut em, Duration::from_secs(5), || v
+            .lock()
+            .unwrap()
+            .connection_count()
+            == 0),
+        "the connection is still there after 5 s (timeout 300 ms)"
+    );
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    assert_eq!(v.lock().unwrap().interest.conns.len(), 0, "unregistered");
+}
