@@ -15,6 +15,22 @@
 //!   socket, pending `CONNECT` lines), with what it registered kept in `interest`.
 //!
 //! Dependencies point one way: `event_handler` -> `device` -> `backend` -> `conn`.
+//!
+//! Limits, so that neither the guest nor a host client can stall the event loop or grow
+//! cinder without bound:
+//! * Nothing blocks: a guest connection's `connect` to `<uds_path>_<P>` is non-blocking
+//!   (a full backlog is an RST to the guest), every socket is non-blocking.
+//! * Timers (one timerfd per device): [`CONNECT_LINE_TIMEOUT`] for a host client's line,
+//!   [`LOCAL_INIT_TIMEOUT`] for the guest's answer to a host-initiated REQUEST,
+//!   [`conn::SHUTDOWN_TIMEOUT`] for a shutdown to finish.
+//! * Memory: [`TX_BUDGET`] bytes of guest data buffered for host sockets in all, at most
+//!   [`conn::CONN_BUF_SIZE`] per connection; host data goes straight into guest buffers.
+//! * File descriptors: at most [`MAX_CONNECTIONS`] connections plus [`MAX_PENDING_CONNECTS`]
+//!   host clients, the listener, the timer and four event fds (activate, three queues).
+//!   When the process is out of descriptors anyway, a guest REQUEST gets RST and the listener
+//!   rests for [`ACCEPT_BACKOFF`].
+//! * The socket at `uds_path` has mode 0600 (only cinder's user may connect), and only that
+//!   socket, not whatever later took its path, is removed when the device goes.
 
 mod backend;
 pub mod conn;
