@@ -1048,3 +1048,39 @@ fn out_of_fds_backs_off_under_cinder() {
     read_to_eof(&mut client);
     assert_ok(&finish(s));
 }
+
+/// Issue 18 item 7: 64 host clients that connect and never send `CONNECT` used to hold every
+/// pending place for good (the 65th was reset, and host-initiated vsock was locked out). Now
+/// each is dropped after the line timeout (5 s), and a real client gets through after them.
+#[test]
+fn idle_host_clients_do_not_lock_out_others_under_cinder() {
+    require_kvm();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("vsock-idle");
+    let (s, uds) = start(&dir, "probe.vsock_conns=1 probe.vsock_ms=60000");
+    let mut idle: Vec<UnixStream> = (0..64)
+        .map(|i| UnixStream::connect(&uds).unwrap_or_else(|e| panic!("idle client {i}: {e}")))
+        .collect();
+    let t0 = Instant::now();
+    for (i, c) in idle.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut b = [0u8; 1];
+        match c.read(&mut b) {
+            Ok(0) => {}
+            other => panic!(
+                "idle client {i}: {other:?} after {:?}, expected EOF\n{}",
+                t0.elapsed(),
+                s.log()
+            ),
+        }
+    }
+    println!("64 idle clients dropped after {:?}", t0.elapsed());
+    let mut c = connect(&uds, PORT).unwrap_or_else(|e| panic!("after the idle clients: {e}"));
+    c.write_all(b"hello").expect("send");
+    c.shutdown(Shutdown::Write).expect("half close");
+    read_to_eof(&mut c);
+    let r = finish(s);
+    assert_ok(&r);
+    assert_eq!(r.num("rx_sum"), Some(fnv1a(b"hello")));
+}
