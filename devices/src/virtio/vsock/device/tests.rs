@@ -1049,6 +1049,7 @@ fn accept_out_of_fds_backs_off() {
     spin(&mut em, 1);
     let mut client = UnixStream::connect(dir.0.join("v.sock")).unwrap();
     client.write_all(b"CONNECT 52\n").unwrap();
+    let _host = UnixListener::bind(dir.0.join("v.sock_7100")).unwrap();
     let mut old = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -1066,8 +1067,15 @@ fn accept_out_of_fds_backs_off() {
     while std::time::Instant::now() < until {
         dispatched += em.run_with_timeout(50).unwrap();
     }
+    // A guest connection needs a descriptor too: refused with RST, nothing else happens.
+    rig.send(from_guest(1234, 7100, 0, OP_REQUEST, 0), &[]);
+    kick(&v, TX_QUEUE);
+    spin(&mut em, 2);
     // SAFETY: as above, restoring the limit.
     assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &old) }, 0);
+    let got = rig.received();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!((got[0].0, got[0].1, got[0].2), (7100, 1234, OP_RST));
     println!("dispatched {dispatched} events in 500 ms without file descriptors");
     // With a 100 ms back-off: about 5 retries, each a listener and a timer event.
     assert!(
