@@ -621,8 +621,18 @@ const BIG: usize = 64 << 20;
 const STEP: Duration = Duration::from_secs(120);
 
 fn start(dir: &TempDir, keys: &str) -> (Session, std::path::PathBuf) {
+    start_with(dir, keys, |_| {})
+}
+
+/// [`start`], with `tweak` applied to the command first.
+fn start_with(
+    dir: &TempDir,
+    keys: &str,
+    tweak: impl FnOnce(&mut Command),
+) -> (Session, std::path::PathBuf) {
     let uds = dir.join("v.sock");
     let mut c = Command::new(cinder_bin());
+    tweak(&mut c);
     c.arg("--kernel")
         .arg(probe::elf_path())
         .args(["--vsock", &format!("cid={CID},uds={}", uds.display())])
@@ -864,4 +874,213 @@ fn stalled_guest_bounds_cinder_memory_under_cinder() {
     assert_ok(&r);
     assert_eq!(r.num("stalled"), Some(1), "{}", r.details);
     assert_eq!(r.num("credit_violations"), Some(0));
+}
+
+/// Issue 18 item 1: the guest connects to a host port whose listener's backlog is full (the
+/// host never accepts). cinder used to wait in a blocking connect() on the device loop, with
+/// the device locked, until the host accepted: every other connection stalled with it. Now the
+/// guest gets RST at once, and a host-initiated connection on the same device goes through.
+#[test]
+fn guest_connect_to_full_backlog_does_not_stall_under_cinder() {
+    use std::os::fd::AsRawFd;
+    require_kvm();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("vsock-backlog");
+    let l = UnixListener::bind(dir.join("v.sock_6000")).expect("listen on v.sock_6000");
+    // SAFETY: listen() again on a listening socket only changes its backlog, here to 0.
+    assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 0) }, 0, "listen(0)");
+    // Backlog 0 holds one connection that is not accepted: after this one it is full.
+    let _filler = UnixStream::connect(dir.join("v.sock_6000")).expect("fill the backlog");
+    let (mut s, uds) = start(
+        &dir,
+        "probe.vsock_host_port=6000 probe.vsock_bytes=1000 probe.vsock_conns=1",
+    );
+    // The guest's connection to port 6000 is refused (RST), promptly.
+    let line = s
+        .expect_line("dir=out port=", Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("the guest's connection to a full backlog did not end: {e}"));
+    assert!(line.0.contains("peer=6000"), "{}", line.0);
+    // Refused by cinder, not given up by the guest's own timer.
+    assert!(line.0.contains("end=peer_rst"), "{}", line.0);
+    // A host-initiated connection on the same device is served.
+    let mut c =
+        cinder_tests::vsock::connect(&uds, PORT, Duration::from_secs(30)).unwrap_or_else(|e| {
+            panic!(
+                "host connection while the guest's was refused: {e}\n{}",
+                s.log()
+            )
+        });
+    c.write_all(b"hello").expect("send");
+    c.shutdown(Shutdown::Write).expect("half close");
+    read_to_eof(&mut c);
+    s.expect("PROBE DONE", STEP)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let r = result(s);
+    // The host's 5 bytes arrived; the guest's own connection was the one reset (RST, not an
+    // orderly close).
+    assert_eq!(r.num("rx_bytes"), Some(5), "{}", r.details);
+    assert_eq!(r.num("in"), Some(1), "{}", r.details);
+    assert_eq!(r.num("out"), Some(1), "{}", r.details);
+    assert_eq!(r.num("unorderly"), Some(1), "{}", r.details);
+    drop(l);
+}
+
+/// Issue 15: the socket at `uds_path` has mode 0600 even when cinder runs under umask 000
+/// (it was created with the umask's mode: 0777 here, any local user could connect).
+#[test]
+fn socket_is_0600_under_umask_000_under_cinder() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    require_kvm();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("vsock-mode");
+    let (s, uds) = start_with(&dir, "probe.vsock_conns=1", |c| {
+        // SAFETY: umask is async-signal-safe and touches nothing but the child's mask.
+        unsafe {
+            c.pre_exec(|| {
+                libc::umask(0);
+                Ok(())
+            });
+        }
+    });
+    let mode = std::fs::metadata(&uds)
+        .expect("the socket exists")
+        .permissions()
+        .mode()
+        & 0o7777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o} under umask 000");
+    let mut c = connect(&uds, PORT).unwrap_or_else(|e| panic!("{e}"));
+    c.shutdown(Shutdown::Write).expect("half close");
+    read_to_eof(&mut c);
+    assert_ok(&finish(s));
+}
+
+/// utime + stime of thread `name` of process `pid`, in clock ticks.
+fn thread_cpu_ticks(pid: u32, name: &str) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+        // Fields after the command name (which is in parentheses); utime and stime are the
+        // 14th and 15th fields of the line, the 12th and 13th after it.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        return Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?);
+    }
+    None
+}
+
+/// Sets process `pid`'s RLIMIT_NOFILE to `new` (if given); returns the one it had.
+fn nofile_limit(pid: u32, new: Option<libc::rlimit>) -> libc::rlimit {
+    let pid = libc::pid_t::try_from(pid).expect("a pid fits pid_t");
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    let new_ptr = new
+        .as_ref()
+        .map_or(std::ptr::null(), |n| n as *const libc::rlimit);
+    // SAFETY: prlimit reads `new_ptr` (null or a live rlimit) and writes `old`, both valid for
+    // the call; it acts on our own child.
+    let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, new_ptr, &mut old) };
+    assert_eq!(r, 0, "prlimit: {}", io::Error::last_os_error());
+    old
+}
+
+/// Issue 18 item 3: cinder out of file descriptors (RLIMIT_NOFILE lowered to what it has open)
+/// with host clients waiting in the vsock listener's backlog. The device loop used to wake up
+/// for the listener without end (413,180 dispatches in 1 s); now it leaves the listener alone
+/// for a while, so the device thread uses little CPU (a bound, not a speed: it was ~100 %),
+/// and it serves the clients once descriptors are free again.
+#[test]
+fn out_of_fds_backs_off_under_cinder() {
+    require_kvm();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("vsock-emfile");
+    let (s, uds) = start(&dir, "probe.vsock_conns=1 probe.vsock_ms=60000");
+    let pid = s.pid();
+    let old = nofile_limit(pid, None);
+    // A soft limit of 0: no new descriptor can be made in cinder (the hard limit is kept, so
+    // the old one can be restored).
+    nofile_limit(
+        pid,
+        Some(libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: old.rlim_max,
+        }),
+    );
+    let mut client = UnixStream::connect(&uds).expect("connect (it waits in the backlog)");
+    client
+        .write_all(format!("CONNECT {PORT}\n").as_bytes())
+        .expect("send the CONNECT line");
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = thread_cpu_ticks(pid, "devices").expect("the devices thread");
+    std::thread::sleep(Duration::from_secs(2));
+    let t1 = thread_cpu_ticks(pid, "devices").expect("the devices thread");
+    nofile_limit(pid, Some(old));
+    // SAFETY: sysconf has no memory arguments.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
+    println!(
+        "devices thread: {} ticks in 2 s out of file descriptors (hz {hz})",
+        t1 - t0
+    );
+    assert!(
+        (t1 - t0) * 10 < 2 * hz,
+        "the devices thread used {} ticks (hz {hz}) in 2 s while out of file descriptors\n{}",
+        t1 - t0,
+        s.log()
+    );
+    // Descriptors are back: the client is served.
+    client
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut line = [0u8; 32];
+    let n = client.read(&mut line).expect("OK line");
+    assert!(
+        line[..n].starts_with(b"OK "),
+        "{:?}",
+        String::from_utf8_lossy(&line[..n])
+    );
+    client.shutdown(Shutdown::Write).expect("half close");
+    read_to_eof(&mut client);
+    assert_ok(&finish(s));
+}
+
+/// Issue 18 item 7: 64 host clients that connect and never send `CONNECT` used to hold every
+/// pending place for good (the 65th was reset, and host-initiated vsock was locked out). Now
+/// each is dropped after the line timeout (5 s), and a real client gets through after them.
+#[test]
+fn idle_host_clients_do_not_lock_out_others_under_cinder() {
+    require_kvm();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("vsock-idle");
+    let (s, uds) = start(&dir, "probe.vsock_conns=1 probe.vsock_ms=60000");
+    let mut idle: Vec<UnixStream> = (0..64)
+        .map(|i| UnixStream::connect(&uds).unwrap_or_else(|e| panic!("idle client {i}: {e}")))
+        .collect();
+    let t0 = Instant::now();
+    for (i, c) in idle.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let mut b = [0u8; 1];
+        match c.read(&mut b) {
+            Ok(0) => {}
+            other => panic!(
+                "idle client {i}: {other:?} after {:?}, expected EOF\n{}",
+                t0.elapsed(),
+                s.log()
+            ),
+        }
+    }
+    println!("64 idle clients dropped after {:?}", t0.elapsed());
+    let mut c = connect(&uds, PORT).unwrap_or_else(|e| panic!("after the idle clients: {e}"));
+    c.write_all(b"hello").expect("send");
+    c.shutdown(Shutdown::Write).expect("half close");
+    read_to_eof(&mut c);
+    let r = finish(s);
+    assert_ok(&r);
+    assert_eq!(r.num("rx_sum"), Some(fnv1a(b"hello")));
 }

@@ -11,6 +11,7 @@
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::num::Wrapping;
+use std::time::{Duration, Instant};
 
 use super::packet::{
     OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN,
@@ -21,6 +22,10 @@ use super::packet::{
 pub const CONN_BUF_SIZE: u32 = 256 * 1024;
 /// Send a CREDIT_UPDATE unprompted once the guest's view of our free space is this stale.
 pub const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_SIZE / 4;
+/// How long a closing connection may take: after cinder sent SHUTDOWN the guest has this long
+/// to answer RST; after the guest sent SHUTDOWN, the host socket has this long without taking
+/// a byte to take the rest of the guest's data. Then the connection is reset.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Where a connection is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +128,11 @@ pub struct Connection<S> {
     peer_shutdown: u32,
     /// Host-initiated connections still owe the host client `OK <port>\n`.
     owe_ok: bool,
+    /// When the connection is reset unless it moved on: the guest's RESPONSE (host-initiated,
+    /// set by the owner with [`Connection::set_deadline`]) or the end of a shutdown.
+    deadline: Option<Instant>,
+    /// How long a shutdown may take ([`SHUTDOWN_TIMEOUT`]).
+    shutdown_timeout: Duration,
 }
 
 impl<S: Read + Write> Connection<S> {
@@ -160,6 +170,28 @@ impl<S: Read + Write> Connection<S> {
             host_eof: false,
             peer_shutdown: 0,
             owe_ok: false,
+            deadline: None,
+            shutdown_timeout: SHUTDOWN_TIMEOUT,
+        }
+    }
+
+    /// Reset the connection at `at` unless it moves on before: for a host-initiated one, until
+    /// the guest's RESPONSE.
+    pub fn set_deadline(&mut self, at: Instant) {
+        self.deadline = Some(at);
+    }
+
+    /// How long a shutdown may take (default [`SHUTDOWN_TIMEOUT`]).
+    pub fn set_shutdown_timeout(&mut self, d: Duration) {
+        self.shutdown_timeout = d;
+    }
+
+    /// When the owner should reset it (None: no timer runs, or already closed).
+    pub fn deadline(&self) -> Option<Instant> {
+        if self.state == State::Closed {
+            None
+        } else {
+            self.deadline
         }
     }
 
@@ -191,6 +223,9 @@ impl<S: Read + Write> Connection<S> {
             rst: true,
             ..Pending::default()
         };
+        // Nothing more goes to the host: free the buffer now.
+        self.tx_buf = VecDeque::new();
+        self.deadline = None;
     }
 
     /// Closed with nothing left to send: the device drops it.
@@ -249,6 +284,7 @@ impl<S: Read + Write> Connection<S> {
             }
             (OP_RESPONSE, State::LocalInit) => {
                 self.state = State::Established;
+                self.deadline = None;
                 if self.owe_ok {
                     self.owe_ok = false;
                     let line = format!("OK {}\n", self.local_port);
@@ -284,8 +320,12 @@ impl<S: Read + Write> Connection<S> {
                 Ok(())
             }
             (OP_SHUTDOWN, State::Established) => {
+                let was = self.peer_shutdown;
                 self.peer_shutdown |= hdr.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND);
                 if self.peer_shutdown == SHUTDOWN_RCV | SHUTDOWN_SEND {
+                    if was != self.peer_shutdown {
+                        self.deadline = Some(Instant::now() + self.shutdown_timeout);
+                    }
                     // The guest is done: pass on everything it sent, then reset. What the host
                     // socket cannot take now is written as it drains (`flush_host` sends the
                     // RST once the buffer is empty), so nothing the guest sent is lost.
@@ -332,6 +372,9 @@ impl<S: Read + Write> Connection<S> {
         if self.peer_shutdown == SHUTDOWN_RCV | SHUTDOWN_SEND {
             if self.tx_buf.is_empty() && self.state != State::Closed {
                 self.kill();
+            } else if total > 0 && self.state != State::Closed {
+                // The host still takes the guest's last bytes: its time starts again.
+                self.deadline = Some(Instant::now() + self.shutdown_timeout);
             }
             return Ok(total);
         }
@@ -385,6 +428,10 @@ impl<S: Read + Write> Connection<S> {
                     Ok(0) => {
                         self.host_eof = true;
                         self.host_readable = false;
+                        // The guest answers RST; if it does not in time, cinder resets.
+                        if self.deadline.is_none() {
+                            self.deadline = Some(Instant::now() + self.shutdown_timeout);
+                        }
                         return Some(self.header(OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, 0));
                     }
                     Ok(got) => {

@@ -4,20 +4,26 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io::{self};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use socket2::{Domain, SockAddr, Socket, Type};
 
 use virtio_queue::{QueueOwnedT, QueueT};
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
 use vm_memory::VolatileMemory;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
+use super::backend::{out_of_fds, Backend, HostClient, Timeouts, FIRST_LOCAL_PORT};
 pub use super::backend::{parse_connect, ConnKey};
-use super::backend::{Backend, HostClient, FIRST_LOCAL_PORT};
 use super::packet::{HOST_CID, OP_RW, TYPE_STREAM};
 use super::{
     VsockError, MAX_CONNECTIONS, MAX_CONNECT_LINE, MAX_PENDING_CONNECTS, MAX_PKT_DATA, QUEUE_SIZE,
-    RX_QUEUE, TX_QUEUE,
+    RX_QUEUE, TX_BUDGET, TX_QUEUE,
 };
 use crate::virtio::device_core::{rearm_when_empty, CoreDevice, DeviceCore};
 use crate::virtio::log_limit::warn_ratelimited;
@@ -74,12 +80,67 @@ impl VsockConfig {
     }
 }
 
+/// Mode of the socket file at `uds_path`: only cinder's own user may connect.
+pub const SOCKET_MODE: u32 = 0o600;
+/// Backlog of the listener at `uds_path`.
+const LISTEN_BACKLOG: i32 = 128;
+
+/// Which file cinder created at a path (device and inode), so that only that file is removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    /// The socket file at `path`, if a socket is there.
+    fn of_socket(path: &Path) -> Option<FileId> {
+        let m = path.symlink_metadata().ok()?;
+        m.file_type().is_socket().then(|| FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+}
+
+/// Removes the socket file at `path` if it is still the one cinder bound (`id`): whatever
+/// replaced it since (another process's socket, a file) is left alone.
+fn remove_own_socket(path: &Path, id: Option<FileId>) {
+    if id.is_some() && FileId::of_socket(path) == id {
+        if let Err(e) = std::fs::remove_file(path) {
+            log::warn!("virtio-vsock: cannot remove {}: {e}", path.display());
+        }
+    }
+}
+
+/// Binds a listening Unix socket at `path` whose file has mode [`SOCKET_MODE`] whatever the
+/// umask. The mode is set between bind() and listen(): in that window the file exists with
+/// the umask's mode, but a connect() to a socket that does not listen yet is refused, so no
+/// client gets in before the mode is 0600 (and no process-wide umask is touched, which other
+/// threads would see). Returns the listener (non-blocking) and the file's identity.
+fn bind_private(path: &Path) -> io::Result<(UnixListener, Option<FileId>)> {
+    let addr = SockAddr::unix(path)?;
+    let sock = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    sock.bind(&addr)?;
+    let id = FileId::of_socket(path);
+    let listen = std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
+        .and_then(|()| sock.listen(LISTEN_BACKLOG))
+        .and_then(|()| sock.set_nonblocking(true));
+    if let Err(e) = listen {
+        remove_own_socket(path, id);
+        return Err(e);
+    }
+    Ok((UnixListener::from(sock), id))
+}
+
 /// The listening socket of a vsock device, bound ahead of the device. Until a [`Vsock`]
-/// takes it, dropping it removes the socket file (as dropping the device does).
+/// takes it, dropping it removes the socket file (as dropping the device does), if the file
+/// at the path is still the socket it bound.
 #[derive(Debug)]
 pub struct VsockListener {
     path: PathBuf,
     listener: Option<UnixListener>,
+    id: Option<FileId>,
 }
 
 impl VsockListener {
@@ -90,15 +151,14 @@ impl VsockListener {
         if config.stale_socket() {
             let _ = std::fs::remove_file(&config.uds_path);
         }
-        let listener = UnixListener::bind(&config.uds_path)
-            .and_then(|l| l.set_nonblocking(true).map(|()| l))
-            .map_err(|source| VsockError::Bind {
-                path: config.uds_path.clone(),
-                source,
-            })?;
+        let (listener, id) = bind_private(&config.uds_path).map_err(|source| VsockError::Bind {
+            path: config.uds_path.clone(),
+            source,
+        })?;
         Ok(VsockListener {
             path: config.uds_path.clone(),
             listener: Some(listener),
+            id,
         })
     }
 
@@ -117,7 +177,7 @@ impl VsockListener {
 impl Drop for VsockListener {
     fn drop(&mut self) {
         if self.listener.is_some() {
-            let _ = std::fs::remove_file(&self.path);
+            remove_own_socket(&self.path, self.id);
         }
     }
 }
@@ -127,6 +187,12 @@ pub struct Vsock {
     pub(super) backend: Backend,
     pub(super) core: DeviceCore,
     pub(super) interest: super::interest::Interest,
+    /// One-shot timer at the backend's earliest deadline (non-blocking).
+    pub(super) timer: TimerFd,
+    /// What `timer` is armed for (None: disarmed).
+    pub(super) timer_at: Option<Instant>,
+    /// The socket file this device removes when dropped (if still the same).
+    socket_id: Option<FileId>,
 }
 
 impl fmt::Debug for Vsock {
@@ -163,6 +229,7 @@ impl Vsock {
             });
         }
         let path = listener.path.clone();
+        let socket_id = listener.id;
         let listener = listener.into_listener().ok_or_else(|| VsockError::Bind {
             path,
             source: io::Error::other("the listener was already handed over"),
@@ -175,6 +242,16 @@ impl Vsock {
             &[QUEUE_SIZE; 3],
         )
         .map_err(VsockError::EventFd)?;
+        let timer = TimerFd::new().map_err(|e| VsockError::EventFd(e.into()))?;
+        // SAFETY: fcntl(F_GETFL/F_SETFL) on the timerfd this function owns; no memory is passed.
+        let nonblocking = unsafe {
+            let fd = timer.as_raw_fd();
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+        };
+        if !nonblocking {
+            return Err(VsockError::EventFd(io::Error::last_os_error()));
+        }
         Ok(Vsock {
             backend: Backend {
                 cid: config.guest_cid,
@@ -186,9 +263,15 @@ impl Vsock {
                 rst_queue: VecDeque::new(),
                 next_local_port: FIRST_LOCAL_PORT,
                 scratch: vec![0u8; MAX_PKT_DATA as usize],
+                timeouts: Timeouts::default(),
+                listener_backoff: None,
+                tx_budget: TX_BUDGET,
             },
             core,
             interest: super::interest::Interest::default(),
+            timer,
+            timer_at: None,
+            socket_id,
         })
     }
 
@@ -226,6 +309,17 @@ impl Vsock {
                 Some(s)
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            Err(e) if out_of_fds(&e) => {
+                // The client stays in the backlog and the listener stays readable: leave it
+                // out of the event loop for a while instead of waking up for it again and
+                // again.
+                let pause = self.backend.timeouts.accept_backoff;
+                warn_ratelimited!(
+                    "virtio-vsock: cannot accept a host client: {e}; not accepting for {pause:?}"
+                );
+                self.backend.listener_backoff = Some(Instant::now() + pause);
+                None
+            }
             Err(e) => {
                 warn_ratelimited!("virtio-vsock: accept failed: {e}");
                 None
@@ -239,6 +333,7 @@ impl Vsock {
             HostClient {
                 stream,
                 line: Vec::with_capacity(MAX_CONNECT_LINE),
+                deadline: Instant::now() + self.backend.timeouts.connect_line,
             },
         );
     }
@@ -373,7 +468,7 @@ impl Vsock {
 
 impl Drop for Vsock {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.backend.uds_path);
+        remove_own_socket(&self.backend.uds_path, self.socket_id);
     }
 }
 

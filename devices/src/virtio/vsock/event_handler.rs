@@ -5,9 +5,15 @@
 //! complete; and each connection's socket, for reading only while the guest has credit and
 //! cinder does not already know there is data, for writing only while guest bytes wait. A
 //! socket with nothing to wait for is not in the epoll set at all, so a hung-up peer cannot
-//! make the loop spin.
+//! make the loop spin. The listener is left out for a while after `accept` ran out of file
+//! descriptors (level-triggered, it would otherwise wake the loop without end).
+//!
+//! One timerfd, armed at the backend's earliest deadline (a host client's `CONNECT` line, a
+//! host-initiated connection waiting for the guest, a shutdown, the listener's back-off),
+//! brings the loop back when one runs out.
 
 use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
@@ -20,11 +26,12 @@ use crate::virtio::log_limit::warn_ratelimited;
 use crate::virtio::VirtioDevice;
 
 const LISTENER_EVENT: u32 = u32::MAX - 1;
+const TIMER_EVENT: u32 = u32::MAX - 2;
 
 impl Vsock {
     /// Bring the epoll set in line with what each connection wants; drop finished ones.
     fn sync_interest(&mut self, ops: &mut EventOps) {
-        let want_listener = self.is_activated();
+        let want_listener = self.is_activated() && self.backend.listener_backoff.is_none();
         if want_listener != self.interest.listener_watched {
             let ev = Events::with_data(&self.backend.listener, LISTENER_EVENT, EventSet::IN);
             let r = if want_listener {
@@ -117,6 +124,48 @@ impl Vsock {
             }
             self.interest.conns.insert(key, (tok, fd, want));
         }
+        self.arm_timer();
+    }
+
+    /// Arms the timer at the earliest deadline (or disarms it), if that changed.
+    fn arm_timer(&mut self) {
+        let next = self.backend.next_deadline();
+        if next == self.timer_at {
+            return;
+        }
+        let r = match next {
+            // A zero duration would disarm it: a deadline already past fires at once.
+            Some(at) => {
+                let d = at.saturating_duration_since(Instant::now());
+                self.timer.reset(d.max(Duration::from_nanos(1)), None)
+            }
+            None => self.timer.clear(),
+        };
+        match r {
+            Ok(()) => self.timer_at = next,
+            Err(e) => warn_ratelimited!("virtio-vsock: cannot set the timer: {e}"),
+        }
+    }
+
+    /// The timer fired: whatever ran out is dropped or reset.
+    fn on_timer(&mut self, ops: &mut EventOps) {
+        // Non-blocking: nothing to read (a re-arm cleared it) is fine.
+        let _ = self.timer.wait();
+        self.timer_at = None;
+        self.expire(Instant::now(), ops);
+    }
+
+    /// Drops the host clients whose `CONNECT` line is overdue at `now` and resets the
+    /// connections whose timers ran out (the caller brings the epoll set in line after).
+    fn expire(&mut self, now: Instant, ops: &mut EventOps) {
+        for tok in self.backend.expired_clients(now) {
+            self.interest.tokens.remove(&tok);
+            if let Some(client) = self.backend.clients.remove(&tok) {
+                log::info!("virtio-vsock: host client sent no CONNECT line in time; dropped");
+                let _ = ops.remove(Events::with_data(&client.stream, tok, EventSet::IN));
+            }
+        }
+        self.backend.expire(now);
     }
 
     fn on_listener(&mut self, ops: &mut EventOps) {
@@ -178,6 +227,9 @@ impl Vsock {
 impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
         self.core.init_events(ops);
+        if let Err(e) = ops.add(Events::with_data(&self.timer, TIMER_EVENT, EventSet::IN)) {
+            log::error!("virtio-vsock: cannot watch the timer: {e:?}");
+        }
         self.sync_interest(ops);
     }
 
@@ -192,6 +244,7 @@ impl MutEventSubscriber for Vsock {
                 debug_assert!(index == RX_QUEUE || index == TX_QUEUE || index == EVENT_QUEUE);
             }
             CoreEvent::Other(LISTENER_EVENT) => self.on_listener(ops),
+            CoreEvent::Other(TIMER_EVENT) => self.on_timer(ops),
             CoreEvent::Other(tok) => match self.interest.tokens.get(&tok).copied() {
                 Some(Token::Client) => self.on_client(tok, ops),
                 Some(Token::Conn(key)) => self.on_conn(key, events.event_set()),

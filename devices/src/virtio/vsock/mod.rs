@@ -15,6 +15,22 @@
 //!   socket, pending `CONNECT` lines), with what it registered kept in `interest`.
 //!
 //! Dependencies point one way: `event_handler` -> `device` -> `backend` -> `conn`.
+//!
+//! Limits, so that neither the guest nor a host client can stall the event loop or grow
+//! cinder without bound:
+//! * Nothing blocks: a guest connection's `connect` to `<uds_path>_<P>` is non-blocking
+//!   (a full backlog is an RST to the guest), every socket is non-blocking.
+//! * Timers (one timerfd per device): [`CONNECT_LINE_TIMEOUT`] for a host client's line,
+//!   [`LOCAL_INIT_TIMEOUT`] for the guest's answer to a host-initiated REQUEST,
+//!   [`conn::SHUTDOWN_TIMEOUT`] for a shutdown to finish.
+//! * Memory: [`TX_BUDGET`] bytes of guest data buffered for host sockets in all, at most
+//!   [`conn::CONN_BUF_SIZE`] per connection; host data goes straight into guest buffers.
+//! * File descriptors: at most [`MAX_CONNECTIONS`] connections plus [`MAX_PENDING_CONNECTS`]
+//!   host clients, the listener, the timer and four event fds (activate, three queues).
+//!   When the process is out of descriptors anyway, a guest REQUEST gets RST and the listener
+//!   rests for [`ACCEPT_BACKOFF`].
+//! * The socket at `uds_path` has mode 0600 (only cinder's user may connect), and only that
+//!   socket, not whatever later took its path, is removed when the device goes.
 
 mod backend;
 pub mod conn;
@@ -44,6 +60,20 @@ pub const MAX_CONNECTIONS: usize = 1024;
 pub const MAX_PENDING_CONNECTS: usize = 64;
 /// Longest `CONNECT <port>\n` line accepted.
 pub const MAX_CONNECT_LINE: usize = 32;
+/// How long a host client has to send its `CONNECT` line after connecting; then it is dropped
+/// (so idle clients cannot hold the [`MAX_PENDING_CONNECTS`] places).
+pub const CONNECT_LINE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long the guest has to answer a host-initiated REQUEST; then the connection is reset
+/// and the host client sees EOF (Firecracker's 2 s).
+pub const LOCAL_INIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long the listener is left out of the event loop after `accept` failed for want of file
+/// descriptors (EMFILE, ENFILE, ENOBUFS, ENOMEM): the pending client stays in the backlog, and
+/// a level-triggered listener would otherwise wake the loop for it again and again.
+pub const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(200);
+/// Most guest bytes buffered for host sockets across all connections (each connection may
+/// buffer [`conn::CONN_BUF_SIZE`], 1024 x 256 KiB = 256 MiB at worst without this); beyond it,
+/// the connection whose packet went over is reset.
+pub const TX_BUDGET: usize = 32 << 20;
 
 /// Errors creating a [`Vsock`] (checked before the guest starts).
 #[derive(Debug, thiserror::Error)]

@@ -192,3 +192,47 @@ fn unknown_op_resets_and_wrapping_counters() {
     c.on_guest_packet(&hdr(OP_RW, 0, 10, 0), b"late").unwrap();
     assert!(c.is_done());
 }
+
+/// Shutdown timers (issue 18 item 7): after the guest's full SHUTDOWN, the deadline runs while
+/// guest bytes wait for a host that does not read, and starts again whenever the host takes
+/// some; after the host's EOF (SHUTDOWN to the guest) it runs until the guest's RST.
+#[test]
+fn shutdown_deadlines() {
+    let (ours, mut host) = pair();
+    let mut c = Connection::from_guest(ours, 1, 2, &hdr(OP_REQUEST, 0, 100, 0));
+    c.set_shutdown_timeout(std::time::Duration::from_secs(60));
+    let mut buf = [0u8; 16];
+    c.next_rx(&mut buf);
+    assert_eq!(c.deadline(), None, "an open connection has no timer");
+    // Fill the host socket, then more: it stays in tx_buf.
+    let chunk = vec![1u8; 64 * 1024];
+    while c.tx_pending() < 128 * 1024 {
+        c.on_guest_packet(&hdr(OP_RW, 0, 100, 0), &chunk).unwrap();
+    }
+    c.on_guest_packet(&hdr(OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND, 0, 0), &[])
+        .unwrap();
+    let first = c.deadline().expect("a shutdown timer");
+    assert!(first > std::time::Instant::now() + std::time::Duration::from_secs(50));
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    // The host takes some: the timer starts again.
+    let mut sink = vec![0u8; 64 * 1024];
+    let _ = host.read(&mut sink).unwrap();
+    assert!(c.flush_host().unwrap() > 0);
+    let second = c.deadline().expect("still running");
+    assert!(second > first, "progress restarts the timer");
+    // A reset ends the timer and frees the buffer.
+    c.kill();
+    assert_eq!(c.deadline(), None);
+    assert_eq!(c.tx_pending(), 0);
+
+    // Host EOF: SHUTDOWN to the guest starts the timer; the guest's RST ends the connection.
+    let (ours, host) = pair();
+    let mut c = Connection::from_guest(ours, 1, 2, &hdr(OP_REQUEST, 0, 100, 0));
+    c.next_rx(&mut buf);
+    drop(host);
+    c.set_host_readable();
+    assert_eq!(c.next_rx(&mut buf).map(|p| p.op), Some(OP_SHUTDOWN));
+    assert!(c.deadline().is_some());
+    c.on_guest_packet(&hdr(OP_RST, 0, 0, 0), &[]).unwrap();
+    assert_eq!(c.deadline(), None);
+}
