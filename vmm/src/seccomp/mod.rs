@@ -284,7 +284,8 @@ pub fn init_from_file(path: &std::path::Path) -> Result<(), SeccompError> {
         return Err(bad(format!("{len} bytes: at most {}", binary::MAX_BYTES)));
     }
     let bytes = std::fs::read(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
-    let mut map = binary::parse(&bytes).map_err(bad)?;
+    let mut map = binary::parse(&bytes)
+        .map_err(|why| bad(format!("not a seccompiler-bin filter file: {why}")))?;
     let mut take = |name: &str| {
         map.remove(name)
             .ok_or_else(|| bad(format!("it has no \"{name}\" filter")))
@@ -388,7 +389,7 @@ impl Line {
         let mut v = n.unsigned_abs();
         loop {
             i -= 1;
-            digits[i] = b'0' + (v % 10) as u8;
+            digits[i] = b'0' + u8::try_from(v % 10).unwrap_or(0);
             v /= 10;
             if v == 0 {
                 break;
@@ -456,7 +457,7 @@ mod binary {
     impl Reader<'_> {
         fn take(&mut self, n: usize) -> Result<&[u8], String> {
             if self.0.len() < n {
-                return Err("it ends early (not a seccompiler-bin BPF file?)".into());
+                return Err("it ends early".into());
             }
             let (a, b) = self.0.split_at(n);
             self.0 = b;
@@ -485,16 +486,18 @@ mod binary {
             if len > 64 {
                 return Err(format!("a thread category name of {len} bytes"));
             }
-            let name = std::str::from_utf8(r.take(len as usize)?)
-                .map_err(|_| "a thread category name is not UTF-8".to_string())?
-                .to_string();
+            let name = std::str::from_utf8(
+                r.take(usize::try_from(len).map_err(|_| "a huge name".to_string())?)?,
+            )
+            .map_err(|_| "a thread category name is not UTF-8".to_string())?
+            .to_string();
             let n = r.u64()?;
             if n > MAX_INSNS {
                 return Err(format!(
                     "filter {name:?} has {n} instructions (at most {MAX_INSNS})"
                 ));
             }
-            let mut prog = Vec::with_capacity(n as usize);
+            let mut prog = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
             for _ in 0..n {
                 let b = r.take(8)?;
                 prog.push(sock_filter {
