@@ -19,7 +19,8 @@
 //!
 //! A system call outside the list (mode `on`) raises SIGSYS (SECCOMP_RET_TRAP); the handler
 //! writes one line, `cinder: seccomp: thread vcpu0 made forbidden syscall 59 (execve); exiting
-//! with code 148`, and ends the process with [`EXIT_CODE`] (148, as Firecracker). Mode `log`
+//! with code 148`, restores the terminal if cinder put it in raw mode, and ends the process
+//! with [`EXIT_CODE`] (148, as Firecracker). Mode `log`
 //! allows it and has the kernel log it (SECCOMP_RET_LOG: the audit log or dmesg); mode `off`
 //! installs nothing.
 //!
@@ -429,6 +430,9 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
         unsafe { std::ptr::read_unaligned(info.cast::<u8>().add(SI_SYSCALL_OFFSET).cast::<i32>()) };
     let thread = THREAD_NAME.with(|t| t.get());
     let line = forbidden_line(&thread, nr);
+    // The user's terminal back from raw mode (a try_lock and one tcsetattr: no allocation,
+    // never blocks).
+    crate::console::restore_terminal();
     // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffer is ours and `len` long.
     unsafe {
         libc::write(libc::STDERR_FILENO, line.buf.as_ptr().cast(), line.len);

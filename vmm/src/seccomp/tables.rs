@@ -134,6 +134,11 @@ pub const COMMON: &[Allow] = &[
     (SYS_fstat, Args::Any, "every thread: std file metadata"),
     (SYS_newfstatat, Args::Any, "every thread: std file metadata"),
     (SYS_statx, Args::Any, "every thread: std file metadata"),
+    (
+        SYS_ioctl,
+        Args::In(1, &[TCSETS]),
+        "every thread: the SIGSYS handler and a panic restore the terminal",
+    ),
 ];
 
 /// vcpuN (vmm/src/vcpu.rs): KVM_RUN and the device register handlers behind PIO/MMIO exits.
