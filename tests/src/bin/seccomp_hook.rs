@@ -28,6 +28,17 @@ fn call(name: &str) -> Option<i64> {
             "socket-inet" => i64::from(libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0)),
             "socket-unix" => i64::from(libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0)),
             "ptrace" => libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0),
+            // A child that exits at once (if the filter let the fork through).
+            "fork" => match libc::fork() {
+                0 => libc::_exit(0),
+                pid => i64::from(pid),
+            },
+            // What main does at InstanceStart: a thread (clone3 answered ENOSYS, then clone
+            // with CLONE_THREAD).
+            "spawn-thread" => match std::thread::Builder::new().spawn(|| 7).map(|t| t.join()) {
+                Ok(Ok(7)) => 0,
+                _ => -1,
+            },
             // KVM_RUN and KVM_CREATE_VM on a bad fd: the filter looks at the request only.
             "ioctl-kvm-run" => i64::from(libc::ioctl(-1, 0xae80)),
             "ioctl-kvm-create-vm" => i64::from(libc::ioctl(-1, 0xae01)),
@@ -148,6 +159,8 @@ fn call_known(name: &str) -> bool {
         "socket-inet",
         "socket-unix",
         "ptrace",
+        "fork",
+        "spawn-thread",
         "ioctl-kvm-run",
         "ioctl-kvm-create-vm",
         "mmap-rw",

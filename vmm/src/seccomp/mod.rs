@@ -52,6 +52,8 @@ pub enum Args {
     In(u8, &'static [u64]),
     /// Argument `.0`, a protection, has no PROT_EXEC: mmap, mprotect.
     NoExec(u8),
+    /// Argument `.0` has every bit of `.1` set: clone with CLONE_THREAD.
+    AllSet(u8, u64),
 }
 
 /// One line of an allow-list: the system call, its arguments, who needs it.
@@ -198,6 +200,13 @@ pub fn rules(
                     rules.push(SeccompRule::new(vec![cond(*arg, SeccompCmpOp::Eq, *v)?])?);
                 }
             }
+            Args::AllSet(arg, bits) => {
+                rules.push(SeccompRule::new(vec![cond(
+                    *arg,
+                    SeccompCmpOp::MaskedEq(*bits),
+                    *bits,
+                )?])?);
+            }
             Args::NoExec(arg) => {
                 let exec = u64::try_from(libc::PROT_EXEC).unwrap_or(4);
                 rules.push(SeccompRule::new(vec![cond(
@@ -237,10 +246,34 @@ pub fn compile(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>
     BpfProgram::try_from(filter).map(Some).map_err(err)
 }
 
-/// The compiled filters of this process, one per thread kind.
+/// The filter that answers `kind`'s ENOSYS calls ([`tables::VMM_ENOSYS`]) with ENOSYS, if it
+/// has any.
+pub fn compile_enosys(kind: ThreadKind) -> Result<Option<BpfProgram>, SeccompError> {
+    let calls = match kind {
+        ThreadKind::Vmm => tables::VMM_ENOSYS,
+        _ => return Ok(None),
+    };
+    let err = |source| SeccompError::Compile {
+        kind: kind.name(),
+        source,
+    };
+    let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(err)?;
+    let rules = calls.iter().map(|(nr, _)| (*nr, Vec::new())).collect();
+    let enosys = u32::try_from(libc::ENOSYS).unwrap_or(38);
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(enosys),
+        arch,
+    )
+    .map_err(err)?;
+    BpfProgram::try_from(filter).map(Some).map_err(err)
+}
+
+/// The compiled filters of this process: per thread kind, the programs it installs.
 struct Filters {
     mode: SeccompMode,
-    progs: HashMap<ThreadKind, BpfProgram>,
+    progs: HashMap<ThreadKind, Vec<BpfProgram>>,
 }
 
 static FILTERS: OnceLock<Filters> = OnceLock::new();
@@ -251,7 +284,9 @@ pub fn init(mode: SeccompMode) -> Result<(), SeccompError> {
     let mut progs = HashMap::new();
     for kind in ThreadKind::ALL {
         if let Some(p) = compile(kind, mode)? {
-            progs.insert(kind, p);
+            let mut list = vec![p];
+            list.extend(compile_enosys(kind)?);
+            progs.insert(kind, list);
         }
     }
     init_with(mode, progs)
@@ -260,7 +295,7 @@ pub fn init(mode: SeccompMode) -> Result<(), SeccompError> {
 /// As [`init`], with the programs given (a `--seccomp-filter` file's).
 fn init_with(
     mode: SeccompMode,
-    progs: HashMap<ThreadKind, BpfProgram>,
+    progs: HashMap<ThreadKind, Vec<BpfProgram>>,
 ) -> Result<(), SeccompError> {
     if mode == SeccompMode::On {
         install_sigsys_handler()?;
@@ -302,7 +337,11 @@ pub fn init_from_file(path: &std::path::Path) -> Result<(), SeccompError> {
         (ThreadKind::Vcpu, vcpu),
     ]);
     // An empty program installs nothing on that thread, as in Firecracker.
-    let progs = progs.into_iter().filter(|(_, p)| !p.is_empty()).collect();
+    let progs = progs
+        .into_iter()
+        .filter(|(_, p)| !p.is_empty())
+        .map(|(k, p)| (k, vec![p]))
+        .collect();
     init_with(SeccompMode::On, progs)
 }
 
@@ -323,7 +362,7 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     let Some(filters) = FILTERS.get() else {
         return Ok(());
     };
-    let Some(prog) = filters.progs.get(&kind) else {
+    let Some(progs) = filters.progs.get(&kind) else {
         return Ok(());
     };
     let current = std::thread::current();
@@ -332,11 +371,14 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     let n = thread.len().min(15);
     name[..n].copy_from_slice(&thread.as_bytes()[..n]);
     THREAD_NAME.with(|t| t.set(name));
-    seccompiler::apply_filter(prog).map_err(|source| SeccompError::Install {
-        kind: kind.name(),
-        thread: thread.to_string(),
-        source,
-    })
+    for prog in progs {
+        seccompiler::apply_filter(prog).map_err(|source| SeccompError::Install {
+            kind: kind.name(),
+            thread: thread.to_string(),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 /// What a thread spawned outside this crate (e.g. by a device in `devices`, which does not
@@ -559,6 +601,18 @@ mod tests {
             }
             if let Some(socket) = r.get(&libc::SYS_socket) {
                 assert!(!socket.is_empty(), "{kind:?} allows any socket family");
+            }
+        }
+    }
+
+    #[test]
+    fn only_vmm_may_clone_and_only_threads() {
+        for kind in ThreadKind::ALL {
+            let r = rules(kind).unwrap();
+            assert!(compile_enosys(kind).unwrap().is_some() == (kind == ThreadKind::Vmm));
+            match r.get(&libc::SYS_clone) {
+                Some(rules) => assert!(kind == ThreadKind::Vmm && rules.len() == 1),
+                None => assert!(kind != ThreadKind::Vmm),
             }
         }
     }
