@@ -15,13 +15,17 @@
 //! thread has and the strictest answer wins. main spawns vcpuN, devices and console-out after
 //! its own filter is on (InstanceStart over the API builds the VM on main), so main's filter
 //! also allows what those threads need ([`rules`] adds their tables to `vmm`'s); each of them
-//! is confined by its own filter on top.
+//! is confined by its own filter on top. main alone may `clone`, and only with CLONE_THREAD; a
+//! second filter on main answers `clone3` (whose flags a filter cannot read) with ENOSYS, so
+//! glibc falls back to `clone` ([`tables::VMM_ENOSYS`]). A thread of another kind that tried to
+//! spawn one would be killed by SIGSYS without the line below: glibc blocks every signal
+//! around `clone3`, so the handler cannot run.
 //!
 //! A system call outside the list (mode `on`) raises SIGSYS (SECCOMP_RET_TRAP); the handler
 //! writes one line, `cinder: seccomp: thread vcpu0 made forbidden syscall 59 (execve); exiting
 //! with code 148`, restores the terminal if cinder put it in raw mode, and ends the process
-//! with [`EXIT_CODE`] (148, as Firecracker). Mode `log`
-//! allows it and has the kernel log it (SECCOMP_RET_LOG: the audit log or dmesg); mode `off`
+//! with [`EXIT_CODE`] (148, as Firecracker). Mode `log` allows it and has the kernel log it
+//! (SECCOMP_RET_LOG: the audit log or dmesg, with the thread's name as `comm`); mode `off`
 //! installs nothing.
 //!
 //! Adding a thread kind: a table in [`tables`], a [`ThreadKind`] variant, and one
