@@ -610,6 +610,16 @@ mod tests {
     }
 
     #[test]
+    fn before_init_nothing_is_installed() {
+        // (No unit test calls init: the filters would stay on the test harness's threads.)
+        assert_eq!(mode(), SeccompMode::Off);
+        assert!(install(ThreadKind::Vcpu).is_ok());
+        assert!(start_hook(ThreadKind::Devices)().is_ok());
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        assert!(status.contains("Seccomp:\t0"), "{status}");
+    }
+
+    #[test]
     fn only_vmm_may_clone_and_only_threads() {
         for kind in ThreadKind::ALL {
             let r = rules(kind).unwrap();
