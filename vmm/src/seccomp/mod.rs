@@ -17,7 +17,7 @@
 //! also allows what those threads need ([`rules`] adds their tables to `vmm`'s); each of them
 //! is confined by its own filter on top. main alone may `clone`, and only with CLONE_THREAD; a
 //! second filter on main answers `clone3` (whose flags a filter cannot read) with ENOSYS, so
-//! glibc falls back to `clone` ([`tables::VMM_ENOSYS`]). A thread of another kind that tried to
+//! glibc falls back to `clone` ([`Args::Enosys`]). A thread of another kind that tried to
 //! spawn one would be killed by SIGSYS without the line below: glibc blocks every signal
 //! around `clone3`, so the handler cannot run.
 //!
@@ -58,6 +58,10 @@ pub enum Args {
     NoExec(u8),
     /// Argument `.0` has every bit of `.1` set: clone with CLONE_THREAD.
     AllSet(u8, u64),
+    /// Answered ENOSYS, not run (a second filter, whose ERRNO wins over the table's ALLOW), so
+    /// that glibc falls back to a call whose arguments a filter can check: clone3 -> clone. A
+    /// kind whose threads spawn threads needs this line for clone3 and an `AllSet` clone line.
+    Enosys,
 }
 
 /// One line of an allow-list: the system call, its arguments, who needs it.
@@ -196,7 +200,9 @@ pub fn rules(
     for (nr, args, _who) in lines {
         let rules = map.entry(*nr).or_default();
         match args {
-            Args::Any => {
+            // Allowed by the table (its TRAP would win over the ENOSYS), answered by
+            // `compile_enosys`'s filter.
+            Args::Any | Args::Enosys => {
                 any.insert(*nr);
             }
             Args::In(arg, values) => {
@@ -250,19 +256,24 @@ pub fn compile(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>
     BpfProgram::try_from(filter).map(Some).map_err(err)
 }
 
-/// The filter that answers `kind`'s ENOSYS calls ([`tables::VMM_ENOSYS`]) with ENOSYS, if it
-/// has any.
+/// The filter that answers `kind`'s [`Args::Enosys`] lines with ENOSYS, if it has any (its
+/// own table's: the threads it spawns inherit it).
 pub fn compile_enosys(kind: ThreadKind) -> Result<Option<BpfProgram>, SeccompError> {
-    let calls = match kind {
-        ThreadKind::Vmm => tables::VMM_ENOSYS,
-        _ => return Ok(None),
-    };
+    let calls: Vec<i64> = tables::COMMON
+        .iter()
+        .chain(kind.table())
+        .filter(|(_, args, _)| matches!(args, Args::Enosys))
+        .map(|(nr, _, _)| *nr)
+        .collect();
+    if calls.is_empty() {
+        return Ok(None);
+    }
     let err = |source| SeccompError::Compile {
         kind: kind.name(),
         source,
     };
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(err)?;
-    let rules = calls.iter().map(|(nr, _)| (*nr, Vec::new())).collect();
+    let rules = calls.into_iter().map(|nr| (nr, Vec::new())).collect();
     let enosys = u32::try_from(libc::ENOSYS).unwrap_or(38);
     let filter = SeccompFilter::new(
         rules,

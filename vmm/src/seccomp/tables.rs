@@ -123,13 +123,6 @@ pub const API: &[Allow] = &[
 #[rustfmt::skip]
 pub const CONSOLE_OUT: &[Allow] = &[(SYS_writev, Args::Any, "console-out: the console")];
 
-/// Calls main answers with ENOSYS (a second filter, whose ERRNO wins over the table's ALLOW),
-/// so that glibc falls back to a call whose arguments the table can check.
-pub const VMM_ENOSYS: &[(i64, &str)] = &[(
-    SYS_clone3,
-    "vmm: clone3's flags are in memory, out of a filter's reach; glibc falls back to clone(2)",
-)];
-
 /// main, the control loop (vmm/src/runtime.rs), after its set-up: signals, the API's
 /// requests, metrics, and InstanceStart, which builds the VM here (open images and TAPs,
 /// create the KVM VM and vCPUs, map guest memory) and spawns vcpuN, devices and console-out.
@@ -161,7 +154,7 @@ pub const VMM: &[Allow] = &[
     (SYS_poll, Args::Any, "vmm: --console-sock connect"),
     (SYS_ppoll, Args::Any, "vmm: --console-sock connect"),
     (SYS_rt_sigaction, Args::Any, "vmm: the vCPU kick handler, installed at start"),
-    (SYS_clone3, Args::Any, "vmm: answered ENOSYS by VMM_ENOSYS (its flags are out of reach)"),
+    (SYS_clone3, Args::Enosys, "vmm: its flags are in memory, out of a filter's reach: ENOSYS, and glibc falls back to clone"),
     (SYS_clone, Args::AllSet(0, libc::CLONE_THREAD as u64), "vmm: spawning vcpuN, devices, console-out; threads only, never a fork"),
     (SYS_prctl, Args::In(0, &[PR_SET_NAME as u64, PR_SET_NO_NEW_PRIVS as u64]), "vmm: a new thread names itself and installs its filter"),
     (SYS_seccomp, Args::In(0, &[libc::SECCOMP_SET_MODE_FILTER as u64]), "vmm: a new thread installs its own filter"),
