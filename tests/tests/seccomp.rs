@@ -297,6 +297,32 @@ fn a_firecracker_seccomp_filter_file_is_installed() {
 }
 
 #[test]
+fn a_firecracker_seccomp_filter_file_runs_the_probe_with_its_devices_under_cinder() {
+    require_kvm();
+    let d = Scratch::new("seccomp-file-boot");
+    let file = d.join("filters.bpf");
+    let out = hook(&["dump", file.to_str().expect("utf-8")]);
+    assert!(out.status.success(), "{out:?}");
+    let mut c = cinder();
+    c.arg("--seccomp-filter")
+        .arg(&file)
+        .arg("--kernel")
+        .arg(probe::elf_path())
+        .args(["--cmdline", "probe.run=boot,rng", "--rng"]);
+    let r = cinder_tests::runner::run(c, Duration::from_secs(120), |_| false);
+    let what = format!("{}\n--- stderr ---\n{}", r.stdout, r.stderr);
+    assert!(!r.timed_out, "timed out: {what}");
+    assert_eq!(r.status.and_then(|s| s.code()), Some(0), "{what}");
+    let log = probe::parse(&r.stdout);
+    assert!(log.all_passed(), "{what}");
+    assert_eq!(
+        log.check("rng").map(|c| c.status),
+        Some(probe::Status::Ok),
+        "{what}"
+    );
+}
+
+#[test]
 fn bad_seccomp_filter_files_are_refused_with_one_line() {
     let d = Scratch::new("seccomp-badfile");
     let cases: [(&Path, &str); 3] = [
