@@ -10,6 +10,8 @@
 //! | `vcpu` | vcpuN | first thing in the thread (vm.rs) |
 //! | `devices` | devices | first thing in the thread (device_loop.rs) |
 //! | `console-out` | console-out | first thing in the thread (console.rs) |
+//! | `blk` | blk-<id> | (at merge) its start hook (builder.rs's `blk_thread_start_hook`) |
+//! | `log-writer` | log-writer | (at merge) first thing in the thread (logger.rs) |
 //!
 //! A thread inherits the filters of the thread that spawns it; the kernel runs every filter a
 //! thread has and the strictest answer wins. main spawns vcpuN, devices and console-out after
@@ -80,16 +82,22 @@ pub enum ThreadKind {
     Devices,
     /// The console writer.
     ConsoleOut,
+    /// A drive's I/O thread (`blk-<id>`, the blk branch's worker: its start hook installs it).
+    BlockIo,
+    /// The log writer (`log-writer`, the procrobust branch's logger thread).
+    LogWriter,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 5] = [
+    pub const ALL: [ThreadKind; 7] = [
         ThreadKind::Vmm,
         ThreadKind::Api,
         ThreadKind::Vcpu,
         ThreadKind::Devices,
         ThreadKind::ConsoleOut,
+        ThreadKind::BlockIo,
+        ThreadKind::LogWriter,
     ];
 
     /// Its name (Firecracker's names for `vmm`, `api` and `vcpu`).
@@ -100,6 +108,8 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Devices => "devices",
             ThreadKind::ConsoleOut => "console-out",
+            ThreadKind::BlockIo => "blk",
+            ThreadKind::LogWriter => "log-writer",
         }
     }
 
@@ -111,6 +121,8 @@ impl ThreadKind {
             ThreadKind::Vcpu => tables::VCPU,
             ThreadKind::Devices => tables::DEVICES,
             ThreadKind::ConsoleOut => tables::CONSOLE_OUT,
+            ThreadKind::BlockIo => tables::BLOCK_IO,
+            ThreadKind::LogWriter => tables::LOG_WRITER,
         }
     }
 
@@ -121,6 +133,8 @@ impl ThreadKind {
                 ThreadKind::Vcpu,
                 ThreadKind::Devices,
                 ThreadKind::ConsoleOut,
+                ThreadKind::BlockIo,
+                ThreadKind::LogWriter,
             ],
             _ => &[],
         }
@@ -347,6 +361,8 @@ pub fn init_from_file(path: &std::path::Path) -> Result<(), SeccompError> {
     let progs = HashMap::from([
         (ThreadKind::Devices, vmm.clone()),
         (ThreadKind::ConsoleOut, vmm.clone()),
+        (ThreadKind::BlockIo, vmm.clone()),
+        (ThreadKind::LogWriter, vmm.clone()),
         (ThreadKind::Vmm, vmm),
         (ThreadKind::Api, api),
         (ThreadKind::Vcpu, vcpu),

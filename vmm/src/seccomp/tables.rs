@@ -10,18 +10,19 @@ use super::ioctls::*;
 use super::{Allow, Args};
 
 use libc::{
-    SYS_accept4, SYS_bind, SYS_brk, SYS_clock_gettime, SYS_clock_nanosleep, SYS_clone, SYS_clone3,
-    SYS_close, SYS_connect, SYS_dup, SYS_epoll_create1, SYS_epoll_ctl, SYS_epoll_pwait,
-    SYS_epoll_wait, SYS_eventfd2, SYS_exit, SYS_exit_group, SYS_fallocate, SYS_fcntl,
-    SYS_fdatasync, SYS_fstat, SYS_fsync, SYS_ftruncate, SYS_futex, SYS_getpid, SYS_getrandom,
-    SYS_getsockopt, SYS_gettid, SYS_ioctl, SYS_listen, SYS_lseek, SYS_madvise, SYS_mmap,
-    SYS_mprotect, SYS_mremap, SYS_munmap, SYS_nanosleep, SYS_newfstatat, SYS_openat, SYS_poll,
-    SYS_ppoll, SYS_prctl, SYS_pread64, SYS_preadv, SYS_pwrite64, SYS_pwritev, SYS_read, SYS_readv,
-    SYS_recvfrom, SYS_recvmsg, SYS_restart_syscall, SYS_rseq, SYS_rt_sigaction, SYS_rt_sigprocmask,
-    SYS_rt_sigreturn, SYS_sched_getaffinity, SYS_sched_yield, SYS_seccomp, SYS_sendmsg, SYS_sendto,
-    SYS_set_robust_list, SYS_setsockopt, SYS_shutdown, SYS_sigaltstack, SYS_socket, SYS_socketpair,
-    SYS_statx, SYS_tgkill, SYS_timerfd_create, SYS_timerfd_settime, SYS_unlink, SYS_unlinkat,
-    SYS_write, SYS_writev, AF_UNIX, PR_SET_NAME, PR_SET_NO_NEW_PRIVS,
+    SYS_accept4, SYS_bind, SYS_brk, SYS_chmod, SYS_clock_gettime, SYS_clock_nanosleep, SYS_clone,
+    SYS_clone3, SYS_close, SYS_connect, SYS_dup, SYS_epoll_create1, SYS_epoll_ctl, SYS_epoll_pwait,
+    SYS_epoll_wait, SYS_eventfd2, SYS_exit, SYS_exit_group, SYS_fallocate, SYS_fchmod,
+    SYS_fchmodat, SYS_fcntl, SYS_fdatasync, SYS_fstat, SYS_fsync, SYS_ftruncate, SYS_futex,
+    SYS_getpid, SYS_getrandom, SYS_getsockopt, SYS_gettid, SYS_ioctl, SYS_listen, SYS_lseek,
+    SYS_madvise, SYS_mmap, SYS_mprotect, SYS_mremap, SYS_munmap, SYS_nanosleep, SYS_newfstatat,
+    SYS_openat, SYS_poll, SYS_ppoll, SYS_prctl, SYS_pread64, SYS_preadv, SYS_pwrite64, SYS_pwritev,
+    SYS_read, SYS_readv, SYS_recvfrom, SYS_recvmsg, SYS_restart_syscall, SYS_rseq,
+    SYS_rt_sigaction, SYS_rt_sigprocmask, SYS_rt_sigreturn, SYS_sched_getaffinity, SYS_sched_yield,
+    SYS_seccomp, SYS_sendmsg, SYS_sendto, SYS_set_robust_list, SYS_setsockopt, SYS_shutdown,
+    SYS_sigaltstack, SYS_socket, SYS_socketpair, SYS_statx, SYS_tgkill, SYS_timerfd_create,
+    SYS_timerfd_settime, SYS_unlink, SYS_unlinkat, SYS_write, SYS_writev, AF_UNIX, PR_SET_NAME,
+    PR_SET_NO_NEW_PRIVS,
 };
 
 /// Every thread: memory (never executable), locks, signals, its own end, logging.
@@ -101,6 +102,27 @@ pub const DEVICES: &[Allow] = &[
     (SYS_ioctl, Args::In(1, &[FIONBIO, FIONREAD]), "devices: non-blocking vsock sockets"),
 ];
 
+/// blk-<id>, a drive's I/O thread (the blk branch: devices/src/virtio/block/worker.rs),
+/// spawned by main at InstanceStart: executes requests on the image.
+#[rustfmt::skip]
+pub const BLOCK_IO: &[Allow] = &[
+    (SYS_readv, Args::Any, "blk: reads into guest memory"),
+    (SYS_writev, Args::Any, "blk: writes from guest memory"),
+    (SYS_pread64, Args::Any, "blk: reads"),
+    (SYS_pwrite64, Args::Any, "blk: writes"),
+    (SYS_preadv, Args::Any, "blk: reads"),
+    (SYS_pwritev, Args::Any, "blk: writes"),
+    (SYS_lseek, Args::Any, "blk: the request's offset"),
+    (SYS_fdatasync, Args::Any, "blk: FLUSH, write-through"),
+    (SYS_fsync, Args::Any, "blk: FLUSH"),
+    (SYS_fallocate, Args::Any, "blk: DISCARD / WRITE_ZEROES"),
+];
+
+/// log-writer (the procrobust branch: vmm/src/logger.rs): writes log lines to stderr or the
+/// log file (write, fstat/statx for the file's size are in COMMON).
+#[rustfmt::skip]
+pub const LOG_WRITER: &[Allow] = &[(SYS_writev, Args::Any, "log-writer: stderr, the log file")];
+
 /// api (api/src/server.rs, spawned in main.rs): the API socket and its clients.
 #[rustfmt::skip]
 pub const API: &[Allow] = &[
@@ -148,6 +170,9 @@ pub const VMM: &[Allow] = &[
     (SYS_socket, Args::In(0, &[AF_UNIX as u64]), "vmm: PUT /vsock binds, --console-sock connects, TAP ifindex; AF_UNIX only"),
     (SYS_socketpair, Args::In(0, &[AF_UNIX as u64]), "vmm: AF_UNIX only"),
     (SYS_bind, Args::Any, "vmm: the vsock socket"),
+    (SYS_chmod, Args::Any, "vmm: PUT /vsock makes its socket file 0600 (the vsock branch)"),
+    (SYS_fchmodat, Args::Any, "vmm: PUT /vsock makes its socket file 0600 (the vsock branch)"),
+    (SYS_fchmod, Args::Any, "vmm: PUT /vsock makes its socket file 0600 (the vsock branch)"),
     (SYS_listen, Args::Any, "vmm: the vsock socket"),
     (SYS_connect, Args::Any, "vmm: --console-sock"),
     (SYS_setsockopt, Args::Any, "vmm: socket options"),
