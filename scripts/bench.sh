@@ -6,7 +6,10 @@
 #          cinder vs QEMU microvm.
 #   vsock: virtio-vsock throughput each way and connection setup latency (cinder only: QEMU's
 #          vsock needs vhost-vsock).
-# Usage: scripts/bench.sh [boot|api|io|vsock|all] [extra args for the driver]
+#   seccomp: ns per system call without and with cinder's seccomp filters, per thread kind.
+# Every cinder figure is measured with its seccomp filters (the default) and with
+# --seccomp off, side by side.
+# Usage: scripts/bench.sh [boot|api|io|vsock|seccomp|all] [extra args for the driver]
 #
 # On a host whose kernel has no KVM device (scripts/kvm-lane.sh says "none") the drivers run
 # inside the nested KVM lane (scripts/nested-kvm.sh), where cinder and QEMU both use the L1
@@ -18,8 +21,8 @@ bash scripts/setup.sh
 what=${1:-all}
 shift || true
 case $what in
-boot | api | io | vsock | all) ;;
-*) echo "usage: scripts/bench.sh [boot|api|io|vsock|all] [args]" >&2; exit 2 ;;
+boot | api | io | vsock | seccomp | all) ;;
+*) echo "usage: scripts/bench.sh [boot|api|io|vsock|seccomp|all] [args]" >&2; exit 2 ;;
 esac
 cargo build --release -p vmm -p cinder-tests --bins >&2
 
@@ -39,6 +42,7 @@ boot) run bench_boot "$@" ;;
 api) run bench_api "$@" ;;
 io) run bench_io "$@" ;;
 vsock) run bench_vsock "$@" ;;
+seccomp) run bench_seccomp "$@" ;;
 all)
 	run bench_boot "$@"
 	echo
@@ -47,5 +51,7 @@ all)
 	run bench_io
 	echo
 	run bench_vsock
+	echo
+	run bench_seccomp
 	;;
 esac

@@ -137,9 +137,11 @@ fn flags_cinder_does_not_implement_are_refused_naming_the_feature() {
             &["--mmds-size-limit", "1000"],
             "--mmds-size-limit: cinder has no MMDS",
         ),
+        // Not seccompiler-bin's output: refused before anything starts (seccomp.rs has the
+        // file that works).
         (
             &["--seccomp-filter", f],
-            "--seccomp-filter: cinder has no seccomp filters yet",
+            "not a seccompiler-bin filter file",
         ),
         (
             &["--describe-snapshot", f],
@@ -479,13 +481,17 @@ fn enable_pci_warns_once_and_the_run_goes_on() {
 }
 
 #[test]
-fn no_seccomp_is_accepted_silently() {
+fn no_seccomp_runs_without_filters_with_one_warning() {
     let d = Scratch::new("fcflags-seccomp");
     let sock = d.join("api.sock");
     let s = start_api(&sock, &["--no-seccomp"]);
     assert_eq!(request(&sock, "GET", "/", None).status, 200);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", s.pid())).unwrap();
+    assert!(status.contains("\nSeccomp:\t0\n"), "{status}");
     let stderr = stop(s);
-    assert!(!stderr.contains("seccomp"), "{stderr}");
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("seccomp")).collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(warnings[0].contains("seccomp is off"), "{stderr}");
 }
 
 #[test]

@@ -135,6 +135,12 @@ pub fn spawn_console_writer(
     let handle = std::thread::Builder::new()
         .name("console-out".into())
         .spawn(move || {
+            // Its own filter first, before any guest output (vmm/src/seccomp). Should the
+            // kernel refuse it, the guest's output is dropped (the receiver goes) and said.
+            if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::ConsoleOut) {
+                log::error!("{e}");
+                return;
+            }
             while let Ok(first) = rx.recv() {
                 let mut chunk = first;
                 // Coalesce what is already queued (bounded by the backlog).

@@ -108,7 +108,14 @@ impl DeviceLoop {
         let sh = shared.clone();
         let thread = std::thread::Builder::new()
             .name("devices".into())
-            .spawn(move || run(em, &sh, &exit))
+            .spawn(move || {
+                // Its own filter first, before any device event (vmm/src/seccomp).
+                if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Devices) {
+                    exit.request(ExitReason::VmmError(e.to_string()));
+                    return;
+                }
+                run(em, &sh, &exit)
+            })
             .map_err(os("starting the device thread"))?;
         Ok(DeviceLoop {
             shared,

@@ -14,6 +14,7 @@ pub mod logger;
 pub mod metrics;
 pub mod options;
 pub mod runtime;
+pub mod seccomp;
 pub mod signal;
 pub mod vcpu;
 pub mod vm;

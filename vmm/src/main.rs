@@ -17,6 +17,7 @@ use clap::{Parser, ValueEnum};
 use vmm::exit::ExitReason;
 use vmm::options::{ConsoleSpec, CpuTemplate, VirtioConsoleHost, VmmOptions};
 use vmm::runtime::{ApiState, Runtime, DEFAULT_CMDLINE};
+use vmm::seccomp::{SeccompMode, ThreadKind};
 use vmm::signal::SignalFd;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -47,6 +48,17 @@ enum CpuTemplateArg {
     NoPvHypercalls,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum SeccompArg {
+    /// Each thread gets its own allow-list; a forbidden system call ends cinder (exit 148).
+    On,
+    /// No filters (prints a warning).
+    Off,
+    /// Filters that allow a forbidden system call and have the kernel log it (audit log or
+    /// dmesg): for finding what a new feature needs.
+    Log,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogLevel {
     Off,
@@ -67,7 +79,8 @@ const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (Firecracker API 1.16
 ///
 /// Exit codes: 0 guest reset or console quit; 1 bad input or VMM error (before or while
 /// running); 2 bad command line; 3 the guest hit a fatal KVM error (registers are printed);
-/// 128+N ended by signal N (SIGINT 130, SIGTERM 143).
+/// 128+N ended by signal N (SIGINT 130, SIGTERM 143); 148 a thread made a system call its
+/// seccomp filter forbids (one line on stderr names the thread and the call; see --seccomp).
 #[derive(Parser, Debug)]
 #[command(name = "cinder", version = VERSION, disable_version_flag = true)]
 struct Cli {
@@ -168,6 +181,12 @@ struct Cli {
     #[arg(long, value_enum, value_name = "LEVEL", default_value = "warn")]
     log_level: LogLevel,
 
+    /// seccomp filters, one allow-list per thread kind (vmm, api, vcpu, devices, console-out),
+    /// installed by each thread before it handles guest or client input. A forbidden system
+    /// call ends cinder with exit code 148 and one line naming the thread and the call.
+    #[arg(long, value_enum, value_name = "MODE", default_value = "on")]
+    seccomp: SeccompArg,
+
     /// KVM device to use.
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm", hide = true)]
     kvm_device: String,
@@ -237,9 +256,8 @@ struct Cli {
     #[arg(long, help_heading = FC_FLAGS)]
     no_api: bool,
 
-    /// [accepted: cinder installs no seccomp filter yet, there is nothing to disable] Run
-    /// without seccomp filters.
-    #[arg(long, help_heading = FC_FLAGS)]
+    /// [implemented] Run without seccomp filters: --seccomp off (with a warning).
+    #[arg(long, conflicts_with = "seccomp", help_heading = FC_FLAGS)]
     no_seccomp: bool,
 
     /// [implemented] The parent's CPU time, in microseconds, added to the metrics'
@@ -247,8 +265,10 @@ struct Cli {
     #[arg(long, value_name = "US", help_heading = FC_FLAGS)]
     parent_cpu_time_us: Option<u64>,
 
-    /// [refused: cinder has no seccomp filters yet] A custom seccomp filter file.
-    #[arg(long, value_name = "PATH", help_heading = FC_FLAGS)]
+    /// [implemented] Firecracker's compiled seccomp filters (seccompiler-bin output, at most
+    /// 100000 bytes) instead of cinder's: its "vmm" filter on the control loop, the device loop
+    /// and the console writer, "api" on the API thread, "vcpu" on each vCPU.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["seccomp", "no_seccomp"], help_heading = FC_FLAGS)]
     seccomp_filter: Option<PathBuf>,
 
     /// [implemented] Show the level in each log line, as PUT /logger's show_level.
@@ -343,10 +363,6 @@ fn refused_flag(cli: &Cli) -> Option<&'static str> {
         (
             cli.mmds_size_limit.is_some(),
             "--mmds-size-limit: cinder has no MMDS (microVM metadata service)",
-        ),
-        (
-            cli.seccomp_filter.is_some(),
-            "--seccomp-filter: cinder has no seccomp filters yet",
         ),
         (
             cli.describe_snapshot.is_some(),
@@ -708,6 +724,28 @@ fn main() -> ExitCode {
         vmm::console::restore_terminal();
         default_hook(info);
     }));
+    // The seccomp filters, compiled before any thread exists; each thread installs its own.
+    let seccomp_mode = if cli.no_seccomp {
+        SeccompMode::Off
+    } else {
+        match cli.seccomp {
+            SeccompArg::On => SeccompMode::On,
+            SeccompArg::Off => SeccompMode::Off,
+            SeccompArg::Log => SeccompMode::Log,
+        }
+    };
+    let seccomp_ready = match &cli.seccomp_filter {
+        Some(path) => vmm::seccomp::init_from_file(path),
+        None => vmm::seccomp::init(seccomp_mode),
+    };
+    if let Err(e) = seccomp_ready {
+        return fail(e);
+    }
+    if vmm::seccomp::mode() == SeccompMode::Off {
+        eprintln!(
+            "cinder: warning: seccomp is off: no thread is confined to the system calls it needs"
+        );
+    }
     let signals = match SignalFd::new(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]) {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot watch signals: {e}")),
@@ -838,8 +876,14 @@ fn main() -> ExitCode {
             api_guard.shutdown = server.shutdown_handle().ok();
             match std::thread::Builder::new()
                 .name("api".into())
-                .spawn(move || server.run(handler))
-            {
+                .spawn(move || {
+                    // Its own filter first, before any client is accepted (vmm/src/seccomp).
+                    if let Err(e) = vmm::seccomp::install(ThreadKind::Api) {
+                        eprintln!("cinder: error: {e}");
+                        std::process::exit(1);
+                    }
+                    server.run(handler)
+                }) {
                 Ok(h) => api_guard.thread = Some(h),
                 Err(e) => return fail(format!("cannot start the API thread: {e}")),
             }
@@ -901,6 +945,12 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(e),
     };
+    // The control loop's filter: after everything that needs more (the API socket, log and
+    // metrics files), before it serves the API or builds the VM (which its table allows).
+    if let Err(e) = vmm::seccomp::install(ThreadKind::Vmm) {
+        drop(rt);
+        return fail(e);
+    }
     if let Some(us) = startup_us {
         rt.metrics().api.process_startup_time_us.set(us);
     }

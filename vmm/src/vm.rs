@@ -106,7 +106,14 @@ impl Vmm {
             );
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.index))
-                .spawn(move || vcpu.run(pio, mmio, control, exit, metrics))
+                .spawn(move || {
+                    // Its own filter first, before the guest runs (vmm/src/seccomp).
+                    if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
+                        exit.request(crate::exit::ExitReason::VmmError(e.to_string()));
+                        return;
+                    }
+                    vcpu.run(pio, mmio, control, exit, metrics)
+                })
                 .map_err(os("starting a vCPU thread"))?;
             self.threads.push(h);
         }

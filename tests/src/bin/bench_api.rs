@@ -1,5 +1,7 @@
 //! API benchmark: exec to API socket ready, request round-trip latency (`GET /`), and, where
-//! /dev/kvm opens, InstanceStart to the guest's first serial byte (probe guest).
+//! /dev/kvm opens, InstanceStart to the guest's first serial byte (probe guest). cinder is
+//! measured with its seccomp filters (the default) and with `--seccomp off`, side by side
+//! (reported, never asserted).
 //!
 //! ```text
 //! cargo run --release -p cinder-tests --bin bench_api -- [--runs N] [--requests N]
@@ -22,11 +24,11 @@ fn stats(v: &mut [f64]) -> (f64, f64, f64) {
 
 fn line(name: &str, what: &str, v: &mut [f64], unit: &str) {
     if v.is_empty() {
-        println!("{name:<12} {what:<34} no samples");
+        println!("{name:<20} {what:<34} no samples");
         return;
     }
     let (med, min, max) = stats(v);
-    println!("{name:<12} {what:<34} median {med:10.3} {unit:<3} min {min:10.3}  max {max:10.3}");
+    println!("{name:<20} {what:<34} median {med:10.3} {unit:<3} min {min:10.3}  max {max:10.3}");
 }
 
 struct Vmm {
@@ -42,11 +44,12 @@ impl Drop for Vmm {
     }
 }
 
-/// Starts `bin --api-sock sock` and returns the time until a connect succeeds.
-fn start(bin: &Path, sock: &Path) -> Result<(Vmm, Duration), String> {
+/// Starts `bin [extra] --api-sock sock` and returns the time until a connect succeeds.
+fn start(bin: &Path, extra: &[&str], sock: &Path) -> Result<(Vmm, Duration), String> {
     let _ = std::fs::remove_file(sock);
     let t0 = Instant::now();
     let child = Command::new(bin)
+        .args(extra)
         .arg("--api-sock")
         .arg(sock)
         .stdin(Stdio::null())
@@ -88,18 +91,25 @@ fn main() {
         .write(true)
         .open("/dev/kvm")
         .is_ok();
-    let mut vmms = vec![("cinder".to_string(), cinder_bin())];
+    let mut vmms: Vec<(String, PathBuf, &[&str])> = vec![
+        ("cinder seccomp=on".to_string(), cinder_bin(), &[]),
+        (
+            "cinder seccomp=off".to_string(),
+            cinder_bin(),
+            &["--seccomp", "off"],
+        ),
+    ];
     if let Some(fc) = std::env::var_os("FIRECRACKER_BIN") {
-        vmms.push(("firecracker".to_string(), PathBuf::from(fc)));
+        vmms.push(("firecracker".to_string(), PathBuf::from(fc), &[]));
     }
     println!("API benchmark: {runs} starts, {requests} requests per start-up sample");
-    for (name, bin) in &vmms {
-        let sock = dir.join(format!("{name}.sock"));
+    for (name, bin, extra) in &vmms {
+        let sock = dir.join(format!("{}.sock", name.replace([' ', '='], "-")));
         let mut ready = Vec::new();
         let mut rtt = Vec::new();
         let mut start_to_serial = Vec::new();
         for i in 0..runs {
-            let (mut vmm, t) = match start(bin, &sock) {
+            let (mut vmm, t) = match start(bin, extra, &sock) {
                 Ok(x) => x,
                 Err(e) => {
                     println!("{name}: {e}");
@@ -156,7 +166,7 @@ fn main() {
                 "ms",
             );
         } else {
-            println!("{name:<12} InstanceStart -> first serial byte    not measured: /dev/kvm cannot be opened");
+            println!("{name:<20} InstanceStart -> first serial byte    not measured: /dev/kvm cannot be opened");
         }
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -2,7 +2,9 @@
 //!
 //! For each VMM and each run: time from exec to the first byte on the guest's serial console,
 //! time from exec to the probe's exit (i8042 reset ends the VMM), and the VMM process's peak
-//! RSS (from wait4's rusage). Prints median / min / max per figure.
+//! RSS (from wait4's rusage). Prints median / min / max per figure. cinder runs with its
+//! seccomp filters (the default) and with `--seccomp off`, alternately, in rows side by side
+//! (reported, never asserted).
 //!
 //! ```text
 //! cargo run --release -p cinder-tests --bin bench_boot -- [--runs N] [--memory MIB] [--vcpus N]
@@ -167,9 +169,11 @@ fn main() {
     );
 
     let mut cinder_samples = Vec::new();
+    let mut cinder_off_samples = Vec::new();
     if kvm {
-        for _ in 0..runs {
+        for (_, seccomp) in (0..runs).flat_map(|i| [(i, "on"), (i, "off")]) {
             let mut c = Command::new(cinder_bin());
+            c.args(["--seccomp", seccomp]);
             c.arg("--kernel").arg(&probe).args([
                 "--memory",
                 &memory.to_string(),
@@ -179,8 +183,9 @@ fn main() {
                 cmdline,
             ]);
             match measure(c, Duration::from_secs(60)) {
-                Ok(s) => cinder_samples.push(s),
-                Err(e) => println!("cinder run failed: {e}"),
+                Ok(s) if seccomp == "on" => cinder_samples.push(s),
+                Ok(s) => cinder_off_samples.push(s),
+                Err(e) => println!("cinder (seccomp {seccomp}) run failed: {e}"),
             }
         }
     }
@@ -214,7 +219,8 @@ fn main() {
 
     println!();
     if kvm {
-        report("cinder", &cinder_samples);
+        report("cinder (seccomp on)", &cinder_samples);
+        report("cinder (seccomp off)", &cinder_off_samples);
     } else {
         println!("cinder                 not measured: /dev/kvm cannot be opened on this host");
     }

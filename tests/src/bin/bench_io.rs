@@ -13,6 +13,8 @@
 //!   probe for guest->host blasts, counts what arrives, and blasts host->guest; 64-byte and
 //!   1500-byte frames. The namespace and the image are removed at the end.
 //!
+//! cinder runs twice per run, with its seccomp filters (the default) and with `--seccomp off`,
+//! so the filters' cost shows side by side (reported, never asserted).
 //! Prints median / min / max per figure over the runs and the cinder/QEMU ratio of medians.
 //! QEMU uses KVM when /dev/kvm opens, else TCG (then its figures are not comparable). cinder
 //! needs /dev/kvm; without it its rows say why they are missing.
@@ -58,9 +60,16 @@ const FRAMES: [u16; 2] = [60, 1514];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Vmm {
+    /// cinder with its seccomp filters (the default).
     Cinder,
+    /// cinder with `--seccomp off`.
+    CinderNoSeccomp,
     Qemu,
 }
+
+/// cinder's two rows: seccomp on (the default) and off.
+const CINDER_ON: &str = "cinder (seccomp on)";
+const CINDER_OFF: &str = "cinder (seccomp off)";
 
 struct Opts {
     runs: usize,
@@ -92,8 +101,11 @@ fn qemu_vm(cmdline: &str, extra: &[String], accel: Accel) -> Microvm {
     vm
 }
 
-fn cinder_cmd(cmdline: &str, extra: &[String]) -> Command {
+fn cinder_cmd(vmm: Vmm, cmdline: &str, extra: &[String]) -> Command {
     let mut c = Command::new(cinder_bin());
+    if vmm == Vmm::CinderNoSeccomp {
+        c.args(["--seccomp", "off"]);
+    }
     c.arg("--kernel")
         .arg(probe::elf_path())
         .args(["--memory", "128", "--vcpus", "1", "--cmdline", cmdline])
@@ -132,8 +144,9 @@ fn blk_once(vmm: Vmm, img: &Path, o: &Opts) -> Result<Figures, String> {
     // Six phases of `ms`, plus boot; generous for TCG.
     let timeout = Duration::from_millis(6 * o.ms * 3 + 60_000);
     let r = match vmm {
-        Vmm::Cinder => runner::run(
+        Vmm::Cinder | Vmm::CinderNoSeccomp => runner::run(
             cinder_cmd(
+                vmm,
                 &cmdline,
                 &["--drive".into(), format!("path={}", img.display())],
             ),
@@ -279,7 +292,8 @@ fn net_once(vmm: Vmm, o: &Opts) -> Result<(Figures, HostCounts), String> {
     let cmdline = "probe.run=netbench probe.net_ip=10.0.2.15 probe.net_peer=10.0.2.2 \
                    probe.udp_port=7777 probe.net_ms=1800000";
     let cmd = match vmm {
-        Vmm::Cinder => cinder_cmd(
+        Vmm::Cinder | Vmm::CinderNoSeccomp => cinder_cmd(
+            vmm,
             cmdline,
             &["--net".into(), format!("tap={},mac={MAC}", ns.tap)],
         ),
@@ -340,10 +354,21 @@ fn median_of(runs: &[Figures], key: &str) -> Option<f64> {
     (!v.is_empty()).then(|| stats(&mut v).0)
 }
 
-fn report(keys: &[&str], cinder: Option<&[Figures]>, qemu: &[Figures], qlabel: &str) {
+/// cinder's runs with seccomp on and off.
+struct CinderRuns<'a> {
+    on: &'a [Figures],
+    off: &'a [Figures],
+}
+
+fn report(keys: &[&str], cinder: Option<CinderRuns>, qemu: &[Figures], qlabel: &str) {
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "n/a".to_string(),
+    };
     for key in keys {
-        if let Some(c) = cinder {
-            row("cinder", key, c);
+        if let Some(c) = &cinder {
+            row(CINDER_ON, key, c.on);
+            row(CINDER_OFF, key, c.off);
         } else {
             println!(
                 "{:<22} {key:<20} not measured: /dev/kvm cannot be opened",
@@ -351,11 +376,14 @@ fn report(keys: &[&str], cinder: Option<&[Figures]>, qemu: &[Figures], qlabel: &
             );
         }
         row(qlabel, key, qemu);
-        let ratio = match (cinder.and_then(|c| median_of(c, key)), median_of(qemu, key)) {
-            (Some(c), Some(q)) if q > 0.0 => format!("{:.2}", c / q),
-            _ => "n/a".to_string(),
-        };
-        println!("{:<22} {key:<20} cinder/QEMU (medians) {ratio}", "ratio");
+        let on = cinder.as_ref().and_then(|c| median_of(c.on, key));
+        let off = cinder.as_ref().and_then(|c| median_of(c.off, key));
+        println!(
+            "{:<22} {key:<20} cinder/QEMU (medians) {}  seccomp on/off {}",
+            "ratio",
+            ratio(on, median_of(qemu, key)),
+            ratio(on, off)
+        );
     }
 }
 
@@ -383,12 +411,17 @@ fn bench_blk(o: &Opts) {
         o.runs
     );
     let mut cinder = Vec::new();
+    let mut cinder_off = Vec::new();
     let mut qemu = Vec::new();
     for run in 0..o.runs {
         if o.kvm {
             match blk_once(Vmm::Cinder, &img, o) {
                 Ok(f) => cinder.push(f),
-                Err(e) => println!("cinder blk run {run} failed: {e}"),
+                Err(e) => println!("{CINDER_ON} blk run {run} failed: {e}"),
+            }
+            match blk_once(Vmm::CinderNoSeccomp, &img, o) {
+                Ok(f) => cinder_off.push(f),
+                Err(e) => println!("{CINDER_OFF} blk run {run} failed: {e}"),
             }
         }
         match blk_once(Vmm::Qemu, &img, o) {
@@ -399,7 +432,10 @@ fn bench_blk(o: &Opts) {
     println!();
     report(
         &BLK_KEYS,
-        o.kvm.then_some(&cinder[..]),
+        o.kvm.then_some(CinderRuns {
+            on: &cinder,
+            off: &cinder_off,
+        }),
         &qemu,
         &qemu_label(o),
     );
@@ -412,20 +448,25 @@ fn bench_net(o: &Opts) {
         o.ms, o.runs
     );
     let mut cinder = Vec::new();
+    let mut cinder_off = Vec::new();
     let mut qemu = Vec::new();
     for run in 0..o.runs {
-        for vmm in [Vmm::Cinder, Vmm::Qemu] {
-            if vmm == Vmm::Cinder && !o.kvm {
+        for vmm in [Vmm::Cinder, Vmm::CinderNoSeccomp, Vmm::Qemu] {
+            if vmm != Vmm::Qemu && !o.kvm {
                 continue;
             }
-            let name = if vmm == Vmm::Cinder { "cinder" } else { "qemu" };
+            let name = match vmm {
+                Vmm::Cinder => CINDER_ON,
+                Vmm::CinderNoSeccomp => CINDER_OFF,
+                Vmm::Qemu => "qemu",
+            };
             match net_once(vmm, o) {
                 Ok((f, h)) => {
                     println!("{name} net run {run}: host counted {h:?}");
-                    if vmm == Vmm::Cinder {
-                        cinder.push(f);
-                    } else {
-                        qemu.push(f);
+                    match vmm {
+                        Vmm::Cinder => cinder.push(f),
+                        Vmm::CinderNoSeccomp => cinder_off.push(f),
+                        Vmm::Qemu => qemu.push(f),
                     }
                 }
                 Err(e) => println!("{name} net run {run} failed: {e}"),
@@ -435,7 +476,10 @@ fn bench_net(o: &Opts) {
     println!();
     report(
         &NET_KEYS,
-        o.kvm.then_some(&cinder[..]),
+        o.kvm.then_some(CinderRuns {
+            on: &cinder,
+            off: &cinder_off,
+        }),
         &qemu,
         &qemu_label(o),
     );

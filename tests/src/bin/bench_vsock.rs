@@ -15,7 +15,8 @@
 //!
 //! Every figure is also checked (the probe's checksums, byte counts, orderly closes): a run
 //! whose data is wrong is reported as failed, not timed. Prints median / min / max over the
-//! runs. QEMU has no counterpart here: its vsock needs vhost-vsock and an AF_VSOCK host side.
+//! runs, for cinder with its seccomp filters and with `--seccomp off` side by side. QEMU has
+//! no counterpart here: its vsock needs vhost-vsock and an AF_VSOCK host side.
 //! Needs /dev/kvm (on a host without it, `scripts/bench.sh vsock` runs this in the nested
 //! KVM lane, whose figures only compare runs of that lane).
 
@@ -40,10 +41,13 @@ struct Opts {
     runs: usize,
     mib: usize,
     conns: usize,
+    /// cinder's `--seccomp` mode for this pass (each figure is measured with "on" and "off").
+    seccomp: &'static str,
 }
 
-fn start(uds: &Path, keys: &str) -> Result<Session, String> {
+fn start(o: &Opts, uds: &Path, keys: &str) -> Result<Session, String> {
     let mut c = Command::new(cinder_bin());
+    c.args(["--seccomp", o.seccomp]);
     c.arg("--kernel")
         .arg(probe::elf_path())
         .args(["--memory", "128", "--vcpus", "1"])
@@ -79,7 +83,7 @@ fn mibs(bytes: usize, d: Duration) -> f64 {
 fn host_to_guest(o: &Opts) -> Result<f64, String> {
     let dir = TempDir::new("bench-vsock-h2g");
     let uds = dir.join("v.sock");
-    let s = start(&uds, "probe.vsock_conns=1")?;
+    let s = start(o, &uds, "probe.vsock_conns=1")?;
     let n = o.mib << 20;
     let data = pattern(0x5eed, n);
     let mut c = connect(&uds)?;
@@ -104,6 +108,7 @@ fn guest_to_host(o: &Opts) -> Result<f64, String> {
     let l = UnixListener::bind(dir.join(&format!("v.sock_{HOST_PORT}")))
         .map_err(|e| format!("listen: {e}"))?;
     let s = start(
+        o,
         &uds,
         &format!("probe.vsock_host_port={HOST_PORT} probe.vsock_bytes={n}"),
     )?;
@@ -140,7 +145,7 @@ fn guest_to_host(o: &Opts) -> Result<f64, String> {
 fn setup(o: &Opts) -> Result<(f64, f64), String> {
     let dir = TempDir::new("bench-vsock-setup");
     let uds = dir.join("v.sock");
-    let s = start(&uds, &format!("probe.vsock_conns={}", o.conns))?;
+    let s = start(o, &uds, &format!("probe.vsock_conns={}", o.conns))?;
     let msg = [0x42u8; 64];
     let mut ok_us = Vec::new();
     let mut cycle_us = Vec::new();
@@ -193,6 +198,7 @@ fn main() {
         runs: 5,
         mib: 64,
         conns: 100,
+        seccomp: "on",
     };
     let usage = "usage: bench_vsock [--runs N] [--mib N] [--conns N]";
     let mut args = std::env::args().skip(1);
@@ -229,43 +235,53 @@ fn main() {
          {} sequential connections, {} runs",
         o.mib, o.conns, o.runs
     );
-    let (mut h2g, mut g2h, mut ok, mut cycle) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // Figures per seccomp mode: cinder with its filters (the default) and with --seccomp off,
+    // alternately, side by side (reported, never asserted).
+    let mut results = Vec::new();
     let mut failures = 0;
-    for run in 0..o.runs {
-        match host_to_guest(&o) {
-            Ok(v) => h2g.push(v),
-            Err(e) => {
-                failures += 1;
-                println!("run {run}: host->guest failed: {e}");
+    for mode in ["on", "off"] {
+        o.seccomp = mode;
+        let (mut h2g, mut g2h, mut ok, mut cycle) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for run in 0..o.runs {
+            match host_to_guest(&o) {
+                Ok(v) => h2g.push(v),
+                Err(e) => {
+                    failures += 1;
+                    println!("seccomp {mode} run {run}: host->guest failed: {e}");
+                }
+            }
+            match guest_to_host(&o) {
+                Ok(v) => g2h.push(v),
+                Err(e) => {
+                    failures += 1;
+                    println!("seccomp {mode} run {run}: guest->host failed: {e}");
+                }
+            }
+            match setup(&o) {
+                Ok((a, b)) => {
+                    ok.push(a);
+                    cycle.push(b);
+                }
+                Err(e) => {
+                    failures += 1;
+                    println!("seccomp {mode} run {run}: connection setup failed: {e}");
+                }
             }
         }
-        match guest_to_host(&o) {
-            Ok(v) => g2h.push(v),
-            Err(e) => {
-                failures += 1;
-                println!("run {run}: guest->host failed: {e}");
-            }
-        }
-        match setup(&o) {
-            Ok((a, b)) => {
-                ok.push(a);
-                cycle.push(b);
-            }
-            Err(e) => {
-                failures += 1;
-                println!("run {run}: connection setup failed: {e}");
-            }
-        }
+        results.push((mode, h2g, g2h, ok, cycle));
     }
     println!();
     println!(
         "{:<34} {:>12} {:>12} {:>12}",
         "figure", "median", "min", "max"
     );
-    row("host->guest throughput", "MiB/s", &h2g);
-    row("guest->host throughput", "MiB/s", &g2h);
-    row("connect -> OK (median of run)", "us", &ok);
-    row("open, 64 B, close (median of run)", "us", &cycle);
+    for (mode, h2g, g2h, ok, cycle) in &results {
+        row(&format!("host->guest (seccomp {mode})"), "MiB/s", h2g);
+        row(&format!("guest->host (seccomp {mode})"), "MiB/s", g2h);
+        row(&format!("connect -> OK (seccomp {mode})"), "us", ok);
+        row(&format!("open,64B,close (seccomp {mode})"), "us", cycle);
+    }
     if failures > 0 {
         println!("{failures} measurement(s) failed (see above)");
         std::process::exit(1);
