@@ -132,6 +132,8 @@ fn probe_boots_jailed_as_nobody_under_cinder() {
             "cpu.cfs_quota_us=150000",
             "--cgroup",
             "pids.max=64",
+            "--cgroup",
+            "cpuset.cpus=0",
             "--resource-limit",
             "no-file=1000",
             "--resource-limit",
@@ -177,7 +179,7 @@ fn probe_boots_jailed_as_nobody_under_cinder() {
     // Cgroups, v1.
     let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
     let want = format!("/{}/{}", jail.parent, jail.id);
-    for controller in ["memory", "cpu", "pids"] {
+    for controller in ["memory", "cpu", "pids", "cpuset"] {
         assert!(
             cg.lines()
                 .any(|l| l.ends_with(&format!(":{controller}:{want}"))),
@@ -195,6 +197,8 @@ fn probe_boots_jailed_as_nobody_under_cinder() {
     );
     assert_eq!(cgroup_value(&jail, "cpu", "cpu.cfs_quota_us"), "150000");
     assert_eq!(cgroup_value(&jail, "pids", "pids.max"), "64");
+    assert_eq!(cgroup_value(&jail, "cpuset", "cpuset.cpus"), "0");
+    assert_eq!(status_field(pid, "Cpus_allowed_list"), "0");
     // Resource limits.
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
     let limit = |name: &str| -> Vec<String> {
@@ -458,6 +462,58 @@ fn vsock_jailed_under_cinder() {
         .unwrap_or_else(|| panic!("no vsock line\n{}", s.log()));
     assert_eq!(v.status, Status::Ok, "{}", s.log());
     assert_eq!(v.num("tx_sum"), Some(fnv1a(&data)), "{}", v.details);
+}
+
+/// vsock from the guest to the host in a jail: the probe connects to host port 6000, which
+/// cinder (as 65534) reaches as `/v.sock_6000` inside the jail, where the host listens.
+#[test]
+fn vsock_guest_to_host_jailed_under_cinder() {
+    require_kvm();
+    let jail = Jail::new("vsockg2h");
+    let bytes = 256 << 10;
+    let c = jail.command(
+        &["--link-file", &probe_elf()],
+        &[
+            "--kernel",
+            "/probe",
+            "--vsock",
+            "cid=3,uds=/v.sock",
+            "--cmdline",
+            &format!("probe.run=vsock probe.vsock_host_port=6000 probe.vsock_bytes={bytes}"),
+        ],
+    );
+    // The orchestrator's way: the root exists before the jailer runs, with the host's
+    // listener in it (the jailer keeps what it finds there).
+    std::fs::create_dir_all(jail.root()).expect("the jail's root");
+    let path = jail.host_path("/v.sock_6000");
+    let l = std::os::unix::net::UnixListener::bind(&path).expect("listen in the jail");
+    std::os::unix::fs::chown(&path, Some(NOBODY), Some(NOBODY)).expect("chown the listener");
+    let mut s = Session::start(c);
+    l.set_nonblocking(true).expect("non-blocking");
+    let until = Instant::now() + STEP;
+    let mut conn = loop {
+        match l.accept() {
+            Ok((c, _)) => break c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("the probe did not connect: {e}\n{}", s.log()),
+        }
+    };
+    conn.set_nonblocking(false).expect("blocking");
+    conn.set_read_timeout(Some(STEP)).expect("timeout");
+    let mut got = Vec::new();
+    conn.read_to_end(&mut got)
+        .expect("read until the guest closes");
+    s.expect_line("PROBE DONE", STEP)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let log = probe::parse(&s.console());
+    let v = log
+        .check("vsock")
+        .unwrap_or_else(|| panic!("no vsock line\n{}", s.log()));
+    assert_eq!(v.status, Status::Ok, "{}", s.log());
+    assert_eq!(got.len(), bytes, "{}", v.details);
+    assert_eq!(v.num("tx_sum"), Some(fnv1a(&got)), "{}", v.details);
 }
 
 /// `--new-pid-ns`: the jailer forks, writes the child's host pid to `<root>/cinder.pid` and
