@@ -28,8 +28,8 @@ echo "[test] cargo clippy" >&2
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "[test] probe guest: fmt and clippy" >&2
 (cd resources/probe && cargo fmt -- --check && cargo clippy --release --quiet -- -D warnings)
-echo "[test] building cinder" >&2
-cargo build -p vmm
+echo "[test] building cinder and cinder-jailer" >&2
+cargo build -p vmm -p cinder-jailer
 
 status=0
 log=$(mktemp /tmp/cinder-test-log.XXXXXX)

@@ -5,6 +5,7 @@ pub mod cinder;
 pub mod guest;
 pub mod host;
 pub mod http;
+pub mod jail;
 pub mod linux;
 pub mod netns;
 pub mod probe;
