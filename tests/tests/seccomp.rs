@@ -199,7 +199,11 @@ fn every_thread_of_a_running_cinder_has_its_filter_under_cinder() {
     // Before InstanceStart: main and api.
     assert_eq!(process_seccomp(pid), "Seccomp:\t2", "{}", s.log());
     // main: its table and the one that answers clone3 with ENOSYS; api: its table.
-    assert_filters(&threads(pid), &[("api", 1), ("cinder", 2)], &s.log());
+    assert_filters(
+        &threads(pid),
+        &[("api", 1), ("cinder", 2), ("log-writer", 1)],
+        &s.log(),
+    );
     let body = format!(
         r#"{{"kernel_image_path": "{}", "boot_args": "probe.run=tick probe.ticks=1000000 probe.tick_ms=20"}}"#,
         probe::elf_path().display()
@@ -225,7 +229,15 @@ fn every_thread_of_a_running_cinder_has_its_filter_under_cinder() {
         Some(r#"{"action_type": "InstanceStart"}"#),
     );
     assert_eq!(r.status, 204, "{r:?}\n{}", s.log());
-    let names = ["api", "cinder", "console-out", "devices", "vcpu0", "vcpu1"];
+    let names = [
+        "api",
+        "cinder",
+        "console-out",
+        "devices",
+        "log-writer",
+        "vcpu0",
+        "vcpu1",
+    ];
     let all = wait_threads(pid, &names, Duration::from_secs(30));
     // main and api as before; the threads main spawned: main's two (inherited) and their own.
     assert_filters(
@@ -235,6 +247,7 @@ fn every_thread_of_a_running_cinder_has_its_filter_under_cinder() {
             ("cinder", 2),
             ("console-out", 3),
             ("devices", 3),
+            ("log-writer", 1),
             ("vcpu0", 3),
             ("vcpu1", 3),
         ],

@@ -88,6 +88,12 @@ fn queue() -> Option<&'static SyncSender<(Dest, String)>> {
 /// The writer thread: the only place that writes log lines, so a stalled stderr or log
 /// FIFO blocks only this thread.
 fn writer_loop(rx: Receiver<(Dest, String)>) {
+    // Its own seccomp filter first (a no-op before `seccomp::init` or with `--seccomp off`).
+    // A writer that cannot be confined ends cinder rather than run unfiltered.
+    if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::LogWriter) {
+        let _ = writeln!(std::io::stderr(), "cinder: [error] {e}");
+        std::process::exit(1);
+    }
     // The file, its size, and whether it is a regular file (a FIFO has no size to cap).
     let mut sink: Option<(File, u64, bool)> = None;
     let mut capped = false;
