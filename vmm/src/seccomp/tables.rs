@@ -100,6 +100,7 @@ pub const DEVICES: &[Allow] = &[
     (SYS_shutdown, Args::Any, "devices: vsock connection shutdown"),
     (SYS_getsockopt, Args::Any, "devices: SO_ERROR of a vsock connection"),
     (SYS_ioctl, Args::In(1, &[FIONBIO, FIONREAD]), "devices: non-blocking vsock sockets"),
+    (SYS_timerfd_settime, Args::Any, "devices: vsock timers (CONNECT line, unanswered REQUEST, shutdown, accept back-off)"),
 ];
 
 /// blk-<id>, a drive's I/O thread (the blk branch: devices/src/virtio/block/worker.rs),
