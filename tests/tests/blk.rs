@@ -442,6 +442,62 @@ fn blk_flush_survives_sigkill_under_cinder() {
     }
 }
 
+/// Issue 18 item 9d: while one cinder runs a guest on an image, a second cinder on the same
+/// image (writable or read-only) is refused with one line before it boots; once the first is
+/// gone, the image can be used again.
+#[test]
+fn image_in_use_by_another_cinder_is_refused_under_cinder() {
+    require_kvm();
+    let s = Scratch::new("lock");
+    let img = s.file("shared.img", &vec![0u8; 1 << 20]);
+    let mut c = cinder();
+    c.arg("--kernel").arg(probe::elf_path()).args([
+        "--cmdline",
+        "probe.run=tick probe.ticks=1000000 probe.tick_ms=50",
+    ]);
+    c.arg("--drive").arg(format!("path={}", img.display()));
+    let mut first = Session::start(c);
+    first
+        .expect("PROBE tick 1 ", Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for spec in [
+        format!("path={}", img.display()),
+        format!("path={},ro", img.display()),
+    ] {
+        // A Session, so that a second cinder that does boot (the bug) is bounded and killed.
+        let mut c = cinder();
+        c.args(kernel_args(std::slice::from_ref(&spec)));
+        let mut second = Session::start(c);
+        let st = second
+            .wait_exit(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("a second cinder on a locked image ran: {e}"));
+        let log = second.log();
+        let stderr = log.split("--- stderr ---\n").nth(1).unwrap_or_default();
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(st.code(), Some(1), "--drive {spec}: {log}");
+        assert_eq!(lines.len(), 1, "--drive {spec}: one error line: {log}");
+        assert!(
+            lines[0].contains(&img.display().to_string()) && lines[0].contains("in use"),
+            "--drive {spec}: {log}"
+        );
+    }
+    first.signal(libc::SIGTERM);
+    first
+        .wait_exit(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The lock went with the first cinder: a read-only drive on the image boots.
+    let mut c = cinder();
+    c.arg("--kernel")
+        .arg(probe::elf_path())
+        .args(["--cmdline", "probe.run=tick probe.ticks=1 probe.tick_ms=1"]);
+    c.arg("--drive").arg(format!("path={},ro", img.display()));
+    let mut again = Session::start(c);
+    let st = again
+        .wait_exit(Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(st.code(), Some(0), "{}", again.log());
+}
+
 // ---- bad --drive input: cinder opens drives before /dev/kvm, so these run anywhere ----
 
 fn fails_with(args: &[String], expect: &[&str]) {

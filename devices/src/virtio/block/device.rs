@@ -70,12 +70,31 @@ impl Block {
     }
 
     /// Switches the backing image (Firecracker's `PATCH /drives/{id}` with `path_on_host`),
-    /// keeping the device's read-only mode. The new size is published in config space and the
-    /// driver is told with a config-change interrupt. On error the old image stays in use.
+    /// keeping the device's read-only mode. The old image is synced first (what the guest
+    /// wrote must be on it before it goes), and the new one locked. The new size is published
+    /// in config space and the driver is told with a config-change interrupt. On error the old
+    /// image stays in use.
+    ///
+    /// The same file again (a manager announcing a resized image) is reopened; its lock moves
+    /// to the new open once the old one is closed.
     pub fn set_backing(&mut self, path: &std::path::Path) -> Result<(), BlockError> {
-        let disk = DiskImage::open(path, self.disk.read_only())?;
+        let read_only = self.disk.read_only();
+        let same_file = self.disk.is_file_at(path);
+        let mut disk = if same_file {
+            DiskImage::open_unlocked(path, read_only)?
+        } else {
+            DiskImage::open(path, read_only)?
+        };
+        self.disk.flush().map_err(BlockError::SyncBeforeSwitch)?;
+        disk.set_write_through(self.disk.write_through());
         let nsectors = disk.nsectors();
+        // Dropping the old image closes it and releases its lock.
         self.disk = disk;
+        if same_file {
+            if let Err(e) = self.disk.lock(path) {
+                log::warn!("virtio-blk: {e}");
+            }
+        }
         self.core.update_config(build_config_space(nsectors));
         Ok(())
     }
@@ -158,6 +177,13 @@ impl CoreDevice for Block {
 
     fn core_mut(&mut self) -> &mut DeviceCore {
         &mut self.core
+    }
+
+    /// A driver that did not negotiate VIRTIO_BLK_F_FLUSH has a write-through device: every
+    /// write is durable before it completes.
+    fn before_activate(&mut self) {
+        self.disk
+            .set_write_through(!self.core.acked(VIRTIO_BLK_F_FLUSH));
     }
 }
 

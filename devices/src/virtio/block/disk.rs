@@ -1,5 +1,11 @@
 //! The raw image file behind a virtio-blk device: opening it with precise errors, and moving
 //! sectors directly between the file and guest memory (no host-side copy of guest data).
+//!
+//! Durability: the image holds an OFD lock for as long as it is open (a write lock when
+//! writable, a read lock when read-only), so two VMMs never write one image. In write-through
+//! mode (the driver did not negotiate VIRTIO_BLK_F_FLUSH) every write-type request is
+//! fdatasync'ed before it completes. A failed fdatasync is sticky: the kernel may have dropped
+//! the dirty pages, so every later flush and write of this image fails too.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -20,6 +26,58 @@ pub struct DiskImage {
     file: File,
     nsectors: u64,
     read_only: bool,
+    /// Sync every write-type request before it completes (no VIRTIO_BLK_F_FLUSH).
+    write_through: bool,
+    /// The errno of the first failed fdatasync: once set, flushes and writes fail.
+    sync_failed: Option<i32>,
+    /// Test double: the next fdatasyncs fail with EIO.
+    #[cfg(test)]
+    pub(super) fail_syncs: bool,
+    /// Test double: fdatasyncs done.
+    #[cfg(test)]
+    pub(super) syncs: u64,
+}
+
+/// Takes an OFD lock over the whole of `file`: shared (read) when `read_only`, exclusive
+/// (write) otherwise. Open file description locks belong to this open file, are released when
+/// it is closed, and conflict with the same lock taken through any other open of the image
+/// (another process, or this one).
+fn lock(file: &File, path: &Path, read_only: bool) -> Result<(), BlockError> {
+    // flock's l_type and l_whence are shorts; the constants are 0, 1 and 0.
+    #[allow(clippy::cast_possible_truncation)]
+    const RDLCK: libc::c_short = libc::F_RDLCK as libc::c_short;
+    #[allow(clippy::cast_possible_truncation)]
+    const WRLCK: libc::c_short = libc::F_WRLCK as libc::c_short;
+    #[allow(clippy::cast_possible_truncation)]
+    const SEEK_SET: libc::c_short = libc::SEEK_SET as libc::c_short;
+    const _: () = assert!(
+        RDLCK as i32 == libc::F_RDLCK
+            && WRLCK as i32 == libc::F_WRLCK
+            && SEEK_SET as i32 == libc::SEEK_SET
+    );
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock is plain old data; all-zero is a valid value (l_start = l_len = 0 covers
+    // the whole file, l_pid must be 0 for OFD locks).
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = if read_only { RDLCK } else { WRLCK };
+    fl.l_whence = SEEK_SET;
+    // SAFETY: the fd is open for the duration of the call and `fl` a valid flock that fcntl
+    // only reads.
+    let ret = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    if ret == 0 {
+        return Ok(());
+    }
+    let source = io::Error::last_os_error();
+    match source.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => Err(BlockError::Locked {
+            path: path.to_path_buf(),
+            mode: if read_only { "reading" } else { "writing" },
+        }),
+        _ => Err(BlockError::Lock {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 fn open_error(path: &Path, read_only: bool, source: io::Error) -> BlockError {
@@ -49,8 +107,30 @@ fn open_error(path: &Path, read_only: bool, source: io::Error) -> BlockError {
 }
 
 impl DiskImage {
-    /// Open `path` (read-only or read-write); its size must be a multiple of 512 bytes.
+    /// Open `path` (read-only or read-write) and lock it (see the module comment); its size
+    /// must be a multiple of 512 bytes.
     pub fn open(path: &Path, read_only: bool) -> Result<Self, BlockError> {
+        let disk = Self::open_unlocked(path, read_only)?;
+        disk.lock(path)?;
+        Ok(disk)
+    }
+
+    /// Take this image's lock ([`Self::open`] does).
+    pub(super) fn lock(&self, path: &Path) -> Result<(), BlockError> {
+        lock(&self.file, path, self.read_only)
+    }
+
+    /// Whether this is the file at `path` (same device and inode).
+    pub(super) fn is_file_at(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (self.file.metadata(), std::fs::metadata(path)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+
+    /// [`Self::open`] without the lock.
+    pub(super) fn open_unlocked(path: &Path, read_only: bool) -> Result<Self, BlockError> {
         // Check the type first: opening a directory read-only succeeds on Linux.
         match std::fs::metadata(path) {
             Ok(meta) if meta.is_dir() => {
@@ -84,7 +164,65 @@ impl DiskImage {
             file,
             nsectors: size >> SECTOR_SHIFT,
             read_only,
+            write_through: false,
+            sync_failed: None,
+            #[cfg(test)]
+            fail_syncs: false,
+            #[cfg(test)]
+            syncs: 0,
         })
+    }
+
+    /// Whether every write-type request is synced before it completes.
+    pub fn write_through(&self) -> bool {
+        self.write_through
+    }
+
+    /// Sync every write-type request before it completes (the driver did not negotiate
+    /// VIRTIO_BLK_F_FLUSH: virtio 1.2 §5.2.5, the device is write-through) or not.
+    pub fn set_write_through(&mut self, on: bool) {
+        self.write_through = on;
+    }
+
+    /// Fails with the first fdatasync error once one failed (see the module comment).
+    fn check_sync_failed(&self) -> io::Result<()> {
+        match self.sync_failed {
+            Some(errno) => Err(io::Error::new(
+                io::Error::from_raw_os_error(errno).kind(),
+                format!(
+                    "an earlier fdatasync of the image failed ({}): its written data may be lost",
+                    io::Error::from_raw_os_error(errno)
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// fdatasync, remembering a failure for good.
+    fn sync(&mut self) -> io::Result<()> {
+        self.check_sync_failed()?;
+        #[cfg(test)]
+        let result = if self.fail_syncs {
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        } else {
+            self.syncs += 1;
+            self.file.sync_data()
+        };
+        #[cfg(not(test))]
+        let result = self.file.sync_data();
+        if let Err(e) = &result {
+            self.sync_failed = Some(e.raw_os_error().unwrap_or(libc::EIO));
+        }
+        result
+    }
+
+    /// After a write-type request did `result`: in write-through mode, sync it.
+    fn written(&mut self, result: io::Result<()>) -> io::Result<()> {
+        result?;
+        if self.write_through {
+            self.sync()?;
+        }
+        Ok(())
     }
 
     /// Capacity in 512-byte sectors.
@@ -142,6 +280,17 @@ impl DiskImage {
         if self.read_only {
             return Err(io::ErrorKind::PermissionDenied.into());
         }
+        self.check_sync_failed()?;
+        let result = self.write_segments(mem, offset, segments);
+        self.written(result)
+    }
+
+    fn write_segments(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        offset: u64,
+        segments: &[(GuestAddress, u32)],
+    ) -> io::Result<()> {
         self.file.seek(SeekFrom::Start(offset))?;
         for &(addr, len) in segments {
             let slices = mem
@@ -163,9 +312,9 @@ impl DiskImage {
         Ok(())
     }
 
-    /// fdatasync the image.
+    /// fdatasync the image. Once an fdatasync failed, every later flush fails too.
     pub fn flush(&mut self) -> io::Result<()> {
-        self.file.sync_data()
+        self.sync()
     }
 
     /// Deallocate `len` bytes at byte `offset` (a hole punch, size kept). Discarding is a hint:
@@ -175,11 +324,13 @@ impl DiskImage {
         if self.read_only {
             return Err(io::ErrorKind::PermissionDenied.into());
         }
-        match fallocate(&self.file, FallocateMode::PunchHole, true, offset, len) {
+        self.check_sync_failed()?;
+        let result = match fallocate(&self.file, FallocateMode::PunchHole, true, offset, len) {
             Ok(()) => Ok(()),
             Err(e) if unsupported(e.errno()) => Ok(()),
             Err(e) => Err(io::Error::from_raw_os_error(e.errno())),
-        }
+        };
+        self.written(result)
     }
 
     /// Make `len` bytes at byte `offset` read back as zeroes: a hole punch when `unmap` allows
@@ -190,6 +341,12 @@ impl DiskImage {
         if self.read_only {
             return Err(io::ErrorKind::PermissionDenied.into());
         }
+        self.check_sync_failed()?;
+        let result = self.zero_range(offset, len, unmap);
+        self.written(result)
+    }
+
+    fn zero_range(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
         let modes = if unmap {
             [FallocateMode::PunchHole, FallocateMode::ZeroRange]
         } else {

@@ -106,6 +106,27 @@ pub enum BlockError {
         /// Its length in bytes.
         len: usize,
     },
+    /// Another open of the image (another VMM, or another drive of this one) holds a lock
+    /// that conflicts with this one.
+    #[error("block image {path} is in use (locked by another process or drive): cannot lock it for {mode}")]
+    Locked {
+        /// The image path.
+        path: PathBuf,
+        /// "reading" or "writing".
+        mode: &'static str,
+    },
+    /// Taking the image's lock failed for another reason.
+    #[error("cannot lock block image {path}: {source}")]
+    Lock {
+        /// The image path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The image being replaced could not be synced: the guest's data may not be on it, so
+    /// it stays in use.
+    #[error("cannot sync the current image before switching: {0}; the drive keeps it")]
+    SyncBeforeSwitch(io::Error),
     /// Creating an event fd failed.
     #[error("cannot create an event fd for the block device: {0}")]
     EventFd(io::Error),

@@ -1,6 +1,7 @@
 use super::*;
 use crate::virtio::block::request::{
-    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use crate::virtio::features::VIRTIO_F_VERSION_1;
 use crate::virtio::VirtioDevice;
@@ -58,7 +59,9 @@ fn features_and_config_space() {
     assert_ne!(f & (1 << VIRTIO_BLK_F_SEG_MAX), 0);
     assert_ne!(f & (1 << VIRTIO_BLK_F_SIZE_MAX), 0);
     assert_eq!(f & (1 << VIRTIO_BLK_F_RO), 0);
-    let ro = block(&file, true, None);
+    // (Another file: the writable device holds the image's write lock.)
+    let ro_file = image(100);
+    let ro = block(&ro_file, true, None);
     assert_ne!(ro.avail_features() & (1 << VIRTIO_BLK_F_RO), 0);
 
     let mut cap = [0u8; 8];
@@ -351,4 +354,218 @@ fn set_backing_switches_image_and_announces_the_new_size() {
         .is_err());
     b.read_config(0, &mut cap);
     assert_eq!(u64::from_le_bytes(cap), 32);
+}
+
+/// An active device over `file` whose driver acked every offered feature but those in
+/// `without`, with its mock queue.
+fn active<'a>(
+    file: &TempFile,
+    mem: &'a GuestMemoryMmap,
+    without: u64,
+) -> (Block, MockSplitQueue<'a, GuestMemoryMmap>) {
+    let irq = Arc::new(Interrupt::new(Arc::new(
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+    )));
+    let mut b = block(file, false, None);
+    b.set_acked_features(b.avail_features() & !without);
+    let vq = MockSplitQueue::new(mem, 64);
+    b.activate(mem.clone(), vec![vq.create_queue().unwrap()], irq)
+        .unwrap();
+    (b, vq)
+}
+
+/// Posts one request of type `ty` at `sector` (with one 512-byte data buffer unless FLUSH,
+/// readable for OUT, writable for IN), processes the queue and returns its status byte.
+/// `n` numbers the request (0, 1, ...): each uses its own descriptors and buffers.
+fn submit(
+    b: &mut Block,
+    mem: &GuestMemoryMmap,
+    vq: &MockSplitQueue<GuestMemoryMmap>,
+    n: u16,
+    ty: u32,
+    sector: u64,
+) -> u8 {
+    let base = 0x1_0000 + u64::from(n) * 0x1000;
+    header(mem, base, ty, sector);
+    let status = base + 0x800;
+    mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+    let chain: Vec<RawDescriptor> = match ty {
+        VIRTIO_BLK_T_FLUSH => vec![d(base, 16, F_NEXT, 3 * n + 1), d(status, 1, F_WRITE, 0)],
+        _ => {
+            let data_flags = if ty == VIRTIO_BLK_T_IN { F_WRITE } else { 0 };
+            vec![
+                d(base, 16, F_NEXT, 3 * n + 1),
+                d(base + 0x200, 512, data_flags | F_NEXT, 3 * n + 2),
+                d(status, 1, F_WRITE, 0),
+            ]
+        }
+    };
+    vq.add_desc_chains(&chain, 3 * n).unwrap();
+    b.process_queue(0);
+    mem.read_obj::<u8>(GuestAddress(status)).unwrap()
+}
+
+/// Issue 18 item 9a: without VIRTIO_BLK_F_FLUSH the device is write-through, so every write
+/// (OUT, WRITE_ZEROES, DISCARD) is fdatasync'ed before it completes; with FLUSH negotiated,
+/// writes are not synced until the driver flushes.
+#[test]
+fn write_through_without_flush_feature_syncs_every_write() {
+    let file = image(64);
+    let mem = mem();
+    let (mut b, vq) = active(&file, &mem, 1 << VIRTIO_BLK_F_FLUSH);
+    assert!(b.disk.write_through());
+    assert_eq!(
+        submit(&mut b, &mem, &vq, 0, VIRTIO_BLK_T_OUT, 1),
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(b.disk.syncs, 1, "an OUT without FLUSH negotiated is synced");
+    assert_eq!(
+        submit(&mut b, &mem, &vq, 1, VIRTIO_BLK_T_IN, 1),
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(b.disk.syncs, 1, "a read is not synced");
+    // WRITE_ZEROES of sectors 8..16.
+    let base = 0x1_0000 + 2 * 0x1000;
+    let range = base + 0x200;
+    mem.write_obj(8u64, GuestAddress(range)).unwrap();
+    mem.write_obj(8u32, GuestAddress(range + 8)).unwrap();
+    mem.write_obj(0u32, GuestAddress(range + 12)).unwrap();
+    header(&mem, base, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    vq.add_desc_chains(
+        &[
+            d(base, 16, F_NEXT, 7),
+            d(range, 16, F_NEXT, 8),
+            d(base + 0x800, 1, F_WRITE, 0),
+        ],
+        6,
+    )
+    .unwrap();
+    b.process_queue(0);
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(base + 0x800)).unwrap(),
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(
+        b.disk.syncs, 2,
+        "a WRITE_ZEROES without FLUSH negotiated is synced"
+    );
+
+    // FLUSH negotiated: write-back, the write is synced by the driver's FLUSH only.
+    drop(b);
+    let (mut b, vq) = active(&file, &mem, 0);
+    assert!(!b.disk.write_through());
+    assert_eq!(
+        submit(&mut b, &mem, &vq, 0, VIRTIO_BLK_T_OUT, 1),
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(b.disk.syncs, 0);
+    assert_eq!(
+        submit(&mut b, &mem, &vq, 1, VIRTIO_BLK_T_FLUSH, 0),
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(b.disk.syncs, 1);
+}
+
+/// Issue 18 item 9c: once an fdatasync failed, the kernel may have dropped the dirty pages,
+/// so a retried FLUSH must not report OK, and later writes fail too; reads still work.
+#[test]
+fn failed_fdatasync_is_sticky() {
+    let file = image(64);
+    let mem = mem();
+    let (mut b, vq) = active(&file, &mem, 0);
+    assert_eq!(
+        submit(&mut b, &mem, &vq, 0, VIRTIO_BLK_T_OUT, 1),
+        VIRTIO_BLK_S_OK
+    );
+    b.disk.fail_syncs = true;
+    assert_eq!(
+        submit(&mut b, &mem, &vq, 1, VIRTIO_BLK_T_FLUSH, 0),
+        VIRTIO_BLK_S_IOERR
+    );
+    // The host's fdatasync would succeed again now: the failure is remembered anyway.
+    b.disk.fail_syncs = false;
+    assert_eq!(
+        submit(&mut b, &mem, &vq, 2, VIRTIO_BLK_T_FLUSH, 0),
+        VIRTIO_BLK_S_IOERR,
+        "a retried FLUSH after a failed fdatasync reports the failure"
+    );
+    assert_eq!(
+        submit(&mut b, &mem, &vq, 3, VIRTIO_BLK_T_OUT, 2),
+        VIRTIO_BLK_S_IOERR
+    );
+    assert_eq!(
+        submit(&mut b, &mem, &vq, 4, VIRTIO_BLK_T_IN, 2),
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(
+        b.disk.syncs, 0,
+        "no fdatasync reached the file after the failure"
+    );
+}
+
+/// Issue 18 item 9b: PATCH /drives syncs the old image before switching, and a failed sync
+/// fails the switch (the old image stays, with its size).
+#[test]
+fn set_backing_syncs_the_old_image_first() {
+    let first = image(8);
+    let second = image(32);
+    let mem = mem();
+    let (mut b, _vq) = active(&first, &mem, 0);
+    b.disk.fail_syncs = true;
+    let err = b.set_backing(second.as_path()).unwrap_err();
+    assert!(matches!(err, BlockError::SyncBeforeSwitch(_)), "{err}");
+    let mut cap = [0u8; 8];
+    b.read_config(0, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), 8, "the old image stays");
+    assert!(b.disk.is_file_at(first.as_path()));
+    // The failure is sticky: the drive keeps refusing to switch away from the image.
+    b.disk.fail_syncs = false;
+    assert!(b.set_backing(second.as_path()).is_err());
+    // A device whose syncs work switches, syncing the old image once, and write-through
+    // carries over to the new image.
+    drop(b);
+    let (mut b, _vq) = active(&first, &mem, 1 << VIRTIO_BLK_F_FLUSH);
+    b.set_backing(second.as_path()).unwrap();
+    b.read_config(0, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), 32);
+    assert!(b.disk.write_through());
+}
+
+/// Issue 18 item 9d: a writable image is locked against every other open of it, a read-only
+/// one against writers; switching a drive to the file it already uses (a resized image) works
+/// and keeps the lock.
+#[test]
+fn images_are_locked_while_in_use() {
+    let file = image(8);
+    let mut rw = block(&file, false, None);
+    let config = |read_only| BlockConfig {
+        path: file.as_path().to_path_buf(),
+        read_only,
+        id: None,
+    };
+    let err = Block::new(&config(false)).unwrap_err();
+    assert!(matches!(err, BlockError::Locked { .. }), "{err}");
+    assert!(!err.to_string().contains('\n'));
+    let err = Block::new(&config(true)).unwrap_err();
+    assert!(matches!(err, BlockError::Locked { .. }), "{err}");
+    // The same file again, grown.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(file.as_path())
+        .unwrap()
+        .set_len(16 * 512)
+        .unwrap();
+    rw.set_backing(file.as_path()).unwrap();
+    assert_eq!(rw.nsectors(), 16);
+    let err = Block::new(&config(true)).unwrap_err();
+    assert!(
+        matches!(err, BlockError::Locked { .. }),
+        "still locked: {err}"
+    );
+    drop(rw);
+    // Readers share the image.
+    let _ro1 = Block::new(&config(true)).unwrap();
+    let _ro2 = Block::new(&config(true)).unwrap();
+    let err = Block::new(&config(false)).unwrap_err();
+    assert!(matches!(err, BlockError::Locked { .. }), "{err}");
 }
