@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use arch::GuestMemoryMmap;
 use devices::i8042::{I8042Error, I8042};
-use devices::virtio::block::{Block, BlockError};
+use devices::virtio::block::{Block, BlockError, IoGate};
 use devices::virtio::net::Net;
 use event_manager::MutEventSubscriber;
 use kvm_ioctls::{Kvm, VmFd};
@@ -76,6 +76,8 @@ pub struct Vmm {
     pub(crate) mmio: Arc<Bus>,
     pub(crate) subscribers: Vec<Subscriber>,
     pub(crate) blocks: Vec<(String, Arc<Mutex<Block>>)>,
+    /// Shut while the devices are paused: no block I/O thread touches guest memory then.
+    pub(crate) io_gate: Arc<IoGate>,
     pub(crate) nets: Vec<(String, Arc<Mutex<Net>>)>,
     pub(crate) i8042: Arc<Mutex<I8042>>,
     pub(crate) ctx: VmContext,
@@ -88,6 +90,12 @@ impl Vmm {
     /// The event-loop subscribers of this VM's devices (console input, virtio queues).
     pub fn subscribers(&self) -> Vec<Subscriber> {
         self.subscribers.clone()
+    }
+
+    /// The gate the block devices' I/O threads pass for every request (the device loop
+    /// closes it when it parks).
+    pub fn io_gate(&self) -> Arc<IoGate> {
+        self.io_gate.clone()
     }
 
     /// Starts one thread per vCPU.

@@ -2,7 +2,9 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use virtio_queue::{QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::DiskImage;
@@ -10,13 +12,15 @@ use super::features::{
     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
     VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
-use super::request::{handle_chain_counted, BlockStats};
+use super::request::{handle_chain_counted, parse_failed, BlockStats, Request};
+use super::worker::{IoGate, Job, StartHook, Worker, WorkerParts};
 use super::{
     BlockError, DISCARD_SECTOR_ALIGNMENT, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG,
     MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, QUEUE_SIZE, SECTOR_SHIFT, SEG_MAX, SIZE_MAX,
     VIRTIO_BLK_ID_BYTES,
 };
-use crate::virtio::device_core::{CoreDevice, DeviceCore};
+use crate::virtio::device_core::{CoreDevice, DeviceCore, DRAIN_BUDGET};
+use crate::virtio::log_limit::warn_ratelimited;
 use crate::virtio::{device_type, COMMON_FEATURES};
 
 /// How to build a [`Block`] device.
@@ -31,13 +35,32 @@ pub struct BlockConfig {
     pub id: Option<String>,
 }
 
-/// A virtio-blk device over a raw image file, with one request queue.
+/// Most requests handed to the worker and not completed yet: a ring's worth (a driver can
+/// repeat heads in the avail ring, so this is counted, not assumed).
+const MAX_IN_FLIGHT: usize = QUEUE_SIZE as usize;
+
+/// A virtio-blk device over a raw image file, with one request queue. Its requests run on the
+/// device loop's thread, or on its own worker once [`Block::start_worker`] started one.
 #[derive(Debug)]
 pub struct Block {
-    disk: DiskImage,
+    disk: Arc<Mutex<DiskImage>>,
     id: [u8; VIRTIO_BLK_ID_BYTES],
-    stats: BlockStats,
+    stats: Arc<Mutex<BlockStats>>,
+    worker: Option<Worker>,
+    /// Requests with the worker (of this activation).
+    in_flight: usize,
+    /// The last pass stopped at MAX_IN_FLIGHT: completions resume it.
+    stalled: bool,
+    /// Counts activations, so that completions of a request from before a reset are dropped.
+    generation: u64,
     pub(super) core: DeviceCore,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
 }
 
 /// Size of `struct virtio_blk_config` up to `write_zeroes_may_unmap` and its padding.
@@ -66,7 +89,46 @@ fn build_config_space(nsectors: u64) -> Vec<u8> {
 impl Block {
     /// What the device did so far.
     pub fn stats(&self) -> BlockStats {
-        self.stats
+        *lock(&self.stats)
+    }
+
+    /// The image (tests).
+    #[cfg(test)]
+    pub(super) fn disk(&self) -> MutexGuard<'_, DiskImage> {
+        lock(&self.disk)
+    }
+
+    /// Moves request execution to a thread of its own named `name` (at most 15 bytes; longer
+    /// is cut), which runs `hook` first (e.g. to install its seccomp filter). Its requests run
+    /// inside `gate` (see [`super::worker`]). Call before the device is activated.
+    pub fn start_worker(
+        &mut self,
+        name: &str,
+        hook: StartHook,
+        gate: Arc<IoGate>,
+    ) -> Result<(), BlockError> {
+        let mut name = name.to_string();
+        while name.len() > 15 {
+            name.pop();
+        }
+        let worker = Worker::spawn(
+            name,
+            hook,
+            WorkerParts {
+                disk: self.disk.clone(),
+                stats: self.stats.clone(),
+                id: self.id,
+                gate,
+            },
+        )
+        .map_err(BlockError::Worker)?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    /// The worker's completion EventFd, when there is a worker.
+    pub(super) fn done_event(&self) -> Option<&EventFd> {
+        self.worker.as_ref().map(Worker::done_event)
     }
 
     /// Switches the backing image (Firecracker's `PATCH /drives/{id}` with `path_on_host`),
@@ -78,23 +140,26 @@ impl Block {
     /// The same file again (a manager announcing a resized image) is reopened; its lock moves
     /// to the new open once the old one is closed.
     pub fn set_backing(&mut self, path: &std::path::Path) -> Result<(), BlockError> {
-        let read_only = self.disk.read_only();
-        let same_file = self.disk.is_file_at(path);
+        // The worker (if any) finishes the request it is doing first.
+        let mut current = lock(&self.disk);
+        let read_only = current.read_only();
+        let same_file = current.is_file_at(path);
         let mut disk = if same_file {
             DiskImage::open_unlocked(path, read_only)?
         } else {
             DiskImage::open(path, read_only)?
         };
-        self.disk.flush().map_err(BlockError::SyncBeforeSwitch)?;
-        disk.set_write_through(self.disk.write_through());
+        current.flush().map_err(BlockError::SyncBeforeSwitch)?;
+        disk.set_write_through(current.write_through());
         let nsectors = disk.nsectors();
         // Dropping the old image closes it and releases its lock.
-        self.disk = disk;
+        *current = disk;
         if same_file {
-            if let Err(e) = self.disk.lock(path) {
+            if let Err(e) = current.lock(path) {
                 log::warn!("virtio-blk: {e}");
             }
         }
+        drop(current);
         self.core.update_config(build_config_space(nsectors));
         Ok(())
     }
@@ -133,16 +198,20 @@ impl Block {
         let core = DeviceCore::new("virtio-blk", avail_features, config_space, &[QUEUE_SIZE])
             .map_err(BlockError::EventFd)?;
         Ok(Block {
-            disk,
+            disk: Arc::new(Mutex::new(disk)),
             id: id_bytes,
-            stats: BlockStats::default(),
+            stats: Arc::new(Mutex::new(BlockStats::default())),
+            worker: None,
+            in_flight: 0,
+            stalled: false,
+            generation: 0,
             core,
         })
     }
 
     /// Capacity in 512-byte sectors.
     pub fn nsectors(&self) -> u64 {
-        self.disk.nsectors()
+        lock(&self.disk).nsectors()
     }
 
     /// The 20-byte device ID returned by GET_ID.
@@ -158,13 +227,161 @@ impl Block {
     /// Process every available request of queue `index`, then notify the guest if needed. A
     /// no-op when the device is not active or the queue does not exist / is not ready.
     pub fn process_queue(&mut self, index: usize) {
+        if self.worker.is_some() {
+            self.submit_queue(index);
+            return;
+        }
+        let write_through = !self.core.acked(VIRTIO_BLK_F_FLUSH);
         let Some(active) = self.core.active_mut() else {
             return;
         };
-        let (disk, id, stats) = (&mut self.disk, &self.id, &mut self.stats);
+        let mut disk = lock(&self.disk);
+        disk.set_write_through(write_through);
+        let (id, mut stats) = (&self.id, BlockStats::default());
         active.drain_queue(index, |chain, mem| {
-            handle_chain_counted(chain, mem, disk, id, stats)
+            handle_chain_counted(chain, mem, &mut disk, id, &mut stats)
         });
+        lock(&self.stats).add(&stats);
+    }
+
+    /// The worker's half of [`Self::process_queue`]: pops and parses at most
+    /// [`DRAIN_BUDGET`] chains (and at most [`MAX_IN_FLIGHT`] outstanding), answers the bad
+    /// ones at once and hands the others to the worker. Past the budget the queue kicks itself,
+    /// as [`crate::virtio::device_core`] does; at the in-flight limit notifications stay off
+    /// and completions resume the queue.
+    fn submit_queue(&mut self, index: usize) {
+        let write_through = !self.core.acked(VIRTIO_BLK_F_FLUSH);
+        let generation = self.generation;
+        let Some(active) = self.core.active_mut() else {
+            return;
+        };
+        let mem = active.mem.clone();
+        let Some(queue) = active.queues.get_mut(index) else {
+            return;
+        };
+        if !queue.ready() {
+            return;
+        }
+        let mut requests: Vec<(u16, Request)> = Vec::new();
+        let mut stats = BlockStats::default();
+        let (mut answered, mut self_kick, mut needs_reset) = (false, false, false);
+        let mut budget = DRAIN_BUDGET;
+        self.stalled = false;
+        'outer: loop {
+            if let Err(e) = queue.disable_notification(&mem) {
+                warn_ratelimited!("virtio-blk: cannot disable notifications: {e}");
+                break;
+            }
+            loop {
+                if self.in_flight + requests.len() >= MAX_IN_FLIGHT {
+                    self.stalled = true;
+                    break 'outer;
+                }
+                if budget == 0 {
+                    self_kick = true;
+                    break 'outer;
+                }
+                budget -= 1;
+                let chain = match queue.iter(&mem) {
+                    Ok(mut iter) => iter.next(),
+                    Err(e) => {
+                        warn_ratelimited!("virtio-blk: {e}");
+                        needs_reset = true;
+                        break 'outer;
+                    }
+                };
+                let Some(chain) = chain else {
+                    break;
+                };
+                let head = chain.head_index();
+                match Request::parse(chain, &mem) {
+                    Ok(request) => requests.push((head, request)),
+                    Err(e) => {
+                        let len = parse_failed(e, &mem, &mut stats);
+                        if let Err(e) = queue.add_used(&mem, head, len) {
+                            warn_ratelimited!("virtio-blk: cannot add used entry: {e}");
+                        }
+                        answered = true;
+                    }
+                }
+            }
+            match queue.enable_notification(&mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    warn_ratelimited!("virtio-blk: cannot enable notifications: {e}");
+                    break;
+                }
+            }
+        }
+        if needs_reset {
+            if let Err(e) = active.interrupt.signal_needs_reset() {
+                warn_ratelimited!("virtio-blk: cannot raise the interrupt: {e}");
+            }
+        }
+        if answered {
+            active.signal_used(index);
+        }
+        lock(&self.stats).add(&stats);
+        if !requests.is_empty() {
+            let n = requests.len();
+            let job = Job {
+                mem,
+                requests,
+                write_through,
+                generation,
+            };
+            match &self.worker {
+                Some(w) if w.submit(job) => self.in_flight += n,
+                _ => warn_ratelimited!("virtio-blk: the I/O thread is gone: {n} requests lost"),
+            }
+        }
+        if self_kick {
+            if let Some(evt) = self.core.queue_events().get(index) {
+                if let Err(e) = evt.write(1) {
+                    warn_ratelimited!("virtio-blk: cannot self-kick: {e}");
+                }
+            }
+        }
+    }
+
+    /// Puts what the worker completed in the used ring and raises the interrupt; resumes a
+    /// queue that stopped at the in-flight limit.
+    pub(super) fn complete(&mut self) {
+        let Some(worker) = &self.worker else {
+            return;
+        };
+        if let Err(e) = worker.done_event().read() {
+            if e.kind() != std::io::ErrorKind::WouldBlock {
+                warn_ratelimited!("virtio-blk: cannot read the completion event fd: {e}");
+            }
+        }
+        let mut used = false;
+        let generation = self.generation;
+        let mut active = self.core.active_mut();
+        while let Some(done) = worker.next_done() {
+            if done.generation != generation {
+                continue;
+            }
+            self.in_flight = self.in_flight.saturating_sub(1);
+            if let Some(a) = active.as_mut() {
+                let mem = a.mem.clone();
+                if let Some(queue) = a.queues.get_mut(0) {
+                    if let Err(e) = queue.add_used(&mem, done.head, done.len) {
+                        warn_ratelimited!("virtio-blk: cannot add used entry: {e}");
+                    }
+                    used = true;
+                }
+            }
+        }
+        if used {
+            if let Some(a) = active {
+                a.signal_used(0);
+            }
+        }
+        if self.stalled {
+            self.process_queue(0);
+        }
     }
 }
 
@@ -181,9 +398,11 @@ impl CoreDevice for Block {
 
     /// A driver that did not negotiate VIRTIO_BLK_F_FLUSH has a write-through device: every
     /// write is durable before it completes.
-    fn before_activate(&mut self) {
-        self.disk
-            .set_write_through(!self.core.acked(VIRTIO_BLK_F_FLUSH));
+    /// Completions of requests from before the reset are dropped when they arrive.
+    fn on_reset(&mut self) {
+        self.generation = self.generation.wrapping_add(1);
+        self.in_flight = 0;
+        self.stalled = false;
     }
 }
 

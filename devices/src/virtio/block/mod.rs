@@ -8,11 +8,13 @@ pub mod device;
 pub mod disk;
 pub mod event_handler;
 pub mod request;
+pub mod worker;
 
 use std::io;
 use std::path::PathBuf;
 
 pub use device::{Block, BlockConfig};
+pub use worker::{IoGate, StartHook};
 
 /// Size of a virtio-blk sector, whatever the image's real block size.
 pub const SECTOR_SIZE: u64 = 512;
@@ -127,6 +129,9 @@ pub enum BlockError {
     /// it stays in use.
     #[error("cannot sync the current image before switching: {0}; the drive keeps it")]
     SyncBeforeSwitch(io::Error),
+    /// The device's I/O thread could not be started.
+    #[error("cannot start the block device's I/O thread: {0}")]
+    Worker(io::Error),
     /// Creating an event fd failed.
     #[error("cannot create an event fd for the block device: {0}")]
     EventFd(io::Error),

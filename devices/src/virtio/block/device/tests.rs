@@ -3,6 +3,7 @@ use crate::virtio::block::request::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES,
 };
+use crate::virtio::block::IoGate;
 use crate::virtio::features::VIRTIO_F_VERSION_1;
 use crate::virtio::VirtioDevice;
 use crate::virtio::{ActivateError, Interrupt};
@@ -413,17 +414,20 @@ fn write_through_without_flush_feature_syncs_every_write() {
     let file = image(64);
     let mem = mem();
     let (mut b, vq) = active(&file, &mem, 1 << VIRTIO_BLK_F_FLUSH);
-    assert!(b.disk.write_through());
     assert_eq!(
         submit(&mut b, &mem, &vq, 0, VIRTIO_BLK_T_OUT, 1),
         VIRTIO_BLK_S_OK
     );
-    assert_eq!(b.disk.syncs, 1, "an OUT without FLUSH negotiated is synced");
+    assert_eq!(
+        b.disk().syncs,
+        1,
+        "an OUT without FLUSH negotiated is synced"
+    );
     assert_eq!(
         submit(&mut b, &mem, &vq, 1, VIRTIO_BLK_T_IN, 1),
         VIRTIO_BLK_S_OK
     );
-    assert_eq!(b.disk.syncs, 1, "a read is not synced");
+    assert_eq!(b.disk().syncs, 1, "a read is not synced");
     // WRITE_ZEROES of sectors 8..16.
     let base = 0x1_0000 + 2 * 0x1000;
     let range = base + 0x200;
@@ -446,24 +450,24 @@ fn write_through_without_flush_feature_syncs_every_write() {
         VIRTIO_BLK_S_OK
     );
     assert_eq!(
-        b.disk.syncs, 2,
+        b.disk().syncs,
+        2,
         "a WRITE_ZEROES without FLUSH negotiated is synced"
     );
 
     // FLUSH negotiated: write-back, the write is synced by the driver's FLUSH only.
     drop(b);
     let (mut b, vq) = active(&file, &mem, 0);
-    assert!(!b.disk.write_through());
     assert_eq!(
         submit(&mut b, &mem, &vq, 0, VIRTIO_BLK_T_OUT, 1),
         VIRTIO_BLK_S_OK
     );
-    assert_eq!(b.disk.syncs, 0);
+    assert_eq!(b.disk().syncs, 0);
     assert_eq!(
         submit(&mut b, &mem, &vq, 1, VIRTIO_BLK_T_FLUSH, 0),
         VIRTIO_BLK_S_OK
     );
-    assert_eq!(b.disk.syncs, 1);
+    assert_eq!(b.disk().syncs, 1);
 }
 
 /// Issue 18 item 9c: once an fdatasync failed, the kernel may have dropped the dirty pages,
@@ -477,13 +481,13 @@ fn failed_fdatasync_is_sticky() {
         submit(&mut b, &mem, &vq, 0, VIRTIO_BLK_T_OUT, 1),
         VIRTIO_BLK_S_OK
     );
-    b.disk.fail_syncs = true;
+    b.disk().fail_syncs = true;
     assert_eq!(
         submit(&mut b, &mem, &vq, 1, VIRTIO_BLK_T_FLUSH, 0),
         VIRTIO_BLK_S_IOERR
     );
     // The host's fdatasync would succeed again now: the failure is remembered anyway.
-    b.disk.fail_syncs = false;
+    b.disk().fail_syncs = false;
     assert_eq!(
         submit(&mut b, &mem, &vq, 2, VIRTIO_BLK_T_FLUSH, 0),
         VIRTIO_BLK_S_IOERR,
@@ -498,7 +502,8 @@ fn failed_fdatasync_is_sticky() {
         VIRTIO_BLK_S_OK
     );
     assert_eq!(
-        b.disk.syncs, 0,
+        b.disk().syncs,
+        0,
         "no fdatasync reached the file after the failure"
     );
 }
@@ -511,24 +516,22 @@ fn set_backing_syncs_the_old_image_first() {
     let second = image(32);
     let mem = mem();
     let (mut b, _vq) = active(&first, &mem, 0);
-    b.disk.fail_syncs = true;
+    b.disk().fail_syncs = true;
     let err = b.set_backing(second.as_path()).unwrap_err();
     assert!(matches!(err, BlockError::SyncBeforeSwitch(_)), "{err}");
     let mut cap = [0u8; 8];
     b.read_config(0, &mut cap);
     assert_eq!(u64::from_le_bytes(cap), 8, "the old image stays");
-    assert!(b.disk.is_file_at(first.as_path()));
+    assert!(b.disk().is_file_at(first.as_path()));
     // The failure is sticky: the drive keeps refusing to switch away from the image.
-    b.disk.fail_syncs = false;
+    b.disk().fail_syncs = false;
     assert!(b.set_backing(second.as_path()).is_err());
-    // A device whose syncs work switches, syncing the old image once, and write-through
-    // carries over to the new image.
+    // A device whose syncs work switches.
     drop(b);
     let (mut b, _vq) = active(&first, &mem, 1 << VIRTIO_BLK_F_FLUSH);
     b.set_backing(second.as_path()).unwrap();
     b.read_config(0, &mut cap);
     assert_eq!(u64::from_le_bytes(cap), 32);
-    assert!(b.disk.write_through());
 }
 
 /// Issue 18 item 9d: a writable image is locked against every other open of it, a read-only
@@ -568,4 +571,120 @@ fn images_are_locked_while_in_use() {
     let _ro2 = Block::new(&config(true)).unwrap();
     let err = Block::new(&config(false)).unwrap_err();
     assert!(matches!(err, BlockError::Locked { .. }), "{err}");
+}
+
+/// Waits (at most 5 s) for the worker's completion fd, then completes what it did.
+fn wait_complete(b: &mut Block) {
+    let fd = b.done_event().unwrap().try_clone().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, 50) };
+        if n == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never completed"
+        );
+    }
+    b.complete();
+}
+
+/// Issue 18 item 6: with a worker, requests run on the worker's thread (named, its start hook
+/// run first), not in process_queue; the device loop completes them from the worker's
+/// completion event.
+#[test]
+fn worker_executes_requests_off_the_loop_thread() {
+    let file = image(64);
+    let before = std::fs::read(file.as_path()).unwrap();
+    let mem = mem();
+    let irq_fd = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+    let irq = Arc::new(Interrupt::new(irq_fd.clone()));
+    let mut b = block(&file, false, None);
+    let started = Arc::new(std::sync::Mutex::new(None::<String>));
+    let seen = started.clone();
+    let hook: crate::virtio::block::StartHook = Arc::new(move || {
+        *seen.lock().unwrap() = std::thread::current().name().map(str::to_string);
+    });
+    let gate = Arc::new(IoGate::new());
+    b.start_worker("blk-a-very-long-drive-id", hook, gate.clone())
+        .unwrap();
+    b.set_acked_features(b.avail_features());
+    let vq = MockSplitQueue::new(&mem, 64);
+    b.activate(mem.clone(), vec![vq.create_queue().unwrap()], irq)
+        .unwrap();
+
+    // The gate closed (a paused VM): the request is handed over but not executed, and guest
+    // memory is untouched.
+    assert!(gate.close(std::time::Duration::from_secs(1)));
+    header(&mem, 0x1_0000, VIRTIO_BLK_T_IN, 3);
+    mem.write_obj(0xffu8, GuestAddress(0x1_0800)).unwrap();
+    vq.add_desc_chains(
+        &[
+            d(0x1_0000, 16, F_NEXT, 1),
+            d(0x1_0200, 512, F_WRITE | F_NEXT, 2),
+            d(0x1_0800, 1, F_WRITE, 0),
+        ],
+        0,
+    )
+    .unwrap();
+    b.process_queue(0);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(0x1_0800)).unwrap(), 0xff);
+    assert_eq!(vq.used().idx().load(), 0);
+    assert!(irq_fd.read().is_err());
+    assert_eq!(
+        started.lock().unwrap().as_deref(),
+        Some("blk-a-very-long"),
+        "the hook ran on the worker, named within 15 bytes"
+    );
+    gate.open();
+    wait_complete(&mut b);
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(0x1_0800)).unwrap(),
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(vq.used().idx().load(), 1);
+    let e = vq.used().ring().ref_at(0).unwrap().load();
+    assert_eq!((e.id(), e.len()), (0, 513));
+    let mut buf = vec![0u8; 512];
+    mem.read_slice(&mut buf, GuestAddress(0x1_0200)).unwrap();
+    assert_eq!(buf, before[3 * 512..4 * 512]);
+    assert_eq!(irq_fd.read().unwrap(), 1);
+    assert_eq!(b.stats().reads, 1);
+
+    // A bad chain is answered at once, on the loop, without the worker.
+    vq.add_desc_chains(&[d(0x1_1000, 1, F_WRITE, 0)], 3)
+        .unwrap();
+    b.process_queue(0);
+    assert_eq!(vq.used().idx().load(), 2);
+    assert_eq!(b.stats().errors, 1);
+
+    // Completions of requests from before a reset are dropped.
+    assert!(gate.close(std::time::Duration::from_secs(1)));
+    header(&mem, 0x1_2000, VIRTIO_BLK_T_OUT, 5);
+    vq.add_desc_chains(
+        &[
+            d(0x1_2000, 16, F_NEXT, 5),
+            d(0x1_2200, 512, F_NEXT, 6),
+            d(0x1_2800, 1, F_WRITE, 0),
+        ],
+        4,
+    )
+    .unwrap();
+    b.process_queue(0);
+    b.reset();
+    gate.open();
+    wait_complete(&mut b);
+    assert_eq!(
+        vq.used().idx().load(),
+        2,
+        "nothing completed after the reset"
+    );
 }
