@@ -139,6 +139,8 @@ impl DeviceLoop {
             if self.io_gate.close(HANDSHAKE) {
                 Ok(())
             } else {
+                // Not paused after all: the devices go on (the request finishes, is completed).
+                self.resume();
                 Err(VmError::Os {
                     what: "pausing the devices",
                     source: std::io::Error::new(
