@@ -4,7 +4,9 @@
 //! driver wrote DRIVER_OK), that fd becomes readable: the handler starts watching the queue
 //! EventFds (once; they live as long as the device) and processes every queue. A readable
 //! queue EventFd (an ioeventfd kick, or a QueueNotify write) is drained and its queue
-//! processed; after a reset the kicks are drained and ignored.
+//! processed; after a reset the kicks are drained and ignored. With an I/O thread
+//! ([`Block::start_worker`]) the handler also watches its completion EventFd and puts what it
+//! completed in the used ring.
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 

@@ -3,6 +3,9 @@
 //! * [`device`]: the [`Block`] model (features, config space, queue processing).
 //! * [`request`]: parsing one descriptor chain into a request and executing it.
 //! * [`event_handler`]: how the event loop drives a [`Block`].
+//! * [`worker`]: the drive's I/O thread, which runs the requests off the event loop, and the
+//!   [`IoGate`] that a pause closes.
+//! * [`disk`]: the image: its lock, write-through mode and sticky fdatasync failure.
 
 pub mod device;
 pub mod disk;
@@ -37,7 +40,7 @@ pub const MAX_DISCARD_SECTORS: u32 = u32::MAX;
 pub const MAX_DISCARD_SEG: u32 = 32;
 /// Most sectors one WRITE_ZEROES range may cover (`max_write_zeroes_sectors`), 64 MiB: where
 /// the host file system can neither zero nor punch a range, the zeroes are written, on the
-/// device's thread, and this bounds that.
+/// drive's I/O thread, and this bounds that.
 pub const MAX_WRITE_ZEROES_SECTORS: u32 = 1 << 17;
 /// Most ranges in one WRITE_ZEROES request (`max_write_zeroes_seg`).
 pub const MAX_WRITE_ZEROES_SEG: u32 = 1;
