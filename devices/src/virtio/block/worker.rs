@@ -4,9 +4,9 @@
 //! and the pause path.
 //!
 //! The device loop pops and parses descriptor chains (bounded per pass, like every queue) and
-//! hands the valid requests to the worker in one [`Job`] per pass; the worker executes each
+//! hands the valid requests to the worker in one `Job` per pass; the worker executes each
 //! (the data moves directly between the image and guest memory, as before), writes its status
-//! byte and sends back a [`Done`] with the used length; the device loop writes the used ring
+//! byte and sends back a `Done` with the used length; the device loop writes the used ring
 //! and raises the interrupt. So the used ring and the interrupt stay on the device loop.
 //!
 //! Pause: the worker touches guest memory, so a paused VM must hold it too. Every request
