@@ -171,15 +171,21 @@ impl Vmm {
             .iter()
             .find(|(d, _)| d == id)
             .ok_or_else(|| PatchDriveError::NotFound(id.to_string()))?;
-        let mut dev = match dev.lock() {
+        let lock = || match dev.lock() {
             Ok(d) => d,
             Err(p) => p.into_inner(),
         };
-        dev.set_backing(path)
+        // Switched without holding the device: the switch waits for the request its I/O
+        // thread is doing, and the device loop and the vCPUs need the device meanwhile.
+        let backing = lock().backing();
+        let nsectors = backing
+            .switch(path)
             .map_err(|source| PatchDriveError::Backing {
                 id: id.to_string(),
                 source,
-            })
+            })?;
+        lock().announce_capacity(nsectors);
+        Ok(())
     }
 
     /// Per-device metrics sections (cumulative counters), as JSON objects.

@@ -35,6 +35,41 @@ pub struct BlockConfig {
     pub id: Option<String>,
 }
 
+/// A drive's image, shared by the device and its I/O thread.
+#[derive(Debug, Clone)]
+pub struct Backing(Arc<Mutex<DiskImage>>);
+
+impl Backing {
+    /// Switches to the image at `path`, keeping the read-only mode. The old image is synced
+    /// first (what the guest wrote must be on it before it goes), and the new one locked; on
+    /// error the old image stays in use. Returns the new capacity in sectors.
+    ///
+    /// The same file again (a manager announcing a resized image) is reopened; its lock moves
+    /// to the new open once the old one is closed.
+    pub fn switch(&self, path: &std::path::Path) -> Result<u64, BlockError> {
+        // The I/O thread (if any) finishes the request it is doing first.
+        let mut current = lock(&self.0);
+        let read_only = current.read_only();
+        let same_file = current.is_file_at(path);
+        let mut disk = if same_file {
+            DiskImage::open_unlocked(path, read_only)?
+        } else {
+            DiskImage::open(path, read_only)?
+        };
+        current.flush().map_err(BlockError::SyncBeforeSwitch)?;
+        disk.set_write_through(current.write_through());
+        let nsectors = disk.nsectors();
+        // Dropping the old image closes it and releases its lock.
+        *current = disk;
+        if same_file {
+            if let Err(e) = current.lock(path) {
+                log::warn!("virtio-blk: {e}");
+            }
+        }
+        Ok(nsectors)
+    }
+}
+
 /// Most requests handed to the worker and not completed yet: a ring's worth (a driver can
 /// repeat heads in the avail ring, so this is counted, not assumed).
 const MAX_IN_FLIGHT: usize = QUEUE_SIZE as usize;
@@ -131,37 +166,25 @@ impl Block {
         self.worker.as_ref().map(Worker::done_event)
     }
 
-    /// Switches the backing image (Firecracker's `PATCH /drives/{id}` with `path_on_host`),
-    /// keeping the device's read-only mode. The old image is synced first (what the guest
-    /// wrote must be on it before it goes), and the new one locked. The new size is published
-    /// in config space and the driver is told with a config-change interrupt. On error the old
-    /// image stays in use.
-    ///
-    /// The same file again (a manager announcing a resized image) is reopened; its lock moves
-    /// to the new open once the old one is closed.
+    /// Switches the backing image (Firecracker's `PATCH /drives/{id}` with `path_on_host`):
+    /// [`Backing::switch`], then [`Self::announce_capacity`]. On error the old image stays.
     pub fn set_backing(&mut self, path: &std::path::Path) -> Result<(), BlockError> {
-        // The worker (if any) finishes the request it is doing first.
-        let mut current = lock(&self.disk);
-        let read_only = current.read_only();
-        let same_file = current.is_file_at(path);
-        let mut disk = if same_file {
-            DiskImage::open_unlocked(path, read_only)?
-        } else {
-            DiskImage::open(path, read_only)?
-        };
-        current.flush().map_err(BlockError::SyncBeforeSwitch)?;
-        disk.set_write_through(current.write_through());
-        let nsectors = disk.nsectors();
-        // Dropping the old image closes it and releases its lock.
-        *current = disk;
-        if same_file {
-            if let Err(e) = current.lock(path) {
-                log::warn!("virtio-blk: {e}");
-            }
-        }
-        drop(current);
-        self.core.update_config(build_config_space(nsectors));
+        let nsectors = self.backing().switch(path)?;
+        self.announce_capacity(nsectors);
         Ok(())
+    }
+
+    /// The drive's image, to switch it without holding the device: the switch waits for the
+    /// request the I/O thread is doing, and the device loop and the vCPUs need the device
+    /// meanwhile.
+    pub fn backing(&self) -> Backing {
+        Backing(self.disk.clone())
+    }
+
+    /// Publishes a capacity of `nsectors` in config space and tells the driver with a
+    /// config-change interrupt.
+    pub fn announce_capacity(&mut self, nsectors: u64) {
+        self.core.update_config(build_config_space(nsectors));
     }
 
     /// Open the image and build the device.

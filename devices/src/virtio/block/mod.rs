@@ -16,7 +16,7 @@ pub mod worker;
 use std::io;
 use std::path::PathBuf;
 
-pub use device::{Block, BlockConfig};
+pub use device::{Backing, Block, BlockConfig};
 pub use worker::{IoGate, StartHook};
 
 /// Size of a virtio-blk sector, whatever the image's real block size.
