@@ -82,7 +82,7 @@ pub struct Block {
     id: [u8; VIRTIO_BLK_ID_BYTES],
     stats: Arc<Mutex<BlockStats>>,
     worker: Option<Worker>,
-    /// Requests with the worker (of this activation).
+    /// Requests with the worker, of any activation (their completions bring it down).
     in_flight: usize,
     /// The last pass stopped at MAX_IN_FLIGHT: completions resume it.
     stalled: bool,
@@ -383,10 +383,12 @@ impl Block {
         let generation = self.generation;
         let mut active = self.core.active_mut();
         while let Some(done) = worker.next_done() {
+            // Counted whatever its activation: the limit bounds what the worker holds, across
+            // resets too.
+            self.in_flight = self.in_flight.saturating_sub(1);
             if done.generation != generation {
                 continue;
             }
-            self.in_flight = self.in_flight.saturating_sub(1);
             if let Some(a) = active.as_mut() {
                 let mem = a.mem.clone();
                 if let Some(queue) = a.queues.get_mut(0) {
@@ -424,7 +426,6 @@ impl CoreDevice for Block {
     /// Completions of requests from before the reset are dropped when they arrive.
     fn on_reset(&mut self) {
         self.generation = self.generation.wrapping_add(1);
-        self.in_flight = 0;
         self.stalled = false;
     }
 }

@@ -680,6 +680,11 @@ fn worker_executes_requests_off_the_loop_thread() {
     .unwrap();
     b.process_queue(0);
     b.reset();
+    assert_eq!(
+        b.in_flight, 1,
+        "a reset does not forget what the worker holds (a guest resetting in a loop could \
+         otherwise queue without bound)"
+    );
     gate.open();
     wait_complete(&mut b);
     assert_eq!(
