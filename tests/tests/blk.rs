@@ -596,8 +596,8 @@ fn long_block_request_leaves_the_device_loop_free_under_cinder() {
     let s = Scratch::new("slowio");
     let fs = FreezableFs::new(&s);
     let img = fs.mnt.join("disk.img");
+    // (Freezing writes the file system's dirty data back first.)
     std::fs::write(&img, vec![0u8; byte_len(W_MIB << 20)]).expect("write the image");
-    sh("sync", &[]);
     let sock = s.join("api.sock");
     let metrics = s.file("metrics.json", b"");
     let thaw = fs.freeze();
