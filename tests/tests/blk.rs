@@ -620,9 +620,12 @@ fn long_block_request_leaves_the_device_loop_free_under_cinder() {
     );
     // Declared after the session: dropped (thawed) before it.
     let thaw = thaw;
-    // Wait (at most 60 s) for a thread of cinder blocked on the frozen file system.
+    // Wait (at most 60 s) for a thread of cinder blocked on the frozen file system: in D
+    // state in three samples 50 ms apart (a thread can be in D for a moment for other
+    // reasons, e.g. a page fault at start-up).
     let pid = sess.pid();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut seen: Vec<Vec<String>> = Vec::new();
     let blocked = loop {
         let t = threads(pid);
         let d: Vec<String> = t
@@ -630,7 +633,9 @@ fn long_block_request_leaves_the_device_loop_free_under_cinder() {
             .filter(|(_, st)| *st == 'D')
             .map(|(n, _)| n.clone())
             .collect();
-        if !d.is_empty() {
+        seen.push(d.clone());
+        let n = seen.len();
+        if !d.is_empty() && n >= 3 && seen[n - 3..].iter().all(|x| *x == d) {
             break d;
         }
         assert!(
@@ -638,7 +643,7 @@ fn long_block_request_leaves_the_device_loop_free_under_cinder() {
             "no cinder thread blocked on the frozen image within 60 s: {t:?}\n{}",
             sess.log()
         );
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(50));
     };
     // It is the drive's I/O thread, not the device loop.
     assert_eq!(

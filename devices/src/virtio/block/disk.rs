@@ -36,6 +36,8 @@ pub struct DiskImage {
     /// Test double: fdatasyncs done.
     #[cfg(test)]
     pub(super) syncs: u64,
+    /// preadv2(RWF_NOWAIT) is refused for this file: do not try again.
+    nowait_unsupported: bool,
 }
 
 /// Takes an OFD lock over the whole of `file`: shared (read) when `read_only`, exclusive
@@ -170,6 +172,7 @@ impl DiskImage {
             fail_syncs: false,
             #[cfg(test)]
             syncs: 0,
+            nowait_unsupported: false,
         })
     }
 
@@ -267,6 +270,73 @@ impl DiskImage {
             }
         }
         Ok(())
+    }
+
+    /// [`Self::read_to_guest`], but only if it can be done without waiting for the disk
+    /// (preadv2 with RWF_NOWAIT: the data is in the page cache). Returns false when it could
+    /// not read everything that way (nothing then counts as read: the caller does the
+    /// blocking read, which also reports any error precisely).
+    pub fn try_read_to_guest_nowait(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        offset: u64,
+        segments: &[(GuestAddress, u32)],
+    ) -> bool {
+        /// More iovecs than this (IOV_MAX) and the request takes the blocking path.
+        const IOV_MAX: usize = 1024;
+        if self.nowait_unsupported {
+            return false;
+        }
+        let Ok(offset) = libc::off_t::try_from(offset) else {
+            return false;
+        };
+        let mut guards = Vec::with_capacity(segments.len());
+        let mut iovs: Vec<libc::iovec> = Vec::with_capacity(segments.len());
+        let mut total = 0usize;
+        for &(addr, len) in segments {
+            let Ok(slices) = mem.get_slices(addr, len as usize, Permissions::Write) else {
+                return false;
+            };
+            for slice in slices {
+                let Ok(slice) = slice else {
+                    return false;
+                };
+                let guard = slice.ptr_guard_mut();
+                iovs.push(libc::iovec {
+                    iov_base: guard.as_ptr().cast(),
+                    iov_len: slice.len(),
+                });
+                total += slice.len();
+                guards.push(guard);
+            }
+        }
+        if iovs.len() > IOV_MAX {
+            return false;
+        }
+        let Ok(count) = libc::c_int::try_from(iovs.len()) else {
+            return false;
+        };
+        // SAFETY: every iovec points into guest memory checked writable by get_slices and kept
+        // mapped by its guard (in `guards`) for the duration of the call; the kernel writes at
+        // most iov_len bytes to each. The fd is open.
+        let n = unsafe {
+            libc::preadv2(
+                std::os::fd::AsRawFd::as_raw_fd(&self.file),
+                iovs.as_ptr(),
+                count,
+                offset,
+                libc::RWF_NOWAIT,
+            )
+        };
+        drop(guards);
+        if n < 0 {
+            let errno = io::Error::last_os_error().raw_os_error();
+            if errno == Some(libc::EOPNOTSUPP) || errno == Some(libc::EINVAL) {
+                self.nowait_unsupported = true;
+            }
+            return false;
+        }
+        usize::try_from(n).is_ok_and(|n| n == total)
     }
 
     /// Write the guest memory at each of `segments` in turn to the image at byte `offset`. The

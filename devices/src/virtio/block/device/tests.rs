@@ -620,15 +620,17 @@ fn worker_executes_requests_off_the_loop_thread() {
     b.activate(mem.clone(), vec![vq.create_queue().unwrap()], irq)
         .unwrap();
 
-    // The gate closed (a paused VM): the request is handed over but not executed, and guest
+    // The gate closed (a paused VM): the write is handed over but not executed, and guest
     // memory is untouched.
     assert!(gate.close(std::time::Duration::from_secs(1)));
-    header(&mem, 0x1_0000, VIRTIO_BLK_T_IN, 3);
+    header(&mem, 0x1_0000, VIRTIO_BLK_T_OUT, 3);
+    mem.write_slice(&[0xab; 512], GuestAddress(0x1_0200))
+        .unwrap();
     mem.write_obj(0xffu8, GuestAddress(0x1_0800)).unwrap();
     vq.add_desc_chains(
         &[
             d(0x1_0000, 16, F_NEXT, 1),
-            d(0x1_0200, 512, F_WRITE | F_NEXT, 2),
+            d(0x1_0200, 512, F_NEXT, 2),
             d(0x1_0800, 1, F_WRITE, 0),
         ],
         0,
@@ -639,6 +641,7 @@ fn worker_executes_requests_off_the_loop_thread() {
     assert_eq!(mem.read_obj::<u8>(GuestAddress(0x1_0800)).unwrap(), 0xff);
     assert_eq!(vq.used().idx().load(), 0);
     assert!(irq_fd.read().is_err());
+    assert_eq!(std::fs::read(file.as_path()).unwrap(), before);
     assert_eq!(
         started.lock().unwrap().as_deref(),
         Some("blk-a-very-long"),
@@ -652,18 +655,45 @@ fn worker_executes_requests_off_the_loop_thread() {
     );
     assert_eq!(vq.used().idx().load(), 1);
     let e = vq.used().ring().ref_at(0).unwrap().load();
-    assert_eq!((e.id(), e.len()), (0, 513));
-    let mut buf = vec![0u8; 512];
-    mem.read_slice(&mut buf, GuestAddress(0x1_0200)).unwrap();
-    assert_eq!(buf, before[3 * 512..4 * 512]);
+    assert_eq!((e.id(), e.len()), (0, 1));
     assert_eq!(irq_fd.read().unwrap(), 1);
+    assert_eq!(b.stats().writes, 1);
+    let mut want = before.clone();
+    want[3 * 512..4 * 512].fill(0xab);
+    assert_eq!(std::fs::read(file.as_path()).unwrap(), want);
+
+    // A read of data in the page cache, with nothing outstanding, is served by the loop
+    // itself (the gate is closed, so the worker could not have).
+    assert!(gate.close(std::time::Duration::from_secs(1)));
+    header(&mem, 0x1_3000, VIRTIO_BLK_T_IN, 2);
+    vq.add_desc_chains(
+        &[
+            d(0x1_3000, 16, F_NEXT, 8),
+            d(0x1_3200, 1024, F_WRITE | F_NEXT, 9),
+            d(0x1_3800, 1, F_WRITE, 0),
+        ],
+        7,
+    )
+    .unwrap();
+    b.process_queue(0);
+    gate.open();
+    assert_eq!(vq.used().idx().load(), 2);
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(0x1_3800)).unwrap(),
+        VIRTIO_BLK_S_OK
+    );
+    let e = vq.used().ring().ref_at(1).unwrap().load();
+    assert_eq!((e.id(), e.len()), (7, 1025));
+    let mut buf = vec![0u8; 1024];
+    mem.read_slice(&mut buf, GuestAddress(0x1_3200)).unwrap();
+    assert_eq!(buf, want[2 * 512..4 * 512]);
     assert_eq!(b.stats().reads, 1);
 
     // A bad chain is answered at once, on the loop, without the worker.
     vq.add_desc_chains(&[d(0x1_1000, 1, F_WRITE, 0)], 3)
         .unwrap();
     b.process_queue(0);
-    assert_eq!(vq.used().idx().load(), 2);
+    assert_eq!(vq.used().idx().load(), 3);
     assert_eq!(b.stats().errors, 1);
 
     // Completions of requests from before a reset are dropped.
@@ -689,7 +719,7 @@ fn worker_executes_requests_off_the_loop_thread() {
     wait_complete(&mut b);
     assert_eq!(
         vq.used().idx().load(),
-        2,
+        3,
         "nothing completed after the reset"
     );
 }
