@@ -251,8 +251,10 @@ impl Block {
         self.core.activate_event()
     }
 
-    /// Process every available request of queue `index`, then notify the guest if needed. A
-    /// no-op when the device is not active or the queue does not exist / is not ready.
+    /// Process the available requests of queue `index` (at most a budget per call, see
+    /// [`DRAIN_BUDGET`]), then notify the guest if needed: here, or, with an I/O thread, hand
+    /// them to it (see [`Self::start_worker`]). A no-op when the device is not active or the
+    /// queue does not exist / is not ready.
     pub fn process_queue(&mut self, index: usize) {
         if self.worker.is_some() {
             self.submit_queue(index);
