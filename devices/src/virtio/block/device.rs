@@ -252,7 +252,7 @@ impl Block {
     }
 
     /// Process the available requests of queue `index` (at most a budget per call, see
-    /// [`DRAIN_BUDGET`]), then notify the guest if needed: here, or, with an I/O thread, hand
+    /// `DRAIN_BUDGET`), then notify the guest if needed: here, or, with an I/O thread, hand
     /// them to it (see [`Self::start_worker`]). A no-op when the device is not active or the
     /// queue does not exist / is not ready.
     pub fn process_queue(&mut self, index: usize) {
