@@ -442,6 +442,318 @@ fn blk_flush_survives_sigkill_under_cinder() {
     }
 }
 
+/// Issue 18 item 9d: while one cinder runs a guest on an image, a second cinder on the same
+/// image (writable or read-only) is refused with one line before it boots; once the first is
+/// gone, the image can be used again.
+#[test]
+fn image_in_use_by_another_cinder_is_refused_under_cinder() {
+    require_kvm();
+    let s = Scratch::new("lock");
+    let img = s.file("shared.img", &vec![0u8; 1 << 20]);
+    let mut c = cinder();
+    c.arg("--kernel").arg(probe::elf_path()).args([
+        "--cmdline",
+        "probe.run=tick probe.ticks=1000000 probe.tick_ms=50",
+    ]);
+    c.arg("--drive").arg(format!("path={}", img.display()));
+    let mut first = Session::start(c);
+    first
+        .expect("PROBE tick 1 ", Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for spec in [
+        format!("path={}", img.display()),
+        format!("path={},ro", img.display()),
+    ] {
+        // A Session, so that a second cinder that does boot (the bug) is bounded and killed.
+        let mut c = cinder();
+        c.args(kernel_args(std::slice::from_ref(&spec)));
+        let mut second = Session::start(c);
+        let st = second
+            .wait_exit(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("a second cinder on a locked image ran: {e}"));
+        let log = second.log();
+        let stderr = log.split("--- stderr ---\n").nth(1).unwrap_or_default();
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(st.code(), Some(1), "--drive {spec}: {log}");
+        assert_eq!(lines.len(), 1, "--drive {spec}: one error line: {log}");
+        assert!(
+            lines[0].contains(&img.display().to_string()) && lines[0].contains("in use"),
+            "--drive {spec}: {log}"
+        );
+    }
+    first.signal(libc::SIGTERM);
+    first
+        .wait_exit(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The lock went with the first cinder: a read-only drive on the image boots.
+    let mut c = cinder();
+    c.arg("--kernel")
+        .arg(probe::elf_path())
+        .args(["--cmdline", "probe.run=tick probe.ticks=1 probe.tick_ms=1"]);
+    c.arg("--drive").arg(format!("path={},ro", img.display()));
+    let mut again = Session::start(c);
+    let st = again
+        .wait_exit(Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(st.code(), Some(0), "{}", again.log());
+}
+
+/// Runs `cmd args`, panicking with its output unless it succeeds.
+fn sh(cmd: &str, args: &[&str]) {
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd} {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An ext4 file system on a loop device in the scratch dir. While it is frozen
+/// (`fsfreeze`), a write to a file on it blocks, uninterruptibly, until it is thawed: a block
+/// request that takes as long as the test wants. Needs root (mount, loop devices).
+struct FreezableFs {
+    mnt: PathBuf,
+}
+
+impl FreezableFs {
+    fn new(s: &Scratch) -> Self {
+        let img = s.join("fs.img");
+        let mnt = s.join("mnt");
+        std::fs::create_dir(&mnt).expect("mkdir mnt");
+        sh("truncate", &["-s", "64M", &img.display().to_string()]);
+        sh("mkfs.ext4", &["-q", "-F", &img.display().to_string()]);
+        sh(
+            "mount",
+            &[
+                "-o",
+                "loop,noatime",
+                &img.display().to_string(),
+                &mnt.display().to_string(),
+            ],
+        );
+        FreezableFs { mnt }
+    }
+
+    fn freeze(&self) -> Thaw<'_> {
+        sh("fsfreeze", &["-f", &self.mnt.display().to_string()]);
+        Thaw(self)
+    }
+}
+
+impl Drop for FreezableFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.mnt)
+            .status();
+    }
+}
+
+/// Thaws the file system when dropped (declared after the cinder session, so that a failing
+/// test thaws before it kills cinder: a thread blocked on the frozen file system cannot die).
+struct Thaw<'a>(&'a FreezableFs);
+
+impl Drop for Thaw<'_> {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("fsfreeze")
+            .arg("-u")
+            .arg(&self.0.mnt)
+            .status();
+    }
+}
+
+/// (thread name, state letter) of every thread of process `pid`.
+fn threads(pid: u32) -> Vec<(String, char)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in dir.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // The state follows the parenthesised name.
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next())
+            .unwrap_or('?');
+        out.push((comm.trim().to_string(), state));
+    }
+    out
+}
+
+/// Issue 18 item 6: a block request that takes long on the host (a write to a frozen file
+/// system, blocked until the test thaws it) holds only that drive's I/O thread. Meanwhile the
+/// device loop ("devices") is not blocked and FlushMetrics (which reads every device's
+/// counters) answers at once; after the thaw the guest's whole run completes with the right
+/// data. (The probe gives a request 5 s, so the test stays well below that.)
+#[test]
+fn long_block_request_leaves_the_device_loop_free_under_cinder() {
+    require_kvm();
+    let s = Scratch::new("slowio");
+    let fs = FreezableFs::new(&s);
+    let img = fs.mnt.join("disk.img");
+    // (Freezing writes the file system's dirty data back first.)
+    std::fs::write(&img, vec![0u8; byte_len(W_MIB << 20)]).expect("write the image");
+    let sock = s.join("api.sock");
+    let metrics = s.file("metrics.json", b"");
+    let thaw = fs.freeze();
+    let cmdline = format!("probe.run=blk probe.blk_seed={SEED}");
+    let kernel = probe::elf_path().display().to_string();
+    let drive = format!("path={},id=slow", img.display());
+    let metrics_arg = metrics.display().to_string();
+    let mut sess = cinder_tests::cinder::start_api(
+        &sock,
+        &[
+            "--kernel",
+            &kernel,
+            "--cmdline",
+            &cmdline,
+            "--drive",
+            &drive,
+            "--metrics-path",
+            &metrics_arg,
+        ],
+    );
+    // Declared after the session: dropped (thawed) before it.
+    let thaw = thaw;
+    // Wait (at most 60 s) for a thread of cinder blocked on the frozen file system: in D
+    // state in three samples 50 ms apart (a thread can be in D for a moment for other
+    // reasons, e.g. a page fault at start-up).
+    let pid = sess.pid();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut seen: Vec<Vec<String>> = Vec::new();
+    let blocked = loop {
+        let t = threads(pid);
+        let d: Vec<String> = t
+            .iter()
+            .filter(|(_, st)| *st == 'D')
+            .map(|(n, _)| n.clone())
+            .collect();
+        seen.push(d.clone());
+        let n = seen.len();
+        if !d.is_empty() && n >= 3 && seen[n - 3..].iter().all(|x| *x == d) {
+            break d;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no cinder thread blocked on the frozen image within 60 s: {t:?}\n{}",
+            sess.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // It is the drive's I/O thread, not the device loop.
+    assert_eq!(
+        blocked,
+        ["blk-slow"],
+        "threads blocked in the frozen write: {:?}\n{}",
+        threads(pid),
+        sess.log()
+    );
+    // FlushMetrics locks every device for its counters: answered at once.
+    let t0 = std::time::Instant::now();
+    let r = cinder_tests::http::request(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "FlushMetrics"}"#),
+    );
+    assert_eq!(r.status, 204, "FlushMetrics: {r:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "FlushMetrics took {:?} while a block request was blocked",
+        t0.elapsed()
+    );
+    assert!(std::fs::read_to_string(&metrics)
+        .unwrap_or_default()
+        .contains("\"block_slow\""));
+    drop(thaw);
+    let st = sess
+        .wait_exit(Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let log = probe::parse(&sess.console());
+    assert_eq!(st.code(), Some(0), "{}", sess.log());
+    assert!(
+        log.check("blk").is_some_and(|c| c.status == Status::Ok),
+        "{}",
+        sess.log()
+    );
+    let want = pattern(SEED, 0, (W_MIB << 20) / 512);
+    let got = read(&img);
+    assert!(
+        got == want,
+        "image does not hold the pattern (first difference at byte {:?})",
+        first_diff(&got, &want)
+    );
+}
+
+/// Issue 18 item 6, pause with block I/O in flight: the probe writes and reads back its
+/// whole disk while the VM is paused and resumed over and over; every pause succeeds (the I/O
+/// thread finishes its request and waits at the gate), and the data is intact.
+#[test]
+fn pause_resume_during_block_io_under_cinder() {
+    require_kvm();
+    let s = Scratch::new("pauseio");
+    let img = s.file("w.img", &vec![0u8; byte_len(W_MIB << 20)]);
+    let sock = s.join("api.sock");
+    let cmdline = format!("probe.run=blk probe.blk_seed={SEED}");
+    let kernel = probe::elf_path().display().to_string();
+    let drive = format!("path={},id=w", img.display());
+    let mut sess = cinder_tests::cinder::start_api(
+        &sock,
+        &[
+            "--kernel",
+            &kernel,
+            "--cmdline",
+            &cmdline,
+            "--drive",
+            &drive,
+        ],
+    );
+    let mut pauses = 0;
+    for _ in 0..200 {
+        let r = cinder_tests::http::request(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+        if r.status != 204 {
+            // The guest is done and cinder is going (or gone).
+            break;
+        }
+        pauses += 1;
+        std::thread::sleep(Duration::from_millis(20));
+        let r = cinder_tests::http::request(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
+        assert_eq!(r.status, 204, "resume: {r:?}\n{}", sess.log());
+        std::thread::sleep(Duration::from_millis(5));
+        if sess.console().contains("PROBE DONE") {
+            break;
+        }
+    }
+    let st = sess
+        .wait_exit(Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{pauses} pauses during the run");
+    let log = probe::parse(&sess.console());
+    assert_eq!(st.code(), Some(0), "{}", sess.log());
+    assert!(
+        log.check("blk").is_some_and(|c| c.status == Status::Ok),
+        "{}",
+        sess.log()
+    );
+    assert!(
+        pauses > 0,
+        "no pause happened during the run\n{}",
+        sess.log()
+    );
+    let want = pattern(SEED, 0, (W_MIB << 20) / 512);
+    let got = read(&img);
+    assert!(
+        got == want,
+        "image does not hold the pattern (first difference at byte {:?})",
+        first_diff(&got, &want)
+    );
+}
+
 // ---- bad --drive input: cinder opens drives before /dev/kvm, so these run anywhere ----
 
 fn fails_with(args: &[String], expect: &[&str]) {

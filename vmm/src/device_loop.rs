@@ -5,11 +5,16 @@
 //! guest memory or raises an interrupt until resume; whatever arrives meanwhile (frames on a
 //! TAP, bytes on a vsock socket, a queue kick) waits in its fd and is served after resume.
 //! The control loop, and so the API and SIGTERM, keep running while it is parked.
+//!
+//! The block devices' I/O threads run their requests through an [`IoGate`]: a pause closes it
+//! once the loop is parked (waiting for a request in progress to finish), so they are held
+//! too; resume opens it before the loop runs again.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use devices::virtio::block::IoGate;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -85,13 +90,19 @@ impl MutEventSubscriber for Waker {
 /// The running device loop; dropping it without [`DeviceLoop::stop`] stops it too.
 pub struct DeviceLoop {
     shared: Arc<Shared>,
+    io_gate: Arc<IoGate>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl DeviceLoop {
     /// Starts the loop on its own thread with `subscribers` (a VM's devices). A failure of the
     /// loop itself ends the VM through `exit`.
-    pub fn start(subscribers: Vec<Subscriber>, exit: Arc<ExitSignal>) -> Result<Self, VmError> {
+    /// `io_gate` holds the devices' I/O threads while the loop is parked.
+    pub fn start(
+        subscribers: Vec<Subscriber>,
+        io_gate: Arc<IoGate>,
+        exit: Arc<ExitSignal>,
+    ) -> Result<Self, VmError> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::Running),
             changed: Condvar::new(),
@@ -119,18 +130,32 @@ impl DeviceLoop {
             .map_err(os("starting the device thread"))?;
         Ok(DeviceLoop {
             shared,
+            io_gate,
             thread: Some(thread),
         })
     }
 
-    /// Parks the loop between two dispatches; returns once it is parked (at most 5 s).
+    /// Parks the loop between two dispatches and holds the I/O threads; returns once both are
+    /// still (at most 5 s each).
     pub fn pause(&self) -> Result<(), VmError> {
         self.shared.set(State::PauseRequested);
         if self
             .shared
             .wait_for(|s| s == State::Paused || s == State::Stopping)
         {
-            Ok(())
+            if self.io_gate.close(HANDSHAKE) {
+                Ok(())
+            } else {
+                // Not paused after all: the devices go on (the request finishes, is completed).
+                self.resume();
+                Err(VmError::Os {
+                    what: "pausing the devices",
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "a block request did not finish within 5 s",
+                    ),
+                })
+            }
         } else {
             Err(VmError::Os {
                 what: "pausing the devices",
@@ -144,6 +169,7 @@ impl DeviceLoop {
 
     /// Lets the loop run again.
     pub fn resume(&self) {
+        self.io_gate.open();
         let mut st = self.shared.lock();
         if *st != State::Stopping {
             *st = State::Running;

@@ -144,7 +144,7 @@ impl Launcher {
             vm.shutdown();
             return Err(e);
         }
-        match DeviceLoop::start(vm.subscribers(), self.ctx.exit.clone()) {
+        match DeviceLoop::start(vm.subscribers(), vm.io_gate(), self.ctx.exit.clone()) {
             Ok(devices) => Ok(Machine { vm, devices }),
             Err(e) => {
                 vm.shutdown();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use arch::GuestMemoryMmap;
 use devices::i8042::{I8042Error, I8042};
-use devices::virtio::block::{Block, BlockError};
+use devices::virtio::block::{Block, BlockError, IoGate};
 use devices::virtio::net::Net;
 use event_manager::MutEventSubscriber;
 use kvm_ioctls::{Kvm, VmFd};
@@ -76,6 +76,8 @@ pub struct Vmm {
     pub(crate) mmio: Arc<Bus>,
     pub(crate) subscribers: Vec<Subscriber>,
     pub(crate) blocks: Vec<(String, Arc<Mutex<Block>>)>,
+    /// Shut while the devices are paused: no block I/O thread touches guest memory then.
+    pub(crate) io_gate: Arc<IoGate>,
     pub(crate) nets: Vec<(String, Arc<Mutex<Net>>)>,
     pub(crate) i8042: Arc<Mutex<I8042>>,
     pub(crate) ctx: VmContext,
@@ -88,6 +90,12 @@ impl Vmm {
     /// The event-loop subscribers of this VM's devices (console input, virtio queues).
     pub fn subscribers(&self) -> Vec<Subscriber> {
         self.subscribers.clone()
+    }
+
+    /// The gate the block devices' I/O threads pass for every request (the device loop
+    /// closes it when it parks).
+    pub fn io_gate(&self) -> Arc<IoGate> {
+        self.io_gate.clone()
     }
 
     /// Starts one thread per vCPU.
@@ -170,15 +178,21 @@ impl Vmm {
             .iter()
             .find(|(d, _)| d == id)
             .ok_or_else(|| PatchDriveError::NotFound(id.to_string()))?;
-        let mut dev = match dev.lock() {
+        let lock = || match dev.lock() {
             Ok(d) => d,
             Err(p) => p.into_inner(),
         };
-        dev.set_backing(path)
+        // Switched without holding the device: the switch waits for the request its I/O
+        // thread is doing, and the device loop and the vCPUs need the device meanwhile.
+        let backing = lock().backing();
+        let nsectors = backing
+            .switch(path)
             .map_err(|source| PatchDriveError::Backing {
                 id: id.to_string(),
                 source,
-            })
+            })?;
+        lock().announce_capacity(nsectors);
+        Ok(())
     }
 
     /// Per-device metrics sections (cumulative counters), as JSON objects.

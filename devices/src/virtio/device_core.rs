@@ -33,6 +33,12 @@ use crate::GuestMemoryMmap;
 /// their other fds with values that are neither this nor a queue index.
 const ACTIVATE_EVENT: u32 = u32::MAX;
 
+/// Most chains one [`ActiveState::drain_queue`] call completes: a driver that keeps posting
+/// cannot hold the device loop (and every other device and the API behind it) in one queue.
+/// Past it, the queue's own EventFd is written (a self-kick) so the loop comes back to it after
+/// serving whatever else is ready.
+pub(crate) const DRAIN_BUDGET: usize = 64;
+
 /// What a device holds between a successful activation and the next reset.
 #[derive(Debug)]
 pub(crate) struct ActiveState {
@@ -42,6 +48,8 @@ pub(crate) struct ActiveState {
     pub(crate) queues: Vec<Queue>,
     /// The interrupt shared with the transport.
     pub(crate) interrupt: Arc<Interrupt>,
+    /// The queue EventFds (clones), for the self-kick of a drain that ran out of budget.
+    kicks: Vec<EventFd>,
     /// Log prefix of the device ("virtio-blk").
     name: &'static str,
 }
@@ -70,9 +78,11 @@ pub(crate) fn rearm_when_empty(
 }
 
 impl ActiveState {
-    /// Completes every available chain of queue `index` with `handle`, which returns the used
-    /// length, and checks again after re-enabling notifications (the EVENT_IDX race). Raises
-    /// the used-buffer interrupt when anything completed, and returns whether it did. A queue
+    /// Completes the available chains of queue `index` with `handle`, which returns the used
+    /// length, and checks again after re-enabling notifications (the EVENT_IDX race). At most
+    /// [`DRAIN_BUDGET`] chains per call: with more available, notifications stay disabled and
+    /// the queue's EventFd is written so the event loop calls again after serving the others.
+    /// Raises the used-buffer interrupt when anything completed, and returns whether it did. A queue
     /// the driver broke beyond repair (e.g. an avail index more than a ring ahead, which would
     /// report "more work" forever) makes the device ask for a reset (DEVICE_NEEDS_RESET). A
     /// missing or not-ready queue is left alone.
@@ -90,12 +100,25 @@ impl ActiveState {
             return false;
         }
         let mut used_any = false;
+        let mut budget = DRAIN_BUDGET;
         'outer: loop {
             if let Err(e) = queue.disable_notification(mem) {
                 warn_ratelimited!("{name}: queue {index}: cannot disable notifications: {e}");
                 break;
             }
             loop {
+                if budget == 0 {
+                    // Notifications stay disabled: the self-kick brings the loop back.
+                    match self.kicks.get(index).map(|k| k.write(1)) {
+                        Some(Ok(())) => {}
+                        Some(Err(e)) => {
+                            warn_ratelimited!("{name}: queue {index}: cannot self-kick: {e}")
+                        }
+                        None => {}
+                    }
+                    break 'outer;
+                }
+                budget -= 1;
                 let chain = match queue.iter(mem) {
                     Ok(mut iter) => iter.next(),
                     Err(e) => {
@@ -288,6 +311,12 @@ impl DeviceCore {
         queues: Vec<Queue>,
         interrupt: Arc<Interrupt>,
     ) -> Result<(), ActivateError> {
+        let kicks = self
+            .queue_evts
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(ActivateError::ActivateEvent)?;
         self.activate_evt
             .write(1)
             .map_err(ActivateError::ActivateEvent)?;
@@ -295,6 +324,7 @@ impl DeviceCore {
             mem,
             queues,
             interrupt,
+            kicks,
             name: self.name,
         });
         Ok(())
@@ -444,5 +474,58 @@ impl<T: CoreDevice> VirtioDevice for T {
 
     fn is_activated(&self) -> bool {
         self.core().is_activated()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
+
+    /// Issue 18 item 5: a drain completes at most DRAIN_BUDGET chains, leaves the rest for a
+    /// later pass and kicks its own queue so the event loop comes back after the others.
+    #[test]
+    fn drain_queue_has_a_budget_and_self_kicks() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let vq = MockSplitQueue::new(&mem, 128);
+        let posted: u16 = 100;
+        let descs: Vec<RawDescriptor> = (0..posted)
+            .map(|i| {
+                RawDescriptor::from(SplitDescriptor::new(
+                    0x2_0000 + u64::from(i) * 16,
+                    16,
+                    2, // VRING_DESC_F_WRITE
+                    0,
+                ))
+            })
+            .collect();
+        vq.add_desc_chains(&descs, 0).unwrap();
+        let mut core = DeviceCore::new("test", 0, Vec::new(), &[128]).unwrap();
+        let irq_fd = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let irq = Arc::new(Interrupt::new(irq_fd.clone()));
+        core.commit_activate(mem.clone(), vec![vq.create_queue().unwrap()], irq)
+            .unwrap();
+        let kick = core.queue_events()[0].try_clone().unwrap();
+        let active = core.active_mut().unwrap();
+        let mut served = 0usize;
+        assert!(active.drain_queue(0, |_, _| {
+            served += 1;
+            0
+        }));
+        assert_eq!(served, DRAIN_BUDGET, "one pass is bounded");
+        assert_eq!(usize::from(vq.used().idx().load()), DRAIN_BUDGET);
+        assert_eq!(irq_fd.read().unwrap(), 1, "what completed is signalled");
+        assert_eq!(kick.read().unwrap(), 1, "the queue kicked itself");
+        // The next pass (the loop answering the self-kick) finishes the ring, and stops
+        // kicking.
+        assert!(active.drain_queue(0, |_, _| {
+            served += 1;
+            0
+        }));
+        assert_eq!(served, usize::from(posted));
+        assert_eq!(vq.used().idx().load(), posted);
+        assert!(kick.read().is_err(), "nothing left: no self-kick");
     }
 }

@@ -2,7 +2,9 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use virtio_queue::{QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::disk::DiskImage;
@@ -10,13 +12,15 @@ use super::features::{
     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
     VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
-use super::request::{handle_chain_counted, BlockStats};
+use super::request::{handle_chain_counted, parse_failed, BlockStats, Request};
+use super::worker::{IoGate, Job, StartHook, Worker, WorkerParts};
 use super::{
     BlockError, DISCARD_SECTOR_ALIGNMENT, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG,
     MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, QUEUE_SIZE, SECTOR_SHIFT, SEG_MAX, SIZE_MAX,
     VIRTIO_BLK_ID_BYTES,
 };
-use crate::virtio::device_core::{CoreDevice, DeviceCore};
+use crate::virtio::device_core::{CoreDevice, DeviceCore, DRAIN_BUDGET};
+use crate::virtio::log_limit::warn_ratelimited;
 use crate::virtio::{device_type, COMMON_FEATURES};
 
 /// How to build a [`Block`] device.
@@ -34,14 +38,72 @@ pub struct BlockConfig {
     pub allow_block_device: bool,
 }
 
-/// A virtio-blk device over a raw image file, with one request queue.
+/// Largest read the device loop serves itself when its data is in the page cache (a copy of
+/// at most this much, never a wait for the disk).
+const INLINE_MAX: u64 = 256 << 10;
+
+/// A drive's image, shared by the device and its I/O thread.
+#[derive(Debug, Clone)]
+pub struct Backing(Arc<Mutex<DiskImage>>);
+
+impl Backing {
+    /// Switches to the image at `path`, keeping the read-only mode. The old image is synced
+    /// first (what the guest wrote must be on it before it goes), and the new one locked; on
+    /// error the old image stays in use. Returns the new capacity in sectors.
+    ///
+    /// The same file again (a manager announcing a resized image) is reopened; its lock moves
+    /// to the new open once the old one is closed.
+    pub fn switch(&self, path: &std::path::Path) -> Result<u64, BlockError> {
+        // The I/O thread (if any) finishes the request it is doing first.
+        let mut current = lock(&self.0);
+        let read_only = current.read_only();
+        let same_file = current.is_file_at(path);
+        let block_devices = current.allows_block_device();
+        let mut disk = if same_file {
+            DiskImage::open_unlocked(path, read_only, block_devices)?
+        } else {
+            DiskImage::open_with(path, read_only, block_devices)?
+        };
+        current.flush().map_err(BlockError::SyncBeforeSwitch)?;
+        disk.set_write_through(current.write_through());
+        let nsectors = disk.nsectors();
+        // Dropping the old image closes it and releases its lock.
+        *current = disk;
+        if same_file {
+            if let Err(e) = current.lock(path) {
+                log::warn!("virtio-blk: {e}");
+            }
+        }
+        Ok(nsectors)
+    }
+}
+
+/// Most requests handed to the worker and not completed yet: a ring's worth (a driver can
+/// repeat heads in the avail ring, so this is counted, not assumed).
+const MAX_IN_FLIGHT: usize = QUEUE_SIZE as usize;
+
+/// A virtio-blk device over a raw image file, with one request queue. Its requests run on the
+/// device loop's thread, or on its own worker once [`Block::start_worker`] started one.
 #[derive(Debug)]
 pub struct Block {
-    disk: DiskImage,
+    disk: Arc<Mutex<DiskImage>>,
     id: [u8; VIRTIO_BLK_ID_BYTES],
-    stats: BlockStats,
-    allow_block_device: bool,
+    stats: Arc<Mutex<BlockStats>>,
+    worker: Option<Worker>,
+    /// Requests with the worker, of any activation (their completions bring it down).
+    in_flight: usize,
+    /// The last pass stopped at MAX_IN_FLIGHT: completions resume it.
+    stalled: bool,
+    /// Counts activations, so that completions of a request from before a reset are dropped.
+    generation: u64,
     pub(super) core: DeviceCore,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
 }
 
 /// Size of `struct virtio_blk_config` up to `write_zeroes_may_unmap` and its padding.
@@ -70,18 +132,67 @@ fn build_config_space(nsectors: u64) -> Vec<u8> {
 impl Block {
     /// What the device did so far.
     pub fn stats(&self) -> BlockStats {
-        self.stats
+        *lock(&self.stats)
     }
 
-    /// Switches the backing image (Firecracker's `PATCH /drives/{id}` with `path_on_host`),
-    /// keeping the device's read-only mode. The new size is published in config space and the
-    /// driver is told with a config-change interrupt. On error the old image stays in use.
-    pub fn set_backing(&mut self, path: &std::path::Path) -> Result<(), BlockError> {
-        let disk = DiskImage::open_with(path, self.disk.read_only(), self.allow_block_device)?;
-        let nsectors = disk.nsectors();
-        self.disk = disk;
-        self.core.update_config(build_config_space(nsectors));
+    /// The image (tests).
+    #[cfg(test)]
+    pub(super) fn disk(&self) -> MutexGuard<'_, DiskImage> {
+        lock(&self.disk)
+    }
+
+    /// Moves request execution to a thread of its own named `name` (at most 15 bytes; longer
+    /// is cut), which runs `hook` first (e.g. to install its seccomp filter). Its requests run
+    /// inside `gate` (see [`super::worker`]). Call before the device is activated.
+    pub fn start_worker(
+        &mut self,
+        name: &str,
+        hook: StartHook,
+        gate: Arc<IoGate>,
+    ) -> Result<(), BlockError> {
+        let mut name = name.to_string();
+        while name.len() > 15 {
+            name.pop();
+        }
+        let worker = Worker::spawn(
+            name,
+            hook,
+            WorkerParts {
+                disk: self.disk.clone(),
+                stats: self.stats.clone(),
+                id: self.id,
+                gate,
+            },
+        )
+        .map_err(BlockError::Worker)?;
+        self.worker = Some(worker);
         Ok(())
+    }
+
+    /// The worker's completion EventFd, when there is a worker.
+    pub(super) fn done_event(&self) -> Option<&EventFd> {
+        self.worker.as_ref().map(Worker::done_event)
+    }
+
+    /// Switches the backing image (Firecracker's `PATCH /drives/{id}` with `path_on_host`):
+    /// [`Backing::switch`], then [`Self::announce_capacity`]. On error the old image stays.
+    pub fn set_backing(&mut self, path: &std::path::Path) -> Result<(), BlockError> {
+        let nsectors = self.backing().switch(path)?;
+        self.announce_capacity(nsectors);
+        Ok(())
+    }
+
+    /// The drive's image, to switch it without holding the device: the switch waits for the
+    /// request the I/O thread is doing, and the device loop and the vCPUs need the device
+    /// meanwhile.
+    pub fn backing(&self) -> Backing {
+        Backing(self.disk.clone())
+    }
+
+    /// Publishes a capacity of `nsectors` in config space and tells the driver with a
+    /// config-change interrupt.
+    pub fn announce_capacity(&mut self, nsectors: u64) {
+        self.core.update_config(build_config_space(nsectors));
     }
 
     /// Open the image and build the device.
@@ -118,17 +229,20 @@ impl Block {
         let core = DeviceCore::new("virtio-blk", avail_features, config_space, &[QUEUE_SIZE])
             .map_err(BlockError::EventFd)?;
         Ok(Block {
-            disk,
+            disk: Arc::new(Mutex::new(disk)),
             id: id_bytes,
-            stats: BlockStats::default(),
-            allow_block_device: config.allow_block_device,
+            stats: Arc::new(Mutex::new(BlockStats::default())),
+            worker: None,
+            in_flight: 0,
+            stalled: false,
+            generation: 0,
             core,
         })
     }
 
     /// Capacity in 512-byte sectors.
     pub fn nsectors(&self) -> u64 {
-        self.disk.nsectors()
+        lock(&self.disk).nsectors()
     }
 
     /// The 20-byte device ID returned by GET_ID.
@@ -141,16 +255,188 @@ impl Block {
         self.core.activate_event()
     }
 
-    /// Process every available request of queue `index`, then notify the guest if needed. A
-    /// no-op when the device is not active or the queue does not exist / is not ready.
+    /// Process the available requests of queue `index` (at most a budget per call, see
+    /// `DRAIN_BUDGET`), then notify the guest if needed: here, or, with an I/O thread, hand
+    /// them to it (see [`Self::start_worker`]). A no-op when the device is not active or the
+    /// queue does not exist / is not ready.
     pub fn process_queue(&mut self, index: usize) {
+        if self.worker.is_some() {
+            self.submit_queue(index);
+            return;
+        }
+        let write_through = !self.core.acked(VIRTIO_BLK_F_FLUSH);
         let Some(active) = self.core.active_mut() else {
             return;
         };
-        let (disk, id, stats) = (&mut self.disk, &self.id, &mut self.stats);
+        let mut disk = lock(&self.disk);
+        disk.set_write_through(write_through);
+        let (id, mut stats) = (&self.id, BlockStats::default());
         active.drain_queue(index, |chain, mem| {
-            handle_chain_counted(chain, mem, disk, id, stats)
+            handle_chain_counted(chain, mem, &mut disk, id, &mut stats)
         });
+        lock(&self.stats).add(&stats);
+    }
+
+    /// The worker's half of [`Self::process_queue`]: pops and parses at most
+    /// [`DRAIN_BUDGET`] chains (and at most [`MAX_IN_FLIGHT`] outstanding), answers the bad
+    /// ones at once and hands the others to the worker. Past the budget the queue kicks itself,
+    /// as [`crate::virtio::device_core`] does; at the in-flight limit notifications stay off
+    /// and completions resume the queue.
+    fn submit_queue(&mut self, index: usize) {
+        let write_through = !self.core.acked(VIRTIO_BLK_F_FLUSH);
+        let generation = self.generation;
+        let Some(active) = self.core.active_mut() else {
+            return;
+        };
+        let mem = active.mem.clone();
+        let Some(queue) = active.queues.get_mut(index) else {
+            return;
+        };
+        if !queue.ready() {
+            return;
+        }
+        let mut requests: Vec<(u16, Request)> = Vec::new();
+        let mut stats = BlockStats::default();
+        let (mut answered, mut self_kick, mut needs_reset) = (false, false, false);
+        let mut budget = DRAIN_BUDGET;
+        self.stalled = false;
+        'outer: loop {
+            if let Err(e) = queue.disable_notification(&mem) {
+                warn_ratelimited!("virtio-blk: cannot disable notifications: {e}");
+                break;
+            }
+            loop {
+                if self.in_flight + requests.len() >= MAX_IN_FLIGHT {
+                    self.stalled = true;
+                    break 'outer;
+                }
+                if budget == 0 {
+                    self_kick = true;
+                    break 'outer;
+                }
+                budget -= 1;
+                let chain = match queue.iter(&mem) {
+                    Ok(mut iter) => iter.next(),
+                    Err(e) => {
+                        warn_ratelimited!("virtio-blk: {e}");
+                        needs_reset = true;
+                        break 'outer;
+                    }
+                };
+                let Some(chain) = chain else {
+                    break;
+                };
+                let head = chain.head_index();
+                match Request::parse(chain, &mem) {
+                    Ok(request) => {
+                        // Nothing outstanding (so nothing is reordered) and the image free: a
+                        // read served from the page cache completes here, without the two
+                        // thread hand-overs.
+                        let inline = if self.in_flight == 0 && requests.is_empty() {
+                            self.disk.try_lock().ok().and_then(|mut disk| {
+                                request.try_run_nowait(&mem, &mut disk, &mut stats, INLINE_MAX)
+                            })
+                        } else {
+                            None
+                        };
+                        match inline {
+                            Some(len) => {
+                                if let Err(e) = queue.add_used(&mem, head, len) {
+                                    warn_ratelimited!("virtio-blk: cannot add used entry: {e}");
+                                }
+                                answered = true;
+                            }
+                            None => requests.push((head, request)),
+                        }
+                    }
+                    Err(e) => {
+                        let len = parse_failed(e, &mem, &mut stats);
+                        if let Err(e) = queue.add_used(&mem, head, len) {
+                            warn_ratelimited!("virtio-blk: cannot add used entry: {e}");
+                        }
+                        answered = true;
+                    }
+                }
+            }
+            match queue.enable_notification(&mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    warn_ratelimited!("virtio-blk: cannot enable notifications: {e}");
+                    break;
+                }
+            }
+        }
+        if needs_reset {
+            if let Err(e) = active.interrupt.signal_needs_reset() {
+                warn_ratelimited!("virtio-blk: cannot raise the interrupt: {e}");
+            }
+        }
+        if answered {
+            active.signal_used(index);
+        }
+        lock(&self.stats).add(&stats);
+        if !requests.is_empty() {
+            let n = requests.len();
+            let job = Job {
+                mem,
+                requests,
+                write_through,
+                generation,
+            };
+            match &self.worker {
+                Some(w) if w.submit(job) => self.in_flight += n,
+                _ => warn_ratelimited!("virtio-blk: the I/O thread is gone: {n} requests lost"),
+            }
+        }
+        if self_kick {
+            if let Some(evt) = self.core.queue_events().get(index) {
+                if let Err(e) = evt.write(1) {
+                    warn_ratelimited!("virtio-blk: cannot self-kick: {e}");
+                }
+            }
+        }
+    }
+
+    /// Puts what the worker completed in the used ring and raises the interrupt; resumes a
+    /// queue that stopped at the in-flight limit.
+    pub(super) fn complete(&mut self) {
+        let Some(worker) = &self.worker else {
+            return;
+        };
+        if let Err(e) = worker.done_event().read() {
+            if e.kind() != std::io::ErrorKind::WouldBlock {
+                warn_ratelimited!("virtio-blk: cannot read the completion event fd: {e}");
+            }
+        }
+        let mut used = false;
+        let generation = self.generation;
+        let mut active = self.core.active_mut();
+        while let Some(done) = worker.next_done() {
+            // Counted whatever its activation: the limit bounds what the worker holds, across
+            // resets too.
+            self.in_flight = self.in_flight.saturating_sub(1);
+            if done.generation != generation {
+                continue;
+            }
+            if let Some(a) = active.as_mut() {
+                let mem = a.mem.clone();
+                if let Some(queue) = a.queues.get_mut(0) {
+                    if let Err(e) = queue.add_used(&mem, done.head, done.len) {
+                        warn_ratelimited!("virtio-blk: cannot add used entry: {e}");
+                    }
+                    used = true;
+                }
+            }
+        }
+        if used {
+            if let Some(a) = active {
+                a.signal_used(0);
+            }
+        }
+        if self.stalled {
+            self.process_queue(0);
+        }
     }
 }
 
@@ -163,6 +449,14 @@ impl CoreDevice for Block {
 
     fn core_mut(&mut self) -> &mut DeviceCore {
         &mut self.core
+    }
+
+    /// A driver that did not negotiate VIRTIO_BLK_F_FLUSH has a write-through device: every
+    /// write is durable before it completes.
+    /// Completions of requests from before the reset are dropped when they arrive.
+    fn on_reset(&mut self) {
+        self.generation = self.generation.wrapping_add(1);
+        self.stalled = false;
     }
 }
 

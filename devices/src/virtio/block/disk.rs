@@ -1,5 +1,11 @@
 //! The raw image file behind a virtio-blk device: opening it with precise errors, and moving
 //! sectors directly between the file and guest memory (no host-side copy of guest data).
+//!
+//! Durability: the image holds an OFD lock for as long as it is open (a write lock when
+//! writable, a read lock when read-only), so two VMMs never write one image. In write-through
+//! mode (the driver did not negotiate VIRTIO_BLK_F_FLUSH) every write-type request is
+//! fdatasync'ed before it completes. A failed fdatasync is sticky: the kernel may have dropped
+//! the dirty pages, so every later flush and write of this image fails too.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -20,6 +26,62 @@ pub struct DiskImage {
     file: File,
     nsectors: u64,
     read_only: bool,
+    /// A host block device may back this drive (`--allow-block-devices`): kept for PATCH.
+    allow_block_device: bool,
+    /// Sync every write-type request before it completes (no VIRTIO_BLK_F_FLUSH).
+    write_through: bool,
+    /// The errno of the first failed fdatasync: once set, flushes and writes fail.
+    sync_failed: Option<i32>,
+    /// Test double: the next fdatasyncs fail with EIO.
+    #[cfg(test)]
+    pub(super) fail_syncs: bool,
+    /// Test double: fdatasyncs done.
+    #[cfg(test)]
+    pub(super) syncs: u64,
+    /// preadv2(RWF_NOWAIT) is refused for this file: do not try again.
+    nowait_unsupported: bool,
+}
+
+/// Takes an OFD lock over the whole of `file`: shared (read) when `read_only`, exclusive
+/// (write) otherwise. Open file description locks belong to this open file, are released when
+/// it is closed, and conflict with the same lock taken through any other open of the image
+/// (another process, or this one).
+fn lock(file: &File, path: &Path, read_only: bool) -> Result<(), BlockError> {
+    // flock's l_type and l_whence are shorts; the constants are 0, 1 and 0.
+    #[allow(clippy::cast_possible_truncation)]
+    const RDLCK: libc::c_short = libc::F_RDLCK as libc::c_short;
+    #[allow(clippy::cast_possible_truncation)]
+    const WRLCK: libc::c_short = libc::F_WRLCK as libc::c_short;
+    #[allow(clippy::cast_possible_truncation)]
+    const SEEK_SET: libc::c_short = libc::SEEK_SET as libc::c_short;
+    const _: () = assert!(
+        RDLCK as i32 == libc::F_RDLCK
+            && WRLCK as i32 == libc::F_WRLCK
+            && SEEK_SET as i32 == libc::SEEK_SET
+    );
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock is plain old data; all-zero is a valid value (l_start = l_len = 0 covers
+    // the whole file, l_pid must be 0 for OFD locks).
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = if read_only { RDLCK } else { WRLCK };
+    fl.l_whence = SEEK_SET;
+    // SAFETY: the fd is open for the duration of the call and `fl` a valid flock that fcntl
+    // only reads.
+    let ret = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    if ret == 0 {
+        return Ok(());
+    }
+    let source = io::Error::last_os_error();
+    match source.raw_os_error() {
+        Some(libc::EAGAIN) | Some(libc::EACCES) => Err(BlockError::Locked {
+            path: path.to_path_buf(),
+            mode: if read_only { "reading" } else { "writing" },
+        }),
+        _ => Err(BlockError::Lock {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
 }
 
 /// Clears `O_NONBLOCK` on `file`.
@@ -65,16 +127,47 @@ fn open_error(path: &Path, read_only: bool, source: io::Error) -> BlockError {
 }
 
 impl DiskImage {
-    /// Open `path` (read-only or read-write); its size must be a multiple of 512 bytes. A
-    /// regular file only: a host block device needs [`DiskImage::open_with`].
+    /// Open `path` (read-only or read-write) and lock it (see the module comment); its size
+    /// must be a multiple of 512 bytes. A regular file only: a host block device needs
+    /// [`DiskImage::open_with`].
     pub fn open(path: &Path, read_only: bool) -> Result<Self, BlockError> {
         Self::open_with(path, read_only, false)
     }
 
     /// As [`DiskImage::open`]; `block_devices` lets the image be a host block device (the
-    /// operator's `--allow-block-devices`). The open never blocks (`O_NONBLOCK`: a FIFO opens
-    /// at once) and the type is checked on the opened file (`fstat`).
+    /// operator's `--allow-block-devices`).
     pub fn open_with(
+        path: &Path,
+        read_only: bool,
+        block_devices: bool,
+    ) -> Result<Self, BlockError> {
+        let disk = Self::open_unlocked(path, read_only, block_devices)?;
+        disk.lock(path)?;
+        Ok(disk)
+    }
+
+    /// Take this image's lock ([`Self::open`] does).
+    pub(super) fn lock(&self, path: &Path) -> Result<(), BlockError> {
+        lock(&self.file, path, self.read_only)
+    }
+
+    /// Whether this is the file at `path` (same device and inode).
+    pub(super) fn is_file_at(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (self.file.metadata(), std::fs::metadata(path)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
+    }
+
+    /// Whether a host block device may back this drive (what it was opened with).
+    pub(super) fn allows_block_device(&self) -> bool {
+        self.allow_block_device
+    }
+
+    /// [`Self::open_with`] without the lock. The open never blocks (`O_NONBLOCK`: a FIFO opens
+    /// at once) and the type is checked on the opened file (`fstat`).
+    pub(super) fn open_unlocked(
         path: &Path,
         read_only: bool,
         block_devices: bool,
@@ -119,7 +212,67 @@ impl DiskImage {
             file,
             nsectors: size >> SECTOR_SHIFT,
             read_only,
+            allow_block_device: block_devices,
+            write_through: false,
+            sync_failed: None,
+            #[cfg(test)]
+            fail_syncs: false,
+            #[cfg(test)]
+            syncs: 0,
+            nowait_unsupported: false,
         })
+    }
+
+    /// Whether every write-type request is synced before it completes.
+    pub fn write_through(&self) -> bool {
+        self.write_through
+    }
+
+    /// Sync every write-type request before it completes (the driver did not negotiate
+    /// VIRTIO_BLK_F_FLUSH: virtio 1.2 §5.2.5, the device is write-through) or not.
+    pub fn set_write_through(&mut self, on: bool) {
+        self.write_through = on;
+    }
+
+    /// Fails with the first fdatasync error once one failed (see the module comment).
+    fn check_sync_failed(&self) -> io::Result<()> {
+        match self.sync_failed {
+            Some(errno) => Err(io::Error::new(
+                io::Error::from_raw_os_error(errno).kind(),
+                format!(
+                    "an earlier fdatasync of the image failed ({}): its written data may be lost",
+                    io::Error::from_raw_os_error(errno)
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// fdatasync, remembering a failure for good.
+    fn sync(&mut self) -> io::Result<()> {
+        self.check_sync_failed()?;
+        #[cfg(test)]
+        let result = if self.fail_syncs {
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        } else {
+            self.syncs += 1;
+            self.file.sync_data()
+        };
+        #[cfg(not(test))]
+        let result = self.file.sync_data();
+        if let Err(e) = &result {
+            self.sync_failed = Some(e.raw_os_error().unwrap_or(libc::EIO));
+        }
+        result
+    }
+
+    /// After a write-type request did `result`: in write-through mode, sync it.
+    fn written(&mut self, result: io::Result<()>) -> io::Result<()> {
+        result?;
+        if self.write_through {
+            self.sync()?;
+        }
+        Ok(())
     }
 
     /// Capacity in 512-byte sectors.
@@ -166,6 +319,73 @@ impl DiskImage {
         Ok(())
     }
 
+    /// [`Self::read_to_guest`], but only if it can be done without waiting for the disk
+    /// (preadv2 with RWF_NOWAIT: the data is in the page cache). Returns false when it could
+    /// not read everything that way (nothing then counts as read: the caller does the
+    /// blocking read, which also reports any error precisely).
+    pub fn try_read_to_guest_nowait(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        offset: u64,
+        segments: &[(GuestAddress, u32)],
+    ) -> bool {
+        /// More iovecs than this (IOV_MAX) and the request takes the blocking path.
+        const IOV_MAX: usize = 1024;
+        if self.nowait_unsupported {
+            return false;
+        }
+        let Ok(offset) = libc::off_t::try_from(offset) else {
+            return false;
+        };
+        let mut guards = Vec::with_capacity(segments.len());
+        let mut iovs: Vec<libc::iovec> = Vec::with_capacity(segments.len());
+        let mut total = 0usize;
+        for &(addr, len) in segments {
+            let Ok(slices) = mem.get_slices(addr, len as usize, Permissions::Write) else {
+                return false;
+            };
+            for slice in slices {
+                let Ok(slice) = slice else {
+                    return false;
+                };
+                let guard = slice.ptr_guard_mut();
+                iovs.push(libc::iovec {
+                    iov_base: guard.as_ptr().cast(),
+                    iov_len: slice.len(),
+                });
+                total += slice.len();
+                guards.push(guard);
+            }
+        }
+        if iovs.len() > IOV_MAX {
+            return false;
+        }
+        let Ok(count) = libc::c_int::try_from(iovs.len()) else {
+            return false;
+        };
+        // SAFETY: every iovec points into guest memory checked writable by get_slices and kept
+        // mapped by its guard (in `guards`) for the duration of the call; the kernel writes at
+        // most iov_len bytes to each. The fd is open.
+        let n = unsafe {
+            libc::preadv2(
+                std::os::fd::AsRawFd::as_raw_fd(&self.file),
+                iovs.as_ptr(),
+                count,
+                offset,
+                libc::RWF_NOWAIT,
+            )
+        };
+        drop(guards);
+        if n < 0 {
+            let errno = io::Error::last_os_error().raw_os_error();
+            if errno == Some(libc::EOPNOTSUPP) || errno == Some(libc::EINVAL) {
+                self.nowait_unsupported = true;
+            }
+            return false;
+        }
+        usize::try_from(n).is_ok_and(|n| n == total)
+    }
+
     /// Write the guest memory at each of `segments` in turn to the image at byte `offset`. The
     /// caller checked the range against the capacity and that the image is writable.
     pub fn write_from_guest(
@@ -177,6 +397,17 @@ impl DiskImage {
         if self.read_only {
             return Err(io::ErrorKind::PermissionDenied.into());
         }
+        self.check_sync_failed()?;
+        let result = self.write_segments(mem, offset, segments);
+        self.written(result)
+    }
+
+    fn write_segments(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        offset: u64,
+        segments: &[(GuestAddress, u32)],
+    ) -> io::Result<()> {
         self.file.seek(SeekFrom::Start(offset))?;
         for &(addr, len) in segments {
             let slices = mem
@@ -198,9 +429,9 @@ impl DiskImage {
         Ok(())
     }
 
-    /// fdatasync the image.
+    /// fdatasync the image. Once an fdatasync failed, every later flush fails too.
     pub fn flush(&mut self) -> io::Result<()> {
-        self.file.sync_data()
+        self.sync()
     }
 
     /// Deallocate `len` bytes at byte `offset` (a hole punch, size kept). Discarding is a hint:
@@ -210,11 +441,13 @@ impl DiskImage {
         if self.read_only {
             return Err(io::ErrorKind::PermissionDenied.into());
         }
-        match fallocate(&self.file, FallocateMode::PunchHole, true, offset, len) {
+        self.check_sync_failed()?;
+        let result = match fallocate(&self.file, FallocateMode::PunchHole, true, offset, len) {
             Ok(()) => Ok(()),
             Err(e) if unsupported(e.errno()) => Ok(()),
             Err(e) => Err(io::Error::from_raw_os_error(e.errno())),
-        }
+        };
+        self.written(result)
     }
 
     /// Make `len` bytes at byte `offset` read back as zeroes: a hole punch when `unmap` allows
@@ -225,6 +458,12 @@ impl DiskImage {
         if self.read_only {
             return Err(io::ErrorKind::PermissionDenied.into());
         }
+        self.check_sync_failed()?;
+        let result = self.zero_range(offset, len, unmap);
+        self.written(result)
+    }
+
+    fn zero_range(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
         let modes = if unmap {
             [FallocateMode::PunchHole, FallocateMode::ZeroRange]
         } else {

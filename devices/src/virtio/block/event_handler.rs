@@ -4,18 +4,28 @@
 //! driver wrote DRIVER_OK), that fd becomes readable: the handler starts watching the queue
 //! EventFds (once; they live as long as the device) and processes every queue. A readable
 //! queue EventFd (an ioeventfd kick, or a QueueNotify write) is drained and its queue
-//! processed; after a reset the kicks are drained and ignored.
+//! processed; after a reset the kicks are drained and ignored. With an I/O thread
+//! ([`Block::start_worker`]) the handler also watches its completion EventFd and puts what it
+//! completed in the used ring.
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
 use super::device::Block;
 use crate::virtio::device_core::CoreEvent;
 use crate::virtio::log_limit::warn_ratelimited;
 use crate::virtio::VirtioDevice;
 
+/// Event data tag of the worker's completion EventFd (neither the activate tag nor a queue).
+const DONE_EVENT: u32 = 0x1000;
+
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
         self.core.init_events(ops);
+        if let Some(evt) = self.done_event() {
+            if let Err(e) = ops.add(Events::with_data(evt, DONE_EVENT, EventSet::IN)) {
+                log::error!("virtio-blk: cannot watch the I/O thread's completions: {e:?}");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -26,6 +36,7 @@ impl MutEventSubscriber for Block {
                 }
             }
             CoreEvent::Queue(index) => self.process_queue(index),
+            CoreEvent::Other(DONE_EVENT) => self.complete(),
             CoreEvent::Other(source) => {
                 warn_ratelimited!("virtio-blk: event for unknown source {source}");
             }

@@ -3,16 +3,21 @@
 //! * [`device`]: the [`Block`] model (features, config space, queue processing).
 //! * [`request`]: parsing one descriptor chain into a request and executing it.
 //! * [`event_handler`]: how the event loop drives a [`Block`].
+//! * [`worker`]: the drive's I/O thread, which runs the requests off the event loop, and the
+//!   [`IoGate`] that a pause closes.
+//! * [`disk`]: the image: its lock, write-through mode and sticky fdatasync failure.
 
 pub mod device;
 pub mod disk;
 pub mod event_handler;
 pub mod request;
+pub mod worker;
 
 use std::io;
 use std::path::PathBuf;
 
-pub use device::{Block, BlockConfig};
+pub use device::{Backing, Block, BlockConfig};
+pub use worker::{IoGate, StartHook};
 
 /// Size of a virtio-blk sector, whatever the image's real block size.
 pub const SECTOR_SIZE: u64 = 512;
@@ -35,7 +40,7 @@ pub const MAX_DISCARD_SECTORS: u32 = u32::MAX;
 pub const MAX_DISCARD_SEG: u32 = 32;
 /// Most sectors one WRITE_ZEROES range may cover (`max_write_zeroes_sectors`), 64 MiB: where
 /// the host file system can neither zero nor punch a range, the zeroes are written, on the
-/// device's thread, and this bounds that.
+/// drive's I/O thread, and this bounds that.
 pub const MAX_WRITE_ZEROES_SECTORS: u32 = 1 << 17;
 /// Most ranges in one WRITE_ZEROES request (`max_write_zeroes_seg`).
 pub const MAX_WRITE_ZEROES_SEG: u32 = 1;
@@ -109,6 +114,30 @@ pub enum BlockError {
         /// Its length in bytes.
         len: usize,
     },
+    /// Another open of the image (another VMM, or another drive of this one) holds a lock
+    /// that conflicts with this one.
+    #[error("block image {path} is in use (locked by another process or drive): cannot lock it for {mode}")]
+    Locked {
+        /// The image path.
+        path: PathBuf,
+        /// "reading" or "writing".
+        mode: &'static str,
+    },
+    /// Taking the image's lock failed for another reason.
+    #[error("cannot lock block image {path}: {source}")]
+    Lock {
+        /// The image path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The image being replaced could not be synced: the guest's data may not be on it, so
+    /// it stays in use.
+    #[error("cannot sync the current image before switching: {0}; the drive keeps it")]
+    SyncBeforeSwitch(io::Error),
+    /// The device's I/O thread could not be started.
+    #[error("cannot start the block device's I/O thread: {0}")]
+    Worker(io::Error),
     /// Creating an event fd failed.
     #[error("cannot create an event fd for the block device: {0}")]
     EventFd(io::Error),

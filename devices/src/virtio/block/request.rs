@@ -660,53 +660,130 @@ where
     M: Deref,
     M::Target: GuestMemory,
 {
-    let (status, written, status_addr) = match Request::parse(chain, mem) {
-        Ok(request) => match request.execute(mem, disk, id) {
+    match Request::parse(chain, mem) {
+        Ok(request) => request.run(mem, disk, id, stats),
+        Err(e) => parse_failed(e, mem, stats),
+    }
+}
+
+/// Answers a request that failed parsing: its error status when it has a status byte, else
+/// it is dropped. Returns the used length (1, or 0 for a dropped request).
+pub fn parse_failed(e: ParseError, mem: &GuestMemoryMmap, stats: &mut BlockStats) -> u32 {
+    stats.errors += 1;
+    match e {
+        ParseError {
+            error,
+            status_addr: Some(addr),
+        } => {
+            warn_ratelimited!("virtio-blk: bad request: {error}");
+            write_status(mem, error.status(), 0, addr)
+        }
+        ParseError {
+            error,
+            status_addr: None,
+        } => {
+            warn_ratelimited!("virtio-blk: request dropped: {error}");
+            0
+        }
+    }
+}
+
+/// Writes the status byte; returns the used length (`written` + 1), or 0 when the status
+/// cannot be written.
+fn write_status(mem: &GuestMemoryMmap, status: u8, written: u32, addr: GuestAddress) -> u32 {
+    if let Err(e) = mem.write_obj(status, addr) {
+        warn_ratelimited!("virtio-blk: cannot write the status byte: {e}");
+        return 0;
+    }
+    written.saturating_add(1)
+}
+
+impl BlockStats {
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &BlockStats) {
+        self.reads += other.reads;
+        self.writes += other.writes;
+        self.flushes += other.flushes;
+        self.discards += other.discards;
+        self.write_zeroes += other.write_zeroes;
+        self.read_bytes += other.read_bytes;
+        self.write_bytes += other.write_bytes;
+        self.errors += other.errors;
+    }
+}
+
+impl Request {
+    /// Runs the request at once when that cannot wait for the disk: a read (of at most
+    /// `max_len` bytes, inside the disk) whose data is all in the page cache. Returns its used
+    /// length, or None (nothing done) when it has to go the blocking way ([`Self::run`]).
+    pub fn try_run_nowait(
+        &self,
+        mem: &GuestMemoryMmap,
+        disk: &mut DiskImage,
+        stats: &mut BlockStats,
+        max_len: u64,
+    ) -> Option<u32> {
+        if self.kind != RequestType::In || self.data_len > max_len {
+            return None;
+        }
+        let count = self.data_len >> SECTOR_SHIFT;
+        let in_range = self
+            .sector
+            .checked_add(count)
+            .is_some_and(|end| end <= disk.nsectors());
+        if !in_range {
+            return None;
+        }
+        if !disk.try_read_to_guest_nowait(mem, self.sector << SECTOR_SHIFT, &self.data) {
+            return None;
+        }
+        stats.reads += 1;
+        stats.read_bytes += self.data_len;
+        // At most max_len bytes.
+        let written = u32::try_from(self.data_len).unwrap_or(u32::MAX);
+        Some(write_status(
+            mem,
+            VIRTIO_BLK_S_OK,
+            written,
+            self.status_addr,
+        ))
+    }
+
+    /// Executes a parsed request, counts it into `stats` and writes its status byte. Returns
+    /// the used length for the used ring: the data bytes written plus the status byte.
+    pub fn run(
+        &self,
+        mem: &GuestMemoryMmap,
+        disk: &mut DiskImage,
+        id: &[u8; VIRTIO_BLK_ID_BYTES],
+        stats: &mut BlockStats,
+    ) -> u32 {
+        let (status, written) = match self.execute(mem, disk, id) {
             Ok(written) => {
-                match request.kind {
+                match self.kind {
                     RequestType::In => {
                         stats.reads += 1;
-                        stats.read_bytes += request.data_len;
+                        stats.read_bytes += self.data_len;
                     }
                     RequestType::Out => {
                         stats.writes += 1;
-                        stats.write_bytes += request.data_len;
+                        stats.write_bytes += self.data_len;
                     }
                     RequestType::Flush => stats.flushes += 1,
                     RequestType::Discard => stats.discards += 1,
                     RequestType::WriteZeroes => stats.write_zeroes += 1,
                     _ => {}
                 }
-                (VIRTIO_BLK_S_OK, written, request.status_addr)
+                (VIRTIO_BLK_S_OK, written)
             }
             Err(e) => {
                 warn_ratelimited!("virtio-blk: request failed: {e}");
                 stats.errors += 1;
-                (e.status(), 0, request.status_addr)
+                (e.status(), 0)
             }
-        },
-        Err(ParseError {
-            error,
-            status_addr: Some(addr),
-        }) => {
-            warn_ratelimited!("virtio-blk: bad request: {error}");
-            stats.errors += 1;
-            (error.status(), 0, addr)
-        }
-        Err(ParseError {
-            error,
-            status_addr: None,
-        }) => {
-            warn_ratelimited!("virtio-blk: request dropped: {error}");
-            stats.errors += 1;
-            return 0;
-        }
-    };
-    if let Err(e) = mem.write_obj(status, status_addr) {
-        warn_ratelimited!("virtio-blk: cannot write the status byte: {e}");
-        return 0;
+        };
+        write_status(mem, status, written, self.status_addr)
     }
-    written.saturating_add(1)
 }
 
 #[cfg(test)]

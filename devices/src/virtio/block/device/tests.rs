@@ -1,7 +1,9 @@
 use super::*;
 use crate::virtio::block::request::{
-    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
 };
+use crate::virtio::block::IoGate;
 use crate::virtio::features::VIRTIO_F_VERSION_1;
 use crate::virtio::VirtioDevice;
 use crate::virtio::{ActivateError, Interrupt};
@@ -59,7 +61,9 @@ fn features_and_config_space() {
     assert_ne!(f & (1 << VIRTIO_BLK_F_SEG_MAX), 0);
     assert_ne!(f & (1 << VIRTIO_BLK_F_SIZE_MAX), 0);
     assert_eq!(f & (1 << VIRTIO_BLK_F_RO), 0);
-    let ro = block(&file, true, None);
+    // (Another file: the writable device holds the image's write lock.)
+    let ro_file = image(100);
+    let ro = block(&ro_file, true, None);
     assert_ne!(ro.avail_features() & (1 << VIRTIO_BLK_F_RO), 0);
 
     let mut cap = [0u8; 8];
@@ -353,4 +357,371 @@ fn set_backing_switches_image_and_announces_the_new_size() {
         .is_err());
     b.read_config(0, &mut cap);
     assert_eq!(u64::from_le_bytes(cap), 32);
+}
+
+/// An active device over `file` whose driver acked every offered feature but those in
+/// `without`, with its mock queue.
+fn active<'a>(
+    file: &TempFile,
+    mem: &'a GuestMemoryMmap,
+    without: u64,
+) -> (Block, MockSplitQueue<'a, GuestMemoryMmap>) {
+    let irq = Arc::new(Interrupt::new(Arc::new(
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+    )));
+    let mut b = block(file, false, None);
+    b.set_acked_features(b.avail_features() & !without);
+    let vq = MockSplitQueue::new(mem, 64);
+    b.activate(mem.clone(), vec![vq.create_queue().unwrap()], irq)
+        .unwrap();
+    (b, vq)
+}
+
+/// Posts one request of type `ty` at `sector` (with one 512-byte data buffer unless FLUSH,
+/// readable for OUT, writable for IN), processes the queue and returns its status byte.
+/// `n` numbers the request (0, 1, ...): each uses its own descriptors and buffers.
+fn submit(
+    b: &mut Block,
+    mem: &GuestMemoryMmap,
+    vq: &MockSplitQueue<GuestMemoryMmap>,
+    n: u16,
+    ty: u32,
+    sector: u64,
+) -> u8 {
+    let base = 0x1_0000 + u64::from(n) * 0x1000;
+    header(mem, base, ty, sector);
+    let status = base + 0x800;
+    mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+    let chain: Vec<RawDescriptor> = match ty {
+        VIRTIO_BLK_T_FLUSH => vec![d(base, 16, F_NEXT, 3 * n + 1), d(status, 1, F_WRITE, 0)],
+        _ => {
+            let data_flags = if ty == VIRTIO_BLK_T_IN { F_WRITE } else { 0 };
+            vec![
+                d(base, 16, F_NEXT, 3 * n + 1),
+                d(base + 0x200, 512, data_flags | F_NEXT, 3 * n + 2),
+                d(status, 1, F_WRITE, 0),
+            ]
+        }
+    };
+    vq.add_desc_chains(&chain, 3 * n).unwrap();
+    b.process_queue(0);
+    mem.read_obj::<u8>(GuestAddress(status)).unwrap()
+}
+
+/// Issue 18 item 9a: without VIRTIO_BLK_F_FLUSH the device is write-through, so every write
+/// (OUT, WRITE_ZEROES, DISCARD) is fdatasync'ed before it completes; with FLUSH negotiated,
+/// writes are not synced until the driver flushes.
+#[test]
+fn write_through_without_flush_feature_syncs_every_write() {
+    let file = image(64);
+    let mem = mem();
+    let (mut b, vq) = active(&file, &mem, 1 << VIRTIO_BLK_F_FLUSH);
+    assert_eq!(
+        submit(&mut b, &mem, &vq, 0, VIRTIO_BLK_T_OUT, 1),
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(
+        b.disk().syncs,
+        1,
+        "an OUT without FLUSH negotiated is synced"
+    );
+    assert_eq!(
+        submit(&mut b, &mem, &vq, 1, VIRTIO_BLK_T_IN, 1),
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(b.disk().syncs, 1, "a read is not synced");
+    // WRITE_ZEROES of sectors 8..16.
+    let base = 0x1_0000 + 2 * 0x1000;
+    let range = base + 0x200;
+    mem.write_obj(8u64, GuestAddress(range)).unwrap();
+    mem.write_obj(8u32, GuestAddress(range + 8)).unwrap();
+    mem.write_obj(0u32, GuestAddress(range + 12)).unwrap();
+    header(&mem, base, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    vq.add_desc_chains(
+        &[
+            d(base, 16, F_NEXT, 7),
+            d(range, 16, F_NEXT, 8),
+            d(base + 0x800, 1, F_WRITE, 0),
+        ],
+        6,
+    )
+    .unwrap();
+    b.process_queue(0);
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(base + 0x800)).unwrap(),
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(
+        b.disk().syncs,
+        2,
+        "a WRITE_ZEROES without FLUSH negotiated is synced"
+    );
+
+    // FLUSH negotiated: write-back, the write is synced by the driver's FLUSH only.
+    drop(b);
+    let (mut b, vq) = active(&file, &mem, 0);
+    assert_eq!(
+        submit(&mut b, &mem, &vq, 0, VIRTIO_BLK_T_OUT, 1),
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(b.disk().syncs, 0);
+    assert_eq!(
+        submit(&mut b, &mem, &vq, 1, VIRTIO_BLK_T_FLUSH, 0),
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(b.disk().syncs, 1);
+}
+
+/// Issue 18 item 9c: once an fdatasync failed, the kernel may have dropped the dirty pages,
+/// so a retried FLUSH must not report OK, and later writes fail too; reads still work.
+#[test]
+fn failed_fdatasync_is_sticky() {
+    let file = image(64);
+    let mem = mem();
+    let (mut b, vq) = active(&file, &mem, 0);
+    assert_eq!(
+        submit(&mut b, &mem, &vq, 0, VIRTIO_BLK_T_OUT, 1),
+        VIRTIO_BLK_S_OK
+    );
+    b.disk().fail_syncs = true;
+    assert_eq!(
+        submit(&mut b, &mem, &vq, 1, VIRTIO_BLK_T_FLUSH, 0),
+        VIRTIO_BLK_S_IOERR
+    );
+    // The host's fdatasync would succeed again now: the failure is remembered anyway.
+    b.disk().fail_syncs = false;
+    assert_eq!(
+        submit(&mut b, &mem, &vq, 2, VIRTIO_BLK_T_FLUSH, 0),
+        VIRTIO_BLK_S_IOERR,
+        "a retried FLUSH after a failed fdatasync reports the failure"
+    );
+    assert_eq!(
+        submit(&mut b, &mem, &vq, 3, VIRTIO_BLK_T_OUT, 2),
+        VIRTIO_BLK_S_IOERR
+    );
+    assert_eq!(
+        submit(&mut b, &mem, &vq, 4, VIRTIO_BLK_T_IN, 2),
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(
+        b.disk().syncs,
+        0,
+        "no fdatasync reached the file after the failure"
+    );
+}
+
+/// Issue 18 item 9b: PATCH /drives syncs the old image before switching, and a failed sync
+/// fails the switch (the old image stays, with its size).
+#[test]
+fn set_backing_syncs_the_old_image_first() {
+    let first = image(8);
+    let second = image(32);
+    let mem = mem();
+    let (mut b, _vq) = active(&first, &mem, 0);
+    b.disk().fail_syncs = true;
+    let err = b.set_backing(second.as_path()).unwrap_err();
+    assert!(matches!(err, BlockError::SyncBeforeSwitch(_)), "{err}");
+    let mut cap = [0u8; 8];
+    b.read_config(0, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), 8, "the old image stays");
+    assert!(b.disk().is_file_at(first.as_path()));
+    // The failure is sticky: the drive keeps refusing to switch away from the image.
+    b.disk().fail_syncs = false;
+    assert!(b.set_backing(second.as_path()).is_err());
+    // A device whose syncs work switches.
+    drop(b);
+    let (mut b, _vq) = active(&first, &mem, 1 << VIRTIO_BLK_F_FLUSH);
+    b.set_backing(second.as_path()).unwrap();
+    b.read_config(0, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), 32);
+}
+
+/// Issue 18 item 9d: a writable image is locked against every other open of it, a read-only
+/// one against writers; switching a drive to the file it already uses (a resized image) works
+/// and keeps the lock.
+#[test]
+fn images_are_locked_while_in_use() {
+    let file = image(8);
+    let mut rw = block(&file, false, None);
+    let config = |read_only| BlockConfig {
+        path: file.as_path().to_path_buf(),
+        read_only,
+        id: None,
+    };
+    let err = Block::new(&config(false)).unwrap_err();
+    assert!(matches!(err, BlockError::Locked { .. }), "{err}");
+    assert!(!err.to_string().contains('\n'));
+    let err = Block::new(&config(true)).unwrap_err();
+    assert!(matches!(err, BlockError::Locked { .. }), "{err}");
+    // The same file again, grown.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(file.as_path())
+        .unwrap()
+        .set_len(16 * 512)
+        .unwrap();
+    rw.set_backing(file.as_path()).unwrap();
+    assert_eq!(rw.nsectors(), 16);
+    let err = Block::new(&config(true)).unwrap_err();
+    assert!(
+        matches!(err, BlockError::Locked { .. }),
+        "still locked: {err}"
+    );
+    drop(rw);
+    // Readers share the image.
+    let _ro1 = Block::new(&config(true)).unwrap();
+    let _ro2 = Block::new(&config(true)).unwrap();
+    let err = Block::new(&config(false)).unwrap_err();
+    assert!(matches!(err, BlockError::Locked { .. }), "{err}");
+}
+
+/// Waits (at most 5 s) for the worker's completion fd, then completes what it did.
+fn wait_complete(b: &mut Block) {
+    let fd = b.done_event().unwrap().try_clone().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, 50) };
+        if n == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never completed"
+        );
+    }
+    b.complete();
+}
+
+/// Issue 18 item 6: with a worker, requests run on the worker's thread (named, its start hook
+/// run first), not in process_queue; the device loop completes them from the worker's
+/// completion event.
+#[test]
+fn worker_executes_requests_off_the_loop_thread() {
+    let file = image(64);
+    let before = std::fs::read(file.as_path()).unwrap();
+    let mem = mem();
+    let irq_fd = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+    let irq = Arc::new(Interrupt::new(irq_fd.clone()));
+    let mut b = block(&file, false, None);
+    let started = Arc::new(std::sync::Mutex::new(None::<String>));
+    let seen = started.clone();
+    let hook: crate::virtio::block::StartHook = Arc::new(move || {
+        *seen.lock().unwrap() = std::thread::current().name().map(str::to_string);
+    });
+    let gate = Arc::new(IoGate::new());
+    b.start_worker("blk-a-very-long-drive-id", hook, gate.clone())
+        .unwrap();
+    b.set_acked_features(b.avail_features());
+    let vq = MockSplitQueue::new(&mem, 64);
+    b.activate(mem.clone(), vec![vq.create_queue().unwrap()], irq)
+        .unwrap();
+
+    // The gate closed (a paused VM): the write is handed over but not executed, and guest
+    // memory is untouched.
+    assert!(gate.close(std::time::Duration::from_secs(1)));
+    header(&mem, 0x1_0000, VIRTIO_BLK_T_OUT, 3);
+    mem.write_slice(&[0xab; 512], GuestAddress(0x1_0200))
+        .unwrap();
+    mem.write_obj(0xffu8, GuestAddress(0x1_0800)).unwrap();
+    vq.add_desc_chains(
+        &[
+            d(0x1_0000, 16, F_NEXT, 1),
+            d(0x1_0200, 512, F_NEXT, 2),
+            d(0x1_0800, 1, F_WRITE, 0),
+        ],
+        0,
+    )
+    .unwrap();
+    b.process_queue(0);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(0x1_0800)).unwrap(), 0xff);
+    assert_eq!(vq.used().idx().load(), 0);
+    assert!(irq_fd.read().is_err());
+    assert_eq!(std::fs::read(file.as_path()).unwrap(), before);
+    assert_eq!(
+        started.lock().unwrap().as_deref(),
+        Some("blk-a-very-long"),
+        "the hook ran on the worker, named within 15 bytes"
+    );
+    gate.open();
+    wait_complete(&mut b);
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(0x1_0800)).unwrap(),
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(vq.used().idx().load(), 1);
+    let e = vq.used().ring().ref_at(0).unwrap().load();
+    assert_eq!((e.id(), e.len()), (0, 1));
+    assert_eq!(irq_fd.read().unwrap(), 1);
+    assert_eq!(b.stats().writes, 1);
+    let mut want = before.clone();
+    want[3 * 512..4 * 512].fill(0xab);
+    assert_eq!(std::fs::read(file.as_path()).unwrap(), want);
+
+    // A read of data in the page cache, with nothing outstanding, is served by the loop
+    // itself (the gate is closed, so the worker could not have).
+    assert!(gate.close(std::time::Duration::from_secs(1)));
+    header(&mem, 0x1_3000, VIRTIO_BLK_T_IN, 2);
+    vq.add_desc_chains(
+        &[
+            d(0x1_3000, 16, F_NEXT, 8),
+            d(0x1_3200, 1024, F_WRITE | F_NEXT, 9),
+            d(0x1_3800, 1, F_WRITE, 0),
+        ],
+        7,
+    )
+    .unwrap();
+    b.process_queue(0);
+    gate.open();
+    assert_eq!(vq.used().idx().load(), 2);
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(0x1_3800)).unwrap(),
+        VIRTIO_BLK_S_OK
+    );
+    let e = vq.used().ring().ref_at(1).unwrap().load();
+    assert_eq!((e.id(), e.len()), (7, 1025));
+    let mut buf = vec![0u8; 1024];
+    mem.read_slice(&mut buf, GuestAddress(0x1_3200)).unwrap();
+    assert_eq!(buf, want[2 * 512..4 * 512]);
+    assert_eq!(b.stats().reads, 1);
+
+    // A bad chain is answered at once, on the loop, without the worker.
+    vq.add_desc_chains(&[d(0x1_1000, 1, F_WRITE, 0)], 3)
+        .unwrap();
+    b.process_queue(0);
+    assert_eq!(vq.used().idx().load(), 3);
+    assert_eq!(b.stats().errors, 1);
+
+    // Completions of requests from before a reset are dropped.
+    assert!(gate.close(std::time::Duration::from_secs(1)));
+    header(&mem, 0x1_2000, VIRTIO_BLK_T_OUT, 5);
+    vq.add_desc_chains(
+        &[
+            d(0x1_2000, 16, F_NEXT, 5),
+            d(0x1_2200, 512, F_NEXT, 6),
+            d(0x1_2800, 1, F_WRITE, 0),
+        ],
+        4,
+    )
+    .unwrap();
+    b.process_queue(0);
+    b.reset();
+    assert_eq!(
+        b.in_flight, 1,
+        "a reset does not forget what the worker holds (a guest resetting in a loop could \
+         otherwise queue without bound)"
+    );
+    gate.open();
+    wait_complete(&mut b);
+    assert_eq!(
+        vq.used().idx().load(),
+        3,
+        "nothing completed after the reset"
+    );
 }
