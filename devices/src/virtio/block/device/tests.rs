@@ -547,6 +547,7 @@ fn images_are_locked_while_in_use() {
         path: file.as_path().to_path_buf(),
         read_only,
         id: None,
+        allow_block_device: false,
     };
     let err = Block::new(&config(false)).unwrap_err();
     assert!(matches!(err, BlockError::Locked { .. }), "{err}");
