@@ -38,6 +38,16 @@ mount -t devpts -o newinstance,ptmxmode=0666 devpts $R/dev/pts
 ln -sf pts/ptmx $R/dev/ptmx 2>/dev/null
 mount -t tmpfs tmpfs $R/dev/shm
 mount -t tmpfs tmpfs $R/run
+# Cgroups for the jailer's tests (tests/tests/jail.rs): a v1 hierarchy per controller the
+# tests use, and the v2 one at unified/, as on the hosts. A kernel without one of them leaves
+# it unmounted (the jail tests that need it then fail loudly; nothing else depends on it).
+mount -t tmpfs -o mode=0755 cgroup $R/sys/fs/cgroup 2>/dev/null &&
+	for c in memory cpu pids cpuset; do
+		mkdir -p $R/sys/fs/cgroup/$c
+		mount -t cgroup -o $c cgroup $R/sys/fs/cgroup/$c 2>/dev/null || rmdir $R/sys/fs/cgroup/$c
+	done &&
+	mkdir -p $R/sys/fs/cgroup/unified &&
+	{ mount -t cgroup2 cgroup2 $R/sys/fs/cgroup/unified 2>/dev/null || true; }
 ip link set lo up
 hostname cinder-l1
 

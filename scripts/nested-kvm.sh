@@ -81,7 +81,7 @@ pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/^ *Depends: \(
 ver=$(apt-cache policy "$pkg" | sed -n 's/^ *Candidate: //p')
 [[ -n $ver && $ver != "(none)" ]] || die "no candidate version for $pkg"
 # Bump the suffix when the initramfs recipe below changes.
-L1=$CACHE/${pkg}_${ver}-r2
+L1=$CACHE/${pkg}_${ver}-r3
 if [[ ! -s $L1/initrd.cpio.gz || ! -s $L1/vmlinuz ]]; then
 	log "building the L1 kernel and initramfs from $pkg $ver into $L1"
 	mkdir -p "$CACHE"
