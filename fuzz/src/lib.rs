@@ -15,6 +15,7 @@
 // builds seeds from small constants. Checked conversions would only add noise here.
 #![allow(clippy::cast_possible_truncation)]
 
+pub mod api;
 pub mod blk;
 pub mod console;
 pub mod host;
@@ -96,7 +97,19 @@ pub const TARGETS: &[Target] = &[
         name: "kernel_loader",
         run: loader::run,
         seeds: loader::seeds,
-        default_iters: 10000,
+        default_iters: 30000,
+    },
+    Target {
+        name: "api_http",
+        run: api::http,
+        seeds: api::http_seeds,
+        default_iters: 30000,
+    },
+    Target {
+        name: "api_config_file",
+        run: api::config_file,
+        seeds: api::config_seeds,
+        default_iters: 30000,
     },
 ];
 

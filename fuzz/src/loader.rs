@@ -126,9 +126,32 @@ pub fn seeds() -> Vec<Vec<u8>> {
         with(3, 16, elf(0x10_0000, 0x1000, Some(0x10_0000))),
         with(2, 0, elf(0x10_0000, 0x1000, None)),
         with(5, 1, elf(0x20_0000, 0x8000_0000, Some(0x20_0000))),
-        with(1, 8, bzimage(0x020f, 0x100_0000, 0x10_0000)),
+        with(1, 8, bzimage(0x020f, 0x20_0000, 0x10_0000)),
         with(4, 255, bzimage(0x020f, 0x100_0000, 0x40_0000)),
         with(6, 0, bzimage(0x0208, 0, 0x1000)),
         with(0, 2, bzimage(0x020f, 0x8000, 0x10_0000)),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The good seeds load, so mutations start from kernels the loader takes.
+    #[test]
+    fn good_seeds_load() {
+        let mem = GuestMemoryMmap::from_ranges(&ram_regions(16 << 20)).unwrap();
+        for (i, file) in [
+            elf(0x10_0000, 0x1000, None),
+            elf(0x10_0000, 0x1000, Some(0x10_0000)),
+            bzimage(0x020f, 0x20_0000, 0x10_0000),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let (_f, path) = memfd("seed", file);
+            let k = load_kernel(&mem, &path, 16 << 20, ProtocolChoice::Auto);
+            assert!(k.is_ok(), "seed {i}: {:?}", k.err());
+        }
+    }
 }

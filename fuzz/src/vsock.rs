@@ -3,6 +3,7 @@
 //! data both ways, shutdowns, resets, credit; through the transport and the event loop.
 
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
@@ -19,6 +20,8 @@ pub const HOST_PORT: u32 = 1024;
 /// Most host-side streams the harness keeps (below any listen backlog, so its blocking
 /// `connect` never waits).
 const MAX_STREAMS: usize = 16;
+/// Backlog of the host port's listener.
+const BACKLOG: i32 = 4;
 
 struct Peer {
     uds: PathBuf,
@@ -98,6 +101,12 @@ pub fn run(data: &[u8]) {
     let uds = dir.0.join("v.sock");
     let listener = UnixListener::bind(dir.0.join(format!("v.sock_{HOST_PORT}")))
         .expect("cannot bind the host port's listener");
+    // A host program that accepts slowly, with a small backlog (socat listens with 5): a
+    // guest that connects more often than that must not stall the device loop.
+    // SAFETY: listen(2) on a socket this function owns; a second listen only resizes the
+    // backlog.
+    let r = unsafe { libc::listen(listener.as_raw_fd(), BACKLOG) };
+    assert_eq!(r, 0, "listen: {}", std::io::Error::last_os_error());
     let config = VsockConfig {
         guest_cid: GUEST_CID,
         uds_path: uds.clone(),
@@ -281,4 +290,28 @@ pub fn seeds() -> Vec<Vec<u8>> {
         .kick(0)
         .kick(2);
     vec![guest.build(), host.build(), hostile.build()]
+}
+
+/// The guest connects 12 times to a host port whose program never accepts (backlog 4): the
+/// device must refuse (RST) what does not fit instead of blocking the device loop in
+/// connect(2). Before vsock's non-blocking connect this input hung the harness. (In the
+/// corpus as `crash-connect-backlog`, not a generated seed.)
+pub fn full_backlog() -> Vec<u8> {
+    let mut p = Program::new();
+    p.setup(u64::MAX, 3, 5);
+    rx_buffers(&mut p, 16);
+    p.kick(0);
+    for i in 0..12u16 {
+        let at = BUFFERS + 0x40 * u64::from(i);
+        tx(
+            &mut p,
+            i,
+            at,
+            &header(6000 + u32::from(i), HOST_PORT, 0, vop::REQUEST, 0),
+            &[],
+        );
+        p.avail(1, 2 * i);
+    }
+    p.kick(1).kick(0);
+    p.build()
 }

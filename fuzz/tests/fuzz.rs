@@ -7,6 +7,7 @@
 //! Reproduce: `CINDER_FUZZ_ONLY=<n> cargo test -p cinder-fuzz --test fuzz <target>` runs just
 //! mutation number n; `CINDER_FUZZ_INPUT=<file>` runs one file.
 
+use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,7 +45,7 @@ struct Watchdog {
 }
 
 impl Watchdog {
-    fn start(limit: Duration) -> Self {
+    fn start(name: &'static str, limit: Duration) -> Self {
         let current = Arc::new(Mutex::new((String::new(), Vec::new(), Instant::now())));
         let done = Arc::new(AtomicBool::new(false));
         let (c, d) = (current.clone(), done.clone());
@@ -53,9 +54,13 @@ impl Watchdog {
                 std::thread::sleep(Duration::from_millis(200));
                 let guard = c.lock().unwrap_or_else(|p| p.into_inner());
                 if guard.2.elapsed() > limit {
-                    eprintln!(
-                        "HANG: input {} ran for more than {limit:?}; bytes: {:02x?}",
-                        guard.0, guard.1
+                    let file = save_failure(name, &guard.0, &guard.1);
+                    // Straight to stderr: the test harness's capture dies with the process.
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "HANG: {name}: input {} ran for more than {limit:?}; saved as {}",
+                        guard.0,
+                        file.display()
                     );
                     std::process::abort();
                 }
@@ -81,7 +86,8 @@ fn save_failure(name: &str, label: &str, data: &[u8]) -> PathBuf {
         .join("../target/fuzz-failures")
         .join(name);
     let _ = std::fs::create_dir_all(&dir);
-    let file = dir.join(label.replace(['/', ' '], "_"));
+    let base = label.rsplit('/').next().unwrap_or(label);
+    let file = dir.join(base.replace(' ', "_"));
     let _ = std::fs::write(&file, data);
     file
 }
@@ -89,7 +95,7 @@ fn save_failure(name: &str, label: &str, data: &[u8]) -> PathBuf {
 fn fuzz(name: &str) {
     let t = target(name).unwrap_or_else(|| panic!("no target {name}"));
     let hang = Duration::from_secs(env_u64("CINDER_FUZZ_HANG_SECS").unwrap_or(60));
-    let dog = Watchdog::start(hang);
+    let dog = Watchdog::start(t.name, hang);
     let run_one = |label: &str, data: &[u8]| {
         dog.set(label, data);
         if let Err(e) = catch_unwind(AssertUnwindSafe(|| (t.run)(data))) {
@@ -171,6 +177,16 @@ fn serial() {
 #[test]
 fn kernel_loader() {
     fuzz("kernel_loader");
+}
+
+#[test]
+fn api_http() {
+    fuzz("api_http");
+}
+
+#[test]
+fn api_config_file() {
+    fuzz("api_config_file");
 }
 
 /// The committed seeds are what the generators make (run `cargo run -p cinder-fuzz --bin
