@@ -22,5 +22,10 @@ fn main() -> std::io::Result<()> {
         }
         println!("{}: {} seeds", t.name, (t.seeds)().len());
     }
+    // Regression inputs that are not generated seeds.
+    std::fs::write(
+        root.join("virtio_vsock/crash-connect-backlog"),
+        cinder_fuzz::vsock::full_backlog(),
+    )?;
     Ok(())
 }
