@@ -109,3 +109,33 @@ pub fn seeds() -> Vec<Vec<u8>> {
         .kick(0);
     vec![rw.build(), ranges.build(), ind.build()]
 }
+
+fn payload(rng: &mut crate::mutate::Rng) -> Vec<u8> {
+    let kinds = [
+        VIRTIO_BLK_T_IN,
+        VIRTIO_BLK_T_OUT,
+        devices::virtio::block::request::VIRTIO_BLK_T_FLUSH,
+        VIRTIO_BLK_T_GET_ID,
+        VIRTIO_BLK_T_DISCARD,
+        VIRTIO_BLK_T_WRITE_ZEROES,
+        rng.next_u64() as u32,
+    ];
+    let kind = kinds[rng.below(kinds.len())];
+    let sectors = [0u64, 1, 127, 128, 129, u64::MAX, u64::MAX / 512];
+    let mut v = Vec::new();
+    v.extend_from_slice(&kind.to_le_bytes());
+    v.extend_from_slice(&0u32.to_le_bytes());
+    v.extend_from_slice(&sectors[rng.below(sectors.len())].to_le_bytes());
+    // Discard / write-zeroes ranges, read when this lands in a data buffer.
+    for _ in 0..rng.below(3) {
+        v.extend_from_slice(&sectors[rng.below(sectors.len())].to_le_bytes());
+        v.extend_from_slice(&(rng.next_u64() as u32 % 256).to_le_bytes());
+        v.extend_from_slice(&(rng.next_u64() as u32 % 4).to_le_bytes());
+    }
+    v
+}
+
+/// A random plausible input.
+pub fn generate(rng: &mut crate::mutate::Rng) -> Vec<u8> {
+    virtio::generate(rng, 1, payload, virtio::no_host)
+}

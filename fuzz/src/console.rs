@@ -98,3 +98,24 @@ pub fn seeds() -> Vec<Vec<u8>> {
     rx.run();
     vec![tx.build(), rx.build()]
 }
+
+fn host(rng: &mut crate::mutate::Rng, b: &mut crate::input::Builder) {
+    match rng.below(10) {
+        0 => {
+            b.u8(1);
+        }
+        1 => {
+            b.u8(2);
+        }
+        _ => {
+            let len = [1usize, 17, 4096, 5000, 0x4000][rng.below(5)];
+            let text: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+            b.u8(0).blob(&text);
+        }
+    }
+}
+
+/// A random plausible input.
+pub fn generate(rng: &mut crate::mutate::Rng) -> Vec<u8> {
+    virtio::generate(rng, 2, virtio::random_payload, host)
+}

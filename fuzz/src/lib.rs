@@ -41,6 +41,9 @@ pub struct Target {
     pub seeds: fn() -> Vec<Vec<u8>>,
     /// Mutations per test run by default (each target takes a few seconds in debug).
     pub default_iters: u64,
+    /// Writes a random plausible input (a quarter of the runs use it instead of mutating
+    /// the corpus), for targets that have one.
+    pub generate: Option<fn(&mut mutate::Rng) -> Vec<u8>>,
 }
 
 /// Every target.
@@ -50,66 +53,77 @@ pub const TARGETS: &[Target] = &[
         run: blk::run,
         seeds: blk::seeds,
         default_iters: 3000,
+        generate: Some(blk::generate),
     },
     Target {
         name: "virtio_net",
         run: net::run,
         seeds: net::seeds,
         default_iters: 1500,
+        generate: Some(net::generate),
     },
     Target {
         name: "virtio_vsock",
         run: vsock::run,
         seeds: vsock::seeds,
         default_iters: 1000,
+        generate: Some(vsock::generate),
     },
     Target {
         name: "virtio_console",
         run: console::run,
         seeds: console::seeds,
         default_iters: 3000,
+        generate: Some(console::generate),
     },
     Target {
         name: "virtio_rng",
         run: rng::run,
         seeds: rng::seeds,
         default_iters: 4000,
+        generate: Some(rng::generate),
     },
     Target {
         name: "virtio_mmio",
         run: mmio::run,
         seeds: mmio::seeds,
         default_iters: 4000,
+        generate: Some(rng::generate),
     },
     Target {
         name: "i8042",
         run: i8042::run,
         seeds: i8042::seeds,
         default_iters: 20000,
+        generate: None,
     },
     Target {
         name: "serial",
         run: serial::run,
         seeds: serial::seeds,
         default_iters: 20000,
+        generate: None,
     },
     Target {
         name: "kernel_loader",
         run: loader::run,
         seeds: loader::seeds,
         default_iters: 30000,
+        generate: None,
     },
     Target {
         name: "api_http",
         run: api::http,
         seeds: api::http_seeds,
         default_iters: 30000,
+        generate: None,
     },
     Target {
         name: "api_config_file",
         run: api::config_file,
         seeds: api::config_seeds,
         default_iters: 30000,
+        generate: None,
     },
 ];
 

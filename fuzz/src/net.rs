@@ -130,3 +130,36 @@ pub fn seeds() -> Vec<Vec<u8>> {
     merge.kick(0).kick(1);
     vec![tx.build(), rx.build(), merge.build()]
 }
+
+fn payload(rng: &mut crate::mutate::Rng) -> Vec<u8> {
+    // flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers.
+    let mut v = vec![rng.below(4) as u8, [0u8, 1, 3, 4, 5, 0x80][rng.below(6)]];
+    for _ in 0..5 {
+        let w = [0u16, 14, 54, 1448, 0xffff][rng.below(5)];
+        v.extend_from_slice(&w.to_le_bytes());
+    }
+    v.extend((0..rng.below(64)).map(|i| i as u8));
+    v
+}
+
+fn host(rng: &mut crate::mutate::Rng, b: &mut crate::input::Builder) {
+    match rng.below(10) {
+        0 => {
+            b.u8(1);
+        }
+        1 => {
+            b.u8(2);
+        }
+        _ => {
+            let lens = [0usize, 11, 12, 25, 26, 72, 1526, 9012, 65_547, 65_548];
+            let len = lens[rng.below(lens.len())];
+            let frame: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            b.u8(0).blob(&frame);
+        }
+    }
+}
+
+/// A random plausible input.
+pub fn generate(rng: &mut crate::mutate::Rng) -> Vec<u8> {
+    virtio::generate(rng, 2, payload, host)
+}

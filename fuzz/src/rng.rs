@@ -32,3 +32,8 @@ pub fn seeds() -> Vec<Vec<u8>> {
         .kick(0);
     vec![good.build(), bad.build()]
 }
+
+/// A random plausible input.
+pub fn generate(rng: &mut crate::mutate::Rng) -> Vec<u8> {
+    virtio::generate(rng, 1, virtio::random_payload, virtio::no_host)
+}

@@ -137,11 +137,12 @@ fn overlaps(a: Range, b: Range) -> bool {
     a.0 < b.1 && b.0 < a.1
 }
 
-/// What the harness saw of a queue's descriptors before a dispatch.
+/// What the harness saw of the queues' descriptors before a dispatch.
 struct Snapshot {
     /// Per queue: the descriptor table (addr, len, flags, next) by index.
     tables: Vec<Vec<(u64, u32, u16, u16)>>,
-    /// Per queue: indirect tables' total writable bytes, by table address.
+    /// Some device-writable buffer overlaps a ring, a descriptor table or an indirect table:
+    /// the device may legitimately rewrite what the checks would read.
     aliased: bool,
 }
 
@@ -480,11 +481,16 @@ where
 {
     let mut h = Harness::new(device, host);
     let mut input = Input::new(data);
+    let trace = std::env::var_os("CINDER_FUZZ_TRACE").is_some();
     for _ in 0..MAX_OPS {
         if input.is_empty() {
             break;
         }
-        match input.u8() % OPS {
+        let code = input.u8() % OPS;
+        if trace {
+            eprintln!("trace: op {code}, status {:#x}", h.transport.status());
+        }
+        match code {
             op::SETUP => h.setup(&mut input),
             op::DESC => h.desc(&mut input),
             op::AVAIL => h.avail(&mut input, false),
@@ -595,4 +601,130 @@ impl Program {
     pub fn build(&self) -> Vec<u8> {
         self.0.build()
     }
+}
+
+/// Writes a random but plausible harness program: negotiation, then descriptors aimed at
+/// buffers, ring edges, the memory hole and the end of memory, chains, loops and indirect
+/// tables, avail entries, kicks, host ops and now and then a raw register write. `payload`
+/// makes the bytes of a device-readable buffer (a request header, a packet); `host` writes
+/// the arguments of one host op.
+pub fn generate(
+    rng: &mut crate::mutate::Rng,
+    queues: usize,
+    payload: fn(&mut crate::mutate::Rng) -> Vec<u8>,
+    host: fn(&mut crate::mutate::Rng, &mut Builder),
+) -> Vec<u8> {
+    let mut p = Program::new();
+    let size_log = 1 + rng.below(5) as u8;
+    let size = 1u16 << size_log;
+    let features = if rng.below(4) == 0 {
+        rng.next_u64()
+    } else {
+        u64::MAX
+    };
+    p.setup(features, queues, size_log);
+    let addrs = |rng: &mut crate::mutate::Rng| -> u64 {
+        match rng.below(10) {
+            0 => 0xfff0 + rng.below(0x20) as u64,
+            1 => 0x2_fff0 + rng.below(0x20) as u64,
+            2 if rng.below(4) == 0 => QUEUE_BASE + rng.below(0x9000) as u64,
+            3 if rng.below(2) == 0 => rng.next_u64(),
+            4..=6 => BUFFERS + 0x100 * rng.below(0x50) as u64,
+            _ => 0x2_0000 + 0x100 * rng.below(0xff) as u64,
+        }
+    };
+    let lens = [0u32, 1, 12, 16, 44, 60, 512, 1500, 4096, 0x1_0000, u32::MAX];
+    for _ in 0..1 + rng.below(40) {
+        let q = rng.below(queues) as u8;
+        match rng.below(40) {
+            0..=13 => {
+                let flags = match rng.below(6) {
+                    0 => F_WRITE,
+                    1 => F_NEXT,
+                    2 => F_WRITE | F_NEXT,
+                    3 => F_INDIRECT,
+                    4 => rng.next_u64() as u16,
+                    _ => 0,
+                };
+                let len = if rng.below(3) == 0 {
+                    rng.next_u64() as u32 % 0x2000
+                } else {
+                    lens[rng.below(lens.len())]
+                };
+                let index = rng.below(usize::from(size)) as u16;
+                let next = if rng.below(8) == 0 {
+                    rng.next_u64() as u16
+                } else {
+                    (index + 1) % size
+                };
+                p.desc(q, index, addrs(rng), len, flags, next);
+            }
+            14..=17 => {
+                // Mostly into the buffer areas; now and then anywhere (rings included).
+                let at = if rng.below(8) == 0 {
+                    addrs(rng)
+                } else {
+                    [BUFFERS, 0x2_0000][rng.below(2)] + 0x100 * rng.below(0x50) as u64
+                };
+                p.mem(at as u32, &payload(rng));
+            }
+            18 | 19 => {
+                // An indirect table of 1 to 4 entries.
+                let at = 0x2_8000 + 0x100 * rng.below(0x40) as u64;
+                let mut table = Vec::new();
+                let n = 1 + rng.below(4);
+                for i in 0..n {
+                    let flags = [0, F_WRITE, F_NEXT, F_WRITE | F_NEXT][rng.below(4)];
+                    let len = lens[rng.below(lens.len())];
+                    table.extend_from_slice(&addrs(rng).to_le_bytes());
+                    table.extend_from_slice(&len.to_le_bytes());
+                    table.extend_from_slice(&flags.to_le_bytes());
+                    table.extend_from_slice(&((i + 1) as u16).to_le_bytes());
+                }
+                p.mem(at as u32, &table);
+                let index = rng.below(usize::from(size)) as u16;
+                p.desc(q, index, at, 16 * n as u32, F_INDIRECT, 0);
+            }
+            20..=29 => {
+                p.avail(q, rng.below(usize::from(size) + 1) as u16);
+            }
+            30..=33 => {
+                p.kick(q);
+            }
+            34..=36 => {
+                p.host();
+                host(rng, &mut p.0);
+            }
+            37 | 38 => {
+                if rng.below(4) == 0 {
+                    let off = [0x30u16, 0x38, 0x44, 0x50, 0x64, 0x70, 0x100][rng.below(7)];
+                    p.mmio_write(off, 2, rng.next_u64() % 8);
+                } else {
+                    p.run();
+                }
+            }
+            _ => {
+                // Usually a few entries ahead (the driver forgot to fill them), now and then
+                // anything (the device must ask for a reset, not loop).
+                let idx = if rng.below(4) == 0 {
+                    rng.next_u64() as u16
+                } else {
+                    rng.below(usize::from(size) + 2) as u16
+                };
+                p.avail_idx(q, idx);
+            }
+        }
+    }
+    for q in 0..queues {
+        p.kick(q as u8);
+    }
+    p.build()
+}
+
+/// The arguments of a [`NoHost`] op: none.
+pub fn no_host(_rng: &mut crate::mutate::Rng, _b: &mut Builder) {}
+
+/// Random bytes as a payload.
+pub fn random_payload(rng: &mut crate::mutate::Rng) -> Vec<u8> {
+    (0..rng.below(64)).map(|_| rng.next_u64() as u8).collect()
 }

@@ -315,3 +315,54 @@ pub fn full_backlog() -> Vec<u8> {
     p.kick(1).kick(0);
     p.build()
 }
+
+fn payload(rng: &mut crate::mutate::Rng) -> Vec<u8> {
+    let ports = [5000u32, 5001, HOST_PORT, 4242, 52, 0x4000_0000, 0x4000_0001];
+    let src = ports[rng.below(ports.len())];
+    let dst = ports[rng.below(ports.len())];
+    let op = if rng.below(10) == 0 {
+        rng.next_u64() as u16
+    } else {
+        1 + rng.below(7) as u16
+    };
+    let len = [0u32, 1, 5, 4096, 0x1_0000, 0x1_0001, u32::MAX][rng.below(7)];
+    let mut h = header(src, dst, len, op, rng.below(4) as u32);
+    if rng.below(8) == 0 {
+        h[0..8].copy_from_slice(&rng.next_u64().to_le_bytes());
+    }
+    if rng.below(8) == 0 {
+        h[28..30].copy_from_slice(&2u16.to_le_bytes()); // SEQPACKET
+    }
+    h[36..40].copy_from_slice(&[0u32, 4096, 65_536][rng.below(3)].to_le_bytes());
+    h.extend((0..rng.below(32)).map(|i| i as u8));
+    h
+}
+
+fn host(rng: &mut crate::mutate::Rng, b: &mut crate::input::Builder) {
+    match rng.below(6) {
+        0 => {
+            if rng.below(4) == 0 {
+                b.u8(0).u8(1).blob(b"CONNECT 99999999999\n");
+            } else {
+                b.u8(0).u8(0).u32([52u32, 5000, 0, u32::MAX][rng.below(4)]);
+            }
+        }
+        1 => {
+            b.u8(1);
+        }
+        2 => {
+            let data: Vec<u8> = (0..[1usize, 100, 70_000][rng.below(3)])
+                .map(|i| i as u8)
+                .collect();
+            b.u8(2).u8(rng.below(4) as u8).blob(&data);
+        }
+        k => {
+            b.u8(k as u8).u8(rng.below(4) as u8);
+        }
+    }
+}
+
+/// A random plausible input.
+pub fn generate(rng: &mut crate::mutate::Rng) -> Vec<u8> {
+    virtio::generate(rng, 3, payload, host)
+}

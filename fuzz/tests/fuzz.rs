@@ -5,7 +5,8 @@
 //! name and bytes, since a hang cannot be caught.
 //!
 //! Reproduce: `CINDER_FUZZ_ONLY=<n> cargo test -p cinder-fuzz --test fuzz <target>` runs just
-//! mutation number n; `CINDER_FUZZ_INPUT=<file>` runs one file.
+//! mutation number n (`CINDER_FUZZ_NO_CORPUS=1`: without replaying the corpus first);
+//! `CINDER_FUZZ_INPUT=<file>` runs one file.
 
 use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -112,8 +113,10 @@ fn fuzz(name: &str) {
     let start = Instant::now();
     let entries = corpus(name);
     assert!(!entries.is_empty(), "{name}: empty corpus");
-    for (label, data) in &entries {
-        run_one(label, data);
+    if std::env::var_os("CINDER_FUZZ_NO_CORPUS").is_none() {
+        for (label, data) in &entries {
+            run_one(label, data);
+        }
     }
     let seeds: Vec<Vec<u8>> = entries.into_iter().map(|(_, d)| d).collect();
     let iters = env_u64("CINDER_FUZZ_ITERS").unwrap_or(t.default_iters);
@@ -123,7 +126,14 @@ fn fuzz(name: &str) {
     };
     let mut count = 0u64;
     for n in range {
-        let data = mutate::mutant(name, n, &seeds);
+        // A quarter of the runs (for targets that have a generator) write a fresh random
+        // program instead of mutating the corpus; both are fixed by (target, n).
+        let data = match t.generate {
+            Some(generate) if n % 4 == 3 => generate(&mut mutate::Rng::new(
+                mutate::hash(name) ^ n.rotate_left(32),
+            )),
+            _ => mutate::mutant(name, n, &seeds),
+        };
         run_one(&format!("mutation-{n}"), &data);
         count += 1;
     }
