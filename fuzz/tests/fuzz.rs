@@ -97,12 +97,19 @@ fn fuzz(name: &str) {
     let t = target(name).unwrap_or_else(|| panic!("no target {name}"));
     let hang = Duration::from_secs(env_u64("CINDER_FUZZ_HANG_SECS").unwrap_or(60));
     let dog = Watchdog::start(t.name, hang);
+    let slowest = std::cell::RefCell::new((Duration::ZERO, String::new()));
     let run_one = |label: &str, data: &[u8]| {
         dog.set(label, data);
+        let began = Instant::now();
         if let Err(e) = catch_unwind(AssertUnwindSafe(|| (t.run)(data))) {
             let file = save_failure(name, label, data);
             eprintln!("{name}: input {label} failed; saved as {}", file.display());
             std::panic::resume_unwind(e);
+        }
+        let took = began.elapsed();
+        let mut s = slowest.borrow_mut();
+        if took > s.0 {
+            *s = (took, label.to_string());
         }
     };
     if let Ok(path) = std::env::var("CINDER_FUZZ_INPUT") {
@@ -137,8 +144,9 @@ fn fuzz(name: &str) {
         run_one(&format!("mutation-{n}"), &data);
         count += 1;
     }
+    let (took, label) = slowest.into_inner();
     eprintln!(
-        "{name}: {} corpus inputs and {count} mutations in {:.1?}",
+        "{name}: {} corpus inputs and {count} mutations in {:.1?} (slowest: {label}, {took:.1?})",
         seeds.len(),
         start.elapsed()
     );
