@@ -146,7 +146,7 @@ fn fuzz(name: &str) {
     }
     let (took, label) = slowest.into_inner();
     eprintln!(
-        "{name}: {} corpus inputs and {count} mutations in {:.1?} (slowest: {label}, {took:.1?})",
+        "{name}: {} corpus inputs and {count} mutated or generated inputs in {:.1?} (slowest: {label}, {took:.1?})",
         seeds.len(),
         start.elapsed()
     );
