@@ -13,7 +13,8 @@
 //! status write or a scribble over a ring stops the tracking until the next `SETUP`): the
 //! used index moved by at most the queue size, every used id is a valid head, and (unless a
 //! writable buffer aliases a ring or descriptor table, so the device may legitimately have
-//! rewritten them) every used length is at most the writable bytes of its chain.
+//! rewritten them) every used length is at most the writable bytes of its chain, and the
+//! device wrote guest memory only inside the used rings and the device-writable buffers.
 //!
 //! `CINDER_FUZZ_TRACE=1` prints how many used entries each dispatch produced (to see what a
 //! seed reaches).
@@ -24,7 +25,7 @@ use devices::virtio::mmio::{reg, MmioTransport, CONFIG_SPACE_OFFSET};
 use devices::virtio::{status, VirtioDevice};
 use devices::{BusDevice, GuestMemoryMmap};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::input::{Builder, Input};
@@ -144,6 +145,10 @@ struct Snapshot {
     /// Some device-writable buffer overlaps a ring, a descriptor table or an indirect table:
     /// the device may legitimately rewrite what the checks would read.
     aliased: bool,
+    /// Every device-writable buffer the descriptors (and their indirect tables) name.
+    writable: Vec<Range>,
+    /// Guest memory, region by region, when the harness knows where every ring is.
+    memory: Option<Vec<Vec<u8>>>,
 }
 
 impl<H: Host> Harness<H> {
@@ -349,7 +354,75 @@ impl<H: Host> Harness<H> {
         let aliased = writable
             .iter()
             .any(|w| rings.iter().any(|r| overlaps(*w, *r)));
-        Snapshot { tables, aliased }
+        let memory = (!aliased && self.all_tracked()).then(|| self.read_memory());
+        Snapshot {
+            tables,
+            aliased,
+            writable,
+            memory,
+        }
+    }
+
+    /// Whether the harness set up every queue itself and nothing reconfigured them since.
+    fn all_tracked(&self) -> bool {
+        self.queues.iter().all(|t| t.tracked)
+    }
+
+    /// A copy of guest memory (a plain memcpy: vm-memory's volatile copy is slow in debug
+    /// builds, and this runs around every dispatch).
+    fn read_memory(&self) -> Vec<Vec<u8>> {
+        REGIONS
+            .iter()
+            .map(|&(start, size)| {
+                let size = size as usize;
+                match self.mem.get_host_address(GuestAddress(start)) {
+                    // SAFETY: `start` is the first byte of a mapped region of `size` bytes
+                    // (REGIONS is what `guest_memory` mapped), alive as long as `self.mem`;
+                    // nothing else writes it meanwhile (the device runs on this thread, inside
+                    // `dispatch`), and the bytes are only copied.
+                    Ok(host) => unsafe { std::slice::from_raw_parts(host, size) }.to_vec(),
+                    Err(_) => vec![0; size],
+                }
+            })
+            .collect()
+    }
+
+    /// The device wrote guest memory only in used rings and in device-writable buffers.
+    fn check_writes(&self, snap: &Snapshot) {
+        let Some(before) = &snap.memory else { return };
+        if !self.all_tracked() {
+            return;
+        }
+        let after = self.read_memory();
+        for ((&(start, _), old), new) in REGIONS.iter().zip(before).zip(&after) {
+            if old == new {
+                continue;
+            }
+            const CHUNK: usize = 64;
+            let changed = old
+                .chunks(CHUNK)
+                .zip(new.chunks(CHUNK))
+                .enumerate()
+                .filter(|(_, (a, b))| a != b)
+                .flat_map(|(c, (a, b))| {
+                    a.iter()
+                        .zip(b.iter())
+                        .enumerate()
+                        .filter(|(_, (x, y))| x != y)
+                        .map(move |(i, (x, y))| (c * CHUNK + i, *x, *y))
+                });
+            for (i, a, b) in changed {
+                let addr = start + i as u64;
+                let in_used = (0..self.queues.len())
+                    .any(|q| (used_addr(q)..desc_addr(q) + QUEUE_STRIDE).contains(&addr));
+                let in_buffer = snap.writable.iter().any(|&(s, e)| (s..e).contains(&addr));
+                assert!(
+                    in_used || in_buffer,
+                    "the device wrote guest memory at {addr:#x} ({a:#04x} -> {b:#04x}), \
+                     outside the used rings and every device-writable buffer"
+                );
+            }
+        }
     }
 
     /// Runs the event loop until it has nothing more (at most a few rounds), then checks the
@@ -364,6 +437,7 @@ impl<H: Host> Harness<H> {
         }
         self.host.after_dispatch();
         self.check(&snap);
+        self.check_writes(&snap);
     }
 
     fn check(&mut self, snap: &Snapshot) {
@@ -727,4 +801,66 @@ pub fn no_host(_rng: &mut crate::mutate::Rng, _b: &mut Builder) {}
 /// Random bytes as a payload.
 pub fn random_payload(rng: &mut crate::mutate::Rng) -> Vec<u8> {
     (0..rng.below(64)).map(|_| rng.next_u64() as u8).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::virtio::rng::Rng;
+
+    fn rng_harness() -> Harness<NoHost> {
+        let mut h = Harness::new(Rng::new().unwrap(), NoHost);
+        let mut p = Program::new();
+        p.setup(u64::MAX, 1, 3);
+        let data = p.build();
+        h.setup(&mut Input::new(&data[1..]));
+        assert!(h.all_tracked());
+        h
+    }
+
+    /// The write check is not blind: a byte changed outside every writable buffer and used
+    /// ring fails it.
+    #[test]
+    #[should_panic(expected = "outside the used rings")]
+    fn stray_write_is_caught() {
+        let h = rng_harness();
+        let snap = h.snapshot();
+        h.mem
+            .write_obj(0xffu8, GuestAddress(BUFFERS + 0x10))
+            .unwrap();
+        h.check_writes(&snap);
+    }
+
+    /// ... and a write inside a writable buffer passes it.
+    #[test]
+    fn write_to_a_writable_buffer_passes() {
+        let mut h = rng_harness();
+        let mut p = Program::new();
+        p.desc(0, 0, BUFFERS, 64, F_WRITE, 0);
+        let data = p.build();
+        h.desc(&mut Input::new(&data[1..]));
+        let snap = h.snapshot();
+        h.mem
+            .write_obj(0xffu8, GuestAddress(BUFFERS + 0x10))
+            .unwrap();
+        h.check_writes(&snap);
+    }
+
+    /// The used-length check is not blind either.
+    #[test]
+    #[should_panic(expected = "writable bytes")]
+    fn used_length_beyond_the_chain_is_caught() {
+        let mut h = rng_harness();
+        let mut p = Program::new();
+        p.desc(0, 0, BUFFERS, 64, F_WRITE, 0);
+        let data = p.build();
+        h.desc(&mut Input::new(&data[1..]));
+        let snap = h.snapshot();
+        // Forge a used entry: head 0, 65 bytes.
+        let u = used_addr(0);
+        h.mem.write_obj(0u32, GuestAddress(u + 4)).unwrap();
+        h.mem.write_obj(65u32, GuestAddress(u + 8)).unwrap();
+        h.mem.write_obj(1u16, GuestAddress(u + 2)).unwrap();
+        h.check(&snap);
+    }
 }
