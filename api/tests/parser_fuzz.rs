@@ -1,4 +1,4 @@
-//! A deterministic stand-in for the cargo-fuzz targets (api/fuzz): a few
+//! A deterministic stand-in for the API fuzz targets (now `fuzz/src/api.rs`): a few
 //! thousand mutated requests and config files from a fixed seed. Passing
 //! means nothing panicked.
 

@@ -336,7 +336,11 @@ impl Request {
         // The status is the last device-writable byte of the chain (VIRTIO_F_VERSION_1 implies
         // ANY_LAYOUT: the driver frames header, data and status as it likes, readable bytes
         // first, then writable ones).
-        let status_addr = GuestAddress(last.addr().0.wrapping_add(u64::from(last.len()) - 1));
+        // A descriptor whose end wraps around the address space has no last byte.
+        let Some(status_at) = last.addr().0.checked_add(u64::from(last.len()) - 1) else {
+            return Err(drop(RequestError::StatusOutOfMemory(last.addr().0)));
+        };
+        let status_addr = GuestAddress(status_at);
         if !mem.check_range(status_addr, 1, Permissions::Write) {
             return Err(drop(RequestError::StatusOutOfMemory(status_addr.0)));
         }
