@@ -20,6 +20,7 @@ pub fn run(data: &[u8]) {
         path,
         read_only: false,
         id: Some("fuzz".into()),
+        allow_block_device: false,
     };
     let dev = Block::new(&config).expect("cannot open the fuzz image");
     virtio::run(dev, NoHost, data);

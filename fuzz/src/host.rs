@@ -21,6 +21,34 @@ pub fn memfd(name: &str, contents: &[u8]) -> (File, PathBuf) {
     (file, path)
 }
 
+/// A regular file in the temporary directory holding `contents`, one per thread and `name`
+/// (rewritten on each call): for code that refuses links, as the kernel loader does with
+/// `O_NOFOLLOW` (a memfd's `/proc/self/fd/N` is one). Removed when the guard drops.
+pub fn tmpfile(name: &str, contents: &[u8]) -> TmpFile {
+    let dir = if std::path::Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    let tid = std::thread::current().id();
+    let path = dir.join(format!(
+        "cinder-fuzz-{}-{name}-{}",
+        std::process::id(),
+        format!("{tid:?}").replace(|c: char| !c.is_ascii_alphanumeric(), "")
+    ));
+    std::fs::write(&path, contents).expect("cannot write the fuzz file");
+    TmpFile(path)
+}
+
+/// A file [`tmpfile`] wrote; removed on drop.
+pub struct TmpFile(pub PathBuf);
+
+impl Drop for TmpFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// A connected pair of non-blocking SOCK_SEQPACKET sockets (message boundaries kept, like a
 /// TAP's frames).
 pub fn seqpacket_pair() -> (OwnedFd, OwnedFd) {

@@ -9,7 +9,7 @@ use arch::layout::{low_ram_end, ram_regions};
 use arch::loader::{load_kernel, ProtocolChoice};
 use arch::GuestMemoryMmap;
 
-use crate::host::memfd;
+use crate::host::tmpfile;
 
 /// Runs one input.
 pub fn run(data: &[u8]) {
@@ -30,7 +30,8 @@ pub fn run(data: &[u8]) {
     let Ok(mem) = GuestMemoryMmap::from_ranges(&ram_regions(mem_size)) else {
         return;
     };
-    let (_file, path) = memfd("cinder-fuzz-kernel", file);
+    let tmp = tmpfile("kernel", file);
+    let path = tmp.0.clone();
     let Ok(kernel) = load_kernel(&mem, &path, low_ram_end(mem_size), choice) else {
         return;
     };
@@ -149,7 +150,8 @@ mod tests {
         .iter()
         .enumerate()
         {
-            let (_f, path) = memfd("seed", file);
+            let tmp = tmpfile("seed", file);
+            let path = tmp.0.clone();
             let k = load_kernel(&mem, &path, 16 << 20, ProtocolChoice::Auto);
             assert!(k.is_ok(), "seed {i}: {:?}", k.err());
         }
