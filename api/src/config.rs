@@ -12,7 +12,7 @@ use serde::Deserialize;
 use crate::model::{
     BootSource, CacheType, CpuTemplate, Drive, EntropyDevice, FullVmConfiguration, HugePages,
     IoEngine, Logger, MachineConfiguration, MachineConfigurationUpdate, Metrics, NetworkInterface,
-    PartialDrive, PartialNetworkInterface, RateLimiter, Vsock,
+    PartialDrive, PartialNetworkInterface, RateLimiter, TokenBucket, Vsock,
 };
 use crate::paths::{open_boot_file, open_checked, PathError, PathPolicy};
 
@@ -64,6 +64,17 @@ pub enum ConfigError {
     /// Memory not a multiple of the huge page size.
     #[error("machine-config.mem_size_mib: {0} must be a multiple of 2 with huge_pages \"2M\"")]
     HugePagesMemSize(usize),
+    /// A setting cinder parses but does not enforce: refused rather than accepted and
+    /// ignored (issue 16 item 1).
+    #[error("{key}: {what} is not implemented by cinder yet; {instead}")]
+    NotImplemented {
+        /// The field, with the drive or interface it belongs to.
+        key: String,
+        /// The value refused.
+        what: &'static str,
+        /// What to give instead.
+        instead: &'static str,
+    },
     /// A required path is empty.
     #[error("{0}: must not be empty")]
     EmptyPath(String),
@@ -249,6 +260,13 @@ impl MachineConfig {
         if self.huge_pages == HugePages::Hugetlbfs2M && self.mem_size_mib % 2 == 1 {
             return Err(ConfigError::HugePagesMemSize(self.mem_size_mib));
         }
+        if self.huge_pages != HugePages::None {
+            return Err(not_implemented(
+                "machine-config.huge_pages".into(),
+                "\"2M\" (hugetlbfs-backed guest memory)",
+                "leave it out or give \"None\"",
+            ));
+        }
         Ok(())
     }
 
@@ -374,6 +392,25 @@ fn check_id(key: &'static str, id: &str) -> Result<(), ConfigError> {
     }
 }
 
+fn not_implemented(key: String, what: &'static str, instead: &'static str) -> ConfigError {
+    ConfigError::NotImplemented { key, what, instead }
+}
+
+/// Refuses a rate limiter that would limit: cinder's devices do not enforce one yet, and a
+/// limit accepted and ignored is worse than a refusal. `{}` and buckets of size 0 or refill
+/// time 0 limit nothing (Firecracker's meaning) and are taken.
+fn no_rate_limiter(key: String, r: &Option<RateLimiter>) -> Result<(), ConfigError> {
+    let limits = |b: &Option<TokenBucket>| b.is_some_and(|b| b.size > 0 && b.refill_time > 0);
+    match r {
+        Some(r) if limits(&r.bandwidth) || limits(&r.ops) => Err(not_implemented(
+            key,
+            "a rate limiter",
+            "leave it out: cinder's devices do not enforce one",
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn non_empty(key: String, value: &str) -> Result<PathBuf, ConfigError> {
     if value.is_empty() {
         Err(ConfigError::EmptyPath(key))
@@ -476,7 +513,7 @@ impl VmConfig {
             cfg.set_vsock(v)?;
         }
         if let Some(e) = &file.entropy {
-            cfg.set_entropy(e);
+            cfg.set_entropy(e)?;
         }
         if let Some(l) = &file.logger {
             cfg.logger = Some(l.clone());
@@ -578,6 +615,24 @@ impl VmConfig {
             .ok_or_else(|| ConfigError::DrivePathMissing(d.drive_id.clone()))?;
         let key = format!("drives[{}].path_on_host", d.drive_id);
         let path_on_host = non_empty(key.clone(), path)?;
+        no_rate_limiter(
+            format!("drives[{}].rate_limiter", d.drive_id),
+            &d.rate_limiter,
+        )?;
+        if d.io_engine != IoEngine::Sync {
+            return Err(not_implemented(
+                format!("drives[{}].io_engine", d.drive_id),
+                "\"Async\" (io_uring)",
+                "leave it out or give \"Sync\"",
+            ));
+        }
+        if d.cache_type != CacheType::Writeback {
+            return Err(not_implemented(
+                format!("drives[{}].cache_type", d.drive_id),
+                "\"Unsafe\" (FLUSH as a no-op)",
+                "leave it out or give \"Writeback\": cinder honours every FLUSH",
+            ));
+        }
         let is_read_only = d.is_read_only.unwrap_or(false);
         self.paths
             .check_beneath("block image", &path_on_host)
@@ -727,6 +782,14 @@ impl VmConfig {
                 });
             }
         }
+        no_rate_limiter(
+            format!("network-interfaces[{id}].rx_rate_limiter"),
+            &n.rx_rate_limiter,
+        )?;
+        no_rate_limiter(
+            format!("network-interfaces[{id}].tx_rate_limiter"),
+            &n.tx_rate_limiter,
+        )?;
         let new = NetConfig {
             iface_id: id,
             host_dev_name: name.clone(),
@@ -778,10 +841,12 @@ impl VmConfig {
     }
 
     /// Enables the entropy device (`PUT /entropy`).
-    pub fn set_entropy(&mut self, e: &EntropyDevice) {
+    pub fn set_entropy(&mut self, e: &EntropyDevice) -> Result<(), ConfigError> {
+        no_rate_limiter("entropy.rate_limiter".into(), &e.rate_limiter)?;
         self.entropy = Some(EntropyConfig {
             rate_limiter: e.rate_limiter,
         });
+        Ok(())
     }
 
     /// Sets the metrics destination (`PUT /metrics`).
@@ -823,6 +888,11 @@ impl VmConfig {
                 guest_cid: v.guest_cid,
                 uds_path: v.uds_path.to_string_lossy().into_owned(),
                 vsock_id: None,
+            })?;
+        }
+        if let Some(e) = &self.entropy {
+            check.set_entropy(&EntropyDevice {
+                rate_limiter: e.rate_limiter,
             })?;
         }
         if let Some(m) = &self.metrics {

@@ -161,10 +161,7 @@ impl PreBootController {
                     Err(e) => Outcome::Respond(ApiResponse::bad_request(e.to_string())),
                 }
             }
-            ApiRequest::PutEntropy(e) => {
-                self.config.set_entropy(&e);
-                Outcome::Respond(ApiResponse::no_content())
-            }
+            ApiRequest::PutEntropy(e) => applied(self.config.set_entropy(&e)),
             // Recorded by `complete` once the VMM applied it.
             ApiRequest::PutLogger(l) => {
                 if let Some(p) = &l.log_path {

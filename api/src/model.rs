@@ -96,10 +96,12 @@ pub struct BootSource {
 /// Block device caching strategy.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CacheType {
-    /// Flush requests are not advertised to the guest.
-    #[default]
+    /// FLUSH advertised but a no-op (Firecracker's default): not implemented by cinder, and
+    /// refused (`VmConfig::upsert_drive`).
     Unsafe,
-    /// Flush requests are advertised and honoured.
+    /// FLUSH advertised and honoured (fdatasync of the image): what cinder's block device
+    /// does, so the default when `cache_type` is left out.
+    #[default]
     Writeback,
 }
 

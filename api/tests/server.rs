@@ -52,7 +52,8 @@ fn every_route_happy_path() {
         (
             "PUT",
             "/entropy",
-            r#"{"rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}"#,
+            // A limiter that limits is refused (not enforced yet): tests/tests/ratelimit.rs.
+            r#"{"rate_limiter": {}}"#,
         ),
         (
             "PUT",
@@ -95,7 +96,7 @@ fn every_route_happy_path() {
     assert_eq!(v["drives"][0]["drive_id"], "rootfs");
     assert_eq!(v["network-interfaces"][0]["guest_mac"], "06:00:ac:10:00:02");
     assert_eq!(v["vsock"]["guest_cid"], 3);
-    assert_eq!(v["entropy"]["rate_limiter"]["bandwidth"]["size"], 1000);
+    assert!(v["entropy"]["rate_limiter"].is_object(), "{v}");
     assert_eq!(v["logger"]["level"], "Debug");
     assert_eq!(v["metrics"]["metrics_path"], "/tmp/metrics");
 

@@ -607,7 +607,8 @@ fn config_from_flags(cli: &Cli, kernel: PathBuf, paths: PathPolicy) -> Result<Vm
             .map_err(|e| format!("--net tap={}: {e}", n.tap))?;
     }
     if cli.rng {
-        cfg.set_entropy(&EntropyDevice::default());
+        cfg.set_entropy(&EntropyDevice::default())
+            .map_err(|e| format!("--rng: {e}"))?;
     }
     if let Some(v) = &cli.vsock {
         cfg.set_vsock(&Vsock {

@@ -1,0 +1,239 @@
+//! Issue 16 item 1: no setting is accepted and ignored. Until cinder enforces a rate limiter,
+//! `io_engine: "Async"`, `cache_type: "Unsafe"` or `huge_pages: "2M"`, each is refused with 400
+//! naming its field by the API, and with the same one-line message (exit 1) by the config file
+//! (the command line has no flag for them). One test per field. A limiter that limits nothing
+//! (`{}`, a bucket of size 0 or refill time 0) and the values cinder implements are taken.
+//!
+//! No KVM needed: an accepted configuration is shown by cinder getting as far as opening a KVM
+//! device that does not exist (as in `config_parity.rs`).
+
+use cinder_tests::cinder::{cinder, start_api};
+use cinder_tests::http::request;
+use cinder_tests::probe;
+use cinder_tests::tmp::TempDir as Scratch;
+
+const NO_KVM: &str = "/nonexistent/kvm";
+const BUCKET: &str = r#"{"size": 1000, "refill_time": 100}"#;
+
+/// One setting given through the config file and the API.
+struct Case {
+    /// Config-file members besides `boot-source`.
+    file: String,
+    /// API requests (method, path, body) in order; the last one is judged.
+    api: Vec<(&'static str, String, String)>,
+}
+
+fn kernel() -> String {
+    probe::elf_path().display().to_string()
+}
+
+fn run_file(d: &Scratch, c: &Case) -> std::process::Output {
+    let json = format!(
+        r#"{{"boot-source": {{"kernel_image_path": "{}"}}, {}}}"#,
+        kernel(),
+        c.file
+    );
+    let f = d.join("vm.json");
+    std::fs::write(&f, json).expect("write config file");
+    cinder()
+        .arg("--config-file")
+        .arg(&f)
+        .args(["--kvm-device", NO_KVM])
+        .output()
+        .expect("run cinder")
+}
+
+fn run_api(d: &Scratch, c: &Case) -> (u16, String) {
+    let sock = d.join("api.sock");
+    let _s = start_api(&sock, &["--kvm-device", NO_KVM]);
+    let mut last = None;
+    for (method, path, body) in &c.api {
+        last = Some(request(&sock, method, path, Some(body)));
+    }
+    let r = last.expect("at least one request");
+    let fault = if r.status == 204 {
+        String::new()
+    } else {
+        r.json()["fault_message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    (r.status, fault)
+}
+
+/// The API answers 400 with `msg` in its fault message, the config file exits 1 with `msg` on
+/// one line, before cinder goes on to open KVM.
+fn refused(c: &Case, msg: &str) {
+    let d = Scratch::new("rl-refused");
+    let (status, fault) = run_api(&d, c);
+    assert_eq!(status, 400, "API took {:?}", c.api);
+    assert!(fault.contains(msg), "API fault {fault:?} lacks {msg:?}");
+    let out = run_file(&d, c);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "config file: {err}");
+    assert_eq!(
+        err.trim().lines().count(),
+        1,
+        "config file, one line: {err}"
+    );
+    assert!(err.contains(msg), "config file: {err:?} lacks {msg:?}");
+    assert!(
+        !err.contains(NO_KVM),
+        "config file got past the check: {err}"
+    );
+}
+
+/// The API answers 204 and the config file gets as far as the (missing) KVM device.
+fn accepted(c: &Case) {
+    accepted_until(c, NO_KVM)
+}
+
+/// As [`accepted`], where the config file stops at `later`, a host error that comes after the
+/// configuration (a missing TAP).
+fn accepted_until(c: &Case, later: &str) {
+    let d = Scratch::new("rl-accepted");
+    let (status, fault) = run_api(&d, c);
+    assert_eq!(status, 204, "API refused {:?}: {fault}", c.api);
+    let out = run_file(&d, c);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(later), "config file refused it: {err}");
+}
+
+fn drive(d: &Scratch, extra: &str) -> Case {
+    let img = d.join("disk.img");
+    std::fs::write(&img, vec![0u8; 4096]).expect("image");
+    let body = format!(
+        r#"{{"drive_id": "d1", "path_on_host": "{}", "is_root_device": false, {extra}}}"#,
+        img.display()
+    );
+    Case {
+        file: format!(r#""drives": [{body}]"#),
+        api: vec![("PUT", "/drives/d1".into(), body)],
+    }
+}
+
+fn iface(extra: &str) -> Case {
+    // The TAP is never opened: the API stores it before boot, the file stops at KVM first.
+    let body = format!(r#"{{"iface_id": "n1", "host_dev_name": "rltap0", {extra}}}"#);
+    Case {
+        file: format!(r#""network-interfaces": [{body}]"#),
+        api: vec![("PUT", "/network-interfaces/n1".into(), body)],
+    }
+}
+
+fn entropy(body: &str) -> Case {
+    Case {
+        file: format!(r#""entropy": {body}"#),
+        api: vec![("PUT", "/entropy".into(), body.into())],
+    }
+}
+
+#[test]
+fn drive_rate_limiter_is_refused_naming_it() {
+    let d = Scratch::new("rl-drive");
+    let msg = "drives[d1].rate_limiter: a rate limiter is not implemented by cinder yet";
+    refused(
+        &drive(&d, &format!(r#""rate_limiter": {{"bandwidth": {BUCKET}}}"#)),
+        msg,
+    );
+    refused(
+        &drive(&d, &format!(r#""rate_limiter": {{"ops": {BUCKET}}}"#)),
+        msg,
+    );
+}
+
+#[test]
+fn drive_io_engine_async_is_refused_naming_it() {
+    let d = Scratch::new("rl-engine");
+    refused(
+        &drive(&d, r#""io_engine": "Async""#),
+        r#"drives[d1].io_engine: "Async" (io_uring) is not implemented by cinder yet"#,
+    );
+}
+
+#[test]
+fn drive_cache_type_unsafe_is_refused_naming_it() {
+    let d = Scratch::new("rl-cache");
+    refused(
+        &drive(&d, r#""cache_type": "Unsafe""#),
+        r#"drives[d1].cache_type: "Unsafe" (FLUSH as a no-op) is not implemented by cinder yet"#,
+    );
+}
+
+#[test]
+fn net_rx_rate_limiter_is_refused_naming_it() {
+    refused(
+        &iface(&format!(r#""rx_rate_limiter": {{"ops": {BUCKET}}}"#)),
+        "network-interfaces[n1].rx_rate_limiter: a rate limiter is not implemented by cinder yet",
+    );
+}
+
+#[test]
+fn net_tx_rate_limiter_is_refused_naming_it() {
+    refused(
+        &iface(&format!(r#""tx_rate_limiter": {{"bandwidth": {BUCKET}}}"#)),
+        "network-interfaces[n1].tx_rate_limiter: a rate limiter is not implemented by cinder yet",
+    );
+}
+
+#[test]
+fn entropy_rate_limiter_is_refused_naming_it() {
+    refused(
+        &entropy(&format!(r#"{{"rate_limiter": {{"bandwidth": {BUCKET}}}}}"#)),
+        "entropy.rate_limiter: a rate limiter is not implemented by cinder yet",
+    );
+}
+
+#[test]
+fn huge_pages_2m_is_refused_naming_it() {
+    let msg = r#"machine-config.huge_pages: "2M" (hugetlbfs-backed guest memory) is not implemented by cinder yet"#;
+    let body = r#"{"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "2M"}"#;
+    refused(
+        &Case {
+            file: format!(r#""machine-config": {body}"#),
+            api: vec![("PUT", "/machine-config".into(), body.into())],
+        },
+        msg,
+    );
+    // PATCH /machine-config takes the same rule.
+    let d = Scratch::new("rl-huge-patch");
+    let (status, fault) = run_api(
+        &d,
+        &Case {
+            file: String::new(),
+            api: vec![(
+                "PATCH",
+                "/machine-config".into(),
+                r#"{"huge_pages": "2M"}"#.into(),
+            )],
+        },
+    );
+    assert_eq!(status, 400, "PATCH took huge_pages 2M");
+    assert!(fault.contains(msg), "PATCH fault {fault:?} lacks {msg:?}");
+}
+
+/// What cinder implements, and limiters that limit nothing, are still taken: the refusals
+/// above are of the setting, not of the keys.
+#[test]
+fn implemented_and_neutral_settings_are_accepted() {
+    let d = Scratch::new("rl-ok");
+    accepted(&drive(
+        &d,
+        r#""cache_type": "Writeback", "io_engine": "Sync", "rate_limiter": {}"#,
+    ));
+    accepted(&drive(
+        &d,
+        r#""rate_limiter": {"bandwidth": {"size": 0, "refill_time": 100}, "ops": {"size": 5, "refill_time": 0}}"#,
+    ));
+    accepted_until(
+        &iface(r#""rx_rate_limiter": {}, "tx_rate_limiter": {}"#),
+        "tap rltap0 does not exist",
+    );
+    accepted(&entropy(r#"{"rate_limiter": {}}"#));
+    let body = r#"{"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "None"}"#;
+    accepted(&Case {
+        file: format!(r#""machine-config": {body}"#),
+        api: vec![("PUT", "/machine-config".into(), body.into())],
+    });
+}
