@@ -75,6 +75,9 @@ pub enum ConfigError {
         /// What to give instead.
         instead: &'static str,
     },
+    /// A token bucket's refill time beyond the limiter's range.
+    #[error("{0}: refill_time must be at most 18446744073709 ms")]
+    RefillTime(String),
     /// A required path is empty.
     #[error("{0}: must not be empty")]
     EmptyPath(String),
@@ -407,6 +410,16 @@ fn no_rate_limiter(key: String, r: &Option<RateLimiter>) -> Result<(), ConfigErr
             "a rate limiter",
             "leave it out: cinder's devices do not enforce one",
         )),
+        _ => Ok(()),
+    }
+}
+
+/// Refuses a bucket whose refill time is beyond what the limiter's arithmetic takes
+/// (`devices::rate_limiter::TokenBucket::new`: at most u64::MAX / 10^6 ms, half a million years).
+fn check_rate_limiter(key: String, r: &Option<RateLimiter>) -> Result<(), ConfigError> {
+    let bad = |b: &Option<TokenBucket>| b.is_some_and(|b| b.refill_time > u64::MAX / 1_000_000);
+    match r {
+        Some(r) if bad(&r.bandwidth) || bad(&r.ops) => Err(ConfigError::RefillTime(key)),
         _ => Ok(()),
     }
 }
@@ -842,7 +855,8 @@ impl VmConfig {
 
     /// Enables the entropy device (`PUT /entropy`).
     pub fn set_entropy(&mut self, e: &EntropyDevice) -> Result<(), ConfigError> {
-        no_rate_limiter("entropy.rate_limiter".into(), &e.rate_limiter)?;
+        // The rate limiter is enforced by the device (devices::rate_limiter).
+        check_rate_limiter("entropy.rate_limiter".into(), &e.rate_limiter)?;
         self.entropy = Some(EntropyConfig {
             rate_limiter: e.rate_limiter,
         });

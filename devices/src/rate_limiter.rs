@@ -149,6 +149,11 @@ pub struct RateLimiter {
 /// One bucket's configuration: (size, one_time_burst, refill_time ms).
 pub type BucketConfig = (u64, u64, u64);
 
+/// A bucket's configuration from the API's fields (`one_time_burst` absent is 0).
+pub fn bucket(size: u64, one_time_burst: Option<u64>, refill_time: u64) -> BucketConfig {
+    (size, one_time_burst.unwrap_or(0), refill_time)
+}
+
 impl RateLimiter {
     /// A limiter from the two buckets' configurations; both `None` (or disabled) limits
     /// nothing.

@@ -1,4 +1,5 @@
-//! Issue 16 item 1: no setting is accepted and ignored. Until cinder enforces a rate limiter,
+//! Issue 16 item 1: no setting is accepted and ignored. Until cinder enforces a rate limiter (the
+//! entropy device does: its tests below),
 //! `io_engine: "Async"`, `cache_type: "Unsafe"` or `huge_pages: "2M"`, each is refused with 400
 //! naming its field by the API, and with the same one-line message (exit 1) by the config file
 //! (the command line has no flag for them). One test per field. A limiter that limits nothing
@@ -7,9 +8,12 @@
 //! No KVM needed: an accepted configuration is shown by cinder getting as far as opening a KVM
 //! device that does not exist (as in `config_parity.rs`).
 
-use cinder_tests::cinder::{cinder, start_api};
+use std::time::Duration;
+
+use cinder_tests::cinder::{cinder, require_kvm, start_api};
 use cinder_tests::http::request;
-use cinder_tests::probe;
+use cinder_tests::probe::{self, Status};
+use cinder_tests::runner::run;
 use cinder_tests::tmp::TempDir as Scratch;
 
 const NO_KVM: &str = "/nonexistent/kvm";
@@ -177,12 +181,17 @@ fn net_tx_rate_limiter_is_refused_naming_it() {
     );
 }
 
+/// The entropy device enforces its limiter (the `rng_*_under_cinder` tests below); a refill
+/// time beyond the limiter's arithmetic is refused naming the field.
 #[test]
-fn entropy_rate_limiter_is_refused_naming_it() {
+fn entropy_rate_limiter_out_of_range_is_refused_naming_it() {
     refused(
-        &entropy(&format!(r#"{{"rate_limiter": {{"bandwidth": {BUCKET}}}}}"#)),
-        "entropy.rate_limiter: a rate limiter is not implemented by cinder yet",
+        &entropy(r#"{"rate_limiter": {"ops": {"size": 1, "refill_time": 18446744073710}}}"#),
+        "entropy.rate_limiter: refill_time must be at most 18446744073709 ms",
     );
+    accepted(&entropy(&format!(
+        r#"{{"rate_limiter": {{"bandwidth": {BUCKET}}}}}"#
+    )));
 }
 
 #[test]
@@ -236,4 +245,139 @@ fn implemented_and_neutral_settings_are_accepted() {
         file: format!(r#""machine-config": {body}"#),
         api: vec![("PUT", "/machine-config".into(), body.into())],
     });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Enforcement, measured by the probe guest (`probe.run=rngbench`, timed with its TSC).
+
+/// Boots the probe with a virtio-rng whose `rate_limiter` is `limiter` (JSON) and runs
+/// `rngbench` with `args`; returns its `PROBE rngbench` line, which must be `ok` (no request
+/// lost, foreign or completed twice).
+fn rngbench_under_cinder(limiter: &str, args: &str) -> probe::Check {
+    require_kvm();
+    let d = Scratch::new("rl-rngbench");
+    let json = format!(
+        r#"{{"boot-source": {{"kernel_image_path": "{}", "boot_args": "probe.run=rngbench {args}"}},
+            "entropy": {{"rate_limiter": {limiter}}}}}"#,
+        kernel()
+    );
+    let f = d.join("vm.json");
+    std::fs::write(&f, json).expect("write config file");
+    let mut c = cinder();
+    c.arg("--config-file").arg(&f);
+    let r = run(c, Duration::from_secs(120), |_| false);
+    let log = probe::parse(&r.stdout);
+    assert!(!r.timed_out, "timed out\n{}", r.log());
+    let check = log
+        .check("rngbench")
+        .unwrap_or_else(|| panic!("no rngbench line\n{}", r.log()))
+        .clone();
+    assert_eq!(check.status, Status::Ok, "{}\n{}", check.details, r.log());
+    eprintln!("rngbench {limiter}: {}", check.details);
+    check
+}
+
+fn num(c: &probe::Check, key: &str) -> u64 {
+    c.num(key)
+        .unwrap_or_else(|| panic!("no {key} in {}", c.details))
+}
+
+/// Per second, over the probe's TSC-timed run.
+fn per_second(c: &probe::Check, key: &str) -> f64 {
+    num(c, key) as f64 * 1e6 / num(c, "us").max(1) as f64
+}
+
+/// A bandwidth limit of B bytes/s holds the guest to at most 1.2 B over 3 s (and it is not
+/// stalled: at least B/2). The bucket is a tenth of a second's worth, so its initial fill adds
+/// 3 %.
+#[test]
+fn rng_bandwidth_limit_holds_under_cinder() {
+    const B: u64 = 256 * 1024;
+    let c = rngbench_under_cinder(
+        &format!(
+            r#"{{"bandwidth": {{"size": {}, "refill_time": 100}}}}"#,
+            B / 10
+        ),
+        "probe.bench_ms=3000 probe.rng_req=4096",
+    );
+    let rate = per_second(&c, "bytes");
+    assert!(
+        rate <= 1.2 * B as f64,
+        "{rate:.0} B/s over a limit of {B} B/s: {}",
+        c.details
+    );
+    assert!(
+        rate >= 0.5 * B as f64,
+        "{rate:.0} B/s: stalled? {}",
+        c.details
+    );
+}
+
+/// An ops limit of K requests/s holds the guest to at most 1.2 K over 3 s.
+#[test]
+fn rng_ops_limit_holds_under_cinder() {
+    const K: u64 = 100;
+    let c = rngbench_under_cinder(
+        &format!(r#"{{"ops": {{"size": {}, "refill_time": 100}}}}"#, K / 10),
+        "probe.bench_ms=3000 probe.rng_req=16",
+    );
+    let rate = per_second(&c, "ops");
+    assert!(
+        rate <= 1.2 * K as f64,
+        "{rate:.1} ops/s over a limit of {K}: {}",
+        c.details
+    );
+    assert!(
+        rate >= 0.5 * K as f64,
+        "{rate:.1} ops/s: stalled? {}",
+        c.details
+    );
+}
+
+/// A one-time burst passes first at full speed (within the first 200 ms, where the rate alone
+/// would give 51 KiB), and then the rate holds: at most burst + 1.2 B over 3 s.
+#[test]
+fn rng_one_time_burst_passes_first_under_cinder() {
+    const B: u64 = 256 * 1024;
+    const BURST: u64 = 1024 * 1024;
+    let c = rngbench_under_cinder(
+        &format!(
+            r#"{{"bandwidth": {{"size": {}, "one_time_burst": {BURST}, "refill_time": 100}}}}"#,
+            B / 10
+        ),
+        "probe.bench_ms=3000 probe.rng_req=4096 probe.rng_early_ms=200",
+    );
+    let early = num(&c, "early_bytes");
+    assert!(
+        early >= BURST,
+        "only {early} bytes in the first 200 ms, burst {BURST}: {}",
+        c.details
+    );
+    let secs = num(&c, "us") as f64 / 1e6;
+    let bytes = num(&c, "bytes") as f64;
+    assert!(
+        bytes <= BURST as f64 + 1.2 * B as f64 * secs,
+        "{bytes} bytes in {secs:.2} s: {}",
+        c.details
+    );
+}
+
+/// For comparison, and to show the limits above are below what the device does unlimited:
+/// without a limiter the same run goes well past 1.2 B (else the tests above prove nothing).
+#[test]
+fn rng_unlimited_is_faster_than_the_limits_under_cinder() {
+    let c = rngbench_under_cinder("{}", "probe.bench_ms=1000 probe.rng_req=4096");
+    let rate = per_second(&c, "bytes");
+    assert!(
+        rate > 2.0 * 256.0 * 1024.0,
+        "unlimited only {rate:.0} B/s: {}",
+        c.details
+    );
+    let c = rngbench_under_cinder("{}", "probe.bench_ms=1000 probe.rng_req=16");
+    let rate = per_second(&c, "ops");
+    assert!(
+        rate > 2.0 * 100.0,
+        "unlimited only {rate:.1} ops/s: {}",
+        c.details
+    );
 }

@@ -18,6 +18,7 @@ use arch::mptable::{setup_mptable, MAX_CPUS};
 use arch::GuestMemoryMmap;
 use devices::i8042::I8042;
 use devices::legacy::{self, SerialDevice};
+use devices::rate_limiter::{bucket, RateLimiter, RateLimiterError};
 use devices::virtio::block::{Block, BlockConfig, IoGate, StartHook};
 use devices::virtio::console::{Console as VirtioConsole, ConsoleInput as VirtioConsoleInput};
 use devices::virtio::net::{generate_mac, Net, NetConfig, DEFAULT_MTU};
@@ -233,8 +234,12 @@ impl<'a> VmBuilder<'a> {
             open.virtio
                 .push((format!("network interface {}", n.iface_id), dev));
         }
-        if self.cfg.entropy.is_some() {
-            let dev = Arc::new(Mutex::new(Rng::new().map_err(VmError::Rng)?));
+        if let Some(e) = &self.cfg.entropy {
+            let limiter =
+                rate_limiter(e.rate_limiter.as_ref()).map_err(|e| VmError::Rng(e.into()))?;
+            let dev = Arc::new(Mutex::new(
+                Rng::with_rate_limiter(limiter).map_err(VmError::Rng)?,
+            ));
             open.virtio.push(("rng".into(), dev));
         }
         if let ConsoleSpec::Virtio(host) = &self.opts.console {
@@ -665,6 +670,19 @@ fn efd() -> Result<Arc<EventFd>, VmError> {
     EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
         .map(Arc::new)
         .map_err(os("eventfd"))
+}
+
+/// The device-side limiter of an API `rate_limiter` (`None`: no limiter).
+pub(crate) fn rate_limiter(
+    r: Option<&api::model::RateLimiter>,
+) -> Result<Option<RateLimiter>, RateLimiterError> {
+    let Some(r) = r else {
+        return Ok(None);
+    };
+    let b = |t: &Option<api::model::TokenBucket>| {
+        t.map(|t| bucket(t.size, t.one_time_burst, t.refill_time))
+    };
+    RateLimiter::new(b(&r.bandwidth), b(&r.ops)).map(Some)
 }
 
 #[cfg(test)]

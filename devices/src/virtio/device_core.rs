@@ -91,6 +91,17 @@ impl ActiveState {
         index: usize,
         mut handle: impl FnMut(DescriptorChain<&GuestMemoryMmap>, &GuestMemoryMmap) -> u32,
     ) -> bool {
+        self.drain_queue_until(index, |chain, mem| Some(handle(chain, mem)))
+    }
+
+    /// As [`ActiveState::drain_queue`], where `handle` may also refuse a chain (`None`: a rate
+    /// limiter is out of tokens): the chain goes back to the avail ring untouched, to be popped
+    /// again on a later call (the limiter's timer), and this call stops.
+    pub(crate) fn drain_queue_until(
+        &mut self,
+        index: usize,
+        mut handle: impl FnMut(DescriptorChain<&GuestMemoryMmap>, &GuestMemoryMmap) -> Option<u32>,
+    ) -> bool {
         let name = self.name;
         let mem = &self.mem;
         let Some(queue) = self.queues.get_mut(index) else {
@@ -133,7 +144,10 @@ impl ActiveState {
                     break;
                 };
                 let head = chain.head_index();
-                let len = handle(chain, mem);
+                let Some(len) = handle(chain, mem) else {
+                    queue.go_to_previous_position();
+                    break 'outer;
+                };
                 if let Err(e) = queue.add_used(mem, head, len) {
                     warn_ratelimited!("{name}: queue {index}: cannot add used entry: {e}");
                 }

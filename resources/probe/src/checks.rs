@@ -38,6 +38,7 @@ const CHECKS: &[(&str, CheckFn)] = &[
     ("tick", check_tick),
     ("virtio", check_virtio),
     ("rng", crate::virtio_rng::check_rng),
+    ("rngbench", crate::virtio_rng::check_rngbench),
     ("console", crate::virtio_console::check),
     ("blk", crate::virtio_blk::check_blk),
     ("blkhostile", crate::virtio_blk_hostile::check_blkhostile),

@@ -149,3 +149,97 @@ pub fn check_rng(d: &mut crate::checks::Details) -> crate::checks::Status {
     hex(d, 1);
     status
 }
+
+/// `rngbench`: what the first virtio-rng device lets through, timed with the TSC (for its
+/// rate limiter). For `probe.bench_ms` (default 3000) it keeps one request of `probe.rng_req`
+/// bytes (default 4096, 1..=4096) in flight, waiting up to 5 s for each (a throttled device
+/// must resume, never drop one). Every completion must be the chain just submitted, with at
+/// most its length. Prints `bytes ops us` (totals, TSC time from the first submission to the
+/// last completion), `early_bytes` (completed within the first `probe.rng_early_ms`, default
+/// 200), `req` and `tsc_khz`. FAILs on a lost, foreign or over-long completion.
+pub fn check_rngbench(d: &mut crate::checks::Details) -> crate::checks::Status {
+    use crate::checks::{key_num, Status};
+    use crate::cpu::rdtsc;
+    use core::fmt::Write;
+    let args = (|| {
+        Ok::<_, &'static str>((
+            key_num(b"probe.bench_ms", 3000, 1, 600_000)?,
+            key_num(b"probe.rng_req", CHECK_BYTES as u64, 1, CHECK_BYTES as u64)?,
+            key_num(b"probe.rng_early_ms", 200, 1, 600_000)?,
+        ))
+    })();
+    let (ms, req, early_ms) = match args {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = write!(d, "probe.bench_ms/rng_req/rng_early_ms: {e}");
+            return Status::Fail;
+        }
+    };
+    let dev = crate::virtio::devices(crate::bootinfo::get().cmdline())
+        .flatten()
+        .filter(|t| t.dev.addr.saturating_add(0x200) <= crate::paging::mapped_limit())
+        .find(|t| t.magic() == crate::virtio::MAGIC && t.version() == 2 && t.device_id() == 4);
+    let Some(t) = dev else {
+        let _ = d.write_str("no version-2 virtio-rng device on the command line");
+        return Status::Skip;
+    };
+    let khz = time::khz();
+    let mut bytes = 0u64;
+    let mut ops = 0u64;
+    let mut early_bytes = 0u64;
+    let mut t_end = 0u64;
+    let t0 = rdtsc();
+    let end = t0 + time::us_to_tsc(ms * 1000);
+    let early_end = t0 + time::us_to_tsc(early_ms * 1000);
+    let res = (|| {
+        t.init(0)?;
+        let mut q = t.setup_queue(0, 8)?;
+        t.driver_ok();
+        while rdtsc() < end {
+            q.submit(&[Buf {
+                addr: buf_addr(0),
+                len: req as u32,
+                write: true,
+            }])?;
+            let dl = time::deadline(5_000_000);
+            let (id, len) = loop {
+                if let Some(c) = q.poll() {
+                    break c;
+                }
+                if time::passed(dl) {
+                    return Err("request lost: no used-ring entry within 5 s");
+                }
+                core::hint::spin_loop();
+            };
+            if id != 0 {
+                return Err("completion of a chain not submitted");
+            }
+            if u64::from(len) > req {
+                return Err("device reported more bytes than the buffer holds");
+            }
+            if q.poll().is_some() {
+                return Err("a request completed twice");
+            }
+            t_end = rdtsc();
+            bytes += u64::from(len);
+            ops += 1;
+            if t_end <= early_end {
+                early_bytes += u64::from(len);
+            }
+        }
+        Ok::<_, &'static str>(())
+    })();
+    t.write(crate::virtio::reg::STATUS, 0);
+    let us = time::tsc_to_us(t_end.saturating_sub(t0));
+    let _ = write!(
+        d,
+        "bytes={bytes} ops={ops} us={us} early_bytes={early_bytes} req={req} bench_ms={ms} tsc_khz={khz}"
+    );
+    match res {
+        Ok(()) => Status::Ok,
+        Err(e) => {
+            let _ = write!(d, " error=\"{e}\"");
+            Status::Fail
+        }
+    }
+}

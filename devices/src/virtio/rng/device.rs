@@ -6,8 +6,10 @@ use std::ops::Deref;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestMemory, GuestMemoryError, Permissions};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::{RngError, MAX_BYTES_PER_REQUEST, QUEUE_SIZE};
+use crate::rate_limiter::{Cost, RateLimiter};
 use crate::virtio::device_core::{CoreDevice, DeviceCore};
 use crate::virtio::log_limit::warn_ratelimited;
 use crate::virtio::{device_type, COMMON_FEATURES};
@@ -113,22 +115,59 @@ where
     Ok(written)
 }
 
+/// The bytes a request would be given: its writable lengths, at most
+/// [`MAX_BYTES_PER_REQUEST`] (what the rate limiter is charged before the chain is served).
+/// Bounded: the chain iterator stops after a queue's worth of descriptors.
+fn request_bytes<M>(chain: &DescriptorChain<M>) -> u64
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory,
+{
+    let total: u64 = chain
+        .clone()
+        .filter(|d| d.is_write_only())
+        .map(|d| u64::from(d.len()))
+        .sum();
+    total.min(u64::from(MAX_BYTES_PER_REQUEST))
+}
+
 /// A virtio-rng device with one request queue.
 #[derive(Debug)]
 pub struct Rng {
     pub(super) core: DeviceCore,
     /// Random bytes handed to the guest so far.
     bytes_served: u64,
+    /// The limiter of `PUT /entropy`'s `rate_limiter`, if any.
+    limiter: Option<RateLimiter>,
+    /// Armed while the limiter is out of tokens: the queue is left alone until it fires.
+    pub(super) timer: TimerFd,
+    /// The timer is armed.
+    pub(super) throttled: bool,
 }
 
 impl Rng {
     /// Build the device.
     pub fn new() -> Result<Self, RngError> {
+        Self::with_rate_limiter(None)
+    }
+
+    /// Build the device with a rate limiter: a request passes when the limiter has its bytes
+    /// (the chain's writable length, at most [`MAX_BYTES_PER_REQUEST`]) and one op; otherwise
+    /// the device stops taking requests and resumes from a timer, dropping none.
+    pub fn with_rate_limiter(limiter: Option<RateLimiter>) -> Result<Self, RngError> {
         Ok(Rng {
             core: DeviceCore::new("virtio-rng", COMMON_FEATURES, Vec::new(), &[QUEUE_SIZE])
                 .map_err(RngError::EventFd)?,
             bytes_served: 0,
+            limiter: limiter.filter(|l| !l.is_unlimited()),
+            timer: TimerFd::new().map_err(|e| RngError::TimerFd(e.into()))?,
+            throttled: false,
         })
+    }
+
+    /// Requests the rate limiter held back so far (each time the device stopped for tokens).
+    pub fn throttled_events(&self) -> u64 {
+        self.limiter.as_ref().map_or(0, RateLimiter::throttled)
     }
 
     /// Written once per activation; the event loop reacts by registering the queue event.
@@ -144,11 +183,27 @@ impl Rng {
     /// Complete every available request, then notify the guest if needed. A no-op when the
     /// device is not active.
     pub fn process_queue(&mut self) {
+        if self.throttled {
+            // The timer brings the loop back; until then kicks change nothing.
+            return;
+        }
         let Some(active) = self.core.active_mut() else {
             return;
         };
         let served = &mut self.bytes_served;
-        active.drain_queue(0, |chain, mem| {
+        let limiter = &mut self.limiter;
+        let mut wait = None;
+        active.drain_queue_until(0, |chain, mem| {
+            if let Some(l) = limiter.as_mut() {
+                let cost = Cost {
+                    bytes: request_bytes(&chain),
+                    ops: 1,
+                };
+                if let Err(w) = l.consume(cost) {
+                    wait = Some(w);
+                    return None;
+                }
+            }
             let len = match fill_chain(chain, mem) {
                 Ok(len) => len,
                 Err(e) => {
@@ -157,8 +212,24 @@ impl Rng {
                 }
             };
             *served = served.saturating_add(u64::from(len));
-            len
+            Some(len)
         });
+        if let Some(w) = wait {
+            match self.timer.reset(w, None) {
+                Ok(()) => self.throttled = true,
+                // Without a timer the next kick retries: late, never lost.
+                Err(e) => warn_ratelimited!("virtio-rng: cannot arm the rate limiter timer: {e}"),
+            }
+        }
+    }
+
+    /// The rate limiter's timer fired: take requests again.
+    pub(super) fn on_timer(&mut self) {
+        if let Err(e) = self.timer.wait() {
+            warn_ratelimited!("virtio-rng: cannot read the rate limiter timer: {e}");
+        }
+        self.throttled = false;
+        self.process_queue();
     }
 }
 

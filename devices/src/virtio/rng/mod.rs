@@ -28,4 +28,10 @@ pub enum RngError {
     /// Creating an event fd failed.
     #[error("cannot create an event fd for the virtio-rng device: {0}")]
     EventFd(io::Error),
+    /// The rate limiter's buckets are out of range.
+    #[error("entropy.rate_limiter: {0}")]
+    RateLimiter(#[from] crate::rate_limiter::RateLimiterError),
+    /// Creating the rate limiter's timer failed.
+    #[error("cannot create the virtio-rng rate limiter timer: {0}")]
+    TimerFd(io::Error),
 }
