@@ -628,7 +628,8 @@ impl VmConfig {
             .ok_or_else(|| ConfigError::DrivePathMissing(d.drive_id.clone()))?;
         let key = format!("drives[{}].path_on_host", d.drive_id);
         let path_on_host = non_empty(key.clone(), path)?;
-        no_rate_limiter(
+        // Enforced by the block device (devices::rate_limiter).
+        check_rate_limiter(
             format!("drives[{}].rate_limiter", d.drive_id),
             &d.rate_limiter,
         )?;
@@ -743,6 +744,10 @@ impl VmConfig {
             drive.path_on_host = path;
         }
         if p.rate_limiter.is_some() {
+            check_rate_limiter(
+                format!("drives[{}].rate_limiter", p.drive_id),
+                &p.rate_limiter,
+            )?;
             drive.rate_limiter = p.rate_limiter;
         }
         Ok(())

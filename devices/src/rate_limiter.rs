@@ -243,6 +243,11 @@ impl RateLimiter {
     pub fn throttled(&self) -> u64 {
         self.throttled
     }
+
+    /// Adds `n` to the throttle count (carried over from a replaced limiter).
+    pub fn add_throttled(&mut self, n: u64) {
+        self.throttled = self.throttled.saturating_add(n);
+    }
 }
 
 #[cfg(test)]

@@ -133,18 +133,22 @@ fn entropy(body: &str) -> Case {
     }
 }
 
+/// The block device enforces its limiter (the `blk_*_under_cinder` tests below); a refill
+/// time beyond the limiter's arithmetic is refused naming the field.
 #[test]
-fn drive_rate_limiter_is_refused_naming_it() {
+fn drive_rate_limiter_out_of_range_is_refused_naming_it() {
     let d = Scratch::new("rl-drive");
-    let msg = "drives[d1].rate_limiter: a rate limiter is not implemented by cinder yet";
     refused(
-        &drive(&d, &format!(r#""rate_limiter": {{"bandwidth": {BUCKET}}}"#)),
-        msg,
+        &drive(
+            &d,
+            r#""rate_limiter": {"bandwidth": {"size": 1, "refill_time": 18446744073710}}"#,
+        ),
+        "drives[d1].rate_limiter: refill_time must be at most 18446744073709 ms",
     );
-    refused(
-        &drive(&d, &format!(r#""rate_limiter": {{"ops": {BUCKET}}}"#)),
-        msg,
-    );
+    accepted(&drive(
+        &d,
+        &format!(r#""rate_limiter": {{"bandwidth": {BUCKET}, "ops": {BUCKET}}}"#),
+    ));
 }
 
 #[test]
@@ -380,4 +384,109 @@ fn rng_unlimited_is_faster_than_the_limits_under_cinder() {
         "unlimited only {rate:.1} ops/s: {}",
         c.details
     );
+}
+
+/// A scratch image for `blkbench` (it writes arbitrary data).
+fn scratch_image(d: &Scratch) -> String {
+    let img = d.join("bench.img");
+    let f = std::fs::File::create(&img).expect("create image");
+    f.set_len(64 << 20).expect("size image");
+    img.display().to_string()
+}
+
+/// A decimal `key=12.34` of a probe line.
+fn dec(c: &probe::Check, key: &str) -> f64 {
+    c.field(key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {}", c.details))
+}
+
+/// The rate of each `blkbench` phase, in requests per second (1 MiB requests in the
+/// sequential ones).
+fn phase_iops(c: &probe::Check) -> [(&'static str, f64); 6] {
+    [
+        ("qd1_randread", dec(c, "qd1_randread_iops")),
+        ("qd32_randread", dec(c, "qd32_randread_iops")),
+        ("qd1_randwrite", dec(c, "qd1_randwrite_iops")),
+        ("qd32_randwrite", dec(c, "qd32_randwrite_iops")),
+        ("seq_read", dec(c, "seq_read_mibs")),
+        ("seq_write", dec(c, "seq_write_mibs")),
+    ]
+}
+
+/// Boots the probe with one scratch drive limited by `limiter` (JSON) and runs `blkbench` with
+/// phases of `ms`; returns its line, which must be `ok` (every request completed once, within
+/// the probe's 5 s per request).
+fn blkbench_under_cinder(limiter: &str, ms: u64) -> probe::Check {
+    require_kvm();
+    let d = Scratch::new("rl-blkbench");
+    let img = scratch_image(&d);
+    let json = format!(
+        r#"{{"boot-source": {{"kernel_image_path": "{}", "boot_args": "probe.run=blkbench probe.bench_ms={ms}"}},
+            "drives": [{{"drive_id": "b0", "path_on_host": "{img}", "is_root_device": false,
+                         "rate_limiter": {limiter}}}]}}"#,
+        kernel()
+    );
+    let f = d.join("vm.json");
+    std::fs::write(&f, json).expect("write config file");
+    let mut c = cinder();
+    c.arg("--config-file").arg(&f);
+    let r = run(c, Duration::from_secs(180), |_| false);
+    let log = probe::parse(&r.stdout);
+    assert!(!r.timed_out, "timed out\n{}", r.log());
+    let check = log
+        .check("blkbench")
+        .unwrap_or_else(|| panic!("no blkbench line\n{}", r.log()))
+        .clone();
+    assert_eq!(check.status, Status::Ok, "{}\n{}", check.details, r.log());
+    eprintln!("blkbench {limiter}: {}", check.details);
+    check
+}
+
+/// An ops limit of K requests/s holds every blkbench phase (4 KiB random reads and writes at
+/// queue depth 1 and 32, 1 MiB sequential) to at most 1.2 K, and the deep random read is not
+/// stalled (at least K/2). The bucket is a tenth of a second's worth.
+#[test]
+fn blk_ops_limit_holds_under_cinder() {
+    const K: f64 = 200.0;
+    let c = blkbench_under_cinder(r#"{"ops": {"size": 20, "refill_time": 100}}"#, 1000);
+    for (phase, iops) in phase_iops(&c) {
+        assert!(
+            iops <= 1.2 * K,
+            "{phase}: {iops} requests/s over a limit of {K}: {}",
+            c.details
+        );
+    }
+    let qd32 = dec(&c, "qd32_randread_iops");
+    assert!(
+        qd32 >= 0.5 * K,
+        "qd32 randread {qd32}/s: stalled? {}",
+        c.details
+    );
+}
+
+/// A bandwidth limit of B bytes/s holds every blkbench phase to at most 1.2 B: 4 KiB random
+/// requests (iops x 4 KiB) and 1 MiB sequential ones (larger than the 0.4 MiB bucket: each
+/// passes on a full bucket and leaves debt).
+#[test]
+fn blk_bandwidth_limit_holds_under_cinder() {
+    const B: f64 = 4.0 * 1024.0 * 1024.0;
+    let c = blkbench_under_cinder(
+        r#"{"bandwidth": {"size": 419430, "refill_time": 100}}"#,
+        1000,
+    );
+    for (phase, rate) in phase_iops(&c) {
+        let bytes = if phase.starts_with("seq") {
+            rate * 1024.0 * 1024.0
+        } else {
+            rate * 4096.0
+        };
+        assert!(
+            bytes <= 1.2 * B,
+            "{phase}: {bytes:.0} B/s over a limit of {B} B/s: {}",
+            c.details
+        );
+    }
+    let seq = dec(&c, "seq_read_mibs");
+    assert!(seq >= 2.0, "seq read {seq} MiB/s: stalled? {}", c.details);
 }

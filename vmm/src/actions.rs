@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use api::adapter::{VmmAction, VmmError};
+use api::model::RateLimiter;
 use serde_json::Value;
 
 use devices::virtio::vsock::{VsockConfig, VsockListener};
@@ -30,6 +31,8 @@ pub trait MicroVm {
     fn send_ctrl_alt_del(&self) -> Result<(), CtrlAltDelError>;
     /// Switches drive `id` to the image at `path`.
     fn patch_drive(&self, id: &str, path: &Path) -> Result<(), PatchDriveError>;
+    /// Replaces drive `id`'s rate limiter.
+    fn patch_drive_limiter(&self, id: &str, limiter: &RateLimiter) -> Result<(), PatchDriveError>;
     /// Per-device metrics sections (cumulative counters), as JSON objects.
     fn device_metrics(&self) -> Vec<(String, Value)>;
 }
@@ -49,6 +52,10 @@ impl MicroVm for Vmm {
 
     fn patch_drive(&self, id: &str, path: &Path) -> Result<(), PatchDriveError> {
         Vmm::patch_drive(self, id, path)
+    }
+
+    fn patch_drive_limiter(&self, id: &str, limiter: &RateLimiter) -> Result<(), PatchDriveError> {
+        Vmm::patch_drive_limiter(self, id, limiter)
     }
 
     fn device_metrics(&self) -> Vec<(String, Value)> {
@@ -169,14 +176,20 @@ impl<V: MicroVm, D: Parkable> Executor<V, D> {
             }
             VmmAction::SendCtrlAltDel => self.running()?.vm.send_ctrl_alt_del().map_err(vm_error),
             VmmAction::PatchDrive(d) => {
-                if d.rate_limiter.is_some() {
-                    return Err(VmmError::NotSupported("rate limiters"));
-                }
-                let (Ok(m), Some(path)) = (self.running(), d.path_on_host.as_ref()) else {
+                let Ok(m) = self.running() else {
                     return Err(VmmError::NothingToChange);
                 };
-                m.vm.patch_drive(&d.drive_id, Path::new(path))
-                    .map_err(vm_error)
+                if d.path_on_host.is_none() && d.rate_limiter.is_none() {
+                    return Err(VmmError::NothingToChange);
+                }
+                if let Some(path) = &d.path_on_host {
+                    m.vm.patch_drive(&d.drive_id, Path::new(path))
+                        .map_err(vm_error)?;
+                }
+                if let Some(l) = &d.rate_limiter {
+                    m.vm.patch_drive_limiter(&d.drive_id, l).map_err(vm_error)?;
+                }
+                Ok(())
             }
             VmmAction::PatchNetworkInterface(_) => Err(VmmError::NotSupported("rate limiters")),
             VmmAction::ConfigureLogger(l) => {
@@ -248,7 +261,7 @@ mod tests {
     use std::rc::Rc;
 
     use api::adapter::action_response;
-    use api::model::{PartialDrive, PartialNetworkInterface, RateLimiter};
+    use api::model::{PartialDrive, PartialNetworkInterface};
     use devices::i8042::I8042Error;
 
     use super::*;
@@ -304,6 +317,17 @@ mod tests {
                     id: id.to_string(),
                     source: devices::virtio::block::BlockError::ImageNotFound(path.into()),
                 });
+            }
+            Ok(())
+        }
+        fn patch_drive_limiter(
+            &self,
+            id: &str,
+            _limiter: &RateLimiter,
+        ) -> Result<(), PatchDriveError> {
+            self.calls.borrow_mut().push("patch drive limiter");
+            if !self.drives.contains(&id) {
+                return Err(PatchDriveError::NotFound(id.to_string()));
             }
             Ok(())
         }
@@ -434,10 +458,13 @@ mod tests {
             path_on_host: Some("/".into()),
             rate_limiter: Some(RateLimiter::default()),
         });
+        assert_eq!(run(&mut x, limited, None), (204, None));
         assert_eq!(
-            run(&mut x, limited, None),
-            refused("PATCH /drives/d1: rate limiters are not supported by cinder yet")
+            *calls.borrow(),
+            vec!["patch drive", "patch drive limiter"],
+            "the image, then the limiter"
         );
+        calls.borrow_mut().clear();
         let iface = VmmAction::PatchNetworkInterface(PartialNetworkInterface {
             iface_id: "eth0".into(),
             ..Default::default()

@@ -212,6 +212,12 @@ impl<'a> VmBuilder<'a> {
                 id: d.drive_id.clone(),
                 source,
             })?;
+            blk.set_rate_limiter(rate_limiter(d.rate_limiter.as_ref()).map_err(|source| {
+                VmError::Drive {
+                    id: d.drive_id.clone(),
+                    source: source.into(),
+                }
+            })?);
             let dev = Arc::new(Mutex::new(blk));
             open.blocks.push((d.drive_id.clone(), dev.clone()));
             open.virtio.push((format!("drive {}", d.drive_id), dev));

@@ -62,6 +62,15 @@ pub enum PatchDriveError {
         #[source]
         source: BlockError,
     },
+    /// The new rate limiter is out of range.
+    #[error("drives[{id}].rate_limiter: {source}")]
+    RateLimiter {
+        /// The drive id.
+        id: String,
+        /// Why.
+        #[source]
+        source: devices::rate_limiter::RateLimiterError,
+    },
 }
 
 /// A built microVM: memory, KVM VM, devices and vCPUs.
@@ -192,6 +201,30 @@ impl Vmm {
                 source,
             })?;
         lock().announce_capacity(nsectors);
+        Ok(())
+    }
+
+    /// Replaces drive `id`'s rate limiter (its new buckets start full).
+    pub fn patch_drive_limiter(
+        &self,
+        id: &str,
+        limiter: &api::model::RateLimiter,
+    ) -> Result<(), PatchDriveError> {
+        let (_, dev) = self
+            .blocks
+            .iter()
+            .find(|(d, _)| d == id)
+            .ok_or_else(|| PatchDriveError::NotFound(id.to_string()))?;
+        let limiter = crate::builder::rate_limiter(Some(limiter)).map_err(|source| {
+            PatchDriveError::RateLimiter {
+                id: id.to_string(),
+                source,
+            }
+        })?;
+        match dev.lock() {
+            Ok(mut d) => d.set_rate_limiter(limiter),
+            Err(p) => p.into_inner().set_rate_limiter(limiter),
+        }
         Ok(())
     }
 

@@ -6,19 +6,21 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_queue::{QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::disk::DiskImage;
 use super::features::{
     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
     VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
-use super::request::{handle_chain_counted, parse_failed, BlockStats, Request};
+use super::request::{handle_chain_counted, parse_failed, BlockStats, Request, RequestType};
 use super::worker::{IoGate, Job, StartHook, Worker, WorkerParts};
 use super::{
     BlockError, DISCARD_SECTOR_ALIGNMENT, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG,
     MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, QUEUE_SIZE, SECTOR_SHIFT, SEG_MAX, SIZE_MAX,
     VIRTIO_BLK_ID_BYTES,
 };
+use crate::rate_limiter::{Cost, RateLimiter};
 use crate::virtio::device_core::{CoreDevice, DeviceCore, DRAIN_BUDGET};
 use crate::virtio::log_limit::warn_ratelimited;
 use crate::virtio::{device_type, COMMON_FEATURES};
@@ -96,6 +98,12 @@ pub struct Block {
     stalled: bool,
     /// Counts activations, so that completions of a request from before a reset are dropped.
     generation: u64,
+    /// The drive's `rate_limiter`, if any (set or replaced with [`Block::set_rate_limiter`]).
+    limiter: Option<RateLimiter>,
+    /// Armed while the limiter is out of tokens: the queue is left alone until it fires.
+    pub(super) timer: TimerFd,
+    /// The timer is armed.
+    throttled: bool,
     pub(super) core: DeviceCore,
 }
 
@@ -236,8 +244,46 @@ impl Block {
             in_flight: 0,
             stalled: false,
             generation: 0,
+            limiter: None,
+            timer: TimerFd::new().map_err(|e| BlockError::TimerFd(e.into()))?,
+            throttled: false,
             core,
         })
+    }
+
+    /// Sets or replaces the rate limiter (a `PATCH /drives/{id}` of a running VM: the new
+    /// buckets start full). With the I/O thread, each parsed request is charged its data bytes
+    /// and one op before it is served; out of tokens the device leaves the queue alone until
+    /// its timer fires, and drops nothing. (The inline path without an I/O thread, used by unit
+    /// tests and the fuzz harness, does not limit.) A replaced limiter keeps counting throttles.
+    pub fn set_rate_limiter(&mut self, limiter: Option<RateLimiter>) {
+        let throttled = self.throttled_events();
+        self.limiter = limiter.filter(|l| !l.is_unlimited());
+        if let Some(l) = &mut self.limiter {
+            l.add_throttled(throttled);
+        }
+        if self.throttled {
+            // Re-check at once under the new buckets.
+            if let Err(e) = self.timer.reset(std::time::Duration::from_nanos(1), None) {
+                warn_ratelimited!("virtio-blk: cannot arm the rate limiter timer: {e}");
+            }
+        }
+    }
+
+    /// Requests the rate limiter held back so far (each time the device stopped for tokens).
+    pub fn throttled_events(&self) -> u64 {
+        self.limiter.as_ref().map_or(0, RateLimiter::throttled)
+    }
+
+    /// The rate limiter's timer fired: take requests again.
+    pub(super) fn on_timer(&mut self) {
+        if let Err(e) = self.timer.wait() {
+            warn_ratelimited!("virtio-blk: cannot read the rate limiter timer: {e}");
+        }
+        self.throttled = false;
+        for index in 0..self.core.queue_max_sizes().len() {
+            self.process_queue(index);
+        }
     }
 
     /// Capacity in 512-byte sectors.
@@ -283,6 +329,10 @@ impl Block {
     /// as [`crate::virtio::device_core`] does; at the in-flight limit notifications stay off
     /// and completions resume the queue.
     fn submit_queue(&mut self, index: usize) {
+        if self.throttled {
+            // The timer brings the loop back; until then kicks change nothing.
+            return;
+        }
         let write_through = !self.core.acked(VIRTIO_BLK_F_FLUSH);
         let generation = self.generation;
         let Some(active) = self.core.active_mut() else {
@@ -299,6 +349,7 @@ impl Block {
         let mut stats = BlockStats::default();
         let (mut answered, mut self_kick, mut needs_reset) = (false, false, false);
         let mut budget = DRAIN_BUDGET;
+        let mut wait = None;
         self.stalled = false;
         'outer: loop {
             if let Err(e) = queue.disable_notification(&mem) {
@@ -329,6 +380,18 @@ impl Block {
                 let head = chain.head_index();
                 match Request::parse(chain, &mem) {
                     Ok(request) => {
+                        if let Some(l) = self.limiter.as_mut() {
+                            let bytes = match request.kind {
+                                RequestType::In | RequestType::Out => request.data_len,
+                                _ => 0,
+                            };
+                            if let Err(w) = l.consume(Cost { bytes, ops: 1 }) {
+                                // Back on the avail ring, parsed again when the timer fires.
+                                queue.go_to_previous_position();
+                                wait = Some(w);
+                                break 'outer;
+                            }
+                        }
                         // Nothing outstanding (so nothing is reordered) and the image free: a
                         // read served from the page cache completes here, without the two
                         // thread hand-overs.
@@ -365,6 +428,13 @@ impl Block {
                     warn_ratelimited!("virtio-blk: cannot enable notifications: {e}");
                     break;
                 }
+            }
+        }
+        if let Some(w) = wait {
+            match self.timer.reset(w, None) {
+                Ok(()) => self.throttled = true,
+                // Without a timer the next kick or completion retries: late, never lost.
+                Err(e) => warn_ratelimited!("virtio-blk: cannot arm the rate limiter timer: {e}"),
             }
         }
         if needs_reset {

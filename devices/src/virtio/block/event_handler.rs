@@ -17,6 +17,8 @@ use crate::virtio::VirtioDevice;
 
 /// Event data tag of the worker's completion EventFd (neither the activate tag nor a queue).
 const DONE_EVENT: u32 = 0x1000;
+/// Event data tag of the rate limiter's timer.
+const TIMER_EVENT: u32 = 0x1001;
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
@@ -25,6 +27,9 @@ impl MutEventSubscriber for Block {
             if let Err(e) = ops.add(Events::with_data(evt, DONE_EVENT, EventSet::IN)) {
                 log::error!("virtio-blk: cannot watch the I/O thread's completions: {e:?}");
             }
+        }
+        if let Err(e) = ops.add(Events::with_data(&self.timer, TIMER_EVENT, EventSet::IN)) {
+            log::error!("virtio-blk: cannot watch the rate limiter timer: {e:?}");
         }
     }
 
@@ -37,6 +42,7 @@ impl MutEventSubscriber for Block {
             }
             CoreEvent::Queue(index) => self.process_queue(index),
             CoreEvent::Other(DONE_EVENT) => self.complete(),
+            CoreEvent::Other(TIMER_EVENT) => self.on_timer(),
             CoreEvent::Other(source) => {
                 warn_ratelimited!("virtio-blk: event for unknown source {source}");
             }

@@ -141,4 +141,10 @@ pub enum BlockError {
     /// Creating an event fd failed.
     #[error("cannot create an event fd for the block device: {0}")]
     EventFd(io::Error),
+    /// The rate limiter's buckets are out of range.
+    #[error("rate_limiter: {0}")]
+    RateLimiter(#[from] crate::rate_limiter::RateLimiterError),
+    /// Creating the rate limiter's timer failed.
+    #[error("cannot create the block device's rate limiter timer: {0}")]
+    TimerFd(io::Error),
 }
