@@ -490,3 +490,63 @@ fn blk_bandwidth_limit_holds_under_cinder() {
     let seq = dec(&c, "seq_read_mibs");
     assert!(seq >= 2.0, "seq read {seq} MiB/s: stalled? {}", c.details);
 }
+
+/// `PATCH /drives/{id}` changes the limit of a running VM: the drive is configured at K1
+/// ops/s, the VM started, and the PATCH to K2 = 8 K1 lands before the probe (about a second
+/// to boot) starts measuring; every phase then runs well above 1.2 K1 and at most 1.2 K2.
+#[test]
+fn blk_patch_changes_the_rate_of_a_running_vm_under_cinder() {
+    require_kvm();
+    const K1: f64 = 50.0;
+    const K2: f64 = 400.0;
+    let d = Scratch::new("rl-blkpatch");
+    let img = scratch_image(&d);
+    let sock = d.join("api.sock");
+    let mut s = start_api(&sock, &[]);
+    let put = |path: &str, body: String| {
+        let r = request(&sock, "PUT", path, Some(&body));
+        assert_eq!(r.status, 204, "PUT {path}: {r:?}");
+    };
+    put(
+        "/boot-source",
+        format!(
+            r#"{{"kernel_image_path": "{}", "boot_args": "probe.run=blkbench probe.bench_ms=1000"}}"#,
+            kernel()
+        ),
+    );
+    put(
+        "/drives/b0",
+        format!(
+            r#"{{"drive_id": "b0", "path_on_host": "{img}", "is_root_device": false,
+                "rate_limiter": {{"ops": {{"size": 5, "refill_time": 100}}}}}}"#
+        ),
+    );
+    put("/actions", r#"{"action_type": "InstanceStart"}"#.into());
+    let r = request(
+        &sock,
+        "PATCH",
+        "/drives/b0",
+        Some(r#"{"drive_id": "b0", "rate_limiter": {"ops": {"size": 40, "refill_time": 100}}}"#),
+    );
+    assert_eq!(r.status, 204, "PATCH: {r:?}");
+    let (text, _) = s
+        .expect("PROBE DONE", Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let log = probe::parse(&text);
+    let c = log
+        .check("blkbench")
+        .unwrap_or_else(|| panic!("no blkbench line\n{}", s.log()))
+        .clone();
+    assert_eq!(c.status, Status::Ok, "{}\n{}", c.details, s.log());
+    eprintln!("blkbench patched {K1} -> {K2} ops/s: {}", c.details);
+    for (phase, iops) in phase_iops(&c) {
+        assert!(
+            iops > 2.0 * K1 && iops <= 1.2 * K2,
+            "{phase}: {iops} requests/s; limit patched from {K1} to {K2}: {}",
+            c.details
+        );
+    }
+    // The new limit is what GET /vm/config reports.
+    let v = request(&sock, "GET", "/vm/config", None).json();
+    assert_eq!(v["drives"][0]["rate_limiter"]["ops"]["size"], 40, "{v}");
+}
