@@ -418,14 +418,23 @@ fn phase_iops(c: &probe::Check) -> [(&'static str, f64); 6] {
 /// phases of `ms`; returns its line, which must be `ok` (every request completed once, within
 /// the probe's 5 s per request).
 fn blkbench_under_cinder(limiter: &str, ms: u64) -> probe::Check {
+    blkbench_with_metrics(limiter, ms).0
+}
+
+/// As [`blkbench_under_cinder`], and the drive's metrics as cinder wrote them at exit.
+fn blkbench_with_metrics(limiter: &str, ms: u64) -> (probe::Check, serde_json::Value) {
     require_kvm();
     let d = Scratch::new("rl-blkbench");
     let img = scratch_image(&d);
+    let metrics = d.join("metrics.json");
+    std::fs::write(&metrics, "").expect("create metrics file");
     let json = format!(
         r#"{{"boot-source": {{"kernel_image_path": "{}", "boot_args": "probe.run=blkbench probe.bench_ms={ms}"}},
             "drives": [{{"drive_id": "b0", "path_on_host": "{img}", "is_root_device": false,
-                         "rate_limiter": {limiter}}}]}}"#,
-        kernel()
+                         "rate_limiter": {limiter}}}],
+            "metrics": {{"metrics_path": "{}"}}}}"#,
+        kernel(),
+        metrics.display()
     );
     let f = d.join("vm.json");
     std::fs::write(&f, json).expect("write config file");
@@ -440,7 +449,11 @@ fn blkbench_under_cinder(limiter: &str, ms: u64) -> probe::Check {
         .clone();
     assert_eq!(check.status, Status::Ok, "{}\n{}", check.details, r.log());
     eprintln!("blkbench {limiter}: {}", check.details);
-    check
+    let text = std::fs::read_to_string(&metrics).expect("read metrics");
+    let last = text.lines().last().unwrap_or_default();
+    let v: serde_json::Value =
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("metrics line {last:?}: {e}"));
+    (check, v["block_b0"].clone())
 }
 
 /// An ops limit of K requests/s holds every blkbench phase (4 KiB random reads and writes at
@@ -449,7 +462,10 @@ fn blkbench_under_cinder(limiter: &str, ms: u64) -> probe::Check {
 #[test]
 fn blk_ops_limit_holds_under_cinder() {
     const K: f64 = 200.0;
-    let c = blkbench_under_cinder(r#"{"ops": {"size": 20, "refill_time": 100}}"#, 1000);
+    let (c, m) = blkbench_with_metrics(r#"{"ops": {"size": 20, "refill_time": 100}}"#, 1000);
+    // The metrics count the stops.
+    let throttled = m["rate_limiter_throttled"].as_u64().unwrap_or(0);
+    assert!(throttled > 0, "no throttled events in {m}");
     for (phase, iops) in phase_iops(&c) {
         assert!(
             iops <= 1.2 * K,

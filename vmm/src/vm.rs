@@ -242,8 +242,16 @@ impl Vmm {
         };
         let mut out = Vec::new();
         for (id, dev) in &self.blocks {
-            let s = lock(dev).stats();
-            out.push((format!("block_{id}"), section(serde_json::to_value(s))));
+            let dev = lock(dev);
+            let mut v = section(serde_json::to_value(dev.stats()));
+            if let Some(o) = v.as_object_mut() {
+                // Times the rate limiter stopped the queue for want of tokens.
+                o.insert(
+                    "rate_limiter_throttled".into(),
+                    dev.throttled_events().into(),
+                );
+            }
+            out.push((format!("block_{id}"), v));
         }
         for (id, dev) in &self.nets {
             let s = lock(dev).stats();
