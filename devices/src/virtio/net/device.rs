@@ -17,6 +17,7 @@ use std::sync::atomic::Ordering;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::features::*;
 use super::tap::{offload, NetBackend, Tap};
@@ -26,6 +27,7 @@ use super::{
     VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
     VIRTIO_NET_HDR_GSO_UDP, VIRTIO_NET_S_LINK_UP, VNET_HDR_LEN,
 };
+use crate::rate_limiter::{Cost, RateLimiter};
 use crate::virtio::device_core::{CoreDevice, DeviceCore};
 use crate::virtio::log_limit::warn_ratelimited;
 use crate::virtio::{device_type, COMMON_FEATURES};
@@ -72,6 +74,9 @@ pub enum RxState {
     BackendError,
     /// The device is not active: stop watching the backend.
     Inactive,
+    /// The RX rate limiter is out of tokens (a frame may be held): stop watching the backend
+    /// until the RX timer fires.
+    Throttled,
 }
 
 impl RxState {
@@ -93,6 +98,76 @@ pub struct Net {
     tx_buf: Vec<u8>,
     stats: NetStats,
     pub(super) backend_registered: bool,
+    /// Rate limiters of received and sent frames (bytes without the virtio-net header, and
+    /// frames), each with the timer armed while it is out of tokens.
+    pub(super) rx_limit: Limited,
+    pub(super) tx_limit: Limited,
+}
+
+/// One direction's rate limiter and its timer.
+#[derive(Debug)]
+pub(super) struct Limited {
+    limiter: Option<RateLimiter>,
+    pub(super) timer: TimerFd,
+    /// The timer is armed: the direction waits for it.
+    pub(super) throttled: bool,
+    /// RX: the held frame was already charged.
+    charged: bool,
+}
+
+impl Limited {
+    fn new() -> Result<Self, NetError> {
+        Ok(Limited {
+            limiter: None,
+            timer: TimerFd::new().map_err(|e| NetError::TimerFd(e.into()))?,
+            throttled: false,
+            charged: false,
+        })
+    }
+
+    /// Charges one frame of `bytes`; out of tokens, arms the timer and says so.
+    fn admit(&mut self, bytes: u64, what: &str) -> bool {
+        let Some(l) = self.limiter.as_mut() else {
+            return true;
+        };
+        match l.consume(Cost { bytes, ops: 1 }) {
+            Ok(()) => true,
+            Err(w) => {
+                match self.timer.reset(w, None) {
+                    Ok(()) => self.throttled = true,
+                    // Without a timer the next kick or TAP event retries: late, never lost.
+                    Err(e) => warn_ratelimited!("virtio-net: cannot arm the {what} timer: {e}"),
+                }
+                false
+            }
+        }
+    }
+
+    /// Replaces the limiter (new buckets start full); a waiting direction is re-checked at once.
+    fn set(&mut self, limiter: Option<RateLimiter>) {
+        let throttled = self.throttled_events();
+        self.limiter = limiter.filter(|l| !l.is_unlimited());
+        if let Some(l) = &mut self.limiter {
+            l.add_throttled(throttled);
+        }
+        if self.throttled {
+            if let Err(e) = self.timer.reset(std::time::Duration::from_nanos(1), None) {
+                warn_ratelimited!("virtio-net: cannot arm a rate limiter timer: {e}");
+            }
+        }
+    }
+
+    fn throttled_events(&self) -> u64 {
+        self.limiter.as_ref().map_or(0, RateLimiter::throttled)
+    }
+
+    /// The timer fired.
+    pub(super) fn fired(&mut self) {
+        if let Err(e) = self.timer.wait() {
+            warn_ratelimited!("virtio-net: cannot read a rate limiter timer: {e}");
+        }
+        self.throttled = false;
+    }
 }
 
 /// One receive chain, popped from the avail ring.
@@ -168,7 +243,36 @@ impl Net {
             tx_buf: vec![0; BUF_LEN],
             stats: NetStats::default(),
             backend_registered: false,
+            rx_limit: Limited::new()?,
+            tx_limit: Limited::new()?,
         })
+    }
+
+    /// Sets or replaces the receive and transmit rate limiters (a `PATCH
+    /// /network-interfaces/{id}` of a running VM; `None` leaves that one as it is). Each frame
+    /// is charged its bytes (without the virtio-net header) and one op: out of tokens, TX
+    /// leaves its chains on the avail ring and RX holds the frame it read and stops reading
+    /// the TAP (the kernel queues or drops there, as for a slow guest) until the direction's
+    /// timer fires.
+    pub fn set_rate_limiters(
+        &mut self,
+        rx: Option<Option<RateLimiter>>,
+        tx: Option<Option<RateLimiter>>,
+    ) {
+        if let Some(rx) = rx {
+            self.rx_limit.set(rx);
+        }
+        if let Some(tx) = tx {
+            self.tx_limit.set(tx);
+        }
+    }
+
+    /// Frames the (receive, transmit) rate limiters held back so far.
+    pub fn throttled_events(&self) -> (u64, u64) {
+        (
+            self.rx_limit.throttled_events(),
+            self.tx_limit.throttled_events(),
+        )
     }
 
     /// The guest's MAC address.
@@ -228,6 +332,7 @@ impl Net {
     /// On reset: a frame held for the old queues is dropped.
     fn drop_held_frame(&mut self) {
         self.rx_held = None;
+        self.rx_limit.charged = false;
     }
 
     /// Move frames from the backend into the guest until the backend is drained, the guest
@@ -244,6 +349,9 @@ impl Net {
         };
         if !queue.ready() {
             return RxState::Inactive;
+        }
+        if self.rx_limit.throttled {
+            return RxState::Throttled;
         }
         let mem = &active.mem;
         let mut used_any = false;
@@ -276,6 +384,14 @@ impl Net {
                 continue;
             }
             self.rx_held = Some(len);
+            if !self
+                .rx_limit
+                .admit((len - VNET_HDR_LEN) as u64, "RX rate limiter")
+            {
+                // Held: delivered (and charged again) when the timer fires.
+                state = RxState::Throttled;
+                break;
+            }
             let frame = &mut self.rx_buf[..len];
             if !guest_csum {
                 // Only meaningful to a driver that accepted VIRTIO_NET_F_GUEST_CSUM.
@@ -284,12 +400,14 @@ impl Net {
             match deliver(queue, mem, frame, mrg, &mut self.stats, &mut used_any) {
                 Delivery::Delivered => {
                     self.rx_held = None;
+                    self.rx_limit.charged = false;
                     self.stats.rx_frames += 1;
                     self.stats.rx_bytes += (len - VNET_HDR_LEN) as u64;
                     frames += 1;
                 }
                 Delivery::TooBig => {
                     self.rx_held = None;
+                    self.rx_limit.charged = false;
                     self.stats.rx_dropped += 1;
                     warn_ratelimited!(
                         "virtio-net: dropped a {}-byte frame: larger than the guest's receive buffers",
@@ -332,13 +450,22 @@ impl Net {
         let Some(active) = self.core.active_mut() else {
             return;
         };
+        if self.tx_limit.throttled {
+            // The timer brings the loop back; until then kicks change nothing.
+            return;
+        }
         let (tx_buf, backend, stats) = (&mut self.tx_buf, &mut self.backend, &mut self.stats);
-        active.drain_queue(TX_QUEUE, |chain, mem| {
+        let tx_limit = &mut self.tx_limit;
+        active.drain_queue_until(TX_QUEUE, |chain, mem| {
             let head = chain.head_index();
             match read_tx_chain(chain, mem, tx_buf)
                 .and_then(|len| check_tx_header(&tx_buf[..len], features).map(|_| len))
             {
                 Ok(len) => {
+                    if !tx_limit.admit((len - VNET_HDR_LEN) as u64, "TX rate limiter") {
+                        // Back on the avail ring: read again when the timer fires.
+                        return None;
+                    }
                     // num_buffers means nothing on TX.
                     tx_buf[10] = 0;
                     tx_buf[11] = 0;
@@ -358,7 +485,7 @@ impl Net {
                     warn_ratelimited!("virtio-net: TX chain {head} dropped: {reason}");
                 }
             }
-            0
+            Some(0)
         });
     }
 }

@@ -22,6 +22,9 @@ use crate::virtio::VirtioDevice;
 
 /// Event data tag of the backend (TAP) fd.
 const BACKEND_EVENT: u32 = u32::MAX - 1;
+/// Event data tags of the receive and transmit rate limiters' timers.
+const RX_TIMER_EVENT: u32 = u32::MAX - 2;
+const TX_TIMER_EVENT: u32 = u32::MAX - 3;
 
 impl Net {
     fn watch_backend(&mut self, ops: &mut EventOps, want: bool) {
@@ -58,6 +61,14 @@ impl Net {
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
         self.core.init_events(ops);
+        for (timer, tag) in [
+            (&self.rx_limit.timer, RX_TIMER_EVENT),
+            (&self.tx_limit.timer, TX_TIMER_EVENT),
+        ] {
+            if let Err(e) = ops.add(Events::with_data(timer, tag, EventSet::IN)) {
+                log::error!("virtio-net: cannot watch a rate limiter timer: {e:?}");
+            }
+        }
         if self.is_activated() {
             self.rx_pass(ops);
         }
@@ -73,6 +84,14 @@ impl MutEventSubscriber for Net {
             CoreEvent::Queue(TX_QUEUE) => self.process_tx(),
             CoreEvent::Queue(_) => {}
             CoreEvent::Other(BACKEND_EVENT) => self.rx_pass(ops),
+            CoreEvent::Other(RX_TIMER_EVENT) => {
+                self.rx_limit.fired();
+                self.rx_pass(ops);
+            }
+            CoreEvent::Other(TX_TIMER_EVENT) => {
+                self.tx_limit.fired();
+                self.process_tx();
+            }
             CoreEvent::Other(source) => {
                 warn_ratelimited!("virtio-net: event for unknown source {source}");
             }

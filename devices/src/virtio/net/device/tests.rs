@@ -771,3 +771,105 @@ fn tap_failure_lines_are_rate_limited() {
         "{lines} lines about one TAP failure (at most {most})"
     );
 }
+
+/// One frame per minute: the second waits for the limiter.
+fn one_frame_a_minute() -> Option<crate::rate_limiter::RateLimiter> {
+    Some(crate::rate_limiter::RateLimiter::new(None, Some((1, 0, 60_000))).unwrap())
+}
+
+/// Waits (bounded) for a limiter's timer to fire.
+fn wait_fired(t: &vmm_sys_util::timerfd::TimerFd) {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: t.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, for at most 2 s.
+    let n = unsafe { libc::poll(&mut p, 1, 2000) };
+    assert_eq!(n, 1, "the timer did not fire within 2 s");
+}
+
+/// Issue 16 item 1: out of TX tokens the device stops taking frames and leaves the rest on
+/// the avail ring (none dropped, none sent twice); a new limiter (PATCH) re-checks at once
+/// through the timer, and the frames follow in order.
+#[test]
+fn tx_rate_limiter_holds_frames_on_the_ring_and_resumes() {
+    let mut r = Rig::new(feat(&[]), false);
+    r.net.set_rate_limiters(None, Some(one_frame_a_minute()));
+    let frames: Vec<Vec<u8>> = (0..3).map(|i| packet([0; 12], 100, i)).collect();
+    for (i, f) in frames.iter().enumerate() {
+        r.mem
+            .write_slice(f, GuestAddress(0x10_0000 + 0x1000 * i as u64))
+            .unwrap();
+    }
+    let descs: Vec<_> = (0..3)
+        .map(|i| d(0x10_0000 + 0x1000 * i, 112, 0, 0))
+        .collect();
+    r.add(r.tx, &descs, 0);
+    r.net.process_tx();
+    assert_eq!(r.peer.recv().unwrap(), frames[0]);
+    assert!(
+        r.peer.recv().is_none(),
+        "the limiter let a second frame through"
+    );
+    assert_eq!(r.used(r.tx), vec![(0, 0)]);
+    assert!(r.net.tx_limit.throttled);
+    assert_eq!(r.net.throttled_events(), (0, 1));
+    // Kicks change nothing while throttled.
+    r.net.process_tx();
+    assert!(r.peer.recv().is_none());
+    // PATCH: no limit; the timer is re-armed to fire at once.
+    r.net.set_rate_limiters(None, Some(None));
+    wait_fired(&r.net.tx_limit.timer);
+    r.net.tx_limit.fired();
+    r.net.process_tx();
+    assert_eq!(r.peer.recv().unwrap(), frames[1]);
+    assert_eq!(r.peer.recv().unwrap(), frames[2]);
+    assert!(r.peer.recv().is_none());
+    assert_eq!(r.used(r.tx), vec![(0, 0), (1, 0), (2, 0)]);
+    assert_eq!(r.net.stats().tx_frames, 3);
+    assert_eq!(r.net.stats().tx_dropped, 0);
+}
+
+/// Out of RX tokens the device holds the frame it read, stops reading the backend
+/// (RxState::Throttled: the TAP is unwatched) and delivers it, charged once, when the timer
+/// fires; nothing is dropped or delivered twice.
+#[test]
+fn rx_rate_limiter_holds_the_frame_and_resumes() {
+    let mut r = Rig::new(feat(&[]), false);
+    r.net.set_rate_limiters(Some(one_frame_a_minute()), None);
+    let frames: Vec<Vec<u8>> = (0..3).map(|i| packet([0; 12], 100, i)).collect();
+    for f in &frames {
+        r.peer.send(f);
+    }
+    let descs: Vec<_> = (0..4)
+        .map(|i| d(0x10_0000 + 0x1000 * i, 2048, F_WRITE, 0))
+        .collect();
+    r.add(r.rx, &descs, 0);
+    assert_eq!(r.net.process_rx(), RxState::Throttled);
+    assert!(!RxState::Throttled.wants_backend_events());
+    assert_eq!(r.used(r.rx), vec![(0, 112)]);
+    assert!(r.net.rx_frame_held());
+    assert_eq!(
+        r.net.process_rx(),
+        RxState::Throttled,
+        "a kick while throttled"
+    );
+    assert_eq!(r.net.throttled_events(), (1, 0));
+    r.net.set_rate_limiters(Some(None), None);
+    wait_fired(&r.net.rx_limit.timer);
+    r.net.rx_limit.fired();
+    assert_eq!(r.net.process_rx(), RxState::Drained);
+    assert_eq!(r.used(r.rx), vec![(0, 112), (1, 112), (2, 112)]);
+    for (i, f) in frames.iter().enumerate() {
+        // After the header (whose num_buffers the device sets).
+        assert_eq!(
+            r.read(0x10_0000 + 0x1000 * i as u64 + 12, 100),
+            f[12..],
+            "frame {i}"
+        );
+    }
+    assert_eq!(r.net.stats().rx_frames, 3);
+    assert_eq!(r.net.stats().rx_dropped, 0);
+}
