@@ -399,21 +399,6 @@ fn not_implemented(key: String, what: &'static str, instead: &'static str) -> Co
     ConfigError::NotImplemented { key, what, instead }
 }
 
-/// Refuses a rate limiter that would limit: cinder's devices do not enforce one yet, and a
-/// limit accepted and ignored is worse than a refusal. `{}` and buckets of size 0 or refill
-/// time 0 limit nothing (Firecracker's meaning) and are taken.
-fn no_rate_limiter(key: String, r: &Option<RateLimiter>) -> Result<(), ConfigError> {
-    let limits = |b: &Option<TokenBucket>| b.is_some_and(|b| b.size > 0 && b.refill_time > 0);
-    match r {
-        Some(r) if limits(&r.bandwidth) || limits(&r.ops) => Err(not_implemented(
-            key,
-            "a rate limiter",
-            "leave it out: cinder's devices do not enforce one",
-        )),
-        _ => Ok(()),
-    }
-}
-
 /// Refuses a bucket whose refill time is beyond what the limiter's arithmetic takes
 /// (`devices::rate_limiter::TokenBucket::new`: at most u64::MAX / 10^6 ms, half a million years).
 fn check_rate_limiter(key: String, r: &Option<RateLimiter>) -> Result<(), ConfigError> {
@@ -800,11 +785,12 @@ impl VmConfig {
                 });
             }
         }
-        no_rate_limiter(
+        // Enforced by the network device (devices::rate_limiter), each direction apart.
+        check_rate_limiter(
             format!("network-interfaces[{id}].rx_rate_limiter"),
             &n.rx_rate_limiter,
         )?;
-        no_rate_limiter(
+        check_rate_limiter(
             format!("network-interfaces[{id}].tx_rate_limiter"),
             &n.tx_rate_limiter,
         )?;
@@ -833,6 +819,9 @@ impl VmConfig {
                 key: "iface_id",
                 id: p.iface_id.clone(),
             })?;
+        let key = |dir: &str| format!("network-interfaces[{}].{dir}_rate_limiter", p.iface_id);
+        check_rate_limiter(key("rx"), &p.rx_rate_limiter)?;
+        check_rate_limiter(key("tx"), &p.tx_rate_limiter)?;
         if p.rx_rate_limiter.is_some() {
             iface.rx_rate_limiter = p.rx_rate_limiter;
         }

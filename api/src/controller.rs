@@ -235,9 +235,11 @@ impl PreBootController {
                 Ok(()) => Outcome::Execute(VmmAction::PatchDrive(p)),
                 Err(e) => Outcome::Respond(ApiResponse::bad_request(e.to_string())),
             },
-            ApiRequest::PatchNetworkInterface(p) => {
-                Outcome::Execute(VmmAction::PatchNetworkInterface(p))
-            }
+            ApiRequest::PatchNetworkInterface(p) => match self.config.clone().patch_net(&p) {
+                // The configuration's rules first (on a copy), then the VMM.
+                Ok(()) => Outcome::Execute(VmmAction::PatchNetworkInterface(p)),
+                Err(e) => Outcome::Respond(ApiResponse::bad_request(e.to_string())),
+            },
         }
     }
 }

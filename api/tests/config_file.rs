@@ -325,12 +325,12 @@ fn unimplemented_settings_are_refused_naming_the_field() {
             "drives[d].cache_type: \"Unsafe\" (FLUSH as a no-op) is not implemented",
         ),
         (
-            iface(&format!(r#""rx_rate_limiter": {{"ops": {BUCKET}}}"#)),
-            "network-interfaces[n].rx_rate_limiter: a rate limiter is not implemented",
+            iface(r#""rx_rate_limiter": {"ops": {"size": 1, "refill_time": 18446744073710}}"#),
+            "network-interfaces[n].rx_rate_limiter: refill_time must be at most",
         ),
         (
-            iface(&format!(r#""tx_rate_limiter": {{"bandwidth": {BUCKET}}}"#)),
-            "network-interfaces[n].tx_rate_limiter: a rate limiter is not implemented",
+            iface(r#""tx_rate_limiter": {"ops": {"size": 1, "refill_time": 18446744073710}}"#),
+            "network-interfaces[n].tx_rate_limiter: refill_time must be at most",
         ),
         (
             with(
@@ -359,6 +359,10 @@ fn unimplemented_settings_are_refused_naming_the_field() {
             r#""rate_limiter": {{"bandwidth": {BUCKET}, "ops": {BUCKET}}}"#
         )),
         iface(r#""rx_rate_limiter": {}, "tx_rate_limiter": {}"#),
+        // Enforced by the network device (tests/tests/ratelimit.rs).
+        iface(&format!(
+            r#""rx_rate_limiter": {{"ops": {BUCKET}}}, "tx_rate_limiter": {{"bandwidth": {BUCKET}}}"#
+        )),
         with(r#""entropy": {"rate_limiter": {}}"#),
         // Enforced by the entropy device (tests/tests/ratelimit.rs).
         with(&format!(

@@ -1,5 +1,6 @@
-//! Issue 16 item 1: no setting is accepted and ignored. Until cinder enforces a rate limiter (the
-//! entropy device does: its tests below),
+//! Issue 16 item 1: rate limiters that limit, and no setting accepted and ignored. The block,
+//! network (RX and TX) and entropy devices enforce their `rate_limiter`s: the `*_under_cinder`
+//! tests below measure what the probe guest gets through. Until cinder implements
 //! `io_engine: "Async"`, `cache_type: "Unsafe"` or `huge_pages: "2M"`, each is refused with 400
 //! naming its field by the API, and with the same one-line message (exit 1) by the config file
 //! (the command line has no flag for them). One test per field. A limiter that limits nothing
@@ -8,12 +9,15 @@
 //! No KVM needed: an accepted configuration is shown by cinder getting as far as opening a KVM
 //! device that does not exist (as in `config_parity.rs`).
 
-use std::time::Duration;
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::time::{Duration, Instant};
 
 use cinder_tests::cinder::{cinder, require_kvm, start_api};
 use cinder_tests::http::request;
+use cinder_tests::netns::NetNs;
 use cinder_tests::probe::{self, Status};
 use cinder_tests::runner::run;
+use cinder_tests::session::Session;
 use cinder_tests::tmp::TempDir as Scratch;
 
 const NO_KVM: &str = "/nonexistent/kvm";
@@ -169,19 +173,24 @@ fn drive_cache_type_unsafe_is_refused_naming_it() {
     );
 }
 
+/// The network device enforces both limiters (the `net_*_under_cinder` tests below); a refill
+/// time beyond the limiter's arithmetic is refused naming the field, each direction apart.
 #[test]
-fn net_rx_rate_limiter_is_refused_naming_it() {
+fn net_rate_limiters_out_of_range_are_refused_naming_them() {
+    const HUGE: &str = r#"{"ops": {"size": 1, "refill_time": 18446744073710}}"#;
     refused(
-        &iface(&format!(r#""rx_rate_limiter": {{"ops": {BUCKET}}}"#)),
-        "network-interfaces[n1].rx_rate_limiter: a rate limiter is not implemented by cinder yet",
+        &iface(&format!(r#""rx_rate_limiter": {HUGE}"#)),
+        "network-interfaces[n1].rx_rate_limiter: refill_time must be at most 18446744073709 ms",
     );
-}
-
-#[test]
-fn net_tx_rate_limiter_is_refused_naming_it() {
     refused(
-        &iface(&format!(r#""tx_rate_limiter": {{"bandwidth": {BUCKET}}}"#)),
-        "network-interfaces[n1].tx_rate_limiter: a rate limiter is not implemented by cinder yet",
+        &iface(&format!(r#""tx_rate_limiter": {HUGE}"#)),
+        "network-interfaces[n1].tx_rate_limiter: refill_time must be at most 18446744073709 ms",
+    );
+    accepted_until(
+        &iface(&format!(
+            r#""rx_rate_limiter": {{"ops": {BUCKET}}}, "tx_rate_limiter": {{"bandwidth": {BUCKET}}}"#
+        )),
+        "tap rltap0 does not exist",
     );
 }
 
@@ -545,6 +554,9 @@ fn blk_patch_changes_the_rate_of_a_running_vm_under_cinder() {
         Some(r#"{"drive_id": "b0", "rate_limiter": {"ops": {"size": 40, "refill_time": 100}}}"#),
     );
     assert_eq!(r.status, 204, "PATCH: {r:?}");
+    // The new limit is what GET /vm/config reports (asked now: the VM ends with the probe).
+    let v = request(&sock, "GET", "/vm/config", None).json();
+    assert_eq!(v["drives"][0]["rate_limiter"]["ops"]["size"], 40, "{v}");
     let (text, _) = s
         .expect("PROBE DONE", Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("{e}"));
@@ -562,7 +574,198 @@ fn blk_patch_changes_the_rate_of_a_running_vm_under_cinder() {
             c.details
         );
     }
-    // The new limit is what GET /vm/config reports.
-    let v = request(&sock, "GET", "/vm/config", None).json();
-    assert_eq!(v["drives"][0]["rate_limiter"]["ops"]["size"], 40, "{v}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// virtio-net: `netbench` in a private network namespace, the host side as in
+// `tests/src/bin/bench_io.rs` (its protocol: `resources/probe/src/net_bench.rs`).
+
+const PROBE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+const PORT: u16 = 7777;
+const MAC: &str = "02:00:0a:00:02:0f";
+/// 60-byte and 1514-byte frames.
+const FRAMES: [u16; 2] = [60, 1514];
+
+fn udp_recv(sock: &UdpSocket, buf: &mut [u8], t: Duration) -> Option<usize> {
+    sock.set_read_timeout(Some(t.max(Duration::from_millis(1))))
+        .ok()?;
+    sock.recv(buf).ok()
+}
+
+/// Sends `msg` until a datagram starting with `want` comes back (20 s at most: a throttled
+/// RX queue drains what the TAP holds first).
+fn udp_request(sock: &UdpSocket, msg: &[u8], want: u8, buf: &mut [u8]) -> Result<(), String> {
+    let until = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < until {
+        let _ = sock.send(msg);
+        let t = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < t {
+            if let Some(n) = udp_recv(sock, buf, t.saturating_duration_since(Instant::now())) {
+                if n > 0 && buf[0] == want {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Err(format!(
+        "no '{}' answer to '{}'",
+        want as char, msg[0] as char
+    ))
+}
+
+/// The host side of `netbench` for phases of `ms`: per frame size a guest->host blast, then a
+/// host->guest one; ends with STOP.
+fn net_host(ms: u64) -> Result<(), String> {
+    let ms32 = u32::try_from(ms).map_err(|_| "phase too long".to_string())?;
+    let sock = UdpSocket::bind(SocketAddrV4::new(HOST_IP, 0)).map_err(|e| format!("bind: {e}"))?;
+    sock.connect(SocketAddrV4::new(PROBE_IP, PORT))
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut buf = vec![0u8; 2048];
+    udp_request(&sock, b"Ehello", b'e', &mut buf)?;
+    for len in FRAMES {
+        let mut b = vec![b'B'];
+        b.extend(len.to_le_bytes());
+        b.extend(ms32.to_le_bytes());
+        sock.send(&b).map_err(|e| format!("send B: {e}"))?;
+        let mut count = 0u64;
+        let limit = Instant::now() + Duration::from_millis(ms * 20 + 30_000);
+        let mut done = false;
+        while !done && Instant::now() < limit {
+            match udp_recv(&sock, &mut buf, Duration::from_secs(2)) {
+                Some(n) if n > 0 && buf[0] == b'p' => count += 1,
+                Some(n) if n > 0 && buf[0] == b'b' => done = true,
+                _ => {}
+            }
+        }
+        if !done {
+            return Err("guest->host blast did not end".into());
+        }
+        let mut r = vec![b'R'];
+        r.extend(count.to_le_bytes());
+        udp_request(&sock, &r, b'r', &mut buf)?;
+        let mut s = vec![b'S'];
+        s.extend(len.to_le_bytes());
+        udp_request(&sock, &s, b's', &mut buf)?;
+        let mut pkt = vec![0u8; usize::from(len) - 42];
+        pkt[0] = b'P';
+        let until = Instant::now() + Duration::from_millis(ms);
+        while Instant::now() < until {
+            for _ in 0..64 {
+                let _ = sock.send(&pkt);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        udp_request(&sock, b"F", b'f', &mut buf)?;
+    }
+    for _ in 0..3 {
+        let _ = sock.send(b"X");
+    }
+    Ok(())
+}
+
+/// Boots the probe in a namespace with one interface whose limiters are `rx`/`tx` (JSON members
+/// of the interface), runs `netbench` with phases of `ms` and returns its line (`ok`).
+fn netbench_under_cinder(limiters: &str, ms: u64) -> probe::Check {
+    require_kvm();
+    let ns = NetNs::new();
+    let d = Scratch::new("rl-netbench");
+    let json = format!(
+        r#"{{"boot-source": {{"kernel_image_path": "{}", "boot_args": "probe.run=netbench probe.net_ip=10.0.2.15 probe.net_peer=10.0.2.2 probe.udp_port=7777 probe.net_ms=600000"}},
+            "network-interfaces": [{{"iface_id": "n0", "host_dev_name": "{}", "guest_mac": "{MAC}"{limiters}}}]}}"#,
+        kernel(),
+        ns.tap
+    );
+    let f = d.join("vm.json");
+    std::fs::write(&f, json).expect("write config file");
+    let mut c = cinder();
+    c.arg("--config-file").arg(&f);
+    let mut s = Session::start(ns.wrap(&c));
+    s.expect("PROBE netbench ready", Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let host = ns.spawn(move || net_host(ms)).join();
+    match host {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => panic!("host side: {e}\n{}", s.log()),
+        Err(_) => panic!("host side panicked\n{}", s.log()),
+    }
+    s.expect_line("PROBE DONE", Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let log = probe::parse(&s.console());
+    let c = log
+        .check("netbench")
+        .unwrap_or_else(|| panic!("no netbench line\n{}", s.log()))
+        .clone();
+    assert_eq!(c.status, Status::Ok, "{}\n{}", c.details, s.log());
+    eprintln!("netbench {limiters}: {}", c.details);
+    c
+}
+
+/// A TX ops limit of K frames/s holds what the device takes from the guest (the probe's
+/// `g2h_*_sent_pps`, TSC-timed) to at most 1.2 K for 60- and 1514-byte frames, and a TX
+/// bandwidth limit of B bytes/s holds 1514-byte frames to 1.2 B.
+#[test]
+fn net_tx_limit_holds_under_cinder() {
+    const K: f64 = 500.0;
+    let c = netbench_under_cinder(
+        r#", "tx_rate_limiter": {"ops": {"size": 50, "refill_time": 100}}"#,
+        1000,
+    );
+    for key in ["g2h_64_sent_pps", "g2h_1500_sent_pps"] {
+        let pps = dec(&c, key);
+        assert!(
+            pps <= 1.2 * K,
+            "{key} {pps} over a limit of {K}: {}",
+            c.details
+        );
+        assert!(pps >= 0.5 * K, "{key} {pps}: stalled? {}", c.details);
+    }
+    const B: f64 = 1_000_000.0;
+    let c = netbench_under_cinder(
+        r#", "tx_rate_limiter": {"bandwidth": {"size": 100000, "refill_time": 100}}"#,
+        1000,
+    );
+    let bytes = dec(&c, "g2h_1500_sent_pps") * 1514.0;
+    assert!(
+        bytes <= 1.2 * B,
+        "{bytes} B/s over a limit of {B}: {}",
+        c.details
+    );
+}
+
+/// An RX ops limit of K frames/s holds what the guest receives (`h2g_*_pps`, TSC-timed) to at
+/// most 1.2 K while the host sends as fast as it can; the rest waits in (or is dropped by) the
+/// host's TAP, as for any slow receiver.
+#[test]
+fn net_rx_limit_holds_under_cinder() {
+    const K: f64 = 500.0;
+    let c = netbench_under_cinder(
+        r#", "rx_rate_limiter": {"ops": {"size": 50, "refill_time": 100}}"#,
+        1000,
+    );
+    for key in ["h2g_64_pps", "h2g_1500_pps"] {
+        let pps = dec(&c, key);
+        assert!(
+            pps <= 1.2 * K,
+            "{key} {pps} over a limit of {K}: {}",
+            c.details
+        );
+        assert!(pps >= 0.5 * K, "{key} {pps}: stalled? {}", c.details);
+    }
+}
+
+/// Without limiters the same runs go well past those limits (else the tests above prove
+/// nothing).
+#[test]
+fn net_unlimited_is_faster_than_the_limits_under_cinder() {
+    let c = netbench_under_cinder("", 1000);
+    for key in [
+        "g2h_64_sent_pps",
+        "g2h_1500_sent_pps",
+        "h2g_64_pps",
+        "h2g_1500_pps",
+    ] {
+        let pps = dec(&c, key);
+        assert!(pps > 2.0 * 500.0, "{key} only {pps}: {}", c.details);
+    }
 }

@@ -19,7 +19,7 @@ use devices::virtio::vsock::{VsockConfig, VsockListener};
 use crate::device_loop::DeviceLoop;
 use crate::error::VmError;
 use crate::metrics::{open_sink, Metrics};
-use crate::vm::{CtrlAltDelError, PatchDriveError, Vmm};
+use crate::vm::{CtrlAltDelError, PatchDriveError, PatchNetError, Vmm};
 
 /// A running microVM, as the API's actions use it.
 pub trait MicroVm {
@@ -31,6 +31,13 @@ pub trait MicroVm {
     fn send_ctrl_alt_del(&self) -> Result<(), CtrlAltDelError>;
     /// Switches drive `id` to the image at `path`.
     fn patch_drive(&self, id: &str, path: &Path) -> Result<(), PatchDriveError>;
+    /// Replaces interface `id`'s receive and/or transmit rate limiters.
+    fn patch_net(
+        &self,
+        id: &str,
+        rx: Option<&RateLimiter>,
+        tx: Option<&RateLimiter>,
+    ) -> Result<(), PatchNetError>;
     /// Replaces drive `id`'s rate limiter.
     fn patch_drive_limiter(&self, id: &str, limiter: &RateLimiter) -> Result<(), PatchDriveError>;
     /// Per-device metrics sections (cumulative counters), as JSON objects.
@@ -56,6 +63,15 @@ impl MicroVm for Vmm {
 
     fn patch_drive_limiter(&self, id: &str, limiter: &RateLimiter) -> Result<(), PatchDriveError> {
         Vmm::patch_drive_limiter(self, id, limiter)
+    }
+
+    fn patch_net(
+        &self,
+        id: &str,
+        rx: Option<&RateLimiter>,
+        tx: Option<&RateLimiter>,
+    ) -> Result<(), PatchNetError> {
+        Vmm::patch_net_limiters(self, id, rx, tx)
     }
 
     fn device_metrics(&self) -> Vec<(String, Value)> {
@@ -191,7 +207,20 @@ impl<V: MicroVm, D: Parkable> Executor<V, D> {
                 }
                 Ok(())
             }
-            VmmAction::PatchNetworkInterface(_) => Err(VmmError::NotSupported("rate limiters")),
+            VmmAction::PatchNetworkInterface(n) => {
+                let Ok(m) = self.running() else {
+                    return Err(VmmError::NothingToChange);
+                };
+                if n.rx_rate_limiter.is_none() && n.tx_rate_limiter.is_none() {
+                    return Err(VmmError::NothingToChange);
+                }
+                m.vm.patch_net(
+                    &n.iface_id,
+                    n.rx_rate_limiter.as_ref(),
+                    n.tx_rate_limiter.as_ref(),
+                )
+                .map_err(vm_error)
+            }
             VmmAction::ConfigureLogger(l) => {
                 crate::logger::apply(l).map_err(|e| VmmError::Logger(e.to_string()))
             }
@@ -317,6 +346,18 @@ mod tests {
                     id: id.to_string(),
                     source: devices::virtio::block::BlockError::ImageNotFound(path.into()),
                 });
+            }
+            Ok(())
+        }
+        fn patch_net(
+            &self,
+            id: &str,
+            _rx: Option<&RateLimiter>,
+            _tx: Option<&RateLimiter>,
+        ) -> Result<(), PatchNetError> {
+            self.calls.borrow_mut().push("patch net");
+            if id != "eth0" {
+                return Err(PatchNetError::NotFound(id.to_string()));
             }
             Ok(())
         }
@@ -471,11 +512,16 @@ mod tests {
         });
         assert_eq!(
             run(&mut x, iface, None),
-            refused(
-                "PATCH /network-interfaces/eth0: rate limiters are not supported by cinder yet"
-            )
+            refused("PATCH /network-interfaces/eth0: nothing to change")
         );
         assert!(calls.borrow().is_empty());
+        let iface = VmmAction::PatchNetworkInterface(PartialNetworkInterface {
+            iface_id: "eth0".into(),
+            tx_rate_limiter: Some(RateLimiter::default()),
+            ..Default::default()
+        });
+        assert_eq!(run(&mut x, iface, None), (204, None));
+        assert_eq!(*calls.borrow(), vec!["patch net"]);
     }
 
     #[test]

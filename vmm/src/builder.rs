@@ -235,6 +235,14 @@ impl<'a> VmBuilder<'a> {
                 id: n.iface_id.clone(),
                 source,
             })?;
+            let mut net = net;
+            let limiters = rate_limiter(n.rx_rate_limiter.as_ref())
+                .and_then(|rx| Ok((rx, rate_limiter(n.tx_rate_limiter.as_ref())?)))
+                .map_err(|source| VmError::Net {
+                    id: n.iface_id.clone(),
+                    source: source.into(),
+                })?;
+            net.set_rate_limiters(Some(limiters.0), Some(limiters.1));
             let dev = Arc::new(Mutex::new(net));
             open.nets.push((n.iface_id.clone(), dev.clone()));
             open.virtio

@@ -73,6 +73,23 @@ pub enum PatchDriveError {
     },
 }
 
+/// Why `PATCH /network-interfaces/{id}` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PatchNetError {
+    /// The VM has no interface with this id.
+    #[error("network interface {0} does not exist")]
+    NotFound(String),
+    /// A new rate limiter is out of range.
+    #[error("network-interfaces[{id}]: rate_limiter: {source}")]
+    RateLimiter {
+        /// The interface id.
+        id: String,
+        /// Why.
+        #[source]
+        source: devices::rate_limiter::RateLimiterError,
+    },
+}
+
 /// A built microVM: memory, KVM VM, devices and vCPUs.
 pub struct Vmm {
     // Field order matters for drop: threads are joined in `shutdown`, then the VM goes, then
@@ -228,6 +245,35 @@ impl Vmm {
         Ok(())
     }
 
+    /// Replaces interface `id`'s receive and/or transmit rate limiter (new buckets start full;
+    /// `None` leaves that direction as it is).
+    pub fn patch_net_limiters(
+        &self,
+        id: &str,
+        rx: Option<&api::model::RateLimiter>,
+        tx: Option<&api::model::RateLimiter>,
+    ) -> Result<(), PatchNetError> {
+        let (_, dev) = self
+            .nets
+            .iter()
+            .find(|(n, _)| n == id)
+            .ok_or_else(|| PatchNetError::NotFound(id.to_string()))?;
+        let build = |r: Option<&api::model::RateLimiter>| {
+            r.map(|r| crate::builder::rate_limiter(Some(r)))
+                .transpose()
+                .map_err(|source| PatchNetError::RateLimiter {
+                    id: id.to_string(),
+                    source,
+                })
+        };
+        let (rx, tx) = (build(rx)?, build(tx)?);
+        match dev.lock() {
+            Ok(mut d) => d.set_rate_limiters(rx, tx),
+            Err(p) => p.into_inner().set_rate_limiters(rx, tx),
+        }
+        Ok(())
+    }
+
     /// Per-device metrics sections (cumulative counters), as JSON objects.
     pub fn device_metrics(&self) -> Vec<(String, serde_json::Value)> {
         fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -254,8 +300,15 @@ impl Vmm {
             out.push((format!("block_{id}"), v));
         }
         for (id, dev) in &self.nets {
-            let s = lock(dev).stats();
-            out.push((format!("net_{id}"), section(serde_json::to_value(s))));
+            let dev = lock(dev);
+            let mut v = section(serde_json::to_value(dev.stats()));
+            if let Some(o) = v.as_object_mut() {
+                // Times each direction's rate limiter stopped for want of tokens.
+                let (rx, tx) = dev.throttled_events();
+                o.insert("rx_rate_limiter_throttled".into(), rx.into());
+                o.insert("tx_rate_limiter_throttled".into(), tx.into());
+            }
+            out.push((format!("net_{id}"), v));
         }
         out
     }

@@ -112,6 +112,9 @@ pub enum NetError {
     /// Creating an event fd failed.
     #[error("cannot create an event fd for the network device: {0}")]
     EventFd(io::Error),
+    /// A rate limiter's buckets are out of range.
+    #[error("rate_limiter: {0}")]
+    RateLimiter(#[from] crate::rate_limiter::RateLimiterError),
     /// Creating a rate limiter's timer failed.
     #[error("cannot create the network device's rate limiter timer: {0}")]
     TimerFd(io::Error),
