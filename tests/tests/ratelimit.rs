@@ -667,9 +667,17 @@ fn net_host(ms: u64) -> Result<(), String> {
 /// Boots the probe in a namespace with one interface whose limiters are `rx`/`tx` (JSON members
 /// of the interface), runs `netbench` with phases of `ms` and returns its line (`ok`).
 fn netbench_under_cinder(limiters: &str, ms: u64) -> probe::Check {
+    netbench_patched(limiters, ms, None)
+}
+
+/// As [`netbench_under_cinder`]; with `patch`, cinder also serves its API and, once the probe
+/// is ready (the VM running), `PATCH /network-interfaces/n0` with that body is sent before the
+/// host starts the phases.
+fn netbench_patched(limiters: &str, ms: u64, patch: Option<&str>) -> probe::Check {
     require_kvm();
     let ns = NetNs::new();
     let d = Scratch::new("rl-netbench");
+    let sock = d.join("api.sock");
     let json = format!(
         r#"{{"boot-source": {{"kernel_image_path": "{}", "boot_args": "probe.run=netbench probe.net_ip=10.0.2.15 probe.net_peer=10.0.2.2 probe.udp_port=7777 probe.net_ms=600000"}},
             "network-interfaces": [{{"iface_id": "n0", "host_dev_name": "{}", "guest_mac": "{MAC}"{limiters}}}]}}"#,
@@ -680,9 +688,16 @@ fn netbench_under_cinder(limiters: &str, ms: u64) -> probe::Check {
     std::fs::write(&f, json).expect("write config file");
     let mut c = cinder();
     c.arg("--config-file").arg(&f);
+    if patch.is_some() {
+        c.arg("--api-sock").arg(&sock);
+    }
     let mut s = Session::start(ns.wrap(&c));
     s.expect("PROBE netbench ready", Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("{e}"));
+    if let Some(body) = patch {
+        let r = request(&sock, "PATCH", "/network-interfaces/n0", Some(body));
+        assert_eq!(r.status, 204, "PATCH: {r:?}\n{}", s.log());
+    }
     let host = ns.spawn(move || net_host(ms)).join();
     match host {
         Ok(Ok(())) => {}
@@ -767,5 +782,27 @@ fn net_unlimited_is_faster_than_the_limits_under_cinder() {
     ] {
         let pps = dec(&c, key);
         assert!(pps > 2.0 * 500.0, "{key} only {pps}: {}", c.details);
+    }
+}
+
+/// `PATCH /network-interfaces/{id}` changes the TX limit of a running VM: configured at K1
+/// frames/s, patched to K2 = 10 K1 once the probe is up, before the phases; both phases then
+/// run well above 1.2 K1 and at most 1.2 K2.
+#[test]
+fn net_patch_changes_the_rate_of_a_running_vm_under_cinder() {
+    const K1: f64 = 50.0;
+    const K2: f64 = 500.0;
+    let c = netbench_patched(
+        r#", "tx_rate_limiter": {"ops": {"size": 5, "refill_time": 100}}"#,
+        1000,
+        Some(r#"{"iface_id": "n0", "tx_rate_limiter": {"ops": {"size": 50, "refill_time": 100}}}"#),
+    );
+    for key in ["g2h_64_sent_pps", "g2h_1500_sent_pps"] {
+        let pps = dec(&c, key);
+        assert!(
+            pps > 2.0 * K1 && pps <= 1.2 * K2,
+            "{key} {pps}; TX limit patched from {K1} to {K2}: {}",
+            c.details
+        );
     }
 }
