@@ -269,10 +269,14 @@ fn implemented_and_neutral_settings_are_accepted() {
 fn rngbench_under_cinder(limiter: &str, args: &str) -> probe::Check {
     require_kvm();
     let d = Scratch::new("rl-rngbench");
+    let metrics = d.join("metrics.json");
+    std::fs::write(&metrics, "").expect("create metrics file");
     let json = format!(
         r#"{{"boot-source": {{"kernel_image_path": "{}", "boot_args": "probe.run=rngbench {args}"}},
-            "entropy": {{"rate_limiter": {limiter}}}}}"#,
-        kernel()
+            "entropy": {{"rate_limiter": {limiter}}},
+            "metrics": {{"metrics_path": "{}"}}}}"#,
+        kernel(),
+        metrics.display()
     );
     let f = d.join("vm.json");
     std::fs::write(&f, json).expect("write config file");
@@ -287,6 +291,19 @@ fn rngbench_under_cinder(limiter: &str, args: &str) -> probe::Check {
         .clone();
     assert_eq!(check.status, Status::Ok, "{}\n{}", check.details, r.log());
     eprintln!("rngbench {limiter}: {}", check.details);
+    // The metrics count the limiter's stops: some under a limit, none without one.
+    let text = std::fs::read_to_string(&metrics).expect("read metrics");
+    let last = text.lines().last().unwrap_or_default();
+    let v: serde_json::Value =
+        serde_json::from_str(last).unwrap_or_else(|e| panic!("metrics line {last:?}: {e}"));
+    let throttled = v["entropy"]["rate_limiter_throttled"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no entropy.rate_limiter_throttled in {v}"));
+    if limiter == "{}" {
+        assert_eq!(throttled, 0, "{v}");
+    } else {
+        assert!(throttled > 0, "{v}");
+    }
     check
 }
 

@@ -76,6 +76,8 @@ struct OpenDevices {
     io_gate: Arc<IoGate>,
     /// Network interfaces by id, for metrics.
     nets: Vec<(String, Arc<Mutex<Net>>)>,
+    /// The entropy device, for metrics.
+    rng: Option<Arc<Mutex<Rng>>>,
     /// Every virtio device in slot order.
     virtio: Vec<NewVirtio>,
     /// The console output, unless a virtio-console on stdio took it.
@@ -164,6 +166,7 @@ impl<'a> VmBuilder<'a> {
             blocks: devices.blocks,
             io_gate: devices.io_gate,
             nets: devices.nets,
+            rng: devices.rng,
             i8042: legacy.i8042,
             ctx,
             _vm: vm,
@@ -185,6 +188,7 @@ impl<'a> VmBuilder<'a> {
             blocks: Vec::with_capacity(self.cfg.drives.len()),
             io_gate: Arc::new(IoGate::new()),
             nets: Vec::with_capacity(self.cfg.net.len()),
+            rng: None,
             virtio: Vec::new(),
             console_out: Some(console_out),
         };
@@ -254,6 +258,7 @@ impl<'a> VmBuilder<'a> {
             let dev = Arc::new(Mutex::new(
                 Rng::with_rate_limiter(limiter).map_err(VmError::Rng)?,
             ));
+            open.rng = Some(dev.clone());
             open.virtio.push(("rng".into(), dev));
         }
         if let ConsoleSpec::Virtio(host) = &self.opts.console {

@@ -105,6 +105,8 @@ pub struct Vmm {
     /// Shut while the devices are paused: no block I/O thread touches guest memory then.
     pub(crate) io_gate: Arc<IoGate>,
     pub(crate) nets: Vec<(String, Arc<Mutex<Net>>)>,
+    /// The entropy device, for metrics.
+    pub(crate) rng: Option<Arc<Mutex<devices::virtio::rng::Rng>>>,
     pub(crate) i8042: Arc<Mutex<I8042>>,
     pub(crate) ctx: VmContext,
     pub(crate) _vm: VmFd,
@@ -309,6 +311,16 @@ impl Vmm {
                 o.insert("tx_rate_limiter_throttled".into(), tx.into());
             }
             out.push((format!("net_{id}"), v));
+        }
+        if let Some(dev) = &self.rng {
+            let dev = lock(dev);
+            out.push((
+                "entropy".into(),
+                serde_json::json!({
+                    "bytes": dev.bytes_served(),
+                    "rate_limiter_throttled": dev.throttled_events(),
+                }),
+            ));
         }
         out
     }
