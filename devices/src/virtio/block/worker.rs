@@ -79,8 +79,13 @@ impl IoGate {
     fn exit(&self) {
         let mut st = lock(&self.state);
         st.busy = st.busy.saturating_sub(1);
+        // Only a closer waits for `busy` to drop (enter waits for `open`): wake it then, and
+        // spare every request a futex wake otherwise.
+        let closing = st.closed;
         drop(st);
-        self.changed.notify_all();
+        if closing {
+            self.changed.notify_all();
+        }
     }
 
     /// Closes the gate and waits (at most `timeout`) until no worker is inside. Returns
