@@ -196,6 +196,9 @@ fn every_thread_of_a_running_cinder_has_its_filter_under_cinder() {
     let sock = d.join("api.sock");
     let s = start_api(&sock, &[]);
     let pid = s.pid();
+    // The socket takes connections as soon as it is bound, before main installs its filter;
+    // a request answered means main is serving (its filter is on) and so is the API thread.
+    assert_eq!(request(&sock, "GET", "/", None).status, 200, "{}", s.log());
     // Before InstanceStart: main and api.
     assert_eq!(process_seccomp(pid), "Seccomp:\t2", "{}", s.log());
     // main: its table and the one that answers clone3 with ENOSYS; api: its table.
