@@ -10,6 +10,7 @@
 //! device that does not exist (as in `config_parity.rs`).
 
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use cinder_tests::cinder::{cinder, require_kvm, start_api};
@@ -29,6 +30,15 @@ struct Case {
     file: String,
     /// API requests (method, path, body) in order; the last one is judged.
     api: Vec<(&'static str, String, String)>,
+}
+
+/// One measuring guest at a time: the tests assert rates (at most 1.2x a limit, an unlimited
+/// run faster than 2x one), and several flooding probes at once on a 2-core host starve each
+/// other (a host request once went unanswered for 20 s in CI with all of them in parallel).
+static MEASURING: Mutex<()> = Mutex::new(());
+
+fn measuring() -> MutexGuard<'static, ()> {
+    MEASURING.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn kernel() -> String {
@@ -268,6 +278,7 @@ fn implemented_and_neutral_settings_are_accepted() {
 /// lost, foreign or completed twice).
 fn rngbench_under_cinder(limiter: &str, args: &str) -> probe::Check {
     require_kvm();
+    let _one = measuring();
     let d = Scratch::new("rl-rngbench");
     let metrics = d.join("metrics.json");
     std::fs::write(&metrics, "").expect("create metrics file");
@@ -450,6 +461,7 @@ fn blkbench_under_cinder(limiter: &str, ms: u64) -> probe::Check {
 /// As [`blkbench_under_cinder`], and the drive's metrics as cinder wrote them at exit.
 fn blkbench_with_metrics(limiter: &str, ms: u64) -> (probe::Check, serde_json::Value) {
     require_kvm();
+    let _one = measuring();
     let d = Scratch::new("rl-blkbench");
     let img = scratch_image(&d);
     let metrics = d.join("metrics.json");
@@ -539,6 +551,7 @@ fn blk_bandwidth_limit_holds_under_cinder() {
 #[test]
 fn blk_patch_changes_the_rate_of_a_running_vm_under_cinder() {
     require_kvm();
+    let _one = measuring();
     const K1: f64 = 50.0;
     const K2: f64 = 400.0;
     let d = Scratch::new("rl-blkpatch");
@@ -692,6 +705,7 @@ fn netbench_under_cinder(limiters: &str, ms: u64) -> probe::Check {
 /// host starts the phases.
 fn netbench_patched(limiters: &str, ms: u64, patch: Option<&str>) -> probe::Check {
     require_kvm();
+    let _one = measuring();
     let ns = NetNs::new();
     let d = Scratch::new("rl-netbench");
     let sock = d.join("api.sock");
