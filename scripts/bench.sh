@@ -4,8 +4,8 @@
 #   api:   exec -> API socket ready, request round trip, InstanceStart -> first serial byte.
 #   io:    virtio-blk IOPS / MiB/s and virtio-net packets/s / Mbit/s measured by the probe,
 #          cinder vs QEMU microvm.
-#   vsock: virtio-vsock throughput each way and connection setup latency (cinder only: QEMU's
-#          vsock needs vhost-vsock).
+#   vsock: virtio-vsock throughput each way and connection setup latency (cinder, and
+#          Firecracker when FIRECRACKER_BIN is set; QEMU's vsock needs vhost-vsock).
 #   seccomp: ns per system call without and with cinder's seccomp filters, per thread kind.
 # Every cinder figure is measured with its seccomp filters (the default) and with
 # --seccomp off, side by side.
