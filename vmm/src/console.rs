@@ -148,10 +148,8 @@ impl std::io::Write for ConsoleWriter {
             let need = b.bytes.len() + take;
             if need > b.bytes.capacity() {
                 // Grow by doubling, never past the bound (so the bound is also the memory).
-                let want = need
-                    .max(b.bytes.capacity() * 2)
-                    .max(KEEP_CAPACITY)
-                    .min(CONSOLE_BACKLOG);
+                // `need` <= CONSOLE_BACKLOG: `take` is at most the room left.
+                let want = (b.bytes.capacity() * 2).clamp(need.max(KEEP_CAPACITY), CONSOLE_BACKLOG);
                 let extra = want - b.bytes.len();
                 b.bytes.reserve_exact(extra);
             }
@@ -586,7 +584,7 @@ mod tests {
             b.bytes.capacity()
         );
         // 4 * BACKLOG in 1000-byte writes plus 4 * BACKLOG single bytes, BACKLOG kept.
-        let written = (total / 1000 + usize::from(total % 1000 != 0)) * 1000 + total;
+        let written = (total / 1000 + usize::from(!total.is_multiple_of(1000))) * 1000 + total;
         assert_eq!(b.dropped, (written - CONSOLE_BACKLOG) as u64);
     }
 
