@@ -40,6 +40,9 @@ use cinder_tests::probe;
 use cinder_tests::smaps;
 use cinder_tests::tmp::TempDir;
 
+/// How long one VM may take from its start to ready.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// The VMM under test.
 #[derive(Clone)]
 enum Vmm {
@@ -103,8 +106,14 @@ impl Source {
                 });
                 let path = dir.join(format!("vm{i}.json"));
                 std::fs::write(&path, cfg.to_string())?;
+                // Its log lines go to stdout otherwise, into the middle of the probe's.
+                let log = dir.join(format!("vm{i}.log"));
+                File::create(&log)?;
                 let mut c = Command::new(bin);
-                c.args(["--no-api", "--config-file"]).arg(&path);
+                c.args(["--no-api", "--config-file"])
+                    .arg(&path)
+                    .arg("--log-path")
+                    .arg(&log);
                 Ok(c)
             }
         }
@@ -302,6 +311,12 @@ fn run(vmm: &Vmm, source: Source, n: usize, o: &Opts) -> Result<(), String> {
             };
             if ready {
                 vm.ready = Some(vm.started.elapsed());
+            } else if vm.started.elapsed() > BOOT_TIMEOUT {
+                failed_start = Some(format!(
+                    "VM {} was not ready {BOOT_TIMEOUT:?} after its start",
+                    vm.pid()
+                ));
+                vm.ready = Some(Duration::MAX);
             } else if let Ok(Some(st)) = vm.child.try_wait() {
                 vm.exited = Some(st.code());
                 let tail = String::from_utf8_lossy(&vm.text);

@@ -89,8 +89,14 @@ fn start(o: &Opts, uds: &Path, keys: &str) -> Result<Session, String> {
             });
             let path = uds.with_extension("fc.json");
             std::fs::write(&path, cfg.to_string()).map_err(|e| format!("{e}"))?;
+            // Its log lines go to stdout otherwise, into the middle of the probe's.
+            let log = uds.with_extension("fc.log");
+            std::fs::File::create(&log).map_err(|e| format!("{e}"))?;
             let mut c = Command::new(bin);
-            c.args(["--no-api", "--config-file"]).arg(&path);
+            c.args(["--no-api", "--config-file"])
+                .arg(&path)
+                .arg("--log-path")
+                .arg(&log);
             c
         }
     };
