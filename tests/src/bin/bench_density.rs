@@ -136,6 +136,8 @@ struct Vm {
     text: Vec<u8>,
     started: Instant,
     ready: Option<Duration>,
+    /// The readiness ping went out (restored clones only).
+    pinged: bool,
     pong: bool,
     exited: Option<Option<i32>>,
 }
@@ -289,6 +291,7 @@ fn run(vmm: &Vmm, source: Source, n: usize, o: &Opts) -> Result<(), String> {
                         text: Vec::new(),
                         started: Instant::now(),
                         ready: None,
+                        pinged: false,
                         pong: false,
                         exited: None,
                     })
@@ -302,8 +305,8 @@ fn run(vmm: &Vmm, source: Source, n: usize, o: &Opts) -> Result<(), String> {
         for vm in vms.iter_mut().filter(|v| v.ready.is_none()) {
             vm.poll();
             let ready = if source.ready_on_pong() {
-                if !vm.has("PROBE pong") && vm.text.is_empty() {
-                    vm.send(b"p");
+                if !vm.pinged {
+                    vm.pinged = vm.send(b"p");
                 }
                 vm.has("PROBE pong")
             } else {
