@@ -4,12 +4,15 @@
 #   api:   exec -> API socket ready, request round trip, InstanceStart -> first serial byte.
 #   io:    virtio-blk IOPS / MiB/s and virtio-net packets/s / Mbit/s measured by the probe,
 #          cinder vs QEMU microvm.
-#   vsock: virtio-vsock throughput each way and connection setup latency (cinder only: QEMU's
-#          vsock needs vhost-vsock).
+#   vsock: virtio-vsock throughput each way and connection setup latency (cinder, and
+#          Firecracker when FIRECRACKER_BIN is set; QEMU's vsock needs vhost-vsock).
 #   seccomp: ns per system call without and with cinder's seccomp filters, per thread kind.
+#   density: N idle probe microVMs at once (cold boot): VMs/s, time to all ready, PSS, RSS,
+#          VMM overhead and private memory per VM, idle CPU, ping, teardown; Firecracker too
+#          when FIRECRACKER_BIN is set (`density --counts 100,300,1000`; not part of `all`).
 # Every cinder figure is measured with its seccomp filters (the default) and with
 # --seccomp off, side by side.
-# Usage: scripts/bench.sh [boot|api|io|vsock|seccomp|all] [extra args for the driver]
+# Usage: scripts/bench.sh [boot|api|io|vsock|seccomp|density|all] [extra args for the driver]
 #
 # On a host whose kernel has no KVM device (scripts/kvm-lane.sh says "none") the drivers run
 # inside the nested KVM lane (scripts/nested-kvm.sh), where cinder and QEMU both use the L1
@@ -21,8 +24,8 @@ bash scripts/setup.sh
 what=${1:-all}
 shift || true
 case $what in
-boot | api | io | vsock | seccomp | all) ;;
-*) echo "usage: scripts/bench.sh [boot|api|io|vsock|seccomp|all] [args]" >&2; exit 2 ;;
+boot | api | io | vsock | seccomp | density | all) ;;
+*) echo "usage: scripts/bench.sh [boot|api|io|vsock|seccomp|density|all] [args]" >&2; exit 2 ;;
 esac
 cargo build --release -p vmm -p cinder-tests --bins >&2
 
@@ -43,6 +46,7 @@ api) run bench_api "$@" ;;
 io) run bench_io "$@" ;;
 vsock) run bench_vsock "$@" ;;
 seccomp) run bench_seccomp "$@" ;;
+density) run bench_density "$@" ;;
 all)
 	run bench_boot "$@"
 	echo

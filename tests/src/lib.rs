@@ -12,5 +12,6 @@ pub mod probe;
 pub mod qemu;
 pub mod runner;
 pub mod session;
+pub mod smaps;
 pub mod tmp;
 pub mod vsock;

@@ -895,13 +895,6 @@ fn guest_connect_to_full_backlog_does_not_stall_under_cinder() {
         &dir,
         "probe.vsock_host_port=6000 probe.vsock_bytes=1000 probe.vsock_conns=1",
     );
-    // The guest's connection to port 6000 is refused (RST), promptly.
-    let line = s
-        .expect_line("dir=out port=", Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("the guest's connection to a full backlog did not end: {e}"));
-    assert!(line.0.contains("peer=6000"), "{}", line.0);
-    // Refused by cinder, not given up by the guest's own timer.
-    assert!(line.0.contains("end=peer_rst"), "{}", line.0);
     // A host-initiated connection on the same device is served.
     let mut c =
         cinder_tests::vsock::connect(&uds, PORT, Duration::from_secs(30)).unwrap_or_else(|e| {
@@ -915,6 +908,18 @@ fn guest_connect_to_full_backlog_does_not_stall_under_cinder() {
     read_to_eof(&mut c);
     s.expect("PROBE DONE", STEP)
         .unwrap_or_else(|e| panic!("{e}"));
+    // The guest's connection to port 6000 was refused (RST). The probe prints its
+    // per-connection lines when the check ends.
+    let console = s.console();
+    let line = console
+        .lines()
+        .find(|l| l.starts_with("PROBE vsock conn ") && l.contains("dir=out port="))
+        .unwrap_or_else(|| {
+            panic!("the guest's connection to a full backlog did not end\n{console}")
+        });
+    assert!(line.contains("peer=6000"), "{line}");
+    // Refused by cinder, not given up by the guest's own timer.
+    assert!(line.contains("end=peer_rst"), "{line}");
     let r = result(s);
     // The host's 5 bytes arrived; the guest's own connection was the one reset (RST, not an
     // orderly close).
@@ -1083,4 +1088,53 @@ fn idle_host_clients_do_not_lock_out_others_under_cinder() {
     let r = finish(s);
     assert_ok(&r);
     assert_eq!(r.num("rx_sum"), Some(fnv1a(b"hello")));
+}
+
+/// Issue 16 item 4: connect -> `OK` took a whole serial line (6-17 ms on kvm-pvm, where each
+/// byte the probe prints is a port write from its emulated CPL0): the probe printed its
+/// `PROBE vsock conn` line as each connection closed, and the next REQUEST waited in the ring
+/// until the line was out. The lines now come when the check ends, so the probe serves while
+/// connections come and go: after 4 closed connections (and a quiet second) none is printed,
+/// and all 5 are there at the end. (bench_vsock measures the latency: 75 us median now.)
+#[test]
+fn conn_lines_wait_for_the_end_so_serving_never_waits_on_serial_under_cinder() {
+    require_kvm();
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TempDir::new("vsock-lines");
+    let (mut s, uds) = start(&dir, "probe.vsock_conns=5");
+    let mut ok_us = Vec::new();
+    for i in 0..5 {
+        let t0 = std::time::Instant::now();
+        let mut c = connect(&uds, PORT).unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        ok_us.push(t0.elapsed().as_micros());
+        c.write_all(&[0x42; 64]).expect("send");
+        c.shutdown(Shutdown::Write).expect("half close");
+        read_to_eof(&mut c);
+        if i == 3 {
+            s.settle(Duration::from_secs(1), Duration::from_secs(10));
+            let early = s
+                .console()
+                .lines()
+                .filter(|l| l.starts_with("PROBE vsock conn "))
+                .count();
+            assert_eq!(
+                early,
+                0,
+                "the probe printed per-connection lines while serving\n{}",
+                s.log()
+            );
+        }
+    }
+    s.expect("PROBE DONE", STEP)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let lines = s
+        .console()
+        .lines()
+        .filter(|l| l.starts_with("PROBE vsock conn "))
+        .count();
+    assert_eq!(lines, 5, "{}", s.log());
+    let r = result(s);
+    assert_ok(&r);
+    assert_eq!(r.num("in"), Some(5));
+    eprintln!("connect -> OK (us): {ok_us:?}");
 }

@@ -90,32 +90,83 @@ impl<W: std::io::Write> std::io::Write for CappedWriter<W> {
     }
 }
 
+/// The bytes waiting for the console writer thread, bounded by [`CONSOLE_BACKLOG`] bytes.
+#[derive(Default)]
+struct Backlog {
+    /// Output not yet taken by the writer thread (at most `CONSOLE_BACKLOG` bytes).
+    bytes: Vec<u8>,
+    /// Bytes dropped because the backlog was full.
+    dropped: u64,
+    /// The [`ConsoleWriter`] is gone: the thread writes what is left and ends.
+    closed: bool,
+}
+
+/// What the UART side and the writer thread share.
+#[derive(Default)]
+struct Shared {
+    backlog: Mutex<Backlog>,
+    /// Signalled when the backlog turns non-empty or closes.
+    ready: std::sync::Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Backlog> {
+        match self.backlog.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+}
+
+/// Capacity the writer thread keeps for its next batch; anything larger that a burst made it
+/// grow to is given back, so an idle VM holds a few KiB here, not the whole backlog.
+const KEEP_CAPACITY: usize = 4096;
+
 /// The guest's console output as the UART sees it: a non-blocking hand-off to a writer
-/// thread, so a vCPU never blocks on a stalled stdout. When the backlog is full, output is
-/// dropped (and counted) rather than stalling the guest.
+/// thread, so a vCPU never blocks on a stalled stdout. The hand-off is a byte buffer bounded
+/// by [`CONSOLE_BACKLOG`] bytes (no allocation per byte, no memory reserved up front); when it
+/// is full, output is dropped (and counted) rather than stalling the guest. The lock is only
+/// ever held to append or to swap the buffer out, never across I/O.
 pub struct ConsoleWriter {
-    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
-    dropped: Arc<std::sync::atomic::AtomicU64>,
+    shared: Arc<Shared>,
+}
+
+impl ConsoleWriter {
+    /// Bytes dropped so far because the reader did not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.shared.lock().dropped
+    }
 }
 
 impl std::io::Write for ConsoleWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self.tx.try_send(buf.to_vec()) {
-            Ok(()) => {}
-            Err(std::sync::mpsc::TrySendError::Full(_)) => {
-                let before = self
-                    .dropped
-                    .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                if before == 0 {
-                    log::warn!("console output is not being read: dropping guest output");
-                }
+        let mut b = self.shared.lock();
+        let was_empty = b.bytes.is_empty();
+        let room = CONSOLE_BACKLOG.saturating_sub(b.bytes.len());
+        let take = room.min(buf.len());
+        if take > 0 {
+            let need = b.bytes.len() + take;
+            if need > b.bytes.capacity() {
+                // Grow by doubling, never past the bound (so the bound is also the memory).
+                // `need` <= CONSOLE_BACKLOG: `take` is at most the room left.
+                let want = (b.bytes.capacity() * 2).clamp(need.max(KEEP_CAPACITY), CONSOLE_BACKLOG);
+                let extra = want - b.bytes.len();
+                b.bytes.reserve_exact(extra);
             }
-            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::BrokenPipe,
-                    "console writer is gone",
-                ))
-            }
+            b.bytes.extend_from_slice(&buf[..take]);
+        }
+        let first_drop = take < buf.len() && {
+            let before = b.dropped;
+            b.dropped += (buf.len() - take) as u64;
+            before == 0
+        };
+        drop(b);
+        if first_drop {
+            log::warn!("console output is not being read: dropping guest output");
+        }
+        // The writer sleeps only on an empty backlog: wake it on the first byte.
+        if was_empty && take > 0 {
+            self.shared.ready.notify_one();
         }
         Ok(buf.len())
     }
@@ -125,44 +176,51 @@ impl std::io::Write for ConsoleWriter {
     }
 }
 
-/// Starts the thread that writes console output to `out`; it ends when every
+impl Drop for ConsoleWriter {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.ready.notify_one();
+    }
+}
+
+/// Starts the thread that writes console output to `out`; it ends when the
 /// [`ConsoleWriter`] is dropped and the backlog is written.
 pub fn spawn_console_writer(
     mut out: Box<dyn std::io::Write + Send>,
 ) -> std::io::Result<(ConsoleWriter, std::thread::JoinHandle<()>)> {
-    // Serial output arrives a byte at a time: the channel holds at most CONSOLE_BACKLOG writes.
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(CONSOLE_BACKLOG);
+    let shared = Arc::new(Shared::default());
+    let theirs = shared.clone();
     let handle = std::thread::Builder::new()
         .name("console-out".into())
         .spawn(move || {
             // Its own filter first, before any guest output (vmm/src/seccomp). Should the
-            // kernel refuse it, the guest's output is dropped (the receiver goes) and said.
+            // kernel refuse it, the guest's output is dropped (the backlog stays full) and said.
             if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::ConsoleOut) {
                 log::error!("{e}");
                 return;
             }
-            while let Ok(first) = rx.recv() {
-                let mut chunk = first;
-                // Coalesce what is already queued (bounded by the backlog).
-                while let Ok(more) = rx.try_recv() {
-                    chunk.extend_from_slice(&more);
-                    if chunk.len() >= 4096 {
-                        break;
+            let mut batch: Vec<u8> = Vec::new();
+            loop {
+                {
+                    let mut b = theirs.lock();
+                    while b.bytes.is_empty() && !b.closed {
+                        b = match theirs.ready.wait(b) {
+                            Ok(g) => g,
+                            Err(p) => p.into_inner(),
+                        };
                     }
+                    if b.bytes.is_empty() {
+                        return;
+                    }
+                    std::mem::swap(&mut b.bytes, &mut batch);
                 }
-                if out.write_all(&chunk).and_then(|_| out.flush()).is_err() {
-                    // The reader is gone; keep draining so writers never block.
-                    continue;
-                }
+                // A reader that went away: keep taking the bytes so the backlog never fills.
+                let _ = out.write_all(&batch).and_then(|_| out.flush());
+                batch.clear();
+                batch.shrink_to(KEEP_CAPACITY);
             }
         })?;
-    Ok((
-        ConsoleWriter {
-            tx,
-            dropped: Arc::new(std::sync::atomic::AtomicU64::new(0)),
-        },
-        handle,
-    ))
+    Ok((ConsoleWriter { shared }, handle))
 }
 
 /// Standard input read straight from fd 0, unbuffered: std's buffered stdin could hold bytes
@@ -471,11 +529,65 @@ mod tests {
         }
         let (mut w, _h) = spawn_console_writer(Box::new(Stuck)).unwrap();
         let start = std::time::Instant::now();
-        for _ in 0..(CONSOLE_BACKLOG + 10_000) {
+        // The thread takes one batch (at most the backlog) and blocks on it for good; the
+        // backlog holds the next CONSOLE_BACKLOG bytes; the rest is dropped.
+        for _ in 0..(2 * CONSOLE_BACKLOG + 10_000) {
             std::io::Write::write_all(&mut w, b"x").unwrap();
         }
         assert!(start.elapsed() < std::time::Duration::from_secs(5));
-        assert!(w.dropped.load(std::sync::atomic::Ordering::Relaxed) > 0);
+        assert!(w.dropped() >= 10_000, "{}", w.dropped());
+    }
+
+    /// Issue 17 item 5: the backlog is counted in bytes and is the memory bound. A stalled
+    /// reader and a flood: writes never block, the buffer never holds more than
+    /// CONSOLE_BACKLOG bytes (nor reserves more), and every byte past it is counted as dropped.
+    #[test]
+    fn console_backlog_is_bounded_in_bytes_under_a_flood() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        struct Stuck(Arc<AtomicUsize>);
+        impl std::io::Write for Stuck {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.store(b.len(), Ordering::SeqCst);
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+                Ok(0)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let taken = Arc::new(AtomicUsize::new(0));
+        let (mut w, _h) = spawn_console_writer(Box::new(Stuck(taken.clone()))).unwrap();
+        // One byte the thread takes and then blocks on for good.
+        std::io::Write::write_all(&mut w, b"a").unwrap();
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while taken.load(Ordering::SeqCst) == 0 {
+            assert!(
+                std::time::Instant::now() < until,
+                "the writer never took a byte"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let start = std::time::Instant::now();
+        let total = 4 * CONSOLE_BACKLOG;
+        for i in 0..total {
+            if i % 1000 == 0 {
+                std::io::Write::write_all(&mut w, &[b'y'; 1000]).unwrap();
+            }
+        }
+        for _ in 0..total {
+            std::io::Write::write_all(&mut w, b"z").unwrap();
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+        let b = w.shared.lock();
+        assert_eq!(b.bytes.len(), CONSOLE_BACKLOG);
+        assert!(
+            b.bytes.capacity() <= CONSOLE_BACKLOG,
+            "{}",
+            b.bytes.capacity()
+        );
+        // 4 * BACKLOG in 1000-byte writes plus 4 * BACKLOG single bytes, BACKLOG kept.
+        let written = (total / 1000 + usize::from(!total.is_multiple_of(1000))) * 1000 + total;
+        assert_eq!(b.dropped, (written - CONSOLE_BACKLOG) as u64);
     }
 
     #[test]

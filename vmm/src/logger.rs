@@ -2,11 +2,11 @@
 //! file's `logger`) can send it to a file or named pipe, change the level, and choose what
 //! each line shows.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use log::{LevelFilter, Log, Metadata, Record};
@@ -62,7 +62,21 @@ static SHARED: Shared = Shared {
     max_file_bytes: AtomicU64::new(DEFAULT_LOG_FILE_MAX_BYTES),
 };
 
-static QUEUE: OnceLock<Option<SyncSender<(Dest, String)>>> = OnceLock::new();
+/// The lines waiting for the writer thread: at most [`LOG_QUEUE_LINES`], allocated as they
+/// come (a preallocated channel of that many slots cost every VM 32 KiB of touched memory).
+struct LineQueue {
+    lines: Mutex<VecDeque<(Dest, String)>>,
+    /// Signalled when a line is queued into an empty queue.
+    ready: Condvar,
+}
+
+static LINES: LineQueue = LineQueue {
+    lines: Mutex::new(VecDeque::new()),
+    ready: Condvar::new(),
+};
+
+/// Whether the writer thread runs (started on first use).
+static WRITER: OnceLock<bool> = OnceLock::new();
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match m.lock() {
@@ -72,22 +86,37 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// The queue to the writer thread, started on first use (`None` when it cannot start).
-fn queue() -> Option<&'static SyncSender<(Dest, String)>> {
-    QUEUE
-        .get_or_init(|| {
-            let (tx, rx) = sync_channel(LOG_QUEUE_LINES);
-            std::thread::Builder::new()
-                .name("log-writer".into())
-                .spawn(move || writer_loop(rx))
-                .ok()
-                .map(|_| tx)
-        })
-        .as_ref()
+fn queue() -> Option<&'static LineQueue> {
+    let started = *WRITER.get_or_init(|| {
+        std::thread::Builder::new()
+            .name("log-writer".into())
+            .spawn(writer_loop)
+            .is_ok()
+    });
+    started.then_some(&LINES)
+}
+
+/// The next queued line, waiting for one.
+fn next_line() -> Option<(Dest, String)> {
+    let mut lines = lock(&LINES.lines);
+    loop {
+        if let Some(l) = lines.pop_front() {
+            if lines.is_empty() && lines.capacity() > 64 {
+                // A burst made it grow: give the memory back once it is drained.
+                lines.shrink_to(64);
+            }
+            return Some(l);
+        }
+        lines = match LINES.ready.wait(lines) {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+    }
 }
 
 /// The writer thread: the only place that writes log lines, so a stalled stderr or log
 /// FIFO blocks only this thread.
-fn writer_loop(rx: Receiver<(Dest, String)>) {
+fn writer_loop() {
     // Its own seccomp filter first (a no-op before `seccomp::init` or with `--seccomp off`).
     // A writer that cannot be confined ends cinder rather than run unfiltered.
     if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::LogWriter) {
@@ -97,7 +126,7 @@ fn writer_loop(rx: Receiver<(Dest, String)>) {
     // The file, its size, and whether it is a regular file (a FIFO has no size to cap).
     let mut sink: Option<(File, u64, bool)> = None;
     let mut capped = false;
-    while let Ok((dest, line)) = rx.recv() {
+    while let Some((dest, line)) = next_line() {
         if let Some(f) = lock(&SHARED.new_sink).take() {
             let (size, is_file) = f.metadata().map_or((0, false), |m| (m.len(), m.is_file()));
             sink = Some((f, size, is_file));
@@ -134,17 +163,22 @@ fn writer_loop(rx: Receiver<(Dest, String)>) {
 
 /// Queues `line` without ever blocking; a full queue drops it and counts it.
 fn enqueue(dest: Dest, line: String) {
-    let Some(tx) = queue() else {
+    let Some(q) = queue() else {
         SHARED.dropped.fetch_add(1, Ordering::Relaxed);
         return;
     };
+    let mut lines = lock(&q.lines);
+    if lines.len() >= LOG_QUEUE_LINES {
+        drop(lines);
+        SHARED.dropped.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let was_empty = lines.is_empty();
     SHARED.queued.fetch_add(1, Ordering::AcqRel);
-    match tx.try_send((dest, line)) {
-        Ok(()) => {}
-        Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-            SHARED.queued.fetch_sub(1, Ordering::AcqRel);
-            SHARED.dropped.fetch_add(1, Ordering::Relaxed);
-        }
+    lines.push_back((dest, line));
+    drop(lines);
+    if was_empty {
+        q.ready.notify_one();
     }
 }
 

@@ -145,7 +145,14 @@ impl Launcher {
             return Err(e);
         }
         match DeviceLoop::start(vm.subscribers(), vm.io_gate(), self.ctx.exit.clone()) {
-            Ok(devices) => Ok(Machine { vm, devices }),
+            Ok(devices) => {
+                // Building the VM freed what it parsed and staged (kernel headers, tables,
+                // the configuration's copies): give those heap pages back, so an idle VM
+                // holds only what it uses (issue 17 item 5: ~40 KiB less per VM).
+                // SAFETY: malloc_trim only releases free memory of the allocator's own heap.
+                unsafe { libc::malloc_trim(0) };
+                Ok(Machine { vm, devices })
+            }
             Err(e) => {
                 vm.shutdown();
                 Err(e)

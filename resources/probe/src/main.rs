@@ -12,6 +12,7 @@ mod bootinfo;
 mod checks;
 mod cmdline;
 mod cpu;
+mod idle;
 mod kbd;
 mod lapic;
 mod mem;

@@ -15,15 +15,17 @@
 //!
 //! Every figure is also checked (the probe's checksums, byte counts, orderly closes): a run
 //! whose data is wrong is reported as failed, not timed. Prints median / min / max over the
-//! runs, for cinder with its seccomp filters and with `--seccomp off` side by side. QEMU has
-//! no counterpart here: its vsock needs vhost-vsock and an AF_VSOCK host side.
+//! runs, for cinder with its seccomp filters and with `--seccomp off` side by side, and for
+//! Firecracker when `FIRECRACKER_BIN` names its binary (same probe, same hybrid Unix socket
+//! protocol; configured with `--no-api --config-file`; never downloaded). QEMU has no
+//! counterpart here: its vsock needs vhost-vsock and an AF_VSOCK host side.
 //! Needs /dev/kvm (on a host without it, `scripts/bench.sh vsock` runs this in the nested
 //! KVM lane, whose figures only compare runs of that lane).
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -37,22 +39,67 @@ const PORT: u32 = 5000;
 const HOST_PORT: u32 = 6000;
 const STEP: Duration = Duration::from_secs(300);
 
+/// The VMM measured in a pass.
+#[derive(Clone)]
+enum Vmm {
+    /// cinder with this `--seccomp` mode (each figure is measured with "on" and "off").
+    Cinder(&'static str),
+    /// Firecracker (`FIRECRACKER_BIN`), with its default seccomp filters.
+    Firecracker(PathBuf),
+}
+
+impl Vmm {
+    fn name(&self) -> String {
+        match self {
+            Vmm::Cinder(mode) => format!("seccomp {mode}"),
+            Vmm::Firecracker(_) => "firecracker".to_string(),
+        }
+    }
+}
+
 struct Opts {
     runs: usize,
     mib: usize,
     conns: usize,
-    /// cinder's `--seccomp` mode for this pass (each figure is measured with "on" and "off").
-    seccomp: &'static str,
+    vmm: Vmm,
 }
 
 fn start(o: &Opts, uds: &Path, keys: &str) -> Result<Session, String> {
-    let mut c = Command::new(cinder_bin());
-    c.args(["--seccomp", o.seccomp]);
-    c.arg("--kernel")
-        .arg(probe::elf_path())
-        .args(["--memory", "128", "--vcpus", "1"])
-        .args(["--vsock", &format!("cid={CID},uds={}", uds.display())])
-        .args(["--cmdline", &format!("probe.run=vsock {keys}")]);
+    let cmdline = format!("probe.run=vsock {keys}");
+    let c = match &o.vmm {
+        Vmm::Cinder(mode) => {
+            let mut c = Command::new(cinder_bin());
+            c.args(["--seccomp", mode]);
+            c.arg("--kernel")
+                .arg(probe::elf_path())
+                .args(["--memory", "128", "--vcpus", "1"])
+                .args(["--vsock", &format!("cid={CID},uds={}", uds.display())])
+                .args(["--cmdline", &cmdline]);
+            c
+        }
+        Vmm::Firecracker(bin) => {
+            let cfg = serde_json::json!({
+                "boot-source": {
+                    "kernel_image_path": probe::elf_path(),
+                    "boot_args": cmdline,
+                },
+                "drives": [],
+                "machine-config": { "vcpu_count": 1, "mem_size_mib": 128 },
+                "vsock": { "guest_cid": CID, "uds_path": uds },
+            });
+            let path = uds.with_extension("fc.json");
+            std::fs::write(&path, cfg.to_string()).map_err(|e| format!("{e}"))?;
+            // Its log lines go to stdout otherwise, into the middle of the probe's.
+            let log = uds.with_extension("fc.log");
+            std::fs::File::create(&log).map_err(|e| format!("{e}"))?;
+            let mut c = Command::new(bin);
+            c.args(["--no-api", "--config-file"])
+                .arg(&path)
+                .arg("--log-path")
+                .arg(&log);
+            c
+        }
+    };
     let mut s = Session::start(c);
     s.expect_line("PROBE vsock ready", STEP)?;
     Ok(s)
@@ -198,7 +245,7 @@ fn main() {
         runs: 5,
         mib: 64,
         conns: 100,
-        seccomp: "on",
+        vmm: Vmm::Cinder("on"),
     };
     let usage = "usage: bench_vsock [--runs N] [--mib N] [--conns N]";
     let mut args = std::env::args().skip(1);
@@ -239,8 +286,13 @@ fn main() {
     // alternately, side by side (reported, never asserted).
     let mut results = Vec::new();
     let mut failures = 0;
-    for mode in ["on", "off"] {
-        o.seccomp = mode;
+    let mut vmms = vec![Vmm::Cinder("on"), Vmm::Cinder("off")];
+    if let Some(fc) = std::env::var_os("FIRECRACKER_BIN") {
+        vmms.push(Vmm::Firecracker(PathBuf::from(fc)));
+    }
+    for vmm in vmms {
+        let mode = vmm.name();
+        o.vmm = vmm;
         let (mut h2g, mut g2h, mut ok, mut cycle) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for run in 0..o.runs {
@@ -248,14 +300,14 @@ fn main() {
                 Ok(v) => h2g.push(v),
                 Err(e) => {
                     failures += 1;
-                    println!("seccomp {mode} run {run}: host->guest failed: {e}");
+                    println!("{mode} run {run}: host->guest failed: {e}");
                 }
             }
             match guest_to_host(&o) {
                 Ok(v) => g2h.push(v),
                 Err(e) => {
                     failures += 1;
-                    println!("seccomp {mode} run {run}: guest->host failed: {e}");
+                    println!("{mode} run {run}: guest->host failed: {e}");
                 }
             }
             match setup(&o) {
@@ -265,7 +317,7 @@ fn main() {
                 }
                 Err(e) => {
                     failures += 1;
-                    println!("seccomp {mode} run {run}: connection setup failed: {e}");
+                    println!("{mode} run {run}: connection setup failed: {e}");
                 }
             }
         }
@@ -277,10 +329,10 @@ fn main() {
         "figure", "median", "min", "max"
     );
     for (mode, h2g, g2h, ok, cycle) in &results {
-        row(&format!("host->guest (seccomp {mode})"), "MiB/s", h2g);
-        row(&format!("guest->host (seccomp {mode})"), "MiB/s", g2h);
-        row(&format!("connect -> OK (seccomp {mode})"), "us", ok);
-        row(&format!("open,64B,close (seccomp {mode})"), "us", cycle);
+        row(&format!("host->guest ({mode})"), "MiB/s", h2g);
+        row(&format!("guest->host ({mode})"), "MiB/s", g2h);
+        row(&format!("connect -> OK ({mode})"), "us", ok);
+        row(&format!("open,64B,close ({mode})"), "us", cycle);
     }
     if failures > 0 {
         println!("{failures} measurement(s) failed (see above)");

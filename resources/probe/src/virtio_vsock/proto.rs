@@ -217,7 +217,8 @@ pub struct Report {
     pub end: End,
 }
 
-const NO_REPORT: Report = Report {
+/// An empty report (a placeholder in fixed arrays).
+pub const NO_REPORT: Report = Report {
     n: 0,
     outbound: false,
     local_port: 0,
