@@ -448,12 +448,15 @@ impl Applier<'_> {
             name: name.into(),
             why,
         };
-        let uid = h.uid().map_err(|x| hdr_err(x.to_string()))?;
-        let gid = h.gid().map_err(|x| hdr_err(x.to_string()))?;
+        let old = h.as_old();
+        let uid = blank_is_zero(h.uid(), &old.uid).map_err(|x| hdr_err(x.to_string()))?;
+        let gid = blank_is_zero(h.gid(), &old.gid).map_err(|x| hdr_err(x.to_string()))?;
         let uid = u32::try_from(uid).map_err(|_| hdr_err(format!("uid {uid} out of range")))?;
         let gid = u32::try_from(gid).map_err(|_| hdr_err(format!("gid {gid} out of range")))?;
-        let mode = h.mode().map_err(|x| hdr_err(x.to_string()))? & 0o7777;
-        let mtime = h.mtime().map_err(|x| hdr_err(x.to_string()))?;
+        let mode = blank_is_zero(h.mode().map(u64::from), &old.mode)
+            .map_err(|x| hdr_err(x.to_string()))?;
+        let mode = u32::try_from(mode & 0o7777).unwrap_or(0);
+        let mtime = blank_is_zero(h.mtime(), &old.mtime).map_err(|x| hdr_err(x.to_string()))?;
         let c = cpath(path).map_err(|e| self.fs_err(name, "chown", path, e))?;
         // SAFETY: `c` is a NUL-terminated path valid for the call; lchown does not follow a
         // final symbolic link and reads nothing else of ours.
@@ -494,6 +497,15 @@ impl Applier<'_> {
             return Err(self.fs_err(name, "set the time of", path, io::Error::last_os_error()));
         }
         Ok(())
+    }
+}
+
+/// A numeric header field that is all NULs or spaces reads as 0, as Go's archive/tar and
+/// Python's tarfile read it (the tar crate refuses it); anything else unparsable stays an error.
+fn blank_is_zero(v: io::Result<u64>, raw: &[u8]) -> io::Result<u64> {
+    match v {
+        Err(_) if raw.iter().all(|b| *b == 0 || *b == b' ') => Ok(0),
+        v => v,
     }
 }
 
@@ -566,5 +578,54 @@ mod tests {
         // OsString from bytes keeps non-UTF-8 names.
         let v = clean(b"\xff\xfe").unwrap_or_default();
         assert_eq!(v[0].clone().into_vec(), b"\xff\xfe".to_vec());
+    }
+
+    fn scratch(tag: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("cinder-layer-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    /// A one-file tar: the bytes, and where the file's data end.
+    fn one_file(data: &[u8], blank_ids: bool) -> (Vec<u8>, usize) {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o640);
+        if !blank_ids {
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(1);
+        }
+        b.append_data(&mut h, "f", data).unwrap();
+        (b.into_inner().unwrap(), 512 + data.len())
+    }
+
+    // Found with bench_image: the tar crate's Header::new_gnu leaves uid/gid/mtime blank and
+    // the tar crate refuses to parse them; Go and Python read 0.
+    #[test]
+    fn blank_numeric_fields_read_as_zero() {
+        let root = scratch("blank");
+        let (t, _) = one_file(b"data", true);
+        apply_layer(&root, &t[..], 1 << 20).unwrap();
+        let md = fs::metadata(root.join("f")).unwrap();
+        assert_eq!(md.permissions().mode() & 0o7777, 0o640);
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    // Found with Debian's umoci 0.4.7: `umoci insert` layers end right after the last file's
+    // data. Taken; a stream cut inside an entry's data is still refused.
+    #[test]
+    fn stream_ending_right_after_the_last_entrys_data_is_taken() {
+        let root = scratch("pad");
+        let (t, end) = one_file(b"hello", false);
+        apply_layer(&root, &t[..end], 1 << 20).unwrap();
+        assert_eq!(fs::read(root.join("f")).unwrap(), b"hello");
+        let root2 = scratch("cut");
+        let e = apply_layer(&root2, &t[..end - 2], 1 << 20).unwrap_err();
+        assert!(matches!(e, LayerError::Tar(_)), "{e}");
+        let _ = fs::remove_dir_all(&root);
+        let _ = fs::remove_dir_all(&root2);
     }
 }
