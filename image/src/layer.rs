@@ -46,6 +46,12 @@ pub enum LayerError {
     /// The tar stream itself is broken (or could not be read / decompressed).
     #[error("bad tar stream: {0}")]
     Tar(io::Error),
+    /// Headers, long names or PAX records between two entries past `MAX_META`.
+    #[error("an entry's headers (long name, PAX records) exceed {MAX_META} bytes: refused")]
+    MetaTooBig,
+    /// More entries than `MAX_ENTRIES`.
+    #[error("more than {MAX_ENTRIES} entries: refused")]
+    TooManyEntries,
     /// The layer expands past the limit.
     #[error(
         "expands past the limit of {limit} bytes (a decompression bomb or a sparse-file bomb?)"
@@ -116,17 +122,41 @@ struct Bounded<R> {
     inner: R,
     read: u64,
     limit: u64,
-    over: Rc<Cell<bool>>,
+    over: Rc<Cell<Over>>,
+    /// Bytes still allowed in the current phase: while the tar reader looks for the next
+    /// entry, what it reads is headers and the long names / PAX records it keeps in memory
+    /// (the tar crate reads those whole, unbounded), so that phase gets `MAX_META`.
+    phase_left: Rc<Cell<u64>>,
 }
+
+/// Which bound a layer went past.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Over {
+    No,
+    Total,
+    Meta,
+}
+
+/// The most bytes read while looking for the next entry (headers, GNU long names and link
+/// names, PAX records).
+const MAX_META: u64 = 1 << 20;
+/// The most entries in one layer (each is an inode and a remembered path).
+const MAX_ENTRIES: u64 = 1 << 21;
 
 impl<R: Read> Read for Bounded<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.read = self.read.saturating_add(n as u64);
         if self.read > self.limit {
-            self.over.set(true);
+            self.over.set(Over::Total);
             return Err(io::Error::other("layer too big"));
         }
+        let left = self.phase_left.get();
+        if n as u64 > left {
+            self.over.set(Over::Meta);
+            return Err(io::Error::other("tar metadata too big"));
+        }
+        self.phase_left.set(left - n as u64);
         Ok(n)
     }
 }
@@ -267,7 +297,7 @@ impl Applier<'_> {
         Ok(())
     }
 
-    fn entry<R: Read>(&mut self, mut e: tar::Entry<'_, R>) -> Result<(), LayerError> {
+    fn entry<R: Read>(&mut self, e: &mut tar::Entry<'_, R>) -> Result<(), LayerError> {
         self.stats.entries += 1;
         let raw = e.path_bytes().into_owned();
         let name = lossy(&raw);
@@ -512,7 +542,8 @@ fn blank_is_zero(v: io::Result<u64>, raw: &[u8]) -> io::Result<u64> {
 /// Applies the tar stream `stream` (decompressed) onto `root`, which must be a directory this
 /// process owns alone. At most `limit` bytes of stream and of file data are taken.
 pub fn apply_layer<R: Read>(root: &Path, stream: R, limit: u64) -> Result<LayerStats, LayerError> {
-    let over = Rc::new(Cell::new(false));
+    let over = Rc::new(Cell::new(Over::No));
+    let phase_left = Rc::new(Cell::new(MAX_META));
     let complete_at = Rc::new(Cell::new(0));
     let pad = Pad {
         inner: stream,
@@ -525,6 +556,7 @@ pub fn apply_layer<R: Read>(root: &Path, stream: R, limit: u64) -> Result<LayerS
         read: 0,
         limit,
         over: over.clone(),
+        phase_left: phase_left.clone(),
     };
     let mut archive = tar::Archive::new(bounded);
     let mut ap = Applier {
@@ -533,21 +565,32 @@ pub fn apply_layer<R: Read>(root: &Path, stream: R, limit: u64) -> Result<LayerS
         limit,
         stats: LayerStats::default(),
     };
-    let too_big = |e: io::Error| {
-        if over.get() {
-            LayerError::TooBig { limit }
-        } else {
-            LayerError::Tar(e)
-        }
+    let why = |e: io::Error| match over.get() {
+        Over::Total => LayerError::TooBig { limit },
+        Over::Meta => LayerError::MetaTooBig,
+        Over::No => LayerError::Tar(e),
     };
-    let entries = archive.entries().map_err(too_big)?;
-    for e in entries {
-        let e = e.map_err(too_big)?;
+    let mut entries = archive.entries().map_err(why)?;
+    loop {
+        phase_left.set(MAX_META);
+        let Some(e) = entries.next() else { break };
+        phase_left.set(u64::MAX);
+        let mut e = e.map_err(why)?;
+        if ap.stats.entries >= MAX_ENTRIES {
+            return Err(LayerError::TooManyEntries);
+        }
         let end = e
             .raw_file_position()
             .saturating_add(e.header().entry_size().unwrap_or(u64::MAX));
-        match ap.entry(e) {
-            Err(LayerError::Tar(_)) if over.get() => return Err(LayerError::TooBig { limit }),
+        let r = ap.entry(&mut e).and_then(|()| {
+            // What the entry did not use (a directory or link claiming data): read here,
+            // not by the tar reader's skip, which would count as the next entry's headers.
+            io::copy(&mut e, &mut io::sink())
+                .map(drop)
+                .map_err(LayerError::Tar)
+        });
+        match r {
+            Err(LayerError::Tar(e)) => return Err(why(e)),
             r => r?,
         }
         complete_at.set(end);
@@ -627,5 +670,50 @@ mod tests {
         assert!(matches!(e, LayerError::Tar(_)), "{e}");
         let _ = fs::remove_dir_all(&root);
         let _ = fs::remove_dir_all(&root2);
+    }
+
+    /// The tar crate reads a GNU long name or a PAX header whole into memory: one of 2 MiB is
+    /// refused before it is read whole (hostile layers could claim gigabytes).
+    #[test]
+    fn huge_long_name_or_pax_header_is_refused() {
+        for kind in [tar::EntryType::XHeader, tar::EntryType::GNULongName] {
+            let mut b = tar::Builder::new(Vec::new());
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_size(2 << 20);
+            h.set_cksum();
+            b.append(&h, &vec![b'a'; 2 << 20][..]).unwrap();
+            let mut h = tar::Header::new_gnu();
+            h.set_size(1);
+            b.append_data(&mut h, "f", &b"x"[..]).unwrap();
+            let t = b.into_inner().unwrap();
+            let root = scratch("meta");
+            let e = apply_layer(&root, &t[..], 1 << 30).unwrap_err();
+            assert!(matches!(e, LayerError::MetaTooBig), "{kind:?}: {e}");
+            let _ = fs::remove_dir_all(&root);
+        }
+    }
+
+    /// Data attached to a directory entry is read past, not counted as headers.
+    #[test]
+    fn data_on_a_directory_entry_is_skipped() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_size(3 << 20);
+        h.set_mode(0o755);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_path("d").unwrap();
+        h.set_cksum();
+        b.append(&h, &vec![0u8; 3 << 20][..]).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_size(1);
+        b.append_data(&mut h, "d/f", &b"x"[..]).unwrap();
+        let t = b.into_inner().unwrap();
+        let root = scratch("dirdata");
+        apply_layer(&root, &t[..], 1 << 30).unwrap();
+        assert_eq!(fs::read(root.join("d/f")).unwrap(), b"x");
+        let _ = fs::remove_dir_all(&root);
     }
 }
