@@ -17,8 +17,9 @@
 //! Whiteouts (OCI image spec, "Representing Changes"): `.wh.NAME` removes NAME of the lower
 //! layers; `.wh..wh..opq` in a directory removes everything the lower layers put in it.
 //! Neither touches what the same layer adds. Owners (numeric uid/gid), modes with the
-//! setuid/setgid/sticky bits, mtimes, symbolic links, hard links, device nodes and FIFOs are
-//! kept; extended attributes are not (file capabilities are lost).
+//! setuid/setgid/sticky bits, mtimes, symbolic links, hard links, device nodes, FIFOs and
+//! extended attributes (PAX `SCHILY.xattr.*`: file capabilities) are kept; ids too large for
+//! the header come from PAX `uid` / `gid`.
 
 use std::cell::Cell;
 use std::collections::HashSet;
@@ -348,6 +349,7 @@ impl Applier<'_> {
             }
         }
         let h = e.header().clone();
+        let pax = self.pax(&name, e)?;
         match kind {
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 let mut f = OpenOptions::new()
@@ -462,7 +464,7 @@ impl Applier<'_> {
             }
         }
         self.created.insert(rel);
-        self.set_meta(&name, &path, &h, kind == EntryType::Symlink)
+        self.set_meta(&name, &path, &h, &pax, kind == EntryType::Symlink)
     }
 
     /// Owner, then mode (a chown clears setuid), then mtime; a symbolic link gets its owner
@@ -472,6 +474,7 @@ impl Applier<'_> {
         name: &str,
         path: &Path,
         h: &tar::Header,
+        pax: &Pax,
         is_link: bool,
     ) -> Result<(), LayerError> {
         let hdr_err = |why: String| LayerError::BadHeader {
@@ -479,8 +482,14 @@ impl Applier<'_> {
             why,
         };
         let old = h.as_old();
-        let uid = blank_is_zero(h.uid(), &old.uid).map_err(|x| hdr_err(x.to_string()))?;
-        let gid = blank_is_zero(h.gid(), &old.gid).map_err(|x| hdr_err(x.to_string()))?;
+        let uid = match pax.uid {
+            Some(u) => u,
+            None => blank_is_zero(h.uid(), &old.uid).map_err(|x| hdr_err(x.to_string()))?,
+        };
+        let gid = match pax.gid {
+            Some(g) => g,
+            None => blank_is_zero(h.gid(), &old.gid).map_err(|x| hdr_err(x.to_string()))?,
+        };
         let uid = u32::try_from(uid).map_err(|_| hdr_err(format!("uid {uid} out of range")))?;
         let gid = u32::try_from(gid).map_err(|_| hdr_err(format!("gid {gid} out of range")))?;
         let mode = blank_is_zero(h.mode().map(u64::from), &old.mode)
@@ -526,8 +535,65 @@ impl Applier<'_> {
         if rc != 0 {
             return Err(self.fs_err(name, "set the time of", path, io::Error::last_os_error()));
         }
+        // Extended attributes last: a chown clears security.capability.
+        for (k, v) in &pax.xattrs {
+            // SAFETY: `c` and `k` are NUL-terminated strings and `v` a buffer of `v.len()`
+            // bytes, all alive for the call; lsetxattr does not follow a final link.
+            let rc =
+                unsafe { libc::lsetxattr(c.as_ptr(), k.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
+            if rc != 0 {
+                let err = io::Error::last_os_error();
+                let key = k.to_string_lossy();
+                return Err(LayerError::BadHeader {
+                    name: name.into(),
+                    why: format!("cannot set extended attribute {key}: {err}"),
+                });
+            }
+        }
         Ok(())
     }
+
+    /// An entry's PAX records cinder uses: `uid`, `gid` (ids too large for the header) and
+    /// `SCHILY.xattr.NAME` (extended attributes, file capabilities among them).
+    fn pax<R: Read>(&self, name: &str, e: &mut tar::Entry<'_, R>) -> Result<Pax, LayerError> {
+        let mut out = Pax::default();
+        let bad = |why: String| LayerError::BadHeader {
+            name: name.into(),
+            why,
+        };
+        let Some(exts) = e.pax_extensions().map_err(|x| bad(x.to_string()))? else {
+            return Ok(out);
+        };
+        for ext in exts {
+            let ext = ext.map_err(|x| bad(x.to_string()))?;
+            let Ok(key) = ext.key() else { continue };
+            let num = || -> Result<u64, LayerError> {
+                ext.value()
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| bad(format!("PAX {key} is not a number")))
+            };
+            match key {
+                "uid" => out.uid = Some(num()?),
+                "gid" => out.gid = Some(num()?),
+                k => {
+                    if let Some(x) = k.strip_prefix("SCHILY.xattr.") {
+                        let k = CString::new(x).map_err(|_| bad(format!("xattr name {x:?}")))?;
+                        out.xattrs.push((k, ext.value_bytes().to_vec()));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What an entry's PAX records add to its header.
+#[derive(Default)]
+struct Pax {
+    uid: Option<u64>,
+    gid: Option<u64>,
+    xattrs: Vec<(CString, Vec<u8>)>,
 }
 
 /// A numeric header field that is all NULs or spaces reads as 0, as Go's archive/tar and

@@ -585,3 +585,46 @@ fn umoci_built_layout() {
     );
     assert!(!prepare(&format!("{l}:app"), &cache).unwrap().built);
 }
+
+/// File capabilities and other extended attributes (PAX `SCHILY.xattr.*`) and ids too large
+/// for the header (PAX `uid`/`gid`) reach the ext4.
+#[test]
+fn xattrs_and_large_ids_from_pax_records_are_kept() {
+    require_root();
+    let t = Tmp::new("xattr");
+    // vfs_cap_data v2, effective, permitted CAP_NET_RAW (13).
+    let mut cap = Vec::new();
+    for w in [0x0200_0001u32, 1 << 13, 0, 0, 0] {
+        cap.extend_from_slice(&w.to_le_bytes());
+    }
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions([
+        ("SCHILY.xattr.security.capability", &cap[..]),
+        ("SCHILY.xattr.user.note", &b"hello"[..]),
+        ("uid", &b"3000000"[..]),
+        ("gid", &b"3000001"[..]),
+    ])
+    .unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_size(3);
+    h.set_mode(0o755);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1);
+    b.append_data(&mut h, "bin/ping", &b"pi\n"[..]).unwrap();
+    let tar = b.into_inner().unwrap();
+    let layout = t.join("layout");
+    std::fs::create_dir(&layout).unwrap();
+    oci_layout(&layout, &[(tar, Comp::Gzip)]);
+    let p = prepare(layout.to_str().unwrap(), &t.join("cache")).unwrap();
+    let ea = debugfs(&p.rootfs, "ea_list /bin/ping");
+    assert!(ea.contains("user.note") && ea.contains("hello"), "{ea}");
+    assert!(ea.contains("security.capability"), "{ea}");
+    let s = stat(&p.rootfs, "/bin/ping");
+    assert_eq!(
+        (field(&s, "User:"), field(&s, "Group:")),
+        ("3000000", "3000001"),
+        "{s}"
+    );
+    assert_eq!(mode(&p.rootfs, "/bin/ping"), 0o755);
+}
