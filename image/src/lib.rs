@@ -168,7 +168,7 @@ enum Source {
 
 fn is_ext4(p: &Path) -> bool {
     use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(p) else {
+    let Ok(mut f) = source::open_regular(p) else {
         return false;
     };
     let mut magic = [0u8; 2];

@@ -79,6 +79,23 @@ fn bad(what: impl std::fmt::Display, why: impl std::fmt::Display) -> ImageError 
     }
 }
 
+/// Opens a file of the image for reading: without blocking (a FIFO named as a blob or
+/// `index.json` must not hang the build) and only if it is a regular file.
+pub(crate) fn open_regular(p: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(p)?;
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(f)
+}
+
 /// Reads at most `max` bytes of `r`, refusing more.
 fn read_bounded(r: impl Read, max: u64, what: &str) -> Result<Vec<u8>, ImageError> {
     let mut v = Vec::new();
@@ -150,7 +167,7 @@ impl Layout {
             ));
         }
         let p = self.blob_path(&d);
-        let f = File::open(&p).map_err(io_err(format!("{what} {}", p.display())))?;
+        let f = open_regular(&p).map_err(io_err(format!("{what} {}", p.display())))?;
         let bytes = read_bounded(f, MAX_JSON, what)?;
         if bytes.len() as u64 != desc.size() {
             return Err(ImageError::SizeMismatch {
@@ -206,7 +223,7 @@ pub(crate) fn resolve_layout(dir: &Path, tag: Option<&str>) -> Result<Resolved, 
     let what = format!("OCI layout {}", dir.display());
     let layout_file = dir.join("oci-layout");
     let hdr = read_bounded(
-        File::open(&layout_file).map_err(io_err(layout_file.display()))?,
+        open_regular(&layout_file).map_err(io_err(layout_file.display()))?,
         4096,
         "oci-layout",
     )?;
@@ -220,7 +237,7 @@ pub(crate) fn resolve_layout(dir: &Path, tag: Option<&str>) -> Result<Resolved, 
     }
     let index_path = dir.join("index.json");
     let bytes = read_bounded(
-        File::open(&index_path).map_err(io_err(index_path.display()))?,
+        open_regular(&index_path).map_err(io_err(index_path.display()))?,
         MAX_JSON,
         "index.json",
     )?;
@@ -350,7 +367,7 @@ fn norm(name: &str) -> String {
 impl TarIndex {
     fn new(path: &Path) -> Result<TarIndex, ImageError> {
         let what = format!("docker-archive {}", path.display());
-        let f = File::open(path).map_err(io_err(&what))?;
+        let f = open_regular(path).map_err(io_err(&what))?;
         let mut ar = tar::Archive::new(f);
         let mut idx = TarIndex {
             file: path.to_path_buf(),
@@ -410,7 +427,7 @@ impl TarIndex {
         if size > MAX_JSON {
             return Err(bad(name, format!("larger than {MAX_JSON} bytes")));
         }
-        let mut f = File::open(&self.file).map_err(io_err(self.file.display()))?;
+        let mut f = open_regular(&self.file).map_err(io_err(self.file.display()))?;
         f.seek(SeekFrom::Start(off))
             .map_err(io_err(self.file.display()))?;
         read_bounded(f.take(size), MAX_JSON, name)
@@ -419,7 +436,7 @@ impl TarIndex {
 
 /// Whether `path` is a docker-archive: a tar with `manifest.json`.
 pub(crate) fn looks_like_docker_archive(path: &Path) -> bool {
-    let Ok(f) = File::open(path) else {
+    let Ok(f) = open_regular(path) else {
         return false;
     };
     let mut ar = tar::Archive::new(f);
@@ -551,7 +568,7 @@ pub(crate) fn apply(l: &LayerRef, i: usize, root: &Path, limit: u64) -> Result<(
         LayerLoc::File(p) => (p.clone(), 0),
         LayerLoc::InTar { file, offset } => (file.clone(), *offset),
     };
-    let mut f = File::open(&file).map_err(io_err(format!("{what}: {}", file.display())))?;
+    let mut f = open_regular(&file).map_err(io_err(format!("{what}: {}", file.display())))?;
     if let LayerLoc::File(_) = l.loc {
         let len = f.metadata().map_err(io_err(&what))?.len();
         if len != l.size {

@@ -628,3 +628,52 @@ fn xattrs_and_large_ids_from_pax_records_are_kept() {
     );
     assert_eq!(mode(&p.rootfs, "/bin/ping"), 0o755);
 }
+
+/// A FIFO where a blob or `index.json` should be is refused at once, never waited on.
+#[test]
+fn a_fifo_as_a_blob_or_index_is_refused_without_blocking() {
+    require_root();
+    let t = Tmp::new("fifo");
+    let layout = t.join("layout");
+    std::fs::create_dir(&layout).unwrap();
+    let desc = oci_layout(&layout, &[(layer(&[E::File("a", b"a\n")]), Comp::None)]);
+    let m: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            layout
+                .join("blobs/sha256")
+                .join(&desc["digest"].as_str().unwrap()[7..]),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let blob = layout
+        .join("blobs/sha256")
+        .join(&m["layers"][0]["digest"].as_str().unwrap()[7..]);
+    let mkfifo = |p: &Path| {
+        std::fs::remove_file(p).unwrap();
+        let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path alive for the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    };
+    mkfifo(&blob);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (l, cache) = (layout.clone(), t.join("cache"));
+    std::thread::spawn(move || {
+        let r = prepare(l.to_str().unwrap(), &cache)
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        let _ = tx.send(r);
+        mkfifo(&l.join("index.json"));
+        let r = prepare(l.to_str().unwrap(), &cache)
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        let _ = tx.send(r);
+    });
+    for what in ["layer blob", "index.json"] {
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("{what}: prepare blocked on a FIFO"));
+        let e = r.unwrap_err();
+        assert!(e.contains("not a regular file"), "{what}: {e}");
+    }
+}
