@@ -677,3 +677,45 @@ fn a_fifo_as_a_blob_or_index_is_refused_without_blocking() {
         assert!(e.contains("not a regular file"), "{what}: {e}");
     }
 }
+
+/// Docker 25's `docker save` layout (config and layers under `blobs/sha256/`) and older
+/// Docker's shared layers (a `layer.tar` that is a symbolic link to another).
+#[test]
+fn docker_archive_with_blobs_and_symlinked_layers() {
+    require_root();
+    let t = Tmp::new("docker25");
+    let l0 = layer(&[E::File("base", b"base\n"), E::File("gone", b"x\n")]);
+    let l1 = layer(&[E::File("top", b"top\n"), E::File(".wh.gone", b"")]);
+    let (l1gz, _) = compress(&l1, Comp::Gzip);
+    let (h0, h1) = (sha256_hex(&l0), sha256_hex(&l1gz));
+    let cfg = config_json(&[
+        format!("sha256:{h0}"),
+        format!("sha256:{}", sha256_hex(&l1)),
+    ]);
+    let hc = sha256_hex(&cfg);
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |name: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        b.append_data(&mut h, name, data).unwrap();
+    };
+    add(&format!("blobs/sha256/{h0}"), &l0);
+    add(&format!("blobs/sha256/{h1}"), &l1gz);
+    add(&format!("blobs/sha256/{hc}"), &cfg);
+    let manifest = serde_json::json!([{ "Config": format!("blobs/sha256/{hc}"), "RepoTags": ["app:2"],
+        "Layers": ["old/layer.tar", format!("blobs/sha256/{h1}")] }]);
+    add("manifest.json", &serde_json::to_vec(&manifest).unwrap());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_size(0);
+    b.append_link(&mut h, "old/layer.tar", format!("../blobs/sha256/{h0}"))
+        .unwrap();
+    let path = t.join("app.tar");
+    std::fs::write(&path, b.into_inner().unwrap()).unwrap();
+    let p = prepare(&format!("{}:app:2", path.display()), &t.join("cache")).unwrap();
+    assert_eq!(p.digest, Some(format!("sha256:{hc}")));
+    assert_eq!(cat(&p.rootfs, "/base"), "base\n");
+    assert_eq!(cat(&p.rootfs, "/top"), "top\n");
+    assert!(!exists(&p.rootfs, "/gone"));
+}
