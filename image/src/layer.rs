@@ -245,7 +245,14 @@ struct Applier<'a> {
 impl Applier<'_> {
     /// The directory for `comps` (an entry's parents): every component must be a real
     /// directory; a missing one is made.
-    fn parent_dir(&self, name: &str, comps: &[OsString]) -> Result<PathBuf, LayerError> {
+    /// With `create` false, a missing one gives `None` (a whiteout or a hard link names a
+    /// path: it never makes directories).
+    fn parent_dir(
+        &self,
+        name: &str,
+        comps: &[OsString],
+        create: bool,
+    ) -> Result<Option<PathBuf>, LayerError> {
         let mut p = self.root.to_path_buf();
         for c in comps {
             p.push(c);
@@ -263,6 +270,7 @@ impl Applier<'_> {
                         why: "a parent is not a directory",
                     })
                 }
+                Err(e) if e.kind() == io::ErrorKind::NotFound && !create => return Ok(None),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     fs::create_dir(&p).map_err(|e| self.fs_err(name, "create directory", &p, e))?;
                     fs::set_permissions(&p, fs::Permissions::from_mode(0o755))
@@ -271,7 +279,7 @@ impl Applier<'_> {
                 Err(e) => return Err(self.fs_err(name, "stat", &p, e)),
             }
         }
-        Ok(p)
+        Ok(Some(p))
     }
 
     fn fs_err(&self, name: &str, op: &'static str, p: &Path, source: io::Error) -> LayerError {
@@ -313,8 +321,12 @@ impl Applier<'_> {
         };
         let rel: PathBuf = comps.iter().collect();
         let rel_dir: PathBuf = parents.iter().collect();
-        let dir = self.parent_dir(&name, parents)?;
         let last_b = last.as_bytes();
+        let is_whiteout = last_b.starts_with(WHITEOUT) && last_b != OPAQUE;
+        let Some(dir) = self.parent_dir(&name, parents, !is_whiteout)? else {
+            // A whiteout in a directory that is not there: nothing to hide.
+            return Ok(());
+        };
         if last_b == OPAQUE {
             return self.opaque(&name, &rel_dir, &dir);
         }
@@ -410,7 +422,9 @@ impl Applier<'_> {
                 let Some((tlast, tparents)) = tcomps.split_last() else {
                     return Err(bad("the root"));
                 };
-                let tdir = self.parent_dir(&name, tparents)?;
+                let Some(tdir) = self.parent_dir(&name, tparents, false)? else {
+                    return Err(bad("no such file in the image"));
+                };
                 let src = tdir.join(tlast);
                 match fs::symlink_metadata(&src) {
                     Ok(md) if md.is_dir() => return Err(bad("a directory")),

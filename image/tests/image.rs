@@ -67,6 +67,7 @@ fn change_layers() -> Vec<(Vec<u8>, Comp)> {
         E::File("etc/conf", b"v3\n"),
         E::File(".wh.added", b""),
         E::File("added3", b"3\n"),
+        E::File("nodir/.wh.x", b""),
     ]);
     vec![(l1, Comp::None), (l2, Comp::Gzip), (l3, Comp::Zstd)]
 }
@@ -81,6 +82,10 @@ fn check_changes(img: &Path) {
         "a later layer's whiteout removed /added"
     );
     assert_eq!(cat(img, "/added3"), "3\n");
+    assert!(
+        !exists(img, "/nodir"),
+        "a whiteout in a missing directory makes none"
+    );
     // Opaque directory: the lower layer's children are gone, the upper's is there.
     assert!(
         !exists(img, "/opq/lower1") && !exists(img, "/opq/lowersub"),
@@ -265,8 +270,6 @@ fn escaping_entries_are_refused_with_nothing_written_outside() {
     let outside = t.join("outside");
     std::fs::create_dir(&outside).unwrap();
     let out_s: &'static str = Box::leak(outside.display().to_string().into_boxed_str());
-    let abs_name: &'static str = Box::leak(format!("{}/abs", &out_s[1..]).into_boxed_str());
-    let _ = abs_name;
     let abs_file: &'static str = Box::leak(format!("{out_s}/abs").into_boxed_str());
     let cases: Vec<(&str, Vec<E>, &str)> = vec![
         (
