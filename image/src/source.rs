@@ -27,7 +27,65 @@ use crate::{ImageConfig, ImageError};
 /// The largest JSON document (index, manifest, config) read.
 const MAX_JSON: u64 = 8 << 20;
 /// Most entries indexed in a docker-archive tar.
-const MAX_ARCHIVE_ENTRIES: usize = 1 << 20;
+const MAX_ARCHIVE_ENTRIES: usize = 1 << 16;
+/// The most bytes read from a docker-archive between two members (headers, long names, PAX
+/// records, which the tar crate keeps whole in memory; member data is skipped by seeking).
+const MAX_ARCHIVE_META: u64 = 1 << 20;
+
+/// A file whose reads are counted against a budget the caller resets before each member.
+struct Budgeted {
+    f: File,
+    left: std::rc::Rc<std::cell::Cell<u64>>,
+}
+
+impl Read for Budgeted {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.f.read(buf)?;
+        let left = self.left.get();
+        if n as u64 > left {
+            return Err(io::Error::other(format!(
+                "a member's headers (long name, PAX records) exceed {MAX_ARCHIVE_META} bytes"
+            )));
+        }
+        self.left.set(left - n as u64);
+        Ok(n)
+    }
+}
+
+impl Seek for Budgeted {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        self.f.seek(pos)
+    }
+}
+
+/// The members of the tar at `path`, each header read within `MAX_ARCHIVE_META`; `f` sees
+/// each one and says whether to go on.
+fn each_member(
+    path: &Path,
+    mut f: impl FnMut(tar::Entry<'_, Budgeted>) -> Result<bool, ImageError>,
+) -> Result<(), ImageError> {
+    let what = format!("docker-archive {}", path.display());
+    let left = std::rc::Rc::new(std::cell::Cell::new(MAX_ARCHIVE_META));
+    let file = open_regular(path).map_err(io_err(&what))?;
+    let mut ar = tar::Archive::new(Budgeted {
+        f: file,
+        left: left.clone(),
+    });
+    let mut entries = ar.entries_with_seek().map_err(io_err(&what))?;
+    for _ in 0..MAX_ARCHIVE_ENTRIES {
+        left.set(MAX_ARCHIVE_META);
+        let Some(e) = entries.next() else {
+            return Ok(());
+        };
+        if !f(e.map_err(io_err(&what))?)? {
+            return Ok(());
+        }
+    }
+    Err(bad(
+        &what,
+        format!("more than {MAX_ARCHIVE_ENTRIES} members"),
+    ))
+}
 /// How deep indexes may nest.
 const MAX_INDEX_DEPTH: usize = 4;
 const REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -366,19 +424,12 @@ fn norm(name: &str) -> String {
 
 impl TarIndex {
     fn new(path: &Path) -> Result<TarIndex, ImageError> {
-        let what = format!("docker-archive {}", path.display());
-        let f = open_regular(path).map_err(io_err(&what))?;
-        let mut ar = tar::Archive::new(f);
         let mut idx = TarIndex {
             file: path.to_path_buf(),
             files: HashMap::new(),
             links: HashMap::new(),
         };
-        for e in ar.entries_with_seek().map_err(io_err(&what))? {
-            let e = e.map_err(io_err(&what))?;
-            if idx.files.len() + idx.links.len() >= MAX_ARCHIVE_ENTRIES {
-                return Err(bad(&what, "too many members"));
-            }
+        each_member(path, |e| {
             let name = norm(&String::from_utf8_lossy(&e.path_bytes()));
             match e.header().entry_type() {
                 tar::EntryType::Regular | tar::EntryType::Continuous => {
@@ -399,7 +450,8 @@ impl TarIndex {
                 }
                 _ => {}
             }
-        }
+            Ok(true)
+        })?;
         Ok(idx)
     }
 
@@ -436,20 +488,12 @@ impl TarIndex {
 
 /// Whether `path` is a docker-archive: a tar with `manifest.json`.
 pub(crate) fn looks_like_docker_archive(path: &Path) -> bool {
-    let Ok(f) = open_regular(path) else {
-        return false;
-    };
-    let mut ar = tar::Archive::new(f);
-    let Ok(entries) = ar.entries_with_seek() else {
-        return false;
-    };
-    for e in entries.take(MAX_ARCHIVE_ENTRIES) {
-        let Ok(e) = e else { return false };
-        if norm(&String::from_utf8_lossy(&e.path_bytes())) == "manifest.json" {
-            return true;
-        }
-    }
-    false
+    let mut found = false;
+    let _ = each_member(path, |e| {
+        found = norm(&String::from_utf8_lossy(&e.path_bytes())) == "manifest.json";
+        Ok(!found)
+    });
+    found
 }
 
 pub(crate) fn resolve_docker_archive(

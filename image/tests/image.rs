@@ -722,3 +722,26 @@ fn docker_archive_with_blobs_and_symlinked_layers() {
     assert_eq!(cat(&p.rootfs, "/top"), "top\n");
     assert!(!exists(&p.rootfs, "/gone"));
 }
+
+/// A docker-archive member with a 2 MiB long name (the tar crate would keep it whole in
+/// memory; a hostile one could claim gigabytes) is refused.
+#[test]
+fn docker_archive_with_a_huge_long_name_is_refused() {
+    let t = Tmp::new("dockerlong");
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(2);
+    b.append_data(&mut h, "manifest.json", &b"[]"[..]).unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::GNULongName);
+    h.set_size(2 << 20);
+    h.set_cksum();
+    b.append(&h, &vec![b'a'; 2 << 20][..]).unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_size(1);
+    b.append_data(&mut h, "x", &b"x"[..]).unwrap();
+    let path = t.join("long.tar");
+    std::fs::write(&path, b.into_inner().unwrap()).unwrap();
+    let e = prepare(path.to_str().unwrap(), &t.join("cache")).unwrap_err();
+    assert!(e.to_string().contains("exceed 1048576 bytes"), "{e}");
+}
