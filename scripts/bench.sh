@@ -10,9 +10,11 @@
 #   density: N idle probe microVMs at once (cold boot): VMs/s, time to all ready, PSS, RSS,
 #          VMM overhead and private memory per VM, idle CPU, ping, teardown; Firecracker too
 #          when FIRECRACKER_BIN is set (`density --counts 100,300,1000`; not part of `all`).
+#   run:   `cinder run`'s image step: build time (cold, cached) and ext4 size for an OCI layout
+#          of 10,000 files / 100 MiB (bench_image, crate cinder-image; no KVM, needs root).
 # Every cinder figure is measured with its seccomp filters (the default) and with
 # --seccomp off, side by side.
-# Usage: scripts/bench.sh [boot|api|io|vsock|seccomp|density|all] [extra args for the driver]
+# Usage: scripts/bench.sh [boot|api|io|vsock|seccomp|density|run|all] [extra args for the driver]
 #
 # On a host whose kernel has no KVM device (scripts/kvm-lane.sh says "none") the drivers run
 # inside the nested KVM lane (scripts/nested-kvm.sh), where cinder and QEMU both use the L1
@@ -24,10 +26,10 @@ bash scripts/setup.sh
 what=${1:-all}
 shift || true
 case $what in
-boot | api | io | vsock | seccomp | density | all) ;;
-*) echo "usage: scripts/bench.sh [boot|api|io|vsock|seccomp|density|all] [args]" >&2; exit 2 ;;
+boot | api | io | vsock | seccomp | density | run | all) ;;
+*) echo "usage: scripts/bench.sh [boot|api|io|vsock|seccomp|density|run|all] [args]" >&2; exit 2 ;;
 esac
-cargo build --release -p vmm -p cinder-tests --bins >&2
+cargo build --release -p vmm -p cinder-tests -p cinder-image --bins >&2
 
 lane=$(bash scripts/kvm-lane.sh)
 run() {
@@ -47,6 +49,8 @@ io) run bench_io "$@" ;;
 vsock) run bench_vsock "$@" ;;
 seccomp) run bench_seccomp "$@" ;;
 density) run bench_density "$@" ;;
+# No KVM in it: on the host even where the others go to the nested lane.
+run) target/release/bench_image "$@" ;;
 all)
 	run bench_boot "$@"
 	echo
@@ -57,5 +61,7 @@ all)
 	run bench_vsock
 	echo
 	run bench_seccomp
+	echo
+	target/release/bench_image
 	;;
 esac

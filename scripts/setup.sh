@@ -9,6 +9,7 @@ PKGS=(
 	busybox-static         # the guest's userland
 	build-essential flex bison bc libelf-dev libssl-dev cpio xz-utils  # kernel build
 	e2fsprogs              # mkfs.ext4 -d / debugfs for root disk images
+	umoci                  # builds OCI image layouts offline for the image tests (image/tests)
 	util-linux             # setpriv, for the permission tests
 	iproute2               # network namespaces and taps for network tests
 	kmod                   # modinfo, for the nested KVM lane's L1 initramfs

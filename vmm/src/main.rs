@@ -20,6 +20,8 @@ use vmm::runtime::{ApiState, Runtime, DEFAULT_CMDLINE};
 use vmm::seccomp::{SeccompMode, ThreadKind};
 use vmm::signal::SignalFd;
 
+mod images_cmd;
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum BootProtocolArg {
     /// PVH when the ELF has a PVH note, else the Linux 64-bit protocol.
@@ -700,6 +702,10 @@ fn main() -> ExitCode {
     // (issue 17 item 5). Before any other thread exists.
     // SAFETY: mallopt only changes a malloc tunable; no other thread runs yet.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+    // `cinder images ...`: the image cache, apart from the VMM's flags (images_cmd.rs).
+    if std::env::args_os().nth(1).is_some_and(|a| a == "images") {
+        return images_cmd::main(std::env::args_os().skip(2));
+    }
     let cli = Cli::parse();
     // Firecracker's flags cinder does not implement: refused before anything happens.
     if let Some(msg) = refused_flag(&cli) {
