@@ -204,10 +204,18 @@ impl<'a> VmBuilder<'a> {
                 id: d.drive_id.clone(),
                 source,
             })?;
-            // The drive's requests run on a thread of its own ("blk-<id>", cut to 15 bytes),
-            // off the device loop.
             let mut blk = blk;
-            blk.start_worker(
+            blk.set_rate_limiter(rate_limiter(d.rate_limiter.as_ref()).map_err(|source| {
+                VmError::Drive {
+                    id: d.drive_id.clone(),
+                    source: source.into(),
+                }
+            })?);
+            let dev = Arc::new(Mutex::new(blk));
+            // The drive's queue is served by a thread of its own ("blk-<id>", cut to 15
+            // bytes), off the device loop.
+            Block::start_io_thread(
+                &dev,
                 &format!("blk-{}", d.drive_id),
                 blk_thread_start_hook(),
                 open.io_gate.clone(),
@@ -216,13 +224,6 @@ impl<'a> VmBuilder<'a> {
                 id: d.drive_id.clone(),
                 source,
             })?;
-            blk.set_rate_limiter(rate_limiter(d.rate_limiter.as_ref()).map_err(|source| {
-                VmError::Drive {
-                    id: d.drive_id.clone(),
-                    source: source.into(),
-                }
-            })?);
-            let dev = Arc::new(Mutex::new(blk));
             open.blocks.push((d.drive_id.clone(), dev.clone()));
             open.virtio.push((format!("drive {}", d.drive_id), dev));
         }

@@ -105,9 +105,13 @@ pub const DEVICES: &[Allow] = &[
 ];
 
 /// blk-<id>, a drive's I/O thread (the blk branch: devices/src/virtio/block/worker.rs),
-/// spawned by main at InstanceStart: executes requests on the image.
+/// spawned by main at InstanceStart: owns the drive's queue (polls its ioeventfd, the activate
+/// fd, the rate limiter's timer), executes requests on the image, raises the irqfd.
 #[rustfmt::skip]
 pub const BLOCK_IO: &[Allow] = &[
+    (SYS_epoll_wait, Args::Any, "blk: its loop over the queue's ioeventfd, timer, stop fd"),
+    (SYS_epoll_pwait, Args::Any, "blk: its loop"),
+    (SYS_timerfd_settime, Args::Any, "blk: the rate limiter's timer (armed when out of tokens)"),
     (SYS_readv, Args::Any, "blk: reads into guest memory"),
     (SYS_writev, Args::Any, "blk: writes from guest memory"),
     (SYS_pread64, Args::Any, "blk: reads"),
