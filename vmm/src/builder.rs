@@ -19,7 +19,7 @@ use arch::GuestMemoryMmap;
 use devices::i8042::I8042;
 use devices::legacy::{self, SerialDevice};
 use devices::rate_limiter::{bucket, RateLimiter, RateLimiterError};
-use devices::virtio::block::{Block, BlockConfig, IoGate, StartHook};
+use devices::virtio::block::{Block, BlockConfig, IoEngine, IoGate, StartHook};
 use devices::virtio::console::{Console as VirtioConsole, ConsoleInput as VirtioConsoleInput};
 use devices::virtio::net::{generate_mac, Net, NetConfig, DEFAULT_MTU};
 use devices::virtio::rng::Rng;
@@ -214,11 +214,17 @@ impl<'a> VmBuilder<'a> {
             let dev = Arc::new(Mutex::new(blk));
             // The drive's queue is served by a thread of its own ("blk-<id>", cut to 15
             // bytes), off the device loop.
+            let engine = match d.io_engine {
+                api::model::IoEngine::Sync => IoEngine::Sync,
+                api::model::IoEngine::Async => IoEngine::Async,
+                api::model::IoEngine::Auto => IoEngine::Auto,
+            };
             Block::start_io_thread(
                 &dev,
                 &format!("blk-{}", d.drive_id),
                 blk_thread_start_hook(),
                 open.io_gate.clone(),
+                engine,
             )
             .map_err(|source| VmError::Drive {
                 id: d.drive_id.clone(),

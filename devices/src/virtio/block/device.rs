@@ -16,7 +16,7 @@ use super::features::{
 use super::request::{handle_chain_counted, parse_failed, BlockStats, Request, RequestType};
 use super::worker::{Batch, IoGate, IoThread, Job, StartHook, ThreadFds};
 use super::{
-    BlockError, DISCARD_SECTOR_ALIGNMENT, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG,
+    BlockError, IoEngine, DISCARD_SECTOR_ALIGNMENT, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG,
     MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, QUEUE_SIZE, SECTOR_SHIFT, SEG_MAX, SIZE_MAX,
     VIRTIO_BLK_ID_BYTES,
 };
@@ -143,6 +143,8 @@ impl Block {
     /// queue's notification fd, the activate fd and the rate limiter's timer itself: it pops
     /// the chains, runs the requests (image I/O straight into guest memory), writes the used
     /// ring and raises the interrupt, with no hand-over per request (see [`super::worker`]).
+    /// Its reads and writes use `engine` (io_uring for `Async`, and for `Auto` when it can be
+    /// set up: see [`super::uring`]); returns the engine in use.
     /// Every pass runs inside `gate`. The device loop then leaves the device alone (its
     /// `init` watches nothing). Call before the device is activated. The thread ends when the
     /// device is dropped.
@@ -151,17 +153,27 @@ impl Block {
         name: &str,
         hook: StartHook,
         gate: Arc<IoGate>,
-    ) -> Result<(), BlockError> {
+        engine: IoEngine,
+    ) -> Result<IoEngine, BlockError> {
         let mut name = name.to_string();
         while name.len() > 15 {
             name.pop();
         }
         let mut b = lock(dev);
         let fds = b.thread_fds().map_err(BlockError::Worker)?;
-        let thread = IoThread::spawn(name, hook, Arc::downgrade(dev), fds, gate)
-            .map_err(BlockError::Worker)?;
+        let (thread, fell_back) =
+            IoThread::spawn(name.clone(), hook, Arc::downgrade(dev), fds, gate, engine)?;
         b.io_thread = Some(thread);
-        Ok(())
+        let used = match (engine, fell_back) {
+            (IoEngine::Sync, _) => IoEngine::Sync,
+            (_, None) => IoEngine::Async,
+            (_, Some(e)) => {
+                log::warn!("virtio-blk: {name}: io_uring unavailable ({e}): using the sync engine");
+                lock(&b.stats).io_uring_fallback = 1;
+                IoEngine::Sync
+            }
+        };
+        Ok(used)
     }
 
     /// Duplicates of the fds the I/O thread polls.

@@ -275,6 +275,11 @@ impl DiskImage {
         Ok(())
     }
 
+    /// Whether a write may go to the image now: it is writable and no fdatasync failed.
+    pub(super) fn writes_allowed(&self) -> bool {
+        !self.read_only && self.sync_failed.is_none()
+    }
+
     /// Capacity in 512-byte sectors.
     pub fn nsectors(&self) -> u64 {
         self.nsectors

@@ -35,7 +35,10 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::device::Block;
+use super::disk::DiskImage;
 use super::request::{BlockStats, Request};
+use super::uring::Uring;
+use super::{BlockError, IoEngine, VIRTIO_BLK_ID_BYTES};
 use crate::virtio::device_core::DRAIN_BUDGET;
 use crate::GuestMemoryMmap;
 
@@ -114,6 +117,11 @@ impl IoGate {
         true
     }
 
+    /// Whether a pause is closing (or closed) the gate: a thread inside takes no new work.
+    pub(super) fn closing(&self) -> bool {
+        lock(&self.state).closed
+    }
+
     /// Opens the gate: waiting workers go on.
     pub fn open(&self) {
         lock(&self.state).closed = false;
@@ -177,44 +185,98 @@ const TAG_QUEUE: u64 = 0;
 const TAG_ACTIVATE: u64 = 1;
 const TAG_TIMER: u64 = 2;
 const TAG_STOP: u64 = 3;
+const TAG_URING: u64 = 4;
+
+/// How long the thread waits, at its end, for io_uring requests still in flight.
+const STOP_DRAIN: Duration = Duration::from_secs(1);
+
+/// What the I/O thread runs the requests with.
+enum Engine {
+    Sync,
+    Uring(Box<Uring>),
+}
+
+impl Engine {
+    fn in_flight(&self) -> usize {
+        match self {
+            Engine::Sync => 0,
+            Engine::Uring(u) => u.in_flight(),
+        }
+    }
+}
 
 impl IoThread {
-    /// Spawns the thread `name` (at most 15 bytes), which runs `hook` first, then serves
-    /// `dev`'s queue until the device goes (see [`Block::start_io_thread`]).
+    /// Spawns the thread `name` (at most 15 bytes), which runs `hook` first, sets up its
+    /// engine, then serves `dev`'s queue until the device goes (see
+    /// [`Block::start_io_thread`]). Returns once the engine is set up: whether it uses
+    /// io_uring, or why `Auto` fell back to the sync engine.
     pub(super) fn spawn(
         name: String,
         hook: StartHook,
         dev: Weak<Mutex<Block>>,
         fds: ThreadFds,
         gate: Arc<IoGate>,
-    ) -> io::Result<Self> {
-        let stop = EventFd::new(EFD_NONBLOCK)?;
-        let their_stop = stop.try_clone()?;
-        let epoll = Epoll::new()?;
+        engine: IoEngine,
+    ) -> Result<(Self, Option<io::Error>), BlockError> {
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(BlockError::Worker)?;
+        let their_stop = stop.try_clone().map_err(BlockError::Worker)?;
+        let uring_evt = EventFd::new(EFD_NONBLOCK).map_err(BlockError::Worker)?;
+        let epoll = Epoll::new().map_err(BlockError::Worker)?;
         for (fd, tag) in [
             (fds.queue.as_raw_fd(), TAG_QUEUE),
             (fds.activate.as_raw_fd(), TAG_ACTIVATE),
             (fds.timer.as_raw_fd(), TAG_TIMER),
             (their_stop.as_raw_fd(), TAG_STOP),
+            (uring_evt.as_raw_fd(), TAG_URING),
         ] {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, tag),
-            )?;
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, tag),
+                )
+                .map_err(BlockError::Worker)?;
         }
-        std::thread::Builder::new().name(name).spawn(move || {
-            hook();
-            let t = Thread {
-                dev,
-                fds,
-                _stop: their_stop,
-                epoll,
-                gate,
-            };
-            t.run();
-        })?;
-        Ok(IoThread { stop })
+        let (ready_tx, ready_rx) =
+            std::sync::mpsc::channel::<Result<Option<io::Error>, io::Error>>();
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || {
+                hook();
+                // The ring is set up here, under the thread's own seccomp filter.
+                let (engine, fell_back) = match engine {
+                    IoEngine::Sync => (Engine::Sync, None),
+                    IoEngine::Async | IoEngine::Auto => match Uring::new(&uring_evt) {
+                        Ok(u) => (Engine::Uring(Box::new(u)), None),
+                        Err(e) if engine == IoEngine::Auto => (Engine::Sync, Some(e)),
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    },
+                };
+                if ready_tx.send(Ok(fell_back)).is_err() {
+                    return;
+                }
+                let mut t = Thread {
+                    dev,
+                    fds,
+                    _stop: their_stop,
+                    uring_evt,
+                    epoll,
+                    gate,
+                    engine,
+                };
+                t.run();
+            })
+            .map_err(BlockError::Worker)?;
+        match ready_rx.recv() {
+            Ok(Ok(fell_back)) => Ok((IoThread { stop }, fell_back)),
+            Ok(Err(e)) => Err(BlockError::IoUring(e)),
+            Err(_) => Err(BlockError::Worker(io::Error::other(
+                "the I/O thread ended before it was ready",
+            ))),
+        }
     }
 }
 
@@ -222,75 +284,251 @@ struct Thread {
     dev: Weak<Mutex<Block>>,
     fds: ThreadFds,
     _stop: EventFd,
+    uring_evt: EventFd,
     epoll: Epoll,
     gate: Arc<IoGate>,
+    engine: Engine,
 }
 
 impl Thread {
-    fn run(&self) {
+    /// The loop: wait for a kick, the activation, the limiter's timer or completions; then,
+    /// inside the gate, complete what the ring finished and make a pass over the queue. With
+    /// requests in flight the thread stays inside the gate (a pause waits for them), and while
+    /// a pause is closing it it takes no new ones.
+    fn run(&mut self) {
         let mut events = [EpollEvent::default(); 8];
+        // A pass is due.
+        let mut pending = false;
+        // Counted in the gate.
+        let mut inside = false;
+        // The last pass stopped for want of room in the ring.
+        let mut stalled = false;
         loop {
-            let n = match self.epoll.wait(-1, &mut events) {
+            // A pass held back by a closing gate: wait at the gate (below), not in epoll.
+            let timeout = if pending && !inside { 0 } else { -1 };
+            let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     log::error!("virtio-blk: the I/O thread cannot wait for events: {e}");
-                    return;
+                    break;
                 }
             };
             let mut timer = false;
+            let mut stop = false;
             for ev in &events[..n] {
                 match ev.data() {
-                    TAG_STOP => return,
-                    TAG_QUEUE => drain(&self.fds.queue),
-                    TAG_ACTIVATE => drain(&self.fds.activate),
-                    TAG_TIMER => timer = true,
+                    TAG_STOP => stop = true,
+                    TAG_QUEUE => {
+                        drain(&self.fds.queue);
+                        pending = true;
+                    }
+                    TAG_ACTIVATE => {
+                        drain(&self.fds.activate);
+                        pending = true;
+                    }
+                    TAG_TIMER => {
+                        timer = true;
+                        pending = true;
+                    }
+                    TAG_URING => drain(&self.uring_evt),
                     _ => {}
                 }
             }
-            // Inside the gate for the whole pass: a pause waits for it, and holds the next.
-            self.gate.enter();
-            let alive = self.pass(timer);
+            if stop {
+                break;
+            }
+            if !inside {
+                self.gate.enter();
+                inside = true;
+            }
+            let Some(dev) = self.dev.upgrade() else {
+                break;
+            };
+            if self.reap(&dev) && stalled {
+                pending = true;
+            }
+            if timer {
+                lock(&dev).timer_fired();
+            }
+            if pending && !self.gate.closing() {
+                pending = false;
+                stalled = self.pass(&dev);
+            }
+            drop(dev);
+            if self.engine.in_flight() == 0 {
+                self.gate.exit();
+                inside = false;
+            }
+        }
+        if inside {
             self.gate.exit();
-            if !alive {
-                return;
+        }
+        self.drain_at_stop();
+    }
+
+    /// One pass: pop and parse (under the device's lock), run or submit (without it), complete
+    /// what finished (under it again). Returns whether it stopped for want of room.
+    fn pass(&mut self, dev: &Arc<Mutex<Block>>) -> bool {
+        let room = match &self.engine {
+            Engine::Sync => DRAIN_BUDGET,
+            Engine::Uring(u) => u.room(),
+        };
+        let (batch, disk, stats, id) = {
+            let mut b = lock(dev);
+            (b.take_batch(0, room), b.disk_arc(), b.stats_arc(), *b.id())
+        };
+        let Some(mut job) = batch.job else {
+            return batch.stalled;
+        };
+        let mut st = BlockStats::default();
+        let mut done = Vec::with_capacity(job.requests.len());
+        match &mut self.engine {
+            Engine::Sync => {
+                let mut disk = lock(&disk);
+                disk.set_write_through(job.write_through);
+                for (head, request) in &job.requests {
+                    done.push((*head, request.run(&job.mem, &mut disk, &id, &mut st)));
+                }
+            }
+            Engine::Uring(_) => {
+                let requests = std::mem::take(&mut job.requests);
+                self.submit_job(dev, requests, &job, &disk, &id, &mut st, &mut done)
+            }
+        }
+        lock(&stats).add(&st);
+        lock(dev).finish(job.generation, &done);
+        batch.stalled
+    }
+
+    /// The io_uring half of a pass: reads and writes to the ring, the rest synchronously
+    /// once the ring is empty (see [`super::uring`]).
+    #[allow(clippy::too_many_arguments)]
+    fn submit_job(
+        &mut self,
+        dev: &Arc<Mutex<Block>>,
+        requests: Vec<(u16, Request)>,
+        job: &Job,
+        disk: &Arc<Mutex<DiskImage>>,
+        id: &[u8; VIRTIO_BLK_ID_BYTES],
+        st: &mut BlockStats,
+        done: &mut Vec<(u16, u32)>,
+    ) {
+        let file = match lock(disk).file().try_clone() {
+            Ok(f) => Some(Arc::new(f)),
+            Err(e) => {
+                log::warn!("virtio-blk: cannot duplicate the image fd, running synchronously: {e}");
+                None
+            }
+        };
+        for (head, request) in requests {
+            let back = match (&mut self.engine, &file) {
+                (Engine::Uring(u), Some(file)) => {
+                    let d = lock(disk);
+                    u.push(
+                        head,
+                        request,
+                        &job.mem,
+                        job.generation,
+                        job.write_through,
+                        &d,
+                        file,
+                    )
+                }
+                _ => Err(request),
+            };
+            let Err(request) = back else {
+                continue;
+            };
+            // Synchronously, after everything in flight (FLUSH covers the writes before it).
+            self.wait_all(dev);
+            let mut d = lock(disk);
+            d.set_write_through(job.write_through);
+            done.push((head, request.run(&job.mem, &mut d, id, st)));
+        }
+        if let Engine::Uring(u) = &mut self.engine {
+            if let Err(e) = u.submit(0) {
+                log::warn!("virtio-blk: io_uring submission failed: {e}");
+                self.wait_all(dev);
             }
         }
     }
 
-    /// One pass: pop and parse (under the device's lock), execute (without it), complete
-    /// (under it again). Returns false once the device is gone.
-    fn pass(&self, timer: bool) -> bool {
-        let Some(dev) = self.dev.upgrade() else {
+    /// Submits what is queued and waits until nothing is in flight, completing it all.
+    fn wait_all(&mut self, dev: &Arc<Mutex<Block>>) {
+        loop {
+            let Engine::Uring(u) = &mut self.engine else {
+                return;
+            };
+            if u.in_flight() == 0 {
+                return;
+            }
+            if let Err(e) = u.submit(1) {
+                log::error!("virtio-blk: io_uring wait failed: {e}");
+                return;
+            }
+            self.reap(dev);
+        }
+    }
+
+    /// Completes what the ring finished: status bytes, used ring, interrupt. Returns whether
+    /// anything completed.
+    fn reap(&mut self, dev: &Arc<Mutex<Block>>) -> bool {
+        let Engine::Uring(u) = &mut self.engine else {
             return false;
         };
-        let (batch, disk, stats, id) = {
-            let mut b = lock(&dev);
-            if timer {
-                b.timer_fired();
-            }
-            (
-                b.take_batch(0, DRAIN_BUDGET),
-                b.disk_arc(),
-                b.stats_arc(),
-                *b.id(),
-            )
-        };
-        let Some(job) = batch.job else {
-            return true;
+        let mut completed = Vec::new();
+        u.reap(&mut completed);
+        if completed.is_empty() {
+            return false;
+        }
+        let (disk, stats, id) = {
+            let b = lock(dev);
+            (b.disk_arc(), b.stats_arc(), *b.id())
         };
         let mut st = BlockStats::default();
-        let mut done = Vec::with_capacity(job.requests.len());
-        {
-            let mut disk = lock(&disk);
-            disk.set_write_through(job.write_through);
-            for (head, request) in &job.requests {
-                done.push((*head, request.run(&job.mem, &mut disk, &id, &mut st)));
+        // In submission order, requests of one activation are together.
+        let mut groups: Vec<(u64, Vec<(u16, u32)>)> = Vec::new();
+        for c in completed {
+            let generation = c.slot.generation;
+            let d = c.finish(&disk, &id, &mut st);
+            match groups.last_mut() {
+                Some((g, v)) if *g == generation => v.push(d),
+                _ => groups.push((generation, vec![d])),
             }
         }
         lock(&stats).add(&st);
-        lock(&dev).finish(job.generation, &done);
+        let mut b = lock(dev);
+        for (generation, done) in &groups {
+            b.finish(*generation, done);
+        }
         true
+    }
+
+    /// At the end, waits (bounded) for requests still in flight: the kernel must be done with
+    /// guest memory and the fds before they go.
+    fn drain_at_stop(&mut self) {
+        let deadline = Instant::now() + STOP_DRAIN;
+        let mut events = [EpollEvent::default(); 8];
+        loop {
+            let Engine::Uring(u) = &mut self.engine else {
+                return;
+            };
+            let mut completed = Vec::new();
+            u.reap(&mut completed);
+            if u.in_flight() == 0 {
+                return;
+            }
+            if Instant::now() >= deadline {
+                log::warn!(
+                    "virtio-blk: {} io_uring requests still in flight at the end",
+                    u.in_flight()
+                );
+                return;
+            }
+            let _ = self.epoll.wait(10, &mut events);
+            drain(&self.uring_evt);
+        }
     }
 }
 

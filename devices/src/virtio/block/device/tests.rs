@@ -594,7 +594,17 @@ fn wait_used(vq: &MockSplitQueue<GuestMemoryMmap>, n: u16) {
 /// runs the requests, the used ring and the interrupt, inside the gate; process_queue (the
 /// device loop's path) does nothing.
 #[test]
-fn io_thread_owns_the_queue() {
+fn io_thread_owns_the_queue_sync() {
+    io_thread_owns_the_queue(IoEngine::Sync, "blk-sync-drive-id", "blk-sync-drive-");
+}
+
+/// The same with io_uring.
+#[test]
+fn io_thread_owns_the_queue_async() {
+    io_thread_owns_the_queue(IoEngine::Async, "blk-async-drive-id", "blk-async-drive");
+}
+
+fn io_thread_owns_the_queue(engine: IoEngine, name: &str, cut: &str) {
     let file = image(64);
     let before = std::fs::read(file.as_path()).unwrap();
     let mem = mem();
@@ -607,7 +617,8 @@ fn io_thread_owns_the_queue() {
         *seen.lock().unwrap() = std::thread::current().name().map(str::to_string);
     });
     let gate = Arc::new(IoGate::new());
-    Block::start_io_thread(&dev, "blk-a-very-long-drive-id", hook, gate.clone()).unwrap();
+    let used = Block::start_io_thread(&dev, name, hook, gate.clone(), engine).unwrap();
+    assert_eq!(used, engine);
     let kick = dev.lock().unwrap().core.queue_events()[0]
         .try_clone()
         .unwrap();
@@ -645,7 +656,7 @@ fn io_thread_owns_the_queue() {
     assert_eq!(std::fs::read(file.as_path()).unwrap(), before);
     assert_eq!(
         started.lock().unwrap().as_deref(),
-        Some("blk-a-very-long"),
+        Some(cut),
         "the hook ran on the I/O thread, named within 15 bytes"
     );
     gate.open();
@@ -694,7 +705,7 @@ fn io_thread_owns_the_queue() {
     let alive = || {
         std::fs::read_dir("/proc/self/task").unwrap().any(|t| {
             let comm = t.unwrap().path().join("comm");
-            std::fs::read_to_string(comm).is_ok_and(|c| c.trim() == "blk-a-very-long")
+            std::fs::read_to_string(comm).is_ok_and(|c| c.trim() == cut)
         })
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
