@@ -26,6 +26,7 @@
 //! The thread ends when the device is dropped: it holds only a weak reference to the device,
 //! duplicates of the fds it polls, and a stop fd that the device writes when it goes.
 
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
@@ -266,6 +267,7 @@ impl IoThread {
                     epoll,
                     gate,
                     engine,
+                    image: None,
                 };
                 t.run();
             })
@@ -288,6 +290,8 @@ struct Thread {
     epoll: Epoll,
     gate: Arc<IoGate>,
     engine: Engine,
+    /// The io_uring engine's duplicate of the image's fd, by [`DiskImage::open_id`].
+    image: Option<(u64, Arc<File>)>,
 }
 
 impl Thread {
@@ -414,13 +418,7 @@ impl Thread {
         st: &mut BlockStats,
         done: &mut Vec<(u16, u32)>,
     ) {
-        let file = match lock(disk).file().try_clone() {
-            Ok(f) => Some(Arc::new(f)),
-            Err(e) => {
-                log::warn!("virtio-blk: cannot duplicate the image fd, running synchronously: {e}");
-                None
-            }
-        };
+        let file = self.image_fd(disk);
         for (head, request) in requests {
             let back = match (&mut self.engine, &file) {
                 (Engine::Uring(u), Some(file)) => {
@@ -450,6 +448,29 @@ impl Thread {
             if let Err(e) = u.submit(0) {
                 log::warn!("virtio-blk: io_uring submission failed: {e}");
                 self.wait_all(dev);
+            }
+        }
+    }
+
+    /// A duplicate of the image's fd for the ring's requests, made once per open image (a
+    /// `PATCH /drives` switch opens a new one); None if it cannot be made (the requests then
+    /// run synchronously).
+    fn image_fd(&mut self, disk: &Arc<Mutex<DiskImage>>) -> Option<Arc<File>> {
+        let d = lock(disk);
+        if let Some((id, f)) = &self.image {
+            if *id == d.open_id() {
+                return Some(f.clone());
+            }
+        }
+        match d.file().try_clone() {
+            Ok(f) => {
+                let f = Arc::new(f);
+                self.image = Some((d.open_id(), f.clone()));
+                Some(f)
+            }
+            Err(e) => {
+                log::warn!("virtio-blk: cannot duplicate the image fd, running synchronously: {e}");
+                None
             }
         }
     }
