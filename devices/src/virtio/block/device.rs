@@ -474,10 +474,29 @@ impl Block {
         out
     }
 
+    /// Puts one executed request of activation `generation` in the used ring at once (the
+    /// driver may be polling it), without the interrupt ([`Self::finish`] with nothing raises
+    /// it); dropped if a reset ended that activation.
+    pub(super) fn publish(&mut self, generation: u64, head: u16, len: u32) {
+        if generation != self.generation {
+            return;
+        }
+        let Some(active) = self.core.active_mut() else {
+            return;
+        };
+        let mem = active.mem.clone();
+        if let Some(queue) = active.queues.get_mut(0) {
+            if let Err(e) = queue.add_used(&mem, head, len) {
+                warn_ratelimited!("virtio-blk: cannot add used entry: {e}");
+            }
+        }
+    }
+
     /// Puts executed requests (head, used length) of activation `generation` in the used
-    /// ring and raises the interrupt; those of an activation a reset ended are dropped.
+    /// ring and raises the interrupt (if the driver wants one for what was used since the
+    /// last); those of an activation a reset ended are dropped.
     pub(super) fn finish(&mut self, generation: u64, done: &[(u16, u32)]) {
-        if generation != self.generation || done.is_empty() {
+        if generation != self.generation {
             return;
         }
         let Some(active) = self.core.active_mut() else {

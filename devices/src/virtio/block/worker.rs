@@ -389,10 +389,15 @@ impl Thread {
         let mut done = Vec::with_capacity(job.requests.len());
         match &mut self.engine {
             Engine::Sync => {
-                let mut disk = lock(&disk);
-                disk.set_write_through(job.write_through);
+                // Each request goes to the used ring as soon as it is done (a polling driver
+                // resubmits meanwhile); one interrupt for the pass, below.
                 for (head, request) in &job.requests {
-                    done.push((*head, request.run(&job.mem, &mut disk, &id, &mut st)));
+                    let len = {
+                        let mut disk = lock(&disk);
+                        disk.set_write_through(job.write_through);
+                        request.run(&job.mem, &mut disk, &id, &mut st)
+                    };
+                    lock(dev).publish(job.generation, *head, len);
                 }
             }
             Engine::Uring(_) => {
@@ -401,7 +406,11 @@ impl Thread {
             }
         }
         lock(&stats).add(&st);
-        lock(dev).finish(job.generation, &done);
+        // The sync engine published its requests one by one: the interrupt is still due.
+        let published = matches!(self.engine, Engine::Sync);
+        if published || !done.is_empty() {
+            lock(dev).finish(job.generation, &done);
+        }
         batch.stalled
     }
 
