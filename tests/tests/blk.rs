@@ -796,6 +796,11 @@ fn pause_resume_during_block_io(extra: &str, probe_args: &str) {
         pauses += 1;
         std::thread::sleep(Duration::from_millis(20));
         let r = cinder_tests::http::request(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
+        if r.status == 500 && r.body.contains("not running anymore") {
+            // The guest's reset (PROBE DONE) was queued just before the pause request: the
+            // pause was answered, then cinder ended. The exit code and data are checked below.
+            break;
+        }
         assert_eq!(r.status, 204, "resume: {r:?}\n{}", sess.log());
         std::thread::sleep(Duration::from_millis(5));
         if sess.console().contains("PROBE DONE") {
