@@ -585,7 +585,9 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
             g.exit();
         });
+        assert!(!gate.closing());
         assert!(gate.close(Duration::from_secs(5)));
+        assert!(gate.closing(), "an I/O thread inside takes no new work now");
         t.join().unwrap();
         // Closed: a worker waits until it opens.
         let g = gate.clone();
@@ -597,6 +599,7 @@ mod tests {
         });
         assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
         gate.open();
+        assert!(!gate.closing());
         rx.recv_timeout(Duration::from_secs(5)).unwrap();
         t.join().unwrap();
     }
