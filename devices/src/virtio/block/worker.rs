@@ -578,6 +578,7 @@ mod tests {
     #[test]
     fn gate_close_waits_for_the_worker_inside() {
         let gate = Arc::new(IoGate::new());
+        assert!(!gate.closing());
         gate.enter();
         assert!(!gate.close(Duration::from_millis(20)), "a worker is inside");
         let g = gate.clone();
@@ -585,7 +586,6 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
             g.exit();
         });
-        assert!(!gate.closing());
         assert!(gate.close(Duration::from_secs(5)));
         assert!(gate.closing(), "an I/O thread inside takes no new work now");
         t.join().unwrap();
