@@ -197,9 +197,14 @@ fn images(s: &Scratch) -> (PathBuf, PathBuf, Vec<u8>) {
 
 /// `blk` on a writable and a read-only disk: the probe's report, then the files.
 fn blk_pattern(vmm: Vmm) {
+    blk_pattern_with(vmm, "");
+}
+
+/// [`blk_pattern`] with `probe_args` appended to the probe's command line.
+fn blk_pattern_with(vmm: Vmm, probe_args: &str) {
     let s = Scratch::new("pattern");
     let (w, r, r_content) = images(&s);
-    let cmdline = format!("probe.run=blk probe.blk_seed={SEED}");
+    let cmdline = format!("probe.run=blk probe.blk_seed={SEED}{probe_args}");
     let run = vmm(&cmdline, &[(&w, "probe_w", false), (&r, "probe_r", true)]);
     run.ensure(run.log.done == Some((1, 1)), "expected PROBE DONE 1/1");
     run.ensure(run.r.code() == Some(0), "exit code 0");
@@ -409,6 +414,13 @@ fn blk_discard_cinder(vmm: Vmm) {
 #[test]
 fn blk_pattern_and_readonly_qemu() {
     blk_pattern(qemu);
+}
+
+/// The probe's `probe.blk_qd=32` (32 requests in flight on a 128-entry ring, which the
+/// io_uring pause test uses) checked against the oracle.
+#[test]
+fn blk_pattern_qd32_qemu() {
+    blk_pattern_with(qemu, " probe.blk_qd=32");
 }
 
 #[test]
