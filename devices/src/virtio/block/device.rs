@@ -385,12 +385,13 @@ impl Block {
                 break;
             }
             loop {
-                if requests.len() >= room {
-                    out.stalled = true;
-                    break 'outer;
-                }
+                // The budget first: its self-kick brings the thread back whatever the room.
                 if budget == 0 {
                     self_kick = true;
+                    break 'outer;
+                }
+                if requests.len() >= room {
+                    out.stalled = true;
                     break 'outer;
                 }
                 budget -= 1;

@@ -308,8 +308,13 @@ impl Thread {
         // The last pass stopped for want of room in the ring.
         let mut stalled = false;
         loop {
-            // A pass held back by a closing gate: wait at the gate (below), not in epoll.
-            let timeout = if pending && !inside { 0 } else { -1 };
+            // A pass is due: do not wait in epoll (outside the gate, wait at it below; inside
+            // it, wait only while a pause is closing it, for the completions).
+            let timeout = if pending && (!inside || !self.gate.closing()) {
+                0
+            } else {
+                -1
+            };
             let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -358,6 +363,10 @@ impl Thread {
             if pending && !self.gate.closing() {
                 pending = false;
                 stalled = self.pass(&dev);
+                // Completions reaped within the pass made room: go on at once.
+                if stalled && self.room() > 0 {
+                    pending = true;
+                }
             }
             drop(dev);
             if self.engine.in_flight() == 0 {
@@ -371,13 +380,18 @@ impl Thread {
         self.drain_at_stop();
     }
 
+    /// Requests the engine can take now.
+    fn room(&self) -> usize {
+        match &self.engine {
+            Engine::Sync => DRAIN_BUDGET,
+            Engine::Uring(u) => u.room(),
+        }
+    }
+
     /// One pass: pop and parse (under the device's lock), run or submit (without it), complete
     /// what finished (under it again). Returns whether it stopped for want of room.
     fn pass(&mut self, dev: &Arc<Mutex<Block>>) -> bool {
-        let room = match &self.engine {
-            Engine::Sync => DRAIN_BUDGET,
-            Engine::Uring(u) => u.room(),
-        };
+        let room = self.room();
         let (batch, disk, stats, id) = {
             let mut b = lock(dev);
             (b.take_batch(0, room), b.disk_arc(), b.stats_arc(), *b.id())
@@ -411,6 +425,9 @@ impl Thread {
         if published || !done.is_empty() {
             lock(dev).finish(job.generation, &done);
         }
+        // Reads of cached data complete within the submission: publish them now rather than
+        // after another trip through epoll.
+        self.reap(dev);
         batch.stalled
     }
 
