@@ -738,11 +738,12 @@ fn io_thread_serves_more_than_a_budget_per_kick() {
             .unwrap();
         let vq = MockSplitQueue::new(&mem, 256);
         const N: u64 = 80;
+        const N16: u16 = 80;
         let mut descs = Vec::new();
         for i in 0..N {
             let (h, data, st) = (0x4_0000 + i * 32, 0x5_0000 + i * 512, 0x6_0000 + i);
             header(&mem, h, VIRTIO_BLK_T_IN, i);
-            let base = (3 * i) as u16;
+            let base = 3 * u16::try_from(i).unwrap();
             descs.push(d(h, 16, F_NEXT, base + 1));
             descs.push(d(data, 512, F_WRITE | F_NEXT, base + 2));
             descs.push(d(st, 1, F_WRITE, 0));
@@ -758,7 +759,7 @@ fn io_thread_serves_more_than_a_budget_per_kick() {
         std::thread::sleep(std::time::Duration::from_millis(50));
         vq.add_desc_chains(&descs, 0).unwrap();
         kick.write(1).unwrap();
-        wait_used(&vq, N as u16);
+        wait_used(&vq, N16);
         for i in 0..N {
             assert_eq!(
                 mem.read_obj::<u8>(GuestAddress(0x6_0000 + i)).unwrap(),
@@ -771,7 +772,7 @@ fn io_thread_serves_more_than_a_budget_per_kick() {
             let at = (i * 512) as usize;
             assert_eq!(buf, before[at..at + 512], "{engine:?}: sector {i}");
         }
-        let mut heads: Vec<u32> = (0..N as u16)
+        let mut heads: Vec<u32> = (0..N16)
             .map(|k| vq.used().ring().ref_at(k.into()).unwrap().load().id())
             .collect();
         heads.sort_unstable();
@@ -780,6 +781,6 @@ fn io_thread_serves_more_than_a_budget_per_kick() {
         assert_eq!(dev.lock().unwrap().stats().reads, N, "{engine:?}");
         // Nothing more comes.
         std::thread::sleep(std::time::Duration::from_millis(50));
-        assert_eq!(vq.used().idx().load(), N as u16, "{engine:?}");
+        assert_eq!(vq.used().idx().load(), N16, "{engine:?}");
     }
 }
