@@ -769,7 +769,7 @@ fn io_thread_serves_more_than_a_budget_per_kick() {
             let mut buf = vec![0u8; 512];
             mem.read_slice(&mut buf, GuestAddress(0x5_0000 + i * 512))
                 .unwrap();
-            let at = (i * 512) as usize;
+            let at = usize::try_from(i * 512).unwrap();
             assert_eq!(buf, before[at..at + 512], "{engine:?}: sector {i}");
         }
         let mut heads: Vec<u32> = (0..N16)
@@ -777,7 +777,7 @@ fn io_thread_serves_more_than_a_budget_per_kick() {
             .collect();
         heads.sort_unstable();
         heads.dedup();
-        assert_eq!(heads.len(), N as usize, "{engine:?}: every head once");
+        assert_eq!(heads.len(), usize::from(N16), "{engine:?}: every head once");
         assert_eq!(dev.lock().unwrap().stats().reads, N, "{engine:?}");
         // Nothing more comes.
         std::thread::sleep(std::time::Duration::from_millis(50));
