@@ -3,7 +3,9 @@
 #   boot:  exec -> first serial byte, exec -> probe exit, peak RSS; cinder vs QEMU microvm.
 #   api:   exec -> API socket ready, request round trip, InstanceStart -> first serial byte.
 #   io:    virtio-blk IOPS / MiB/s and virtio-net packets/s / Mbit/s measured by the probe,
-#          cinder vs QEMU microvm.
+#          cinder vs QEMU microvm; blk on cinder's sync and io_uring engines, with host CPU
+#          time (non-vCPU threads) per request, plus Firecracker when FIRECRACKER_BIN is set
+#          and an older cinder build when BASELINE_CINDER_BIN is set (same rounds).
 #   vsock: virtio-vsock throughput each way and connection setup latency (cinder, and
 #          Firecracker when FIRECRACKER_BIN is set; QEMU's vsock needs vhost-vsock).
 #   seccomp: ns per system call without and with cinder's seccomp filters, per thread kind.

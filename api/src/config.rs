@@ -618,13 +618,6 @@ impl VmConfig {
             format!("drives[{}].rate_limiter", d.drive_id),
             &d.rate_limiter,
         )?;
-        if d.io_engine != IoEngine::Sync {
-            return Err(not_implemented(
-                format!("drives[{}].io_engine", d.drive_id),
-                "\"Async\" (io_uring)",
-                "leave it out or give \"Sync\"",
-            ));
-        }
         if d.cache_type != CacheType::Writeback {
             return Err(not_implemented(
                 format!("drives[{}].cache_type", d.drive_id),

@@ -111,8 +111,11 @@ pub enum IoEngine {
     /// Synchronous I/O.
     #[default]
     Sync,
-    /// io_uring.
+    /// io_uring (the drive does not start where it cannot be set up).
     Async,
+    /// io_uring where it can be set up when the VM starts, else synchronous I/O (one log line
+    /// and the drive's `io_uring_fallback` metric). cinder's own (`--drive io_engine=auto`).
+    Auto,
 }
 
 /// `Drive`: body of `PUT /drives/{drive_id}`.

@@ -317,10 +317,6 @@ fn unimplemented_settings_are_refused_naming_the_field() {
             "drives[d].rate_limiter: refill_time must be at most",
         ),
         (
-            drive(r#""io_engine": "Async""#),
-            "drives[d].io_engine: \"Async\" (io_uring) is not implemented",
-        ),
-        (
             drive(r#""cache_type": "Unsafe""#),
             "drives[d].cache_type: \"Unsafe\" (FLUSH as a no-op) is not implemented",
         ),

@@ -149,6 +149,16 @@ fn qemu(cmdline: &str, drives: &[Drive]) -> Run {
 }
 
 fn under_cinder(cmdline: &str, drives: &[Drive]) -> Run {
+    under_cinder_with(cmdline, drives, "")
+}
+
+/// [`under_cinder`] with every drive on the io_uring engine (issue 16 item 2).
+fn under_cinder_async(cmdline: &str, drives: &[Drive]) -> Run {
+    under_cinder_with(cmdline, drives, ",io_engine=async")
+}
+
+/// The probe under cinder, `extra` appended to every `--drive`.
+fn under_cinder_with(cmdline: &str, drives: &[Drive], extra: &str) -> Run {
     require_kvm();
     let mut c = cinder();
     c.arg("--kernel")
@@ -156,13 +166,16 @@ fn under_cinder(cmdline: &str, drives: &[Drive]) -> Run {
         .args(["--cmdline", cmdline]);
     for (path, id, ro) in drives {
         c.arg("--drive").arg(format!(
-            "path={},id={id}{}",
+            "path={},id={id}{}{extra}",
             path.display(),
             if *ro { ",ro" } else { "" }
         ));
     }
     let r = run(c, Duration::from_secs(120), |_| false);
-    finish(r, format!("probe under cinder (`{cmdline}`)"))
+    finish(
+        r,
+        format!("probe under cinder (`{cmdline}`, drives `{extra}`)"),
+    )
 }
 
 fn finish(r: RunResult, what: String) -> Run {
@@ -184,9 +197,14 @@ fn images(s: &Scratch) -> (PathBuf, PathBuf, Vec<u8>) {
 
 /// `blk` on a writable and a read-only disk: the probe's report, then the files.
 fn blk_pattern(vmm: Vmm) {
+    blk_pattern_with(vmm, "");
+}
+
+/// [`blk_pattern`] with `probe_args` appended to the probe's command line.
+fn blk_pattern_with(vmm: Vmm, probe_args: &str) {
     let s = Scratch::new("pattern");
     let (w, r, r_content) = images(&s);
-    let cmdline = format!("probe.run=blk probe.blk_seed={SEED}");
+    let cmdline = format!("probe.run=blk probe.blk_seed={SEED}{probe_args}");
     let run = vmm(&cmdline, &[(&w, "probe_w", false), (&r, "probe_r", true)]);
     run.ensure(run.log.done == Some((1, 1)), "expected PROBE DONE 1/1");
     run.ensure(run.r.code() == Some(0), "exit code 0");
@@ -342,8 +360,19 @@ fn blk_discard_write_zeroes_qemu() {
 
 #[test]
 fn blk_discard_write_zeroes_under_cinder() {
+    blk_discard_cinder(under_cinder);
+}
+
+/// The same on the io_uring engine (DISCARD and WRITE_ZEROES run synchronously there, after
+/// the reads and writes in flight).
+#[test]
+fn blk_discard_write_zeroes_under_cinder_async() {
+    blk_discard_cinder(under_cinder_async);
+}
+
+fn blk_discard_cinder(vmm: Vmm) {
     let s = Scratch::new("discard");
-    let (run, wdev, w) = blk_discard(under_cinder, &s);
+    let (run, wdev, w) = blk_discard(vmm, &s);
     // cinder's limits (devices/src/virtio/block/mod.rs), and nothing offered read-only.
     for (k, v) in [
         ("max_discard", "4294967295"),
@@ -387,6 +416,13 @@ fn blk_pattern_and_readonly_qemu() {
     blk_pattern(qemu);
 }
 
+/// The probe's `probe.blk_qd=32` (32 requests in flight on a 128-entry ring, which the
+/// io_uring pause test uses) checked against the oracle.
+#[test]
+fn blk_pattern_qd32_qemu() {
+    blk_pattern_with(qemu, " probe.blk_qd=32");
+}
+
 #[test]
 fn blk_hostile_qemu() {
     blk_hostile(qemu, QEMU_SKIP);
@@ -402,10 +438,31 @@ fn blk_hostile_all_cases_under_cinder() {
     blk_hostile(under_cinder, "");
 }
 
+/// Issue 16 item 2: the io_uring engine passes the same checks as the sync one.
+#[test]
+fn blk_pattern_and_readonly_under_cinder_async() {
+    blk_pattern(under_cinder_async);
+}
+
+#[test]
+fn blk_hostile_all_cases_under_cinder_async() {
+    blk_hostile(under_cinder_async, "");
+}
+
 /// After `PROBE blk flushed` the marker (pattern on the first and last 128 KiB) must be in
 /// the file even though cinder dies by SIGKILL right then.
 #[test]
 fn blk_flush_survives_sigkill_under_cinder() {
+    flush_survives_sigkill("");
+}
+
+/// The same on the io_uring engine: the writes before the FLUSH completed through the ring.
+#[test]
+fn blk_flush_survives_sigkill_under_cinder_async() {
+    flush_survives_sigkill(",io_engine=async");
+}
+
+fn flush_survives_sigkill(extra: &str) {
     require_kvm();
     let s = Scratch::new("flush");
     let w = s.file("w.img", &vec![0u8; byte_len(W_MIB << 20)]);
@@ -414,7 +471,7 @@ fn blk_flush_survives_sigkill_under_cinder() {
         "--cmdline",
         &format!("probe.run=blk probe.blk_mode=flushspin probe.blk_seed={SEED}"),
     ]);
-    c.arg("--drive").arg(format!("path={}", w.display()));
+    c.arg("--drive").arg(format!("path={}{extra}", w.display()));
     let mut sess = Session::start(c);
     sess.expect("PROBE blk flushed", Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("{e}"));
@@ -592,6 +649,22 @@ fn threads(pid: u32) -> Vec<(String, char)> {
 /// data. (The probe gives a request 5 s, so the test stays well below that.)
 #[test]
 fn long_block_request_leaves_the_device_loop_free_under_cinder() {
+    long_block_request("", |blocked| blocked == ["blk-slow"]);
+}
+
+/// The same on the io_uring engine: the writes blocked on the frozen file system wait in the
+/// kernel's io_uring workers (`iou-wrk-*`, threads of cinder) or in the drive's thread, never
+/// in the device loop.
+#[test]
+fn long_block_request_leaves_the_device_loop_free_under_cinder_async() {
+    long_block_request(",io_engine=async", |blocked| {
+        blocked
+            .iter()
+            .all(|n| n.starts_with("iou-wrk-") || n == "blk-slow")
+    });
+}
+
+fn long_block_request(extra: &str, expected: fn(&[String]) -> bool) {
     require_kvm();
     let s = Scratch::new("slowio");
     let fs = FreezableFs::new(&s);
@@ -603,7 +676,7 @@ fn long_block_request_leaves_the_device_loop_free_under_cinder() {
     let thaw = fs.freeze();
     let cmdline = format!("probe.run=blk probe.blk_seed={SEED}");
     let kernel = probe::elf_path().display().to_string();
-    let drive = format!("path={},id=slow", img.display());
+    let drive = format!("path={},id=slow{extra}", img.display());
     let metrics_arg = metrics.display().to_string();
     let mut sess = cinder_tests::cinder::start_api(
         &sock,
@@ -645,11 +718,10 @@ fn long_block_request_leaves_the_device_loop_free_under_cinder() {
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    // It is the drive's I/O thread, not the device loop.
-    assert_eq!(
-        blocked,
-        ["blk-slow"],
-        "threads blocked in the frozen write: {:?}\n{}",
+    // It is the drive's I/O thread (or the kernel's io_uring workers), not the device loop.
+    assert!(
+        expected(&blocked),
+        "threads blocked in the frozen write: {blocked:?} of {:?}\n{}",
         threads(pid),
         sess.log()
     );
@@ -695,13 +767,26 @@ fn long_block_request_leaves_the_device_loop_free_under_cinder() {
 /// thread finishes its request and waits at the gate), and the data is intact.
 #[test]
 fn pause_resume_during_block_io_under_cinder() {
+    pause_resume_during_block_io("", "");
+}
+
+/// Issue 16 item 2: the same on the io_uring engine, with 32 requests in flight (the probe's
+/// `probe.blk_qd=32`): a pause drains the ring before the VM reports Paused, and after resume
+/// every request completes once with the right data (the probe fails on an unknown or repeated
+/// used id, a status other than OK, or a wrong byte read back; the host compares the image).
+#[test]
+fn pause_resume_during_block_io_under_cinder_async() {
+    pause_resume_during_block_io(",io_engine=async", " probe.blk_qd=32");
+}
+
+fn pause_resume_during_block_io(extra: &str, probe_args: &str) {
     require_kvm();
     let s = Scratch::new("pauseio");
     let img = s.file("w.img", &vec![0u8; byte_len(W_MIB << 20)]);
     let sock = s.join("api.sock");
-    let cmdline = format!("probe.run=blk probe.blk_seed={SEED}");
+    let cmdline = format!("probe.run=blk probe.blk_seed={SEED}{probe_args}");
     let kernel = probe::elf_path().display().to_string();
-    let drive = format!("path={},id=w", img.display());
+    let drive = format!("path={},id=w{extra}", img.display());
     let mut sess = cinder_tests::cinder::start_api(
         &sock,
         &[
@@ -723,6 +808,11 @@ fn pause_resume_during_block_io_under_cinder() {
         pauses += 1;
         std::thread::sleep(Duration::from_millis(20));
         let r = cinder_tests::http::request(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
+        if r.status == 500 && r.body.contains("not running anymore") {
+            // The guest's reset (PROBE DONE) was queued just before the pause request: the
+            // pause was answered, then cinder ended. The exit code and data are checked below.
+            break;
+        }
         assert_eq!(r.status, 204, "resume: {r:?}\n{}", sess.log());
         std::thread::sleep(Duration::from_millis(5));
         if sess.console().contains("PROBE DONE") {
@@ -940,4 +1030,121 @@ fn real_uid() -> u32 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(u32::MAX)
+}
+
+/// Starts the probe (its `blk` check, then ticking so metrics can be read) on one drive with
+/// `--drive ...,io_engine=<engine>`, io_uring made unavailable (`CINDER_TEST_NO_IO_URING`) when
+/// `no_uring`; returns the session once `PROBE blk` printed, with the metrics file's path.
+fn engine_session(s: &Scratch, engine: &str, no_uring: bool) -> (Session, PathBuf, PathBuf) {
+    let img = s.file("w.img", &vec![0u8; byte_len(W_MIB << 20)]);
+    let sock = s.join("api.sock");
+    let metrics = s.file("metrics.json", b"");
+    let mut c = cinder();
+    c.arg("--api-sock").arg(&sock);
+    c.arg("--kernel").arg(probe::elf_path()).args([
+        "--cmdline",
+        &format!("probe.run=blk,tick probe.blk_seed={SEED} probe.ticks=1000000 probe.tick_ms=50"),
+    ]);
+    c.arg("--drive")
+        .arg(format!("path={},id=w,io_engine={engine}", img.display()));
+    c.arg("--metrics-path").arg(&metrics);
+    if no_uring {
+        c.env(devices_env(), "1");
+    }
+    let mut sess = Session::start(c);
+    sess.expect("PROBE blk ", Duration::from_secs(120))
+        .and_then(|_| sess.expect("\n", Duration::from_secs(10)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    (sess, sock, metrics)
+}
+
+/// The variable that makes cinder's io_uring set-up fail (devices::virtio::block::uring).
+fn devices_env() -> &'static str {
+    "CINDER_TEST_NO_IO_URING"
+}
+
+/// The drive `w`'s metrics after a FlushMetrics.
+fn drive_metrics(sess: &Session, sock: &Path, metrics: &Path) -> serde_json::Value {
+    let r = cinder_tests::http::request(
+        sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "FlushMetrics"}"#),
+    );
+    assert_eq!(r.status, 204, "FlushMetrics: {r:?}\n{}", sess.log());
+    let text = std::fs::read_to_string(metrics).unwrap_or_default();
+    // One JSON object per flush; the last line is this one.
+    let last = text.lines().last().unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("metrics line {last:?}: {e}\n{}", sess.log()));
+    v["block_w"].clone()
+}
+
+/// Issue 16 item 2: `io_engine=auto` where io_uring cannot be set up (forced here with
+/// `CINDER_TEST_NO_IO_URING`) falls back to the sync engine: one log line, the drive's
+/// `io_uring_fallback` metric is 1, and the guest's I/O is right. Where io_uring works (this
+/// host: /proc/sys/kernel/io_uring_disabled is 0) auto uses it: metric 0, no such line. And
+/// `io_engine=async` without io_uring is refused at start with one line and exit 1.
+#[test]
+fn io_engine_auto_falls_back_to_sync_without_io_uring_under_cinder() {
+    require_kvm();
+    for (no_uring, fallback) in [(true, 1), (false, 0)] {
+        let s = Scratch::new("engine-auto");
+        let (sess, sock, metrics) = engine_session(&s, "auto", no_uring);
+        let log = probe::parse(&sess.console());
+        assert!(
+            log.check("blk").is_some_and(|c| c.status == Status::Ok),
+            "{}",
+            sess.log()
+        );
+        let m = drive_metrics(&sess, &sock, &metrics);
+        assert_eq!(
+            m["io_uring_fallback"],
+            fallback,
+            "no_uring={no_uring}: {m}\n{}",
+            sess.log()
+        );
+        let lines = sess
+            .log()
+            .lines()
+            .filter(|l| l.contains("io_uring unavailable"))
+            .count();
+        assert_eq!(lines, fallback, "fallback log lines\n{}", sess.log());
+        drop(sess);
+    }
+    let s = Scratch::new("engine-async");
+    let img = s.file("w.img", &vec![0u8; 1 << 20]);
+    let out = cinder()
+        .env(devices_env(), "1")
+        .arg("--kernel")
+        .arg(probe::elf_path())
+        .arg("--drive")
+        .arg(format!("path={},id=w,io_engine=async", img.display()))
+        .output()
+        .expect("run cinder");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {err}");
+    assert!(
+        lines[0].contains("drive w") && lines[0].contains("io_uring"),
+        "{err}"
+    );
+}
+
+/// `--drive` takes io_engine=sync|async|auto and nothing else there (a usage error, exit 2).
+#[test]
+fn drive_io_engine_bad_value_is_a_usage_error() {
+    let out = cinder()
+        .args([
+            "--kernel",
+            "/nonexistent",
+            "--drive",
+            "path=/x,io_engine=uring",
+        ])
+        .output()
+        .expect("run cinder");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("io_engine=sync|async|auto"), "{err}");
 }

@@ -19,7 +19,7 @@ use arch::GuestMemoryMmap;
 use devices::i8042::I8042;
 use devices::legacy::{self, SerialDevice};
 use devices::rate_limiter::{bucket, RateLimiter, RateLimiterError};
-use devices::virtio::block::{Block, BlockConfig, IoGate, StartHook};
+use devices::virtio::block::{Block, BlockConfig, IoEngine, IoGate, StartHook};
 use devices::virtio::console::{Console as VirtioConsole, ConsoleInput as VirtioConsoleInput};
 use devices::virtio::net::{generate_mac, Net, NetConfig, DEFAULT_MTU};
 use devices::virtio::rng::Rng;
@@ -204,18 +204,7 @@ impl<'a> VmBuilder<'a> {
                 id: d.drive_id.clone(),
                 source,
             })?;
-            // The drive's requests run on a thread of its own ("blk-<id>", cut to 15 bytes),
-            // off the device loop.
             let mut blk = blk;
-            blk.start_worker(
-                &format!("blk-{}", d.drive_id),
-                blk_thread_start_hook(),
-                open.io_gate.clone(),
-            )
-            .map_err(|source| VmError::Drive {
-                id: d.drive_id.clone(),
-                source,
-            })?;
             blk.set_rate_limiter(rate_limiter(d.rate_limiter.as_ref()).map_err(|source| {
                 VmError::Drive {
                     id: d.drive_id.clone(),
@@ -223,6 +212,24 @@ impl<'a> VmBuilder<'a> {
                 }
             })?);
             let dev = Arc::new(Mutex::new(blk));
+            // The drive's queue is served by a thread of its own ("blk-<id>", cut to 15
+            // bytes), off the device loop.
+            let engine = match d.io_engine {
+                api::model::IoEngine::Sync => IoEngine::Sync,
+                api::model::IoEngine::Async => IoEngine::Async,
+                api::model::IoEngine::Auto => IoEngine::Auto,
+            };
+            Block::start_io_thread(
+                &dev,
+                &format!("blk-{}", d.drive_id),
+                blk_thread_start_hook(),
+                open.io_gate.clone(),
+                engine,
+            )
+            .map_err(|source| VmError::Drive {
+                id: d.drive_id.clone(),
+                source,
+            })?;
             open.blocks.push((d.drive_id.clone(), dev.clone()));
             open.virtio.push((format!("drive {}", d.drive_id), dev));
         }

@@ -6,9 +6,9 @@
 //! TAP, bytes on a vsock socket, a queue kick) waits in its fd and is served after resume.
 //! The control loop, and so the API and SIGTERM, keep running while it is parked.
 //!
-//! The block devices' I/O threads run their requests through an [`IoGate`]: a pause closes it
-//! once the loop is parked (waiting for a request in progress to finish), so they are held
-//! too; resume opens it before the loop runs again.
+//! The block devices' I/O threads own their queues and run each pass through an [`IoGate`]: a
+//! pause closes it once the loop is parked (waiting for the pass in progress to finish), so they
+//! are held too; resume opens it before the loop runs again.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;

@@ -8,7 +8,8 @@ use api::config::{ConfigError, VmConfig};
 use api::controller::PreBootController;
 use api::handler::api_channel;
 use api::model::{
-    BootSource, CacheType, Drive, EntropyDevice, MachineConfiguration, NetworkInterface, Vsock,
+    BootSource, CacheType, Drive, EntropyDevice, IoEngine, MachineConfiguration, NetworkInterface,
+    Vsock,
 };
 use api::paths::PathPolicy;
 use api::server::ApiServer;
@@ -437,35 +438,50 @@ fn startup_times(cli: &Cli) -> (Option<u64>, Option<u64>) {
     (wall, cpu)
 }
 
-/// `--drive path=FILE[,id=NAME][,ro][,root]`, parsed by clap (a malformed spec is a usage
-/// error, exit 2). Its values are checked by the same rules as the API's `PUT /drives`.
+/// `--drive path=FILE[,id=NAME][,ro][,root][,io_engine=sync|async|auto]`, parsed by clap (a
+/// malformed spec is a usage error, exit 2). Its values are checked by the same rules as the
+/// API's `PUT /drives`.
 #[derive(Clone, Debug)]
 struct DriveArg {
     path: String,
     id: Option<String>,
     ro: bool,
     root: bool,
+    io_engine: IoEngine,
 }
 
 fn parse_drive_arg(spec: &str) -> Result<DriveArg, String> {
     let mut path = None;
     let mut id = None;
     let (mut ro, mut root) = (false, false);
+    let mut io_engine = IoEngine::Sync;
     for part in spec.split(',') {
         match part.split_once('=') {
             Some(("path", v)) if !v.is_empty() => path = Some(v.to_string()),
+            Some(("io_engine", "sync")) => io_engine = IoEngine::Sync,
+            Some(("io_engine", "async")) => io_engine = IoEngine::Async,
+            Some(("io_engine", "auto")) => io_engine = IoEngine::Auto,
             Some(("id", v)) if !v.is_empty() => id = Some(v.to_string()),
             None if part == "ro" => ro = true,
             None if part == "root" => root = true,
             _ => {
                 return Err(format!(
-                    "unknown or empty part {part:?} (expected path=FILE[,id=NAME][,ro][,root])"
+                    "unknown or empty part {part:?} (expected \
+                     path=FILE[,id=NAME][,ro][,root][,io_engine=sync|async|auto])"
                 ))
             }
         }
     }
-    let path = path.ok_or("path=FILE is required (path=FILE[,id=NAME][,ro][,root])")?;
-    Ok(DriveArg { path, id, ro, root })
+    let path = path.ok_or(
+        "path=FILE is required (path=FILE[,id=NAME][,ro][,root][,io_engine=sync|async|auto])",
+    )?;
+    Ok(DriveArg {
+        path,
+        id,
+        ro,
+        root,
+        io_engine,
+    })
 }
 
 /// `--net tap=NAME[,mac=..][,id=NAME]`, parsed by clap; values checked as `PUT
@@ -593,6 +609,7 @@ fn config_from_flags(cli: &Cli, kernel: PathBuf, paths: PathPolicy) -> Result<Vm
             path_on_host: Some(d.path.clone()),
             // cinder's block device advertises and honours FLUSH.
             cache_type: CacheType::Writeback,
+            io_engine: d.io_engine,
             ..Drive::default()
         };
         cfg.add_drive(&drive)

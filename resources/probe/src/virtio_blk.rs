@@ -61,6 +61,10 @@ pub const QUEUE_MAX: u16 = 64;
 pub const DESC_ROOM: u16 = 128;
 const _: () = assert!(16 * DESC_ROOM as usize <= 4096 && QUEUE_MAX <= DESC_ROOM);
 pub const SLOTS: usize = 4;
+/// Most requests `stream` keeps in flight (`probe.blk_qd`): the data area is then cut into this
+/// many smaller buffers, each request using descriptors 4*slot.. (all of [`DESC_ROOM`]).
+pub const MAX_QD: usize = 32;
+const _: () = assert!(4 * MAX_QD <= DESC_ROOM as usize && MAX_QD <= HDR_SLOTS);
 /// Header/status slots in the small page (`blkbench` uses up to this many).
 pub const HDR_SLOTS: usize = 64;
 pub const SLOT_BYTES: usize = 128 * 1024;
@@ -113,6 +117,21 @@ pub fn data(slot: usize) -> &'static mut [u64; SLOT_BYTES / 8] {
     // here; slots are disjoint, so references to different slots never
     // overlap.
     unsafe { &mut *core::ptr::addr_of_mut!((*p).0[slot]) }
+}
+
+/// Buffer `slot` when the data area is cut into buffers of `slot_bytes`
+/// (a divisor of its size; callers never hold two references to the same
+/// buffer).
+fn chunk(slot: usize, slot_bytes: usize) -> &'static mut [u64] {
+    let words = slot_bytes / 8;
+    let total = SLOTS * SLOT_BYTES / 8;
+    let start = (slot * words).min(total);
+    let len = words.min(total - start);
+    let p = DATA.get_mut() as *mut DataMem as *mut u64;
+    // SAFETY: `p` points to the static data area of `total` words; `start +
+    // len <= total`, so the slice is in bounds; the probe is single-threaded
+    // here and buffers of different slots are disjoint.
+    unsafe { core::slice::from_raw_parts_mut(p.add(start), len) }
 }
 
 /// The pattern: 64-bit word `i` (0..64) of sector `lba`, stored little
@@ -361,9 +380,11 @@ impl Blk {
         }
     }
 
-    /// Streams `[0, cap)` through the slots, `depth` requests in flight:
-    /// OUT with the pattern, or IN with `on_data(lba, words)` on each
-    /// completed buffer (in LBA order only when `depth` is 1).
+    /// Streams `[0, cap)` through the slots, `depth` requests in flight
+    /// (1..[`MAX_QD`]; past [`SLOTS`] each request is smaller, the data area
+    /// being shared): OUT with the pattern, or IN with `on_data(lba, words)`
+    /// on each completed buffer (in LBA order only when `depth` is 1). A used
+    /// id that is not a request in flight (unknown, or completed twice) fails.
     pub fn stream(
         &mut self,
         typ: u32,
@@ -371,20 +392,25 @@ impl Blk {
         depth: usize,
         mut on_data: impl FnMut(u64, &[u64]) -> Result<(), u64>,
     ) -> Result<(), Err2> {
-        let mut busy: [Option<(u64, u64)>; SLOTS] = [None; SLOTS];
+        // Each request takes 4 descriptors of a ring of `size`.
+        let depth = depth.clamp(1, MAX_QD).min((self.size as usize / 4).max(1));
+        let slot_bytes = SLOT_BYTES * SLOTS / depth.max(SLOTS);
+        let slot_sectors = slot_bytes as u64 / SECTOR;
+        let mut busy: [Option<(u64, u64)>; MAX_QD] = [None; MAX_QD];
         let mut next = 0u64;
         let mut inflight = 0;
         while next < self.cap || inflight > 0 {
-            while inflight < depth.clamp(1, SLOTS) && next < self.cap {
-                let Some(s) = busy.iter().position(|b| b.is_none()) else {
+            while inflight < depth && next < self.cap {
+                let Some(s) = busy[..depth].iter().position(|b| b.is_none()) else {
                     break;
                 };
-                let n = SLOT_SECTORS.min(self.cap - next);
+                let n = slot_sectors.min(self.cap - next);
                 let bytes = (n * SECTOR) as usize;
                 if typ == T_OUT {
-                    fill_pattern(&mut data(s)[..bytes / 8], seed, next);
+                    fill_pattern(&mut chunk(s, slot_bytes)[..bytes / 8], seed, next);
                 }
-                let head = self.build(s, typ, next, data_addr(s), bytes as u32);
+                let addr = chunk(s, slot_bytes).as_ptr() as u64;
+                let head = self.build(s, typ, next, addr, bytes as u32);
                 self.publish(head);
                 busy[s] = Some((next, n));
                 next += n;
@@ -407,7 +433,8 @@ impl Blk {
                 return Err(Err2::Status(lba, st));
             }
             if typ == T_IN {
-                on_data(lba, &data(s)[..(n * SECTOR) as usize / 8]).map_err(Err2::Data)?;
+                on_data(lba, &chunk(s, slot_bytes)[..(n * SECTOR) as usize / 8])
+                    .map_err(Err2::Data)?;
             }
         }
         Ok(())
@@ -575,7 +602,24 @@ pub fn report(d: &mut Details, n: usize, seed: u64, failed: bool, body: &Details
 
 fn one_device(t: Transport, seed: u64, d: &mut Details) -> Result<(), ()> {
     let _ = write!(d, "addr={:#x},", t.dev.addr);
-    let mut b = match Blk::open(t, QUEUE_MAX) {
+    let qd = match cmdline::get(bootinfo::get().cmdline(), b"probe.blk_qd") {
+        None => SLOTS,
+        Some(v) => match cmdline::parse_u64(v) {
+            Some(n) if (1..=MAX_QD as u64).contains(&n) => n as usize,
+            _ => {
+                let _ = d.write_str("error=\"probe.blk_qd is not 1..32\"");
+                return Err(());
+            }
+        },
+    };
+    // A request takes descriptors 4*slot..4*slot+3: past 16 in flight the
+    // ring needs all of DESC_ROOM.
+    let qsize = if 4 * qd > QUEUE_MAX as usize {
+        DESC_ROOM
+    } else {
+        QUEUE_MAX
+    };
+    let mut b = match Blk::open(t, qsize) {
         Ok(b) => b,
         Err(e) => {
             let _ = write!(d, "open_error=\"{e}\"");
@@ -649,18 +693,16 @@ fn one_device(t: Transport, seed: u64, d: &mut Details) -> Result<(), ()> {
             }
         }
     } else {
-        if let Err(e) = b.stream(T_OUT, seed, SLOTS, |_, _| Ok(())) {
+        if let Err(e) = b.stream(T_OUT, seed, qd, |_, _| Ok(())) {
             let _ = d.write_str(",error=\"");
             err2_text(d, "write", e);
             let _ = d.write_str("\"");
             return Err(());
         }
         let _ = write!(d, ",written={}", mib(b.cap));
-        let r = b.stream(T_IN, seed, SLOTS, |lba, w| {
-            match check_pattern(w, seed, lba) {
-                None => Ok(()),
-                Some(bad) => Err(bad),
-            }
+        let r = b.stream(T_IN, seed, qd, |lba, w| match check_pattern(w, seed, lba) {
+            None => Ok(()),
+            Some(bad) => Err(bad),
         });
         if let Err(e) = r {
             let _ = d.write_str(",error=\"");

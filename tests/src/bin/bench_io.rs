@@ -15,6 +15,13 @@
 //!
 //! cinder runs twice per run, with its seccomp filters (the default) and with `--seccomp off`,
 //! so the filters' cost shows side by side (reported, never asserted).
+//!
+//! blk also runs cinder on its io_uring engine (`--drive ...,io_engine=async`), and, when set,
+//! `BASELINE_CINDER_BIN` (an older cinder build, e.g. to check a change for regressions in the
+//! same rounds) and `FIRECRACKER_BIN` (Firecracker from a config file with the drive). Every VMM
+//! runs once per round, so host noise hits them alike. Besides the probe's figures it reports
+//! `host_cpu_us_per_io`: CPU time of the VMM's threads other than the vCPUs (sampled from
+//! /proc while it runs) per request over the six phases (a sequential request is 1 MiB).
 //! Prints median / min / max per figure over the runs and the cinder/QEMU ratio of medians.
 //! QEMU uses KVM when /dev/kvm opens, else TCG (then its figures are not comparable). cinder
 //! needs /dev/kvm; without it its rows say why they are missing.
@@ -30,7 +37,6 @@ use cinder_tests::cinder::cinder_bin;
 use cinder_tests::netns::NetNs;
 use cinder_tests::probe::{self, Status};
 use cinder_tests::qemu::{Accel, Microvm, DEFAULT_MACHINE};
-use cinder_tests::runner;
 use cinder_tests::session::Session;
 
 const BLK_KEYS: [&str; 6] = [
@@ -139,21 +145,139 @@ fn make_image(mib: u64) -> (Scratch, PathBuf) {
     (s, p)
 }
 
-fn blk_once(vmm: Vmm, img: &Path, o: &Opts) -> Result<Figures, String> {
+/// What the blk benchmark runs, one row each.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum BlkVmm {
+    /// cinder, `io_engine` sync or async, seccomp on or off.
+    Cinder {
+        uring: bool,
+        seccomp: bool,
+    },
+    /// The cinder binary named by `BASELINE_CINDER_BIN` (sync engine, seccomp on): an older
+    /// build, run in the same rounds so that host noise hits both alike.
+    Baseline,
+    Qemu,
+    /// Firecracker (`FIRECRACKER_BIN`), from a config file with the drive.
+    Firecracker,
+}
+
+impl BlkVmm {
+    fn label(self, o: &Opts) -> String {
+        match self {
+            BlkVmm::Cinder { uring, seccomp } => format!(
+                "cinder {} ({})",
+                if uring { "io_uring" } else { "sync" },
+                if seccomp { "seccomp on" } else { "seccomp off" }
+            ),
+            BlkVmm::Baseline => "cinder baseline (sync)".into(),
+            BlkVmm::Qemu => qemu_label(o),
+            BlkVmm::Firecracker => "firecracker".into(),
+        }
+    }
+}
+
+/// CPU seconds (user + system) of thread `tid` of `pid`, and its name.
+fn thread_cpu(pid: u32, tid: &str) -> Option<(String, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    let (head, rest) = stat.rsplit_once(") ")?;
+    let name = head.split_once(" (")?.1.to_string();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 (1-based), 12 and 13 after the state.
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some((name, ticks / hz))
+}
+
+/// A vCPU thread (cinder "vcpuN", QEMU "CPU N/KVM", Firecracker "fc_vcpu N"): its time is
+/// mostly the guest's own (the probe polls).
+fn is_vcpu(name: &str) -> bool {
+    name.starts_with("vcpu") || name.starts_with("CPU ") || name.starts_with("fc_vcpu")
+}
+
+/// Runs `cmd` to its end (at most `timeout`), sampling its threads' CPU time: returns the
+/// console output and the CPU seconds of its threads other than the vCPUs (the VMM's own work:
+/// device emulation, I/O, exits handled in user space are on the vCPU threads and not counted).
+fn run_sampled(cmd: Command, timeout: Duration) -> Result<(String, f64), String> {
+    let mut sess = Session::start(cmd);
+    let pid = sess.pid();
+    let deadline = Instant::now() + timeout;
+    let mut last: std::collections::HashMap<String, (String, f64)> =
+        std::collections::HashMap::new();
+    loop {
+        if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for t in dir.flatten() {
+                let tid = t.file_name().to_string_lossy().into_owned();
+                if let Some(v) = thread_cpu(pid, &tid) {
+                    last.insert(tid, v);
+                }
+            }
+        }
+        if sess.wait_exit(Duration::from_millis(100)).is_ok() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("timed out\n{}", sess.log()));
+        }
+    }
+    let cpu = last
+        .values()
+        .filter(|(n, _)| !is_vcpu(n))
+        .map(|(_, c)| c)
+        .sum();
+    Ok((sess.console(), cpu))
+}
+
+/// Firecracker's configuration file for the probe with one drive.
+fn firecracker_config(dir: &Path, cmdline: &str, img: &Path) -> Result<PathBuf, String> {
+    let cfg = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": probe::elf_path(),
+            "boot_args": cmdline,
+        },
+        "drives": [{
+            "drive_id": "d0",
+            "path_on_host": img,
+            "is_root_device": false,
+            "is_read_only": false,
+        }],
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+    });
+    let p = dir.join("firecracker.json");
+    std::fs::write(&p, cfg.to_string()).map_err(|e| format!("write {}: {e}", p.display()))?;
+    Ok(p)
+}
+
+/// One blkbench run: the probe's figures, then `host_cpu_us_per_io` (CPU time of the VMM's
+/// non-vCPU threads per request over the six phases).
+fn blk_once(vmm: BlkVmm, img: &Path, o: &Opts) -> Result<Figures, String> {
     let cmdline = format!("probe.run=blkbench probe.bench_ms={}", o.ms);
     // Six phases of `ms`, plus boot; generous for TCG.
     let timeout = Duration::from_millis(6 * o.ms * 3 + 60_000);
-    let r = match vmm {
-        Vmm::Cinder | Vmm::CinderNoSeccomp => runner::run(
+    let drive = |extra: &str| vec!["--drive".into(), format!("path={}{extra}", img.display())];
+    let cmd = match vmm {
+        BlkVmm::Cinder { uring, seccomp } => {
+            let v = if seccomp {
+                Vmm::Cinder
+            } else {
+                Vmm::CinderNoSeccomp
+            };
             cinder_cmd(
-                vmm,
+                v,
                 &cmdline,
-                &["--drive".into(), format!("path={}", img.display())],
-            ),
-            timeout,
-            |_| false,
-        ),
-        Vmm::Qemu => {
+                &drive(if uring { ",io_engine=async" } else { "" }),
+            )
+        }
+        BlkVmm::Baseline => {
+            let bin = std::env::var_os("BASELINE_CINDER_BIN").ok_or("no BASELINE_CINDER_BIN")?;
+            let mut c = Command::new(bin);
+            c.arg("--kernel")
+                .arg(probe::elf_path())
+                .args(["--memory", "128", "--vcpus", "1", "--cmdline", &cmdline])
+                .args(drive(""));
+            c
+        }
+        BlkVmm::Qemu => {
             let extra = [
                 "-drive".to_string(),
                 format!("id=d0,file={},format=raw,if=none", img.display()),
@@ -161,16 +285,47 @@ fn blk_once(vmm: Vmm, img: &Path, o: &Opts) -> Result<Figures, String> {
                 "virtio-blk-device,drive=d0".into(),
             ];
             let accel = if o.kvm { Accel::Kvm } else { Accel::Tcg };
-            qemu_vm(&cmdline, &extra, accel).run(timeout)
+            qemu_vm(&cmdline, &extra, accel).command()
+        }
+        BlkVmm::Firecracker => {
+            let bin = std::env::var_os("FIRECRACKER_BIN").ok_or("no FIRECRACKER_BIN")?;
+            let dir = img.parent().unwrap_or(Path::new("/tmp"));
+            let cfg = firecracker_config(dir, &cmdline, img)?;
+            let mut c = Command::new(bin);
+            c.arg("--no-api").arg("--config-file").arg(cfg);
+            c.args(["--level", "Error"]);
+            c
         }
     };
-    let log = probe::parse(&r.stdout);
+    let (console, cpu) = run_sampled(cmd, timeout)?;
+    let log = probe::parse(&console);
     match log.check("blkbench") {
-        Some(c) if c.status == Status::Ok => figures(&c.details, &BLK_KEYS),
+        Some(c) if c.status == Status::Ok => {
+            let mut f = figures(&c.details, &BLK_KEYS)?;
+            let ops: f64 = [
+                "qd1_randread",
+                "qd32_randread",
+                "qd1_randwrite",
+                "qd32_randwrite",
+                "seq_read",
+                "seq_write",
+            ]
+            .iter()
+            .filter_map(|p| probe::field(&c.details, &format!("{p}_ops")))
+            .filter_map(|v| v.parse::<f64>().ok())
+            .sum();
+            if ops > 0.0 {
+                f.push((CPU_KEY.to_string(), cpu * 1e6 / ops));
+            }
+            Ok(f)
+        }
         Some(c) => Err(format!("blkbench {:?}: {}", c.status, c.details)),
-        None => Err(format!("no PROBE blkbench line\n{}", r.log())),
+        None => Err(format!("no PROBE blkbench line\n{console}")),
     }
 }
+
+/// The host-CPU figure of a blk run.
+const CPU_KEY: &str = "host_cpu_us_per_io";
 
 // ---- net ----
 
@@ -393,12 +548,12 @@ fn row(name: &str, key: &str, runs: &[Figures]) {
         .filter_map(|f| f.iter().find(|(k, _)| k == key).map(|(_, v)| *v))
         .collect();
     if v.is_empty() {
-        println!("{name:<22} {key:<20} no successful run");
+        println!("{name:<28} {key:<20} no successful run");
         return;
     }
     let n = v.len();
     let (med, min, max) = stats(&mut v);
-    println!("{name:<22} {key:<20} median {med:12.2}  min {min:12.2}  max {max:12.2}  ({n} runs)");
+    println!("{name:<28} {key:<20} median {med:12.2}  min {min:12.2}  max {max:12.2}  ({n} runs)");
 }
 
 fn bench_blk(o: &Opts) {
@@ -410,35 +565,88 @@ fn bench_blk(o: &Opts) {
         o.ms,
         o.runs
     );
-    let mut cinder = Vec::new();
-    let mut cinder_off = Vec::new();
-    let mut qemu = Vec::new();
-    for run in 0..o.runs {
-        if o.kvm {
-            match blk_once(Vmm::Cinder, &img, o) {
-                Ok(f) => cinder.push(f),
-                Err(e) => println!("{CINDER_ON} blk run {run} failed: {e}"),
-            }
-            match blk_once(Vmm::CinderNoSeccomp, &img, o) {
-                Ok(f) => cinder_off.push(f),
-                Err(e) => println!("{CINDER_OFF} blk run {run} failed: {e}"),
-            }
+    let mut vmms = Vec::new();
+    if o.kvm {
+        vmms.push(BlkVmm::Cinder {
+            uring: false,
+            seccomp: true,
+        });
+        vmms.push(BlkVmm::Cinder {
+            uring: false,
+            seccomp: false,
+        });
+        vmms.push(BlkVmm::Cinder {
+            uring: true,
+            seccomp: true,
+        });
+        if std::env::var_os("BASELINE_CINDER_BIN").is_some() {
+            vmms.push(BlkVmm::Baseline);
         }
-        match blk_once(Vmm::Qemu, &img, o) {
-            Ok(f) => qemu.push(f),
-            Err(e) => println!("qemu blk run {run} failed: {e}"),
+        if std::env::var_os("FIRECRACKER_BIN").is_some() {
+            vmms.push(BlkVmm::Firecracker);
+        }
+    }
+    vmms.push(BlkVmm::Qemu);
+    let mut runs: Vec<Vec<Figures>> = vec![Vec::new(); vmms.len()];
+    for run in 0..o.runs {
+        // Every VMM once per round, so that what the host does meanwhile hits all alike.
+        for (i, vmm) in vmms.iter().enumerate() {
+            match blk_once(*vmm, &img, o) {
+                Ok(f) => runs[i].push(f),
+                Err(e) => println!("{} blk run {run} failed: {e}", vmm.label(o)),
+            }
         }
     }
     println!();
-    report(
-        &BLK_KEYS,
-        o.kvm.then_some(CinderRuns {
-            on: &cinder,
-            off: &cinder_off,
-        }),
-        &qemu,
-        &qemu_label(o),
-    );
+    if !o.kvm {
+        println!("cinder: not measured: /dev/kvm cannot be opened");
+    }
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "n/a".to_string(),
+    };
+    let med = |v: BlkVmm, key: &str| {
+        vmms.iter()
+            .position(|x| *x == v)
+            .and_then(|i| median_of(&runs[i], key))
+    };
+    let sync_on = BlkVmm::Cinder {
+        uring: false,
+        seccomp: true,
+    };
+    let sync_off = BlkVmm::Cinder {
+        uring: false,
+        seccomp: false,
+    };
+    let uring = BlkVmm::Cinder {
+        uring: true,
+        seccomp: true,
+    };
+    for key in BLK_KEYS.iter().copied().chain([CPU_KEY]) {
+        for (i, vmm) in vmms.iter().enumerate() {
+            row(&vmm.label(o), key, &runs[i]);
+        }
+        let mut line = format!(
+            "{:<28} {key:<20} sync/QEMU {}  io_uring/sync {}  seccomp on/off {}",
+            "ratio (medians)",
+            ratio(med(sync_on, key), med(BlkVmm::Qemu, key)),
+            ratio(med(uring, key), med(sync_on, key)),
+            ratio(med(sync_on, key), med(sync_off, key)),
+        );
+        if vmms.contains(&BlkVmm::Baseline) {
+            line += &format!(
+                "  sync/baseline {}",
+                ratio(med(sync_on, key), med(BlkVmm::Baseline, key))
+            );
+        }
+        if vmms.contains(&BlkVmm::Firecracker) {
+            line += &format!(
+                "  sync/firecracker {}",
+                ratio(med(sync_on, key), med(BlkVmm::Firecracker, key))
+            );
+        }
+        println!("{line}");
+    }
 }
 
 fn bench_net(o: &Opts) {

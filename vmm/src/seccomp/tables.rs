@@ -14,9 +14,10 @@ use libc::{
     SYS_clone3, SYS_close, SYS_connect, SYS_dup, SYS_epoll_create1, SYS_epoll_ctl, SYS_epoll_pwait,
     SYS_epoll_wait, SYS_eventfd2, SYS_exit, SYS_exit_group, SYS_fallocate, SYS_fchmod,
     SYS_fchmodat, SYS_fcntl, SYS_fdatasync, SYS_fstat, SYS_fsync, SYS_ftruncate, SYS_futex,
-    SYS_getpid, SYS_getrandom, SYS_getsockopt, SYS_gettid, SYS_ioctl, SYS_listen, SYS_lseek,
-    SYS_madvise, SYS_mmap, SYS_mprotect, SYS_mremap, SYS_munmap, SYS_nanosleep, SYS_newfstatat,
-    SYS_openat, SYS_poll, SYS_ppoll, SYS_prctl, SYS_pread64, SYS_preadv, SYS_preadv2, SYS_pwrite64,
+    SYS_getpid, SYS_getrandom, SYS_getsockopt, SYS_gettid, SYS_io_uring_enter,
+    SYS_io_uring_register, SYS_io_uring_setup, SYS_ioctl, SYS_listen, SYS_lseek, SYS_madvise,
+    SYS_mmap, SYS_mprotect, SYS_mremap, SYS_munmap, SYS_nanosleep, SYS_newfstatat, SYS_openat,
+    SYS_poll, SYS_ppoll, SYS_prctl, SYS_pread64, SYS_preadv, SYS_preadv2, SYS_pwrite64,
     SYS_pwritev, SYS_read, SYS_readv, SYS_recvfrom, SYS_recvmsg, SYS_restart_syscall, SYS_rseq,
     SYS_rt_sigaction, SYS_rt_sigprocmask, SYS_rt_sigreturn, SYS_sched_getaffinity, SYS_sched_yield,
     SYS_seccomp, SYS_sendmsg, SYS_sendto, SYS_set_robust_list, SYS_setsockopt, SYS_shutdown,
@@ -105,9 +106,16 @@ pub const DEVICES: &[Allow] = &[
 ];
 
 /// blk-<id>, a drive's I/O thread (the blk branch: devices/src/virtio/block/worker.rs),
-/// spawned by main at InstanceStart: executes requests on the image.
+/// spawned by main at InstanceStart: owns the drive's queue (polls its ioeventfd, the activate
+/// fd, the rate limiter's timer), executes requests on the image, raises the irqfd.
 #[rustfmt::skip]
 pub const BLOCK_IO: &[Allow] = &[
+    (SYS_epoll_wait, Args::Any, "blk: its loop over the queue's ioeventfd, timer, stop fd"),
+    (SYS_epoll_pwait, Args::Any, "blk: its loop"),
+    (SYS_timerfd_settime, Args::Any, "blk: the rate limiter's timer (armed when out of tokens)"),
+    (SYS_io_uring_setup, Args::Any, "blk: io_engine Async/auto, its ring (devices/src/virtio/block/uring.rs)"),
+    (SYS_io_uring_register, Args::Any, "blk: the ring's eventfd, restrictions, enabling it"),
+    (SYS_io_uring_enter, Args::Any, "blk: submitting to the ring, waiting for completions"),
     (SYS_readv, Args::Any, "blk: reads into guest memory"),
     (SYS_writev, Args::Any, "blk: writes from guest memory"),
     (SYS_pread64, Args::Any, "blk: reads"),

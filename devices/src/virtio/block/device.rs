@@ -14,9 +14,9 @@ use super::features::{
     VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use super::request::{handle_chain_counted, parse_failed, BlockStats, Request, RequestType};
-use super::worker::{IoGate, Job, StartHook, Worker, WorkerParts};
+use super::worker::{Batch, IoGate, IoThread, Job, StartHook, ThreadFds};
 use super::{
-    BlockError, DISCARD_SECTOR_ALIGNMENT, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG,
+    BlockError, IoEngine, DISCARD_SECTOR_ALIGNMENT, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG,
     MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, QUEUE_SIZE, SECTOR_SHIFT, SEG_MAX, SIZE_MAX,
     VIRTIO_BLK_ID_BYTES,
 };
@@ -39,10 +39,6 @@ pub struct BlockConfig {
     /// [`Block::set_backing`].
     pub allow_block_device: bool,
 }
-
-/// Largest read the device loop serves itself when its data is in the page cache (a copy of
-/// at most this much, never a wait for the disk).
-const INLINE_MAX: u64 = 256 << 10;
 
 /// A drive's image, shared by the device and its I/O thread.
 #[derive(Debug, Clone)]
@@ -80,22 +76,15 @@ impl Backing {
     }
 }
 
-/// Most requests handed to the worker and not completed yet: a ring's worth (a driver can
-/// repeat heads in the avail ring, so this is counted, not assumed).
-const MAX_IN_FLIGHT: usize = QUEUE_SIZE as usize;
-
 /// A virtio-blk device over a raw image file, with one request queue. Its requests run on the
-/// device loop's thread, or on its own worker once [`Block::start_worker`] started one.
+/// device loop's thread, or on its own I/O thread once [`Block::start_io_thread`] started one.
 #[derive(Debug)]
 pub struct Block {
     disk: Arc<Mutex<DiskImage>>,
     id: [u8; VIRTIO_BLK_ID_BYTES],
     stats: Arc<Mutex<BlockStats>>,
-    worker: Option<Worker>,
-    /// Requests with the worker, of any activation (their completions bring it down).
-    in_flight: usize,
-    /// The last pass stopped at MAX_IN_FLIGHT: completions resume it.
-    stalled: bool,
+    /// The drive's I/O thread, which owns the queue once started.
+    io_thread: Option<IoThread>,
     /// Counts activations, so that completions of a request from before a reset are dropped.
     generation: u64,
     /// The drive's `rate_limiter`, if any (set or replaced with [`Block::set_rate_limiter`]).
@@ -149,37 +138,73 @@ impl Block {
         lock(&self.disk)
     }
 
-    /// Moves request execution to a thread of its own named `name` (at most 15 bytes; longer
-    /// is cut), which runs `hook` first (e.g. to install its seccomp filter). Its requests run
-    /// inside `gate` (see [`super::worker`]). Call before the device is activated.
-    pub fn start_worker(
-        &mut self,
+    /// Gives the device's queue to a thread of its own named `name` (at most 15 bytes; longer
+    /// is cut), which runs `hook` first (e.g. to install its seccomp filter), then polls the
+    /// queue's notification fd, the activate fd and the rate limiter's timer itself: it pops
+    /// the chains, runs the requests (image I/O straight into guest memory), writes the used
+    /// ring and raises the interrupt, with no hand-over per request (see [`super::worker`]).
+    /// Its reads and writes use `engine` (io_uring for `Async`, and for `Auto` when it can be
+    /// set up: see [`super::uring`]); returns the engine in use.
+    /// Every pass runs inside `gate`. The device loop then leaves the device alone (its
+    /// `init` watches nothing). Call before the device is activated. The thread ends when the
+    /// device is dropped.
+    pub fn start_io_thread(
+        dev: &Arc<Mutex<Block>>,
         name: &str,
         hook: StartHook,
         gate: Arc<IoGate>,
-    ) -> Result<(), BlockError> {
+        engine: IoEngine,
+    ) -> Result<IoEngine, BlockError> {
         let mut name = name.to_string();
         while name.len() > 15 {
             name.pop();
         }
-        let worker = Worker::spawn(
-            name,
-            hook,
-            WorkerParts {
-                disk: self.disk.clone(),
-                stats: self.stats.clone(),
-                id: self.id,
-                gate,
-            },
-        )
-        .map_err(BlockError::Worker)?;
-        self.worker = Some(worker);
-        Ok(())
+        let mut b = lock(dev);
+        let fds = b.thread_fds().map_err(BlockError::Worker)?;
+        let (thread, fell_back) =
+            IoThread::spawn(name.clone(), hook, Arc::downgrade(dev), fds, gate, engine)?;
+        b.io_thread = Some(thread);
+        let used = match (engine, fell_back) {
+            (IoEngine::Sync, _) => IoEngine::Sync,
+            (_, None) => IoEngine::Async,
+            (_, Some(e)) => {
+                log::warn!("virtio-blk: {name}: io_uring unavailable ({e}): using the sync engine");
+                lock(&b.stats).io_uring_fallback = 1;
+                IoEngine::Sync
+            }
+        };
+        Ok(used)
     }
 
-    /// The worker's completion EventFd, when there is a worker.
-    pub(super) fn done_event(&self) -> Option<&EventFd> {
-        self.worker.as_ref().map(Worker::done_event)
+    /// Duplicates of the fds the I/O thread polls.
+    fn thread_fds(&self) -> std::io::Result<ThreadFds> {
+        use std::os::fd::{AsRawFd, BorrowedFd};
+        let queue = match self.core.queue_events().first() {
+            Some(q) => q.try_clone()?,
+            None => return Err(std::io::Error::other("the device has no queue")),
+        };
+        // SAFETY: the timer fd is open for as long as `self`, which outlives this borrow.
+        let timer = unsafe { BorrowedFd::borrow_raw(self.timer.as_raw_fd()) };
+        Ok(ThreadFds {
+            queue,
+            activate: self.core.activate_event().try_clone()?,
+            timer: timer.try_clone_to_owned()?,
+        })
+    }
+
+    /// Whether an I/O thread owns the queue.
+    pub(super) fn has_io_thread(&self) -> bool {
+        self.io_thread.is_some()
+    }
+
+    /// The image, for the I/O thread.
+    pub(super) fn disk_arc(&self) -> Arc<Mutex<DiskImage>> {
+        self.disk.clone()
+    }
+
+    /// The counters, for the I/O thread.
+    pub(super) fn stats_arc(&self) -> Arc<Mutex<BlockStats>> {
+        self.stats.clone()
     }
 
     /// Switches the backing image (Firecracker's `PATCH /drives/{id}` with `path_on_host`):
@@ -240,9 +265,7 @@ impl Block {
             disk: Arc::new(Mutex::new(disk)),
             id: id_bytes,
             stats: Arc::new(Mutex::new(BlockStats::default())),
-            worker: None,
-            in_flight: 0,
-            stalled: false,
+            io_thread: None,
             generation: 0,
             limiter: None,
             timer: TimerFd::new().map_err(|e| BlockError::TimerFd(e.into()))?,
@@ -277,13 +300,18 @@ impl Block {
 
     /// The rate limiter's timer fired: take requests again.
     pub(super) fn on_timer(&mut self) {
+        self.timer_fired();
+        for index in 0..self.core.queue_max_sizes().len() {
+            self.process_queue(index);
+        }
+    }
+
+    /// The rate limiter's timer fired: the next pass takes requests again.
+    pub(super) fn timer_fired(&mut self) {
         if let Err(e) = self.timer.wait() {
             warn_ratelimited!("virtio-blk: cannot read the rate limiter timer: {e}");
         }
         self.throttled = false;
-        for index in 0..self.core.queue_max_sizes().len() {
-            self.process_queue(index);
-        }
     }
 
     /// Capacity in 512-byte sectors.
@@ -306,8 +334,8 @@ impl Block {
     /// them to it (see [`Self::start_worker`]). A no-op when the device is not active or the
     /// queue does not exist / is not ready.
     pub fn process_queue(&mut self, index: usize) {
-        if self.worker.is_some() {
-            self.submit_queue(index);
+        if self.io_thread.is_some() {
+            // The I/O thread owns the queue.
             return;
         }
         let write_through = !self.core.acked(VIRTIO_BLK_F_FLUSH);
@@ -323,46 +351,47 @@ impl Block {
         lock(&self.stats).add(&stats);
     }
 
-    /// The worker's half of [`Self::process_queue`]: pops and parses at most
-    /// [`DRAIN_BUDGET`] chains (and at most [`MAX_IN_FLIGHT`] outstanding), answers the bad
-    /// ones at once and hands the others to the worker. Past the budget the queue kicks itself,
-    /// as [`crate::virtio::device_core`] does; at the in-flight limit notifications stay off
-    /// and completions resume the queue.
-    fn submit_queue(&mut self, index: usize) {
+    /// The I/O thread's half of [`Self::process_queue`]: pops and parses at most
+    /// [`DRAIN_BUDGET`] chains and at most `room` valid requests (what the engine can take),
+    /// answers the bad ones at once and returns the others, to run without the device's lock.
+    /// Past the budget the queue kicks itself, as [`crate::virtio::device_core`] does; out of
+    /// room notifications stay off and the batch says so (completions resume the queue).
+    pub(super) fn take_batch(&mut self, index: usize, room: usize) -> Batch {
+        let mut out = Batch::default();
         if self.throttled {
-            // The timer brings the loop back; until then kicks change nothing.
-            return;
+            // The timer brings the thread back; until then kicks change nothing.
+            return out;
         }
         let write_through = !self.core.acked(VIRTIO_BLK_F_FLUSH);
         let generation = self.generation;
         let Some(active) = self.core.active_mut() else {
-            return;
+            return out;
         };
         let mem = active.mem.clone();
         let Some(queue) = active.queues.get_mut(index) else {
-            return;
+            return out;
         };
         if !queue.ready() {
-            return;
+            return out;
         }
         let mut requests: Vec<(u16, Request)> = Vec::new();
         let mut stats = BlockStats::default();
         let (mut answered, mut self_kick, mut needs_reset) = (false, false, false);
         let mut budget = DRAIN_BUDGET;
         let mut wait = None;
-        self.stalled = false;
         'outer: loop {
             if let Err(e) = queue.disable_notification(&mem) {
                 warn_ratelimited!("virtio-blk: cannot disable notifications: {e}");
                 break;
             }
             loop {
-                if self.in_flight + requests.len() >= MAX_IN_FLIGHT {
-                    self.stalled = true;
-                    break 'outer;
-                }
+                // The budget first: its self-kick brings the thread back whatever the room.
                 if budget == 0 {
                     self_kick = true;
+                    break 'outer;
+                }
+                if requests.len() >= room {
+                    out.stalled = true;
                     break 'outer;
                 }
                 budget -= 1;
@@ -392,25 +421,7 @@ impl Block {
                                 break 'outer;
                             }
                         }
-                        // Nothing outstanding (so nothing is reordered) and the image free: a
-                        // read served from the page cache completes here, without the two
-                        // thread hand-overs.
-                        let inline = if self.in_flight == 0 && requests.is_empty() {
-                            self.disk.try_lock().ok().and_then(|mut disk| {
-                                request.try_run_nowait(&mem, &mut disk, &mut stats, INLINE_MAX)
-                            })
-                        } else {
-                            None
-                        };
-                        match inline {
-                            Some(len) => {
-                                if let Err(e) = queue.add_used(&mem, head, len) {
-                                    warn_ratelimited!("virtio-blk: cannot add used entry: {e}");
-                                }
-                                answered = true;
-                            }
-                            None => requests.push((head, request)),
-                        }
+                        requests.push((head, request));
                     }
                     Err(e) => {
                         let len = parse_failed(e, &mem, &mut stats);
@@ -446,19 +457,6 @@ impl Block {
             active.signal_used(index);
         }
         lock(&self.stats).add(&stats);
-        if !requests.is_empty() {
-            let n = requests.len();
-            let job = Job {
-                mem,
-                requests,
-                write_through,
-                generation,
-            };
-            match &self.worker {
-                Some(w) if w.submit(job) => self.in_flight += n,
-                _ => warn_ratelimited!("virtio-blk: the I/O thread is gone: {n} requests lost"),
-            }
-        }
         if self_kick {
             if let Some(evt) = self.core.queue_events().get(index) {
                 if let Err(e) = evt.write(1) {
@@ -466,47 +464,55 @@ impl Block {
                 }
             }
         }
+        if !requests.is_empty() {
+            out.job = Some(Job {
+                mem,
+                requests,
+                write_through,
+                generation,
+            });
+        }
+        out
     }
 
-    /// Puts what the worker completed in the used ring and raises the interrupt; resumes a
-    /// queue that stopped at the in-flight limit.
-    pub(super) fn complete(&mut self) {
-        let Some(worker) = &self.worker else {
+    /// Puts one executed request of activation `generation` in the used ring at once (the
+    /// driver may be polling it), without the interrupt ([`Self::finish`] with nothing raises
+    /// it); dropped if a reset ended that activation.
+    pub(super) fn publish(&mut self, generation: u64, head: u16, len: u32) {
+        if generation != self.generation {
+            return;
+        }
+        let Some(active) = self.core.active_mut() else {
             return;
         };
-        if let Err(e) = worker.done_event().read() {
-            if e.kind() != std::io::ErrorKind::WouldBlock {
-                warn_ratelimited!("virtio-blk: cannot read the completion event fd: {e}");
+        let mem = active.mem.clone();
+        if let Some(queue) = active.queues.get_mut(0) {
+            if let Err(e) = queue.add_used(&mem, head, len) {
+                warn_ratelimited!("virtio-blk: cannot add used entry: {e}");
             }
         }
-        let mut used = false;
-        let generation = self.generation;
-        let mut active = self.core.active_mut();
-        while let Some(done) = worker.next_done() {
-            // Counted whatever its activation: the limit bounds what the worker holds, across
-            // resets too.
-            self.in_flight = self.in_flight.saturating_sub(1);
-            if done.generation != generation {
-                continue;
-            }
-            if let Some(a) = active.as_mut() {
-                let mem = a.mem.clone();
-                if let Some(queue) = a.queues.get_mut(0) {
-                    if let Err(e) = queue.add_used(&mem, done.head, done.len) {
-                        warn_ratelimited!("virtio-blk: cannot add used entry: {e}");
-                    }
-                    used = true;
-                }
-            }
+    }
+
+    /// Puts executed requests (head, used length) of activation `generation` in the used
+    /// ring and raises the interrupt (if the driver wants one for what was used since the
+    /// last); those of an activation a reset ended are dropped.
+    pub(super) fn finish(&mut self, generation: u64, done: &[(u16, u32)]) {
+        if generation != self.generation {
+            return;
         }
-        if used {
-            if let Some(a) = active {
-                a.signal_used(0);
+        let Some(active) = self.core.active_mut() else {
+            return;
+        };
+        let mem = active.mem.clone();
+        let Some(queue) = active.queues.get_mut(0) else {
+            return;
+        };
+        for &(head, len) in done {
+            if let Err(e) = queue.add_used(&mem, head, len) {
+                warn_ratelimited!("virtio-blk: cannot add used entry: {e}");
             }
         }
-        if self.stalled {
-            self.process_queue(0);
-        }
+        active.signal_used(0);
     }
 }
 
@@ -523,10 +529,9 @@ impl CoreDevice for Block {
 
     /// A driver that did not negotiate VIRTIO_BLK_F_FLUSH has a write-through device: every
     /// write is durable before it completes.
-    /// Completions of requests from before the reset are dropped when they arrive.
+    /// Requests of the ended activation that the I/O thread completes later are dropped.
     fn on_reset(&mut self) {
         self.generation = self.generation.wrapping_add(1);
-        self.stalled = false;
     }
 }
 

@@ -40,7 +40,13 @@ pub struct DiskImage {
     pub(super) syncs: u64,
     /// preadv2(RWF_NOWAIT) is refused for this file: do not try again.
     nowait_unsupported: bool,
+    /// Unique per open image in this process: tells the io_uring engine that a `PATCH /drives`
+    /// switched the image (it keeps a duplicate of the fd per open).
+    open_id: u64,
 }
+
+/// Source of [`DiskImage::open_id`].
+static NEXT_OPEN_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Takes an OFD lock over the whole of `file`: shared (read) when `read_only`, exclusive
 /// (write) otherwise. Open file description locks belong to this open file, are released when
@@ -220,6 +226,7 @@ impl DiskImage {
             #[cfg(test)]
             syncs: 0,
             nowait_unsupported: false,
+            open_id: NEXT_OPEN_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 
@@ -273,6 +280,16 @@ impl DiskImage {
             self.sync()?;
         }
         Ok(())
+    }
+
+    /// Unique per open image in this process (a switched image has a new one).
+    pub(super) fn open_id(&self) -> u64 {
+        self.open_id
+    }
+
+    /// Whether a write may go to the image now: it is writable and no fdatasync failed.
+    pub(super) fn writes_allowed(&self) -> bool {
+        !self.read_only && self.sync_failed.is_none()
     }
 
     /// Capacity in 512-byte sectors.

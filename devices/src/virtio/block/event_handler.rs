@@ -5,8 +5,8 @@
 //! EventFds (once; they live as long as the device) and processes every queue. A readable
 //! queue EventFd (an ioeventfd kick, or a QueueNotify write) is drained and its queue
 //! processed; after a reset the kicks are drained and ignored. With an I/O thread
-//! ([`Block::start_worker`]) the handler also watches its completion EventFd and puts what it
-//! completed in the used ring.
+//! ([`Block::start_io_thread`]) the thread polls those fds itself and the handler watches
+//! nothing.
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
@@ -15,19 +15,16 @@ use crate::virtio::device_core::CoreEvent;
 use crate::virtio::log_limit::warn_ratelimited;
 use crate::virtio::VirtioDevice;
 
-/// Event data tag of the worker's completion EventFd (neither the activate tag nor a queue).
-const DONE_EVENT: u32 = 0x1000;
-/// Event data tag of the rate limiter's timer.
+/// Event data tag of the rate limiter's timer (neither the activate tag nor a queue).
 const TIMER_EVENT: u32 = 0x1001;
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        self.core.init_events(ops);
-        if let Some(evt) = self.done_event() {
-            if let Err(e) = ops.add(Events::with_data(evt, DONE_EVENT, EventSet::IN)) {
-                log::error!("virtio-blk: cannot watch the I/O thread's completions: {e:?}");
-            }
+        if self.has_io_thread() {
+            // The I/O thread polls the device's fds.
+            return;
         }
+        self.core.init_events(ops);
         if let Err(e) = ops.add(Events::with_data(&self.timer, TIMER_EVENT, EventSet::IN)) {
             log::error!("virtio-blk: cannot watch the rate limiter timer: {e:?}");
         }
@@ -41,7 +38,6 @@ impl MutEventSubscriber for Block {
                 }
             }
             CoreEvent::Queue(index) => self.process_queue(index),
-            CoreEvent::Other(DONE_EVENT) => self.complete(),
             CoreEvent::Other(TIMER_EVENT) => self.on_timer(),
             CoreEvent::Other(source) => {
                 warn_ratelimited!("virtio-blk: event for unknown source {source}");

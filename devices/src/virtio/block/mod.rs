@@ -11,13 +11,28 @@ pub mod device;
 pub mod disk;
 pub mod event_handler;
 pub mod request;
+mod uring;
 pub mod worker;
 
 use std::io;
 use std::path::PathBuf;
 
 pub use device::{Backing, Block, BlockConfig};
+pub use uring::DISABLE_ENV as IO_URING_DISABLE_ENV;
 pub use worker::{IoGate, StartHook};
+
+/// How a drive's I/O thread does its reads and writes (`io_engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoEngine {
+    /// Synchronous system calls on the I/O thread.
+    #[default]
+    Sync,
+    /// io_uring; the drive fails to start when it cannot be set up.
+    Async,
+    /// io_uring when it can be set up at start, else the sync engine (one log line, and the
+    /// drive's `io_uring_fallback` metric).
+    Auto,
+}
 
 /// Size of a virtio-blk sector, whatever the image's real block size.
 pub const SECTOR_SIZE: u64 = 512;
@@ -138,6 +153,11 @@ pub enum BlockError {
     /// The device's I/O thread could not be started.
     #[error("cannot start the block device's I/O thread: {0}")]
     Worker(io::Error),
+    /// `io_engine: Async`, and io_uring cannot be set up on this host.
+    #[error(
+        "io_engine Async: cannot set up io_uring: {0} (use Sync, or auto on the command line)"
+    )]
+    IoUring(io::Error),
     /// Creating an event fd failed.
     #[error("cannot create an event fd for the block device: {0}")]
     EventFd(io::Error),

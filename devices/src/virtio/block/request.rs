@@ -635,6 +635,9 @@ pub struct BlockStats {
     pub write_bytes: u64,
     /// Requests answered with an error status or dropped.
     pub errors: u64,
+    /// 1 when the drive asked for `io_engine=auto` and io_uring could not be set up, so it
+    /// uses the sync engine.
+    pub io_uring_fallback: u64,
 }
 
 /// Parse, execute and complete one chain. Returns the used length for the used ring: the data
@@ -713,6 +716,7 @@ impl BlockStats {
         self.read_bytes += other.read_bytes;
         self.write_bytes += other.write_bytes;
         self.errors += other.errors;
+        self.io_uring_fallback = self.io_uring_fallback.max(other.io_uring_fallback);
     }
 }
 
@@ -751,6 +755,22 @@ impl Request {
             written,
             self.status_addr,
         ))
+    }
+
+    /// A read or write that moved all its data elsewhere (the io_uring engine): counts it
+    /// into `stats` and writes the OK status byte. Returns the used length.
+    pub(super) fn complete_ok(&self, mem: &GuestMemoryMmap, stats: &mut BlockStats) -> u32 {
+        let written = if self.kind == RequestType::In {
+            stats.reads += 1;
+            stats.read_bytes += self.data_len;
+            // At most SEG_MAX * SIZE_MAX bytes.
+            u32::try_from(self.data_len).unwrap_or(u32::MAX)
+        } else {
+            stats.writes += 1;
+            stats.write_bytes += self.data_len;
+            0
+        };
+        write_status(mem, VIRTIO_BLK_S_OK, written, self.status_addr)
     }
 
     /// Executes a parsed request, counts it into `stats` and writes its status byte. Returns

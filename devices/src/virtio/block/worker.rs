@@ -1,35 +1,46 @@
-//! The block device's I/O thread, so that a long request (128 MiB of data, a DISCARD of 32
-//! ranges of `u32::MAX` sectors, a 64 MiB WRITE_ZEROES fallback, a slow fdatasync) never holds
-//! the device loop, and with it the other devices, the vCPUs touching this device's registers
-//! and the pause path.
+//! The block device's I/O thread (`blk-<drive id>`), so that a long request (128 MiB of data,
+//! a DISCARD of 32 ranges of `u32::MAX` sectors, a 64 MiB WRITE_ZEROES fallback, a slow
+//! fdatasync) never holds the device loop, and with it the other devices, the vCPUs touching
+//! this device's registers and the pause path.
 //!
-//! The device loop pops and parses descriptor chains (bounded per pass, like every queue) and
-//! hands the valid requests to the worker in one `Job` per pass; the worker executes each
-//! (the data moves directly between the image and guest memory, as before), writes its status
-//! byte and sends back a `Done` with the used length; the device loop writes the used ring
-//! and raises the interrupt. So the used ring and the interrupt stay on the device loop.
+//! The thread owns the drive's queue, like Cloud Hypervisor's per-device epoll threads: it
+//! polls the queue's ioeventfd, the device's activate fd and the rate limiter's timer itself
+//! (the device loop does not watch the device at all). One pass, at most
+//! `DRAIN_BUDGET` (64) chains: pop and parse them under the device's lock (a bad
+//! chain is answered at once), execute the valid ones without it (the data moves directly
+//! between the image and guest memory, the status byte is written), then, under the lock again,
+//! write the used ring and raise the irqfd. No hand-over per request: an earlier design had the
+//! device loop pop the chains and pass them to a worker through a channel and back, which cost
+//! two thread wake-ups per batch (futex calls 1.3k -> 22k in a blkbench run, QD1 random writes
+//! -35..45%).
 //!
-//! Pause: the worker touches guest memory, so a paused VM must hold it too. Every request
-//! runs inside the [`IoGate`]: the pause path closes the gate once the device loop is parked,
-//! which waits for the request in progress (if any) to finish and keeps the worker from
-//! starting another until resume.
+//! Not holding the device's lock during the I/O keeps the vCPUs (register accesses) and
+//! metrics (counters) free while a request waits for the disk. A reset meanwhile bumps the
+//! device's generation, and the pass's completions are then dropped.
 //!
-//! A plain thread rather than io_uring: the device's I/O is already synchronous file I/O
-//! straight into guest memory, and a thread keeps every request path (fallocate fallbacks,
-//! the sticky fdatasync failure, write-through) as it is, with no new kernel interface for the
-//! seccomp filters. An io_uring engine (`io_engine: "Async"`) can replace this worker behind
-//! the same Job/Done seam.
+//! Pause: the thread touches guest memory, so a paused VM must hold it too. Every pass runs
+//! inside the [`IoGate`]: the pause path closes the gate once the device loop is parked, which
+//! waits for the pass in progress (if any) to finish and keeps the thread from starting another
+//! until resume; kicks arriving meanwhile wait in the ioeventfd.
+//!
+//! The thread ends when the device is dropped: it holds only a weak reference to the device,
+//! duplicates of the fds it polls, and a stop fd that the device writes when it goes.
 
+use std::fs::File;
 use std::io;
-use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::device::Block;
 use super::disk::DiskImage;
 use super::request::{BlockStats, Request};
-use super::VIRTIO_BLK_ID_BYTES;
+use super::uring::Uring;
+use super::{BlockError, IoEngine, VIRTIO_BLK_ID_BYTES};
+use crate::virtio::device_core::DRAIN_BUDGET;
 use crate::GuestMemoryMmap;
 
 /// Called first thing on a thread the devices crate spawns (e.g. to install its seccomp
@@ -107,6 +118,11 @@ impl IoGate {
         true
     }
 
+    /// Whether a pause is closing (or closed) the gate: a thread inside takes no new work.
+    pub(super) fn closing(&self) -> bool {
+        lock(&self.state).closed
+    }
+
     /// Opens the gate: waiting workers go on.
     pub fn open(&self) {
         lock(&self.state).closed = false;
@@ -114,7 +130,8 @@ impl IoGate {
     }
 }
 
-/// What the device loop hands the worker: the valid requests of one pass.
+/// The valid requests of one pass, popped and parsed under the device's lock and executed
+/// without it.
 pub(super) struct Job {
     pub(super) mem: GuestMemoryMmap,
     /// (descriptor head, request).
@@ -125,21 +142,6 @@ pub(super) struct Job {
     pub(super) generation: u64,
 }
 
-/// One executed request, for the used ring.
-pub(super) struct Done {
-    pub(super) head: u16,
-    pub(super) len: u32,
-    pub(super) generation: u64,
-}
-
-/// The device loop's end of a worker thread.
-#[derive(Debug)]
-pub(super) struct Worker {
-    jobs: Sender<Job>,
-    done: Receiver<Done>,
-    done_evt: EventFd,
-}
-
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Job")
@@ -148,81 +150,440 @@ impl std::fmt::Debug for Job {
     }
 }
 
-impl std::fmt::Debug for Done {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Done")
-            .field("head", &self.head)
-            .field("len", &self.len)
-            .finish()
+/// What one pass over the queue produced.
+#[derive(Debug, Default)]
+pub(super) struct Batch {
+    /// The requests to execute, if any.
+    pub(super) job: Option<Job>,
+    /// The pass stopped because the engine had no room: notifications stay off, and the
+    /// thread comes back once requests complete.
+    pub(super) stalled: bool,
+}
+
+/// The device's end of its I/O thread: dropping it (with the device) ends the thread.
+#[derive(Debug)]
+pub(super) struct IoThread {
+    stop: EventFd,
+}
+
+impl Drop for IoThread {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop.write(1) {
+            log::warn!("virtio-blk: cannot stop the I/O thread: {e}");
+        }
     }
 }
 
-/// What the worker thread needs.
-pub(super) struct WorkerParts {
-    pub(super) disk: Arc<Mutex<DiskImage>>,
-    pub(super) stats: Arc<Mutex<BlockStats>>,
-    pub(super) id: [u8; VIRTIO_BLK_ID_BYTES],
-    pub(super) gate: Arc<IoGate>,
+/// What the I/O thread polls: duplicates of the device's fds (so they outlive it) and its
+/// stop fd.
+pub(super) struct ThreadFds {
+    pub(super) queue: EventFd,
+    pub(super) activate: EventFd,
+    pub(super) timer: OwnedFd,
 }
 
-impl Worker {
-    /// Spawns the thread `name` (at most 15 bytes), which runs `hook` first.
-    pub(super) fn spawn(name: String, hook: StartHook, parts: WorkerParts) -> io::Result<Self> {
-        let (jobs, job_rx) = mpsc::channel::<Job>();
-        let (done_tx, done) = mpsc::channel::<Done>();
-        let done_evt = EventFd::new(EFD_NONBLOCK)?;
-        let wake = done_evt.try_clone()?;
-        std::thread::Builder::new().name(name).spawn(move || {
-            hook();
-            run(&job_rx, &done_tx, &wake, &parts);
-        })?;
-        Ok(Worker {
-            jobs,
-            done,
-            done_evt,
-        })
-    }
+const TAG_QUEUE: u64 = 0;
+const TAG_ACTIVATE: u64 = 1;
+const TAG_TIMER: u64 = 2;
+const TAG_STOP: u64 = 3;
+const TAG_URING: u64 = 4;
 
-    /// Hands a job over; false when the thread is gone.
-    pub(super) fn submit(&self, job: Job) -> bool {
-        self.jobs.send(job).is_ok()
-    }
+/// How long the thread waits, at its end, for io_uring requests still in flight.
+const STOP_DRAIN: Duration = Duration::from_secs(1);
 
-    /// Readable when requests completed.
-    pub(super) fn done_event(&self) -> &EventFd {
-        &self.done_evt
-    }
+/// What the I/O thread runs the requests with.
+enum Engine {
+    Sync,
+    Uring(Box<Uring>),
+}
 
-    /// The next completed request, if any.
-    pub(super) fn next_done(&self) -> Option<Done> {
-        self.done.try_recv().ok()
+impl Engine {
+    fn in_flight(&self) -> usize {
+        match self {
+            Engine::Sync => 0,
+            Engine::Uring(u) => u.in_flight(),
+        }
     }
 }
 
-fn run(jobs: &Receiver<Job>, done: &Sender<Done>, wake: &EventFd, parts: &WorkerParts) {
-    // Ends when the device (the sender) goes.
-    while let Ok(job) = jobs.recv() {
-        for (head, request) in &job.requests {
-            let mut stats = BlockStats::default();
-            parts.gate.enter();
-            let len = {
-                let mut disk = lock(&parts.disk);
-                disk.set_write_through(job.write_through);
-                request.run(&job.mem, &mut disk, &parts.id, &mut stats)
+impl IoThread {
+    /// Spawns the thread `name` (at most 15 bytes), which runs `hook` first, sets up its
+    /// engine, then serves `dev`'s queue until the device goes (see
+    /// [`Block::start_io_thread`]). Returns once the engine is set up: whether it uses
+    /// io_uring, or why `Auto` fell back to the sync engine.
+    pub(super) fn spawn(
+        name: String,
+        hook: StartHook,
+        dev: Weak<Mutex<Block>>,
+        fds: ThreadFds,
+        gate: Arc<IoGate>,
+        engine: IoEngine,
+    ) -> Result<(Self, Option<io::Error>), BlockError> {
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(BlockError::Worker)?;
+        let their_stop = stop.try_clone().map_err(BlockError::Worker)?;
+        let uring_evt = EventFd::new(EFD_NONBLOCK).map_err(BlockError::Worker)?;
+        let epoll = Epoll::new().map_err(BlockError::Worker)?;
+        for (fd, tag) in [
+            (fds.queue.as_raw_fd(), TAG_QUEUE),
+            (fds.activate.as_raw_fd(), TAG_ACTIVATE),
+            (fds.timer.as_raw_fd(), TAG_TIMER),
+            (their_stop.as_raw_fd(), TAG_STOP),
+            (uring_evt.as_raw_fd(), TAG_URING),
+        ] {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, tag),
+                )
+                .map_err(BlockError::Worker)?;
+        }
+        let (ready_tx, ready_rx) =
+            std::sync::mpsc::channel::<Result<Option<io::Error>, io::Error>>();
+        std::thread::Builder::new()
+            .name(name)
+            .spawn(move || {
+                hook();
+                // The ring is set up here, under the thread's own seccomp filter.
+                let (engine, fell_back) = match engine {
+                    IoEngine::Sync => (Engine::Sync, None),
+                    IoEngine::Async | IoEngine::Auto => match Uring::new(&uring_evt) {
+                        Ok(u) => (Engine::Uring(Box::new(u)), None),
+                        Err(e) if engine == IoEngine::Auto => (Engine::Sync, Some(e)),
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    },
+                };
+                if ready_tx.send(Ok(fell_back)).is_err() {
+                    return;
+                }
+                let mut t = Thread {
+                    dev,
+                    fds,
+                    _stop: their_stop,
+                    uring_evt,
+                    epoll,
+                    gate,
+                    engine,
+                    image: None,
+                };
+                t.run();
+            })
+            .map_err(BlockError::Worker)?;
+        match ready_rx.recv() {
+            Ok(Ok(fell_back)) => Ok((IoThread { stop }, fell_back)),
+            Ok(Err(e)) => Err(BlockError::IoUring(e)),
+            Err(_) => Err(BlockError::Worker(io::Error::other(
+                "the I/O thread ended before it was ready",
+            ))),
+        }
+    }
+}
+
+struct Thread {
+    dev: Weak<Mutex<Block>>,
+    fds: ThreadFds,
+    _stop: EventFd,
+    uring_evt: EventFd,
+    epoll: Epoll,
+    gate: Arc<IoGate>,
+    engine: Engine,
+    /// The io_uring engine's duplicate of the image's fd, by [`DiskImage::open_id`].
+    image: Option<(u64, Arc<File>)>,
+}
+
+impl Thread {
+    /// The loop: wait for a kick, the activation, the limiter's timer or completions; then,
+    /// inside the gate, complete what the ring finished and make a pass over the queue. With
+    /// requests in flight the thread stays inside the gate (a pause waits for them), and while
+    /// a pause is closing it it takes no new ones.
+    fn run(&mut self) {
+        let mut events = [EpollEvent::default(); 8];
+        // A pass is due.
+        let mut pending = false;
+        // Counted in the gate.
+        let mut inside = false;
+        // The last pass stopped for want of room in the ring.
+        let mut stalled = false;
+        loop {
+            // A pass is due: do not wait in epoll (outside the gate, wait at it below; inside
+            // it, wait only while a pause is closing it, for the completions).
+            let timeout = if pending && (!inside || !self.gate.closing()) {
+                0
+            } else {
+                -1
             };
-            parts.gate.exit();
-            lock(&parts.stats).add(&stats);
-            let d = Done {
-                head: *head,
-                len,
-                generation: job.generation,
+            let n = match self.epoll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!("virtio-blk: the I/O thread cannot wait for events: {e}");
+                    break;
+                }
             };
-            if done.send(d).is_err() {
+            let mut timer = false;
+            let mut stop = false;
+            for ev in &events[..n] {
+                match ev.data() {
+                    TAG_STOP => stop = true,
+                    TAG_QUEUE => {
+                        drain(&self.fds.queue);
+                        pending = true;
+                    }
+                    TAG_ACTIVATE => {
+                        drain(&self.fds.activate);
+                        pending = true;
+                    }
+                    TAG_TIMER => {
+                        timer = true;
+                        pending = true;
+                    }
+                    TAG_URING => drain(&self.uring_evt),
+                    _ => {}
+                }
+            }
+            if stop {
+                break;
+            }
+            if !inside {
+                self.gate.enter();
+                inside = true;
+            }
+            let Some(dev) = self.dev.upgrade() else {
+                break;
+            };
+            if self.reap(&dev) && stalled {
+                pending = true;
+            }
+            if timer {
+                lock(&dev).timer_fired();
+            }
+            if pending && !self.gate.closing() {
+                pending = false;
+                stalled = self.pass(&dev);
+                // Completions reaped within the pass made room: go on at once.
+                if stalled && self.room() > 0 {
+                    pending = true;
+                }
+            }
+            drop(dev);
+            if self.engine.in_flight() == 0 {
+                self.gate.exit();
+                inside = false;
+            }
+        }
+        if inside {
+            self.gate.exit();
+        }
+        self.drain_at_stop();
+    }
+
+    /// Requests the engine can take now.
+    fn room(&self) -> usize {
+        match &self.engine {
+            Engine::Sync => DRAIN_BUDGET,
+            Engine::Uring(u) => u.room(),
+        }
+    }
+
+    /// One pass: pop and parse (under the device's lock), run or submit (without it), complete
+    /// what finished (under it again). Returns whether it stopped for want of room.
+    fn pass(&mut self, dev: &Arc<Mutex<Block>>) -> bool {
+        let room = self.room();
+        let (batch, disk, stats, id) = {
+            let mut b = lock(dev);
+            (b.take_batch(0, room), b.disk_arc(), b.stats_arc(), *b.id())
+        };
+        let Some(mut job) = batch.job else {
+            return batch.stalled;
+        };
+        let mut st = BlockStats::default();
+        let mut done = Vec::with_capacity(job.requests.len());
+        match &mut self.engine {
+            Engine::Sync => {
+                // Each request goes to the used ring as soon as it is done (a polling driver
+                // resubmits meanwhile); one interrupt for the pass, below.
+                for (head, request) in &job.requests {
+                    let len = {
+                        let mut disk = lock(&disk);
+                        disk.set_write_through(job.write_through);
+                        request.run(&job.mem, &mut disk, &id, &mut st)
+                    };
+                    lock(dev).publish(job.generation, *head, len);
+                }
+            }
+            Engine::Uring(_) => {
+                let requests = std::mem::take(&mut job.requests);
+                self.submit_job(dev, requests, &job, &disk, &id, &mut st, &mut done)
+            }
+        }
+        lock(&stats).add(&st);
+        // The sync engine published its requests one by one: the interrupt is still due.
+        let published = matches!(self.engine, Engine::Sync);
+        if published || !done.is_empty() {
+            lock(dev).finish(job.generation, &done);
+        }
+        // Reads of cached data complete within the submission: publish them now rather than
+        // after another trip through epoll.
+        self.reap(dev);
+        batch.stalled
+    }
+
+    /// The io_uring half of a pass: reads and writes to the ring, the rest synchronously
+    /// once the ring is empty (see [`super::uring`]).
+    #[allow(clippy::too_many_arguments)]
+    fn submit_job(
+        &mut self,
+        dev: &Arc<Mutex<Block>>,
+        requests: Vec<(u16, Request)>,
+        job: &Job,
+        disk: &Arc<Mutex<DiskImage>>,
+        id: &[u8; VIRTIO_BLK_ID_BYTES],
+        st: &mut BlockStats,
+        done: &mut Vec<(u16, u32)>,
+    ) {
+        let file = self.image_fd(disk);
+        for (head, request) in requests {
+            let back = match (&mut self.engine, &file) {
+                (Engine::Uring(u), Some(file)) => {
+                    let d = lock(disk);
+                    u.push(
+                        head,
+                        request,
+                        &job.mem,
+                        job.generation,
+                        job.write_through,
+                        &d,
+                        file,
+                    )
+                }
+                _ => Err(request),
+            };
+            let Err(request) = back else {
+                continue;
+            };
+            // Synchronously, after everything in flight (FLUSH covers the writes before it).
+            self.wait_all(dev);
+            let mut d = lock(disk);
+            d.set_write_through(job.write_through);
+            done.push((head, request.run(&job.mem, &mut d, id, st)));
+        }
+        if let Engine::Uring(u) = &mut self.engine {
+            if let Err(e) = u.submit(0) {
+                log::warn!("virtio-blk: io_uring submission failed: {e}");
+                self.wait_all(dev);
+            }
+        }
+    }
+
+    /// A duplicate of the image's fd for the ring's requests, made once per open image (a
+    /// `PATCH /drives` switch opens a new one); None if it cannot be made (the requests then
+    /// run synchronously).
+    fn image_fd(&mut self, disk: &Arc<Mutex<DiskImage>>) -> Option<Arc<File>> {
+        let d = lock(disk);
+        if let Some((id, f)) = &self.image {
+            if *id == d.open_id() {
+                return Some(f.clone());
+            }
+        }
+        match d.file().try_clone() {
+            Ok(f) => {
+                let f = Arc::new(f);
+                self.image = Some((d.open_id(), f.clone()));
+                Some(f)
+            }
+            Err(e) => {
+                log::warn!("virtio-blk: cannot duplicate the image fd, running synchronously: {e}");
+                None
+            }
+        }
+    }
+
+    /// Submits what is queued and waits until nothing is in flight, completing it all.
+    fn wait_all(&mut self, dev: &Arc<Mutex<Block>>) {
+        loop {
+            let Engine::Uring(u) = &mut self.engine else {
+                return;
+            };
+            if u.in_flight() == 0 {
                 return;
             }
-            if let Err(e) = wake.write(1) {
-                log::warn!("virtio-blk: cannot wake the device loop: {e}");
+            if let Err(e) = u.submit(1) {
+                log::error!("virtio-blk: io_uring wait failed: {e}");
+                return;
             }
+            self.reap(dev);
+        }
+    }
+
+    /// Completes what the ring finished: status bytes, used ring, interrupt. Returns whether
+    /// anything completed.
+    fn reap(&mut self, dev: &Arc<Mutex<Block>>) -> bool {
+        let Engine::Uring(u) = &mut self.engine else {
+            return false;
+        };
+        let mut completed = Vec::new();
+        u.reap(&mut completed);
+        if completed.is_empty() {
+            return false;
+        }
+        let (disk, stats, id) = {
+            let b = lock(dev);
+            (b.disk_arc(), b.stats_arc(), *b.id())
+        };
+        let mut st = BlockStats::default();
+        // In submission order, requests of one activation are together.
+        let mut groups: Vec<(u64, Vec<(u16, u32)>)> = Vec::new();
+        for c in completed {
+            let generation = c.slot.generation;
+            let d = c.finish(&disk, &id, &mut st);
+            match groups.last_mut() {
+                Some((g, v)) if *g == generation => v.push(d),
+                _ => groups.push((generation, vec![d])),
+            }
+        }
+        lock(&stats).add(&st);
+        let mut b = lock(dev);
+        for (generation, done) in &groups {
+            b.finish(*generation, done);
+        }
+        true
+    }
+
+    /// At the end, waits (bounded) for requests still in flight: the kernel must be done with
+    /// guest memory and the fds before they go.
+    fn drain_at_stop(&mut self) {
+        let deadline = Instant::now() + STOP_DRAIN;
+        let mut events = [EpollEvent::default(); 8];
+        loop {
+            let Engine::Uring(u) = &mut self.engine else {
+                return;
+            };
+            let mut completed = Vec::new();
+            u.reap(&mut completed);
+            if u.in_flight() == 0 {
+                return;
+            }
+            if Instant::now() >= deadline {
+                log::warn!(
+                    "virtio-blk: {} io_uring requests still in flight at the end",
+                    u.in_flight()
+                );
+                return;
+            }
+            let _ = self.epoll.wait(10, &mut events);
+            drain(&self.uring_evt);
+        }
+    }
+}
+
+/// Reads an eventfd's counter (nothing to read is fine: another pass took it).
+fn drain(evt: &EventFd) {
+    if let Err(e) = evt.read() {
+        if e.kind() != io::ErrorKind::WouldBlock {
+            log::warn!("virtio-blk: cannot read an event fd: {e}");
         }
     }
 }
@@ -234,6 +595,7 @@ mod tests {
     #[test]
     fn gate_close_waits_for_the_worker_inside() {
         let gate = Arc::new(IoGate::new());
+        assert!(!gate.closing());
         gate.enter();
         assert!(!gate.close(Duration::from_millis(20)), "a worker is inside");
         let g = gate.clone();
@@ -242,10 +604,11 @@ mod tests {
             g.exit();
         });
         assert!(gate.close(Duration::from_secs(5)));
+        assert!(gate.closing(), "an I/O thread inside takes no new work now");
         t.join().unwrap();
         // Closed: a worker waits until it opens.
         let g = gate.clone();
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = std::sync::mpsc::channel();
         let t = std::thread::spawn(move || {
             g.enter();
             tx.send(()).unwrap();
@@ -253,6 +616,7 @@ mod tests {
         });
         assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
         gate.open();
+        assert!(!gate.closing());
         rx.recv_timeout(Duration::from_secs(5)).unwrap();
         t.join().unwrap();
     }
