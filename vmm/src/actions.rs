@@ -42,6 +42,11 @@ pub trait MicroVm {
     fn patch_drive_limiter(&self, id: &str, limiter: &RateLimiter) -> Result<(), PatchDriveError>;
     /// Per-device metrics sections (cumulative counters), as JSON objects.
     fn device_metrics(&self) -> Vec<(String, Value)>;
+    /// Writes a snapshot of the paused microVM.
+    fn snapshot_create(
+        &self,
+        params: &api::model::SnapshotCreateParams,
+    ) -> Result<(), crate::snapshot::SnapshotError>;
 }
 
 impl MicroVm for Vmm {
@@ -76,6 +81,13 @@ impl MicroVm for Vmm {
 
     fn device_metrics(&self) -> Vec<(String, Value)> {
         Vmm::device_metrics(self)
+    }
+
+    fn snapshot_create(
+        &self,
+        params: &api::model::SnapshotCreateParams,
+    ) -> Result<(), crate::snapshot::SnapshotError> {
+        Vmm::snapshot_create(self, params)
     }
 }
 
@@ -173,6 +185,15 @@ impl<V: MicroVm, D: Parkable> Executor<V, D> {
     ) -> Result<(), VmmError> {
         match action {
             VmmAction::Start => self.start(launch).map_err(start_error),
+            // `launch` restores the snapshot (the runtime gives the right one).
+            VmmAction::LoadSnapshot(_) => self
+                .start(launch)
+                .map_err(|e| VmmError::Snapshot(Box::new(e))),
+            VmmAction::CreateSnapshot(p) => self
+                .running()?
+                .vm
+                .snapshot_create(p)
+                .map_err(|e| VmmError::Snapshot(Box::new(e))),
             VmmAction::Pause => {
                 // The vCPUs first (no new queue kicks), then the device loop, so no device
                 // touches guest memory until Resumed.

@@ -105,6 +105,17 @@ struct Cli {
     #[arg(long, value_name = "MIB", default_value_t = 128)]
     memory: u64,
 
+    /// Restore the microVM of a snapshot instead of booting one: its state file and memory
+    /// file (mapped privately: never written); `resume` runs it at once, otherwise it stays
+    /// Paused (resume it with `PATCH /vm`). Its configuration comes from the snapshot.
+    #[arg(
+        long,
+        value_name = "state=PATH,mem=PATH[,resume]",
+        value_parser = parse_restore_arg,
+        conflicts_with_all = ["kernel", "config_file"]
+    )]
+    restore: Option<vmm::runtime::RestoreSpec>,
+
     /// A virtio-blk drive backed by a raw image: path=FILE[,id=NAME][,ro][,root]. Repeatable;
     /// the guest sees them as /dev/vda, /dev/vdb, ... with the root drive first. `root`
     /// appends root=/dev/vda (and ro for a read-only drive) to the command line.
@@ -443,6 +454,28 @@ struct DriveArg {
     id: Option<String>,
     ro: bool,
     root: bool,
+}
+
+/// `--restore state=PATH,mem=PATH[,resume]`.
+fn parse_restore_arg(spec: &str) -> Result<vmm::runtime::RestoreSpec, String> {
+    let (mut state, mut mem, mut resume) = (None, None, false);
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("state", v)) if !v.is_empty() => state = Some(PathBuf::from(v)),
+            Some(("mem", v)) if !v.is_empty() => mem = Some(PathBuf::from(v)),
+            None if part == "resume" => resume = true,
+            _ => {
+                return Err(format!(
+                    "unknown or empty part {part:?} (expected state=PATH,mem=PATH[,resume])"
+                ))
+            }
+        }
+    }
+    Ok(vmm::runtime::RestoreSpec {
+        state: state.ok_or("state=PATH is required (state=PATH,mem=PATH[,resume])")?,
+        mem: mem.ok_or("mem=PATH is required (state=PATH,mem=PATH[,resume])")?,
+        resume,
+    })
 }
 
 fn parse_drive_arg(spec: &str) -> Result<DriveArg, String> {
@@ -813,7 +846,7 @@ fn main() -> ExitCode {
     } else {
         None
     };
-    if boot_now.is_none() && cli.api_sock.is_none() {
+    if boot_now.is_none() && cli.api_sock.is_none() && cli.restore.is_none() {
         return fail("nothing to boot: give --kernel, --config-file, or --api-sock to configure through the API");
     }
     // `--metrics-path`: the metrics destination, as `PUT /metrics` sets it (once).
@@ -964,6 +997,11 @@ fn main() -> ExitCode {
             return fail(e);
         }
         rt.mark_api_started();
+    } else if let Some(spec) = &cli.restore {
+        if let Err(e) = rt.restore_vm(spec) {
+            drop(rt);
+            return fail(e);
+        }
     }
     let reason = rt.run();
     drop(api_guard);

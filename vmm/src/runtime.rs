@@ -154,6 +154,115 @@ impl Launcher {
     }
 }
 
+/// Where a restore takes its state and memory from, and what it does once built.
+#[derive(Clone, Debug)]
+pub struct RestoreSpec {
+    /// The state file.
+    pub state: PathBuf,
+    /// The memory file.
+    pub mem: PathBuf,
+    /// Run the guest at once (otherwise it stays Paused).
+    pub resume: bool,
+}
+
+impl RestoreSpec {
+    /// The restore `PUT /snapshot/load` asks for.
+    pub fn from_load(l: &api::model::SnapshotLoadParams) -> Result<RestoreSpec, VmError> {
+        let mem = l.memory().map_err(|e| {
+            VmError::Snapshot(crate::snapshot::SnapshotError::Invalid(e.to_string()))
+        })?;
+        if mem.backend_type != api::model::MemoryBackendType::File {
+            return Err(VmError::Snapshot(
+                crate::snapshot::SnapshotError::Unsupported(
+                    "mem_backend Uffd: guest memory from a page-fault handler".into(),
+                ),
+            ));
+        }
+        if l.tracks_dirty_pages() {
+            return Err(VmError::Snapshot(
+                crate::snapshot::SnapshotError::Unsupported(
+                    "track_dirty_pages: dirty page tracking for diff snapshots".into(),
+                ),
+            ));
+        }
+        if l.network_overrides.as_ref().is_some_and(|n| !n.is_empty()) || l.vsock_override.is_some()
+        {
+            return Err(VmError::Snapshot(
+                crate::snapshot::SnapshotError::Unsupported(
+                    "network_overrides / vsock_override: snapshots with virtio devices".into(),
+                ),
+            ));
+        }
+        Ok(RestoreSpec {
+            state: PathBuf::from(&l.snapshot_path),
+            mem: PathBuf::from(&mem.backend_path),
+            resume: l.resume_vm.unwrap_or(false),
+        })
+    }
+}
+
+impl Launcher {
+    /// Builds the microVM a snapshot describes and starts it (paused unless `spec.resume`).
+    /// Returns it with the configuration it was built from. `paths`: the rules for the
+    /// configuration's host paths.
+    fn restore(
+        &mut self,
+        spec: &RestoreSpec,
+        paths: api::paths::PathPolicy,
+    ) -> Result<(Machine, VmConfig), VmError> {
+        let state = crate::snapshot::read_state(&spec.state)?;
+        let cfg = VmConfig::from_config_file_with(&state.config.to_string(), paths).map_err(
+            |e| {
+                VmError::Snapshot(crate::snapshot::SnapshotError::Decode {
+                    path: spec.state.clone(),
+                    why: format!("its configuration: {e}"),
+                })
+            },
+        )?;
+        let builder = VmBuilder::new(&cfg, &self.opts)?;
+        let out = self
+            .console_out
+            .take()
+            .unwrap_or_else(|| Box::new(std::io::stdout()));
+        let (writer, handle) = spawn_console_writer(out).map_err(|source| VmError::Os {
+            what: "starting the console writer",
+            source,
+        })?;
+        self.console_thread = Some(handle);
+        if self.opts.console.reads_stdin() && self.terminal.is_none() {
+            let t = RawTerminal::enter();
+            self.ctx.interactive = t.is_active();
+            self.terminal = Some(t);
+        }
+        let mut vm = builder.restore(&state, &spec.mem, Box::new(writer), self.ctx.clone())?;
+        if !spec.resume {
+            // The vCPUs park before their first KVM_RUN.
+            vm.control.request_pause();
+        }
+        if let Err(e) = vm.start() {
+            vm.shutdown();
+            return Err(e);
+        }
+        let devices = match DeviceLoop::start(vm.subscribers(), vm.io_gate(), self.ctx.exit.clone())
+        {
+            Ok(d) => d,
+            Err(e) => {
+                vm.shutdown();
+                return Err(e);
+            }
+        };
+        if !spec.resume {
+            let paused = vm.pause().and_then(|_| devices.pause());
+            if let Err(e) = paused {
+                vm.shutdown();
+                devices.stop();
+                return Err(e);
+            }
+        }
+        Ok((Machine { vm, devices }, cfg))
+    }
+}
+
 /// A cinder process's event loop and state.
 pub struct Runtime {
     em: Em,
@@ -230,6 +339,25 @@ impl Runtime {
     pub fn start_vm(&mut self, cfg: &VmConfig) -> Result<(), VmError> {
         let launcher = &mut self.launcher;
         self.vmm.start(|vsock| launcher.launch(cfg, vsock))
+    }
+
+    /// Restores the microVM of a snapshot (`--restore`).
+    pub fn restore_vm(&mut self, spec: &RestoreSpec) -> Result<(), VmError> {
+        let launcher = &mut self.launcher;
+        let mut cfg = None;
+        let policy = match &self.api {
+            Some(a) => a.controller.config().paths.clone(),
+            None => api::paths::PathPolicy::default(),
+        };
+        self.vmm.start(|_| {
+            let (m, c) = launcher.restore(spec, policy)?;
+            cfg = Some(c);
+            Ok(m)
+        })?;
+        if let (Some(a), Some(c)) = (self.api.as_mut(), cfg) {
+            a.controller.mark_restored(c, !spec.resume);
+        }
+        Ok(())
     }
 
     /// The metrics this runtime writes (for what `main` records before the loop runs, such as
@@ -312,11 +440,23 @@ impl Runtime {
                 Outcome::Execute(action) => {
                     let cfg = api.controller.config();
                     let launcher = &mut self.launcher;
+                    let mut restored = None;
                     let result =
                         self.vmm
                             .execute(&action, metrics_path_of(cfg).as_deref(), |vsock| {
-                                launcher.launch(cfg, vsock)
+                                match &action {
+                                    api::adapter::VmmAction::LoadSnapshot(l) => {
+                                        let spec = RestoreSpec::from_load(l)?;
+                                        let (m, c) = launcher.restore(&spec, cfg.paths.clone())?;
+                                        restored = Some(c);
+                                        Ok(m)
+                                    }
+                                    _ => launcher.launch(cfg, vsock),
+                                }
                             });
+                    if let Some(c) = restored {
+                        *api.controller.config_mut() = c;
+                    }
                     api.controller.complete(action, result)
                 }
             };

@@ -67,6 +67,24 @@ pub const COMMON: &[Allow] = &[
 #[rustfmt::skip]
 pub const VCPU: &[Allow] = &[
     (SYS_ioctl, Args::In(1, &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS]), "vcpu: KVM_RUN; registers for a fatal exit's report"),
+    (
+        SYS_ioctl,
+        Args::In(
+            1,
+            &[
+                KVM_GET_VCPU_EVENTS,
+                KVM_GET_MP_STATE,
+                KVM_GET_XSAVE,
+                KVM_GET_XCRS,
+                KVM_GET_DEBUGREGS,
+                KVM_GET_LAPIC,
+                KVM_GET_CPUID2,
+                KVM_GET_TSC_KHZ,
+                KVM_GET_MSRS,
+            ],
+        ),
+        "vcpu: a snapshot reads the parked vCPU's state (vcpu.rs save_state)",
+    ),
     (SYS_ioctl, Args::In(1, &[TUNSETOFFLOAD, TUNSETVNETHDRSZ, FIONBIO]), "vcpu: virtio-net activation (DRIVER_OK is an MMIO write)"),
     (SYS_writev, Args::Any, "vcpu: virtio device activation, log lines"),
     (SYS_shutdown, Args::Any, "vcpu: a virtio-vsock reset (a status write) closes its connections"),
@@ -227,6 +245,28 @@ pub const VMM: &[Allow] = &[
             ],
         ),
         "vmm: InstanceStart sets up the vCPUs",
+    ),
+    (
+        SYS_ioctl,
+        Args::In(
+            1,
+            &[
+                KVM_GET_IRQCHIP,
+                KVM_SET_IRQCHIP,
+                KVM_GET_CLOCK,
+                KVM_SET_CLOCK,
+                KVM_GET_PIT2,
+                KVM_SET_PIT2,
+                KVM_SET_TSC_KHZ,
+                KVM_SET_MP_STATE,
+                KVM_SET_VCPU_EVENTS,
+                KVM_SET_DEBUGREGS,
+                KVM_SET_XSAVE,
+                KVM_SET_XCRS,
+                KVM_KVMCLOCK_CTRL,
+            ],
+        ),
+        "vmm: snapshot/create reads the VM's state; a restore sets the VM's and vCPUs' (snapshot, vcpu.rs restore)",
     ),
     (
         SYS_ioctl,
