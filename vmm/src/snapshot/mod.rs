@@ -283,6 +283,25 @@ pub fn open_file(what: &'static str, path: &Path) -> Result<File, SnapshotError>
     Ok(f)
 }
 
+/// `payload` framed as a state file with format version `major.minor`: header, payload, CRC.
+pub fn frame(major: u16, minor: u16, payload: &[u8]) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(HEADER + payload.len() + 8);
+    buf.extend_from_slice(&MAGIC);
+    buf.extend_from_slice(&major.to_le_bytes());
+    buf.extend_from_slice(&minor.to_le_bytes());
+    buf.extend_from_slice(&0u32.to_le_bytes());
+    buf.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    buf.extend_from_slice(payload);
+    let crc = CRC.checksum(&buf);
+    buf.extend_from_slice(&crc.to_le_bytes());
+    buf
+}
+
+/// The payload of a state file (no checks): for tests that alter one.
+pub fn payload_of(bytes: &[u8]) -> Option<&[u8]> {
+    bytes.get(HEADER..bytes.len().checked_sub(8)?)
+}
+
 /// Writes `state` to `path` in the state file format.
 pub fn write_state(path: &Path, state: &MicrovmState) -> Result<u64, SnapshotError> {
     let payload = serde_json::to_vec(state).map_err(|e| SnapshotError::Io {
@@ -290,15 +309,7 @@ pub fn write_state(path: &Path, state: &MicrovmState) -> Result<u64, SnapshotErr
         path: path.into(),
         why: e.to_string(),
     })?;
-    let mut buf = Vec::with_capacity(HEADER + payload.len() + 8);
-    buf.extend_from_slice(&MAGIC);
-    buf.extend_from_slice(&MAJOR.to_le_bytes());
-    buf.extend_from_slice(&MINOR.to_le_bytes());
-    buf.extend_from_slice(&0u32.to_le_bytes());
-    buf.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    buf.extend_from_slice(&payload);
-    let crc = CRC.checksum(&buf);
-    buf.extend_from_slice(&crc.to_le_bytes());
+    let buf = frame(MAJOR, MINOR, &payload);
     let mut f = create_file("snapshot_path", path)?;
     f.write_all(&buf)
         .and_then(|_| f.sync_all())
@@ -458,16 +469,7 @@ mod tests {
     use super::*;
 
     fn framed(payload: &[u8]) -> Vec<u8> {
-        let mut b = Vec::new();
-        b.extend_from_slice(&MAGIC);
-        b.extend_from_slice(&MAJOR.to_le_bytes());
-        b.extend_from_slice(&MINOR.to_le_bytes());
-        b.extend_from_slice(&0u32.to_le_bytes());
-        b.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        b.extend_from_slice(payload);
-        let c = CRC.checksum(&b);
-        b.extend_from_slice(&c.to_le_bytes());
-        b
+        frame(MAJOR, MINOR, payload)
     }
 
     #[test]

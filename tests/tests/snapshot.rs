@@ -1,0 +1,322 @@
+//! Snapshots (issue 17, items 1-3): the probe's `snapmem` check writes a seeded pattern over
+//! N pages and counts ticks; the harness pauses it, writes a snapshot (`PUT /snapshot/create`),
+//! kills cinder and restores the guest in a new process (`PUT /snapshot/load` or
+//! `--restore`). The restored probe must go on counting from where it was (no new boot), find
+//! its pattern intact and pass. Also: three generations in a row, 2 vCPUs, 3584 and 5120 MiB
+//! (RAM on both sides of the MMIO gap), and every refusal of a bad state or memory file, of a
+//! snapshot of a running VM and of a load after configuration.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cinder_tests::cinder::{cinder, require_kvm, start_api};
+use cinder_tests::http::request;
+use cinder_tests::probe;
+use cinder_tests::session::Session;
+use cinder_tests::tmp::TempDir;
+
+const T: Duration = Duration::from_secs(60);
+
+/// The last `snapmem: tick N` in `text`.
+fn last_tick(text: &str) -> Option<u64> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("snapmem: tick "))
+        .filter_map(|n| n.trim().parse().ok())
+        .last()
+}
+
+/// Every complete `snapmem: tick N` line of `text`, in order.
+fn ticks(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("snapmem: tick "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+fn ok(r: &cinder_tests::http::Response, what: &str, s: &Session) {
+    assert_eq!(r.status, 204, "{what}: {} {}\n{}", r.status, r.body, s.log());
+}
+
+/// Boots the probe with `snapmem` behind an API socket and waits for its third tick.
+fn boot_snapmem(dir: &TempDir, vcpus: u8, mib: u64, pages: u64) -> (Session, PathBuf) {
+    require_kvm();
+    let sock = dir.join("boot.sock");
+    let cmdline = format!("probe.run=snapmem probe.snapmem_pages={pages} probe.seed=7");
+    let mut s = start_api(
+        &sock,
+        &[
+            "--kernel",
+            probe::elf_path().to_str().expect("utf-8 path"),
+            "--vcpus",
+            &vcpus.to_string(),
+            "--memory",
+            &mib.to_string(),
+            "--cmdline",
+            &cmdline,
+        ],
+    );
+    s.expect_line("snapmem: ready", T)
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.expect_line("snapmem: tick 3", T)
+        .unwrap_or_else(|e| panic!("{e}"));
+    (s, sock)
+}
+
+/// Pauses the VM behind `sock`, writes a Full snapshot to `state`/`mem`, returns the last
+/// tick the guest printed before the pause, and kills the process.
+fn snapshot_and_kill(mut s: Session, sock: &Path, state: &Path, mem: &Path) -> u64 {
+    let r = request(sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    ok(&r, "pause", &s);
+    let body = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "snapshot_type": "Full"}}"#,
+        state.display(),
+        mem.display()
+    );
+    let r = request(sock, "PUT", "/snapshot/create", Some(&body));
+    ok(&r, "snapshot/create", &s);
+    // What the guest printed before the pause is in the console writer's pipe by now.
+    s.settle(Duration::from_millis(300), Duration::from_secs(5));
+    let last = last_tick(&s.console()).unwrap_or_else(|| panic!("no tick\n{}", s.log()));
+    s.signal(libc::SIGKILL);
+    let _ = s.wait_exit(Duration::from_secs(10));
+    last
+}
+
+/// Checks that a restored probe goes on counting after `last` (no reboot), then ends it with
+/// `g`: its pattern must be intact and the run must pass.
+fn finish_restored(mut s: Session, last: u64) {
+    let (text, _) = s
+        .expect_line(&format!("snapmem: tick {}", last + 3), T)
+        .unwrap_or_else(|e| panic!("the restored guest does not count on from {last}: {e}"));
+    let seen = ticks(&text);
+    assert!(
+        seen.first().is_some_and(|&t| t > last && t <= last + 2),
+        "the restored guest's first ticks {seen:?} do not follow {last}\n{}",
+        s.log()
+    );
+    s.send("g").unwrap_or_else(|e| panic!("{e}"));
+    s.expect_line("PROBE DONE", T)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let status = s
+        .wait_exit(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = s.console();
+    let log = probe::parse(&out);
+    assert!(
+        !out.contains("PROBE begin"),
+        "the restored guest booted again\n{}",
+        s.log()
+    );
+    let c = log
+        .check("snapmem")
+        .unwrap_or_else(|| panic!("no snapmem line\n{}", s.log()));
+    assert_eq!(c.status, probe::Status::Ok, "{}", s.log());
+    assert_eq!(log.done, Some((1, 1)), "{}", s.log());
+    assert_eq!(status.code(), Some(0), "{}", s.log());
+}
+
+/// Restores through `--restore ...,resume` (with an API socket, for a later snapshot).
+fn restore_cli(dir: &TempDir, name: &str, state: &Path, mem: &Path) -> (Session, PathBuf) {
+    let sock = dir.join(&format!("{name}.sock"));
+    let spec = format!("state={},mem={},resume", state.display(), mem.display());
+    let s = start_api(&sock, &["--restore", &spec]);
+    (s, sock)
+}
+
+/// Restores through `PUT /snapshot/load` with `resume_vm`.
+fn restore_api(dir: &TempDir, name: &str, state: &Path, mem: &Path) -> (Session, PathBuf) {
+    let sock = dir.join(&format!("{name}.sock"));
+    let s = start_api(&sock, &[]);
+    let body = format!(
+        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true}}"#,
+        state.display(),
+        mem.display()
+    );
+    let r = request(&sock, "PUT", "/snapshot/load", Some(&body));
+    ok(&r, "snapshot/load", &s);
+    let r = request(&sock, "GET", "/", None);
+    assert!(r.body.contains("Running"), "{}", r.body);
+    (s, sock)
+}
+
+#[test]
+fn snapmem_survives_a_full_snapshot_restored_through_the_api_under_cinder() {
+    let dir = TempDir::new("snap-api");
+    let (s, sock) = boot_snapmem(&dir, 1, 128, 64);
+    let (state, mem) = (dir.join("state"), dir.join("mem"));
+    let last = snapshot_and_kill(s, &sock, &state, &mem);
+    assert_eq!(std::fs::metadata(&mem).expect("mem file").len(), 128 << 20);
+    let (s, _) = restore_api(&dir, "r1", &state, &mem);
+    finish_restored(s, last);
+}
+
+#[test]
+fn snapmem_survives_three_generations_restored_from_the_command_line_under_cinder() {
+    let dir = TempDir::new("snap-gen");
+    let (mut s, mut sock) = boot_snapmem(&dir, 1, 128, 64);
+    let mut last = 0;
+    for g in 0..3 {
+        let (state, mem) = (dir.join(&format!("state{g}")), dir.join(&format!("mem{g}")));
+        last = snapshot_and_kill(s, &sock, &state, &mem);
+        let (r, rs) = restore_cli(&dir, &format!("gen{g}"), &state, &mem);
+        s = r;
+        sock = rs;
+        if g < 2 {
+            // Let it run a little in this generation before the next snapshot.
+            s.expect_line(&format!("snapmem: tick {}", last + 2), T)
+                .unwrap_or_else(|e| panic!("generation {g}: {e}"));
+        }
+    }
+    finish_restored(s, last);
+}
+
+#[test]
+fn snapmem_survives_a_snapshot_with_2_vcpus_under_cinder() {
+    let dir = TempDir::new("snap-smp");
+    let (s, sock) = boot_snapmem(&dir, 2, 128, 64);
+    let (state, mem) = (dir.join("state"), dir.join("mem"));
+    let last = snapshot_and_kill(s, &sock, &state, &mem);
+    let (s, _) = restore_cli(&dir, "r", &state, &mem);
+    finish_restored(s, last);
+}
+
+/// RAM on both sides of the MMIO gap: pages spread over all of it, both regions in the file.
+fn big(mib: u64) {
+    let dir = TempDir::new("snap-big");
+    let (s, sock) = boot_snapmem(&dir, 1, mib, 256);
+    let (state, mem) = (dir.join("state"), dir.join("mem"));
+    let last = snapshot_and_kill(s, &sock, &state, &mem);
+    assert_eq!(std::fs::metadata(&mem).expect("mem file").len(), mib << 20);
+    let (s, _) = restore_cli(&dir, "r", &state, &mem);
+    finish_restored(s, last);
+}
+
+#[test]
+fn snapmem_survives_a_snapshot_of_3584_mib_under_cinder() {
+    big(3584);
+}
+
+#[test]
+fn snapmem_survives_a_snapshot_of_5120_mib_under_cinder() {
+    big(5120);
+}
+
+/// `--restore` with these files must fail with exit code 1 and one line naming `needle`,
+/// before any guest runs.
+fn refused(state: &Path, mem: &Path, needle: &str) {
+    let spec = format!("state={},mem={},resume", state.display(), mem.display());
+    let out = cinder()
+        .args(["--restore", &spec])
+        .output()
+        .expect("run cinder");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{needle}: {err}");
+    assert!(err.contains(needle), "expected {needle:?} in {err:?}");
+    assert_eq!(
+        err.trim().lines().count(),
+        1,
+        "one line expected: {err:?}"
+    );
+    assert!(out.stdout.is_empty(), "a guest ran: {:?}", out.stdout);
+}
+
+#[test]
+fn bad_state_and_memory_files_are_refused_with_one_line_under_cinder() {
+    let dir = TempDir::new("snap-bad");
+    let (s, sock) = boot_snapmem(&dir, 1, 128, 16);
+    let (state, mem) = (dir.join("state"), dir.join("mem"));
+    snapshot_and_kill(s, &sock, &state, &mem);
+    let good = std::fs::read(&state).expect("state");
+    let payload = vmm::snapshot::payload_of(&good).expect("payload").to_vec();
+
+    let mut b = good.clone();
+    b[0] ^= 0xff;
+    refused(&dir.file("magic", &b), &mem, "not a cinder snapshot state file (bad magic)");
+
+    let b = vmm::snapshot::frame(vmm::snapshot::MAJOR + 1, 0, &payload);
+    refused(
+        &dir.file("version", &b),
+        &mem,
+        &format!("format version {}.0 is not supported", vmm::snapshot::MAJOR + 1),
+    );
+
+    let mut b = good.clone();
+    let mid = b.len() / 2;
+    b[mid] ^= 0x01;
+    refused(&dir.file("crc", &b), &mem, "CRC mismatch");
+
+    let mut b = good.clone();
+    b[16..24].copy_from_slice(&(vmm::snapshot::MAX_PAYLOAD + 1).to_le_bytes());
+    refused(&dir.file("oversized", &b), &mem, "is over the limit");
+
+    let short = dir.join("short");
+    std::fs::copy(&mem, &short).expect("copy");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&short)
+        .expect("open");
+    f.set_len((128 << 20) - 4096).expect("truncate");
+    refused(&state, &short, "shorter than the snapshot's");
+
+    refused(&state, &dir.join("missing"), "No such file");
+}
+
+#[test]
+fn snapshot_create_while_running_and_load_after_configuration_are_400_under_cinder() {
+    require_kvm();
+    let dir = TempDir::new("snap-400");
+    let sock = dir.join("a.sock");
+    let s = start_api(
+        &sock,
+        &[
+            "--kernel",
+            probe::elf_path().to_str().expect("utf-8 path"),
+            "--cmdline",
+            "probe.run=snapmem",
+        ],
+    );
+    let body = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        dir.join("s").display(),
+        dir.join("m").display()
+    );
+    let r = request(&sock, "PUT", "/snapshot/create", Some(&body));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("must be Paused"), "{}", r.body);
+    assert!(!dir.join("s").exists() && !dir.join("m").exists());
+    drop(s);
+
+    // Configured (a boot source), not started: a load is refused.
+    let sock = dir.join("b.sock");
+    let s = start_api(&sock, &[]);
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}"}}"#,
+        probe::elf_path().display()
+    );
+    assert_eq!(
+        request(&sock, "PUT", "/boot-source", Some(&boot)).status,
+        204
+    );
+    let load = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        dir.join("s").display(),
+        dir.join("m").display()
+    );
+    let r = request(&sock, "PUT", "/snapshot/load", Some(&load));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("after configuring"), "{}", r.body);
+    drop(s);
+
+    // A Uffd backend whose socket does not exist: a precise 400, the process still serves.
+    let sock = dir.join("c.sock");
+    let s = start_api(&sock, &[]);
+    let load = format!(
+        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "Uffd", "backend_path": "{}"}}}}"#,
+        dir.join("s").display(),
+        dir.join("nonexistent.uffd").display()
+    );
+    let r = request(&sock, "PUT", "/snapshot/load", Some(&load));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("snapshot/load"), "{}", r.body);
+    assert_eq!(request(&sock, "GET", "/", None).status, 200, "{}", s.log());
+}
