@@ -12,8 +12,8 @@
 use std::path::PathBuf;
 
 use crate::model::{
-    Logger, Metrics, PartialDrive, PartialNetworkInterface, SnapshotCreateParams, SnapshotLoadParams,
-    Vsock,
+    Logger, Metrics, PartialDrive, PartialNetworkInterface, SnapshotCreateParams,
+    SnapshotLoadParams, Vsock,
 };
 use crate::routes::ApiResponse;
 

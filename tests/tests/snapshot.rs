@@ -19,10 +19,7 @@ const T: Duration = Duration::from_secs(60);
 
 /// The last `snapmem: tick N` in `text`.
 fn last_tick(text: &str) -> Option<u64> {
-    text.lines()
-        .filter_map(|l| l.trim().strip_prefix("snapmem: tick "))
-        .filter_map(|n| n.trim().parse().ok())
-        .last()
+    ticks(text).pop()
 }
 
 /// Every complete `snapmem: tick N` line of `text`, in order.
@@ -34,7 +31,14 @@ fn ticks(text: &str) -> Vec<u64> {
 }
 
 fn ok(r: &cinder_tests::http::Response, what: &str, s: &Session) {
-    assert_eq!(r.status, 204, "{what}: {} {}\n{}", r.status, r.body, s.log());
+    assert_eq!(
+        r.status,
+        204,
+        "{what}: {} {}\n{}",
+        r.status,
+        r.body,
+        s.log()
+    );
 }
 
 /// Boots the probe with `snapmem` behind an API socket and waits for its third tick.
@@ -212,11 +216,7 @@ fn refused(state: &Path, mem: &Path, needle: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{needle}: {err}");
     assert!(err.contains(needle), "expected {needle:?} in {err:?}");
-    assert_eq!(
-        err.trim().lines().count(),
-        1,
-        "one line expected: {err:?}"
-    );
+    assert_eq!(err.trim().lines().count(), 1, "one line expected: {err:?}");
     assert!(out.stdout.is_empty(), "a guest ran: {:?}", out.stdout);
 }
 
@@ -231,13 +231,20 @@ fn bad_state_and_memory_files_are_refused_with_one_line_under_cinder() {
 
     let mut b = good.clone();
     b[0] ^= 0xff;
-    refused(&dir.file("magic", &b), &mem, "not a cinder snapshot state file (bad magic)");
+    refused(
+        &dir.file("magic", &b),
+        &mem,
+        "not a cinder snapshot state file (bad magic)",
+    );
 
     let b = vmm::snapshot::frame(vmm::snapshot::MAJOR + 1, 0, &payload);
     refused(
         &dir.file("version", &b),
         &mem,
-        &format!("format version {}.0 is not supported", vmm::snapshot::MAJOR + 1),
+        &format!(
+            "format version {}.0 is not supported",
+            vmm::snapshot::MAJOR + 1
+        ),
     );
 
     let mut b = good.clone();

@@ -396,6 +396,13 @@ mod tests {
         fn device_metrics(&self) -> Vec<(String, Value)> {
             vec![("block_d1".into(), serde_json::json!({"reads": 7}))]
         }
+        fn snapshot_create(
+            &self,
+            _params: &api::model::SnapshotCreateParams,
+        ) -> Result<(), crate::snapshot::SnapshotError> {
+            self.calls.borrow_mut().push("snapshot create");
+            Ok(())
+        }
     }
 
     struct FakeDevices(Calls);

@@ -208,7 +208,8 @@ impl<'a> VmBuilder<'a> {
                 cfg.machine.vcpu_count
             ))));
         }
-        let mem = crate::snapshot::map_memory(mem_path, &state.memory).map_err(VmError::Snapshot)?;
+        let mem =
+            crate::snapshot::map_memory(mem_path, &state.memory).map_err(VmError::Snapshot)?;
         exclude_from_core_dumps(&mem);
         let mut devices = self.open_devices(console_out, &ctx)?;
         if let Some((name, _)) = devices.virtio.first() {

@@ -211,14 +211,13 @@ impl Launcher {
         paths: api::paths::PathPolicy,
     ) -> Result<(Machine, VmConfig), VmError> {
         let state = crate::snapshot::read_state(&spec.state)?;
-        let cfg = VmConfig::from_config_file_with(&state.config.to_string(), paths).map_err(
-            |e| {
+        let cfg =
+            VmConfig::from_config_file_with(&state.config.to_string(), paths).map_err(|e| {
                 VmError::Snapshot(crate::snapshot::SnapshotError::Decode {
                     path: spec.state.clone(),
                     why: format!("its configuration: {e}"),
                 })
-            },
-        )?;
+            })?;
         let builder = VmBuilder::new(&cfg, &self.opts)?;
         let out = self
             .console_out
@@ -443,8 +442,10 @@ impl Runtime {
                     let mut restored = None;
                     let result =
                         self.vmm
-                            .execute(&action, metrics_path_of(cfg).as_deref(), |vsock| {
-                                match &action {
+                            .execute(
+                                &action,
+                                metrics_path_of(cfg).as_deref(),
+                                |vsock| match &action {
                                     api::adapter::VmmAction::LoadSnapshot(l) => {
                                         let spec = RestoreSpec::from_load(l)?;
                                         let (m, c) = launcher.restore(&spec, cfg.paths.clone())?;
@@ -452,8 +453,8 @@ impl Runtime {
                                         Ok(m)
                                     }
                                     _ => launcher.launch(cfg, vsock),
-                                }
-                            });
+                                },
+                            );
                     if let Some(c) = restored {
                         *api.controller.config_mut() = c;
                     }

@@ -509,9 +509,13 @@ impl Vcpu {
     /// This (parked) vCPU's state, with the MSRs in `msr_list` that KVM lets it read.
     pub fn save_state(&self, msr_list: &[u32]) -> Result<VcpuState, String> {
         let i = self.index;
-        let e = |what: &'static str| move |err: kvm_ioctls::Error| format!("vCPU {i}: {what}: {err}");
+        let e =
+            |what: &'static str| move |err: kvm_ioctls::Error| format!("vCPU {i}: {what}: {err}");
         // KVM's events first: reading the other state does not change them.
-        let events = self.fd.get_vcpu_events().map_err(e("KVM_GET_VCPU_EVENTS"))?;
+        let events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(e("KVM_GET_VCPU_EVENTS"))?;
         let mp_state = self.fd.get_mp_state().map_err(e("KVM_GET_MP_STATE"))?;
         let regs = self.fd.get_regs().map_err(e("KVM_GET_REGS"))?;
         let sregs = self.fd.get_sregs().map_err(e("KVM_GET_SREGS"))?;
@@ -552,8 +556,10 @@ impl Vcpu {
             .map_err(kvm_err(index, "KVM_CREATE_VCPU"))?;
         if let Some(khz) = state.tsc_khz {
             if fd.get_tsc_khz().ok() != Some(khz) {
-                fd.set_tsc_khz(khz)
-                    .map_err(kvm_err(index, "KVM_SET_TSC_KHZ (the snapshot's TSC frequency)"))?;
+                fd.set_tsc_khz(khz).map_err(kvm_err(
+                    index,
+                    "KVM_SET_TSC_KHZ (the snapshot's TSC frequency)",
+                ))?;
             }
         }
         let cpuid = CpuId::from_entries(&state.cpuid).map_err(|e| VcpuError::Cpuid {

@@ -25,7 +25,9 @@ use crate::vcpu::{kick_handler, Vcpu, VcpuControl};
 
 /// KVM's VM-wide state: PIT, both PICs, the IOAPIC, the KVM clock.
 pub(crate) fn save_vm_state(vm: &VmFd) -> Result<VmState, SnapshotError> {
-    let e = |what: &'static str| move |err: kvm_ioctls::Error| SnapshotError::Kvm(format!("{what}: {err}"));
+    let e = |what: &'static str| {
+        move |err: kvm_ioctls::Error| SnapshotError::Kvm(format!("{what}: {err}"))
+    };
     let pit = vm.get_pit2().map_err(e("KVM_GET_PIT2"))?;
     let chip = |id: u32| {
         let mut c = kvm_bindings::kvm_irqchip {
@@ -34,8 +36,10 @@ pub(crate) fn save_vm_state(vm: &VmFd) -> Result<VmState, SnapshotError> {
         };
         vm.get_irqchip(&mut c).map(|_| c)
     };
-    let pic_master = chip(kvm_bindings::KVM_IRQCHIP_PIC_MASTER).map_err(e("KVM_GET_IRQCHIP (PIC master)"))?;
-    let pic_slave = chip(kvm_bindings::KVM_IRQCHIP_PIC_SLAVE).map_err(e("KVM_GET_IRQCHIP (PIC slave)"))?;
+    let pic_master =
+        chip(kvm_bindings::KVM_IRQCHIP_PIC_MASTER).map_err(e("KVM_GET_IRQCHIP (PIC master)"))?;
+    let pic_slave =
+        chip(kvm_bindings::KVM_IRQCHIP_PIC_SLAVE).map_err(e("KVM_GET_IRQCHIP (PIC slave)"))?;
     let ioapic = chip(kvm_bindings::KVM_IRQCHIP_IOAPIC).map_err(e("KVM_GET_IRQCHIP (IOAPIC)"))?;
     let clock = vm.get_clock().map_err(e("KVM_GET_CLOCK"))?;
     Ok(VmState {
@@ -49,7 +53,9 @@ pub(crate) fn save_vm_state(vm: &VmFd) -> Result<VmState, SnapshotError> {
 
 /// Gives a new VM a snapshot's PIT, PICs, IOAPIC and clock.
 pub(crate) fn restore_vm_state(vm: &VmFd, s: &VmState) -> Result<(), SnapshotError> {
-    let e = |what: &'static str| move |err: kvm_ioctls::Error| SnapshotError::Kvm(format!("{what}: {err}"));
+    let e = |what: &'static str| {
+        move |err: kvm_ioctls::Error| SnapshotError::Kvm(format!("{what}: {err}"))
+    };
     vm.set_pit2(&s.pit).map_err(e("KVM_SET_PIT2"))?;
     // Only the clock's value: the flags KVM reported (TSC_STABLE, REALTIME) are not input.
     let clock = kvm_bindings::kvm_clock_data {
@@ -57,9 +63,12 @@ pub(crate) fn restore_vm_state(vm: &VmFd, s: &VmState) -> Result<(), SnapshotErr
         ..Default::default()
     };
     vm.set_clock(&clock).map_err(e("KVM_SET_CLOCK"))?;
-    vm.set_irqchip(&s.pic_master).map_err(e("KVM_SET_IRQCHIP (PIC master)"))?;
-    vm.set_irqchip(&s.pic_slave).map_err(e("KVM_SET_IRQCHIP (PIC slave)"))?;
-    vm.set_irqchip(&s.ioapic).map_err(e("KVM_SET_IRQCHIP (IOAPIC)"))?;
+    vm.set_irqchip(&s.pic_master)
+        .map_err(e("KVM_SET_IRQCHIP (PIC master)"))?;
+    vm.set_irqchip(&s.pic_slave)
+        .map_err(e("KVM_SET_IRQCHIP (PIC slave)"))?;
+    vm.set_irqchip(&s.ioapic)
+        .map_err(e("KVM_SET_IRQCHIP (IOAPIC)"))?;
     Ok(())
 }
 
@@ -338,7 +347,9 @@ impl Vmm {
             ));
         }
         if let Some(name) = self.virtio_names.first() {
-            return Err(SnapshotError::Unsupported(format!("the virtio device {name}")));
+            return Err(SnapshotError::Unsupported(format!(
+                "the virtio device {name}"
+            )));
         }
         let started = std::time::Instant::now();
         let mut msrs: Vec<u32> = self
@@ -371,12 +382,15 @@ impl Vmm {
                 i8042: lock(&self.i8042),
             },
         };
-        crate::snapshot::write_memory(std::path::Path::new(&params.mem_file_path), &self._mem)?;
-        let size = crate::snapshot::write_state(std::path::Path::new(&params.snapshot_path), &state)?;
+        let data =
+            crate::snapshot::write_memory(std::path::Path::new(&params.mem_file_path), &self._mem)?;
+        let size =
+            crate::snapshot::write_state(std::path::Path::new(&params.snapshot_path), &state)?;
         log::info!(
-            "snapshot written in {:.1?}: state {size} bytes to {}, memory to {}",
+            "snapshot written in {:.1?}: state {size} bytes to {}, memory ({} MiB of data) to {}",
             started.elapsed(),
             params.snapshot_path,
+            data >> 20,
             params.mem_file_path
         );
         Ok(())

@@ -181,6 +181,7 @@ pub const VMM: &[Allow] = &[
     (SYS_timerfd_settime, Args::Any, "vmm: the metrics timer"),
     (SYS_openat, Args::Any, "vmm: InstanceStart opens /dev/kvm, the kernel, images, TAPs; metrics and log files"),
     (SYS_pread64, Args::Any, "vmm: loading the kernel and initrd"),
+    (SYS_pwrite64, Args::Any, "vmm: snapshot/create writes guest memory's non-zero runs at their offsets (snapshot::write_memory)"),
     (SYS_lseek, Args::Any, "vmm: image sizes, kernel loading"),
     (SYS_writev, Args::Any, "vmm: metrics, log"),
     (SYS_fsync, Args::Any, "vmm: metrics file"),

@@ -361,7 +361,7 @@ pub fn check_frame(path: &Path, bytes: &[u8]) -> Result<Vec<u8>, SnapshotError> 
         });
     }
     // Within MAX_PAYLOAD, so it fits usize.
-    let end = HEADER + plen as usize;
+    let end = HEADER + usize::try_from(plen).unwrap_or(usize::MAX - HEADER);
     let mut c = [0u8; 8];
     c.copy_from_slice(&bytes[end..end + 8]);
     let stored = u64::from_le_bytes(c);
@@ -392,7 +392,7 @@ pub fn read_state(path: &Path) -> Result<MicrovmState, SnapshotError> {
             len: len.saturating_sub(HEADER as u64 + 8),
         });
     }
-    let mut bytes = Vec::with_capacity(len as usize);
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
     f.take(limit).read_to_end(&mut bytes).map_err(io)?;
     let payload = check_frame(path, &bytes)?;
     serde_json::from_slice(&payload).map_err(|e| SnapshotError::Decode {
@@ -401,21 +401,51 @@ pub fn read_state(path: &Path) -> Result<MicrovmState, SnapshotError> {
     })
 }
 
-/// Writes all of guest memory to `path` (a full snapshot's memory file).
-pub fn write_memory(path: &Path, mem: &GuestMemoryMmap) -> Result<(), SnapshotError> {
-    use vm_memory::Bytes;
-    let mut f = create_file("mem_file_path", path)?;
+/// Writes all of guest memory to `path` (a full snapshot's memory file). The file gets the
+/// memory's full size; pages of zeros are left as holes (a guest touches a fraction of its
+/// RAM, and a restore maps holes as zeros), the rest is written in runs.
+pub fn write_memory(path: &Path, mem: &GuestMemoryMmap) -> Result<u64, SnapshotError> {
+    use std::os::unix::fs::FileExt;
+    const PAGE: usize = 4096;
+    static ZERO: [u8; PAGE] = [0; PAGE];
+    let f = create_file("mem_file_path", path)?;
     let io = |e: String| SnapshotError::Io {
         what: "mem_file_path: writing",
         path: path.into(),
         why: e,
     };
-    for r in mem_regions(mem) {
-        let len = usize::try_from(r.len).map_err(|e| io(e.to_string()))?;
-        mem.write_all_volatile_to(GuestAddress(r.gpa), &mut f, len)
-            .map_err(|e| io(e.to_string()))?;
+    let total = mem_regions(mem).iter().map(|r| r.len).sum();
+    f.set_len(total).map_err(|e| io(e.to_string()))?;
+    let mut written = 0u64;
+    let mut file_off = 0u64;
+    for region in mem.iter() {
+        let len = usize::try_from(region.len()).map_err(|e| io(e.to_string()))?;
+        // SAFETY: `as_ptr()` and `len` are one live mapping of `mem` (vm-memory's MmapRegion),
+        // which outlives this function. The VM is paused: its vCPUs are parked and its devices
+        // too (the device loop parked, each drive's I/O thread held at its gate), so nothing
+        // writes guest memory while this shared slice exists.
+        let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr().cast_const(), len) };
+        let mut p = 0;
+        while p < len {
+            let page = |q: usize| &bytes[q..(q + PAGE).min(len)];
+            // memcmp against a page of zeros.
+            if page(p) == &ZERO[..page(p).len()] {
+                p += PAGE;
+                continue;
+            }
+            let start = p;
+            while p < len && page(p) != &ZERO[..page(p).len()] {
+                p += PAGE;
+            }
+            let end = p.min(len);
+            f.write_all_at(&bytes[start..end], file_off + start as u64)
+                .map_err(|e| io(e.to_string()))?;
+            written += (end - start) as u64;
+        }
+        file_off += region.len();
     }
-    f.sync_all().map_err(|e| io(e.to_string()))
+    f.sync_all().map_err(|e| io(e.to_string()))?;
+    Ok(written)
 }
 
 /// Maps the memory file at `path` as guest memory with `regions`, `MAP_PRIVATE`: the file is
@@ -479,7 +509,10 @@ mod tests {
         assert_eq!(check_frame(p, &good).unwrap(), b"{}");
         let mut bad = good.clone();
         bad[0] = b'X';
-        assert!(matches!(check_frame(p, &bad), Err(SnapshotError::BadMagic(_))));
+        assert!(matches!(
+            check_frame(p, &bad),
+            Err(SnapshotError::BadMagic(_))
+        ));
         let mut bad = good.clone();
         bad[8] = 2;
         let e = check_frame(p, &bad).unwrap_err();
@@ -489,10 +522,16 @@ mod tests {
         );
         let mut bad = good.clone();
         bad[HEADER] ^= 1;
-        assert!(matches!(check_frame(p, &bad), Err(SnapshotError::BadCrc { .. })));
+        assert!(matches!(
+            check_frame(p, &bad),
+            Err(SnapshotError::BadCrc { .. })
+        ));
         let mut bad = good.clone();
         bad[16..24].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
-        assert!(matches!(check_frame(p, &bad), Err(SnapshotError::Oversized { .. })));
+        assert!(matches!(
+            check_frame(p, &bad),
+            Err(SnapshotError::Oversized { .. })
+        ));
         assert!(matches!(
             check_frame(p, &good[..good.len() - 1]),
             Err(SnapshotError::Truncated { .. })
