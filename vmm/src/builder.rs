@@ -149,7 +149,11 @@ impl<'a> VmBuilder<'a> {
         let mut subscribers: Vec<Subscriber> = legacy.serial_input.into_iter().collect();
         subscribers.extend(virtio.subscribers);
         let vcpus = self.create_vcpus(&kvm, &vm, &guest)?;
-        let virtio_names = virtio.placed.iter().map(|p| p.name.clone()).collect();
+        let transports = virtio
+            .placed
+            .iter()
+            .map(|p| (p.name.clone(), p.transport.clone()))
+            .collect();
         log::info!(
             "VM ready: {} vCPU, {} MiB, {:?} entry at {:#x}, cmdline {:?}",
             self.cfg.machine.vcpu_count,
@@ -173,7 +177,7 @@ impl<'a> VmBuilder<'a> {
             i8042: legacy.i8042,
             serial: legacy.serial,
             config: config_json(self.cfg),
-            virtio_names,
+            transports,
             ctx,
             _vm: vm,
             _kvm: kvm,
@@ -212,9 +216,11 @@ impl<'a> VmBuilder<'a> {
             crate::snapshot::map_memory(mem_path, &state.memory).map_err(VmError::Snapshot)?;
         exclude_from_core_dumps(&mem);
         let mut devices = self.open_devices(console_out, &ctx)?;
-        if let Some((name, _)) = devices.virtio.first() {
-            return Err(VmError::Snapshot(SnapshotError::Unsupported(format!(
-                "the virtio device {name}"
+        let names: Vec<&String> = devices.virtio.iter().map(|(n, _)| n).collect();
+        let saved: Vec<&String> = state.devices.virtio.iter().map(|(n, _)| n).collect();
+        if names != saved {
+            return Err(VmError::Snapshot(SnapshotError::Invalid(format!(
+                "snapshot: its virtio devices {saved:?} are not the configuration's {names:?}"
             ))));
         }
         let mut cmdline = GuestCmdline::new(user_cmdline(cfg))?;
@@ -236,6 +242,16 @@ impl<'a> VmBuilder<'a> {
         for (i, s) in state.vcpus.iter().enumerate() {
             let index = u8::try_from(i).map_err(|_| VmError::NoVcpus(0))?;
             vcpus.push(Vcpu::restore(&vm, index, s)?);
+        }
+        // The devices last: an interrupt a restore raises (vsock's transport reset) must find
+        // the vCPUs' local APICs restored.
+        for (p, (name, st)) in virtio.placed.iter().zip(&state.devices.virtio) {
+            let mut t = match p.transport.lock() {
+                Ok(g) => g,
+                Err(e) => e.into_inner(),
+            };
+            t.restore(st)
+                .map_err(|e| VmError::Snapshot(SnapshotError::Invalid(format!("{name}: {e}"))))?;
         }
         let _ = &mut self;
         log::info!(
@@ -259,7 +275,11 @@ impl<'a> VmBuilder<'a> {
             i8042: legacy.i8042,
             serial: legacy.serial,
             config: config_json(cfg),
-            virtio_names: virtio.placed.iter().map(|p| p.name.clone()).collect(),
+            transports: virtio
+                .placed
+                .iter()
+                .map(|p| (p.name.clone(), p.transport.clone()))
+                .collect(),
             ctx,
             _vm: vm,
             _kvm: kvm,

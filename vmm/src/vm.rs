@@ -162,8 +162,8 @@ pub struct Vmm {
     pub(crate) serial: Option<Arc<Mutex<devices::legacy::SerialDevice>>>,
     /// The configuration it was built from, as a config file (for a snapshot).
     pub(crate) config: serde_json::Value,
-    /// The virtio devices by name (a snapshot cannot hold them yet).
-    pub(crate) virtio_names: Vec<String>,
+    /// The virtio devices' transports by name, in slot order (for a snapshot).
+    pub(crate) transports: Vec<(String, Arc<Mutex<devices::virtio::MmioTransport>>)>,
     pub(crate) ctx: VmContext,
     pub(crate) _vm: VmFd,
     pub(crate) _kvm: Kvm,
@@ -346,12 +346,11 @@ impl Vmm {
                 "a Diff snapshot (dirty page tracking)".into(),
             ));
         }
-        if let Some(name) = self.virtio_names.first() {
-            return Err(SnapshotError::Unsupported(format!(
-                "the virtio device {name}"
-            )));
-        }
         let started = std::time::Instant::now();
+        // Block requests in flight are completed first (into the used ring, as the device
+        // loop would), so that the snapshot holds none: their interrupt then lands in the
+        // interrupt controller's state saved below.
+        self.drain_block_requests()?;
         let mut msrs: Vec<u32> = self
             ._kvm
             .get_msr_index_list()
@@ -380,6 +379,17 @@ impl Vmm {
             devices: DeviceStates {
                 serial,
                 i8042: lock(&self.i8042),
+                virtio: self
+                    .transports
+                    .iter()
+                    .map(|(name, t)| {
+                        let st = match t.lock() {
+                            Ok(g) => g.state(),
+                            Err(p) => p.into_inner().state(),
+                        };
+                        (name.clone(), st)
+                    })
+                    .collect(),
             },
         };
         let data =
@@ -393,6 +403,46 @@ impl Vmm {
             data >> 20,
             params.mem_file_path
         );
+        Ok(())
+    }
+
+    /// Lets each drive's I/O thread finish the requests it holds and puts them in the used
+    /// ring (bounded: 10 s), the VM staying paused; closes the I/O gate again.
+    fn drain_block_requests(&self) -> Result<(), SnapshotError> {
+        let in_flight = |d: &Mutex<Block>| match d.lock() {
+            Ok(g) => g.in_flight(),
+            Err(p) => p.into_inner().in_flight(),
+        };
+        if self.blocks.iter().all(|(_, d)| in_flight(d) == 0) {
+            return Ok(());
+        }
+        self.io_gate.open();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut left = Vec::new();
+        loop {
+            left.clear();
+            for (id, d) in &self.blocks {
+                let mut g = match d.lock() {
+                    Ok(g) => g,
+                    Err(p) => p.into_inner(),
+                };
+                g.complete_for_snapshot();
+                if g.in_flight() > 0 {
+                    left.push(format!("{id} ({})", g.in_flight()));
+                }
+            }
+            if left.is_empty() || std::time::Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let closed = self.io_gate.close(Duration::from_secs(5));
+        if !left.is_empty() || !closed {
+            return Err(SnapshotError::Kvm(format!(
+                "block requests still in flight after 10 s: {}",
+                left.join(", ")
+            )));
+        }
         Ok(())
     }
 

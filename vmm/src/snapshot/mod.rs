@@ -190,6 +190,9 @@ pub struct DeviceStates {
     pub serial: Option<SerialSnapshot>,
     /// The i8042.
     pub i8042: I8042State,
+    /// Every virtio device's transport and queues, in slot order, with its name.
+    #[serde(default)]
+    pub virtio: Vec<(String, devices::virtio::TransportState)>,
 }
 
 /// Everything a snapshot's state file holds.

@@ -468,6 +468,19 @@ impl Block {
         }
     }
 
+    /// Requests handed to the I/O thread and not yet in the used ring.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// For a snapshot of a paused VM: puts what the I/O thread completed in the used ring now
+    /// (the device loop is parked), so that no request is lost with the process. The caller
+    /// lets the I/O thread through its gate meanwhile and calls this until
+    /// [`Self::in_flight`] is 0.
+    pub fn complete_for_snapshot(&mut self) {
+        self.complete();
+    }
+
     /// Puts what the worker completed in the used ring and raises the interrupt; resumes a
     /// queue that stopped at the in-flight limit.
     pub(super) fn complete(&mut self) {
