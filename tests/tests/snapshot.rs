@@ -327,3 +327,94 @@ fn snapshot_create_while_running_and_load_after_configuration_are_400_under_cind
     assert!(r.body.contains("snapshot/load"), "{}", r.body);
     assert_eq!(request(&sock, "GET", "/", None).status, 200, "{}", s.log());
 }
+
+/// The number in the first line of `text` after `marker` that parses as seconds (the guest's
+/// `cat /proc/uptime`: CLOCK_BOOTTIME, which counts on as CLOCK_MONOTONIC does here).
+fn uptime_after(text: &str, marker: &str) -> Option<f64> {
+    let rest = &text[text.rfind(marker)? + marker.len()..];
+    rest.lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .find_map(|w| w.parse::<f64>().ok())
+}
+
+/// A booted Linux guest (test profile: its own virtio-blk root, virtio-vsock, serial console)
+/// restored after init: the console still echoes, its clock did not go backwards, and the
+/// vsock agent answers a new connection (the transport reset closed the old ones).
+#[test]
+fn linux_guest_restored_after_init_under_cinder() {
+    use cinder_tests::guest::GuestDir;
+    use cinder_tests::linux::{
+        cinder_vm, fnv1a, ok as lok, pattern, profile_cmdline, RootFs, STEP,
+    };
+    use std::io::{Read, Write};
+    require_kvm();
+    let g = GuestDir::test_profile();
+    let rootfs = RootFs::get();
+    let dir = TempDir::new("snap-linux");
+    let root = rootfs.copy_to(&dir, "root.ext4");
+    let uds = dir.join("v.sock");
+    let sock = dir.join("api.sock");
+    let mut c = cinder_vm(&g, &profile_cmdline(&g), 1, 128);
+    c.arg("--api-sock")
+        .arg(&sock)
+        .args(["--drive", &format!("path={},root", root.display())])
+        .args(["--vsock", &format!("cid=3,uds={}", uds.display())]);
+    let mut s = Session::start(c);
+    lok(s.expect_line("CINDER-INIT ok", STEP));
+    lok(s.expect("CINDER-INIT shell", STEP));
+    lok(s.send("echo before-$((6*7)); cat /proc/uptime\n"));
+    lok(s.expect_line("before-42", STEP));
+    s.settle(Duration::from_millis(500), Duration::from_secs(10));
+    let before = uptime_after(&s.console(), "before-42")
+        .unwrap_or_else(|| panic!("no uptime before\n{}", s.log()));
+    let (state, mem) = (dir.join("state"), dir.join("mem"));
+    let r = request(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    ok(&r, "pause", &s);
+    let body = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        state.display(),
+        mem.display()
+    );
+    let r = request(&sock, "PUT", "/snapshot/create", Some(&body));
+    ok(&r, "snapshot/create", &s);
+    s.signal(libc::SIGKILL);
+    let _ = s.wait_exit(Duration::from_secs(10));
+    drop(s);
+    let _ = std::fs::remove_file(&uds);
+
+    let (mut s, _) = restore_api(&dir, "linux-r", &state, &mem);
+    lok(s.send("echo after-$((6*7)); cat /proc/uptime\n"));
+    lok(s.expect_line("after-42", STEP));
+    s.settle(Duration::from_millis(500), Duration::from_secs(20));
+    let after = uptime_after(&s.console(), "after-42")
+        .unwrap_or_else(|| panic!("no uptime after\n{}", s.log()));
+    assert!(
+        after >= before,
+        "the guest's clock went backwards: {before} s before the snapshot, {after} s after\n{}",
+        s.log()
+    );
+    lok(s.send("cinder-agent listen 5000\n"));
+    lok(s.expect_line("AGENT listening", STEP));
+    let data = pattern(0x5eed, 4096);
+    let mut conn = cinder_tests::vsock::connect(&uds, 5000, STEP)
+        .unwrap_or_else(|e| panic!("CONNECT after restore: {e}\n{}", s.log()));
+    let mut msg = format!("{}\n", data.len()).into_bytes();
+    msg.extend_from_slice(&data);
+    conn.write_all(&msg).expect("send");
+    conn.set_read_timeout(Some(STEP)).expect("timeout");
+    let mut reply = Vec::new();
+    let mut b = [0u8; 1];
+    while reply.len() < 128 {
+        match conn.read(&mut b) {
+            Ok(1) if b[0] == b'\n' => break,
+            Ok(1) => reply.push(b[0]),
+            _ => break,
+        }
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&reply),
+        format!("bytes={} sum={:016x}", data.len(), fnv1a(&data)),
+        "the agent's reply after restore\n{}",
+        s.log()
+    );
+}
