@@ -362,9 +362,9 @@ fn linux_guest_restored_after_init_under_cinder() {
     let mut s = Session::start(c);
     lok(s.expect_line("CINDER-INIT ok", STEP));
     lok(s.expect("CINDER-INIT shell", STEP));
-    lok(s.send("echo before-$((6*7)); cat /proc/uptime\n"));
+    lok(s.send("echo before-$((6*7)); cat /proc/uptime; echo done-$((1+1))\n"));
     lok(s.expect_line("before-42", STEP));
-    s.settle(Duration::from_millis(500), Duration::from_secs(10));
+    lok(s.expect_line("done-2", STEP));
     let before = uptime_after(&s.console(), "before-42")
         .unwrap_or_else(|| panic!("no uptime before\n{}", s.log()));
     let (state, mem) = (dir.join("state"), dir.join("mem"));
@@ -383,9 +383,9 @@ fn linux_guest_restored_after_init_under_cinder() {
     let _ = std::fs::remove_file(&uds);
 
     let (mut s, _) = restore_api(&dir, "linux-r", &state, &mem);
-    lok(s.send("echo after-$((6*7)); cat /proc/uptime\n"));
+    lok(s.send("echo after-$((6*7)); cat /proc/uptime; echo done-$((2+2))\n"));
     lok(s.expect_line("after-42", STEP));
-    s.settle(Duration::from_millis(500), Duration::from_secs(20));
+    lok(s.expect_line("done-4", STEP));
     let after = uptime_after(&s.console(), "after-42")
         .unwrap_or_else(|| panic!("no uptime after\n{}", s.log()));
     assert!(
