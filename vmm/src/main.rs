@@ -107,10 +107,12 @@ struct Cli {
 
     /// Restore the microVM of a snapshot instead of booting one: its state file and memory
     /// file (mapped privately: never written); `resume` runs it at once, otherwise it stays
-    /// Paused (resume it with `PATCH /vm`). Its configuration comes from the snapshot.
+    /// Paused (resume it with `PATCH /vm`). Its configuration comes from the snapshot, with
+    /// the vsock device on a new socket (`vsock=PATH`) and interfaces on new TAPs
+    /// (`tap=ID:NAME`, repeatable), as `PUT /snapshot/load`'s overrides, for clones.
     #[arg(
         long,
-        value_name = "state=PATH,mem=PATH[,resume]",
+        value_name = "state=PATH,mem=PATH[,resume][,vsock=PATH][,tap=ID:NAME]",
         value_parser = parse_restore_arg,
         conflicts_with_all = ["kernel", "config_file"]
     )]
@@ -456,25 +458,32 @@ struct DriveArg {
     root: bool,
 }
 
-/// `--restore state=PATH,mem=PATH[,resume]`.
+/// `--restore state=PATH,mem=PATH[,resume][,vsock=PATH][,tap=ID:NAME]...`.
 fn parse_restore_arg(spec: &str) -> Result<vmm::runtime::RestoreSpec, String> {
-    let (mut state, mut mem, mut resume) = (None, None, false);
+    const FORM: &str = "state=PATH,mem=PATH[,resume][,vsock=PATH][,tap=ID:NAME]";
+    let (mut state, mut mem, mut resume, mut vsock) = (None, None, false, None);
+    let mut taps = Vec::new();
     for part in spec.split(',') {
         match part.split_once('=') {
             Some(("state", v)) if !v.is_empty() => state = Some(PathBuf::from(v)),
             Some(("mem", v)) if !v.is_empty() => mem = Some(PathBuf::from(v)),
+            Some(("vsock", v)) if !v.is_empty() => vsock = Some(PathBuf::from(v)),
+            Some(("tap", v)) => match v.split_once(':') {
+                Some((id, name)) if !id.is_empty() && !name.is_empty() => {
+                    taps.push((id.to_string(), name.to_string()))
+                }
+                _ => return Err(format!("tap={v:?}: expected tap=ID:NAME ({FORM})")),
+            },
             None if part == "resume" => resume = true,
-            _ => {
-                return Err(format!(
-                    "unknown or empty part {part:?} (expected state=PATH,mem=PATH[,resume])"
-                ))
-            }
+            _ => return Err(format!("unknown or empty part {part:?} (expected {FORM})")),
         }
     }
     Ok(vmm::runtime::RestoreSpec {
-        state: state.ok_or("state=PATH is required (state=PATH,mem=PATH[,resume])")?,
-        mem: mem.ok_or("mem=PATH is required (state=PATH,mem=PATH[,resume])")?,
+        state: state.ok_or(format!("state=PATH is required ({FORM})"))?,
+        mem: mem.ok_or(format!("mem=PATH is required ({FORM})"))?,
         resume,
+        vsock_uds: vsock,
+        net_overrides: taps,
     })
 }
 

@@ -163,6 +163,10 @@ pub struct RestoreSpec {
     pub mem: PathBuf,
     /// Run the guest at once (otherwise it stays Paused).
     pub resume: bool,
+    /// The vsock device's new socket (`vsock_override`), for clones.
+    pub vsock_uds: Option<PathBuf>,
+    /// New TAPs by interface id (`network_overrides`), for clones.
+    pub net_overrides: Vec<(String, String)>,
 }
 
 impl RestoreSpec {
@@ -185,19 +189,65 @@ impl RestoreSpec {
                 ),
             ));
         }
-        if l.network_overrides.as_ref().is_some_and(|n| !n.is_empty()) || l.vsock_override.is_some()
-        {
-            return Err(VmError::Snapshot(
-                crate::snapshot::SnapshotError::Unsupported(
-                    "network_overrides / vsock_override: snapshots with virtio devices".into(),
-                ),
-            ));
-        }
         Ok(RestoreSpec {
             state: PathBuf::from(&l.snapshot_path),
             mem: PathBuf::from(&mem.backend_path),
             resume: l.resume_vm.unwrap_or(false),
+            vsock_uds: l
+                .vsock_override
+                .as_ref()
+                .map(|v| PathBuf::from(&v.uds_path)),
+            net_overrides: l
+                .network_overrides
+                .iter()
+                .flatten()
+                .map(|n| (n.iface_id.clone(), n.host_dev_name.clone()))
+                .collect(),
         })
+    }
+
+    /// The snapshot's configuration (a config file) with this restore's overrides applied.
+    fn apply_overrides(&self, config: &serde_json::Value) -> Result<String, VmError> {
+        let bad = |why: String| VmError::Snapshot(crate::snapshot::SnapshotError::Invalid(why));
+        let mut c = config.clone();
+        if let Some(uds) = &self.vsock_uds {
+            match c.get_mut("vsock").and_then(|v| v.as_object_mut()) {
+                Some(v) => {
+                    v.insert(
+                        "uds_path".into(),
+                        serde_json::Value::String(uds.display().to_string()),
+                    );
+                }
+                None => {
+                    return Err(bad(
+                        "vsock_override: the snapshot has no vsock device".into()
+                    ))
+                }
+            }
+        }
+        for (id, tap) in &self.net_overrides {
+            let nets = c
+                .get_mut("network-interfaces")
+                .and_then(|n| n.as_array_mut());
+            let found = nets.and_then(|n| {
+                n.iter_mut()
+                    .find(|i| i.get("iface_id").and_then(|x| x.as_str()) == Some(id.as_str()))
+            });
+            match found.and_then(|i| i.as_object_mut()) {
+                Some(i) => {
+                    i.insert(
+                        "host_dev_name".into(),
+                        serde_json::Value::String(tap.clone()),
+                    );
+                }
+                None => {
+                    return Err(bad(format!(
+                        "network_overrides: the snapshot has no interface {id:?}"
+                    )))
+                }
+            }
+        }
+        Ok(c.to_string())
     }
 }
 
@@ -211,8 +261,8 @@ impl Launcher {
         paths: api::paths::PathPolicy,
     ) -> Result<(Machine, VmConfig), VmError> {
         let state = crate::snapshot::read_state(&spec.state)?;
-        let cfg =
-            VmConfig::from_config_file_with(&state.config.to_string(), paths).map_err(|e| {
+        let cfg = VmConfig::from_config_file_with(&spec.apply_overrides(&state.config)?, paths)
+            .map_err(|e| {
                 VmError::Snapshot(crate::snapshot::SnapshotError::Decode {
                     path: spec.state.clone(),
                     why: format!("its configuration: {e}"),

@@ -6,18 +6,26 @@
 //! prints `snapmem: tick K`. The harness snapshots it meanwhile, kills the VMM and restores it
 //! elsewhere; the ticks go on from where they were. A `g` typed on COM1 ends the wait: every
 //! page is checked again and the result line says how many ticks it counted. No `g` within
-//! 600 s is a failure (every wait here is bounded).
+//! 600 s is a failure (every wait here is bounded). For clones of one snapshot: `w<c>` stores
+//! a value made of the byte `c` in one word of the probe's image (`snapmem: clone wrote=c`),
+//! `r` reads it back (`snapmem: clone read=c`): each clone must read its own.
 
 use crate::checks::{Details, Status};
 use crate::cpu::{inb, peek, poke};
 use crate::{bootinfo, cmdline, mem, println, time};
 use core::fmt::Write;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 const COM1: u16 = 0x3f8;
 const PAGE: u64 = 4096;
 const DEFAULT_PAGES: u64 = 64;
 const MAX_WAIT_US: u64 = 600_000_000;
 const TICK_US: u64 = 100_000;
+const CLONE_TAG: u64 = 0xc10e_0000_0000_0000;
+
+/// The value a clone writes (`w<c>`) and reads back (`r`): one word in the probe's image,
+/// the same guest page in every clone.
+static CLONE: AtomicU64 = AtomicU64::new(0);
 
 fn param(key: &[u8], default: u64) -> u64 {
     cmdline::get(bootinfo::get().cmdline(), key)
@@ -90,8 +98,27 @@ pub fn check(d: &mut Details) -> Status {
     let mut next = time::deadline(TICK_US);
     let mut ticks = 0u64;
     loop {
-        if inb(COM1 + 5) & 1 != 0 && inb(COM1) == b'g' {
-            break;
+        if inb(COM1 + 5) & 1 != 0 {
+            match inb(COM1) {
+                b'g' => break,
+                // `w<c>`: a clone writes its own value into one page of the image...
+                b'w' => {
+                    let dl = time::deadline(1_000_000);
+                    while inb(COM1 + 5) & 1 == 0 && !time::passed(dl) {
+                        time::delay_us(100);
+                    }
+                    let c = if inb(COM1 + 5) & 1 != 0 { inb(COM1) } else { b'?' };
+                    CLONE.store(CLONE_TAG | u64::from(c), Ordering::SeqCst);
+                    println!("snapmem: clone wrote={}", c as char);
+                }
+                // ...and `r` reads it back.
+                b'r' => {
+                    let v = CLONE.load(Ordering::SeqCst);
+                    let c = if v & !0xff == CLONE_TAG { (v & 0xff) as u8 } else { b'-' };
+                    println!("snapmem: clone read={} raw={v:#x}", c as char);
+                }
+                _ => {}
+            }
         }
         if time::passed(next) {
             ticks += 1;
