@@ -137,7 +137,8 @@ impl<'a> VmBuilder<'a> {
         let cmdline = cmdline.finish()?;
         finish_guest(&guest, self.cfg, &cmdline)?;
         let kvm = self.open_kvm()?;
-        let vm = create_vm(&kvm, &guest.mem)?;
+        let track_dirty = self.cfg.machine.track_dirty_pages;
+        let vm = create_vm(&kvm, &guest.mem, track_dirty)?;
         let serial_out = self.opts.console.serial_enabled().then(|| {
             devices
                 .console_out
@@ -178,6 +179,7 @@ impl<'a> VmBuilder<'a> {
             serial: legacy.serial,
             config: config_json(self.cfg),
             transports,
+            track_dirty,
             ctx,
             _vm: vm,
             _kvm: kvm,
@@ -192,6 +194,7 @@ impl<'a> VmBuilder<'a> {
         mut self,
         state: &MicrovmState,
         mem_path: &std::path::Path,
+        track_dirty: bool,
         console_out: Box<dyn Write + Send>,
         ctx: VmContext,
     ) -> Result<Vmm, VmError> {
@@ -226,7 +229,7 @@ impl<'a> VmBuilder<'a> {
         let mut cmdline = GuestCmdline::new(user_cmdline(cfg))?;
         let virtio = place_virtio_devices(&mem, std::mem::take(&mut devices.virtio), &mut cmdline)?;
         let kvm = self.open_kvm()?;
-        let vm = create_vm(&kvm, &mem)?;
+        let vm = create_vm(&kvm, &mem, track_dirty)?;
         crate::vm::restore_vm_state(&vm, &state.vm).map_err(VmError::Snapshot)?;
         let serial_out = self.opts.console.serial_enabled().then(|| {
             devices
@@ -280,6 +283,7 @@ impl<'a> VmBuilder<'a> {
                 .iter()
                 .map(|p| (p.name.clone(), p.transport.clone()))
                 .collect(),
+            track_dirty,
             ctx,
             _vm: vm,
             _kvm: kvm,
@@ -642,7 +646,7 @@ fn finish_guest(guest: &PreparedGuest, cfg: &VmConfig, cmdline: &str) -> Result<
 }
 
 /// Creates the VM: in-kernel irqchip and PIT, TSS and identity map, memory slots.
-fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
+fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap, track_dirty: bool) -> Result<VmFd, VmError> {
     let vm = kvm.create_vm().map_err(vm_ioctl("KVM_CREATE_VM"))?;
     let tss = usize::try_from(layout::KVM_TSS_ADDRESS).map_err(|_| VmError::VmIoctl {
         what: "KVM_SET_TSS_ADDR".into(),
@@ -669,7 +673,11 @@ fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
         let r = kvm_userspace_memory_region {
             // At most a handful of regions (below and above the MMIO gap).
             slot: u32::try_from(slot).unwrap_or(u32::MAX),
-            flags: 0,
+            flags: if track_dirty {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host as u64,

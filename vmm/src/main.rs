@@ -109,10 +109,11 @@ struct Cli {
     /// file (mapped privately: never written); `resume` runs it at once, otherwise it stays
     /// Paused (resume it with `PATCH /vm`). Its configuration comes from the snapshot, with
     /// the vsock device on a new socket (`vsock=PATH`) and interfaces on new TAPs
-    /// (`tap=ID:NAME`, repeatable), as `PUT /snapshot/load`'s overrides, for clones.
+    /// (`tap=ID:NAME`, repeatable), as `PUT /snapshot/load`'s overrides, for clones; `track`
+    /// tracks dirty pages for a later Diff snapshot (`track_dirty_pages`).
     #[arg(
         long,
-        value_name = "state=PATH,mem=PATH[,resume][,vsock=PATH][,tap=ID:NAME]",
+        value_name = "state=PATH,mem=PATH[,resume][,track][,vsock=PATH][,tap=ID:NAME]",
         value_parser = parse_restore_arg,
         conflicts_with_all = ["kernel", "config_file"]
     )]
@@ -460,8 +461,9 @@ struct DriveArg {
 
 /// `--restore state=PATH,mem=PATH[,resume][,vsock=PATH][,tap=ID:NAME]...`.
 fn parse_restore_arg(spec: &str) -> Result<vmm::runtime::RestoreSpec, String> {
-    const FORM: &str = "state=PATH,mem=PATH[,resume][,vsock=PATH][,tap=ID:NAME]";
+    const FORM: &str = "state=PATH,mem=PATH[,resume][,track][,vsock=PATH][,tap=ID:NAME]";
     let (mut state, mut mem, mut resume, mut vsock) = (None, None, false, None);
+    let mut track = false;
     let mut taps = Vec::new();
     for part in spec.split(',') {
         match part.split_once('=') {
@@ -475,6 +477,7 @@ fn parse_restore_arg(spec: &str) -> Result<vmm::runtime::RestoreSpec, String> {
                 _ => return Err(format!("tap={v:?}: expected tap=ID:NAME ({FORM})")),
             },
             None if part == "resume" => resume = true,
+            None if part == "track" => track = true,
             _ => return Err(format!("unknown or empty part {part:?} (expected {FORM})")),
         }
     }
@@ -484,6 +487,7 @@ fn parse_restore_arg(spec: &str) -> Result<vmm::runtime::RestoreSpec, String> {
         resume,
         vsock_uds: vsock,
         net_overrides: taps,
+        track_dirty: track,
     })
 }
 

@@ -167,6 +167,8 @@ pub struct RestoreSpec {
     pub vsock_uds: Option<PathBuf>,
     /// New TAPs by interface id (`network_overrides`), for clones.
     pub net_overrides: Vec<(String, String)>,
+    /// Track dirty pages (for a later Diff snapshot).
+    pub track_dirty: bool,
 }
 
 impl RestoreSpec {
@@ -182,17 +184,11 @@ impl RestoreSpec {
                 ),
             ));
         }
-        if l.tracks_dirty_pages() {
-            return Err(VmError::Snapshot(
-                crate::snapshot::SnapshotError::Unsupported(
-                    "track_dirty_pages: dirty page tracking for diff snapshots".into(),
-                ),
-            ));
-        }
         Ok(RestoreSpec {
             state: PathBuf::from(&l.snapshot_path),
             mem: PathBuf::from(&mem.backend_path),
             resume: l.resume_vm.unwrap_or(false),
+            track_dirty: l.tracks_dirty_pages(),
             vsock_uds: l
                 .vsock_override
                 .as_ref()
@@ -283,7 +279,13 @@ impl Launcher {
             self.ctx.interactive = t.is_active();
             self.terminal = Some(t);
         }
-        let mut vm = builder.restore(&state, &spec.mem, Box::new(writer), self.ctx.clone())?;
+        let mut vm = builder.restore(
+            &state,
+            &spec.mem,
+            spec.track_dirty || cfg.machine.track_dirty_pages,
+            Box::new(writer),
+            self.ctx.clone(),
+        )?;
         if !spec.resume {
             // The vCPUs park before their first KVM_RUN.
             vm.control.request_pause();

@@ -44,6 +44,7 @@ pub const KVM_IRQ_LINE: u64 = iow(KVMIO, 0x61, size::<kb::kvm_irq_level>());
 pub const KVM_IRQFD: u64 = iow(KVMIO, 0x76, size::<kb::kvm_irqfd>());
 pub const KVM_CREATE_PIT2: u64 = iow(KVMIO, 0x77, size::<kb::kvm_pit_config>());
 pub const KVM_IOEVENTFD: u64 = iow(KVMIO, 0x79, size::<kb::kvm_ioeventfd>());
+pub const KVM_GET_DIRTY_LOG: u64 = iow(KVMIO, 0x42, size::<kb::kvm_dirty_log>());
 pub const KVM_GET_IRQCHIP: u64 = iowr(KVMIO, 0x62, size::<kb::kvm_irqchip>());
 pub const KVM_SET_IRQCHIP: u64 = ior(KVMIO, 0x63, size::<kb::kvm_irqchip>());
 pub const KVM_SET_CLOCK: u64 = iow(KVMIO, 0x7b, size::<kb::kvm_clock_data>());

@@ -265,6 +265,7 @@ pub const VMM: &[Allow] = &[
                 KVM_SET_XSAVE,
                 KVM_SET_XCRS,
                 KVM_KVMCLOCK_CTRL,
+                KVM_GET_DIRTY_LOG,
             ],
         ),
         "vmm: snapshot/create reads the VM's state; a restore sets the VM's and vCPUs' (snapshot, vcpu.rs restore)",

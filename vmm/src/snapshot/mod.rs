@@ -23,7 +23,8 @@ use arch::GuestMemoryMmap;
 use devices::i8042::I8042State;
 use devices::legacy::SerialSnapshot;
 use serde::{Deserialize, Serialize};
-use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::{MmapRegionBuilder, NewBitmap};
 use vm_memory::{
     FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion,
 };
@@ -451,6 +452,57 @@ pub fn write_memory(path: &Path, mem: &GuestMemoryMmap) -> Result<u64, SnapshotE
     Ok(written)
 }
 
+/// Writes the pages marked in `dirty` (one bitmap per region, a bit per 4 KiB page) at their
+/// places in `path` (a Diff snapshot's memory file: as long as guest memory, holes elsewhere).
+/// Merged over the previous snapshot's memory file (its data ranges, SEEK_DATA), it gives
+/// guest memory as it is now.
+pub fn write_dirty_memory(
+    path: &Path,
+    mem: &GuestMemoryMmap,
+    dirty: &[Vec<u64>],
+) -> Result<u64, SnapshotError> {
+    use std::os::unix::fs::FileExt;
+    const PAGE: usize = 4096;
+    let f = create_file("mem_file_path", path)?;
+    let io = |e: String| SnapshotError::Io {
+        what: "mem_file_path: writing",
+        path: path.into(),
+        why: e,
+    };
+    let total = mem_regions(mem).iter().map(|r| r.len).sum();
+    f.set_len(total).map_err(|e| io(e.to_string()))?;
+    let mut written = 0u64;
+    let mut file_off = 0u64;
+    for (region, bits) in mem.iter().zip(dirty) {
+        let len = usize::try_from(region.len()).map_err(|e| io(e.to_string()))?;
+        // SAFETY: as in `write_memory`: one live mapping of `mem`, the VM paused.
+        let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr().cast_const(), len) };
+        let is_dirty = |page: usize| {
+            bits.get(page / 64)
+                .is_some_and(|w| w & (1u64 << (page % 64)) != 0)
+        };
+        let pages = len / PAGE;
+        let mut p = 0;
+        while p < pages {
+            if !is_dirty(p) {
+                p += 1;
+                continue;
+            }
+            let start = p;
+            while p < pages && is_dirty(p) {
+                p += 1;
+            }
+            let (a, b) = (start * PAGE, p * PAGE);
+            f.write_all_at(&bytes[a..b], file_off + a as u64)
+                .map_err(|e| io(e.to_string()))?;
+            written += (b - a) as u64;
+        }
+        file_off += region.len();
+    }
+    f.sync_all().map_err(|e| io(e.to_string()))?;
+    Ok(written)
+}
+
 /// Maps the memory file at `path` as guest memory with `regions`, `MAP_PRIVATE`: the file is
 /// never written. Refuses a file shorter than the regions.
 pub fn map_memory(path: &Path, regions: &[MemRegion]) -> Result<GuestMemoryMmap, SnapshotError> {
@@ -483,12 +535,13 @@ pub fn map_memory(path: &Path, regions: &[MemRegion]) -> Result<GuestMemoryMmap,
     let mut out = Vec::with_capacity(regions.len());
     for r in regions {
         let size = usize::try_from(r.len).map_err(|e| map_err(e.to_string()))?;
-        let region: MmapRegion<()> = MmapRegionBuilder::new(size)
-            .with_file_offset(FileOffset::from_arc(file.clone(), r.offset))
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-            .build()
-            .map_err(|e| map_err(e.to_string()))?;
+        let region: MmapRegion<AtomicBitmap> =
+            MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
+                .with_file_offset(FileOffset::from_arc(file.clone(), r.offset))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|e| map_err(e.to_string()))?;
         out.push(
             GuestRegionMmap::new(region, GuestAddress(r.gpa))
                 .ok_or_else(|| map_err(format!("region at {:#x} overflows", r.gpa)))?,

@@ -383,6 +383,15 @@ impl DiskImage {
             }
             return false;
         }
+        // The kernel wrote guest memory behind vm-memory's back: mark those pages dirty for a
+        // diff snapshot (read_volatile marks its own).
+        for &(addr, len) in segments {
+            if let Ok(slices) = mem.get_slices(addr, len as usize, Permissions::Write) {
+                for slice in slices.flatten() {
+                    vm_memory::bitmap::Bitmap::mark_dirty(slice.bitmap(), 0, slice.len());
+                }
+            }
+        }
         usize::try_from(n).is_ok_and(|n| n == total)
     }
 

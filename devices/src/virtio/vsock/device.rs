@@ -366,7 +366,7 @@ impl Vsock {
                         }
                         _ => 0,
                     };
-                    let pkt_ref: &VsockPacket<'_, ()> = &pkt;
+                    let pkt_ref = &pkt;
                     backend.on_guest_packet(pkt_ref, len);
                 }
                 Err(e) => warn_ratelimited!("virtio-vsock: bad transmit packet dropped: {e}"),
