@@ -42,6 +42,10 @@ pub trait MicroVm {
     fn patch_drive_limiter(&self, id: &str, limiter: &RateLimiter) -> Result<(), PatchDriveError>;
     /// Per-device metrics sections (cumulative counters), as JSON objects.
     fn device_metrics(&self) -> Vec<(String, Value)>;
+    /// Why guest memory can no longer be served (a page-fault handler gone), if so.
+    fn memory_backend_lost(&self) -> Option<String> {
+        None
+    }
     /// Writes a snapshot of the paused microVM.
     fn snapshot_create(
         &self,
@@ -88,6 +92,10 @@ impl MicroVm for Vmm {
         params: &api::model::SnapshotCreateParams,
     ) -> Result<(), crate::snapshot::SnapshotError> {
         Vmm::snapshot_create(self, params)
+    }
+
+    fn memory_backend_lost(&self) -> Option<String> {
+        Vmm::memory_backend_lost(self)
     }
 }
 
@@ -169,6 +177,11 @@ impl<V: MicroVm, D: Parkable> Executor<V, D> {
         }
         self.machine = Some(launch(self.vsock.take())?);
         Ok(())
+    }
+
+    /// Why the running microVM's memory can no longer be served, if so.
+    pub fn memory_backend_lost(&self) -> Option<String> {
+        self.machine.as_ref()?.vm.memory_backend_lost()
     }
 
     fn running(&self) -> Result<&Machine<V, D>, VmmError> {

@@ -180,6 +180,7 @@ impl<'a> VmBuilder<'a> {
             config: config_json(self.cfg),
             transports,
             track_dirty,
+            uffd: None,
             ctx,
             _vm: vm,
             _kvm: kvm,
@@ -194,6 +195,7 @@ impl<'a> VmBuilder<'a> {
         mut self,
         state: &MicrovmState,
         mem_path: &std::path::Path,
+        uffd: bool,
         track_dirty: bool,
         console_out: Box<dyn Write + Send>,
         ctx: VmContext,
@@ -215,8 +217,13 @@ impl<'a> VmBuilder<'a> {
                 cfg.machine.vcpu_count
             ))));
         }
-        let mem =
-            crate::snapshot::map_memory(mem_path, &state.memory).map_err(VmError::Snapshot)?;
+        let (mem, uffd) = if uffd {
+            let u = crate::snapshot::uffd::connect(mem_path, &state.memory)?;
+            (u.mem, Some((u.handler, u.uffd)))
+        } else {
+            let m = crate::snapshot::map_memory(mem_path, &state.memory)?;
+            (m, None)
+        };
         exclude_from_core_dumps(&mem);
         let mut devices = self.open_devices(console_out, &ctx)?;
         let names: Vec<&String> = devices.virtio.iter().map(|(n, _)| n).collect();
@@ -284,6 +291,7 @@ impl<'a> VmBuilder<'a> {
                 .map(|p| (p.name.clone(), p.transport.clone()))
                 .collect(),
             track_dirty,
+            uffd,
             ctx,
             _vm: vm,
             _kvm: kvm,

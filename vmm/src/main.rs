@@ -110,10 +110,11 @@ struct Cli {
     /// Paused (resume it with `PATCH /vm`). Its configuration comes from the snapshot, with
     /// the vsock device on a new socket (`vsock=PATH`) and interfaces on new TAPs
     /// (`tap=ID:NAME`, repeatable), as `PUT /snapshot/load`'s overrides, for clones; `track`
-    /// tracks dirty pages for a later Diff snapshot (`track_dirty_pages`).
+    /// tracks dirty pages for a later Diff snapshot (`track_dirty_pages`); `uffd=SOCKET`
+    /// instead of `mem=` takes guest memory from a page-fault handler (`mem_backend` Uffd).
     #[arg(
         long,
-        value_name = "state=PATH,mem=PATH[,resume][,track][,vsock=PATH][,tap=ID:NAME]",
+        value_name = "state=PATH,mem=PATH|uffd=SOCKET[,resume][,track][,vsock=PATH][,tap=ID:NAME]",
         value_parser = parse_restore_arg,
         conflicts_with_all = ["kernel", "config_file"]
     )]
@@ -461,14 +462,19 @@ struct DriveArg {
 
 /// `--restore state=PATH,mem=PATH[,resume][,vsock=PATH][,tap=ID:NAME]...`.
 fn parse_restore_arg(spec: &str) -> Result<vmm::runtime::RestoreSpec, String> {
-    const FORM: &str = "state=PATH,mem=PATH[,resume][,track][,vsock=PATH][,tap=ID:NAME]";
+    const FORM: &str =
+        "state=PATH,mem=PATH|uffd=SOCKET[,resume][,track][,vsock=PATH][,tap=ID:NAME]";
     let (mut state, mut mem, mut resume, mut vsock) = (None, None, false, None);
-    let mut track = false;
+    let (mut track, mut uffd) = (false, false);
     let mut taps = Vec::new();
     for part in spec.split(',') {
         match part.split_once('=') {
             Some(("state", v)) if !v.is_empty() => state = Some(PathBuf::from(v)),
             Some(("mem", v)) if !v.is_empty() => mem = Some(PathBuf::from(v)),
+            Some(("uffd", v)) if !v.is_empty() => {
+                mem = Some(PathBuf::from(v));
+                uffd = true;
+            }
             Some(("vsock", v)) if !v.is_empty() => vsock = Some(PathBuf::from(v)),
             Some(("tap", v)) => match v.split_once(':') {
                 Some((id, name)) if !id.is_empty() && !name.is_empty() => {
@@ -483,11 +489,12 @@ fn parse_restore_arg(spec: &str) -> Result<vmm::runtime::RestoreSpec, String> {
     }
     Ok(vmm::runtime::RestoreSpec {
         state: state.ok_or(format!("state=PATH is required ({FORM})"))?,
-        mem: mem.ok_or(format!("mem=PATH is required ({FORM})"))?,
+        mem: mem.ok_or(format!("mem=PATH or uffd=SOCKET is required ({FORM})"))?,
         resume,
         vsock_uds: vsock,
         net_overrides: taps,
         track_dirty: track,
+        uffd,
     })
 }
 

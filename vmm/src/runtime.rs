@@ -169,6 +169,8 @@ pub struct RestoreSpec {
     pub net_overrides: Vec<(String, String)>,
     /// Track dirty pages (for a later Diff snapshot).
     pub track_dirty: bool,
+    /// `mem` is a page-fault handler's socket (`mem_backend` Uffd), not the memory file.
+    pub uffd: bool,
 }
 
 impl RestoreSpec {
@@ -177,17 +179,11 @@ impl RestoreSpec {
         let mem = l.memory().map_err(|e| {
             VmError::Snapshot(crate::snapshot::SnapshotError::Invalid(e.to_string()))
         })?;
-        if mem.backend_type != api::model::MemoryBackendType::File {
-            return Err(VmError::Snapshot(
-                crate::snapshot::SnapshotError::Unsupported(
-                    "mem_backend Uffd: guest memory from a page-fault handler".into(),
-                ),
-            ));
-        }
         Ok(RestoreSpec {
             state: PathBuf::from(&l.snapshot_path),
             mem: PathBuf::from(&mem.backend_path),
             resume: l.resume_vm.unwrap_or(false),
+            uffd: mem.backend_type == api::model::MemoryBackendType::Uffd,
             track_dirty: l.tracks_dirty_pages(),
             vsock_uds: l
                 .vsock_override
@@ -282,6 +278,7 @@ impl Launcher {
         let mut vm = builder.restore(
             &state,
             &spec.mem,
+            spec.uffd,
             spec.track_dirty || cfg.machine.track_dirty_pages,
             Box::new(writer),
             self.ctx.clone(),
@@ -440,6 +437,9 @@ impl Runtime {
             }
             if let Err(e) = self.em.run_with_timeout(1000) {
                 break ExitReason::VmmError(format!("event loop failed: {e:?}"));
+            }
+            if let Some(why) = self.vmm.memory_backend_lost() {
+                break ExitReason::VmmError(why);
             }
             if self.metrics_due.swap(false, Ordering::AcqRel) {
                 if let Some(path) = self.metrics_path() {

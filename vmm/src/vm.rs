@@ -164,6 +164,8 @@ pub struct Vmm {
     pub(crate) config: serde_json::Value,
     /// Dirty pages are tracked (KVM's log on every slot): Diff snapshots possible.
     pub(crate) track_dirty: bool,
+    /// The page-fault handler serving guest memory (`mem_backend` Uffd), and the uffd.
+    pub(crate) uffd: Option<(std::os::unix::net::UnixStream, userfaultfd::Uffd)>,
     /// The virtio devices' transports by name, in slot order (for a snapshot).
     pub(crate) transports: Vec<(String, Arc<Mutex<devices::virtio::MmioTransport>>)>,
     pub(crate) ctx: VmContext,
@@ -419,6 +421,16 @@ impl Vmm {
             params.mem_file_path
         );
         Ok(())
+    }
+
+    /// Why guest memory can no longer be served, if its page-fault handler went away.
+    pub fn memory_backend_lost(&self) -> Option<String> {
+        let (handler, _) = self.uffd.as_ref()?;
+        crate::snapshot::uffd::handler_gone(handler).then(|| {
+            "the page-fault handler of guest memory (mem_backend Uffd) closed its socket: \
+             guest memory can no longer be served"
+                .to_string()
+        })
     }
 
     /// The pages written since the last snapshot (or boot), per memory region: KVM's dirty log

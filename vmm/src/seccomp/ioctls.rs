@@ -77,6 +77,11 @@ pub const KVM_SET_XSAVE: u64 = iow(KVMIO, 0xa5, size::<kb::kvm_xsave>());
 pub const KVM_GET_XCRS: u64 = ior(KVMIO, 0xa6, size::<kb::kvm_xcrs>());
 pub const KVM_SET_XCRS: u64 = iow(KVMIO, 0xa7, size::<kb::kvm_xcrs>());
 pub const KVM_KVMCLOCK_CTRL: u64 = io(KVMIO, 0xad);
+// a userfaultfd (`snapshot::uffd`): struct uffdio_api is 24 bytes, uffdio_register 32.
+pub const UFFDIO_API: u64 = iowr(0xAA, 0x3F, 24);
+pub const UFFDIO_REGISTER: u64 = iowr(0xAA, 0x00, 32);
+/// /dev/userfaultfd's USERFAULTFD_IOC_NEW (the userfaultfd crate prefers the device).
+pub const USERFAULTFD_IOC_NEW: u64 = io(0xAA, 0x00);
 // a TAP fd (`devices::virtio::net::tap`)
 pub const TUNSETIFF: u64 = iow(TUNIO, 202, size::<libc::c_int>());
 pub const TUNSETOFFLOAD: u64 = iow(TUNIO, 208, size::<libc::c_uint>());

@@ -21,8 +21,8 @@ use libc::{
     SYS_rt_sigaction, SYS_rt_sigprocmask, SYS_rt_sigreturn, SYS_sched_getaffinity, SYS_sched_yield,
     SYS_seccomp, SYS_sendmsg, SYS_sendto, SYS_set_robust_list, SYS_setsockopt, SYS_shutdown,
     SYS_sigaltstack, SYS_socket, SYS_socketpair, SYS_statx, SYS_tgkill, SYS_timerfd_create,
-    SYS_timerfd_settime, SYS_unlink, SYS_unlinkat, SYS_write, SYS_writev, AF_UNIX, PR_SET_NAME,
-    PR_SET_NO_NEW_PRIVS,
+    SYS_timerfd_settime, SYS_unlink, SYS_unlinkat, SYS_userfaultfd, SYS_write, SYS_writev, AF_UNIX,
+    PR_SET_NAME, PR_SET_NO_NEW_PRIVS,
 };
 
 /// Every thread: memory (never executable), locks, signals, its own end, logging.
@@ -101,6 +101,8 @@ pub const DEVICES: &[Allow] = &[
     (SYS_writev, Args::Any, "devices: virtio-net tx to the TAP"),
     (SYS_pread64, Args::Any, "devices: virtio-blk"),
     (SYS_preadv2, Args::Any, "devices: virtio-blk reads served from the page cache (RWF_NOWAIT)"),
+    (SYS_userfaultfd, Args::Any, "vmm: snapshot/load with mem_backend Uffd creates the userfaultfd (snapshot::uffd)"),
+    (SYS_sendmsg, Args::Any, "vmm: snapshot/load with mem_backend Uffd sends the uffd to the handler (SCM_RIGHTS)"),
     (SYS_pwrite64, Args::Any, "devices: virtio-blk"),
     (SYS_preadv, Args::Any, "devices: virtio-blk"),
     (SYS_pwritev, Args::Any, "devices: virtio-blk"),
@@ -129,6 +131,8 @@ pub const BLOCK_IO: &[Allow] = &[
     (SYS_readv, Args::Any, "blk: reads into guest memory"),
     (SYS_writev, Args::Any, "blk: writes from guest memory"),
     (SYS_pread64, Args::Any, "blk: reads"),
+    (SYS_userfaultfd, Args::Any, "vmm: snapshot/load with mem_backend Uffd creates the userfaultfd (snapshot::uffd)"),
+    (SYS_sendmsg, Args::Any, "vmm: snapshot/load with mem_backend Uffd sends the uffd to the handler (SCM_RIGHTS)"),
     (SYS_pwrite64, Args::Any, "blk: writes"),
     (SYS_preadv, Args::Any, "blk: reads"),
     (SYS_pwritev, Args::Any, "blk: writes"),
@@ -181,6 +185,8 @@ pub const VMM: &[Allow] = &[
     (SYS_timerfd_settime, Args::Any, "vmm: the metrics timer"),
     (SYS_openat, Args::Any, "vmm: InstanceStart opens /dev/kvm, the kernel, images, TAPs; metrics and log files"),
     (SYS_pread64, Args::Any, "vmm: loading the kernel and initrd"),
+    (SYS_userfaultfd, Args::Any, "vmm: snapshot/load with mem_backend Uffd creates the userfaultfd (snapshot::uffd)"),
+    (SYS_sendmsg, Args::Any, "vmm: snapshot/load with mem_backend Uffd sends the uffd to the handler (SCM_RIGHTS)"),
     (SYS_pwrite64, Args::Any, "vmm: snapshot/create writes guest memory's non-zero runs at their offsets (snapshot::write_memory)"),
     (SYS_lseek, Args::Any, "vmm: image sizes, kernel loading"),
     (SYS_writev, Args::Any, "vmm: metrics, log"),
@@ -275,6 +281,9 @@ pub const VMM: &[Allow] = &[
         Args::In(
             1,
             &[
+                UFFDIO_API,
+                UFFDIO_REGISTER,
+                USERFAULTFD_IOC_NEW,
                 TUNSETIFF,
                 TUNGETIFF,
                 TUNSETVNETHDRSZ,
@@ -282,7 +291,7 @@ pub const VMM: &[Allow] = &[
                 SIOCGIFINDEX,
             ],
         ),
-        "vmm: opening TAPs",
+        "vmm: opening TAPs; snapshot/load with mem_backend Uffd sets up its userfaultfd (snapshot::uffd)",
     ),
     (SYS_ioctl, Args::In(1, &[TCGETS, TCSETS, TIOCGWINSZ, FIONBIO, FIONREAD]), "vmm: the terminal (raw mode and back), non-blocking fds"),
 ];

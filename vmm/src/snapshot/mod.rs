@@ -31,6 +31,8 @@ use vm_memory::{
 
 use crate::vcpu::VcpuState;
 
+pub mod uffd;
+
 /// The state file's first 8 bytes.
 pub const MAGIC: [u8; 8] = *b"CINDSNAP";
 /// The format's major version: a file with another one is refused.
