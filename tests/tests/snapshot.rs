@@ -22,11 +22,21 @@ fn last_tick(text: &str) -> Option<u64> {
     ticks(text).pop()
 }
 
-/// Every complete `snapmem: tick N` line of `text`, in order.
+/// Every complete `snapmem: tick N aps=M` line of `text`, in order: the N.
 fn ticks(text: &str) -> Vec<u64> {
+    tick_lines(text).into_iter().map(|(n, _)| n).collect()
+}
+
+/// Every complete `snapmem: tick N aps=M` line of `text`, in order: (N, M).
+fn tick_lines(text: &str) -> Vec<(u64, u64)> {
     text.lines()
         .filter_map(|l| l.trim().strip_prefix("snapmem: tick "))
-        .filter_map(|n| n.trim().parse().ok())
+        .filter_map(|rest| {
+            let mut w = rest.split_whitespace();
+            let n = w.next()?.parse().ok()?;
+            let aps = w.next()?.strip_prefix("aps=")?.parse().ok()?;
+            Some((n, aps))
+        })
         .collect()
 }
 
@@ -174,14 +184,64 @@ fn snapmem_survives_three_generations_restored_from_the_command_line_under_cinde
     finish_restored(s, last);
 }
 
+/// 2 vCPUs, both running: the AP counts milliseconds at CPL3 (`probe.snapmem_ap=1`) while
+/// the boot CPU ticks; after the restore both go on (the AP's count grows past its value at
+/// the snapshot), and the pattern is intact.
 #[test]
-fn snapmem_survives_a_snapshot_with_2_vcpus_under_cinder() {
+fn snapmem_survives_a_snapshot_with_2_vcpus_both_running_under_cinder() {
+    require_kvm();
     let dir = TempDir::new("snap-smp");
-    let (s, sock) = boot_snapmem(&dir, 2, 128, 64);
+    let sock = dir.join("boot.sock");
+    let mut s = start_api(
+        &sock,
+        &[
+            "--kernel",
+            probe::elf_path().to_str().expect("utf-8 path"),
+            "--vcpus",
+            "2",
+            "--cmdline",
+            "probe.run=smp,snapmem probe.cpus=2 probe.snapmem_ap=1 probe.seed=5",
+        ],
+    );
+    s.expect_line("snapmem: tick 3", T)
+        .unwrap_or_else(|e| panic!("{e}"));
     let (state, mem) = (dir.join("state"), dir.join("mem"));
-    let last = snapshot_and_kill(s, &sock, &state, &mem);
-    let (s, _) = restore_cli(&dir, "r", &state, &mem);
-    finish_restored(s, last);
+    let before = |s: &Session| tick_lines(&s.console()).last().copied();
+    let (t0, aps0) = before(&s).unwrap_or_else(|| panic!("no tick\n{}", s.log()));
+    assert!(aps0 > 0, "the AP is not counting: {}", s.log());
+    let r = request(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    ok(&r, "pause", &s);
+    let body = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        state.display(),
+        mem.display()
+    );
+    ok(
+        &request(&sock, "PUT", "/snapshot/create", Some(&body)),
+        "snapshot/create",
+        &s,
+    );
+    s.settle(Duration::from_millis(300), Duration::from_secs(5));
+    let (last, aps_at_snapshot) = before(&s).unwrap_or((t0, aps0));
+    s.signal(libc::SIGKILL);
+    let _ = s.wait_exit(Duration::from_secs(10));
+    let (mut s, _) = restore_cli(&dir, "r", &state, &mem);
+    let (text, _) = s
+        .expect_line(&format!("snapmem: tick {}", last + 3), T)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let after = tick_lines(&text);
+    let (_, aps_after) = after.last().copied().unwrap_or((0, 0));
+    assert!(
+        aps_after > aps_at_snapshot,
+        "the AP did not count on after the restore: {aps_at_snapshot} at the snapshot, {aps_after} after\n{}",
+        s.log()
+    );
+    s.send("g").unwrap_or_else(|e| panic!("{e}"));
+    s.expect_line("PROBE DONE", T)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let log = probe::parse(&s.console());
+    // smp ran before the snapshot, snapmem after it.
+    assert_eq!(log.done, Some((2, 2)), "{}", s.log());
 }
 
 /// RAM on both sides of the MMIO gap: pages spread over all of it, both regions in the file.

@@ -138,7 +138,11 @@ pub fn check(d: &mut Details) -> Status {
                 let _ = write!(d, "tick {ticks}: at {a:#x} want {want:#x} got {got:#x}");
                 return Status::Fail;
             }
-            println!("snapmem: tick {ticks}");
+            let aps: u64 = crate::smp::AP_TICKS
+                .iter()
+                .map(|t| t.load(Ordering::Relaxed))
+                .sum();
+            println!("snapmem: tick {ticks} aps={aps}");
             next = time::deadline(TICK_US);
         }
         if time::passed(give_up) {
