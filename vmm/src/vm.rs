@@ -470,9 +470,11 @@ impl Vmm {
             Ok(g) => g.in_flight(),
             Err(p) => p.into_inner().in_flight(),
         };
-        if self.blocks.iter().all(|(_, d)| in_flight(d) == 0) {
+        let n: usize = self.blocks.iter().map(|(_, d)| in_flight(d)).sum();
+        if n == 0 {
             return Ok(());
         }
+        log::info!("snapshot: completing {n} block requests in flight first");
         self.io_gate.open();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let mut left = Vec::new();
