@@ -887,3 +887,32 @@ fn block_requests_in_flight_survive_repeated_snapshots_under_cinder() {
         "the image does not hold exactly what the guest was told was written"
     );
 }
+
+/// `--restore` on the command line: a malformed spec is a usage error (exit 2); a restore
+/// left Paused with no API socket to resume it is refused (exit 1, one line); `--kernel`
+/// with `--restore` conflicts.
+#[test]
+fn restore_flag_errors() {
+    let run = |args: &[&str]| {
+        let out = cinder().args(args).output().expect("run cinder");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["--restore", "state=/x"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("mem=PATH or uffd=SOCKET is required"), "{err}");
+    let (code, err) = run(&["--restore", "state=/x,mem=/y,bogus"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("unknown or empty part \"bogus\""), "{err}");
+    let (code, err) = run(&["--restore", "state=/x,mem=/y"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("--restore without resume leaves the VM Paused"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let (code, err) = run(&["--restore", "state=/x,mem=/y,resume", "--kernel", "/k"]);
+    assert_eq!(code, Some(2), "{err}");
+}

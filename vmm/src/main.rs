@@ -866,6 +866,11 @@ fn main() -> ExitCode {
     } else {
         None
     };
+    if cli.restore.as_ref().is_some_and(|r| !r.resume) && cli.api_sock.is_none() {
+        return fail(
+            "--restore without resume leaves the VM Paused: add resume, or --api-sock to resume it with PATCH /vm",
+        );
+    }
     if boot_now.is_none() && cli.api_sock.is_none() && cli.restore.is_none() {
         return fail("nothing to boot: give --kernel, --config-file, or --api-sock to configure through the API");
     }
