@@ -916,3 +916,38 @@ fn restore_flag_errors() {
     let (code, err) = run(&["--restore", "state=/x,mem=/y,resume", "--kernel", "/k"]);
     assert_eq!(code, Some(2), "{err}");
 }
+
+/// The CLI alone, no HTTP: `--snapshot-on-signal` makes SIGUSR1 pause the VM and write the
+/// snapshot (one line on stderr says so), and `--restore ...,resume` takes it back.
+#[test]
+fn snapshot_on_sigusr1_and_restore_from_the_command_line_under_cinder() {
+    require_kvm();
+    let dir = TempDir::new("snap-sig");
+    let (state, mem) = (dir.join("state"), dir.join("mem"));
+    let mut c = cinder();
+    c.arg("--kernel")
+        .arg(probe::elf_path())
+        .args(["--cmdline", "probe.run=snapmem probe.seed=11"])
+        .arg("--snapshot-on-signal")
+        .arg(format!("state={},mem={}", state.display(), mem.display()));
+    let mut s = Session::start(c);
+    s.expect_line("snapmem: tick 3", T)
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.signal(libc::SIGUSR1);
+    let until = std::time::Instant::now() + T;
+    while !s.log().contains("snapshot written (SIGUSR1)") {
+        assert!(
+            std::time::Instant::now() < until,
+            "no snapshot\n{}",
+            s.log()
+        );
+        s.settle(Duration::from_millis(100), Duration::from_millis(500));
+    }
+    let last = last_tick(&s.console()).unwrap_or_else(|| panic!("no tick\n{}", s.log()));
+    s.signal(libc::SIGKILL);
+    let _ = s.wait_exit(Duration::from_secs(10));
+    let spec = format!("state={},mem={},resume", state.display(), mem.display());
+    let mut c = cinder();
+    c.args(["--restore", &spec]);
+    finish_restored(Session::start(c), last);
+}

@@ -120,6 +120,11 @@ struct Cli {
     )]
     restore: Option<vmm::runtime::RestoreSpec>,
 
+    /// On SIGUSR1, pause the VM and write a snapshot (no API needed): its state file, its
+    /// memory file, `diff` for a Diff snapshot (needs dirty tracking). The VM then stays Paused.
+    #[arg(long, value_name = "state=PATH,mem=PATH[,diff]", value_parser = parse_snapshot_arg)]
+    snapshot_on_signal: Option<api::model::SnapshotCreateParams>,
+
     /// A virtio-blk drive backed by a raw image: path=FILE[,id=NAME][,ro][,root]. Repeatable;
     /// the guest sees them as /dev/vda, /dev/vdb, ... with the root drive first. `root`
     /// appends root=/dev/vda (and ro for a read-only drive) to the command line.
@@ -458,6 +463,29 @@ struct DriveArg {
     id: Option<String>,
     ro: bool,
     root: bool,
+}
+
+/// `--snapshot-on-signal state=PATH,mem=PATH[,diff]`.
+fn parse_snapshot_arg(spec: &str) -> Result<api::model::SnapshotCreateParams, String> {
+    const FORM: &str = "state=PATH,mem=PATH[,diff]";
+    let (mut state, mut mem, mut diff) = (None, None, false);
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("state", v)) if !v.is_empty() => state = Some(v.to_string()),
+            Some(("mem", v)) if !v.is_empty() => mem = Some(v.to_string()),
+            None if part == "diff" => diff = true,
+            _ => return Err(format!("unknown or empty part {part:?} (expected {FORM})")),
+        }
+    }
+    Ok(api::model::SnapshotCreateParams {
+        snapshot_path: state.ok_or(format!("state=PATH is required ({FORM})"))?,
+        mem_file_path: mem.ok_or(format!("mem=PATH is required ({FORM})"))?,
+        snapshot_type: Some(if diff {
+            api::model::SnapshotType::Diff
+        } else {
+            api::model::SnapshotType::Full
+        }),
+    })
 }
 
 /// `--restore state=PATH,mem=PATH[,resume][,vsock=PATH][,tap=ID:NAME]...`.
@@ -800,7 +828,11 @@ fn main() -> ExitCode {
             "cinder: warning: seccomp is off: no thread is confined to the system calls it needs"
         );
     }
-    let signals = match SignalFd::new(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]) {
+    let mut watched = vec![libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+    if cli.snapshot_on_signal.is_some() {
+        watched.push(libc::SIGUSR1);
+    }
+    let signals = match SignalFd::new(&watched) {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot watch signals: {e}")),
     };
@@ -1009,6 +1041,9 @@ fn main() -> ExitCode {
     if let Err(e) = vmm::seccomp::install(ThreadKind::Vmm) {
         drop(rt);
         return fail(e);
+    }
+    if let Some(p) = &cli.snapshot_on_signal {
+        rt.set_snapshot_on_signal(p.clone());
     }
     if let Some(us) = startup_us {
         rt.metrics().api.process_startup_time_us.set(us);

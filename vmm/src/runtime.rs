@@ -63,6 +63,8 @@ struct Control {
     timer: TimerFd,
     metrics_due: Arc<AtomicBool>,
     api_evt: Option<(i32, Arc<AtomicBool>)>,
+    /// Set by SIGUSR1 (`--snapshot-on-signal`).
+    snapshot_due: Arc<AtomicBool>,
 }
 
 impl MutEventSubscriber for Control {
@@ -89,8 +91,13 @@ impl MutEventSubscriber for Control {
         let fd = events.fd();
         if fd == self.signals.as_raw_fd() {
             if let Some(sig) = self.signals.read() {
-                log::info!("signal {sig}: shutting down");
-                self.exit.request(ExitReason::Signal(sig));
+                if sig == libc::SIGUSR1 {
+                    // Only watched with --snapshot-on-signal.
+                    self.snapshot_due.store(true, Ordering::Release);
+                } else {
+                    log::info!("signal {sig}: shutting down");
+                    self.exit.request(ExitReason::Signal(sig));
+                }
             }
         } else if fd == self.reset.as_raw_fd() {
             let _ = self.reset.read();
@@ -321,6 +328,9 @@ pub struct Runtime {
     metrics_due: Arc<AtomicBool>,
     /// The metrics path when no API controller holds the configuration.
     metrics_path: Option<PathBuf>,
+    /// SIGUSR1 arrived: pause and write this snapshot (`--snapshot-on-signal`).
+    snapshot_due: Arc<AtomicBool>,
+    snapshot_on_signal: Option<api::model::SnapshotCreateParams>,
 }
 
 impl Runtime {
@@ -348,12 +358,14 @@ impl Runtime {
         })?;
         let api_pending = Arc::new(AtomicBool::new(false));
         let metrics_due = Arc::new(AtomicBool::new(false));
+        let snapshot_due = Arc::new(AtomicBool::new(false));
         let control = Control {
             signals,
             reset: reset_evt.clone(),
             exit: exit.clone(),
             timer,
             metrics_due: metrics_due.clone(),
+            snapshot_due: snapshot_due.clone(),
             api_evt: api
                 .as_ref()
                 .map(|a| (a.endpoint.event.as_raw_fd(), api_pending.clone())),
@@ -380,7 +392,49 @@ impl Runtime {
             api_pending,
             metrics_due,
             metrics_path,
+            snapshot_due,
+            snapshot_on_signal: None,
         })
+    }
+
+    /// `--snapshot-on-signal`: SIGUSR1 (which the caller's signalfd must watch) pauses the VM
+    /// and writes `params`; the VM stays Paused (resume it with `PATCH /vm`, or end cinder).
+    pub fn set_snapshot_on_signal(&mut self, params: api::model::SnapshotCreateParams) {
+        self.snapshot_on_signal = Some(params);
+    }
+
+    /// Pauses the VM and writes the `--snapshot-on-signal` snapshot; says how it went on
+    /// stderr (one line).
+    fn snapshot_now(&mut self) {
+        use api::adapter::VmmAction;
+        let Some(params) = self.snapshot_on_signal.clone() else {
+            return;
+        };
+        let no_launch =
+            |_: Option<VsockListener>| -> Result<Machine, VmError> { Err(VmError::AlreadyRunning) };
+        let paused = self.vmm.execute(&VmmAction::Pause, None, no_launch);
+        if let Some(a) = self.api.as_mut() {
+            let _ = a.controller.complete(
+                VmmAction::Pause,
+                paused
+                    .as_ref()
+                    .map(|_| ())
+                    .map_err(|e| api::adapter::VmmError::Vm(e.to_string().into())),
+            );
+        }
+        let result = paused.and_then(|_| {
+            self.vmm
+                .execute(&VmmAction::CreateSnapshot(params.clone()), None, no_launch)
+        });
+        match result {
+            Ok(()) => crate::logger::print_stderr(&format!(
+                "cinder: snapshot written (SIGUSR1): state {}, memory {}; the VM stays Paused",
+                params.snapshot_path, params.mem_file_path
+            )),
+            Err(e) => {
+                crate::logger::print_stderr(&format!("cinder: snapshot on SIGUSR1 failed: {e}"))
+            }
+        }
     }
 
     /// Builds and starts the VM for `cfg` (validated) with this runtime's options.
@@ -450,6 +504,9 @@ impl Runtime {
             }
             if self.api_pending.swap(false, Ordering::AcqRel) {
                 self.serve_api();
+            }
+            if self.snapshot_due.swap(false, Ordering::AcqRel) {
+                self.snapshot_now();
             }
         };
         if let Some(path) = self.metrics_path() {
