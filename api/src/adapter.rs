@@ -11,7 +11,10 @@
 
 use std::path::PathBuf;
 
-use crate::model::{Logger, Metrics, PartialDrive, PartialNetworkInterface, Vsock};
+use crate::model::{
+    Logger, Metrics, PartialDrive, PartialNetworkInterface, SnapshotCreateParams,
+    SnapshotLoadParams, Vsock,
+};
 use crate::routes::ApiResponse;
 
 /// Any error, as the VMM side reports it (its own error types are out of
@@ -45,6 +48,10 @@ pub enum VmmAction {
     /// the destination now, as Firecracker does, so a path that cannot be opened is refused at
     /// the `PUT` and can be corrected.
     ConfigureMetrics(Metrics),
+    /// `PUT /snapshot/create` of a paused microVM.
+    CreateSnapshot(SnapshotCreateParams),
+    /// `PUT /snapshot/load` before any configuration: build the microVM from the snapshot.
+    LoadSnapshot(SnapshotLoadParams),
 }
 
 /// Why the VMM could not carry out a [`VmmAction`]. The `Display` text is the
@@ -91,6 +98,9 @@ pub enum VmmError {
     /// The logger configuration cannot be applied.
     #[error("{0}")]
     Logger(String),
+    /// Creating or loading a snapshot failed.
+    #[error("{0}")]
+    Snapshot(#[source] BoxError),
     /// The vsock device's socket cannot be bound.
     #[error("vsock.uds_path: {0}")]
     VsockSocket(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -111,6 +121,7 @@ impl VmmError {
             | VmmError::Vm(_)
             | VmmError::Io { .. }
             | VmmError::Logger(_)
+            | VmmError::Snapshot(_)
             | VmmError::VsockSocket(_) => 400,
         }
     }
@@ -130,6 +141,8 @@ fn fault_message(action: &VmmAction, e: &VmmError) -> String {
         | VmmAction::ConfigureVsock(_)
         | VmmAction::ConfigureMetrics(_) => e.to_string(),
         VmmAction::FlushMetrics => format!("FlushMetrics: {e}"),
+        VmmAction::CreateSnapshot(_) => format!("snapshot/create: {e}"),
+        VmmAction::LoadSnapshot(_) => format!("snapshot/load: {e}"),
         VmmAction::SendCtrlAltDel => format!("SendCtrlAltDel: {e}"),
         VmmAction::PatchDrive(d) => format!("PATCH /drives/{}: {e}", d.drive_id),
         VmmAction::PatchNetworkInterface(n) => {

@@ -27,6 +27,8 @@ pub enum Outcome {
 #[derive(Debug, Clone)]
 pub struct PreBootController {
     config: VmConfig,
+    /// The configuration before any request: `PUT /snapshot/load` only on this one.
+    initial: VmConfig,
     info: InstanceInfo,
     version: String,
 }
@@ -40,6 +42,7 @@ impl PreBootController {
     pub fn new(config: VmConfig, id: impl Into<String>, version: impl Into<String>) -> Self {
         let version = version.into();
         PreBootController {
+            initial: config.clone(),
             config,
             info: InstanceInfo {
                 app_name: "cinder".to_string(),
@@ -74,6 +77,17 @@ impl PreBootController {
     /// Whether `InstanceStart` succeeded.
     pub fn is_started(&self) -> bool {
         self.info.state != InstanceState::NotStarted
+    }
+
+    /// Records a microVM restored from a snapshot outside the API (`--restore`), with the
+    /// configuration it was built from.
+    pub fn mark_restored(&mut self, config: VmConfig, paused: bool) {
+        self.config = config;
+        self.info.state = if paused {
+            InstanceState::Paused
+        } else {
+            InstanceState::Running
+        };
     }
 
     /// Records a successful boot.
@@ -111,7 +125,16 @@ impl PreBootController {
                         log::warn!("metrics destination opened but not recorded: {e}");
                     }
                 }
-                VmmAction::FlushMetrics | VmmAction::SendCtrlAltDel => {}
+                VmmAction::LoadSnapshot(l) => {
+                    self.info.state = if l.resume_vm.unwrap_or(false) {
+                        InstanceState::Running
+                    } else {
+                        InstanceState::Paused
+                    }
+                }
+                VmmAction::FlushMetrics
+                | VmmAction::SendCtrlAltDel
+                | VmmAction::CreateSnapshot(_) => {}
             }
         }
         action_response(&action, result)
@@ -228,6 +251,30 @@ impl PreBootController {
             ApiRequest::Action(ActionType::SendCtrlAltDel) => {
                 Outcome::Execute(VmmAction::SendCtrlAltDel)
             }
+            ApiRequest::CreateSnapshot(c) => {
+                if self.info.state != InstanceState::Paused {
+                    return Outcome::Respond(ApiResponse::bad_request(
+                        "snapshot/create: the microVM must be Paused (PATCH /vm {\"state\": \"Paused\"})",
+                    ));
+                }
+                if c.snapshot_path.is_empty() || c.mem_file_path.is_empty() {
+                    return Outcome::Respond(ApiResponse::bad_request(
+                        "snapshot/create: snapshot_path and mem_file_path must not be empty",
+                    ));
+                }
+                Outcome::Execute(VmmAction::CreateSnapshot(c))
+            }
+            ApiRequest::LoadSnapshot(l) => {
+                if self.config != self.initial {
+                    return Outcome::Respond(ApiResponse::bad_request(
+                        "snapshot/load: loading a snapshot is not allowed after configuring the microVM",
+                    ));
+                }
+                if let Err(e) = l.memory() {
+                    return Outcome::Respond(ApiResponse::bad_request(e));
+                }
+                Outcome::Execute(VmmAction::LoadSnapshot(l))
+            }
             ApiRequest::PatchVm(VmState::Paused) => Outcome::Execute(VmmAction::Pause),
             ApiRequest::PatchVm(VmState::Resumed) => Outcome::Execute(VmmAction::Resume),
             ApiRequest::PatchDrive(p) => match self.config.clone().patch_drive(&p) {
@@ -266,6 +313,8 @@ pub fn describe(req: &ApiRequest) -> &'static str {
         ApiRequest::Action(ActionType::FlushMetrics) => "FlushMetrics",
         ApiRequest::PatchVm(_) => "PATCH /vm",
         ApiRequest::GetVmConfig => "GET /vm/config",
+        ApiRequest::CreateSnapshot(_) => "PUT /snapshot/create",
+        ApiRequest::LoadSnapshot(_) => "PUT /snapshot/load",
     }
 }
 

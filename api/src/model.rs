@@ -460,3 +460,120 @@ pub fn from_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, String> {
     de.end().map_err(|e| e.to_string())?;
     Ok(parsed)
 }
+
+/// `snapshot_type` of `PUT /snapshot/create`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotType {
+    /// All of guest memory.
+    #[default]
+    Full,
+    /// Only the pages written since the last snapshot.
+    Diff,
+}
+
+/// Body of `PUT /snapshot/create`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateParams {
+    /// Where the guest memory goes.
+    pub mem_file_path: String,
+    /// Where the microVM state goes.
+    pub snapshot_path: String,
+    /// Full (the default) or Diff.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_type: Option<SnapshotType>,
+}
+
+/// `backend_type` of a [`MemoryBackend`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemoryBackendType {
+    /// The memory file, mapped privately.
+    File,
+    /// A userfaultfd handler listening on a Unix socket.
+    Uffd,
+}
+
+/// `mem_backend` of `PUT /snapshot/load`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryBackend {
+    /// File or Uffd.
+    pub backend_type: MemoryBackendType,
+    /// The memory file, or the handler's socket.
+    pub backend_path: String,
+}
+
+/// A network interface's new TAP on restore.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    /// The interface.
+    pub iface_id: String,
+    /// Its new TAP.
+    pub host_dev_name: String,
+}
+
+/// The vsock device's new socket on restore.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    /// The new socket path.
+    pub uds_path: String,
+}
+
+/// Body of `PUT /snapshot/load`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoadParams {
+    /// The state file.
+    pub snapshot_path: String,
+    /// The memory file (deprecated form of `mem_backend` File).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_file_path: Option<String>,
+    /// Where guest memory comes from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_backend: Option<MemoryBackend>,
+    /// Deprecated name of `track_dirty_pages`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enable_diff_snapshots: Option<bool>,
+    /// Dirty page tracking for later diff snapshots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track_dirty_pages: Option<bool>,
+    /// Resume the VM once loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_vm: Option<bool>,
+    /// New TAPs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_overrides: Option<Vec<NetworkOverride>>,
+    /// A new vsock socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_override: Option<VsockOverride>,
+    /// Advance the guest's clock by the wall time the snapshot spent on disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_realtime: Option<bool>,
+}
+
+impl SnapshotLoadParams {
+    /// The memory backend: `mem_backend`, or `mem_file_path` as a File backend. Exactly one
+    /// of the two must be there.
+    pub fn memory(&self) -> Result<MemoryBackend, &'static str> {
+        match (&self.mem_backend, &self.mem_file_path) {
+            (Some(b), None) => Ok(b.clone()),
+            (None, Some(p)) => Ok(MemoryBackend {
+                backend_type: MemoryBackendType::File,
+                backend_path: p.clone(),
+            }),
+            (Some(_), Some(_)) => {
+                Err("snapshot/load: give either mem_backend or mem_file_path, not both")
+            }
+            (None, None) => Err("snapshot/load: mem_backend (or mem_file_path) is required"),
+        }
+    }
+
+    /// Whether dirty pages are tracked after the load.
+    pub fn tracks_dirty_pages(&self) -> bool {
+        self.track_dirty_pages
+            .or(self.enable_diff_snapshots)
+            .unwrap_or(false)
+    }
+}

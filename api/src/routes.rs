@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::model::{
     from_json, ActionType, BootSource, Drive, EntropyDevice, ErrorBody, InstanceActionInfo, Logger,
     MachineConfiguration, MachineConfigurationUpdate, Metrics, NetworkInterface, PartialDrive,
-    PartialNetworkInterface, Vm, VmState, Vsock,
+    PartialNetworkInterface, SnapshotCreateParams, SnapshotLoadParams, Vm, VmState, Vsock,
 };
 
 /// One (method, path template) pair of the API.
@@ -82,8 +82,8 @@ pub const ROUTES: &[Route] = &[
     no("GET", "/hotplug/memory", "memory hotplug"),
     no("PUT", "/hotplug/memory", "memory hotplug"),
     no("PATCH", "/hotplug/memory", "memory hotplug"),
-    no("PUT", "/snapshot/create", "snapshots"),
-    no("PUT", "/snapshot/load", "snapshots"),
+    ok("PUT", "/snapshot/create"),
+    ok("PUT", "/snapshot/load"),
 ];
 
 /// The route table, for documentation checks and tooling.
@@ -128,6 +128,10 @@ pub enum ApiRequest {
     PatchVm(VmState),
     /// `GET /vm/config`.
     GetVmConfig,
+    /// `PUT /snapshot/create`.
+    CreateSnapshot(SnapshotCreateParams),
+    /// `PUT /snapshot/load`.
+    LoadSnapshot(SnapshotLoadParams),
 }
 
 impl ApiRequest {
@@ -138,6 +142,7 @@ impl ApiRequest {
             ApiRequest::PatchDrive(_)
                 | ApiRequest::PatchNetworkInterface(_)
                 | ApiRequest::PatchVm(_)
+                | ApiRequest::CreateSnapshot(_)
                 | ApiRequest::Action(ActionType::SendCtrlAltDel)
         )
     }
@@ -155,6 +160,7 @@ impl ApiRequest {
                 | ApiRequest::PutEntropy(_)
                 | ApiRequest::PutLogger(_)
                 | ApiRequest::PutMetrics(_)
+                | ApiRequest::LoadSnapshot(_)
                 | ApiRequest::Action(ActionType::InstanceStart)
         )
     }
@@ -488,6 +494,8 @@ pub fn parse_api_request(
         ("PUT", "/metrics") => ApiRequest::PutMetrics(body!(Metrics)),
         ("PUT", "/actions") => ApiRequest::Action(body!(InstanceActionInfo).action_type),
         ("PATCH", "/vm") => ApiRequest::PatchVm(body!(Vm).state),
+        ("PUT", "/snapshot/create") => ApiRequest::CreateSnapshot(body!(SnapshotCreateParams)),
+        ("PUT", "/snapshot/load") => ApiRequest::LoadSnapshot(body!(SnapshotLoadParams)),
         _ => {
             return Err(RequestError::InvalidPathMethod {
                 method: method.to_string(),

@@ -15,4 +15,6 @@ pub mod regs;
 pub use vm_memory;
 
 /// The guest memory type used across cinder.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+/// Guest memory, with a dirty bitmap that records every write cinder itself makes through
+/// vm-memory (diff snapshots OR it with KVM's dirty log, which sees only the guest's).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;

@@ -173,8 +173,8 @@ pub enum I8042Error {
 }
 
 /// What the next byte written to the data port means.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum DataTarget {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum DataTarget {
     /// A command (or its argument) for the keyboard.
     Keyboard,
     /// The new command byte (after 0x60) or internal RAM byte (0x61..=0x7f).
@@ -192,18 +192,58 @@ enum DataTarget {
 }
 
 /// A keyboard command waiting for its argument byte.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum KbdArg {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum KbdArg {
+    /// No argument expected.
     None,
+    /// The LED byte of 0xED.
     Leds,
+    /// The typematic byte of 0xF3.
     Rate,
+    /// The scan code set of 0xF0.
     ScancodeSet,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct OutByte {
-    value: u8,
-    aux: bool,
+/// A byte waiting in the output buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OutByte {
+    /// The byte.
+    pub value: u8,
+    /// From the aux device.
+    pub aux: bool,
+}
+
+/// The i8042's state for a snapshot: everything but its interrupt lines and counters.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {
+    /// The output buffer (at most [`BUFFER_SIZE`] bytes are taken back).
+    pub out: Vec<OutByte>,
+    /// Internal RAM; byte 0 is the command byte.
+    pub ram: [u8; 32],
+    /// The system flag.
+    pub status_sys: bool,
+    /// The last write was to the command port.
+    pub last_was_command: bool,
+    /// What the next data byte means.
+    pub data_target: DataTarget,
+    /// The output port.
+    pub output_port: u8,
+    /// The mode byte.
+    pub mode: u8,
+    /// Set 2 -> 1 translation saw a break prefix.
+    pub xlate_break: bool,
+    /// A keyboard command waiting for its argument.
+    pub kbd_arg: KbdArg,
+    /// Keyboard scanning enabled.
+    pub scanning: bool,
+    /// The keyboard's scan code set.
+    pub scancode_set: u8,
+    /// LEDs.
+    pub leds: u8,
+    /// Typematic rate.
+    pub rate: u8,
+    /// The last byte the keyboard sent (for RESEND).
+    pub last_kbd_byte: u8,
 }
 
 /// The i8042 controller and its keyboard. See the module documentation.
@@ -244,6 +284,44 @@ impl fmt::Debug for I8042 {
 }
 
 impl I8042 {
+    /// The controller's state, for a snapshot.
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            out: self.out.iter().copied().collect(),
+            ram: self.ram,
+            status_sys: self.status_sys,
+            last_was_command: self.last_was_command,
+            data_target: self.data_target,
+            output_port: self.output_port,
+            mode: self.mode,
+            xlate_break: self.xlate_break,
+            kbd_arg: self.kbd_arg,
+            scanning: self.scanning,
+            scancode_set: self.scancode_set,
+            leds: self.leds,
+            rate: self.rate,
+            last_kbd_byte: self.last_kbd_byte,
+        }
+    }
+
+    /// Takes back a snapshot's state (an output buffer beyond its size is cut).
+    pub fn restore(&mut self, s: &I8042State) {
+        self.out = s.out.iter().copied().take(BUFFER_SIZE).collect();
+        self.ram = s.ram;
+        self.status_sys = s.status_sys;
+        self.last_was_command = s.last_was_command;
+        self.data_target = s.data_target;
+        self.output_port = s.output_port;
+        self.mode = s.mode;
+        self.xlate_break = s.xlate_break;
+        self.kbd_arg = s.kbd_arg;
+        self.scanning = s.scanning;
+        self.scancode_set = s.scancode_set;
+        self.leds = s.leds;
+        self.rate = s.rate;
+        self.last_kbd_byte = s.last_kbd_byte;
+    }
+
     /// A controller after power-on. `kbd_irq` raises IRQ1 (an irqfd); `reset` is signalled
     /// when the guest pulses the CPU reset line (an EventFd the VMM watches).
     pub fn new(kbd_irq: Arc<dyn InterruptTrigger>, reset: Arc<dyn InterruptTrigger>) -> I8042 {

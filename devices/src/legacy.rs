@@ -21,6 +21,36 @@ pub const I8042_PORT: u64 = 0x60;
 /// i8042 port range (0x60..=0x64).
 pub const I8042_LEN: u64 = 5;
 
+/// A snapshot's UART state (vm-superio's `SerialState`, which has no serde).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// IER.
+    pub interrupt_enable: u8,
+    /// IIR.
+    pub interrupt_identification: u8,
+    /// LCR.
+    pub line_control: u8,
+    /// LSR.
+    pub line_status: u8,
+    /// MCR.
+    pub modem_control: u8,
+    /// MSR.
+    pub modem_status: u8,
+    /// Scratch.
+    pub scratch: u8,
+    /// Receive FIFO.
+    pub in_buffer: Vec<u8>,
+}
+
+/// A snapshot's UART state that vm-superio refuses (a receive FIFO over its size).
+#[derive(Debug, thiserror::Error)]
+#[error("serial state refused: {0}")]
+pub struct SerialStateError(pub String);
+
 /// Tells the event loop when the guest has drained the UART's input FIFO, so it can push more
 /// console input without polling.
 pub struct SerialInputEvents {
@@ -69,6 +99,52 @@ impl SerialDevice {
                 SerialInputEvents { in_buffer_empty },
                 ConsoleOut(out),
             ),
+        }
+    }
+
+    /// A UART as a snapshot left it (registers and receive FIFO), wired as [`SerialDevice::new`].
+    pub fn with_state(
+        irq: Arc<EventFd>,
+        in_buffer_empty: Arc<EventFd>,
+        out: Box<dyn Write + Send>,
+        state: &SerialSnapshot,
+    ) -> Result<Self, SerialStateError> {
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let serial = Serial::from_state(
+            &s,
+            EventFdTrigger(irq),
+            SerialInputEvents { in_buffer_empty },
+            ConsoleOut(out),
+        )
+        .map_err(|e| SerialStateError(format!("{e:?}")))?;
+        Ok(SerialDevice { serial })
+    }
+
+    /// The UART's registers and receive FIFO, for a snapshot.
+    pub fn state(&self) -> SerialSnapshot {
+        let s = self.serial.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
         }
     }
 

@@ -13,5 +13,6 @@ pub mod virtio;
 pub use bus::BusDevice;
 pub use irq::{EventFdTrigger, InterruptTrigger};
 
-/// The guest memory type used by every device.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+/// The guest memory type used by every device: guest memory, with a dirty bitmap that records every write cinder itself makes through
+/// vm-memory (diff snapshots OR it with KVM's dirty log, which sees only the guest's).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;

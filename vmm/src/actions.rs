@@ -42,6 +42,15 @@ pub trait MicroVm {
     fn patch_drive_limiter(&self, id: &str, limiter: &RateLimiter) -> Result<(), PatchDriveError>;
     /// Per-device metrics sections (cumulative counters), as JSON objects.
     fn device_metrics(&self) -> Vec<(String, Value)>;
+    /// Why guest memory can no longer be served (a page-fault handler gone), if so.
+    fn memory_backend_lost(&self) -> Option<String> {
+        None
+    }
+    /// Writes a snapshot of the paused microVM.
+    fn snapshot_create(
+        &self,
+        params: &api::model::SnapshotCreateParams,
+    ) -> Result<(), crate::snapshot::SnapshotError>;
 }
 
 impl MicroVm for Vmm {
@@ -76,6 +85,17 @@ impl MicroVm for Vmm {
 
     fn device_metrics(&self) -> Vec<(String, Value)> {
         Vmm::device_metrics(self)
+    }
+
+    fn snapshot_create(
+        &self,
+        params: &api::model::SnapshotCreateParams,
+    ) -> Result<(), crate::snapshot::SnapshotError> {
+        Vmm::snapshot_create(self, params)
+    }
+
+    fn memory_backend_lost(&self) -> Option<String> {
+        Vmm::memory_backend_lost(self)
     }
 }
 
@@ -159,6 +179,11 @@ impl<V: MicroVm, D: Parkable> Executor<V, D> {
         Ok(())
     }
 
+    /// Why the running microVM's memory can no longer be served, if so.
+    pub fn memory_backend_lost(&self) -> Option<String> {
+        self.machine.as_ref()?.vm.memory_backend_lost()
+    }
+
     fn running(&self) -> Result<&Machine<V, D>, VmmError> {
         self.machine.as_ref().ok_or(VmmError::NotRunning)
     }
@@ -173,6 +198,15 @@ impl<V: MicroVm, D: Parkable> Executor<V, D> {
     ) -> Result<(), VmmError> {
         match action {
             VmmAction::Start => self.start(launch).map_err(start_error),
+            // `launch` restores the snapshot (the runtime gives the right one).
+            VmmAction::LoadSnapshot(_) => self
+                .start(launch)
+                .map_err(|e| VmmError::Snapshot(Box::new(e))),
+            VmmAction::CreateSnapshot(p) => self
+                .running()?
+                .vm
+                .snapshot_create(p)
+                .map_err(|e| VmmError::Snapshot(Box::new(e))),
             VmmAction::Pause => {
                 // The vCPUs first (no new queue kicks), then the device loop, so no device
                 // touches guest memory until Resumed.
@@ -374,6 +408,13 @@ mod tests {
         }
         fn device_metrics(&self) -> Vec<(String, Value)> {
             vec![("block_d1".into(), serde_json::json!({"reads": 7}))]
+        }
+        fn snapshot_create(
+            &self,
+            _params: &api::model::SnapshotCreateParams,
+        ) -> Result<(), crate::snapshot::SnapshotError> {
+            self.calls.borrow_mut().push("snapshot create");
+            Ok(())
         }
     }
 

@@ -35,6 +35,7 @@ use crate::cmdline::{user_cmdline, virtio_count, virtio_slot, GuestCmdline, MAX_
 use crate::console::ConsoleInput;
 use crate::error::{os, vm_ioctl, VmError};
 use crate::options::{ConsoleSpec, CpuTemplate, VirtioConsoleHost, VmmOptions};
+use crate::snapshot::{DeviceStates, MicrovmState, SnapshotError};
 use crate::vcpu::{Vcpu, VcpuControl, CPUID_ENTRIES};
 use crate::vm::{Subscriber, VmContext, Vmm};
 
@@ -88,6 +89,7 @@ struct OpenDevices {
 struct LegacyDevices {
     pio: Bus,
     i8042: Arc<Mutex<I8042>>,
+    serial: Option<Arc<Mutex<SerialDevice>>>,
     /// COM1's input, when COM1 exists.
     serial_input: Option<Subscriber>,
 }
@@ -135,18 +137,24 @@ impl<'a> VmBuilder<'a> {
         let cmdline = cmdline.finish()?;
         finish_guest(&guest, self.cfg, &cmdline)?;
         let kvm = self.open_kvm()?;
-        let vm = create_vm(&kvm, &guest.mem)?;
+        let track_dirty = self.cfg.machine.track_dirty_pages;
+        let vm = create_vm(&kvm, &guest.mem, track_dirty)?;
         let serial_out = self.opts.console.serial_enabled().then(|| {
             devices
                 .console_out
                 .take()
                 .unwrap_or_else(|| Box::new(std::io::sink()))
         });
-        let legacy = attach_legacy_devices(&vm, serial_out, &ctx)?;
+        let legacy = attach_legacy_devices(&vm, serial_out, &ctx, None)?;
         wire_virtio_devices(&vm, &virtio.placed)?;
         let mut subscribers: Vec<Subscriber> = legacy.serial_input.into_iter().collect();
         subscribers.extend(virtio.subscribers);
         let vcpus = self.create_vcpus(&kvm, &vm, &guest)?;
+        let transports = virtio
+            .placed
+            .iter()
+            .map(|p| (p.name.clone(), p.transport.clone()))
+            .collect();
         log::info!(
             "VM ready: {} vCPU, {} MiB, {:?} entry at {:#x}, cmdline {:?}",
             self.cfg.machine.vcpu_count,
@@ -168,10 +176,126 @@ impl<'a> VmBuilder<'a> {
             nets: devices.nets,
             rng: devices.rng,
             i8042: legacy.i8042,
+            serial: legacy.serial,
+            config: config_json(self.cfg),
+            transports,
+            track_dirty,
+            uffd: None,
             ctx,
             _vm: vm,
             _kvm: kvm,
             _mem: guest.mem,
+        })
+    }
+
+    /// Builds the VM a snapshot describes (vCPUs created with their state, not running):
+    /// the same devices as the configuration it was taken with, guest memory mapped from
+    /// `mem_path` (`MAP_PRIVATE`), the VM's, vCPUs' and devices' state put back.
+    pub fn restore(
+        mut self,
+        state: &MicrovmState,
+        mem_path: &std::path::Path,
+        uffd: bool,
+        track_dirty: bool,
+        console_out: Box<dyn Write + Send>,
+        ctx: VmContext,
+    ) -> Result<Vmm, VmError> {
+        let cfg = self.cfg;
+        let want = ram_regions((cfg.machine.mem_size_mib as u64).saturating_mul(MIB));
+        let have: Vec<(u64, u64)> = state.memory.iter().map(|r| (r.gpa, r.len)).collect();
+        let want: Vec<(u64, u64)> = want.iter().map(|(a, l)| (a.0, *l as u64)).collect();
+        if have != want {
+            return Err(VmError::Snapshot(SnapshotError::RegionMismatch(format!(
+                "regions {have:x?}, {} MiB configured",
+                cfg.machine.mem_size_mib
+            ))));
+        }
+        if state.vcpus.len() != usize::from(cfg.machine.vcpu_count) {
+            return Err(VmError::Snapshot(SnapshotError::Invalid(format!(
+                "snapshot: {} vCPU states for {} configured vCPUs",
+                state.vcpus.len(),
+                cfg.machine.vcpu_count
+            ))));
+        }
+        let (mem, uffd) = if uffd {
+            let u = crate::snapshot::uffd::connect(mem_path, &state.memory)?;
+            (u.mem, Some((u.handler, u.uffd)))
+        } else {
+            let m = crate::snapshot::map_memory(mem_path, &state.memory)?;
+            (m, None)
+        };
+        exclude_from_core_dumps(&mem);
+        let mut devices = self.open_devices(console_out, &ctx)?;
+        let names: Vec<&String> = devices.virtio.iter().map(|(n, _)| n).collect();
+        let saved: Vec<&String> = state.devices.virtio.iter().map(|(n, _)| n).collect();
+        if names != saved {
+            return Err(VmError::Snapshot(SnapshotError::Invalid(format!(
+                "snapshot: its virtio devices {saved:?} are not the configuration's {names:?}"
+            ))));
+        }
+        let mut cmdline = GuestCmdline::new(user_cmdline(cfg))?;
+        let virtio = place_virtio_devices(&mem, std::mem::take(&mut devices.virtio), &mut cmdline)?;
+        let kvm = self.open_kvm()?;
+        let vm = create_vm(&kvm, &mem, track_dirty)?;
+        crate::vm::restore_vm_state(&vm, &state.vm).map_err(VmError::Snapshot)?;
+        let serial_out = self.opts.console.serial_enabled().then(|| {
+            devices
+                .console_out
+                .take()
+                .unwrap_or_else(|| Box::new(std::io::sink()))
+        });
+        let legacy = attach_legacy_devices(&vm, serial_out, &ctx, Some(&state.devices))?;
+        wire_virtio_devices(&vm, &virtio.placed)?;
+        let mut subscribers: Vec<Subscriber> = legacy.serial_input.into_iter().collect();
+        subscribers.extend(virtio.subscribers);
+        let mut vcpus = Vec::with_capacity(state.vcpus.len());
+        for (i, s) in state.vcpus.iter().enumerate() {
+            let index = u8::try_from(i).map_err(|_| VmError::NoVcpus(0))?;
+            vcpus.push(Vcpu::restore(&vm, index, s)?);
+        }
+        // The devices last: an interrupt a restore raises (vsock's transport reset) must find
+        // the vCPUs' local APICs restored.
+        for (p, (name, st)) in virtio.placed.iter().zip(&state.devices.virtio) {
+            let mut t = match p.transport.lock() {
+                Ok(g) => g,
+                Err(e) => e.into_inner(),
+            };
+            t.restore(st)
+                .map_err(|e| VmError::Snapshot(SnapshotError::Invalid(format!("{name}: {e}"))))?;
+        }
+        let _ = &mut self;
+        log::info!(
+            "VM restored: {} vCPU, {} MiB from {}",
+            cfg.machine.vcpu_count,
+            cfg.machine.mem_size_mib,
+            mem_path.display()
+        );
+        Ok(Vmm {
+            vcpu_count: vcpus.len(),
+            vcpus,
+            threads: Vec::new(),
+            control: Arc::new(VcpuControl::default()),
+            pio: Arc::new(legacy.pio),
+            mmio: Arc::new(virtio.bus),
+            subscribers,
+            blocks: devices.blocks,
+            io_gate: devices.io_gate,
+            nets: devices.nets,
+            rng: devices.rng,
+            i8042: legacy.i8042,
+            serial: legacy.serial,
+            config: config_json(cfg),
+            transports: virtio
+                .placed
+                .iter()
+                .map(|p| (p.name.clone(), p.transport.clone()))
+                .collect(),
+            track_dirty,
+            uffd,
+            ctx,
+            _vm: vm,
+            _kvm: kvm,
+            _mem: mem,
         })
     }
 
@@ -333,6 +457,11 @@ impl<'a> VmBuilder<'a> {
         }
         Ok(vcpus)
     }
+}
+
+/// The configuration as a config file, for a snapshot.
+fn config_json(cfg: &VmConfig) -> serde_json::Value {
+    serde_json::to_value(cfg.to_full_config()).unwrap_or(serde_json::Value::Null)
 }
 
 /// Refuses more virtio devices than there are IOAPIC pins for them.
@@ -532,7 +661,7 @@ fn finish_guest(guest: &PreparedGuest, cfg: &VmConfig, cmdline: &str) -> Result<
 }
 
 /// Creates the VM: in-kernel irqchip and PIT, TSS and identity map, memory slots.
-fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
+fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap, track_dirty: bool) -> Result<VmFd, VmError> {
     let vm = kvm.create_vm().map_err(vm_ioctl("KVM_CREATE_VM"))?;
     let tss = usize::try_from(layout::KVM_TSS_ADDRESS).map_err(|_| VmError::VmIoctl {
         what: "KVM_SET_TSS_ADDR".into(),
@@ -559,7 +688,11 @@ fn create_vm(kvm: &Kvm, mem: &GuestMemoryMmap) -> Result<VmFd, VmError> {
         let r = kvm_userspace_memory_region {
             // At most a handful of regions (below and above the MMIO gap).
             slot: u32::try_from(slot).unwrap_or(u32::MAX),
-            flags: 0,
+            flags: if track_dirty {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host as u64,
@@ -581,7 +714,9 @@ fn attach_legacy_devices(
     vm: &VmFd,
     serial_out: Option<Box<dyn Write + Send>>,
     ctx: &VmContext,
+    state: Option<&DeviceStates>,
 ) -> Result<LegacyDevices, VmError> {
+    let mut serial_dev = None;
     let mut pio = Bus::new();
     let mut serial_input: Option<Subscriber> = None;
     if let Some(out) = serial_out {
@@ -589,11 +724,13 @@ fn attach_legacy_devices(
         vm.register_irqfd(&serial_irq, legacy::COM1_IRQ)
             .map_err(vm_ioctl("KVM_IRQFD (serial)"))?;
         let serial_in_empty = efd()?;
-        let serial = Arc::new(Mutex::new(SerialDevice::new(
-            serial_irq,
-            serial_in_empty.clone(),
-            out,
-        )));
+        let dev = match state.and_then(|s| s.serial.as_ref()) {
+            Some(st) => SerialDevice::with_state(serial_irq, serial_in_empty.clone(), out, st)
+                .map_err(|e| VmError::Snapshot(SnapshotError::Invalid(e.to_string())))?,
+            None => SerialDevice::new(serial_irq, serial_in_empty.clone(), out),
+        };
+        let serial = Arc::new(Mutex::new(dev));
+        serial_dev = Some(serial.clone());
         pio.insert(serial.clone(), legacy::COM1_PORT, legacy::COM1_LEN)?;
         serial_input = Some(Arc::new(Mutex::new(ConsoleInput::new(
             serial,
@@ -605,11 +742,16 @@ fn attach_legacy_devices(
     let kbd_irq = efd()?;
     vm.register_irqfd(&kbd_irq, KBD_IRQ)
         .map_err(vm_ioctl("KVM_IRQFD (i8042)"))?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(kbd_irq, ctx.reset_evt.clone())));
+    let mut kbd = I8042::new(kbd_irq, ctx.reset_evt.clone());
+    if let Some(s) = state {
+        kbd.restore(&s.i8042);
+    }
+    let i8042 = Arc::new(Mutex::new(kbd));
     pio.insert(i8042.clone(), legacy::I8042_PORT, legacy::I8042_LEN)?;
     Ok(LegacyDevices {
         pio,
         i8042,
+        serial: serial_dev,
         serial_input,
     })
 }

@@ -102,6 +102,9 @@ pub enum VmError {
     /// vCPU setup.
     #[error("{0}")]
     Vcpu(#[from] VcpuError),
+    /// A snapshot cannot be written or taken back.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     /// Device setup.
     #[error("device setup: {0}")]
     Bus(#[from] BusError),

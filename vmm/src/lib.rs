@@ -16,5 +16,6 @@ pub mod options;
 pub mod runtime;
 pub mod seccomp;
 pub mod signal;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

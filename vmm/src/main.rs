@@ -108,6 +108,26 @@ struct Cli {
     #[arg(long, value_name = "MIB", default_value_t = 128)]
     memory: u64,
 
+    /// Restore the microVM of a snapshot instead of booting one: its state file and memory
+    /// file (mapped privately: never written); `resume` runs it at once, otherwise it stays
+    /// Paused (resume it with `PATCH /vm`). Its configuration comes from the snapshot, with
+    /// the vsock device on a new socket (`vsock=PATH`) and interfaces on new TAPs
+    /// (`tap=ID:NAME`, repeatable), as `PUT /snapshot/load`'s overrides, for clones; `track`
+    /// tracks dirty pages for a later Diff snapshot (`track_dirty_pages`); `uffd=SOCKET`
+    /// instead of `mem=` takes guest memory from a page-fault handler (`mem_backend` Uffd).
+    #[arg(
+        long,
+        value_name = "state=PATH,mem=PATH|uffd=SOCKET[,resume][,track][,vsock=PATH][,tap=ID:NAME]",
+        value_parser = parse_restore_arg,
+        conflicts_with_all = ["kernel", "config_file"]
+    )]
+    restore: Option<vmm::runtime::RestoreSpec>,
+
+    /// On SIGUSR1, pause the VM and write a snapshot (no API needed): its state file, its
+    /// memory file, `diff` for a Diff snapshot (needs dirty tracking). The VM then stays Paused.
+    #[arg(long, value_name = "state=PATH,mem=PATH[,diff]", value_parser = parse_snapshot_arg)]
+    snapshot_on_signal: Option<api::model::SnapshotCreateParams>,
+
     /// A virtio-blk drive backed by a raw image: path=FILE[,id=NAME][,ro][,root]. Repeatable;
     /// the guest sees them as /dev/vda, /dev/vdb, ... with the root drive first. `root`
     /// appends root=/dev/vda (and ro for a read-only drive) to the command line.
@@ -450,6 +470,67 @@ struct DriveArg {
     io_engine: IoEngine,
 }
 
+/// `--snapshot-on-signal state=PATH,mem=PATH[,diff]`.
+fn parse_snapshot_arg(spec: &str) -> Result<api::model::SnapshotCreateParams, String> {
+    const FORM: &str = "state=PATH,mem=PATH[,diff]";
+    let (mut state, mut mem, mut diff) = (None, None, false);
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("state", v)) if !v.is_empty() => state = Some(v.to_string()),
+            Some(("mem", v)) if !v.is_empty() => mem = Some(v.to_string()),
+            None if part == "diff" => diff = true,
+            _ => return Err(format!("unknown or empty part {part:?} (expected {FORM})")),
+        }
+    }
+    Ok(api::model::SnapshotCreateParams {
+        snapshot_path: state.ok_or(format!("state=PATH is required ({FORM})"))?,
+        mem_file_path: mem.ok_or(format!("mem=PATH is required ({FORM})"))?,
+        snapshot_type: Some(if diff {
+            api::model::SnapshotType::Diff
+        } else {
+            api::model::SnapshotType::Full
+        }),
+    })
+}
+
+/// `--restore state=PATH,mem=PATH[,resume][,vsock=PATH][,tap=ID:NAME]...`.
+fn parse_restore_arg(spec: &str) -> Result<vmm::runtime::RestoreSpec, String> {
+    const FORM: &str =
+        "state=PATH,mem=PATH|uffd=SOCKET[,resume][,track][,vsock=PATH][,tap=ID:NAME]";
+    let (mut state, mut mem, mut resume, mut vsock) = (None, None, false, None);
+    let (mut track, mut uffd) = (false, false);
+    let mut taps = Vec::new();
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("state", v)) if !v.is_empty() => state = Some(PathBuf::from(v)),
+            Some(("mem", v)) if !v.is_empty() => mem = Some(PathBuf::from(v)),
+            Some(("uffd", v)) if !v.is_empty() => {
+                mem = Some(PathBuf::from(v));
+                uffd = true;
+            }
+            Some(("vsock", v)) if !v.is_empty() => vsock = Some(PathBuf::from(v)),
+            Some(("tap", v)) => match v.split_once(':') {
+                Some((id, name)) if !id.is_empty() && !name.is_empty() => {
+                    taps.push((id.to_string(), name.to_string()))
+                }
+                _ => return Err(format!("tap={v:?}: expected tap=ID:NAME ({FORM})")),
+            },
+            None if part == "resume" => resume = true,
+            None if part == "track" => track = true,
+            _ => return Err(format!("unknown or empty part {part:?} (expected {FORM})")),
+        }
+    }
+    Ok(vmm::runtime::RestoreSpec {
+        state: state.ok_or(format!("state=PATH is required ({FORM})"))?,
+        mem: mem.ok_or(format!("mem=PATH or uffd=SOCKET is required ({FORM})"))?,
+        resume,
+        vsock_uds: vsock,
+        net_overrides: taps,
+        track_dirty: track,
+        uffd,
+    })
+}
+
 fn parse_drive_arg(spec: &str) -> Result<DriveArg, String> {
     let mut path = None;
     let mut id = None;
@@ -776,7 +857,11 @@ fn main() -> ExitCode {
             "cinder: warning: seccomp is off: no thread is confined to the system calls it needs"
         );
     }
-    let signals = match SignalFd::new(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP]) {
+    let mut watched = vec![libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+    if cli.snapshot_on_signal.is_some() {
+        watched.push(libc::SIGUSR1);
+    }
+    let signals = match SignalFd::new(&watched) {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot watch signals: {e}")),
     };
@@ -842,7 +927,12 @@ fn main() -> ExitCode {
     } else {
         None
     };
-    if boot_now.is_none() && cli.api_sock.is_none() {
+    if cli.restore.as_ref().is_some_and(|r| !r.resume) && cli.api_sock.is_none() {
+        return fail(
+            "--restore without resume leaves the VM Paused: add resume, or --api-sock to resume it with PATCH /vm",
+        );
+    }
+    if boot_now.is_none() && cli.api_sock.is_none() && cli.restore.is_none() {
         return fail("nothing to boot: give --kernel, --config-file, or --api-sock to configure through the API");
     }
     // `--metrics-path`: the metrics destination, as `PUT /metrics` sets it (once).
@@ -981,6 +1071,9 @@ fn main() -> ExitCode {
         drop(rt);
         return fail(e);
     }
+    if let Some(p) = &cli.snapshot_on_signal {
+        rt.set_snapshot_on_signal(p.clone());
+    }
     if let Some(us) = startup_us {
         rt.metrics().api.process_startup_time_us.set(us);
     }
@@ -993,6 +1086,11 @@ fn main() -> ExitCode {
             return fail(e);
         }
         rt.mark_api_started();
+    } else if let Some(spec) = &cli.restore {
+        if let Err(e) = rt.restore_vm(spec) {
+            drop(rt);
+            return fail(e);
+        }
     }
     let reason = rt.run();
     drop(api_guard);

@@ -63,6 +63,8 @@ struct Control {
     timer: TimerFd,
     metrics_due: Arc<AtomicBool>,
     api_evt: Option<(i32, Arc<AtomicBool>)>,
+    /// Set by SIGUSR1 (`--snapshot-on-signal`).
+    snapshot_due: Arc<AtomicBool>,
 }
 
 impl MutEventSubscriber for Control {
@@ -89,8 +91,13 @@ impl MutEventSubscriber for Control {
         let fd = events.fd();
         if fd == self.signals.as_raw_fd() {
             if let Some(sig) = self.signals.read() {
-                log::info!("signal {sig}: shutting down");
-                self.exit.request(ExitReason::Signal(sig));
+                if sig == libc::SIGUSR1 {
+                    // Only watched with --snapshot-on-signal.
+                    self.snapshot_due.store(true, Ordering::Release);
+                } else {
+                    log::info!("signal {sig}: shutting down");
+                    self.exit.request(ExitReason::Signal(sig));
+                }
             }
         } else if fd == self.reset.as_raw_fd() {
             let _ = self.reset.read();
@@ -161,6 +168,163 @@ impl Launcher {
     }
 }
 
+/// Where a restore takes its state and memory from, and what it does once built.
+#[derive(Clone, Debug)]
+pub struct RestoreSpec {
+    /// The state file.
+    pub state: PathBuf,
+    /// The memory file.
+    pub mem: PathBuf,
+    /// Run the guest at once (otherwise it stays Paused).
+    pub resume: bool,
+    /// The vsock device's new socket (`vsock_override`), for clones.
+    pub vsock_uds: Option<PathBuf>,
+    /// New TAPs by interface id (`network_overrides`), for clones.
+    pub net_overrides: Vec<(String, String)>,
+    /// Track dirty pages (for a later Diff snapshot).
+    pub track_dirty: bool,
+    /// `mem` is a page-fault handler's socket (`mem_backend` Uffd), not the memory file.
+    pub uffd: bool,
+}
+
+impl RestoreSpec {
+    /// The restore `PUT /snapshot/load` asks for.
+    pub fn from_load(l: &api::model::SnapshotLoadParams) -> Result<RestoreSpec, VmError> {
+        let mem = l.memory().map_err(|e| {
+            VmError::Snapshot(crate::snapshot::SnapshotError::Invalid(e.to_string()))
+        })?;
+        Ok(RestoreSpec {
+            state: PathBuf::from(&l.snapshot_path),
+            mem: PathBuf::from(&mem.backend_path),
+            resume: l.resume_vm.unwrap_or(false),
+            uffd: mem.backend_type == api::model::MemoryBackendType::Uffd,
+            track_dirty: l.tracks_dirty_pages(),
+            vsock_uds: l
+                .vsock_override
+                .as_ref()
+                .map(|v| PathBuf::from(&v.uds_path)),
+            net_overrides: l
+                .network_overrides
+                .iter()
+                .flatten()
+                .map(|n| (n.iface_id.clone(), n.host_dev_name.clone()))
+                .collect(),
+        })
+    }
+
+    /// The snapshot's configuration (a config file) with this restore's overrides applied.
+    fn apply_overrides(&self, config: &serde_json::Value) -> Result<String, VmError> {
+        let bad = |why: String| VmError::Snapshot(crate::snapshot::SnapshotError::Invalid(why));
+        let mut c = config.clone();
+        if let Some(uds) = &self.vsock_uds {
+            match c.get_mut("vsock").and_then(|v| v.as_object_mut()) {
+                Some(v) => {
+                    v.insert(
+                        "uds_path".into(),
+                        serde_json::Value::String(uds.display().to_string()),
+                    );
+                }
+                None => {
+                    return Err(bad(
+                        "vsock_override: the snapshot has no vsock device".into()
+                    ))
+                }
+            }
+        }
+        for (id, tap) in &self.net_overrides {
+            let nets = c
+                .get_mut("network-interfaces")
+                .and_then(|n| n.as_array_mut());
+            let found = nets.and_then(|n| {
+                n.iter_mut()
+                    .find(|i| i.get("iface_id").and_then(|x| x.as_str()) == Some(id.as_str()))
+            });
+            match found.and_then(|i| i.as_object_mut()) {
+                Some(i) => {
+                    i.insert(
+                        "host_dev_name".into(),
+                        serde_json::Value::String(tap.clone()),
+                    );
+                }
+                None => {
+                    return Err(bad(format!(
+                        "network_overrides: the snapshot has no interface {id:?}"
+                    )))
+                }
+            }
+        }
+        Ok(c.to_string())
+    }
+}
+
+impl Launcher {
+    /// Builds the microVM a snapshot describes and starts it (paused unless `spec.resume`).
+    /// Returns it with the configuration it was built from. `paths`: the rules for the
+    /// configuration's host paths.
+    fn restore(
+        &mut self,
+        spec: &RestoreSpec,
+        paths: api::paths::PathPolicy,
+    ) -> Result<(Machine, VmConfig), VmError> {
+        let state = crate::snapshot::read_state(&spec.state)?;
+        let cfg = VmConfig::from_config_file_with(&spec.apply_overrides(&state.config)?, paths)
+            .map_err(|e| {
+                VmError::Snapshot(crate::snapshot::SnapshotError::Decode {
+                    path: spec.state.clone(),
+                    why: format!("its configuration: {e}"),
+                })
+            })?;
+        let builder = VmBuilder::new(&cfg, &self.opts)?;
+        let out = self
+            .console_out
+            .take()
+            .unwrap_or_else(|| Box::new(std::io::stdout()));
+        let (writer, handle) = spawn_console_writer(out).map_err(|source| VmError::Os {
+            what: "starting the console writer",
+            source,
+        })?;
+        self.console_thread = Some(handle);
+        if self.opts.console.reads_stdin() && self.terminal.is_none() {
+            let t = RawTerminal::enter();
+            self.ctx.interactive = t.is_active();
+            self.terminal = Some(t);
+        }
+        let mut vm = builder.restore(
+            &state,
+            &spec.mem,
+            spec.uffd,
+            spec.track_dirty || cfg.machine.track_dirty_pages,
+            Box::new(writer),
+            self.ctx.clone(),
+        )?;
+        if !spec.resume {
+            // The vCPUs park before their first KVM_RUN.
+            vm.control.request_pause();
+        }
+        if let Err(e) = vm.start() {
+            vm.shutdown();
+            return Err(e);
+        }
+        let devices = match DeviceLoop::start(vm.subscribers(), vm.io_gate(), self.ctx.exit.clone())
+        {
+            Ok(d) => d,
+            Err(e) => {
+                vm.shutdown();
+                return Err(e);
+            }
+        };
+        if !spec.resume {
+            let paused = vm.pause().and_then(|_| devices.pause());
+            if let Err(e) = paused {
+                vm.shutdown();
+                devices.stop();
+                return Err(e);
+            }
+        }
+        Ok((Machine { vm, devices }, cfg))
+    }
+}
+
 /// A cinder process's event loop and state.
 pub struct Runtime {
     em: Em,
@@ -171,6 +335,9 @@ pub struct Runtime {
     metrics_due: Arc<AtomicBool>,
     /// The metrics path when no API controller holds the configuration.
     metrics_path: Option<PathBuf>,
+    /// SIGUSR1 arrived: pause and write this snapshot (`--snapshot-on-signal`).
+    snapshot_due: Arc<AtomicBool>,
+    snapshot_on_signal: Option<api::model::SnapshotCreateParams>,
 }
 
 impl Runtime {
@@ -198,12 +365,14 @@ impl Runtime {
         })?;
         let api_pending = Arc::new(AtomicBool::new(false));
         let metrics_due = Arc::new(AtomicBool::new(false));
+        let snapshot_due = Arc::new(AtomicBool::new(false));
         let control = Control {
             signals,
             reset: reset_evt.clone(),
             exit: exit.clone(),
             timer,
             metrics_due: metrics_due.clone(),
+            snapshot_due: snapshot_due.clone(),
             api_evt: api
                 .as_ref()
                 .map(|a| (a.endpoint.event.as_raw_fd(), api_pending.clone())),
@@ -230,13 +399,74 @@ impl Runtime {
             api_pending,
             metrics_due,
             metrics_path,
+            snapshot_due,
+            snapshot_on_signal: None,
         })
+    }
+
+    /// `--snapshot-on-signal`: SIGUSR1 (which the caller's signalfd must watch) pauses the VM
+    /// and writes `params`; the VM stays Paused (resume it with `PATCH /vm`, or end cinder).
+    pub fn set_snapshot_on_signal(&mut self, params: api::model::SnapshotCreateParams) {
+        self.snapshot_on_signal = Some(params);
+    }
+
+    /// Pauses the VM and writes the `--snapshot-on-signal` snapshot; says how it went on
+    /// stderr (one line).
+    fn snapshot_now(&mut self) {
+        use api::adapter::VmmAction;
+        let Some(params) = self.snapshot_on_signal.clone() else {
+            return;
+        };
+        let no_launch =
+            |_: Option<VsockListener>| -> Result<Machine, VmError> { Err(VmError::AlreadyRunning) };
+        let paused = self.vmm.execute(&VmmAction::Pause, None, no_launch);
+        if let Some(a) = self.api.as_mut() {
+            let _ = a.controller.complete(
+                VmmAction::Pause,
+                paused
+                    .as_ref()
+                    .map(|_| ())
+                    .map_err(|e| api::adapter::VmmError::Vm(e.to_string().into())),
+            );
+        }
+        let result = paused.and_then(|_| {
+            self.vmm
+                .execute(&VmmAction::CreateSnapshot(params.clone()), None, no_launch)
+        });
+        match result {
+            Ok(()) => crate::logger::print_stderr(&format!(
+                "cinder: snapshot written (SIGUSR1): state {}, memory {}; the VM stays Paused",
+                params.snapshot_path, params.mem_file_path
+            )),
+            Err(e) => {
+                crate::logger::print_stderr(&format!("cinder: snapshot on SIGUSR1 failed: {e}"))
+            }
+        }
     }
 
     /// Builds and starts the VM for `cfg` (validated) with this runtime's options.
     pub fn start_vm(&mut self, cfg: &VmConfig) -> Result<(), VmError> {
         let launcher = &mut self.launcher;
         self.vmm.start(|vsock| launcher.launch(cfg, vsock))
+    }
+
+    /// Restores the microVM of a snapshot (`--restore`).
+    pub fn restore_vm(&mut self, spec: &RestoreSpec) -> Result<(), VmError> {
+        let launcher = &mut self.launcher;
+        let mut cfg = None;
+        let policy = match &self.api {
+            Some(a) => a.controller.config().paths.clone(),
+            None => api::paths::PathPolicy::default(),
+        };
+        self.vmm.start(|_| {
+            let (m, c) = launcher.restore(spec, policy)?;
+            cfg = Some(c);
+            Ok(m)
+        })?;
+        if let (Some(a), Some(c)) = (self.api.as_mut(), cfg) {
+            a.controller.mark_restored(c, !spec.resume);
+        }
+        Ok(())
     }
 
     /// The metrics this runtime writes (for what `main` records before the loop runs, such as
@@ -269,6 +499,9 @@ impl Runtime {
             if let Err(e) = self.em.run_with_timeout(1000) {
                 break ExitReason::VmmError(format!("event loop failed: {e:?}"));
             }
+            if let Some(why) = self.vmm.memory_backend_lost() {
+                break ExitReason::VmmError(why);
+            }
             if self.metrics_due.swap(false, Ordering::AcqRel) {
                 if let Some(path) = self.metrics_path() {
                     if let Err(e) = self.vmm.flush_metrics(&path) {
@@ -278,6 +511,9 @@ impl Runtime {
             }
             if self.api_pending.swap(false, Ordering::AcqRel) {
                 self.serve_api();
+            }
+            if self.snapshot_due.swap(false, Ordering::AcqRel) {
+                self.snapshot_now();
             }
         };
         if let Some(path) = self.metrics_path() {
@@ -319,11 +555,25 @@ impl Runtime {
                 Outcome::Execute(action) => {
                     let cfg = api.controller.config();
                     let launcher = &mut self.launcher;
+                    let mut restored = None;
                     let result =
                         self.vmm
-                            .execute(&action, metrics_path_of(cfg).as_deref(), |vsock| {
-                                launcher.launch(cfg, vsock)
-                            });
+                            .execute(
+                                &action,
+                                metrics_path_of(cfg).as_deref(),
+                                |vsock| match &action {
+                                    api::adapter::VmmAction::LoadSnapshot(l) => {
+                                        let spec = RestoreSpec::from_load(l)?;
+                                        let (m, c) = launcher.restore(&spec, cfg.paths.clone())?;
+                                        restored = Some(c);
+                                        Ok(m)
+                                    }
+                                    _ => launcher.launch(cfg, vsock),
+                                },
+                            );
+                    if let Some(c) = restored {
+                        *api.controller.config_mut() = c;
+                    }
                     api.controller.complete(action, result)
                 }
             };

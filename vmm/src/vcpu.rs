@@ -36,7 +36,16 @@ struct RunState {
     stop: bool,
     parked: usize,
     exited: usize,
+    /// A snapshot asked the parked vCPUs for their state.
+    save_pending: bool,
+    /// The MSRs to save.
+    save_msrs: Arc<Vec<u32>>,
+    /// Each vCPU's answer, by index.
+    saved: Vec<Option<Result<VcpuState, String>>>,
 }
+
+/// The timeout for parked vCPUs to hand over their state.
+const SAVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Pause, resume and stop for the vCPU threads.
 #[derive(Default)]
@@ -53,13 +62,30 @@ impl VcpuControl {
         }
     }
 
-    /// Called by a vCPU before each KVM_RUN: parks while paused; false once stopped.
-    pub fn wait_runnable(&self, _index: u8) -> bool {
+    /// Called by a vCPU before each KVM_RUN: parks while paused; false once stopped. While
+    /// parked it answers a snapshot's request for its state with `save`.
+    pub fn wait_runnable(
+        &self,
+        index: u8,
+        save: &mut dyn FnMut(&[u32]) -> Result<VcpuState, String>,
+    ) -> bool {
+        let i = usize::from(index);
         let mut g = self.lock();
         if g.paused && !g.stop {
             g.parked += 1;
             self.cv.notify_all();
             while g.paused && !g.stop {
+                if g.save_pending && matches!(g.saved.get(i), Some(None)) {
+                    let msrs = g.save_msrs.clone();
+                    drop(g);
+                    let r = save(&msrs);
+                    g = self.lock();
+                    if let Some(slot) = g.saved.get_mut(i) {
+                        *slot = Some(r);
+                    }
+                    self.cv.notify_all();
+                    continue;
+                }
                 g = match self.cv.wait(g) {
                     Ok(g) => g,
                     Err(p) => p.into_inner(),
@@ -68,6 +94,44 @@ impl VcpuControl {
             g.parked -= 1;
         }
         !g.stop
+    }
+
+    /// Whether a pause was asked for (and not lifted).
+    pub fn is_paused(&self) -> bool {
+        self.lock().paused
+    }
+
+    /// Asks the `n` parked vCPUs for their state (with the MSRs in `msrs`) and waits for all
+    /// of them (at most 5 s).
+    pub fn save_all(&self, n: usize, msrs: Arc<Vec<u32>>) -> Result<Vec<VcpuState>, String> {
+        let deadline = std::time::Instant::now() + SAVE_TIMEOUT;
+        let mut g = self.lock();
+        if !g.paused {
+            return Err("the vCPUs are not paused".into());
+        }
+        g.saved = (0..n).map(|_| None).collect();
+        g.save_msrs = msrs;
+        g.save_pending = true;
+        self.cv.notify_all();
+        while g.saved.iter().any(Option::is_none) {
+            let now = std::time::Instant::now();
+            if now >= deadline || g.stop || g.exited > 0 {
+                g.save_pending = false;
+                return Err(format!(
+                    "{} of {n} vCPUs did not hand over their state within {SAVE_TIMEOUT:?}",
+                    g.saved.iter().filter(|s| s.is_none()).count()
+                ));
+            }
+            g = match self.cv.wait_timeout(g, deadline - now) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
+        }
+        g.save_pending = false;
+        std::mem::take(&mut g.saved)
+            .into_iter()
+            .flatten()
+            .collect::<Result<Vec<_>, _>>()
     }
 
     fn vcpu_exited(&self) {
@@ -246,7 +310,7 @@ impl Vcpu {
         let run_ptr: *mut u8 = unsafe { std::ptr::addr_of_mut!((*kvm_run).immediate_exit) };
         IMMEDIATE_EXIT.with(|p| p.set(run_ptr));
         let mut unhandled = 0u32;
-        while control.wait_runnable(self.index) {
+        while control.wait_runnable(self.index, &mut |msrs| self.save_state(msrs)) {
             let result = self.fd.run();
             match result {
                 Ok(VcpuExit::IoOut(port, data)) => {
@@ -401,6 +465,174 @@ impl Vcpu {
         }
         s
     }
+}
+
+/// One vCPU's state in a snapshot: everything KVM keeps for it.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct VcpuState {
+    /// The CPUID table it was given.
+    pub cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
+    /// MSRs, in the order they are restored (TSC before TSC_DEADLINE).
+    pub msrs: Vec<kvm_bindings::kvm_msr_entry>,
+    /// General registers.
+    pub regs: kvm_bindings::kvm_regs,
+    /// Segment and control registers.
+    pub sregs: kvm_bindings::kvm_sregs,
+    /// FPU, SSE and AVX state (the 4 KiB KVM_GET_XSAVE area).
+    pub xsave: kvm_bindings::kvm_xsave,
+    /// Extended control registers.
+    pub xcrs: kvm_bindings::kvm_xcrs,
+    /// Debug registers.
+    pub debugregs: kvm_bindings::kvm_debugregs,
+    /// The local APIC.
+    pub lapic: kvm_bindings::kvm_lapic_state,
+    /// Runnable, halted, waiting for INIT/SIPI.
+    pub mp_state: kvm_bindings::kvm_mp_state,
+    /// Pending exceptions, interrupts, NMIs, SMIs.
+    pub events: kvm_bindings::kvm_vcpu_events,
+    /// The guest TSC's frequency (kHz), when KVM reports it.
+    pub tsc_khz: Option<u32>,
+}
+
+/// MSR_IA32_TSC_DEADLINE: restored after MSR_IA32_TSC, which would otherwise move its meaning.
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
+/// Orders an MSR list for restore: TSC_DEADLINE last.
+pub fn order_msrs(list: &mut Vec<u32>) {
+    if let Some(p) = list.iter().position(|&m| m == MSR_IA32_TSC_DEADLINE) {
+        list.remove(p);
+        list.push(MSR_IA32_TSC_DEADLINE);
+    }
+}
+
+impl Vcpu {
+    /// This (parked) vCPU's state, with the MSRs in `msr_list` that KVM lets it read.
+    pub fn save_state(&self, msr_list: &[u32]) -> Result<VcpuState, String> {
+        let i = self.index;
+        let e =
+            |what: &'static str| move |err: kvm_ioctls::Error| format!("vCPU {i}: {what}: {err}");
+        // KVM's events first: reading the other state does not change them.
+        let events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(e("KVM_GET_VCPU_EVENTS"))?;
+        let mp_state = self.fd.get_mp_state().map_err(e("KVM_GET_MP_STATE"))?;
+        let regs = self.fd.get_regs().map_err(e("KVM_GET_REGS"))?;
+        let sregs = self.fd.get_sregs().map_err(e("KVM_GET_SREGS"))?;
+        let xsave = self.fd.get_xsave().map_err(e("KVM_GET_XSAVE"))?;
+        let xcrs = self.fd.get_xcrs().map_err(e("KVM_GET_XCRS"))?;
+        let debugregs = self.fd.get_debug_regs().map_err(e("KVM_GET_DEBUGREGS"))?;
+        let lapic = self.fd.get_lapic().map_err(e("KVM_GET_LAPIC"))?;
+        let cpuid = self
+            .fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(e("KVM_GET_CPUID2"))?
+            .as_slice()
+            .to_vec();
+        let tsc_khz = self.fd.get_tsc_khz().ok();
+        let msrs = read_msrs(&self.fd, msr_list).map_err(|w| format!("vCPU {i}: {w}"))?;
+        Ok(VcpuState {
+            cpuid,
+            msrs,
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            debugregs,
+            lapic,
+            mp_state,
+            events,
+            tsc_khz,
+        })
+    }
+
+    /// Creates vCPU `index` with a snapshot's `state`, in the order KVM needs: TSC frequency
+    /// and CPUID first; MP state; registers; sregs (which set the APIC base) before the LAPIC;
+    /// MSRs (TSC before TSC_DEADLINE); the pending events last, since setting the rest can
+    /// change them; then KVMCLOCK_CTRL tells a kvmclock guest it was stopped (no soft lockup).
+    pub fn restore(vm: &VmFd, index: u8, state: &VcpuState) -> Result<Vcpu, VcpuError> {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(kvm_err(index, "KVM_CREATE_VCPU"))?;
+        if let Some(khz) = state.tsc_khz {
+            if fd.get_tsc_khz().ok() != Some(khz) {
+                fd.set_tsc_khz(khz).map_err(kvm_err(
+                    index,
+                    "KVM_SET_TSC_KHZ (the snapshot's TSC frequency)",
+                ))?;
+            }
+        }
+        let cpuid = CpuId::from_entries(&state.cpuid).map_err(|e| VcpuError::Cpuid {
+            index,
+            why: format!("{e:?}"),
+        })?;
+        fd.set_cpuid2(&cpuid)
+            .map_err(kvm_err(index, "KVM_SET_CPUID2"))?;
+        fd.set_mp_state(state.mp_state)
+            .map_err(kvm_err(index, "KVM_SET_MP_STATE"))?;
+        fd.set_regs(&state.regs)
+            .map_err(kvm_err(index, "KVM_SET_REGS"))?;
+        fd.set_sregs(&state.sregs)
+            .map_err(kvm_err(index, "KVM_SET_SREGS"))?;
+        // SAFETY: `state.xsave` is a whole `kvm_xsave` (4 KiB), the size KVM_SET_XSAVE reads
+        // for a guest whose CPUID enables no dynamic (AMX) state, which cinder's table never
+        // does; the kernel checks the area's header itself.
+        unsafe { fd.set_xsave(&state.xsave) }.map_err(kvm_err(index, "KVM_SET_XSAVE"))?;
+        fd.set_xcrs(&state.xcrs)
+            .map_err(kvm_err(index, "KVM_SET_XCRS"))?;
+        fd.set_debug_regs(&state.debugregs)
+            .map_err(kvm_err(index, "KVM_SET_DEBUGREGS"))?;
+        fd.set_lapic(&state.lapic)
+            .map_err(kvm_err(index, "KVM_SET_LAPIC"))?;
+        let msrs = Msrs::from_entries(&state.msrs).map_err(|e| VcpuError::Cpuid {
+            index,
+            why: format!("MSR list: {e:?}"),
+        })?;
+        let set = fd.set_msrs(&msrs).map_err(kvm_err(index, "KVM_SET_MSRS"))?;
+        if set != state.msrs.len() {
+            return Err(VcpuError::Msrs {
+                index,
+                set,
+                wanted: state.msrs.len(),
+            });
+        }
+        fd.set_vcpu_events(&state.events)
+            .map_err(kvm_err(index, "KVM_SET_VCPU_EVENTS"))?;
+        if let Err(e) = fd.kvmclock_ctrl() {
+            // EINVAL: the guest has no kvmclock (the probe): nothing to tell it.
+            log::debug!("vCPU {index}: KVM_KVMCLOCK_CTRL: {e}");
+        }
+        Ok(Vcpu { index, fd })
+    }
+}
+
+/// The MSRs of `list` KVM lets this vCPU read, in `list`'s order. KVM_GET_MSRS stops at the
+/// first it refuses: that one is left out and the rest read again (at most one pass per MSR).
+fn read_msrs(fd: &VcpuFd, list: &[u32]) -> Result<Vec<kvm_bindings::kvm_msr_entry>, String> {
+    let mut out = Vec::with_capacity(list.len());
+    let mut rest: &[u32] = list;
+    while !rest.is_empty() {
+        let entries: Vec<kvm_bindings::kvm_msr_entry> = rest
+            .iter()
+            .map(|&index| kvm_bindings::kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|e| format!("MSR list: {e:?}"))?;
+        let n = fd
+            .get_msrs(&mut msrs)
+            .map_err(|e| format!("KVM_GET_MSRS: {e}"))?;
+        let n = n.min(rest.len());
+        out.extend_from_slice(&msrs.as_slice()[..n]);
+        if n < rest.len() {
+            log::debug!("MSR {:#x} cannot be read; not saved", rest[n]);
+            rest = &rest[n + 1..];
+        } else {
+            rest = &[];
+        }
+    }
+    Ok(out)
 }
 
 /// The element size of the KVM_EXIT_IO being handled (1, 2 or 4; string I/O repeats it, and

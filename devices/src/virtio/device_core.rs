@@ -435,6 +435,10 @@ pub(crate) trait CoreDevice: Send {
     fn before_activate(&mut self) {}
     /// Runs on reset, before the core forgets the activation and acked features.
     fn on_reset(&mut self) {}
+
+    /// Runs once a snapshot's activation is restored (see
+    /// [`super::VirtioDevice::after_restore`]).
+    fn after_restore(&mut self) {}
 }
 
 impl<T: CoreDevice> VirtioDevice for T {
@@ -488,6 +492,17 @@ impl<T: CoreDevice> VirtioDevice for T {
 
     fn is_activated(&self) -> bool {
         self.core().is_activated()
+    }
+
+    fn active_queues(&self) -> Vec<virtio_queue::QueueState> {
+        self.core()
+            .active()
+            .map(|a| a.queues.iter().map(Queue::state).collect())
+            .unwrap_or_default()
+    }
+
+    fn after_restore(&mut self) {
+        CoreDevice::after_restore(self);
     }
 }
 

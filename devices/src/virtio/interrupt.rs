@@ -60,6 +60,17 @@ impl Interrupt {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// Takes back a snapshot's InterruptStatus bits and ConfigGeneration, without firing the
+    /// line (the interrupt controller's state is restored with the VM's).
+    pub fn restore(&self, status: u32, config_generation: u32) {
+        self.status.store(
+            status & (VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG),
+            Ordering::SeqCst,
+        );
+        self.config_generation
+            .store(config_generation, Ordering::SeqCst);
+    }
+
     /// The current ConfigGeneration value.
     pub fn config_generation(&self) -> u32 {
         self.config_generation.load(Ordering::SeqCst)

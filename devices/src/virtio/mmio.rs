@@ -99,6 +99,9 @@ pub mod reg {
 /// Errors building a transport.
 #[derive(Debug, thiserror::Error)]
 pub enum MmioError {
+    /// A snapshot's transport state does not fit this device.
+    #[error("snapshot: {0}")]
+    Restore(String),
     /// The device declares a queue size virtio-queue cannot use.
     #[error(
         "device queue {index} has invalid maximum size {size} (must be a power of two, 1..=32768)"
@@ -226,6 +229,100 @@ impl MmioTransport {
     /// The device behind this transport.
     pub fn device(&self) -> Arc<Mutex<dyn VirtioDevice>> {
         self.device.clone()
+    }
+
+    /// The transport's and its device's state, for a snapshot (the VM paused: no register
+    /// access or queue processing meanwhile).
+    pub fn state(&self) -> super::TransportState {
+        let active_queues = lock_device(&self.device)
+            .active_queues()
+            .into_iter()
+            .map(super::QueueSnapshot::from)
+            .collect();
+        super::TransportState {
+            device_type: self.device_type,
+            status: self.status,
+            driver_features: self.driver_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            shm_sel: self.shm_sel,
+            queues: self.queues.iter().map(|q| q.state().into()).collect(),
+            active_queues,
+            interrupt_status: self.interrupt.status(),
+            config_generation: self.interrupt.config_generation(),
+        }
+    }
+
+    /// Takes back a snapshot's `state` on a new transport with the same device: registers,
+    /// queue configuration and, for a driver that had set DRIVER_OK, the device activated
+    /// again with its queues where they were. A state that does not fit the device (another
+    /// type, other queues, features not offered) is refused and changes nothing.
+    pub fn restore(&mut self, state: &super::TransportState) -> Result<(), MmioError> {
+        let bad = |why: String| MmioError::Restore(why);
+        if state.device_type != self.device_type {
+            return Err(bad(format!(
+                "device type {} in the snapshot, {} here",
+                state.device_type, self.device_type
+            )));
+        }
+        if state.queues.len() != self.queues.len() {
+            return Err(bad(format!(
+                "{} queues in the snapshot, {} here",
+                state.queues.len(),
+                self.queues.len()
+            )));
+        }
+        if state.driver_features & !self.avail_features != 0 {
+            return Err(bad(format!(
+                "features {:#x} were not offered",
+                state.driver_features & !self.avail_features
+            )));
+        }
+        let queues = state
+            .queues
+            .iter()
+            .map(|q| Queue::try_from(virtio_queue::QueueState::from(*q)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(format!("queue: {e}")))?;
+        let active = if state.status & DRIVER_OK != 0 {
+            if state.active_queues.len() != self.queues.len() {
+                return Err(bad("the running device's queues are missing".into()));
+            }
+            let qs = state
+                .active_queues
+                .iter()
+                .map(|q| Queue::try_from(virtio_queue::QueueState::from(*q)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(format!("queue: {e}")))?;
+            for (i, q) in qs.iter().enumerate() {
+                if q.ready() && !q.is_valid(&self.mem) {
+                    return Err(bad(format!("queue {i} is not valid in guest memory")));
+                }
+            }
+            Some(qs)
+        } else {
+            None
+        };
+        self.queues = queues;
+        self.driver_features = state.driver_features;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.queue_sel = state.queue_sel;
+        self.shm_sel = state.shm_sel;
+        self.interrupt
+            .restore(state.interrupt_status, state.config_generation);
+        let mut dev = lock_device(&self.device);
+        if state.status & FEATURES_OK != 0 {
+            dev.set_acked_features(state.driver_features);
+        }
+        if let Some(qs) = active {
+            dev.activate(self.mem.clone(), qs, self.interrupt.clone())
+                .map_err(|e| bad(format!("activation: {e}")))?;
+            dev.after_restore();
+        }
+        self.status = state.status;
+        Ok(())
     }
 
     /// The device status register as the guest last left it.

@@ -139,6 +139,96 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// Whether [`Self::activate`] succeeded since the last reset.
     fn is_activated(&self) -> bool;
+    /// The queues as the running device holds them (where it is in each ring), for a
+    /// snapshot; empty while not activated.
+    fn active_queues(&self) -> Vec<virtio_queue::QueueState> {
+        Vec::new()
+    }
+    /// Called once a snapshot's activation is restored: the device tells the driver what a
+    /// new host means for it (vsock: a transport reset event). Nothing by default.
+    fn after_restore(&mut self) {}
+}
+
+/// A queue's state in a snapshot (virtio-queue's `QueueState`, which has no serde).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSnapshot {
+    /// Maximum size offered.
+    pub max_size: u16,
+    /// Next available ring index to read.
+    pub next_avail: u16,
+    /// Next used ring index to write.
+    pub next_used: u16,
+    /// VIRTIO_F_RING_EVENT_IDX negotiated.
+    pub event_idx_enabled: bool,
+    /// Size the driver chose.
+    pub size: u16,
+    /// Ready.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc_table: u64,
+    /// Available ring address.
+    pub avail_ring: u64,
+    /// Used ring address.
+    pub used_ring: u64,
+}
+
+impl From<virtio_queue::QueueState> for QueueSnapshot {
+    fn from(q: virtio_queue::QueueState) -> Self {
+        QueueSnapshot {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<QueueSnapshot> for virtio_queue::QueueState {
+    fn from(q: QueueSnapshot) -> Self {
+        virtio_queue::QueueState {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+/// A virtio-mmio transport and its device in a snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    /// The virtio device ID (checked against the device on restore).
+    pub device_type: u32,
+    /// Device status.
+    pub status: u32,
+    /// Features the driver accepted.
+    pub driver_features: u64,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// SHMSel.
+    pub shm_sel: u32,
+    /// The queues as the driver configured them.
+    pub queues: Vec<QueueSnapshot>,
+    /// The queues as the running device holds them (empty while not activated).
+    pub active_queues: Vec<QueueSnapshot>,
+    /// InterruptStatus.
+    pub interrupt_status: u32,
+    /// ConfigGeneration.
+    pub config_generation: u32,
 }
 
 /// A virtio device model that is also its own event-loop half: the one object a VMM opens,

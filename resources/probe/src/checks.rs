@@ -49,6 +49,7 @@ const CHECKS: &[(&str, CheckFn)] = &[
     ("vsock", crate::virtio_vsock::check),
     ("kbd", crate::kbd::check),
     ("idle", crate::idle::check),
+    ("snapmem", crate::snapmem::check),
     // Self-tests of the failure paths: always FAIL, then the run goes on.
     ("selftest_fault", check_selftest_fault),
     ("selftest_panic", check_selftest_panic),

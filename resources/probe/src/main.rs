@@ -21,6 +21,7 @@ mod paging;
 mod rt;
 mod serial;
 mod smp;
+mod snapmem;
 mod sync;
 mod time;
 mod virtio;

@@ -21,7 +21,7 @@ fn pattern(addr: u64) -> u64 {
 }
 
 /// Visits every testable page.
-fn for_each_page(mut f: impl FnMut(u64) -> bool) -> u64 {
+pub fn for_each_page(mut f: impl FnMut(u64) -> bool) -> u64 {
     let bi = bootinfo::get();
     let img = (
         crate::sym_addr!(__image_start),

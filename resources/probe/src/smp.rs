@@ -86,9 +86,22 @@ pub fn record_self(cpu: usize) {
     slot.state.store(ST_ONLINE, Ordering::Release);
 }
 
+/// Per AP: how many milliseconds it has counted (`probe.snapmem_ap=1`).
+pub static AP_TICKS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
 pub fn ap_main(cpu: usize) -> ! {
     if cpu < MAX_CPUS {
         record_self(cpu);
+        // `snapmem` with running APs: each counts at CPL3 instead of halting, so a snapshot
+        // catches every vCPU mid-work.
+        let spin = crate::cmdline::get(bootinfo::get().cmdline(), b"probe.snapmem_ap")
+            .is_some_and(|v| v == b"1");
+        if spin {
+            loop {
+                AP_TICKS[cpu].fetch_add(1, Ordering::Relaxed);
+                time::delay_us(1000);
+            }
+        }
     }
     park()
 }

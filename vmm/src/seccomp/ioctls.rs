@@ -44,6 +44,13 @@ pub const KVM_IRQ_LINE: u64 = iow(KVMIO, 0x61, size::<kb::kvm_irq_level>());
 pub const KVM_IRQFD: u64 = iow(KVMIO, 0x76, size::<kb::kvm_irqfd>());
 pub const KVM_CREATE_PIT2: u64 = iow(KVMIO, 0x77, size::<kb::kvm_pit_config>());
 pub const KVM_IOEVENTFD: u64 = iow(KVMIO, 0x79, size::<kb::kvm_ioeventfd>());
+pub const KVM_GET_DIRTY_LOG: u64 = iow(KVMIO, 0x42, size::<kb::kvm_dirty_log>());
+pub const KVM_GET_IRQCHIP: u64 = iowr(KVMIO, 0x62, size::<kb::kvm_irqchip>());
+pub const KVM_SET_IRQCHIP: u64 = ior(KVMIO, 0x63, size::<kb::kvm_irqchip>());
+pub const KVM_SET_CLOCK: u64 = iow(KVMIO, 0x7b, size::<kb::kvm_clock_data>());
+pub const KVM_GET_CLOCK: u64 = ior(KVMIO, 0x7c, size::<kb::kvm_clock_data>());
+pub const KVM_GET_PIT2: u64 = ior(KVMIO, 0x9f, size::<kb::kvm_pit_state2>());
+pub const KVM_SET_PIT2: u64 = iow(KVMIO, 0xa0, size::<kb::kvm_pit_state2>());
 // a vCPU fd
 pub const KVM_RUN: u64 = io(KVMIO, 0x80);
 pub const KVM_GET_REGS: u64 = ior(KVMIO, 0x81, size::<kb::kvm_regs>());
@@ -57,6 +64,24 @@ pub const KVM_GET_LAPIC: u64 = ior(KVMIO, 0x8e, size::<kb::kvm_lapic_state>());
 pub const KVM_SET_LAPIC: u64 = iow(KVMIO, 0x8f, size::<kb::kvm_lapic_state>());
 pub const KVM_SET_CPUID2: u64 = iow(KVMIO, 0x90, size::<kb::kvm_cpuid2>());
 pub const KVM_GET_TSC_KHZ: u64 = io(KVMIO, 0xa3);
+pub const KVM_SET_TSC_KHZ: u64 = io(KVMIO, 0xa2);
+pub const KVM_GET_CPUID2: u64 = iowr(KVMIO, 0x91, size::<kb::kvm_cpuid2>());
+pub const KVM_GET_MP_STATE: u64 = ior(KVMIO, 0x98, size::<kb::kvm_mp_state>());
+pub const KVM_SET_MP_STATE: u64 = iow(KVMIO, 0x99, size::<kb::kvm_mp_state>());
+pub const KVM_GET_VCPU_EVENTS: u64 = ior(KVMIO, 0x9f, size::<kb::kvm_vcpu_events>());
+pub const KVM_SET_VCPU_EVENTS: u64 = iow(KVMIO, 0xa0, size::<kb::kvm_vcpu_events>());
+pub const KVM_GET_DEBUGREGS: u64 = ior(KVMIO, 0xa1, size::<kb::kvm_debugregs>());
+pub const KVM_SET_DEBUGREGS: u64 = iow(KVMIO, 0xa2, size::<kb::kvm_debugregs>());
+pub const KVM_GET_XSAVE: u64 = ior(KVMIO, 0xa4, size::<kb::kvm_xsave>());
+pub const KVM_SET_XSAVE: u64 = iow(KVMIO, 0xa5, size::<kb::kvm_xsave>());
+pub const KVM_GET_XCRS: u64 = ior(KVMIO, 0xa6, size::<kb::kvm_xcrs>());
+pub const KVM_SET_XCRS: u64 = iow(KVMIO, 0xa7, size::<kb::kvm_xcrs>());
+pub const KVM_KVMCLOCK_CTRL: u64 = io(KVMIO, 0xad);
+// a userfaultfd (`snapshot::uffd`): struct uffdio_api is 24 bytes, uffdio_register 32.
+pub const UFFDIO_API: u64 = iowr(0xAA, 0x3F, 24);
+pub const UFFDIO_REGISTER: u64 = iowr(0xAA, 0x00, 32);
+/// /dev/userfaultfd's USERFAULTFD_IOC_NEW (the userfaultfd crate prefers the device).
+pub const USERFAULTFD_IOC_NEW: u64 = io(0xAA, 0x00);
 // a TAP fd (`devices::virtio::net::tap`)
 pub const TUNSETIFF: u64 = iow(TUNIO, 202, size::<libc::c_int>());
 pub const TUNSETOFFLOAD: u64 = iow(TUNIO, 208, size::<libc::c_uint>());
@@ -101,6 +126,30 @@ mod tests {
             (TUNGETIFF, 0x800454d2),
             (TUNSETVNETHDRSZ, 0x400454d8),
             (TCGETS, 0x5401),
+            // Snapshots (values from <linux/kvm.h> and <linux/userfaultfd.h> on x86_64).
+            (KVM_GET_IRQCHIP, 0xc208ae62),
+            (KVM_SET_IRQCHIP, 0x8208ae63),
+            (KVM_GET_CLOCK, 0x8030ae7c),
+            (KVM_SET_CLOCK, 0x4030ae7b),
+            (KVM_GET_PIT2, 0x8070ae9f),
+            (KVM_SET_PIT2, 0x4070aea0),
+            (KVM_GET_MP_STATE, 0x8004ae98),
+            (KVM_SET_MP_STATE, 0x4004ae99),
+            (KVM_GET_VCPU_EVENTS, 0x8040ae9f),
+            (KVM_SET_VCPU_EVENTS, 0x4040aea0),
+            (KVM_GET_DEBUGREGS, 0x8080aea1),
+            (KVM_SET_DEBUGREGS, 0x4080aea2),
+            (KVM_GET_XSAVE, 0x9000aea4),
+            (KVM_SET_XSAVE, 0x5000aea5),
+            (KVM_GET_XCRS, 0x8188aea6),
+            (KVM_SET_XCRS, 0x4188aea7),
+            (KVM_KVMCLOCK_CTRL, 0xaead),
+            (KVM_SET_TSC_KHZ, 0xaea2),
+            (KVM_GET_CPUID2, 0xc008ae91),
+            (KVM_GET_DIRTY_LOG, 0x4010ae42),
+            (UFFDIO_API, 0xc018aa3f),
+            (UFFDIO_REGISTER, 0xc020aa00),
+            (USERFAULTFD_IOC_NEW, 0xaa00),
             (FIONBIO, 0x5421),
         ] {
             assert_eq!(ours, kernel, "{ours:#x} != {kernel:#x}");

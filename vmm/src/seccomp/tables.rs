@@ -22,8 +22,8 @@ use libc::{
     SYS_rt_sigaction, SYS_rt_sigprocmask, SYS_rt_sigreturn, SYS_sched_getaffinity, SYS_sched_yield,
     SYS_seccomp, SYS_sendmsg, SYS_sendto, SYS_set_robust_list, SYS_setsockopt, SYS_shutdown,
     SYS_sigaltstack, SYS_socket, SYS_socketpair, SYS_statx, SYS_tgkill, SYS_timerfd_create,
-    SYS_timerfd_settime, SYS_unlink, SYS_unlinkat, SYS_write, SYS_writev, AF_UNIX, PR_SET_NAME,
-    PR_SET_NO_NEW_PRIVS,
+    SYS_timerfd_settime, SYS_unlink, SYS_unlinkat, SYS_userfaultfd, SYS_write, SYS_writev, AF_UNIX,
+    PR_SET_NAME, PR_SET_NO_NEW_PRIVS,
 };
 
 /// Every thread: memory (never executable), locks, signals, its own end, logging.
@@ -68,6 +68,24 @@ pub const COMMON: &[Allow] = &[
 #[rustfmt::skip]
 pub const VCPU: &[Allow] = &[
     (SYS_ioctl, Args::In(1, &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS]), "vcpu: KVM_RUN; registers for a fatal exit's report"),
+    (
+        SYS_ioctl,
+        Args::In(
+            1,
+            &[
+                KVM_GET_VCPU_EVENTS,
+                KVM_GET_MP_STATE,
+                KVM_GET_XSAVE,
+                KVM_GET_XCRS,
+                KVM_GET_DEBUGREGS,
+                KVM_GET_LAPIC,
+                KVM_GET_CPUID2,
+                KVM_GET_TSC_KHZ,
+                KVM_GET_MSRS,
+            ],
+        ),
+        "vcpu: a snapshot reads the parked vCPU's state (vcpu.rs save_state)",
+    ),
     (SYS_ioctl, Args::In(1, &[TUNSETOFFLOAD, TUNSETVNETHDRSZ, FIONBIO]), "vcpu: virtio-net activation (DRIVER_OK is an MMIO write)"),
     (SYS_writev, Args::Any, "vcpu: virtio device activation, log lines"),
     (SYS_shutdown, Args::Any, "vcpu: a virtio-vsock reset (a status write) closes its connections"),
@@ -84,6 +102,8 @@ pub const DEVICES: &[Allow] = &[
     (SYS_writev, Args::Any, "devices: virtio-net tx to the TAP"),
     (SYS_pread64, Args::Any, "devices: virtio-blk"),
     (SYS_preadv2, Args::Any, "devices: virtio-blk reads served from the page cache (RWF_NOWAIT)"),
+    (SYS_userfaultfd, Args::Any, "vmm: snapshot/load with mem_backend Uffd creates the userfaultfd (snapshot::uffd)"),
+    (SYS_sendmsg, Args::Any, "vmm: snapshot/load with mem_backend Uffd sends the uffd to the handler (SCM_RIGHTS)"),
     (SYS_pwrite64, Args::Any, "devices: virtio-blk"),
     (SYS_preadv, Args::Any, "devices: virtio-blk"),
     (SYS_pwritev, Args::Any, "devices: virtio-blk"),
@@ -119,6 +139,8 @@ pub const BLOCK_IO: &[Allow] = &[
     (SYS_readv, Args::Any, "blk: reads into guest memory"),
     (SYS_writev, Args::Any, "blk: writes from guest memory"),
     (SYS_pread64, Args::Any, "blk: reads"),
+    (SYS_userfaultfd, Args::Any, "vmm: snapshot/load with mem_backend Uffd creates the userfaultfd (snapshot::uffd)"),
+    (SYS_sendmsg, Args::Any, "vmm: snapshot/load with mem_backend Uffd sends the uffd to the handler (SCM_RIGHTS)"),
     (SYS_pwrite64, Args::Any, "blk: writes"),
     (SYS_preadv, Args::Any, "blk: reads"),
     (SYS_pwritev, Args::Any, "blk: writes"),
@@ -171,6 +193,9 @@ pub const VMM: &[Allow] = &[
     (SYS_timerfd_settime, Args::Any, "vmm: the metrics timer"),
     (SYS_openat, Args::Any, "vmm: InstanceStart opens /dev/kvm, the kernel, images, TAPs; metrics and log files"),
     (SYS_pread64, Args::Any, "vmm: loading the kernel and initrd"),
+    (SYS_userfaultfd, Args::Any, "vmm: snapshot/load with mem_backend Uffd creates the userfaultfd (snapshot::uffd)"),
+    (SYS_sendmsg, Args::Any, "vmm: snapshot/load with mem_backend Uffd sends the uffd to the handler (SCM_RIGHTS)"),
+    (SYS_pwrite64, Args::Any, "vmm: snapshot/create writes guest memory's non-zero runs at their offsets (snapshot::write_memory)"),
     (SYS_lseek, Args::Any, "vmm: image sizes, kernel loading"),
     (SYS_writev, Args::Any, "vmm: metrics, log"),
     (SYS_fsync, Args::Any, "vmm: metrics file"),
@@ -241,6 +266,32 @@ pub const VMM: &[Allow] = &[
         Args::In(
             1,
             &[
+                KVM_GET_IRQCHIP,
+                KVM_SET_IRQCHIP,
+                KVM_GET_CLOCK,
+                KVM_SET_CLOCK,
+                KVM_GET_PIT2,
+                KVM_SET_PIT2,
+                KVM_SET_TSC_KHZ,
+                KVM_SET_MP_STATE,
+                KVM_SET_VCPU_EVENTS,
+                KVM_SET_DEBUGREGS,
+                KVM_SET_XSAVE,
+                KVM_SET_XCRS,
+                KVM_KVMCLOCK_CTRL,
+                KVM_GET_DIRTY_LOG,
+            ],
+        ),
+        "vmm: snapshot/create reads the VM's state; a restore sets the VM's and vCPUs' (snapshot, vcpu.rs restore)",
+    ),
+    (
+        SYS_ioctl,
+        Args::In(
+            1,
+            &[
+                UFFDIO_API,
+                UFFDIO_REGISTER,
+                USERFAULTFD_IOC_NEW,
                 TUNSETIFF,
                 TUNGETIFF,
                 TUNSETVNETHDRSZ,
@@ -248,7 +299,7 @@ pub const VMM: &[Allow] = &[
                 SIOCGIFINDEX,
             ],
         ),
-        "vmm: opening TAPs",
+        "vmm: opening TAPs; snapshot/load with mem_backend Uffd sets up its userfaultfd (snapshot::uffd)",
     ),
     (SYS_ioctl, Args::In(1, &[TCGETS, TCSETS, TIOCGWINSZ, FIONBIO, FIONREAD]), "vmm: the terminal (raw mode and back), non-blocking fds"),
 ];

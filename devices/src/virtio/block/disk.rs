@@ -400,6 +400,15 @@ impl DiskImage {
             }
             return false;
         }
+        // The kernel wrote guest memory behind vm-memory's back: mark those pages dirty for a
+        // diff snapshot (read_volatile marks its own).
+        for &(addr, len) in segments {
+            if let Ok(slices) = mem.get_slices(addr, len as usize, Permissions::Write) {
+                for slice in slices.flatten() {
+                    vm_memory::bitmap::Bitmap::mark_dirty(slice.bitmap(), 0, slice.len());
+                }
+            }
+        }
         usize::try_from(n).is_ok_and(|n| n == total)
     }
 
@@ -617,6 +626,36 @@ mod tests {
         assert!(disk.discard(0, 4096).is_err());
         assert!(disk.write_zeroes(0, 4096, false).is_err());
         assert_eq!(std::fs::read(f.as_path()).unwrap(), vec![7u8; 8192]);
+    }
+
+    /// A diff snapshot must see the pages cinder itself wrote: a block read into guest memory
+    /// (both the page-cache path, preadv2 RWF_NOWAIT behind vm-memory's back, and the
+    /// blocking path) marks its pages in guest memory's dirty bitmap, and only those.
+    #[test]
+    fn block_reads_mark_guest_pages_dirty() {
+        use vm_memory::bitmap::Bitmap;
+        use vm_memory::GuestMemoryBackend;
+        let f = TempFile::new().unwrap();
+        f.as_file().write_all(&[0x5au8; 65536]).unwrap();
+        let mut disk = DiskImage::open(f.as_path(), true).unwrap();
+        let mem =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("guest memory");
+        let dirty = |page: usize| {
+            let r = mem.iter().next().expect("a region");
+            vm_memory::mmap::MmapRegion::bitmap(r).dirty_at(page * 4096)
+        };
+        assert!(!(0..256).any(dirty));
+        // The page cache has the file (just written): the NOWAIT path takes it, or, on a
+        // file system without RWF_NOWAIT, the blocking read below does the same job.
+        let nowait = disk.try_read_to_guest_nowait(&mem, 0, &[(GuestAddress(0x3000), 4096)]);
+        if !nowait {
+            disk.read_to_guest(&mem, 0, &[(GuestAddress(0x3000), 4096)])
+                .unwrap();
+        }
+        disk.read_to_guest(&mem, 4096, &[(GuestAddress(0x8000), 8192)])
+            .unwrap();
+        let marked: Vec<usize> = (0..256).filter(|&p| dirty(p)).collect();
+        assert_eq!(marked, vec![3, 8, 9], "nowait path taken: {nowait}");
     }
 
     #[test]

@@ -153,6 +153,12 @@ impl Uring {
                     iov_base: slice.ptr_guard_mut().as_ptr().cast(),
                     iov_len: slice.len(),
                 });
+                if !write {
+                    // The kernel writes these pages behind vm-memory's back: mark them dirty
+                    // for a diff snapshot now (a request that then fails only costs a page in
+                    // the diff).
+                    vm_memory::bitmap::Bitmap::mark_dirty(slice.bitmap(), 0, slice.len());
+                }
                 expect += slice.len();
             }
         }

@@ -204,7 +204,11 @@ impl Backend {
     }
 
     /// One packet from the guest's transmit queue.
-    pub(super) fn on_guest_packet(&mut self, pkt: &VsockPacket<'_, ()>, data_len: usize) {
+    pub(super) fn on_guest_packet<B: vm_memory::bitmap::BitmapSlice>(
+        &mut self,
+        pkt: &VsockPacket<'_, B>,
+        data_len: usize,
+    ) {
         if pkt.src_cid() != self.cid || pkt.dst_cid() != HOST_CID {
             warn_ratelimited!(
                 "virtio-vsock: packet from cid {} to cid {} dropped (guest cid {}, host cid 2)",

@@ -366,7 +366,7 @@ impl Vsock {
                         }
                         _ => 0,
                     };
-                    let pkt_ref: &VsockPacket<'_, ()> = &pkt;
+                    let pkt_ref = &pkt;
                     backend.on_guest_packet(pkt_ref, len);
                 }
                 Err(e) => warn_ratelimited!("virtio-vsock: bad transmit packet dropped: {e}"),
@@ -485,6 +485,56 @@ impl CoreDevice for Vsock {
 
     fn on_reset(&mut self) {
         self.drop_connections();
+    }
+
+    /// A restored guest's connections lived in another process: tell its driver with a
+    /// VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event queue (it closes them and reads the
+    /// guest CID again), so new connections work.
+    fn after_restore(&mut self) {
+        self.drop_connections();
+        self.send_transport_reset();
+    }
+}
+
+/// The event queue's index.
+const EVENT_QUEUE: usize = 2;
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`.
+const EVENT_TRANSPORT_RESET: u32 = 0;
+
+impl Vsock {
+    /// Puts a transport reset event in the first buffer of the event queue.
+    fn send_transport_reset(&mut self) {
+        use vm_memory::Bytes;
+        let Some(active) = self.core.active_mut() else {
+            return;
+        };
+        let mem = active.mem.clone();
+        let Some(queue) = active.queues.get_mut(EVENT_QUEUE) else {
+            return;
+        };
+        let chain = match queue.pop_descriptor_chain(&mem) {
+            Some(c) => c,
+            None => {
+                warn_ratelimited!("virtio-vsock: no event buffer for the transport reset");
+                return;
+            }
+        };
+        let head = chain.head_index();
+        let mut len = 0u32;
+        if let Some(d) = chain
+            .into_iter()
+            .find(|d| d.is_write_only() && d.len() >= 4)
+        {
+            match mem.write_obj(EVENT_TRANSPORT_RESET.to_le(), d.addr()) {
+                Ok(()) => len = 4,
+                Err(e) => warn_ratelimited!("virtio-vsock: cannot write the reset event: {e}"),
+            }
+        }
+        if let Err(e) = queue.add_used(&mem, head, len) {
+            warn_ratelimited!("virtio-vsock: cannot add the reset event: {e}");
+            return;
+        }
+        active.signal_used(EVENT_QUEUE);
     }
 }
 
