@@ -946,6 +946,20 @@ fn snapshot_on_sigusr1_and_restore_from_the_command_line_under_cinder() {
     let last = last_tick(&s.console()).unwrap_or_else(|| panic!("no tick\n{}", s.log()));
     s.signal(libc::SIGKILL);
     let _ = s.wait_exit(Duration::from_secs(10));
+    // Firecracker's --describe-snapshot and --snapshot-version agree on the file written.
+    let describe = cinder()
+        .arg("--describe-snapshot")
+        .arg(&state)
+        .output()
+        .expect("run cinder --describe-snapshot");
+    let version = cinder()
+        .arg("--snapshot-version")
+        .output()
+        .expect("run cinder --snapshot-version");
+    assert!(describe.status.success(), "{describe:?}");
+    assert!(version.status.success(), "{version:?}");
+    assert_eq!(describe.stdout, version.stdout);
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("v1."), "{version:?}");
     let spec = format!("state={},mem={},resume", state.display(), mem.display());
     let mut c = cinder();
     c.args(["--restore", &spec]);

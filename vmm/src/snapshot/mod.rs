@@ -382,6 +382,18 @@ pub fn check_frame(path: &Path, bytes: &[u8]) -> Result<Vec<u8>, SnapshotError> 
     Ok(bytes[HEADER..end].to_vec())
 }
 
+/// `--snapshot-version`: the state file format this cinder writes (and the newest it reads).
+pub fn format_version() -> String {
+    format!("v{MAJOR}.{MINOR}.0")
+}
+
+/// `--describe-snapshot`: the format version of a state file, after the same checks as a
+/// load (magic, version, size, CRC, a payload that decodes).
+pub fn describe(path: &Path) -> Result<String, SnapshotError> {
+    read_state(path)?;
+    Ok(format_version())
+}
+
 /// Reads and checks a state file (see the module's comment for what is refused).
 pub fn read_state(path: &Path) -> Result<MicrovmState, SnapshotError> {
     let f = open_file("snapshot_path", path)?;
