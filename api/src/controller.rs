@@ -6,8 +6,8 @@
 //! action's result to [`PreBootController::complete`], which records what a
 //! success changed and answers.
 
-use crate::adapter::{action_response, VmmAction, VmmError};
-use crate::config::VmConfig;
+use crate::adapter::{action_response, query_response, QueryAnswer, VmmAction, VmmError, VmmQuery};
+use crate::config::{ConfigError, VmConfig};
 use crate::model::{ActionType, FirecrackerVersion, InstanceInfo, InstanceState, VmState};
 use crate::routes::{ApiRequest, ApiResponse};
 
@@ -20,6 +20,9 @@ pub enum Outcome {
     /// configuration and the lifecycle: the VMM executes the action and
     /// hands its result to [`PreBootController::complete`], which answers.
     Execute(VmmAction),
+    /// A request that reads the running microVM's state: the VMM looks it up and hands the
+    /// result to [`PreBootController::answer`].
+    Query(VmmQuery),
 }
 
 /// Applies configuration requests to a [`VmConfig`] and enforces
@@ -111,10 +114,25 @@ impl PreBootController {
                         log::warn!("metrics destination opened but not recorded: {e}");
                     }
                 }
+                VmmAction::PatchBalloon(b) => {
+                    if let Err(e) = self.config.patch_balloon(b.amount_mib) {
+                        log::warn!("balloon target changed but not recorded: {e}");
+                    }
+                }
+                VmmAction::PatchBalloonStats(b) => {
+                    if let Err(e) = self.config.patch_balloon_stats(b.stats_polling_interval_s) {
+                        log::warn!("balloon statistics interval changed but not recorded: {e}");
+                    }
+                }
                 VmmAction::FlushMetrics | VmmAction::SendCtrlAltDel => {}
             }
         }
         action_response(&action, result)
+    }
+
+    /// Answers a [`VmmQuery`] with what the VMM found.
+    pub fn answer(&self, _query: VmmQuery, result: Result<QueryAnswer, VmmError>) -> ApiResponse {
+        query_response(result)
     }
 
     /// Handles one request.
@@ -162,6 +180,37 @@ impl PreBootController {
                 }
             }
             ApiRequest::PutEntropy(e) => applied(self.config.set_entropy(&e)),
+            ApiRequest::PutBalloon(b) => applied(self.config.set_balloon(&b)),
+            ApiRequest::GetBalloon => Outcome::Respond(match &self.config.balloon {
+                Some(b) => ApiResponse::ok(&b.to_model()),
+                None => ApiResponse::bad_request(ConfigError::NoBalloon.to_string()),
+            }),
+            ApiRequest::PatchBalloon(u) => match self.config.clone().patch_balloon(u.amount_mib) {
+                // The configuration's rules first (on a copy), then the device.
+                Ok(()) => Outcome::Execute(VmmAction::PatchBalloon(u)),
+                Err(e) => Outcome::Respond(ApiResponse::bad_request(e.to_string())),
+            },
+            ApiRequest::PatchBalloonStats(u) => {
+                match self
+                    .config
+                    .clone()
+                    .patch_balloon_stats(u.stats_polling_interval_s)
+                {
+                    Ok(()) => Outcome::Execute(VmmAction::PatchBalloonStats(u)),
+                    Err(e) => Outcome::Respond(ApiResponse::bad_request(e.to_string())),
+                }
+            }
+            ApiRequest::GetBalloonStats => match &self.config.balloon {
+                None => Outcome::Respond(ApiResponse::bad_request(
+                    ConfigError::NoBalloon.to_string(),
+                )),
+                Some(b) if b.stats_polling_interval_s == 0 => {
+                    Outcome::Respond(ApiResponse::bad_request(
+                        "Internal VMM error: Balloon: Received stats query when stats are disabled.",
+                    ))
+                }
+                Some(_) => Outcome::Query(VmmQuery::BalloonStats),
+            },
             // Recorded by `complete` once the VMM applied it.
             ApiRequest::PutLogger(l) => {
                 if let Some(p) = &l.log_path {
@@ -260,6 +309,11 @@ pub fn describe(req: &ApiRequest) -> &'static str {
         ApiRequest::PutVsock(_) => "PUT /vsock",
         ApiRequest::PutEntropy(_) => "PUT /entropy",
         ApiRequest::PutLogger(_) => "PUT /logger",
+        ApiRequest::GetBalloon => "GET /balloon",
+        ApiRequest::PutBalloon(_) => "PUT /balloon",
+        ApiRequest::PatchBalloon(_) => "PATCH /balloon",
+        ApiRequest::GetBalloonStats => "GET /balloon/statistics",
+        ApiRequest::PatchBalloonStats(_) => "PATCH /balloon/statistics",
         ApiRequest::PutMetrics(_) => "PUT /metrics",
         ApiRequest::Action(ActionType::InstanceStart) => "InstanceStart",
         ApiRequest::Action(ActionType::SendCtrlAltDel) => "SendCtrlAltDel",
