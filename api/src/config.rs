@@ -10,9 +10,9 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 
 use crate::model::{
-    Balloon, BootSource, CacheType, CpuTemplate, Drive, EntropyDevice, FullVmConfiguration, HugePages,
-    IoEngine, Logger, MachineConfiguration, MachineConfigurationUpdate, Metrics, NetworkInterface,
-    PartialDrive, PartialNetworkInterface, RateLimiter, TokenBucket, Vsock,
+    Balloon, BootSource, CacheType, CpuTemplate, Drive, EntropyDevice, FullVmConfiguration,
+    HugePages, IoEngine, Logger, MachineConfiguration, MachineConfigurationUpdate, Metrics,
+    NetworkInterface, PartialDrive, PartialNetworkInterface, RateLimiter, TokenBucket, Vsock,
 };
 use crate::paths::{open_boot_file, open_checked, PathError, PathPolicy};
 
@@ -75,7 +75,9 @@ pub enum ConfigError {
     #[error("Balloon config error: No balloon device found.")]
     NoBalloon,
     /// Statistics turned on or off after they were set up.
-    #[error("Balloon update error: Balloon: Statistics cannot be enabled/disabled after activation.")]
+    #[error(
+        "Balloon update error: Balloon: Statistics cannot be enabled/disabled after activation."
+    )]
     BalloonStatsChange,
     /// Zero memory.
     #[error("machine-config.mem_size_mib: must be greater than 0")]

@@ -12,9 +12,10 @@
 use serde::Serialize;
 
 use crate::model::{
-    from_json, ActionType, Balloon, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, EntropyDevice, ErrorBody, InstanceActionInfo, Logger,
-    MachineConfiguration, MachineConfigurationUpdate, Metrics, NetworkInterface, PartialDrive,
-    PartialNetworkInterface, Vm, VmState, Vsock,
+    from_json, ActionType, Balloon, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive,
+    EntropyDevice, ErrorBody, InstanceActionInfo, Logger, MachineConfiguration,
+    MachineConfigurationUpdate, Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface,
+    Vm, VmState, Vsock,
 };
 
 /// One (method, path template) pair of the API.

@@ -113,7 +113,9 @@ fn each_error_names_its_key() {
             "Balloon config error: Amount of pages requested is too large.",
         ),
         (
-            with(r#""balloon": {"amount_mib": 1, "deflate_on_oom": true, "free_page_hinting": true}"#),
+            with(
+                r#""balloon": {"amount_mib": 1, "deflate_on_oom": true, "free_page_hinting": true}"#,
+            ),
             "balloon.free_page_hinting: free page hinting is not implemented by cinder yet",
         ),
         (with(r#""cpu-config": {}"#), "cpu-config: not supported"),

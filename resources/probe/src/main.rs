@@ -23,6 +23,7 @@ mod smp;
 mod sync;
 mod time;
 mod virtio;
+mod virtio_balloon;
 mod virtio_blk;
 mod virtio_blk_discard;
 mod virtio_blk_hostile;

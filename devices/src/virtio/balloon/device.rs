@@ -592,7 +592,9 @@ impl VirtioDevice for Balloon {
     }
 
     fn reset(&mut self) {
-        let _ = self.timer.reset(Duration::ZERO, None);
+        // The timer is left running (this runs on a vCPU thread, whose filter has no
+        // timerfd_settime): without a statistics queue its ticks do nothing, and the next
+        // activation re-arms it from the device loop.
         self.stats_head = None;
         self.stats_q = None;
         self.report_q = None;

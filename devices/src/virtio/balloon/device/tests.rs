@@ -105,8 +105,8 @@ fn hostile_pfns_are_ignored_and_counted() {
     let list = [
         (page >> 12) as u32,
         (page >> 12) as u32 + 1,
-        (page >> 12) as u32, // duplicate
-        (5 * MIB >> 12) as u32, // in the gap
+        (page >> 12) as u32,     // duplicate
+        (5 * MIB >> 12) as u32,  // in the gap
         (64 * MIB >> 12) as u32, // beyond RAM
         u32::MAX,
         (9 * MIB >> 12) as u32, // the second region
@@ -133,8 +133,14 @@ fn hostile_pfns_are_ignored_and_counted() {
     mem.read_slice(&mut back, GuestAddress(page)).unwrap();
     assert_eq!(back, [0u8; 4096], "the inflated page was given back");
     // Deflate: the inflated ones come back, the others are duplicates.
-    let len = pfns(&mem, 0x22_0000, &[(page >> 12) as u32, (page >> 12) as u32, 7]);
-    r.deflate.add_desc_chains(&[d(0x22_0000, len, 0)], 0).unwrap();
+    let len = pfns(
+        &mem,
+        0x22_0000,
+        &[(page >> 12) as u32, (page >> 12) as u32, 7],
+    );
+    r.deflate
+        .add_desc_chains(&[d(0x22_0000, len, 0)], 0)
+        .unwrap();
     r.dev.process_all();
     let c = r.dev.counters();
     assert_eq!(c.deflated_pages, 1);
@@ -156,9 +162,9 @@ fn free_page_reports_discard_ranges_inside_ram_only() {
     let report = r.report.take().unwrap();
     let descs = [
         d(0x30_0000, 0x2000, F_WRITE),
-        d(5 * MIB, 0x1000, F_WRITE),             // in the gap
-        d(4 * MIB - 0x1000, 0x2000, F_WRITE),    // across the end of a region
-        d(0x30_0001, 0x1000, F_WRITE),           // unaligned
+        d(5 * MIB, 0x1000, F_WRITE),          // in the gap
+        d(4 * MIB - 0x1000, 0x2000, F_WRITE), // across the end of a region
+        d(0x30_0001, 0x1000, F_WRITE),        // unaligned
     ];
     report.add_desc_chains(&descs, 0).unwrap();
     r.dev.process_all();
