@@ -94,7 +94,7 @@ impl PageBitmap {
 /// must be page-aligned and lie inside one guest RAM region; returns false (and does nothing)
 /// otherwise, or when the host refuses.
 pub fn discard_range(mem: &GuestMemoryMmap, gpa: u64, len: u64) -> Result<(), DiscardError> {
-    if len == 0 || gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+    if len == 0 || !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
         return Err(DiscardError::Outside);
     }
     let region = mem
@@ -321,7 +321,7 @@ impl Balloon {
                     continue;
                 }
                 let len = desc.len() as usize;
-                if len % 4 != 0 {
+                if !len.is_multiple_of(4) {
                     counters.bad_descriptors += 1;
                     continue;
                 }
@@ -368,7 +368,16 @@ impl Balloon {
                 }
             };
             let Some(chain) = chain else {
-                break;
+                // Publish avail_event (EVENT_IDX): without it the driver never kicks for its
+                // next buffer. More arrived meanwhile: look again.
+                match queue.enable_notification(mem) {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        warn_ratelimited!("virtio-balloon: statistics queue: {e}");
+                        break;
+                    }
+                }
             };
             if let Some(old) = self.stats_head.replace(chain.head_index()) {
                 if let Err(e) = queue.add_used(mem, old, 0) {
@@ -538,10 +547,13 @@ impl VirtioDevice for Balloon {
         // Only `actual` is the driver's; the bytes of a write that fall on it are taken.
         let mut actual = self.actual_pages.to_le_bytes();
         let mut took = false;
-        for (i, b) in data.iter().enumerate() {
-            let at = offset.saturating_add(i as u64);
-            if (ACTUAL_OFFSET..ACTUAL_OFFSET + 4).contains(&at) {
-                actual[(at - ACTUAL_OFFSET) as usize] = *b;
+        for (at, b) in (offset..).zip(data) {
+            let slot = at
+                .checked_sub(ACTUAL_OFFSET)
+                .and_then(|i| usize::try_from(i).ok())
+                .and_then(|i| actual.get_mut(i));
+            if let Some(slot) = slot {
+                *slot = *b;
                 took = true;
             }
         }

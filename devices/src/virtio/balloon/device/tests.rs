@@ -6,12 +6,18 @@ use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 const F_WRITE: u16 = 2;
 const MIB: u64 = 1 << 20;
+const MIB_USIZE: usize = 1 << 20;
+
+/// The frame number of `addr`.
+fn pfn(addr: u64) -> u32 {
+    u32::try_from(addr >> 12).unwrap()
+}
 
 /// 0..4 MiB and 8..12 MiB: a gap between.
 fn mem() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[
-        (GuestAddress(0), 4 * MIB as usize),
-        (GuestAddress(8 * MIB), 4 * MIB as usize),
+        (GuestAddress(0), 4 * MIB_USIZE),
+        (GuestAddress(8 * MIB), 4 * MIB_USIZE),
     ])
     .unwrap()
 }
@@ -23,7 +29,7 @@ fn d(addr: u64, len: u32, flags: u16) -> RawDescriptor {
 fn pfns(mem: &GuestMemoryMmap, at: u64, list: &[u32]) -> u32 {
     let bytes: Vec<u8> = list.iter().flat_map(|p| p.to_le_bytes()).collect();
     mem.write_slice(&bytes, GuestAddress(at)).unwrap();
-    bytes.len() as u32
+    u32::try_from(bytes.len()).unwrap()
 }
 
 struct Rig<'a> {
@@ -103,18 +109,18 @@ fn hostile_pfns_are_ignored_and_counted() {
     let page: u64 = 0x30_0000;
     mem.write_slice(&[0xab; 4096], GuestAddress(page)).unwrap();
     let list = [
-        (page >> 12) as u32,
-        (page >> 12) as u32 + 1,
-        (page >> 12) as u32,     // duplicate
-        (5 * MIB >> 12) as u32,  // in the gap
-        (64 * MIB >> 12) as u32, // beyond RAM
+        pfn(page),
+        pfn(page) + 1,
+        pfn(page),     // duplicate
+        pfn(5 * MIB),  // in the gap
+        pfn(64 * MIB), // beyond RAM
         u32::MAX,
-        (9 * MIB >> 12) as u32, // the second region
+        pfn(9 * MIB), // the second region
     ];
     let len = pfns(&mem, 0x20_0000, &list);
     let descs = [
         d(0x20_0000, len, 0),
-        d(0x21_0000, 4 * (MAX_PFNS_PER_DESC as u32 + 1), 0), // huge count
+        d(0x21_0000, 4 * (u32::try_from(MAX_PFNS_PER_DESC).unwrap() + 1), 0), // huge count
         d(0xffff_0000_0000, 64, 0),                          // outside memory
         d(0x20_0000, len, F_WRITE),                          // wrong direction
         d(0x20_0000, 6, 0),                                  // not whole entries
@@ -136,7 +142,7 @@ fn hostile_pfns_are_ignored_and_counted() {
     let len = pfns(
         &mem,
         0x22_0000,
-        &[(page >> 12) as u32, (page >> 12) as u32, 7],
+        &[pfn(page), pfn(page), 7],
     );
     r.deflate
         .add_desc_chains(&[d(0x22_0000, len, 0)], 0)
@@ -208,4 +214,56 @@ fn bitmap_bounds() {
     assert!(b.clear(127));
     assert!(!b.clear(127));
     assert!(!b.clear(u64::MAX));
+}
+
+/// Found with Linux: the device holds the statistics buffer outside `drain_queue`, so it must
+/// publish avail_event itself (EVENT_IDX), or the driver never kicks for its next buffer and
+/// the statistics freeze after the first.
+#[test]
+fn statistics_buffer_is_held_parsed_returned_and_avail_event_published() {
+    use crate::virtio::features::VIRTIO_RING_F_EVENT_IDX;
+    let mem = mem();
+    let mut dev = Balloon::new(BalloonConfig {
+        stats_polling_interval_s: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    dev.set_acked_features(dev.avail_features());
+    assert_ne!(dev.acked_features() & (1 << VIRTIO_RING_F_EVENT_IDX), 0);
+    let inflate = MockSplitQueue::create(&mem, GuestAddress(0x10_0000), 16);
+    let deflate = MockSplitQueue::create(&mem, GuestAddress(0x11_0000), 16);
+    let stats = MockSplitQueue::create(&mem, GuestAddress(0x12_0000), 16);
+    let mut queues = Vec::new();
+    for q in [&inflate, &deflate, &stats] {
+        let mut q: Queue = q.create_queue().unwrap();
+        q.set_event_idx(true);
+        queues.push(q);
+    }
+    let fd = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+    dev.activate(mem.clone(), queues, Arc::new(Interrupt::new(fd.clone())))
+        .unwrap();
+    // Two entries: MemTotal (5) = 1 GiB, MemFree (4) = 1 MiB, and an unknown tag.
+    let mut buf = Vec::new();
+    for (tag, v) in [(5u16, 1u64 << 30), (4, 1 << 20), (999, 7)] {
+        buf.extend_from_slice(&tag.to_le_bytes());
+        buf.extend_from_slice(&v.to_le_bytes());
+    }
+    mem.write_slice(&buf, GuestAddress(0x20_0000)).unwrap();
+    let len = u32::try_from(buf.len()).unwrap();
+    stats
+        .add_desc_chains(&[d(0x20_0000, len, 0)], 0)
+        .unwrap();
+    dev.process_all();
+    let g = dev.guest_stats().unwrap();
+    assert_eq!(g.get(super::super::tags::MEMTOT), Some(1 << 30));
+    assert_eq!(g.get(super::super::tags::MEMFREE), Some(1 << 20));
+    assert_eq!(stats.used().idx().load(), 0, "the buffer is held until the next poll");
+    // avail_event (after the used ring's entries) tells the driver to kick for entry 1.
+    let avail_event: u16 = mem
+        .read_obj(GuestAddress(stats.used_addr().0 + 4 + 8 * 16))
+        .unwrap();
+    assert_eq!(avail_event, 1, "avail_event not published");
+    // A poll (the timer, or a new interval) returns it.
+    dev.set_stats_interval(2).unwrap();
+    assert_eq!(stats.used().idx().load(), 1);
 }
