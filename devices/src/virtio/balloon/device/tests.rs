@@ -120,10 +120,14 @@ fn hostile_pfns_are_ignored_and_counted() {
     let len = pfns(&mem, 0x20_0000, &list);
     let descs = [
         d(0x20_0000, len, 0),
-        d(0x21_0000, 4 * (u32::try_from(MAX_PFNS_PER_DESC).unwrap() + 1), 0), // huge count
-        d(0xffff_0000_0000, 64, 0),                          // outside memory
-        d(0x20_0000, len, F_WRITE),                          // wrong direction
-        d(0x20_0000, 6, 0),                                  // not whole entries
+        d(
+            0x21_0000,
+            4 * (u32::try_from(MAX_PFNS_PER_DESC).unwrap() + 1),
+            0,
+        ), // huge count
+        d(0xffff_0000_0000, 64, 0), // outside memory
+        d(0x20_0000, len, F_WRITE), // wrong direction
+        d(0x20_0000, 6, 0),         // not whole entries
     ];
     r.inflate.add_desc_chains(&descs, 0).unwrap();
     r.dev.process_all();
@@ -139,11 +143,7 @@ fn hostile_pfns_are_ignored_and_counted() {
     mem.read_slice(&mut back, GuestAddress(page)).unwrap();
     assert_eq!(back, [0u8; 4096], "the inflated page was given back");
     // Deflate: the inflated ones come back, the others are duplicates.
-    let len = pfns(
-        &mem,
-        0x22_0000,
-        &[pfn(page), pfn(page), 7],
-    );
+    let len = pfns(&mem, 0x22_0000, &[pfn(page), pfn(page), 7]);
     r.deflate
         .add_desc_chains(&[d(0x22_0000, len, 0)], 0)
         .unwrap();
@@ -250,14 +250,16 @@ fn statistics_buffer_is_held_parsed_returned_and_avail_event_published() {
     }
     mem.write_slice(&buf, GuestAddress(0x20_0000)).unwrap();
     let len = u32::try_from(buf.len()).unwrap();
-    stats
-        .add_desc_chains(&[d(0x20_0000, len, 0)], 0)
-        .unwrap();
+    stats.add_desc_chains(&[d(0x20_0000, len, 0)], 0).unwrap();
     dev.process_all();
     let g = dev.guest_stats().unwrap();
     assert_eq!(g.get(super::super::tags::MEMTOT), Some(1 << 30));
     assert_eq!(g.get(super::super::tags::MEMFREE), Some(1 << 20));
-    assert_eq!(stats.used().idx().load(), 0, "the buffer is held until the next poll");
+    assert_eq!(
+        stats.used().idx().load(),
+        0,
+        "the buffer is held until the next poll"
+    );
     // avail_event (after the used ring's entries) tells the driver to kick for entry 1.
     let avail_event: u16 = mem
         .read_obj(GuestAddress(stats.used_addr().0 + 4 + 8 * 16))
