@@ -315,6 +315,9 @@ impl Balloon {
         let counters = &mut self.counters;
         let bitmap = &mut self.inflated;
         active.drain_queue(index, |chain, mem| {
+            // At most MAX_PFNS_PER_DESC frames per chain, whatever its descriptors: one pass
+            // of the device loop stays bounded.
+            let mut left = MAX_PFNS_PER_DESC;
             for desc in chain {
                 if desc.is_write_only() {
                     counters.bad_descriptors += 1;
@@ -325,10 +328,11 @@ impl Balloon {
                     counters.bad_descriptors += 1;
                     continue;
                 }
-                if len / 4 > MAX_PFNS_PER_DESC {
+                if len / 4 > left {
                     counters.oversized_descriptors += 1;
                     continue;
                 }
+                left -= len / 4;
                 let mut buf = vec![0u8; len];
                 if mem.read_slice(&mut buf, desc.addr()).is_err() {
                     counters.bad_descriptors += 1;

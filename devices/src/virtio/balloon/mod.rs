@@ -11,7 +11,7 @@
 //! (after a deflate) faults in a zero page. Free page reporting does the same for the ranges
 //! the guest reports free. Everything the guest hands over is hostile input: a page frame
 //! number outside RAM or a duplicate is ignored and counted, a descriptor with more page frame
-//! numbers than [`MAX_PFNS_PER_DESC`] is ignored whole and counted, a descriptor outside guest
+//! numbers than [`MAX_PFNS_PER_DESC`] (in one chain) is ignored whole and counted, a descriptor outside guest
 //! memory is counted; none of it stops the device.
 
 pub mod device;
@@ -29,9 +29,9 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const PFN_SHIFT: u32 = 12;
 /// Bytes of a balloon page.
 pub const PAGE_SIZE: u64 = 1 << PFN_SHIFT;
-/// Most page frame numbers one descriptor may carry (Linux sends at most 256 per request); a
-/// longer descriptor is ignored whole and counted in `oversized_descriptors`.
-pub const MAX_PFNS_PER_DESC: usize = 4096;
+/// Most page frame numbers one chain may carry (Linux sends at most 256 per request); a
+/// descriptor that would go past it is ignored whole and counted in `oversized_descriptors`.
+pub const MAX_PFNS_PER_DESC: usize = 1024;
 /// Most statistics entries read from one statistics buffer (virtio 1.2 defines 10, Linux 6.12
 /// sends 16).
 pub const MAX_STATS: usize = 64;
