@@ -188,6 +188,15 @@ impl PreBootController {
             ApiRequest::PatchBalloon(u) => match self.config.clone().patch_balloon(u.amount_mib) {
                 // The configuration's rules first (on a copy), then the device.
                 Ok(()) => Outcome::Execute(VmmAction::PatchBalloon(u)),
+                // Firecracker words a refused update so.
+                Err(ConfigError::BalloonTooLarge {
+                    amount_mib,
+                    mem_size_mib,
+                }) => Outcome::Respond(ApiResponse::bad_request(format!(
+                    "Balloon update error: Balloon: Amount of pages requested is too large. \
+                     (balloon.amount_mib {amount_mib} is above machine-config.mem_size_mib \
+                     {mem_size_mib})"
+                ))),
                 Err(e) => Outcome::Respond(ApiResponse::bad_request(e.to_string())),
             },
             ApiRequest::PatchBalloonStats(u) => {

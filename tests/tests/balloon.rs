@@ -267,7 +267,7 @@ fn balloon_api_after_boot_answers_as_firecracker_under_cinder() {
         "/balloon",
         Some(r#"{"amount_mib": 129}"#),
         400,
-        "Balloon config error: Amount of pages requested is too large.",
+        "Balloon update error: Balloon: Amount of pages requested is too large.",
     );
     answers(
         &sock,
