@@ -395,6 +395,64 @@ mod tests {
         assert!(matches!(c.handle(flush), Outcome::Respond(r) if r.status == 204));
     }
 
+    /// The balloon's before/after-boot rules, and a PATCH recorded only once applied.
+    #[test]
+    fn balloon_rules() {
+        use crate::model::{Balloon, BalloonStatsUpdate, BalloonUpdate};
+        let mut c = booted();
+        let b = Balloon {
+            amount_mib: 16,
+            deflate_on_oom: true,
+            stats_polling_interval_s: 1,
+            ..Default::default()
+        };
+        assert_eq!(
+            c.handle(ApiRequest::PutBalloon(b)),
+            Outcome::Respond(ApiResponse::no_content())
+        );
+        assert!(matches!(c.handle(ApiRequest::GetBalloon), Outcome::Respond(r) if r.status == 200));
+        assert!(matches!(
+            c.handle(ApiRequest::GetBalloonStats),
+            Outcome::Respond(r) if r.status == 400
+        ));
+        c.mark_started();
+        assert!(matches!(
+            c.handle(ApiRequest::PutBalloon(b)),
+            Outcome::Respond(r) if r.status == 400
+        ));
+        assert_eq!(
+            c.handle(ApiRequest::GetBalloonStats),
+            Outcome::Query(VmmQuery::BalloonStats)
+        );
+        let to = BalloonUpdate { amount_mib: 32 };
+        let Outcome::Execute(action) = c.handle(ApiRequest::PatchBalloon(to)) else {
+            panic!("PATCH /balloon goes to the VMM");
+        };
+        let r = c.complete(
+            action.clone(),
+            Err(VmmError::Balloon("Device not activated yet.".into())),
+        );
+        assert_eq!(
+            r.fault_message().as_deref(),
+            Some("Balloon update error: Balloon: Device not activated yet.")
+        );
+        assert_eq!(c.config().balloon.map(|b| b.amount_mib), Some(16));
+        c.complete(action, Ok(()));
+        assert_eq!(c.config().balloon.map(|b| b.amount_mib), Some(32));
+        let off = BalloonStatsUpdate {
+            stats_polling_interval_s: 0,
+        };
+        assert!(matches!(
+            c.handle(ApiRequest::PatchBalloonStats(off)),
+            Outcome::Respond(r) if r.status == 400
+        ));
+        let big = BalloonUpdate { amount_mib: 4096 };
+        assert!(matches!(
+            c.handle(ApiRequest::PatchBalloon(big)),
+            Outcome::Respond(r) if r.status == 400
+        ));
+    }
+
     #[test]
     fn a_refused_metrics_path_changes_nothing_and_can_be_corrected() {
         let mut c = booted();
