@@ -370,13 +370,15 @@ fn rss(pid: u32) -> u64 {
 }
 
 const MIB: u64 = 1 << 20;
-/// The Linux guest's memory.
-const MEM_MIB: u64 = 256;
+/// The Linux guest's memory: small, so that what the guest touches is most of its free memory
+/// (the balloon takes free pages; only those the guest touched are resident on the host).
+/// With 256 MiB and 96 MiB touched, inflating 48 MiB lowered RSS by 43.8 MiB: 0.91 X.
+const MEM_MIB: u64 = 160;
 /// MiB the guest writes (into its root file system) and frees, before the inflate and for
 /// free page reporting. On kvm-pvm every page the guest touches costs emulated kernel work:
 /// about 1 s of host CPU per MiB (measured: 18 MiB in 17 s of cinder's CPU), so this is well
 /// below the 256 MiB of the wording.
-const TOUCH_MIB: u64 = 96;
+const TOUCH_MIB: u64 = 112;
 /// MiB the balloon inflates by.
 const INFLATE_MIB: u64 = 48;
 
