@@ -12,8 +12,8 @@
 use std::path::PathBuf;
 
 use crate::model::{
-    Logger, Metrics, PartialDrive, PartialNetworkInterface, SnapshotCreateParams,
-    SnapshotLoadParams, Vsock,
+    BalloonStats, BalloonStatsUpdate, BalloonUpdate, Logger, Metrics, PartialDrive,
+    PartialNetworkInterface, SnapshotCreateParams, SnapshotLoadParams, Vsock,
 };
 use crate::routes::ApiResponse;
 
@@ -52,6 +52,32 @@ pub enum VmmAction {
     CreateSnapshot(SnapshotCreateParams),
     /// `PUT /snapshot/load` before any configuration: build the microVM from the snapshot.
     LoadSnapshot(SnapshotLoadParams),
+    /// `PATCH /balloon` (the balloon is configured, the target fits): the new target.
+    PatchBalloon(BalloonUpdate),
+    /// `PATCH /balloon/statistics` (the statistics stay on): the new polling interval.
+    PatchBalloonStats(BalloonStatsUpdate),
+}
+
+/// What the VMM is asked to look up for a request that reads the running microVM's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmmQuery {
+    /// `GET /balloon/statistics` (statistics are enabled).
+    BalloonStats,
+}
+
+/// What a [`VmmQuery`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum QueryAnswer {
+    /// The balloon's sizes and the guest's latest statistics.
+    BalloonStats(BalloonStats),
+}
+
+/// The answer to a query: 200 with the value, or the error as [`action_response`] maps it.
+pub fn query_response(result: Result<QueryAnswer, VmmError>) -> ApiResponse {
+    match result {
+        Ok(QueryAnswer::BalloonStats(s)) => ApiResponse::ok(&s),
+        Err(e) => ApiResponse::error(e.status(), e.to_string()),
+    }
 }
 
 /// Why the VMM could not carry out a [`VmmAction`]. The `Display` text is the
@@ -104,6 +130,12 @@ pub enum VmmError {
     /// The vsock device's socket cannot be bound.
     #[error("vsock.uds_path: {0}")]
     VsockSocket(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The balloon device refused a runtime change ("Device not activated yet.").
+    #[error("Balloon update error: Balloon: {0}")]
+    Balloon(#[source] BoxError),
+    /// The balloon device could not answer a query.
+    #[error("Internal VMM error: Balloon: {0}")]
+    BalloonQuery(#[source] BoxError),
 }
 
 impl VmmError {
@@ -122,7 +154,9 @@ impl VmmError {
             | VmmError::Io { .. }
             | VmmError::Logger(_)
             | VmmError::Snapshot(_)
-            | VmmError::VsockSocket(_) => 400,
+            | VmmError::VsockSocket(_)
+            | VmmError::Balloon(_)
+            | VmmError::BalloonQuery(_) => 400,
         }
     }
 }
@@ -139,7 +173,9 @@ fn fault_message(action: &VmmAction, e: &VmmError) -> String {
         | VmmAction::Resume
         | VmmAction::ConfigureLogger(_)
         | VmmAction::ConfigureVsock(_)
-        | VmmAction::ConfigureMetrics(_) => e.to_string(),
+        | VmmAction::ConfigureMetrics(_)
+        | VmmAction::PatchBalloon(_)
+        | VmmAction::PatchBalloonStats(_) => e.to_string(),
         VmmAction::FlushMetrics => format!("FlushMetrics: {e}"),
         VmmAction::CreateSnapshot(_) => format!("snapshot/create: {e}"),
         VmmAction::LoadSnapshot(_) => format!("snapshot/load: {e}"),

@@ -10,9 +10,9 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 
 use crate::model::{
-    BootSource, CacheType, CpuTemplate, Drive, EntropyDevice, FullVmConfiguration, HugePages,
-    IoEngine, Logger, MachineConfiguration, MachineConfigurationUpdate, Metrics, NetworkInterface,
-    PartialDrive, PartialNetworkInterface, RateLimiter, TokenBucket, Vsock,
+    Balloon, BootSource, CacheType, CpuTemplate, Drive, EntropyDevice, FullVmConfiguration,
+    HugePages, IoEngine, Logger, MachineConfiguration, MachineConfigurationUpdate, Metrics,
+    NetworkInterface, PartialDrive, PartialNetworkInterface, RateLimiter, TokenBucket, Vsock,
 };
 use crate::paths::{open_boot_file, open_checked, PathError, PathPolicy};
 
@@ -55,6 +55,30 @@ pub enum ConfigError {
     /// Odd vCPU count with SMT.
     #[error("machine-config.vcpu_count: {0} is odd; with smt enabled it must be 1 or even")]
     SmtVcpuCount(u8),
+    /// A balloon larger than the guest's memory.
+    #[error("Balloon config error: Amount of pages requested is too large. (balloon.amount_mib {amount_mib} is above machine-config.mem_size_mib {mem_size_mib})")]
+    BalloonTooLarge {
+        /// The balloon's target.
+        amount_mib: u32,
+        /// The guest's memory.
+        mem_size_mib: usize,
+    },
+    /// The guest's memory made smaller than the balloon.
+    #[error("Machine config error: The memory size (MiB) is smaller than the previously set balloon device target size. (machine-config.mem_size_mib {mem_size_mib}, balloon.amount_mib {amount_mib})")]
+    MemSizeBelowBalloon {
+        /// The balloon's target.
+        amount_mib: u32,
+        /// The new memory size.
+        mem_size_mib: usize,
+    },
+    /// No balloon device is configured.
+    #[error("Balloon config error: No balloon device found.")]
+    NoBalloon,
+    /// Statistics turned on or off after they were set up.
+    #[error(
+        "Balloon update error: Balloon: Statistics cannot be enabled/disabled after activation."
+    )]
+    BalloonStatsChange,
     /// Zero memory.
     #[error("machine-config.mem_size_mib: must be greater than 0")]
     MemSizeZero,
@@ -351,6 +375,33 @@ pub struct EntropyConfig {
     pub rate_limiter: Option<RateLimiter>,
 }
 
+/// The virtio-balloon device (`PUT /balloon`; the target and the statistics interval follow
+/// the runtime `PATCH`es).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BalloonConfig {
+    /// Target size in MiB, at most the guest's memory.
+    pub amount_mib: u32,
+    /// The guest may deflate when it runs out of memory.
+    pub deflate_on_oom: bool,
+    /// Seconds between statistics updates; 0: no statistics queue.
+    pub stats_polling_interval_s: u16,
+    /// Free page reporting.
+    pub free_page_reporting: bool,
+}
+
+impl BalloonConfig {
+    /// The API's view.
+    pub fn to_model(&self) -> Balloon {
+        Balloon {
+            amount_mib: self.amount_mib,
+            deflate_on_oom: self.deflate_on_oom,
+            stats_polling_interval_s: self.stats_polling_interval_s,
+            free_page_hinting: false,
+            free_page_reporting: self.free_page_reporting,
+        }
+    }
+}
+
 /// The whole configuration of one microVM.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VmConfig {
@@ -366,6 +417,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// Entropy device.
     pub entropy: Option<EntropyConfig>,
+    /// Balloon device.
+    pub balloon: Option<BalloonConfig>,
     /// Logger configuration.
     pub logger: Option<Logger>,
     /// Metrics configuration.
@@ -409,6 +462,17 @@ fn check_rate_limiter(key: String, r: &Option<RateLimiter>) -> Result<(), Config
     }
 }
 
+/// Refuses a balloon larger than the guest's memory (Firecracker's message, then the values).
+fn check_balloon_size(amount_mib: u32, mem_size_mib: usize) -> Result<(), ConfigError> {
+    if usize::try_from(amount_mib).map_or(true, |a| a > mem_size_mib) {
+        return Err(ConfigError::BalloonTooLarge {
+            amount_mib,
+            mem_size_mib,
+        });
+    }
+    Ok(())
+}
+
 fn non_empty(key: String, value: &str) -> Result<PathBuf, ConfigError> {
     if value.is_empty() {
         Err(ConfigError::EmptyPath(key))
@@ -439,7 +503,7 @@ struct ConfigFile {
     #[serde(default)]
     metrics: Option<Metrics>,
     #[serde(default)]
-    balloon: Option<IgnoredAny>,
+    balloon: Option<Balloon>,
     #[serde(rename = "cpu-config", default)]
     cpu_config: Option<IgnoredAny>,
     #[serde(rename = "mmds-config", default)]
@@ -454,7 +518,6 @@ struct ConfigFile {
 
 /// Keys of Firecracker's config-file schema that cinder refuses.
 pub const UNSUPPORTED_CONFIG_KEYS: &[&str] = &[
-    "balloon",
     "cpu-config",
     "mmds-config",
     "pmem",
@@ -482,7 +545,6 @@ impl VmConfig {
         let file: ConfigFile =
             crate::model::from_json(json.as_bytes()).map_err(ConfigError::Json)?;
         let unsupported = [
-            file.balloon.is_some(),
             file.cpu_config.is_some(),
             file.mmds_config.is_some(),
             file.pmem.is_some(),
@@ -513,6 +575,9 @@ impl VmConfig {
         if let Some(e) = &file.entropy {
             cfg.set_entropy(e)?;
         }
+        if let Some(b) = &file.balloon {
+            cfg.set_balloon(b)?;
+        }
         if let Some(l) = &file.logger {
             cfg.logger = Some(l.clone());
         }
@@ -534,8 +599,21 @@ impl VmConfig {
             huge_pages: m.huge_pages.unwrap_or_default(),
         };
         new.validate()?;
+        self.check_mem_fits_balloon(new.mem_size_mib)?;
         self.machine = new;
         Ok(())
+    }
+
+    fn check_mem_fits_balloon(&self, mem_size_mib: usize) -> Result<(), ConfigError> {
+        match self.balloon {
+            Some(b) if usize::try_from(b.amount_mib).map_or(true, |a| a > mem_size_mib) => {
+                Err(ConfigError::MemSizeBelowBalloon {
+                    amount_mib: b.amount_mib,
+                    mem_size_mib,
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Updates the given machine fields (`PATCH /machine-config`); on error
@@ -564,6 +642,7 @@ impl VmConfig {
             new.huge_pages = v;
         }
         new.validate()?;
+        self.check_mem_fits_balloon(new.mem_size_mib)?;
         self.machine = new;
         Ok(())
     }
@@ -850,6 +929,46 @@ impl VmConfig {
         Ok(())
     }
 
+    /// Sets up the balloon device (`PUT /balloon`): the target must fit the guest's memory;
+    /// free page hinting is refused (free page reporting gives free memory back instead).
+    pub fn set_balloon(&mut self, b: &Balloon) -> Result<(), ConfigError> {
+        if b.free_page_hinting {
+            return Err(not_implemented(
+                "balloon.free_page_hinting".into(),
+                "free page hinting",
+                "leave it false; free_page_reporting gives the guest's free memory back",
+            ));
+        }
+        check_balloon_size(b.amount_mib, self.machine.mem_size_mib)?;
+        self.balloon = Some(BalloonConfig {
+            amount_mib: b.amount_mib,
+            deflate_on_oom: b.deflate_on_oom,
+            stats_polling_interval_s: b.stats_polling_interval_s,
+            free_page_reporting: b.free_page_reporting,
+        });
+        Ok(())
+    }
+
+    /// Records a new balloon target (`PATCH /balloon`); on error nothing changes.
+    pub fn patch_balloon(&mut self, amount_mib: u32) -> Result<(), ConfigError> {
+        let mem = self.machine.mem_size_mib;
+        let b = self.balloon.as_mut().ok_or(ConfigError::NoBalloon)?;
+        check_balloon_size(amount_mib, mem)?;
+        b.amount_mib = amount_mib;
+        Ok(())
+    }
+
+    /// Records a new statistics interval (`PATCH /balloon/statistics`): statistics cannot be
+    /// turned on or off once set up; on error nothing changes.
+    pub fn patch_balloon_stats(&mut self, secs: u16) -> Result<(), ConfigError> {
+        let b = self.balloon.as_mut().ok_or(ConfigError::NoBalloon)?;
+        if (secs == 0) != (b.stats_polling_interval_s == 0) {
+            return Err(ConfigError::BalloonStatsChange);
+        }
+        b.stats_polling_interval_s = secs;
+        Ok(())
+    }
+
     /// Sets the metrics destination (`PUT /metrics`).
     pub fn set_metrics(&mut self, m: &Metrics) -> Result<(), ConfigError> {
         let path = non_empty("metrics.metrics_path".into(), &m.metrics_path)?;
@@ -895,6 +1014,9 @@ impl VmConfig {
             check.set_entropy(&EntropyDevice {
                 rate_limiter: e.rate_limiter,
             })?;
+        }
+        if let Some(b) = &self.balloon {
+            check.set_balloon(&b.to_model())?;
         }
         if let Some(m) = &self.metrics {
             check.set_metrics(m)?;
@@ -961,6 +1083,7 @@ impl VmConfig {
             entropy: self.entropy.as_ref().map(|e| EntropyDevice {
                 rate_limiter: e.rate_limiter,
             }),
+            balloon: self.balloon.as_ref().map(BalloonConfig::to_model),
             logger: self.logger.clone(),
             metrics: self.metrics.clone(),
         }

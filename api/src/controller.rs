@@ -6,8 +6,8 @@
 //! action's result to [`PreBootController::complete`], which records what a
 //! success changed and answers.
 
-use crate::adapter::{action_response, VmmAction, VmmError};
-use crate::config::VmConfig;
+use crate::adapter::{action_response, query_response, QueryAnswer, VmmAction, VmmError, VmmQuery};
+use crate::config::{ConfigError, VmConfig};
 use crate::model::{ActionType, FirecrackerVersion, InstanceInfo, InstanceState, VmState};
 use crate::routes::{ApiRequest, ApiResponse};
 
@@ -20,6 +20,9 @@ pub enum Outcome {
     /// configuration and the lifecycle: the VMM executes the action and
     /// hands its result to [`PreBootController::complete`], which answers.
     Execute(VmmAction),
+    /// A request that reads the running microVM's state: the VMM looks it up and hands the
+    /// result to [`PreBootController::answer`].
+    Query(VmmQuery),
 }
 
 /// Applies configuration requests to a [`VmConfig`] and enforces
@@ -132,12 +135,27 @@ impl PreBootController {
                         InstanceState::Paused
                     }
                 }
+                VmmAction::PatchBalloon(b) => {
+                    if let Err(e) = self.config.patch_balloon(b.amount_mib) {
+                        log::warn!("balloon target changed but not recorded: {e}");
+                    }
+                }
+                VmmAction::PatchBalloonStats(b) => {
+                    if let Err(e) = self.config.patch_balloon_stats(b.stats_polling_interval_s) {
+                        log::warn!("balloon statistics interval changed but not recorded: {e}");
+                    }
+                }
                 VmmAction::FlushMetrics
                 | VmmAction::SendCtrlAltDel
                 | VmmAction::CreateSnapshot(_) => {}
             }
         }
         action_response(&action, result)
+    }
+
+    /// Answers a [`VmmQuery`] with what the VMM found.
+    pub fn answer(&self, _query: VmmQuery, result: Result<QueryAnswer, VmmError>) -> ApiResponse {
+        query_response(result)
     }
 
     /// Handles one request.
@@ -185,6 +203,46 @@ impl PreBootController {
                 }
             }
             ApiRequest::PutEntropy(e) => applied(self.config.set_entropy(&e)),
+            ApiRequest::PutBalloon(b) => applied(self.config.set_balloon(&b)),
+            ApiRequest::GetBalloon => Outcome::Respond(match &self.config.balloon {
+                Some(b) => ApiResponse::ok(&b.to_model()),
+                None => ApiResponse::bad_request(ConfigError::NoBalloon.to_string()),
+            }),
+            ApiRequest::PatchBalloon(u) => match self.config.clone().patch_balloon(u.amount_mib) {
+                // The configuration's rules first (on a copy), then the device.
+                Ok(()) => Outcome::Execute(VmmAction::PatchBalloon(u)),
+                // Firecracker words a refused update so.
+                Err(ConfigError::BalloonTooLarge {
+                    amount_mib,
+                    mem_size_mib,
+                }) => Outcome::Respond(ApiResponse::bad_request(format!(
+                    "Balloon update error: Balloon: Amount of pages requested is too large. \
+                     (balloon.amount_mib {amount_mib} is above machine-config.mem_size_mib \
+                     {mem_size_mib})"
+                ))),
+                Err(e) => Outcome::Respond(ApiResponse::bad_request(e.to_string())),
+            },
+            ApiRequest::PatchBalloonStats(u) => {
+                match self
+                    .config
+                    .clone()
+                    .patch_balloon_stats(u.stats_polling_interval_s)
+                {
+                    Ok(()) => Outcome::Execute(VmmAction::PatchBalloonStats(u)),
+                    Err(e) => Outcome::Respond(ApiResponse::bad_request(e.to_string())),
+                }
+            }
+            ApiRequest::GetBalloonStats => match &self.config.balloon {
+                None => Outcome::Respond(ApiResponse::bad_request(
+                    ConfigError::NoBalloon.to_string(),
+                )),
+                Some(b) if b.stats_polling_interval_s == 0 => {
+                    Outcome::Respond(ApiResponse::bad_request(
+                        "Internal VMM error: Balloon: Received stats query when stats are disabled.",
+                    ))
+                }
+                Some(_) => Outcome::Query(VmmQuery::BalloonStats),
+            },
             // Recorded by `complete` once the VMM applied it.
             ApiRequest::PutLogger(l) => {
                 if let Some(p) = &l.log_path {
@@ -307,6 +365,11 @@ pub fn describe(req: &ApiRequest) -> &'static str {
         ApiRequest::PutVsock(_) => "PUT /vsock",
         ApiRequest::PutEntropy(_) => "PUT /entropy",
         ApiRequest::PutLogger(_) => "PUT /logger",
+        ApiRequest::GetBalloon => "GET /balloon",
+        ApiRequest::PutBalloon(_) => "PUT /balloon",
+        ApiRequest::PatchBalloon(_) => "PATCH /balloon",
+        ApiRequest::GetBalloonStats => "GET /balloon/statistics",
+        ApiRequest::PatchBalloonStats(_) => "PATCH /balloon/statistics",
         ApiRequest::PutMetrics(_) => "PUT /metrics",
         ApiRequest::Action(ActionType::InstanceStart) => "InstanceStart",
         ApiRequest::Action(ActionType::SendCtrlAltDel) => "SendCtrlAltDel",
@@ -379,6 +442,64 @@ mod tests {
         assert!(matches!(c.handle(patch), Outcome::Respond(r) if r.status == 400));
         let flush = ApiRequest::Action(ActionType::FlushMetrics);
         assert!(matches!(c.handle(flush), Outcome::Respond(r) if r.status == 204));
+    }
+
+    /// The balloon's before/after-boot rules, and a PATCH recorded only once applied.
+    #[test]
+    fn balloon_rules() {
+        use crate::model::{Balloon, BalloonStatsUpdate, BalloonUpdate};
+        let mut c = booted();
+        let b = Balloon {
+            amount_mib: 16,
+            deflate_on_oom: true,
+            stats_polling_interval_s: 1,
+            ..Default::default()
+        };
+        assert_eq!(
+            c.handle(ApiRequest::PutBalloon(b)),
+            Outcome::Respond(ApiResponse::no_content())
+        );
+        assert!(matches!(c.handle(ApiRequest::GetBalloon), Outcome::Respond(r) if r.status == 200));
+        assert!(matches!(
+            c.handle(ApiRequest::GetBalloonStats),
+            Outcome::Respond(r) if r.status == 400
+        ));
+        c.mark_started();
+        assert!(matches!(
+            c.handle(ApiRequest::PutBalloon(b)),
+            Outcome::Respond(r) if r.status == 400
+        ));
+        assert_eq!(
+            c.handle(ApiRequest::GetBalloonStats),
+            Outcome::Query(VmmQuery::BalloonStats)
+        );
+        let to = BalloonUpdate { amount_mib: 32 };
+        let Outcome::Execute(action) = c.handle(ApiRequest::PatchBalloon(to)) else {
+            panic!("PATCH /balloon goes to the VMM");
+        };
+        let r = c.complete(
+            action.clone(),
+            Err(VmmError::Balloon("Device not activated yet.".into())),
+        );
+        assert_eq!(
+            r.fault_message().as_deref(),
+            Some("Balloon update error: Balloon: Device not activated yet.")
+        );
+        assert_eq!(c.config().balloon.map(|b| b.amount_mib), Some(16));
+        c.complete(action, Ok(()));
+        assert_eq!(c.config().balloon.map(|b| b.amount_mib), Some(32));
+        let off = BalloonStatsUpdate {
+            stats_polling_interval_s: 0,
+        };
+        assert!(matches!(
+            c.handle(ApiRequest::PatchBalloonStats(off)),
+            Outcome::Respond(r) if r.status == 400
+        ));
+        let big = BalloonUpdate { amount_mib: 4096 };
+        assert!(matches!(
+            c.handle(ApiRequest::PatchBalloon(big)),
+            Outcome::Respond(r) if r.status == 400
+        ));
     }
 
     #[test]

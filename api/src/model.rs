@@ -221,6 +221,105 @@ pub struct EntropyDevice {
     pub rate_limiter: Option<RateLimiter>,
 }
 
+/// `Balloon`: body of `PUT /balloon` and answer of `GET /balloon`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Balloon {
+    /// Target balloon size in MiB.
+    pub amount_mib: u32,
+    /// Whether the guest may deflate the balloon when it runs out of memory.
+    pub deflate_on_oom: bool,
+    /// Seconds between statistics updates; 0 disables statistics.
+    #[serde(default)]
+    pub stats_polling_interval_s: u16,
+    /// Free page hinting (Firecracker 1.14+): refused by cinder.
+    #[serde(default)]
+    pub free_page_hinting: bool,
+    /// Free page reporting (Firecracker 1.14+): the guest reports free pages, the host
+    /// discards them.
+    #[serde(default)]
+    pub free_page_reporting: bool,
+}
+
+/// `BalloonUpdate`: body of `PATCH /balloon`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonUpdate {
+    /// New target balloon size in MiB.
+    pub amount_mib: u32,
+}
+
+/// `BalloonStatsUpdate`: body of `PATCH /balloon/statistics`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonStatsUpdate {
+    /// New interval in seconds between statistics updates.
+    pub stats_polling_interval_s: u16,
+}
+
+/// `BalloonStats`: answer of `GET /balloon/statistics`. The guest's values are absent until
+/// the guest reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonStats {
+    /// Target size, 4 KiB pages.
+    pub target_pages: u32,
+    /// Size the guest reached, 4 KiB pages.
+    pub actual_pages: u32,
+    /// Target size, MiB.
+    pub target_mib: u32,
+    /// Size the guest reached, MiB.
+    pub actual_mib: u32,
+    /// Pages swapped in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_in: Option<u64>,
+    /// Pages swapped out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swap_out: Option<u64>,
+    /// Major page faults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub major_faults: Option<u64>,
+    /// Minor page faults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minor_faults: Option<u64>,
+    /// Free memory, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_memory: Option<u64>,
+    /// Total memory, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_memory: Option<u64>,
+    /// Available memory, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub available_memory: Option<u64>,
+    /// Disk caches, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_caches: Option<u64>,
+    /// Huge page allocations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugetlb_allocations: Option<u64>,
+    /// Huge page allocation failures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugetlb_failures: Option<u64>,
+    /// OOM kills.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom_kill: Option<u64>,
+    /// Allocation stalls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alloc_stall: Option<u64>,
+    /// Pages scanned by kswapd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub async_scan: Option<u64>,
+    /// Pages scanned in direct reclaim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_scan: Option<u64>,
+    /// Pages reclaimed by kswapd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub async_reclaim: Option<u64>,
+    /// Pages reclaimed in direct reclaim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_reclaim: Option<u64>,
+}
+
 /// `RateLimiter`: two independent token buckets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -423,6 +522,9 @@ pub struct FullVmConfiguration {
     /// Entropy device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy: Option<EntropyDevice>,
+    /// Balloon device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<Balloon>,
     /// Logger.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logger: Option<Logger>,

@@ -12,9 +12,10 @@
 use serde::Serialize;
 
 use crate::model::{
-    from_json, ActionType, BootSource, Drive, EntropyDevice, ErrorBody, InstanceActionInfo, Logger,
-    MachineConfiguration, MachineConfigurationUpdate, Metrics, NetworkInterface, PartialDrive,
-    PartialNetworkInterface, SnapshotCreateParams, SnapshotLoadParams, Vm, VmState, Vsock,
+    from_json, ActionType, Balloon, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive,
+    EntropyDevice, ErrorBody, InstanceActionInfo, Logger, MachineConfiguration,
+    MachineConfigurationUpdate, Metrics, NetworkInterface, PartialDrive, PartialNetworkInterface,
+    SnapshotCreateParams, SnapshotLoadParams, Vm, VmState, Vsock,
 };
 
 /// One (method, path template) pair of the API.
@@ -63,14 +64,14 @@ pub const ROUTES: &[Route] = &[
     ok("PATCH", "/vm"),
     ok("GET", "/vm/config"),
     ok("PUT", "/vsock"),
-    no("GET", "/balloon", "the balloon device"),
-    no("PUT", "/balloon", "the balloon device"),
-    no("PATCH", "/balloon", "the balloon device"),
-    no("GET", "/balloon/statistics", "the balloon device"),
-    no("PATCH", "/balloon/statistics", "the balloon device"),
-    no("PATCH", "/balloon/hinting/start", "the balloon device"),
-    no("GET", "/balloon/hinting/status", "the balloon device"),
-    no("PATCH", "/balloon/hinting/stop", "the balloon device"),
+    ok("GET", "/balloon"),
+    ok("PUT", "/balloon"),
+    ok("PATCH", "/balloon"),
+    ok("GET", "/balloon/statistics"),
+    ok("PATCH", "/balloon/statistics"),
+    no("PATCH", "/balloon/hinting/start", "free page hinting"),
+    no("GET", "/balloon/hinting/status", "free page hinting"),
+    no("PATCH", "/balloon/hinting/stop", "free page hinting"),
     no("PUT", "/cpu-config", "custom CPU templates"),
     no("PUT", "/pmem/{id}", "virtio-pmem"),
     no("PATCH", "/pmem/{id}", "virtio-pmem"),
@@ -118,6 +119,16 @@ pub enum ApiRequest {
     PutVsock(Vsock),
     /// `PUT /entropy`.
     PutEntropy(EntropyDevice),
+    /// `GET /balloon`.
+    GetBalloon,
+    /// `PUT /balloon`.
+    PutBalloon(Balloon),
+    /// `PATCH /balloon`.
+    PatchBalloon(BalloonUpdate),
+    /// `GET /balloon/statistics`.
+    GetBalloonStats,
+    /// `PATCH /balloon/statistics`.
+    PatchBalloonStats(BalloonStatsUpdate),
     /// `PUT /logger`.
     PutLogger(Logger),
     /// `PUT /metrics`.
@@ -143,6 +154,9 @@ impl ApiRequest {
                 | ApiRequest::PatchNetworkInterface(_)
                 | ApiRequest::PatchVm(_)
                 | ApiRequest::CreateSnapshot(_)
+                | ApiRequest::PatchBalloon(_)
+                | ApiRequest::GetBalloonStats
+                | ApiRequest::PatchBalloonStats(_)
                 | ApiRequest::Action(ActionType::SendCtrlAltDel)
         )
     }
@@ -158,6 +172,7 @@ impl ApiRequest {
                 | ApiRequest::PutNetworkInterface(_)
                 | ApiRequest::PutVsock(_)
                 | ApiRequest::PutEntropy(_)
+                | ApiRequest::PutBalloon(_)
                 | ApiRequest::PutLogger(_)
                 | ApiRequest::PutMetrics(_)
                 | ApiRequest::LoadSnapshot(_)
@@ -490,6 +505,13 @@ pub fn parse_api_request(
         }
         ("PUT", "/vsock") => ApiRequest::PutVsock(body!(Vsock)),
         ("PUT", "/entropy") => ApiRequest::PutEntropy(body!(EntropyDevice)),
+        ("GET", "/balloon") => ApiRequest::GetBalloon,
+        ("PUT", "/balloon") => ApiRequest::PutBalloon(body!(Balloon)),
+        ("PATCH", "/balloon") => ApiRequest::PatchBalloon(body!(BalloonUpdate)),
+        ("GET", "/balloon/statistics") => ApiRequest::GetBalloonStats,
+        ("PATCH", "/balloon/statistics") => {
+            ApiRequest::PatchBalloonStats(body!(BalloonStatsUpdate))
+        }
         ("PUT", "/logger") => ApiRequest::PutLogger(body!(Logger)),
         ("PUT", "/metrics") => ApiRequest::PutMetrics(body!(Metrics)),
         ("PUT", "/actions") => ApiRequest::Action(body!(InstanceActionInfo).action_type),
@@ -597,7 +619,7 @@ mod tests {
             Err(RequestError::MissingPathParam("drive_id"))
         ));
         assert!(matches!(
-            parse_api_request("PUT", "/balloon", b"{}"),
+            parse_api_request("PATCH", "/balloon/hinting/start", b"{}"),
             Err(RequestError::NotSupported { .. })
         ));
         assert!(matches!(

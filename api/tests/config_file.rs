@@ -109,8 +109,14 @@ fn each_error_names_its_key() {
             "unknown field `machine_config`",
         ),
         (
-            with(r#""balloon": {"amount_mib": 1, "deflate_on_oom": true}"#),
-            "balloon: not supported by cinder yet",
+            with(r#""balloon": {"amount_mib": 129, "deflate_on_oom": true}"#),
+            "Balloon config error: Amount of pages requested is too large.",
+        ),
+        (
+            with(
+                r#""balloon": {"amount_mib": 1, "deflate_on_oom": true, "free_page_hinting": true}"#,
+            ),
+            "balloon.free_page_hinting: free page hinting is not implemented by cinder yet",
         ),
         (with(r#""cpu-config": {}"#), "cpu-config: not supported"),
         (

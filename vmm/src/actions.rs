@@ -10,7 +10,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use api::adapter::{VmmAction, VmmError};
+use api::adapter::{QueryAnswer, VmmAction, VmmError, VmmQuery};
 use api::model::RateLimiter;
 use serde_json::Value;
 
@@ -19,7 +19,7 @@ use devices::virtio::vsock::{VsockConfig, VsockListener};
 use crate::device_loop::DeviceLoop;
 use crate::error::VmError;
 use crate::metrics::{open_sink, Metrics};
-use crate::vm::{CtrlAltDelError, PatchDriveError, PatchNetError, Vmm};
+use crate::vm::{BalloonOpError, CtrlAltDelError, PatchDriveError, PatchNetError, Vmm};
 
 /// A running microVM, as the API's actions use it.
 pub trait MicroVm {
@@ -51,6 +51,18 @@ pub trait MicroVm {
         &self,
         params: &api::model::SnapshotCreateParams,
     ) -> Result<(), crate::snapshot::SnapshotError>;
+    /// Sets the balloon's target.
+    fn patch_balloon(&self, _amount_mib: u32) -> Result<(), BalloonOpError> {
+        Err(BalloonOpError::NoBalloon)
+    }
+    /// Sets the balloon's statistics interval.
+    fn patch_balloon_stats(&self, _secs: u16) -> Result<(), BalloonOpError> {
+        Err(BalloonOpError::NoBalloon)
+    }
+    /// The balloon's sizes and the guest's statistics.
+    fn balloon_stats(&self) -> Result<api::model::BalloonStats, BalloonOpError> {
+        Err(BalloonOpError::NoBalloon)
+    }
 }
 
 impl MicroVm for Vmm {
@@ -96,6 +108,18 @@ impl MicroVm for Vmm {
 
     fn memory_backend_lost(&self) -> Option<String> {
         Vmm::memory_backend_lost(self)
+    }
+
+    fn patch_balloon(&self, amount_mib: u32) -> Result<(), BalloonOpError> {
+        Vmm::patch_balloon(self, amount_mib)
+    }
+
+    fn patch_balloon_stats(&self, secs: u16) -> Result<(), BalloonOpError> {
+        Vmm::patch_balloon_stats(self, secs)
+    }
+
+    fn balloon_stats(&self) -> Result<api::model::BalloonStats, BalloonOpError> {
+        Vmm::balloon_stats(self)
     }
 }
 
@@ -255,6 +279,16 @@ impl<V: MicroVm, D: Parkable> Executor<V, D> {
                 )
                 .map_err(vm_error)
             }
+            VmmAction::PatchBalloon(b) => self
+                .running()?
+                .vm
+                .patch_balloon(b.amount_mib)
+                .map_err(|e| VmmError::Balloon(Box::new(e))),
+            VmmAction::PatchBalloonStats(b) => self
+                .running()?
+                .vm
+                .patch_balloon_stats(b.stats_polling_interval_s)
+                .map_err(|e| VmmError::Balloon(Box::new(e))),
             VmmAction::ConfigureLogger(l) => {
                 crate::logger::apply(l).map_err(|e| VmmError::Logger(e.to_string()))
             }
@@ -275,6 +309,18 @@ impl<V: MicroVm, D: Parkable> Executor<V, D> {
                 );
                 Ok(())
             }
+        }
+    }
+
+    /// Looks up what `query` asks for in the running microVM.
+    pub fn query(&self, query: VmmQuery) -> Result<QueryAnswer, VmmError> {
+        match query {
+            VmmQuery::BalloonStats => self
+                .running()?
+                .vm
+                .balloon_stats()
+                .map(QueryAnswer::BalloonStats)
+                .map_err(|e| VmmError::BalloonQuery(Box::new(e))),
         }
     }
 

@@ -19,6 +19,7 @@ use arch::GuestMemoryMmap;
 use devices::i8042::I8042;
 use devices::legacy::{self, SerialDevice};
 use devices::rate_limiter::{bucket, RateLimiter, RateLimiterError};
+use devices::virtio::balloon::{Balloon, BalloonConfig as BalloonDeviceConfig};
 use devices::virtio::block::{Block, BlockConfig, IoEngine, IoGate, StartHook};
 use devices::virtio::console::{Console as VirtioConsole, ConsoleInput as VirtioConsoleInput};
 use devices::virtio::net::{generate_mac, Net, NetConfig, DEFAULT_MTU};
@@ -79,6 +80,8 @@ struct OpenDevices {
     nets: Vec<(String, Arc<Mutex<Net>>)>,
     /// The entropy device, for metrics.
     rng: Option<Arc<Mutex<Rng>>>,
+    /// The balloon, for PATCH /balloon, its statistics and metrics.
+    balloon: Option<Arc<Mutex<Balloon>>>,
     /// Every virtio device in slot order.
     virtio: Vec<NewVirtio>,
     /// The console output, unless a virtio-console on stdio took it.
@@ -175,6 +178,7 @@ impl<'a> VmBuilder<'a> {
             io_gate: devices.io_gate,
             nets: devices.nets,
             rng: devices.rng,
+            balloon: devices.balloon,
             i8042: legacy.i8042,
             serial: legacy.serial,
             config: config_json(self.cfg),
@@ -282,6 +286,7 @@ impl<'a> VmBuilder<'a> {
             io_gate: devices.io_gate,
             nets: devices.nets,
             rng: devices.rng,
+            balloon: devices.balloon,
             i8042: legacy.i8042,
             serial: legacy.serial,
             config: config_json(cfg),
@@ -302,7 +307,7 @@ impl<'a> VmBuilder<'a> {
     /// Opens every device's host side before anything else: a missing image or a socket in
     /// use is the user's error, and must be reported as such on any host. The order is the
     /// guest's slot order: drives (the root drive first), network interfaces, rng,
-    /// virtio-console, vsock.
+    /// virtio-console, vsock, balloon.
     fn open_devices(
         &mut self,
         console_out: Box<dyn Write + Send>,
@@ -313,6 +318,7 @@ impl<'a> VmBuilder<'a> {
             io_gate: Arc::new(IoGate::new()),
             nets: Vec::with_capacity(self.cfg.net.len()),
             rng: None,
+            balloon: None,
             virtio: Vec::new(),
             console_out: Some(console_out),
         };
@@ -408,6 +414,19 @@ impl<'a> VmBuilder<'a> {
             };
             let dev = Arc::new(Mutex::new(vs.map_err(VmError::Vsock)?));
             open.virtio.push(("vsock".into(), dev));
+        }
+        if let Some(b) = &self.cfg.balloon {
+            let dev = Arc::new(Mutex::new(
+                Balloon::new(BalloonDeviceConfig {
+                    amount_mib: b.amount_mib,
+                    deflate_on_oom: b.deflate_on_oom,
+                    stats_polling_interval_s: b.stats_polling_interval_s,
+                    free_page_reporting: b.free_page_reporting,
+                })
+                .map_err(VmError::Balloon)?,
+            ));
+            open.balloon = Some(dev.clone());
+            open.virtio.push(("balloon".into(), dev));
         }
         Ok(open)
     }

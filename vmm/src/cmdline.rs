@@ -30,13 +30,14 @@ const VIRTIO_MMIO_SIZE: u64 = layout::VIRTIO_MMIO_SIZE;
 pub const MAX_VIRTIO_DEVICES: usize = (layout::IRQ_MAX - layout::IRQ_BASE + 1) as usize;
 
 /// How many virtio devices the guest gets, each in its own slot: the drives (the root drive
-/// first, so it is vda), the network interfaces, then rng, virtio-console and vsock.
+/// first, so it is vda), the network interfaces, then rng, virtio-console, vsock and the balloon.
 pub fn virtio_count(cfg: &VmConfig, console: &ConsoleSpec) -> usize {
     cfg.drives.len()
         + cfg.net.len()
         + usize::from(cfg.entropy.is_some())
         + usize::from(console.is_virtio())
         + usize::from(cfg.vsock.is_some())
+        + usize::from(cfg.balloon.is_some())
 }
 
 /// The configured command line, or [`DEFAULT_CMDLINE`].

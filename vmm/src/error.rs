@@ -127,6 +127,9 @@ pub enum VmError {
     /// The entropy device cannot be created.
     #[error("rng: {0}")]
     Rng(RngError),
+    /// The balloon device cannot be created.
+    #[error("balloon: {0}")]
+    Balloon(devices::virtio::balloon::BalloonError),
     /// The virtio-console's output file cannot be created.
     #[error("--console-out {}: {source}", path.display())]
     ConsoleOut {

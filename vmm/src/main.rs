@@ -156,6 +156,11 @@ struct Cli {
     #[arg(long, requires = "kernel")]
     rng: bool,
 
+    /// A virtio-balloon device: amount_mib=N[,deflate_on_oom][,stats_polling_interval_s=N]
+    /// [,free_page_reporting] (as PUT /balloon; the target changes with PATCH /balloon).
+    #[arg(long, value_name = "SPEC", requires = "kernel", value_parser = parse_balloon_arg)]
+    balloon: Option<api::model::Balloon>,
+
     /// A virtio-vsock device: cid=N,uds=PATH (CID 3 or more). Host clients connect to PATH
     /// and send `CONNECT <port>`; guest connections to host port P go to PATH_P.
     #[arg(long, value_name = "SPEC", requires = "kernel", value_parser = parse_vsock_arg)]
@@ -587,6 +592,35 @@ fn parse_net_arg(spec: &str) -> Result<NetArg, String> {
     Ok(NetArg { tap, mac, id })
 }
 
+/// `--balloon amount_mib=N[,deflate_on_oom][,stats_polling_interval_s=N][,free_page_reporting]`,
+/// parsed by clap; the values are checked as `PUT /balloon` checks them.
+fn parse_balloon_arg(spec: &str) -> Result<api::model::Balloon, String> {
+    const FORM: &str =
+        "amount_mib=N[,deflate_on_oom][,stats_polling_interval_s=N][,free_page_reporting]";
+    let mut b = api::model::Balloon::default();
+    let mut amount = None;
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("amount_mib", v)) => {
+                amount = Some(
+                    v.parse::<u32>()
+                        .map_err(|_| format!("amount_mib {v:?} is not a number ({FORM})"))?,
+                )
+            }
+            Some(("stats_polling_interval_s", v)) => {
+                b.stats_polling_interval_s = v.parse::<u16>().map_err(|_| {
+                    format!("stats_polling_interval_s {v:?} is not a number 0-65535 ({FORM})")
+                })?
+            }
+            None if part == "deflate_on_oom" => b.deflate_on_oom = true,
+            None if part == "free_page_reporting" => b.free_page_reporting = true,
+            _ => return Err(format!("unknown or empty part {part:?} (expected {FORM})")),
+        }
+    }
+    b.amount_mib = amount.ok_or_else(|| format!("amount_mib=N is required ({FORM})"))?;
+    Ok(b)
+}
+
 /// `--vsock cid=N,uds=PATH`, parsed by clap; values checked as `PUT /vsock` checks them.
 #[derive(Clone, Debug)]
 struct VsockArg {
@@ -702,6 +736,9 @@ fn config_from_flags(cli: &Cli, kernel: PathBuf, paths: PathPolicy) -> Result<Vm
     if cli.rng {
         cfg.set_entropy(&EntropyDevice::default())
             .map_err(|e| format!("--rng: {e}"))?;
+    }
+    if let Some(b) = &cli.balloon {
+        cfg.set_balloon(b).map_err(|e| format!("--balloon: {e}"))?;
     }
     if let Some(v) = &cli.vsock {
         cfg.set_vsock(&Vsock {

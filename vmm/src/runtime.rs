@@ -576,6 +576,7 @@ impl Runtime {
                     }
                     api.controller.complete(action, result)
                 }
+                Outcome::Query(q) => api.controller.answer(q, self.vmm.query(q)),
             };
             if resp.status >= 400 {
                 self.launcher.ctx.metrics.api.errors.inc();

@@ -140,6 +140,17 @@ pub enum PatchNetError {
     },
 }
 
+/// Why a balloon request on the running VM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BalloonOpError {
+    /// The VM has no balloon device.
+    #[error("No balloon device found.")]
+    NoBalloon,
+    /// The device refused.
+    #[error("{0}")]
+    Device(#[from] devices::virtio::balloon::BalloonError),
+}
+
 /// A built microVM: memory, KVM VM, devices and vCPUs.
 pub struct Vmm {
     // Field order matters for drop: threads are joined in `shutdown`, then the VM goes, then
@@ -157,6 +168,8 @@ pub struct Vmm {
     pub(crate) nets: Vec<(String, Arc<Mutex<Net>>)>,
     /// The entropy device, for metrics.
     pub(crate) rng: Option<Arc<Mutex<devices::virtio::rng::Rng>>>,
+    /// The balloon, for PATCH /balloon, its statistics and metrics.
+    pub(crate) balloon: Option<Arc<Mutex<devices::virtio::balloon::Balloon>>>,
     pub(crate) i8042: Arc<Mutex<I8042>>,
     /// COM1, when the VM has it (its state goes into a snapshot).
     pub(crate) serial: Option<Arc<Mutex<devices::legacy::SerialDevice>>>,
@@ -463,6 +476,58 @@ impl Vmm {
         Ok(out)
     }
 
+    /// The balloon device, locked (a poisoned lock is taken over: the device's state is
+    /// plain counters and sizes).
+    fn balloon(
+        &self,
+    ) -> Result<std::sync::MutexGuard<'_, devices::virtio::balloon::Balloon>, BalloonOpError> {
+        let dev = self.balloon.as_ref().ok_or(BalloonOpError::NoBalloon)?;
+        Ok(match dev.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        })
+    }
+
+    /// Sets the balloon's target (`PATCH /balloon`).
+    pub fn patch_balloon(&self, amount_mib: u32) -> Result<(), BalloonOpError> {
+        Ok(self.balloon()?.set_target_mib(amount_mib)?)
+    }
+
+    /// Sets the balloon's statistics interval (`PATCH /balloon/statistics`).
+    pub fn patch_balloon_stats(&self, secs: u16) -> Result<(), BalloonOpError> {
+        Ok(self.balloon()?.set_stats_interval(secs)?)
+    }
+
+    /// The balloon's sizes and the guest's latest statistics (`GET /balloon/statistics`).
+    pub fn balloon_stats(&self) -> Result<api::model::BalloonStats, BalloonOpError> {
+        use devices::virtio::balloon::tags;
+        let dev = self.balloon()?;
+        let g = dev.guest_stats()?;
+        let (target, actual) = (dev.target_pages(), dev.actual_pages());
+        Ok(api::model::BalloonStats {
+            target_pages: target,
+            actual_pages: actual,
+            target_mib: target / 256,
+            actual_mib: actual / 256,
+            swap_in: g.get(tags::SWAP_IN),
+            swap_out: g.get(tags::SWAP_OUT),
+            major_faults: g.get(tags::MAJFLT),
+            minor_faults: g.get(tags::MINFLT),
+            free_memory: g.get(tags::MEMFREE),
+            total_memory: g.get(tags::MEMTOT),
+            available_memory: g.get(tags::AVAIL),
+            disk_caches: g.get(tags::CACHES),
+            hugetlb_allocations: g.get(tags::HTLB_PGALLOC),
+            hugetlb_failures: g.get(tags::HTLB_PGFAIL),
+            oom_kill: g.get(tags::OOM_KILLS),
+            alloc_stall: g.get(tags::ALLOC_STALL),
+            async_scan: g.get(tags::ASYNC_SCAN),
+            direct_scan: g.get(tags::DIRECT_SCAN),
+            async_reclaim: g.get(tags::ASYNC_RECLAIM),
+            direct_reclaim: g.get(tags::DIRECT_RECLAIM),
+        })
+    }
+
     /// Per-device metrics sections (cumulative counters), as JSON objects.
     pub fn device_metrics(&self) -> Vec<(String, serde_json::Value)> {
         fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -498,6 +563,15 @@ impl Vmm {
                 o.insert("tx_rate_limiter_throttled".into(), tx.into());
             }
             out.push((format!("net_{id}"), v));
+        }
+        if let Some(dev) = &self.balloon {
+            let dev = lock(dev);
+            let mut v = section(serde_json::to_value(dev.counters()));
+            if let Some(o) = v.as_object_mut() {
+                o.insert("target_pages".into(), dev.target_pages().into());
+                o.insert("actual_pages".into(), dev.actual_pages().into());
+            }
+            out.push(("balloon".into(), v));
         }
         if let Some(dev) = &self.rng {
             let dev = lock(dev);

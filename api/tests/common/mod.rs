@@ -62,6 +62,7 @@ impl MockVmm {
             Outcome::Respond(r) => r,
             // Every action succeeds at once; the controller records what it changed.
             Outcome::Execute(action) => self.ctl.complete(action, Ok(())),
+            Outcome::Query(q) => self.ctl.answer(q, Err(api::adapter::VmmError::NotRunning)),
         }
     }
 }

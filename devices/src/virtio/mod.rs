@@ -9,6 +9,7 @@
 //!   [`event_manager::MutEventSubscriber`]).
 //! * The device raises interrupts through the shared [`Interrupt`].
 
+pub mod balloon;
 pub mod block;
 pub mod console;
 pub(crate) mod device_core;
@@ -42,6 +43,8 @@ pub mod device_type {
     pub const RNG: u32 = ids::VIRTIO_ID_RNG;
     /// Socket device.
     pub const VSOCK: u32 = ids::VIRTIO_ID_VSOCK;
+    /// Memory balloon.
+    pub const BALLOON: u32 = ids::VIRTIO_ID_BALLOON;
 }
 
 /// Device-independent feature bits (virtio 1.2 §6), from virtio-bindings: indirect

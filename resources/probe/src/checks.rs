@@ -47,6 +47,7 @@ const CHECKS: &[(&str, CheckFn)] = &[
     ("net", crate::virtio_net::check_net),
     ("netbench", crate::net_bench::check_netbench),
     ("vsock", crate::virtio_vsock::check),
+    ("balloon", crate::virtio_balloon::check),
     ("kbd", crate::kbd::check),
     ("idle", crate::idle::check),
     ("snapmem", crate::snapmem::check),

@@ -25,6 +25,7 @@ mod snapmem;
 mod sync;
 mod time;
 mod virtio;
+mod virtio_balloon;
 mod virtio_blk;
 mod virtio_blk_discard;
 mod virtio_blk_hostile;

@@ -37,7 +37,7 @@ pub const COMMON: &[Allow] = &[
     (SYS_mprotect, Args::NoExec(2), "every thread: the allocator, stack guards; never PROT_EXEC"),
     (SYS_munmap, Args::Any, "every thread: the allocator"),
     (SYS_mremap, Args::Any, "every thread: the allocator (growing a Vec)"),
-    (SYS_madvise, Args::Any, "every thread: the allocator, thread exit"),
+    (SYS_madvise, Args::Any, "every thread: the allocator, thread exit; devices: the balloon discards inflated and reported guest pages (MADV_DONTNEED)"),
     (SYS_brk, Args::Any, "every thread: the allocator"),
     (SYS_rt_sigprocmask, Args::Any, "every thread: std, thread exit, abort"),
     (SYS_rt_sigreturn, Args::Any, "every thread: return from the vCPU kick handler"),
@@ -122,7 +122,7 @@ pub const DEVICES: &[Allow] = &[
     (SYS_shutdown, Args::Any, "devices: vsock connection shutdown"),
     (SYS_getsockopt, Args::Any, "devices: SO_ERROR of a vsock connection"),
     (SYS_ioctl, Args::In(1, &[FIONBIO, FIONREAD]), "devices: non-blocking vsock sockets"),
-    (SYS_timerfd_settime, Args::Any, "devices: vsock timers (CONNECT line, unanswered REQUEST, shutdown, accept back-off)"),
+    (SYS_timerfd_settime, Args::Any, "devices: vsock timers (CONNECT line, unanswered REQUEST, shutdown, accept back-off); the balloon's statistics timer, armed on activation"),
 ];
 
 /// blk-<id>, a drive's I/O thread (the blk branch: devices/src/virtio/block/worker.rs),
@@ -189,8 +189,8 @@ pub const VMM: &[Allow] = &[
     (SYS_epoll_pwait, Args::Any, "vmm: the control loop"),
     (SYS_epoll_ctl, Args::Any, "vmm: the control loop"),
     (SYS_eventfd2, Args::Any, "vmm: irqfds, ioeventfds, exit and reset events"),
-    (SYS_timerfd_create, Args::Any, "vmm: the metrics timer"),
-    (SYS_timerfd_settime, Args::Any, "vmm: the metrics timer"),
+    (SYS_timerfd_create, Args::Any, "vmm: the metrics timer; the balloon's statistics timer (InstanceStart)"),
+    (SYS_timerfd_settime, Args::Any, "vmm: the metrics timer; PATCH /balloon/statistics re-arms the balloon's timer"),
     (SYS_openat, Args::Any, "vmm: InstanceStart opens /dev/kvm, the kernel, images, TAPs; metrics and log files"),
     (SYS_pread64, Args::Any, "vmm: loading the kernel and initrd"),
     (SYS_userfaultfd, Args::Any, "vmm: snapshot/load with mem_backend Uffd creates the userfaultfd (snapshot::uffd)"),
