@@ -135,7 +135,10 @@ fn describe_snapshot_refuses_a_file_that_is_not_a_snapshot_in_one_line() {
         .expect("run cinder");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("--describe-snapshot") && err.trim().lines().count() == 1, "{err}");
+    assert!(
+        err.contains("--describe-snapshot") && err.trim().lines().count() == 1,
+        "{err}"
+    );
 }
 
 #[test]

@@ -959,7 +959,10 @@ fn snapshot_on_sigusr1_and_restore_from_the_command_line_under_cinder() {
     assert!(describe.status.success(), "{describe:?}");
     assert!(version.status.success(), "{version:?}");
     assert_eq!(describe.stdout, version.stdout);
-    assert!(String::from_utf8_lossy(&version.stdout).starts_with("v1."), "{version:?}");
+    assert!(
+        String::from_utf8_lossy(&version.stdout).starts_with("v1."),
+        "{version:?}"
+    );
     let spec = format!("state={},mem={},resume", state.display(), mem.display());
     let mut c = cinder();
     c.args(["--restore", &spec]);
