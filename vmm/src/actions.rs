@@ -46,6 +46,11 @@ pub trait MicroVm {
     fn memory_backend_lost(&self) -> Option<String> {
         None
     }
+    /// Guest memory depends on a page-fault handler that [`Self::memory_backend_lost`] must
+    /// look at now and then (the control loop then wakes every second; else only on events).
+    fn memory_backend_polled(&self) -> bool {
+        false
+    }
     /// Writes a snapshot of the paused microVM.
     fn snapshot_create(
         &self,
@@ -108,6 +113,10 @@ impl MicroVm for Vmm {
 
     fn memory_backend_lost(&self) -> Option<String> {
         Vmm::memory_backend_lost(self)
+    }
+
+    fn memory_backend_polled(&self) -> bool {
+        self.uffd.is_some()
     }
 
     fn patch_balloon(&self, amount_mib: u32) -> Result<(), BalloonOpError> {
@@ -206,6 +215,13 @@ impl<V: MicroVm, D: Parkable> Executor<V, D> {
     /// Why the running microVM's memory can no longer be served, if so.
     pub fn memory_backend_lost(&self) -> Option<String> {
         self.machine.as_ref()?.vm.memory_backend_lost()
+    }
+
+    /// Whether the control loop must look at [`Self::memory_backend_lost`] every second.
+    pub fn memory_backend_polled(&self) -> bool {
+        self.machine
+            .as_ref()
+            .is_some_and(|m| m.vm.memory_backend_polled())
     }
 
     fn running(&self) -> Result<&Machine<V, D>, VmmError> {
