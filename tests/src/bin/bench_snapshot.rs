@@ -239,7 +239,7 @@ fn fan_out(vmm: &Vmm, dir: &Path, snap: &Snap, n: usize) -> Result<(), String> {
                 c.args(["--restore", &spec]);
                 Session::start(c)
             }
-            Vmm::Firecracker(_) => vmm.start(&dir.join(format!("clone{i}.sock")))?,
+            Vmm::Firecracker(_) => vmm.start(&dir.join(format!("clone{n}-{i}.sock")))?,
         };
         vms.push(s);
     }
@@ -249,7 +249,7 @@ fn fan_out(vmm: &Vmm, dir: &Path, snap: &Snap, n: usize) -> Result<(), String> {
         let errors: Vec<String> = std::thread::scope(|sc| {
             let hs: Vec<_> = (0..n)
                 .map(|i| {
-                    let (body, sock) = (&body, dir.join(format!("clone{i}.sock")));
+                    let (body, sock) = (&body, dir.join(format!("clone{n}-{i}.sock")));
                     sc.spawn(move || {
                         ok(
                             request(&sock, "PUT", "/snapshot/load", Some(body)),
