@@ -1053,3 +1053,101 @@ fn clock_realtime_is_enforced_or_refused_by_name_under_cinder() {
         assert!(err.contains("clock_realtime"), "{err}");
     }
 }
+
+/// Issue 17: a vsock connection open at snapshot time is reset after the restore (the guest
+/// gets a TRANSPORT_RESET event and drops it) and a new connection on the clone's own socket
+/// (`vsock=PATH`) works. The probe echoes (`probe.vsock_mode=echo`) and ends after its second
+/// inbound connection; the first one ending by the transport reset is an unorderly end, so
+/// its check reports FAIL with `unorderly=1`: that, and the per-connection lines, are the
+/// expected result.
+#[test]
+fn a_vsock_connection_open_at_the_snapshot_is_reset_and_a_new_one_works_under_cinder() {
+    use std::io::{Read, Write};
+    require_kvm();
+    let dir = TempDir::new("snap-vsock");
+    let sock = dir.join("boot.sock");
+    let uds = dir.join("v.sock");
+    let mut s = start_api(
+        &sock,
+        &[
+            "--kernel",
+            probe::elf_path().to_str().expect("utf-8 path"),
+            "--vsock",
+            &format!("cid=3,uds={}", uds.display()),
+            "--cmdline",
+            "probe.run=vsock probe.vsock_mode=echo probe.vsock_conns=2 probe.vsock_ms=60000",
+        ],
+    );
+    s.expect_line("PROBE vsock ready", T)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let echo = |c: &mut std::os::unix::net::UnixStream, what: &[u8]| {
+        c.write_all(what).expect("send");
+        let mut back = vec![0u8; what.len()];
+        c.read_exact(&mut back).expect("read the echo");
+        assert_eq!(back, what, "the echo differs");
+    };
+    let mut old = cinder_tests::vsock::connect(&uds, 5000, T).unwrap_or_else(|e| panic!("{e}"));
+    echo(&mut old, b"before");
+    let r = request(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    ok(&r, "pause", &s);
+    let (state, mem) = (dir.join("state"), dir.join("mem"));
+    let body = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        state.display(),
+        mem.display()
+    );
+    let r = request(&sock, "PUT", "/snapshot/create", Some(&body));
+    ok(&r, "snapshot/create", &s);
+    s.signal(libc::SIGKILL);
+    let _ = s.wait_exit(Duration::from_secs(10));
+    drop(old);
+
+    let uds2 = dir.join("v2.sock");
+    let spec = format!(
+        "state={},mem={},resume,vsock={}",
+        state.display(),
+        mem.display(),
+        uds2.display()
+    );
+    let mut c = cinder();
+    c.args(["--restore", &spec]);
+    let mut s = Session::start(c);
+    cinder_tests::http::wait_for_socket(&uds2, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.log()));
+    let mut new =
+        cinder_tests::vsock::connect(&uds2, 5000, T).unwrap_or_else(|e| panic!("{e}\n{}", s.log()));
+    echo(&mut new, b"after!!");
+    new.shutdown(std::net::Shutdown::Both).expect("close");
+    drop(new);
+    s.expect("PROBE DONE", T).unwrap_or_else(|e| panic!("{e}"));
+    let _ = s.wait_exit(Duration::from_secs(30));
+    let out = s.console();
+    assert!(
+        !out.contains("PROBE begin"),
+        "the restored guest booted again\n{}",
+        s.log()
+    );
+    let conns: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("PROBE vsock conn "))
+        .collect();
+    assert_eq!(conns.len(), 2, "{}", s.log());
+    assert!(
+        conns[0].contains("rx_bytes=6 ") && conns[0].contains("end=transport_reset"),
+        "the connection open at the snapshot: {conns:?}"
+    );
+    assert!(
+        conns[1].contains("rx_bytes=7 ") && conns[1].contains("tx_bytes=7 "),
+        "the new connection: {conns:?}"
+    );
+    assert!(
+        !conns[1].contains("end=transport_reset") && !conns[1].contains("end=peer_rst"),
+        "the new connection did not end orderly: {conns:?}"
+    );
+    let log = probe::parse(&out);
+    let c = log
+        .check("vsock")
+        .unwrap_or_else(|| panic!("no vsock result\n{}", s.log()));
+    assert_eq!(c.num("in"), Some(2), "{}", c.details);
+    assert_eq!(c.num("unorderly"), Some(1), "{}", c.details);
+}
