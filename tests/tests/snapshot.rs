@@ -1151,3 +1151,124 @@ fn a_vsock_connection_open_at_the_snapshot_is_reset_and_a_new_one_works_under_ci
     assert_eq!(c.num("in"), Some(2), "{}", c.details);
     assert_eq!(c.num("unorderly"), Some(1), "{}", c.details);
 }
+
+/// Deletes a TAP inside a namespace on drop.
+struct TapGuard(String, String);
+
+impl Drop for TapGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.0, "ip", "link", "del", &self.1])
+            .output();
+    }
+}
+
+/// Issue 17: `network_overrides` (`tap=ID:NAME` on the command line): a probe snapshotted
+/// with its interface on one TAP is restored onto another TAP (a unique name, created after
+/// the first one is deleted) and answers ICMP pings through it. Without the override, the
+/// restore names the missing TAP and fails. The snapshot's host MAC is given to both TAPs so
+/// the guest's ARP entry stays right.
+#[test]
+fn network_overrides_restore_onto_a_different_tap_under_cinder() {
+    use cinder_tests::netns::{ping, sh, NetNs};
+    use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+    require_kvm();
+    const MAC: &str = "02:00:0a:00:02:02";
+    let probe_ip = Ipv4Addr::new(10, 0, 2, 15);
+    let ns = NetNs::new();
+    let x = |cmd: &[&str]| {
+        let mut v = vec!["ip", "netns", "exec", &ns.name];
+        v.extend_from_slice(cmd);
+        sh(&v);
+    };
+    x(&["ip", "link", "set", "dev", &ns.tap, "address", MAC]);
+    let dir = TempDir::new("snap-netov");
+    let sock = dir.join("boot.sock");
+    let mut c = cinder();
+    c.arg("--api-sock")
+        .arg(&sock)
+        .arg("--kernel")
+        .arg(probe::elf_path())
+        .args([
+            "--cmdline",
+            "probe.run=net probe.net_ip=10.0.2.15 probe.net_peer=10.0.2.2 probe.udp_port=7777 probe.net_ms=600000",
+        ])
+        .args(["--net", &format!("tap={},id=eth0,mac=02:00:0a:00:02:0f", ns.tap)]);
+    let mut s = Session::start(ns.wrap(&c));
+    s.expect("PROBE net ready", T)
+        .unwrap_or_else(|e| panic!("{e}"));
+    cinder_tests::http::wait_for_socket(&sock, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pings = || {
+        ns.run(move || {
+            let mut got = 0;
+            for _ in 0..5 {
+                got = ping(probe_ip, 3, Duration::from_secs(3));
+                if got == 3 {
+                    break;
+                }
+            }
+            got
+        })
+    };
+    assert_eq!(
+        pings(),
+        3,
+        "the probe does not answer before the snapshot\n{}",
+        s.log()
+    );
+    let r = request(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    ok(&r, "pause", &s);
+    let (state, mem) = (dir.join("state"), dir.join("mem"));
+    let body = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        state.display(),
+        mem.display()
+    );
+    let r = request(&sock, "PUT", "/snapshot/create", Some(&body));
+    ok(&r, "snapshot/create", &s);
+    s.signal(libc::SIGKILL);
+    let _ = s.wait_exit(Duration::from_secs(10));
+
+    // The first TAP goes; a second one with another (unique) name takes its place.
+    x(&["ip", "link", "del", &ns.tap]);
+    let tap2 = format!("tapo{}", std::process::id());
+    x(&["ip", "tuntap", "add", "dev", &tap2, "mode", "tap"]);
+    let _guard = TapGuard(ns.name.clone(), tap2.clone());
+    x(&["ip", "link", "set", "dev", &tap2, "address", MAC]);
+    x(&["ip", "addr", "add", "10.0.2.2/24", "dev", &tap2]);
+    x(&["ip", "link", "set", &tap2, "up"]);
+
+    // Without the override: the snapshot's TAP is gone, and the restore says so.
+    let spec = format!("state={},mem={},resume", state.display(), mem.display());
+    let mut c = cinder();
+    c.args(["--restore", &spec]);
+    let out = ns.wrap(&c).output().expect("run cinder");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&ns.tap), "{err}");
+
+    let mut c = cinder();
+    c.args(["--restore", &format!("{spec},tap=eth0:{tap2}")]);
+    let mut s = Session::start(ns.wrap(&c));
+    assert_eq!(
+        pings(),
+        3,
+        "the restored probe does not answer on {tap2}\n{}",
+        s.log()
+    );
+    // UDP `X` ends the probe's net check.
+    ns.run(move || {
+        let udp = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::new(10, 0, 2, 2), 0))
+            .expect("bind 10.0.2.2");
+        udp.send_to(b"X", SocketAddrV4::new(probe_ip, 7777))
+            .expect("send X");
+    });
+    s.expect_line("PROBE DONE", T)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        !s.console().contains("PROBE begin"),
+        "the restored guest booted again\n{}",
+        s.log()
+    );
+}
