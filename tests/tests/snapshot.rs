@@ -969,8 +969,26 @@ fn snapshot_on_sigusr1_and_restore_from_the_command_line_under_cinder() {
     finish_restored(Session::start(c), last);
 }
 
-/// The `vm.clock` value of a state file (its JSON payload follows a 24-byte header).
-fn saved_clock(state: &Path) -> serde_json::Value {
+/// The saved `kvm_clock_data` of a state file as (clock ns, flags): `vm.clock` in its JSON
+/// payload (which follows a 24-byte header) is the struct's 48 bytes, clock (u64) then flags
+/// (u32), little-endian.
+fn saved_clock(state: &Path) -> (u64, u64) {
+    let clock = saved_clock_json(state);
+    let raw: Vec<u64> = clock
+        .as_array()
+        .map(|a| a.iter().filter_map(|b| b.as_u64()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        raw.len(),
+        48,
+        "the saved clock {clock} is not a kvm_clock_data"
+    );
+    let le = |b: &[u64]| b.iter().rev().fold(0u64, |acc, &x| acc << 8 | x);
+    (le(&raw[0..8]), le(&raw[8..12]))
+}
+
+/// The `vm.clock` value of a state file.
+fn saved_clock_json(state: &Path) -> serde_json::Value {
     let bytes = std::fs::read(state).expect("read the state file");
     let mut it =
         serde_json::Deserializer::from_slice(&bytes[24..]).into_iter::<serde_json::Value>();
@@ -993,35 +1011,54 @@ fn clock_realtime_is_enforced_or_refused_by_name_under_cinder() {
     let (s, sock) = boot_snapmem(&dir, 1, 128, 64);
     let (state, mem) = (dir.join("state"), dir.join("mem"));
     let last = snapshot_and_kill(s, &sock, &state, &mem);
-    let clock = saved_clock(&state);
-    // kvm_clock_data as its 48 bytes: clock (u64), then flags (u32), little-endian.
-    let raw: Vec<u64> = clock
-        .as_array()
-        .map(|a| a.iter().filter_map(|b| b.as_u64()).collect())
-        .unwrap_or_default();
-    assert_eq!(
-        raw.len(),
-        48,
-        "the saved clock {clock} is not a kvm_clock_data"
-    );
-    let flags = raw[8] | raw[9] << 8 | raw[10] << 16 | raw[11] << 24;
+    let (clock0, flags) = saved_clock(&state);
     let host_gives_realtime = flags & 4 != 0;
-    eprintln!("saved clock {clock}: KVM_CLOCK_REALTIME {host_gives_realtime}");
+    eprintln!("saved clock {clock0} flags {flags:#x}: KVM_CLOCK_REALTIME {host_gives_realtime}");
+    // The snapshot "spends" 2 s on disk: a clock_realtime restore must add them.
+    std::thread::sleep(Duration::from_secs(2));
 
     let load = |name: &str, rt: bool| {
         let sock = dir.join(&format!("{name}.sock"));
         let s = start_api(&sock, &[]);
         let body = format!(
-            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true, "clock_realtime": {rt}}}"#,
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "clock_realtime": {rt}}}"#,
             state.display(),
             mem.display()
         );
         let r = request(&sock, "PUT", "/snapshot/load", Some(&body));
         (s, sock, r)
     };
+    // The KVM clock of the VM just loaded (Paused): a second snapshot at once saves it.
+    let clock_after_load = |name: &str, sock: &Path, s: &Session| {
+        let (st, m) = (
+            dir.join(&format!("{name}.state")),
+            dir.join(&format!("{name}.mem")),
+        );
+        let body = format!(
+            r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            st.display(),
+            m.display()
+        );
+        ok(
+            &request(sock, "PUT", "/snapshot/create", Some(&body)),
+            "snapshot/create",
+            s,
+        );
+        ok(
+            &request(sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)),
+            "resume",
+            s,
+        );
+        saved_clock(&st).0.wrapping_sub(clock0)
+    };
     let (s, sock, r) = load("rt", true);
     if host_gives_realtime {
         ok(&r, "snapshot/load clock_realtime", &s);
+        let advance = clock_after_load("rt2", &sock, &s);
+        assert!(
+            (2_000_000_000..60_000_000_000).contains(&advance),
+            "with clock_realtime the guest clock advanced {advance} ns over a 2 s gap"
+        );
         finish_restored(s, last);
     } else {
         assert_eq!(r.status, 400, "{}", r.body);
@@ -1030,8 +1067,13 @@ fn clock_realtime_is_enforced_or_refused_by_name_under_cinder() {
         assert_eq!(request(&sock, "GET", "/", None).status, 200, "{}", s.log());
         drop(s);
     }
-    let (s, _sock, r) = load("nort", false);
+    let (s, sock, r) = load("nort", false);
     ok(&r, "snapshot/load without clock_realtime", &s);
+    let advance = clock_after_load("nort2", &sock, &s);
+    assert!(
+        advance < 1_000_000_000,
+        "without clock_realtime the guest clock jumped {advance} ns"
+    );
     finish_restored(s, last);
 
     // The command line: the same answer.
