@@ -12,11 +12,14 @@
 #   density: N idle probe microVMs at once (cold boot): VMs/s, time to all ready, PSS, RSS,
 #          VMM overhead and private memory per VM, idle CPU, ping, teardown; Firecracker too
 #          when FIRECRACKER_BIN is set (`density --counts 100,300,1000`; not part of `all`).
+#   snapshot: create time and file sizes (Full, Diff), restore latency (load request, exec ->
+#          first output) and clone fan-out (8, 100 at once) of an idle probe; Firecracker too
+#          when FIRECRACKER_BIN is set (`snapshot [--clones 8,100] [--rounds 5]`; not in `all`).
 #   run:   `cinder run`'s image step: build time (cold, cached) and ext4 size for an OCI layout
 #          of 10,000 files / 100 MiB (bench_image, crate cinder-image; no KVM, needs root).
 # Every cinder figure is measured with its seccomp filters (the default) and with
 # --seccomp off, side by side.
-# Usage: scripts/bench.sh [boot|api|io|vsock|seccomp|density|run|all] [extra args for the driver]
+# Usage: scripts/bench.sh [boot|api|io|vsock|seccomp|density|snapshot|run|all] [extra args for the driver]
 #
 # On a host whose kernel has no KVM device (scripts/kvm-lane.sh says "none") the drivers run
 # inside the nested KVM lane (scripts/nested-kvm.sh), where cinder and QEMU both use the L1
@@ -28,8 +31,8 @@ bash scripts/setup.sh
 what=${1:-all}
 shift || true
 case $what in
-boot | api | io | vsock | seccomp | density | run | all) ;;
-*) echo "usage: scripts/bench.sh [boot|api|io|vsock|seccomp|density|run|all] [args]" >&2; exit 2 ;;
+boot | api | io | vsock | seccomp | density | snapshot | run | all) ;;
+*) echo "usage: scripts/bench.sh [boot|api|io|vsock|seccomp|density|snapshot|run|all] [args]" >&2; exit 2 ;;
 esac
 cargo build --release -p vmm -p cinder-tests -p cinder-image --bins >&2
 
@@ -51,6 +54,7 @@ io) run bench_io "$@" ;;
 vsock) run bench_vsock "$@" ;;
 seccomp) run bench_seccomp "$@" ;;
 density) run bench_density "$@" ;;
+snapshot) run bench_snapshot "$@" ;;
 # No KVM in it: on the host even where the others go to the nested lane.
 run) target/release/bench_image "$@" ;;
 all)

@@ -114,10 +114,11 @@ struct Cli {
     /// the vsock device on a new socket (`vsock=PATH`) and interfaces on new TAPs
     /// (`tap=ID:NAME`, repeatable), as `PUT /snapshot/load`'s overrides, for clones; `track`
     /// tracks dirty pages for a later Diff snapshot (`track_dirty_pages`); `uffd=SOCKET`
-    /// instead of `mem=` takes guest memory from a page-fault handler (`mem_backend` Uffd).
+    /// instead of `mem=` takes guest memory from a page-fault handler (`mem_backend` Uffd);
+    /// `clock_realtime` advances the guest's KVM clock by the wall time since the snapshot.
     #[arg(
         long,
-        value_name = "state=PATH,mem=PATH|uffd=SOCKET[,resume][,track][,vsock=PATH][,tap=ID:NAME]",
+        value_name = "state=PATH,mem=PATH|uffd=SOCKET[,resume][,track][,clock_realtime][,vsock=PATH][,tap=ID:NAME]",
         value_parser = parse_restore_arg,
         conflicts_with_all = ["kernel", "config_file"]
     )]
@@ -491,12 +492,12 @@ fn parse_snapshot_arg(spec: &str) -> Result<api::model::SnapshotCreateParams, St
     })
 }
 
-/// `--restore state=PATH,mem=PATH[,resume][,vsock=PATH][,tap=ID:NAME]...`.
+/// `--restore state=PATH,mem=PATH[,resume][,track][,clock_realtime][,vsock=PATH][,tap=ID:NAME]...`.
 fn parse_restore_arg(spec: &str) -> Result<vmm::runtime::RestoreSpec, String> {
     const FORM: &str =
-        "state=PATH,mem=PATH|uffd=SOCKET[,resume][,track][,vsock=PATH][,tap=ID:NAME]";
+        "state=PATH,mem=PATH|uffd=SOCKET[,resume][,track][,clock_realtime][,vsock=PATH][,tap=ID:NAME]";
     let (mut state, mut mem, mut resume, mut vsock) = (None, None, false, None);
-    let (mut track, mut uffd) = (false, false);
+    let (mut track, mut uffd, mut clock_realtime) = (false, false, false);
     let mut taps = Vec::new();
     for part in spec.split(',') {
         match part.split_once('=') {
@@ -515,6 +516,7 @@ fn parse_restore_arg(spec: &str) -> Result<vmm::runtime::RestoreSpec, String> {
             },
             None if part == "resume" => resume = true,
             None if part == "track" => track = true,
+            None if part == "clock_realtime" => clock_realtime = true,
             _ => return Err(format!("unknown or empty part {part:?} (expected {FORM})")),
         }
     }
@@ -526,6 +528,7 @@ fn parse_restore_arg(spec: &str) -> Result<vmm::runtime::RestoreSpec, String> {
         net_overrides: taps,
         track_dirty: track,
         uffd,
+        clock_realtime,
     })
 }
 

@@ -185,6 +185,8 @@ pub struct RestoreSpec {
     pub track_dirty: bool,
     /// `mem` is a page-fault handler's socket (`mem_backend` Uffd), not the memory file.
     pub uffd: bool,
+    /// Advance the guest's KVM clock by the wall time since the snapshot (`clock_realtime`).
+    pub clock_realtime: bool,
 }
 
 impl RestoreSpec {
@@ -199,6 +201,7 @@ impl RestoreSpec {
             resume: l.resume_vm.unwrap_or(false),
             uffd: mem.backend_type == api::model::MemoryBackendType::Uffd,
             track_dirty: l.tracks_dirty_pages(),
+            clock_realtime: l.clock_realtime.unwrap_or(false),
             vsock_uds: l
                 .vsock_override
                 .as_ref()
@@ -266,7 +269,8 @@ impl Launcher {
         spec: &RestoreSpec,
         paths: api::paths::PathPolicy,
     ) -> Result<(Machine, VmConfig), VmError> {
-        let state = crate::snapshot::read_state(&spec.state)?;
+        let mut state = crate::snapshot::read_state(&spec.state)?;
+        crate::snapshot::set_clock_realtime(&mut state.vm, spec.clock_realtime)?;
         let cfg = VmConfig::from_config_file_with(&spec.apply_overrides(&state.config)?, paths)
             .map_err(|e| {
                 VmError::Snapshot(crate::snapshot::SnapshotError::Decode {

@@ -57,9 +57,18 @@ pub(crate) fn restore_vm_state(vm: &VmFd, s: &VmState) -> Result<(), SnapshotErr
         move |err: kvm_ioctls::Error| SnapshotError::Kvm(format!("{what}: {err}"))
     };
     vm.set_pit2(&s.pit).map_err(e("KVM_SET_PIT2"))?;
-    // Only the clock's value: the flags KVM reported (TSC_STABLE, REALTIME) are not input.
+    // The clock's value, and the wall-clock time it was read at only when the load asked for
+    // `clock_realtime` (see `snapshot::set_clock_realtime`): KVM then adds the wall time
+    // that passed since. The other flags KVM reported (TSC_STABLE, HOST_TSC) are not input.
+    let realtime = s.clock.flags & kvm_bindings::KVM_CLOCK_REALTIME != 0;
     let clock = kvm_bindings::kvm_clock_data {
         clock: s.clock.clock,
+        flags: if realtime {
+            kvm_bindings::KVM_CLOCK_REALTIME
+        } else {
+            0
+        },
+        realtime: if realtime { s.clock.realtime } else { 0 },
         ..Default::default()
     };
     vm.set_clock(&clock).map_err(e("KVM_SET_CLOCK"))?;

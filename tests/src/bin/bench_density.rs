@@ -21,10 +21,11 @@
 //! - **teardown**: a `q` to every VM ends its check and the probe resets: VMs that exited 0
 //!   within 60 s, the time it took, VMs that had to be killed.
 //!
-//! Restored clones (a snapshot taken of one idle probe, restored N times) go in
-//! [`Source`]: add a variant whose `command` starts the VMM from the snapshot. A restored probe
-//! is already inside its idle loop, so it prints no ready line: set `ready_on_pong` and
-//! readiness is its first answer to a ping (the ping phase then measures a second one).
+//! `--sources cold,restored` (the default: both): restored clones are cinder processes started
+//! with `--restore state=..,mem=..,resume` from one snapshot of an idle probe taken after
+//! `PROBE idle ready` ([`Source::Restored`]). A restored probe is already inside its idle loop,
+//! so it prints no ready line: readiness is its first answer to a ping (the ping phase then
+//! measures a second one). Firecracker's clones need an API load each: `bench_snapshot`.
 //!
 //! Mind the limits: each VM is a process with about 6 threads and 30 file descriptors; this
 //! program raises its own RLIMIT_NOFILE to the hard limit and holds 2 descriptors per VM.
@@ -64,15 +65,16 @@ impl Vmm {
 enum Source {
     /// A cold boot of the probe ELF with `probe.run=idle`.
     ColdBoot,
-    // Restored clones go here (see the module comment): e.g. `Restore { snapshot: .. }`,
-    // with `command` building `cinder --restore ...` (the snapshot work's own flags) and
-    // `ready_on_pong` returning true.
+    /// `cinder --restore state=..,mem=..,resume` of one snapshot ([`Opts::snapshot`]) taken
+    /// after `PROBE idle ready`: every clone maps the same memory file `MAP_PRIVATE`.
+    Restored,
 }
 
 impl Source {
     fn name(self) -> &'static str {
         match self {
             Source::ColdBoot => "cold boot",
+            Source::Restored => "restored clones",
         }
     }
 
@@ -80,6 +82,7 @@ impl Source {
     fn ready_on_pong(self) -> bool {
         match self {
             Source::ColdBoot => false,
+            Source::Restored => true,
         }
     }
 
@@ -95,6 +98,22 @@ impl Source {
                     .args(["--cmdline", cmdline]);
                 Ok(c)
             }
+            (Source::Restored, Vmm::Cinder) => {
+                let (state, mem) = o
+                    .snapshot
+                    .as_ref()
+                    .ok_or_else(|| std::io::Error::other("no snapshot to restore clones from"))?;
+                let mut c = Command::new(cinder_bin());
+                c.arg("--restore").arg(format!(
+                    "state={},mem={},resume",
+                    state.display(),
+                    mem.display()
+                ));
+                Ok(c)
+            }
+            (Source::Restored, Vmm::Firecracker(_)) => Err(std::io::Error::other(
+                "restored Firecracker clones need an API load each (see bench_snapshot's fan-out)",
+            )),
             (Source::ColdBoot, Vmm::Firecracker(bin)) => {
                 let cfg = serde_json::json!({
                     "boot-source": {
@@ -126,6 +145,38 @@ struct Opts {
     parallel: usize,
     timeout: Duration,
     idle: Duration,
+    sources: Vec<Source>,
+    /// The idle probe's snapshot (state, memory) the restored clones start from.
+    snapshot: Option<(PathBuf, PathBuf)>,
+}
+
+/// Boots one idle probe under cinder's API, waits for `PROBE idle ready`, pauses it and
+/// writes a Full snapshot into `dir`.
+fn snapshot_idle_probe(dir: &Path, mem_mib: u64) -> Result<(PathBuf, PathBuf), String> {
+    use cinder_tests::http::{request, wait_for_socket};
+    let t = Duration::from_secs(120);
+    let sock = dir.join("snap.sock");
+    let mut c = Command::new(cinder_bin());
+    c.arg("--api-sock")
+        .arg(&sock)
+        .arg("--kernel")
+        .arg(probe::elf_path())
+        .args(["--memory", &mem_mib.to_string(), "--vcpus", "1"])
+        .args(["--cmdline", "probe.run=idle"]);
+    let mut s = cinder_tests::session::Session::start(c);
+    wait_for_socket(&sock, t)?;
+    s.expect_line("PROBE idle ready", t)?;
+    let (state, mem) = (dir.join("idle.state"), dir.join("idle.mem"));
+    let r = request(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    if r.status != 204 {
+        return Err(format!("pause: {} {}", r.status, r.body));
+    }
+    let body = serde_json::json!({"snapshot_path": state, "mem_file_path": mem}).to_string();
+    let r = request(&sock, "PUT", "/snapshot/create", Some(&body));
+    if r.status != 204 {
+        return Err(format!("snapshot/create: {} {}", r.status, r.body));
+    }
+    Ok((state, mem))
 }
 
 /// One running VM: its process, serial input, and what it printed so far.
@@ -485,9 +536,11 @@ fn main() {
         parallel: 4,
         timeout: Duration::from_secs(1200),
         idle: Duration::from_secs(5),
+        sources: vec![Source::ColdBoot, Source::Restored],
+        snapshot: None,
     };
     let usage = "usage: bench_density [--counts N,N,..] [--mem-mib N] [--parallel N] \
-                 [--timeout-s N] [--idle-s N]";
+                 [--timeout-s N] [--idle-s N] [--sources cold,restored]";
     let mut args = std::env::args().skip(1);
     let bad = |what: &str| -> ! {
         eprintln!("{what}; {usage}");
@@ -512,6 +565,16 @@ fn main() {
             "--parallel" => o.parallel = usize::try_from(num(&v).clamp(1, 10_000)).unwrap_or(1),
             "--timeout-s" => o.timeout = Duration::from_secs(num(&v).clamp(1, 86_400)),
             "--idle-s" => o.idle = Duration::from_secs(num(&v).clamp(1, 3600)),
+            "--sources" => {
+                o.sources = v
+                    .split(',')
+                    .map(|w| match w {
+                        "cold" => Source::ColdBoot,
+                        "restored" => Source::Restored,
+                        other => bad(&format!("--sources: {other:?} is not cold or restored")),
+                    })
+                    .collect()
+            }
             other => bad(&format!("unknown argument {other}")),
         }
     }
@@ -534,10 +597,34 @@ fn main() {
         vmms.push(Vmm::Firecracker(PathBuf::from(fc)));
     }
     let mut failures = 0;
-    for &n in &o.counts {
-        for vmm in &vmms {
-            if run(vmm, Source::ColdBoot, n, &o).is_err() {
+    let snap_dir = TempDir::new("density-snapshot");
+    if o.sources.iter().any(|s| matches!(s, Source::Restored)) {
+        match snapshot_idle_probe(snap_dir.path(), o.mem_mib) {
+            Ok(s) => o.snapshot = Some(s),
+            Err(e) => {
+                println!("no snapshot of the idle probe, no restored clones: {e}");
                 failures += 1;
+            }
+        }
+    }
+    for &n in &o.counts {
+        for &source in &o.sources {
+            for vmm in &vmms {
+                if matches!(source, Source::Restored) {
+                    if o.snapshot.is_none() {
+                        continue;
+                    }
+                    if let Vmm::Firecracker(_) = vmm {
+                        println!(
+                            "\nfirecracker / restored clones: not measured (each needs an API \
+                             load; bench_snapshot's fan-out measures them)"
+                        );
+                        continue;
+                    }
+                }
+                if run(vmm, source, n, &o).is_err() {
+                    failures += 1;
+                }
             }
         }
     }

@@ -394,6 +394,25 @@ pub fn describe(path: &Path) -> Result<String, SnapshotError> {
     Ok(format_version())
 }
 
+/// Whether a restore advances the guest's KVM clock by the wall time since the snapshot
+/// (`clock_realtime`): with it, the saved `realtime` stays flagged and
+/// [`crate::vm::restore_vm_state`] hands it to `KVM_SET_CLOCK` with `KVM_CLOCK_REALTIME`;
+/// without it, the flag is dropped and the clock resumes where it stopped. A host whose
+/// `KVM_GET_CLOCK` gave no `realtime` at snapshot time (no stable master clock) cannot do it:
+/// that is refused, naming the field.
+pub fn set_clock_realtime(vm: &mut VmState, wanted: bool) -> Result<(), SnapshotError> {
+    let has = vm.clock.flags & kvm_bindings::KVM_CLOCK_REALTIME != 0;
+    if wanted && !has {
+        return Err(SnapshotError::Invalid(
+            "clock_realtime: the host's KVM did not report the wall-clock time (KVM_CLOCK_REALTIME) when the snapshot was taken, so the guest clock cannot be advanced by it; load without clock_realtime".into(),
+        ));
+    }
+    if !wanted {
+        vm.clock.flags &= !kvm_bindings::KVM_CLOCK_REALTIME;
+    }
+    Ok(())
+}
+
 /// Reads and checks a state file (see the module's comment for what is refused).
 pub fn read_state(path: &Path) -> Result<MicrovmState, SnapshotError> {
     let f = open_file("snapshot_path", path)?;
@@ -567,6 +586,38 @@ pub fn map_memory(path: &Path, regions: &[MemRegion]) -> Result<GuestMemoryMmap,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn vm_state(flags: u32) -> VmState {
+        VmState {
+            pit: Default::default(),
+            pic_master: Default::default(),
+            pic_slave: Default::default(),
+            ioapic: Default::default(),
+            clock: kvm_bindings::kvm_clock_data {
+                clock: 5,
+                flags,
+                realtime: 7,
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn clock_realtime_needs_the_saved_wall_clock() {
+        let rt = kvm_bindings::KVM_CLOCK_REALTIME;
+        let stable = kvm_bindings::KVM_CLOCK_TSC_STABLE;
+        let mut s = vm_state(stable);
+        let e = set_clock_realtime(&mut s, true).unwrap_err().to_string();
+        assert!(e.starts_with("clock_realtime: "), "{e}");
+        let mut s = vm_state(stable | rt);
+        set_clock_realtime(&mut s, true).unwrap();
+        assert_eq!(s.clock.flags & rt, rt);
+        let mut s = vm_state(stable | rt);
+        set_clock_realtime(&mut s, false).unwrap();
+        assert_eq!(s.clock.flags & rt, 0);
+        let mut s = vm_state(0);
+        set_clock_realtime(&mut s, false).unwrap();
+    }
 
     fn framed(payload: &[u8]) -> Vec<u8> {
         frame(MAJOR, MINOR, payload)
