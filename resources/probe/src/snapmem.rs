@@ -107,14 +107,22 @@ pub fn check(d: &mut Details) -> Status {
                     while inb(COM1 + 5) & 1 == 0 && !time::passed(dl) {
                         time::delay_us(100);
                     }
-                    let c = if inb(COM1 + 5) & 1 != 0 { inb(COM1) } else { b'?' };
+                    let c = if inb(COM1 + 5) & 1 != 0 {
+                        inb(COM1)
+                    } else {
+                        b'?'
+                    };
                     CLONE.store(CLONE_TAG | u64::from(c), Ordering::SeqCst);
                     println!("snapmem: clone wrote={}", c as char);
                 }
                 // ...and `r` reads it back.
                 b'r' => {
                     let v = CLONE.load(Ordering::SeqCst);
-                    let c = if v & !0xff == CLONE_TAG { (v & 0xff) as u8 } else { b'-' };
+                    let c = if v & !0xff == CLONE_TAG {
+                        (v & 0xff) as u8
+                    } else {
+                        b'-'
+                    };
                     println!("snapmem: clone read={} raw={v:#x}", c as char);
                 }
                 _ => {}
@@ -160,6 +168,9 @@ pub fn check(d: &mut Details) -> Status {
         let _ = write!(d, "at {a:#x} want {want:#x} got {got:#x} ticks={ticks}");
         return Status::Fail;
     }
-    let _ = write!(d, "pages={pages} seed={seed} ticks={ticks} first={lo:#x} last={hi:#x}");
+    let _ = write!(
+        d,
+        "pages={pages} seed={seed} ticks={ticks} first={lo:#x} last={hi:#x}"
+    );
     Status::Ok
 }
