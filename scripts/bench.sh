@@ -7,9 +7,13 @@
 #   vsock: virtio-vsock throughput each way and connection setup latency (cinder only: QEMU's
 #          vsock needs vhost-vsock).
 #   seccomp: ns per system call without and with cinder's seccomp filters, per thread kind.
+#   run:   `cinder run IMAGE -- true` wall time, cold boot (the busybox rootfs image), N runs
+#          (CINDER_BENCH_RUNS, default 3); and what a throw-away copy of the image would add
+#          (cinder run shares the read-only image under an overlay instead). Not in `all`:
+#          on an emulated host each run is a full Linux boot.
 # Every cinder figure is measured with its seccomp filters (the default) and with
 # --seccomp off, side by side.
-# Usage: scripts/bench.sh [boot|api|io|vsock|seccomp|all] [extra args for the driver]
+# Usage: scripts/bench.sh [boot|api|io|vsock|seccomp|run|all] [extra args for the driver]
 #
 # On a host whose kernel has no KVM device (scripts/kvm-lane.sh says "none") the drivers run
 # inside the nested KVM lane (scripts/nested-kvm.sh), where cinder and QEMU both use the L1
@@ -21,8 +25,8 @@ bash scripts/setup.sh
 what=${1:-all}
 shift || true
 case $what in
-boot | api | io | vsock | seccomp | all) ;;
-*) echo "usage: scripts/bench.sh [boot|api|io|vsock|seccomp|all] [args]" >&2; exit 2 ;;
+boot | api | io | vsock | seccomp | run | all) ;;
+*) echo "usage: scripts/bench.sh [boot|api|io|vsock|seccomp|run|all] [args]" >&2; exit 2 ;;
 esac
 cargo build --release -p vmm -p cinder-tests --bins >&2
 
@@ -37,7 +41,35 @@ run() {
 	fi
 }
 
+# `cinder run IMAGE -- true`, cold: the whole wall time (boot, agent, exit, power-off).
+bench_run() {
+	local image n i t0 t1 ms rc times=()
+	image=$(bash resources/guest/build-rootfs.sh | tail -n 1)/rootfs.ext4
+	CINDER_AGENT_INITRD=$(bash resources/guest/build-agent-initrd.sh | tail -n 1)/initrd.cpio
+	export CINDER_AGENT_INITRD
+	n=${CINDER_BENCH_RUNS:-3}
+	echo "[bench] cinder run: host kind $lane, image $image ($(du -h "$image" | cut -f1)), $n runs"
+	for ((i = 1; i <= n; i++)); do
+		t0=$(date +%s%N)
+		rc=0
+		target/release/cinder run "$@" "$image" -- true || rc=$?
+		t1=$(date +%s%N)
+		ms=$(((t1 - t0) / 1000000))
+		times+=("$ms")
+		echo "run $i: ${ms} ms (exit $rc)"
+	done
+	printf '%s\n' "${times[@]}" | sort -n | awk '{a[NR]=$1} END {print "cinder run -- true: median " a[int((NR+1)/2)] " ms, min " a[1] " ms, max " a[NR] " ms"}'
+	# The alternative to the overlay: a throw-away copy of the image per run.
+	t0=$(date +%s%N)
+	cp --reflink=never "$image" "${TMPDIR:-/tmp}/cinder-bench-run-copy.$$"
+	sync -f "${TMPDIR:-/tmp}/cinder-bench-run-copy.$$"
+	t1=$(date +%s%N)
+	rm -f "${TMPDIR:-/tmp}/cinder-bench-run-copy.$$"
+	echo "a throw-away copy of the image (cp + sync) would add $(((t1 - t0) / 1000000)) ms per run (the overlay adds none on the host)"
+}
+
 case $what in
+run) bench_run "$@" ;;
 boot) run bench_boot "$@" ;;
 api) run bench_api "$@" ;;
 io) run bench_io "$@" ;;

@@ -52,8 +52,19 @@ fn log(msg: &str) {
     }
 }
 
-fn mount(src: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> Result<(), String> {
-    let (s, t, f, d) = (cstr(src.as_bytes())?, cstr(target.as_bytes())?, cstr(fstype.as_bytes())?, cstr(data.as_bytes())?);
+fn mount(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> Result<(), String> {
+    let (s, t, f, d) = (
+        cstr(src.as_bytes())?,
+        cstr(target.as_bytes())?,
+        cstr(fstype.as_bytes())?,
+        cstr(data.as_bytes())?,
+    );
     // SAFETY: all four are valid NUL-terminated strings that outlive the call.
     let r = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, d.as_ptr().cast()) };
     if r != 0 {
@@ -118,7 +129,13 @@ fn setup() -> Result<(), String> {
     }
     let pts = in_root(b"/dev/pts");
     mkdir_p(&pts)?;
-    mount("devpts", &String::from_utf8_lossy(&pts), "devpts", 0, "ptmxmode=0666,mode=0620")?;
+    mount(
+        "devpts",
+        &String::from_utf8_lossy(&pts),
+        "devpts",
+        0,
+        "ptmxmode=0666,mode=0620",
+    )?;
     Ok(())
 }
 
@@ -277,11 +294,21 @@ fn serve(sfd: &OwnedFd, setup_err: Option<String>) -> Result<(), String> {
     log("listening");
     // SAFETY: accept without an address; the result is checked by `owned`.
     let fd = owned(
-        unsafe { libc::accept4(l.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) },
+        unsafe {
+            libc::accept4(
+                l.as_raw_fd(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        },
         "accept vsock",
     )?;
     drop(l);
-    let mut conn = Conn { fd, buf: Vec::new() };
+    let mut conn = Conn {
+        fd,
+        buf: Vec::new(),
+    };
     conn.send(proto::HELLO, &Enc::default().u32(proto::VERSION).0)?;
     let start = match conn.read_frame()? {
         None => return Err("the host closed the connection before START".into()),
@@ -322,8 +349,16 @@ fn serve(sfd: &OwnedFd, setup_err: Option<String>) -> Result<(), String> {
 }
 
 fn copy_out(conn: &Conn, p: &[u8]) -> Result<(), String> {
-    let path = proto::Dec(p).bytes().map(<[u8]>::to_vec).unwrap_or_default();
-    let end = |code: i32, msg: &str| conn.send(proto::FILE_END, &Enc::default().i32(code).bytes(msg.as_bytes()).0);
+    let path = proto::Dec(p)
+        .bytes()
+        .map(<[u8]>::to_vec)
+        .unwrap_or_default();
+    let end = |code: i32, msg: &str| {
+        conn.send(
+            proto::FILE_END,
+            &Enc::default().i32(code).bytes(msg.as_bytes()).0,
+        )
+    };
     let full = match cstr(&in_root(&path)) {
         Ok(c) => c,
         Err(e) => return end(libc::EINVAL, &e),
@@ -339,7 +374,9 @@ fn copy_out(conn: &Conn, p: &[u8]) -> Result<(), String> {
     // SAFETY: stat is plain data; fstat fills it.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: `st` is valid for writes; the fd is ours.
-    if unsafe { libc::fstat(f.as_raw_fd(), &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFREG {
+    if unsafe { libc::fstat(f.as_raw_fd(), &mut st) } != 0
+        || st.st_mode & libc::S_IFMT != libc::S_IFREG
+    {
         return end(libc::EISDIR, "not a regular file (copy-out takes files)");
     }
     let mut buf = vec![0u8; proto::CHUNK];
@@ -360,7 +397,9 @@ struct User {
 }
 
 fn read_root_file(p: &str) -> String {
-    std::fs::read(format!("{ROOT}{p}")).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+    std::fs::read(format!("{ROOT}{p}"))
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
 }
 
 fn resolve_user(spec: &[u8]) -> Result<User, String> {
@@ -370,19 +409,26 @@ fn resolve_user(spec: &[u8]) -> Result<User, String> {
         None => (spec.clone(), None),
     };
     let passwd = read_root_file("/etc/passwd");
-    let entry = passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| {
-        f.len() >= 6 && (f[0] == u || (u.parse::<u32>().is_ok() && f[2] == u))
-    });
+    let entry = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 6 && (f[0] == u || (u.parse::<u32>().is_ok() && f[2] == u)));
     let (uid, mut gid, home) = match (&entry, u.as_str()) {
         (_, "") => (0, 0, b"/root".to_vec()),
         (Some(f), _) => (
-            f[2].parse().map_err(|_| format!("bad uid in /etc/passwd for {u}"))?,
-            f[3].parse().map_err(|_| format!("bad gid in /etc/passwd for {u}"))?,
+            f[2].parse()
+                .map_err(|_| format!("bad uid in /etc/passwd for {u}"))?,
+            f[3].parse()
+                .map_err(|_| format!("bad gid in /etc/passwd for {u}"))?,
             f[5].as_bytes().to_vec(),
         ),
         (None, _) => match u.parse::<u32>() {
             Ok(n) => (n, 0, b"/".to_vec()),
-            Err(_) => return Err(format!("unable to find user {u}: no matching entries in the image's /etc/passwd")),
+            Err(_) => {
+                return Err(format!(
+                    "unable to find user {u}: no matching entries in the image's /etc/passwd"
+                ))
+            }
         },
     };
     if let Some(g) = g {
@@ -393,7 +439,11 @@ fn resolve_user(spec: &[u8]) -> Result<User, String> {
                 .map(|l| l.split(':').collect::<Vec<_>>())
                 .find(|f| f.len() >= 3 && f[0] == g)
                 .and_then(|f| f[2].parse().ok())
-                .ok_or_else(|| format!("unable to find group {g}: no matching entries in the image's /etc/group"))?,
+                .ok_or_else(|| {
+                    format!(
+                        "unable to find group {g}: no matching entries in the image's /etc/group"
+                    )
+                })?,
         };
     }
     Ok(User { uid, gid, home })
@@ -412,7 +462,12 @@ fn set_winsize(fd: RawFd, rows: u16, cols: u16) {
     if rows == 0 || cols == 0 {
         return;
     }
-    let ws = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCSWINSZ reads one winsize, which outlives the call.
     unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) };
 }
@@ -422,7 +477,12 @@ fn open_pty() -> Result<(OwnedFd, OwnedFd), String> {
     let ptmx = cstr(&in_root(b"/dev/pts/ptmx"))?;
     // SAFETY: a valid path; the result is checked by `owned`.
     let m = owned(
-        unsafe { libc::open(ptmx.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) },
+        unsafe {
+            libc::open(
+                ptmx.as_ptr(),
+                libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+            )
+        },
         "open /dev/pts/ptmx",
     )?;
     let unlock: libc::c_int = 0;
@@ -438,7 +498,12 @@ fn open_pty() -> Result<(OwnedFd, OwnedFd), String> {
     let slave = cstr(&in_root(format!("/dev/pts/{n}").as_bytes()))?;
     // SAFETY: a valid path; the result is checked by `owned`.
     let s = owned(
-        unsafe { libc::open(slave.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) },
+        unsafe {
+            libc::open(
+                slave.as_ptr(),
+                libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+            )
+        },
         "open the pty's slave",
     )?;
     Ok((m, s))
@@ -456,7 +521,13 @@ fn run(conn: &mut Conn, sfd: &OwnedFd, start: &Start) -> Result<bool, String> {
         let t = in_root(&m.target);
         mkdir_p(&t)?;
         let flags = if m.read_only { libc::MS_RDONLY } else { 0 };
-        mount(&String::from_utf8_lossy(&m.device), &String::from_utf8_lossy(&t), "ext4", flags, "")?;
+        mount(
+            &String::from_utf8_lossy(&m.device),
+            &String::from_utf8_lossy(&t),
+            "ext4",
+            flags,
+            "",
+        )?;
     }
     let user = resolve_user(&start.user)?;
     let mut env = start.env.clone();
@@ -471,12 +542,22 @@ fn run(conn: &mut Conn, sfd: &OwnedFd, start: &Start) -> Result<bool, String> {
         .find_map(|e| e.strip_prefix(b"PATH="))
         .unwrap_or(DEFAULT_PATH.as_bytes())
         .to_vec();
-    let cwd = if start.cwd.is_empty() { b"/".to_vec() } else { start.cwd.clone() };
+    let cwd = if start.cwd.is_empty() {
+        b"/".to_vec()
+    } else {
+        start.cwd.clone()
+    };
     mkdir_p(&in_root(&cwd))?;
     let tty = start.flags & proto::FLAG_TTY != 0;
 
     // The command's stdio: (child fd 0/1/2), and our ends.
-    let (child_in, child_out, child_err, mut outs, mut stdin): (OwnedFd, OwnedFd, OwnedFd, Vec<(OwnedFd, u8)>, Option<OwnedFd>);
+    let (child_in, child_out, child_err, mut outs, mut stdin): (
+        OwnedFd,
+        OwnedFd,
+        OwnedFd,
+        Vec<(OwnedFd, u8)>,
+        Option<OwnedFd>,
+    );
     if tty {
         let (m, s) = open_pty()?;
         set_winsize(m.as_raw_fd(), start.rows, start.cols);
@@ -498,14 +579,26 @@ fn run(conn: &mut Conn, sfd: &OwnedFd, start: &Start) -> Result<bool, String> {
             stdin = Some(iw);
         } else {
             // SAFETY: a valid path literal; checked by `owned`.
-            child_in = owned(unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) }, "open /dev/null")?;
+            child_in = owned(
+                unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) },
+                "open /dev/null",
+            )?;
             stdin = None;
         }
+    }
+    if let Some(f) = &stdin {
+        // Never block on the command's stdin: its output must keep flowing meanwhile.
+        // SAFETY: F_SETFL on our own fd.
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
     }
     let (err_r, err_w) = pipe()?;
 
     // Everything the child needs, allocated before fork.
-    let argv: Vec<CString> = start.argv.iter().map(|a| cstr(a)).collect::<Result<_, _>>()?;
+    let argv: Vec<CString> = start
+        .argv
+        .iter()
+        .map(|a| cstr(a))
+        .collect::<Result<_, _>>()?;
     let envp: Vec<CString> = env.iter().map(|e| cstr(e)).collect::<Result<_, _>>()?;
     let mut argv_p: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_p.push(std::ptr::null());
@@ -561,12 +654,19 @@ fn run(conn: &mut Conn, sfd: &OwnedFd, start: &Start) -> Result<bool, String> {
                 libc::write(err_w.as_raw_fd(), b.as_ptr().cast(), 4);
                 libc::_exit(127)
             };
-            let errno = || io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+            let errno = || {
+                io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::EIO)
+            };
             if libc::chroot(root.as_ptr()) != 0 || libc::chdir(cwd_c.as_ptr()) != 0 {
                 fail(errno());
             }
             let groups = [gid];
-            if libc::setgroups(1, groups.as_ptr()) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
+            if libc::setgroups(1, groups.as_ptr()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
                 fail(errno());
             }
             let mut seen_eacces = false;
@@ -584,7 +684,11 @@ fn run(conn: &mut Conn, sfd: &OwnedFd, start: &Start) -> Result<bool, String> {
                     _ => break,
                 }
             }
-            fail(if seen_eacces && last != libc::ENOEXEC { libc::EACCES } else { last })
+            fail(if seen_eacces && last != libc::ENOEXEC {
+                libc::EACCES
+            } else {
+                last
+            })
         }
     }
     drop((child_in, child_out, child_err, err_w));
@@ -602,14 +706,23 @@ fn run(conn: &mut Conn, sfd: &OwnedFd, start: &Start) -> Result<bool, String> {
         );
         conn.send(
             proto::EXIT,
-            &Enc::default().u8(proto::EXIT_EXEC_FAILED).i32(e).u32(0).bytes(msg.as_bytes()).0,
+            &Enc::default()
+                .u8(proto::EXIT_EXEC_FAILED)
+                .i32(e)
+                .u32(0)
+                .bytes(msg.as_bytes())
+                .0,
         )?;
         return Ok(true);
     }
     conn.send(proto::STARTED, &Enc::default().u32(pid as u32).0)?;
 
-    let deadline = (start.timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(start.timeout_ms));
-    let mut ended = Ended { status: None, timed_out: false };
+    let deadline =
+        (start.timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(start.timeout_ms));
+    let mut ended = Ended {
+        status: None,
+        timed_out: false,
+    };
     let mut killed_all = false;
     let mut drain_until: Option<Instant> = None;
     let mut pending: Vec<u8> = Vec::new();
@@ -641,30 +754,55 @@ fn run(conn: &mut Conn, sfd: &OwnedFd, start: &Start) -> Result<bool, String> {
             }
         }
         let mut wait = -1i64;
-        for t in [deadline.filter(|_| !ended.timed_out), drain_until].into_iter().flatten() {
+        for t in [deadline.filter(|_| !ended.timed_out), drain_until]
+            .into_iter()
+            .flatten()
+        {
             let ms = t.saturating_duration_since(now).as_millis() as i64 + 1;
             wait = if wait < 0 { ms } else { wait.min(ms) };
         }
-        let mut pfds = vec![libc::pollfd { fd: sfd.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+        let mut pfds = vec![libc::pollfd {
+            fd: sfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
         let conn_i = if !host_gone && pending.len() < MAX_PENDING_STDIN {
-            pfds.push(libc::pollfd { fd: conn.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+            pfds.push(libc::pollfd {
+                fd: conn.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
             Some(pfds.len() - 1)
         } else {
             None
         };
         let stdin_i = match &stdin {
             Some(f) if !pending.is_empty() => {
-                pfds.push(libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLOUT, revents: 0 });
+                pfds.push(libc::pollfd {
+                    fd: f.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                });
                 Some(pfds.len() - 1)
             }
             _ => None,
         };
         let outs_base = pfds.len();
         for (f, _) in &outs {
-            pfds.push(libc::pollfd { fd: f.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+            pfds.push(libc::pollfd {
+                fd: f.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
         }
         // SAFETY: `pfds` is valid for its length.
-        let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, wait.min(i32::MAX as i64) as i32) };
+        let r = unsafe {
+            libc::poll(
+                pfds.as_mut_ptr(),
+                pfds.len() as libc::nfds_t,
+                wait.min(i32::MAX as i64) as i32,
+            )
+        };
         if r < 0 {
             if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                 continue;
@@ -678,8 +816,11 @@ fn run(conn: &mut Conn, sfd: &OwnedFd, start: &Start) -> Result<bool, String> {
                 continue;
             }
             match read_fd(f.as_raw_fd(), &mut buf) {
-                Ok(0) | Err(_) => closed.push(i),
-                Ok(n) => conn.send(*kind, &buf[..n])?,
+                Ok(n) if n > 0 => conn.send(*kind, &buf[..n])?,
+                // A pty's master shares the stdin side's O_NONBLOCK.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // End of file, or EIO: a pty whose last slave fd closed.
+                _ => closed.push(i),
             }
         }
         for i in closed.into_iter().rev() {
@@ -689,10 +830,22 @@ fn run(conn: &mut Conn, sfd: &OwnedFd, start: &Start) -> Result<bool, String> {
             if pfds[i].revents != 0 {
                 if let Some(f) = &stdin {
                     // SAFETY: `pending` is valid for reads of its length.
-                    let n = unsafe { libc::write(f.as_raw_fd(), pending.as_ptr().cast(), pending.len().min(proto::CHUNK)) };
+                    let n = unsafe {
+                        libc::write(
+                            f.as_raw_fd(),
+                            pending.as_ptr().cast(),
+                            pending.len().min(proto::CHUNK),
+                        )
+                    };
                     if n > 0 {
                         pending.drain(..n as usize);
-                    } else if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                    } else if n < 0
+                        && !matches!(
+                            io::Error::last_os_error().kind(),
+                            io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                        )
+                    {
+                        // EPIPE: the command closed its stdin.
                         pending.clear();
                         stdin = None;
                     }
@@ -747,7 +900,14 @@ fn run(conn: &mut Conn, sfd: &OwnedFd, start: &Start) -> Result<bool, String> {
             // SAFETY: signalfd_siginfo is plain data, valid for writes of its size.
             let mut si: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
             // SAFETY: as above; a non-blocking read of whole records.
-            while unsafe { libc::read(sfd.as_raw_fd(), (&mut si as *mut libc::signalfd_siginfo).cast(), std::mem::size_of::<libc::signalfd_siginfo>()) } > 0 {}
+            while unsafe {
+                libc::read(
+                    sfd.as_raw_fd(),
+                    (&mut si as *mut libc::signalfd_siginfo).cast(),
+                    std::mem::size_of::<libc::signalfd_siginfo>(),
+                )
+            } > 0
+            {}
             loop {
                 let mut st = 0;
                 // SAFETY: `st` is valid for writes.
@@ -773,7 +933,15 @@ fn run(conn: &mut Conn, sfd: &OwnedFd, start: &Start) -> Result<bool, String> {
         Some(st) if libc::WIFSIGNALED(st) => (proto::EXIT_SIGNAL, libc::WTERMSIG(st)),
         _ => (proto::EXIT_SIGNAL, libc::SIGKILL),
     };
-    conn.send(proto::EXIT, &Enc::default().u8(kind).i32(value).u32(leftover).bytes(b"").0)?;
+    conn.send(
+        proto::EXIT,
+        &Enc::default()
+            .u8(kind)
+            .i32(value)
+            .u32(leftover)
+            .bytes(b"")
+            .0,
+    )?;
     Ok(true)
 }
 
@@ -795,13 +963,24 @@ fn reap_all(sfd: &OwnedFd) -> u32 {
         if left.is_zero() {
             break;
         }
-        let mut pfd = libc::pollfd { fd: sfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: sfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd.
         unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(1000) as i32 + 1) };
         // SAFETY: signalfd_siginfo is plain data.
         let mut si: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
         // SAFETY: as above; non-blocking.
-        while unsafe { libc::read(sfd.as_raw_fd(), (&mut si as *mut libc::signalfd_siginfo).cast(), std::mem::size_of::<libc::signalfd_siginfo>()) } > 0 {}
+        while unsafe {
+            libc::read(
+                sfd.as_raw_fd(),
+                (&mut si as *mut libc::signalfd_siginfo).cast(),
+                std::mem::size_of::<libc::signalfd_siginfo>(),
+            )
+        } > 0
+        {}
     }
     // Count the children still there.
     std::fs::read_dir("/proc")
