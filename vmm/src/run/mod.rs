@@ -246,8 +246,8 @@ pub fn compose(
 /// The exit code for how the command ended (the table in this module's comment).
 pub fn exit_code(e: &Exit) -> u8 {
     match e {
-        Exit::Code(c) => (*c & 0xff) as u8,
-        Exit::Signal(n) => 128u8.wrapping_add((*n & 0x7f) as u8),
+        Exit::Code(c) => u8::try_from(*c & 0xff).unwrap_or(EXIT_FAILURE),
+        Exit::Signal(n) => 128u8.wrapping_add(u8::try_from(*n & 0x7f).unwrap_or(0)),
         Exit::Timeout => EXIT_TIMEOUT,
         Exit::ExecFailed(errno, _) if *errno == libc::ENOENT || *errno == libc::ENOTDIR => {
             EXIT_NOT_FOUND
@@ -501,7 +501,11 @@ fn run(args: &RunArgs) -> Result<u8, RunError> {
     }
     let timeout_ms = match args.timeout {
         None => 0,
-        Some(t) if t > 0.0 && t < 1e9 => (t * 1000.0).ceil() as u64,
+        Some(t) if t > 0.0 && t < 1e9 => Duration::try_from_secs_f64(t)
+            .ok()
+            .and_then(|d| u64::try_from(d.as_millis()).ok())
+            .unwrap_or(1)
+            .max(1),
         Some(t) => {
             return Err(RunError::Usage(format!(
                 "--timeout {t}: expected a positive number of seconds"

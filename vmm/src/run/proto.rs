@@ -67,7 +67,7 @@ pub enum Exit {
 pub fn decode_exit(p: &[u8]) -> Result<(Exit, u32), String> {
     let mut d = Dec(p);
     let kind = d.u8()?;
-    let value = d.u32()? as i32;
+    let value = i32::from_le_bytes(d.u32()?.to_le_bytes());
     let leftover = d.u32()?;
     let msg = String::from_utf8_lossy(d.bytes()?).into_owned();
     let e = match kind {
