@@ -325,11 +325,68 @@ fn run_two_at_once_do_not_see_each_others_writes_and_the_image_is_unchanged_unde
 }
 
 #[test]
-fn run_tty_gives_the_command_a_terminal_of_the_default_size_under_cinder() {
+fn run_tty_gives_the_command_a_terminal_and_sigterm_is_forwarded_to_it_under_cinder() {
+    require_kvm();
     let img = image();
-    // No terminal on the test's side: the guest's pty gets 24x80.
-    let o = run(&["-t", img.to_str().unwrap(), "sh", "-c", "tty; stty size"]);
-    o.expect(0);
-    let out = o.stdout().replace('\r', "");
-    assert_eq!(out, "/dev/pts/0\n24 80\n", "{}", o.stderr());
+    // No terminal on the test's side: the guest's pty gets 24x80. Once the command says
+    // "ready", SIGTERM to cinder run must reach it (its trap exits 3).
+    let mut child = spawn(
+        &[
+            "-t",
+            img.to_str().unwrap(),
+            "sh",
+            "-c",
+            "tty; stty size; trap 'echo got-term; exit 3' TERM; echo ready; \
+             while :; do sleep 1; done",
+        ],
+        false,
+    );
+    let mut so = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = so.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let until = Instant::now() + DEADLINE;
+    while !String::from_utf8_lossy(&seen).contains("ready") {
+        let left = until.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(chunk) => seen.extend_from_slice(&chunk),
+            Err(e) => {
+                let _ = child.kill();
+                panic!(
+                    "no \"ready\" from the command ({e}); output so far {:?}",
+                    String::from_utf8_lossy(&seen)
+                );
+            }
+        }
+    }
+    // SAFETY: signals our own child process.
+    unsafe { libc::kill(i32::try_from(child.id()).expect("pid"), libc::SIGTERM) };
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            panic!("cinder run did not end after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    reader.join().expect("reader");
+    while let Ok(chunk) = rx.try_recv() {
+        seen.extend_from_slice(&chunk);
+    }
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    let out = String::from_utf8_lossy(&seen).replace('\r', "");
+    assert_eq!(status.code(), Some(3), "stdout {out:?} stderr {err:?}");
+    assert_eq!(out, "/dev/pts/0\n24 80\nready\ngot-term\n", "{err}");
 }

@@ -69,6 +69,9 @@ pub enum RunError {
     /// A host file operation failed.
     #[error("{0}")]
     Host(String),
+    /// A signal arrived before the command started.
+    #[error("ended by signal {0} while the guest was booting")]
+    Interrupted(i32),
 }
 
 /// `cinder run`'s options (Docker's names where Docker has them).
@@ -315,6 +318,57 @@ impl Drop for Scratch {
     }
 }
 
+/// The signals `cinder run` forwards to the command (Docker's sig-proxy): a signal that
+/// arrives while the guest boots ends the run instead (exit 128+N).
+const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+
+/// The first forwarded signal that arrived before the session started (0: none).
+static EARLY_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+/// Where a forwarded signal goes once START was sent.
+static SIGNAL_SINK: Mutex<Option<Writer>> = Mutex::new(None);
+
+fn forwarded_set() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise and edit it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in FORWARDED {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Blocks the forwarded signals in this thread (and so in the threads it spawns; the VMM
+/// child gets an empty mask from `Command`) and takes them on a thread of their own.
+fn forward_signals() {
+    let set = forwarded_set();
+    // SAFETY: `set` is a valid sigset_t; only this thread's mask changes.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    std::thread::spawn(move || loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` and `sig` are valid for the call.
+        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+            return;
+        }
+        let sink = SIGNAL_SINK.lock().ok().and_then(|g| g.clone());
+        match sink {
+            Some(w) => {
+                let sig = u32::try_from(sig).unwrap_or(0);
+                let _ = send(&w, proto::SIGNAL, &proto::Enc::default().u32(sig).0);
+            }
+            None => {
+                let _ = EARLY_SIGNAL.compare_exchange(
+                    0,
+                    sig,
+                    std::sync::atomic::Ordering::SeqCst,
+                    std::sync::atomic::Ordering::SeqCst,
+                );
+            }
+        }
+    });
+}
+
 /// Kills and reaps the VMM child when dropped.
 struct Vm {
     child: Child,
@@ -444,6 +498,10 @@ fn connect(vm: &mut Vm, uds: &Path) -> Result<UnixStream, RunError> {
     loop {
         if let Ok(Some(_)) = vm.child.try_wait() {
             return Err(RunError::Vm(vm.why()));
+        }
+        let sig = EARLY_SIGNAL.load(std::sync::atomic::Ordering::SeqCst);
+        if sig != 0 {
+            return Err(RunError::Interrupted(sig));
         }
         if Instant::now() >= deadline {
             return Err(RunError::Vm(format!(
@@ -594,7 +652,14 @@ fn run(args: &RunArgs) -> Result<u8, RunError> {
         console,
     };
 
-    let stream = connect(&mut vm, &uds)?;
+    forward_signals();
+    let stream = match connect(&mut vm, &uds) {
+        Err(RunError::Interrupted(sig)) => {
+            drop(vm);
+            return Ok(128u8.wrapping_add(u8::try_from(sig & 0x7f).unwrap_or(0)));
+        }
+        r => r?,
+    };
     let mut reader = stream
         .try_clone()
         .map_err(|e| RunError::Host(format!("socket: {e}")))?;
@@ -646,6 +711,14 @@ fn run(args: &RunArgs) -> Result<u8, RunError> {
         mounts,
     };
     send(&writer, proto::START, &start.encode())?;
+    if let Ok(mut g) = SIGNAL_SINK.lock() {
+        *g = Some(writer.clone());
+    }
+    let early = EARLY_SIGNAL.swap(0, std::sync::atomic::Ordering::SeqCst);
+    if early != 0 {
+        let sig = u32::try_from(early).unwrap_or(0);
+        send(&writer, proto::SIGNAL, &proto::Enc::default().u32(sig).0)?;
+    }
     let _raw = (tty && args.interactive).then(RawTerminal::new);
 
     if args.interactive {
