@@ -105,8 +105,8 @@ fn setup() -> Result<(), String> {
     for d in ["/dev", "/proc", "/sys", "/mnt/lower", "/mnt/rw", ROOT] {
         mkdir_p(d.as_bytes())?;
     }
-    // devtmpfs may already be there (CONFIG_DEVTMPFS_MOUNT does not apply to an initramfs).
-    let _ = mount("devtmpfs", "/dev", "devtmpfs", 0, "");
+    // devtmpfs is on /dev already (main; CONFIG_DEVTMPFS_MOUNT does not apply to an
+    // initramfs).
     mount("proc", "/proc", "proc", 0, "")?;
     mount("sysfs", "/sys", "sysfs", 0, "")?;
     let ro = libc::MS_RDONLY;
@@ -237,6 +237,23 @@ fn read_fd(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
 
 /// PID 1's entry point: never returns.
 pub fn main() -> ! {
+    // The kernel gives init /dev/console as fds 0-2 only when the initramfs has that node
+    // (ours has none): fill 0-2 with /dev/null so that no fd of ours lands there and is
+    // mistaken for, or clobbered as, the command's stdio.
+    let _ = mkdir_p(b"/dev");
+    let _ = mount("devtmpfs", "/dev", "devtmpfs", 0, "");
+    loop {
+        // SAFETY: a valid path literal; the fd is kept open on purpose (or closed below).
+        let fd = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+        if fd < 0 {
+            break;
+        }
+        if fd > 2 {
+            // SAFETY: closes the fd just opened.
+            unsafe { libc::close(fd) };
+            break;
+        }
+    }
     // SIGCHLD arrives through a signalfd; the command gets an empty mask back.
     // SAFETY: sigset_t is plain data; the calls only touch our own set and mask.
     let sfd = unsafe {
@@ -643,9 +660,16 @@ fn run(conn: &mut Conn, sfd: &OwnedFd, start: &Start) -> Result<bool, String> {
             libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
             libc::setsid();
-            libc::dup2(child_in.as_raw_fd(), 0);
-            libc::dup2(child_out.as_raw_fd(), 1);
-            libc::dup2(child_err.as_raw_fd(), 2);
+            // Above 2 first, so that no dup2 below overwrites a source still needed.
+            let high = |fd: RawFd| libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
+            let (i, o, e) = (
+                high(child_in.as_raw_fd()),
+                high(child_out.as_raw_fd()),
+                high(child_err.as_raw_fd()),
+            );
+            libc::dup2(i, 0);
+            libc::dup2(o, 1);
+            libc::dup2(e, 2);
             if tty {
                 libc::ioctl(0, libc::TIOCSCTTY, 0);
             }

@@ -721,9 +721,15 @@ fn run(args: &RunArgs) -> Result<u8, RunError> {
     }
     let _raw = (tty && args.interactive).then(RawTerminal::new);
 
+    // stdin flows once the command runs (STARTED): nothing is queued in the guest while it
+    // forks and execs, and nothing at all when the exec fails.
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
     if args.interactive {
         let w = writer.clone();
         std::thread::spawn(move || {
+            if started_rx.recv().is_err() {
+                return;
+            }
             let mut buf = vec![0u8; proto::CHUNK];
             let mut stdin = std::io::stdin().lock();
             loop {
@@ -775,7 +781,9 @@ fn run(args: &RunArgs) -> Result<u8, RunError> {
             Ok(Some((proto::STDERR, p))) => {
                 let _ = write_fd(2, &p);
             }
-            Ok(Some((proto::STARTED, _))) => {}
+            Ok(Some((proto::STARTED, _))) => {
+                let _ = started_tx.send(());
+            }
             Ok(Some((proto::EXIT, p))) => break proto::decode_exit(&p).map_err(RunError::Agent)?,
             Ok(Some((proto::ERROR, p))) => {
                 let msg = proto::Dec(&p)
