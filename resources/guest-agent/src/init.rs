@@ -170,6 +170,14 @@ impl Conn {
         }
     }
 
+    /// Whether a whole frame is buffered.
+    fn has_frame(&self) -> bool {
+        self.buf.len() >= 5
+            && self.buf.len()
+                >= 5 + u32::from_le_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize
+    }
+
     /// A complete frame from the buffer, if there is one.
     fn next_frame(&mut self) -> Result<Option<(u8, Vec<u8>)>, String> {
         if self.buf.len() < 5 {
@@ -777,7 +785,12 @@ fn run(conn: &mut Conn, sfd: &OwnedFd, start: &Start) -> Result<bool, String> {
                 kill_all(&mut killed_all, &mut drain_until);
             }
         }
-        let mut wait = -1i64;
+        // A whole frame already buffered: do not sleep before serving it.
+        let mut wait = if !host_gone && pending.len() < MAX_PENDING_STDIN && conn.has_frame() {
+            0
+        } else {
+            -1i64
+        };
         for t in [deadline.filter(|_| !ended.timed_out), drain_until]
             .into_iter()
             .flatten()
@@ -877,11 +890,12 @@ fn run(conn: &mut Conn, sfd: &OwnedFd, start: &Start) -> Result<bool, String> {
             }
         }
         if let Some(i) = conn_i {
-            if pfds[i].revents != 0 {
-                if !conn.fill().unwrap_or(false) {
-                    host_gone = true;
-                    kill_all(&mut killed_all, &mut drain_until);
-                }
+            if pfds[i].revents != 0 && !conn.fill().unwrap_or(false) {
+                host_gone = true;
+                kill_all(&mut killed_all, &mut drain_until);
+            }
+            // Frames that came with an earlier read (START's) are served too.
+            {
                 while let Some((kind, p)) = conn.next_frame()? {
                     match kind {
                         proto::STDIN => pending.extend_from_slice(&p),
