@@ -19,8 +19,20 @@ const ROOT: &str = "/mnt/root";
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// How long the agent waits for the last processes to die and their output to drain.
 const DRAIN: Duration = Duration::from_secs(5);
-/// Stop reading the host while this much stdin waits for the command (back-pressure).
-const MAX_PENDING_STDIN: usize = 1 << 20;
+/// Stop reading the host while this much stdin waits for the command (back-pressure). One
+/// chunk: the buffers below then never grow past what was allocated (and touched) up front.
+const MAX_PENDING_STDIN: usize = proto::CHUNK;
+
+/// A buffer of `cap` bytes whose pages are all written once now, empty. On kvm-pvm hosts the
+/// guest kernel runs in an emulator, and 63-byte runs of zeros were seen at 64 KiB frame
+/// boundaries of 1 MiB passed through stdin and back when the kernel copied into or out of
+/// freshly grown (never touched) user buffers: every buffer the kernel copies to or from is
+/// made here, touched, and kept within its capacity.
+fn touched(cap: usize) -> Vec<u8> {
+    let mut v = vec![0x5a_u8; cap];
+    v.clear();
+    v
+}
 
 fn err(what: &str) -> String {
     format!("{what}: {}", io::Error::last_os_error())
@@ -332,7 +344,7 @@ fn serve(sfd: &OwnedFd, setup_err: Option<String>) -> Result<(), String> {
     drop(l);
     let mut conn = Conn {
         fd,
-        buf: Vec::new(),
+        buf: touched(4 * proto::CHUNK + 16),
     };
     conn.send(proto::HELLO, &Enc::default().u32(proto::VERSION).0)?;
     let start = match conn.read_frame()? {
@@ -757,10 +769,11 @@ fn run(conn: &mut Conn, sfd: &OwnedFd, start: &Start) -> Result<bool, String> {
     };
     let mut killed_all = false;
     let mut drain_until: Option<Instant> = None;
-    let mut pending: Vec<u8> = Vec::new();
+    let mut pending = touched(MAX_PENDING_STDIN + 2 * proto::CHUNK);
     let mut stdin_eof = false;
     let mut host_gone = false;
-    let mut buf = vec![0u8; proto::CHUNK];
+    let mut buf = touched(proto::CHUNK);
+    buf.resize(proto::CHUNK, 0);
     let kill_all = |killed: &mut bool, until: &mut Option<Instant>| {
         if !*killed {
             // SAFETY: kill(-1) signals every process but PID 1 (us).
