@@ -17,7 +17,10 @@ REPO=$(cd "$HERE/../.." && pwd)
 CACHE_ROOT=${CINDER_CACHE:-$HOME/.cache/cinder}
 GUEST_CACHE=$CACHE_ROOT/guest
 AGENT_SRC=$REPO/resources/guest-agent
-AGENT_TARGET=$CACHE_ROOT/guest-agent/target
+# Its own target directory per source tree: build-rootfs.sh (and other checkouts) build the
+# agent into the shared one, and whichever builds last would otherwise decide which agent
+# binary lands here (seen: a checkout without the init role, a guest panic at boot).
+AGENT_TARGET=$CACHE_ROOT/guest-agent/target-initrd-$(printf '%s' "$AGENT_SRC" | sha256sum | cut -c1-12)
 export SOURCE_DATE_EPOCH=1767225600 LC_ALL=C
 
 log() { printf '[agent-initrd] %s\n' "$*" >&2; }
