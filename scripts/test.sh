@@ -20,7 +20,9 @@ CINDER_GUEST_DIR=$(bash resources/guest/build.sh default | tail -n 1)
 # cinder's --cpu-template no-pv-hypercalls replaces the profile's kvm.c patch.
 CINDER_TEST_GUEST_DIR=$(CINDER_TEST_KVM_PV_PATCH=0 bash resources/guest/build.sh test | tail -n 1)
 CINDER_ROOTFS_DIR=$(bash resources/guest/build-rootfs.sh | tail -n 1)
-export CINDER_GUEST_DIR CINDER_TEST_GUEST_DIR CINDER_ROOTFS_DIR
+# `cinder run`'s guest: the agent (resources/guest-agent) as /init of a tiny initramfs.
+CINDER_AGENT_INITRD=$(bash resources/guest/build-agent-initrd.sh | tail -n 1)/initrd.cpio
+export CINDER_GUEST_DIR CINDER_TEST_GUEST_DIR CINDER_ROOTFS_DIR CINDER_AGENT_INITRD
 
 echo "[test] cargo fmt --check" >&2
 cargo fmt --all -- --check
@@ -28,6 +30,9 @@ echo "[test] cargo clippy" >&2
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "[test] probe guest: fmt and clippy" >&2
 (cd resources/probe && cargo fmt -- --check && cargo clippy --release --quiet -- -D warnings)
+echo "[test] guest agent: fmt and clippy" >&2
+(cd resources/guest-agent && cargo fmt -- --check &&
+	cargo clippy --release --quiet --target-dir "${CINDER_CACHE:-$HOME/.cache/cinder}/guest-agent/target" -- -D warnings)
 echo "[test] building cinder and cinder-jailer" >&2
 cargo build -p vmm -p cinder-jailer
 

@@ -13,6 +13,7 @@ pub mod kvm;
 pub mod logger;
 pub mod metrics;
 pub mod options;
+pub mod run;
 pub mod runtime;
 pub mod seccomp;
 pub mod signal;

@@ -84,6 +84,9 @@ const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (Firecracker API 1.16
 /// running); 2 bad command line; 3 the guest hit a fatal KVM error (registers are printed);
 /// 128+N ended by signal N (SIGINT 130, SIGTERM 143); 148 a thread made a system call its
 /// seccomp filter forbids (one line on stderr names the thread and the call; see --seccomp).
+///
+/// `cinder run [OPTIONS] IMAGE [--] CMD [ARGS...]` runs one command in a new microVM, like
+/// `docker run`, with its own exit codes: `cinder run --help`.
 #[derive(Parser, Debug)]
 #[command(name = "cinder", version = VERSION, disable_version_flag = true)]
 struct Cli {
@@ -836,6 +839,12 @@ fn main() -> ExitCode {
     // `cinder images ...`: the image cache, apart from the VMM's flags (images_cmd.rs).
     if std::env::args_os().nth(1).is_some_and(|a| a == "images") {
         return images_cmd::main(std::env::args_os().skip(2));
+    }
+    // `cinder run IMAGE -- CMD`: a subcommand with its own options and exit codes
+    // (vmm/src/run); every other command line is the plain VMM's.
+    let mut argv = std::env::args_os();
+    if argv.nth(1).is_some_and(|a| a == "run") {
+        return vmm::run::main(argv.collect());
     }
     let cli = Cli::parse();
     // Firecracker's flags cinder does not implement: refused before anything happens.

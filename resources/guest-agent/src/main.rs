@@ -19,6 +19,9 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::ExitCode;
 
+mod init;
+mod proto;
+
 const FNV_INIT: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x100_0000_01b3;
 /// Longest accepted length line (digits and newline).
@@ -285,6 +288,11 @@ fn run(args: &[String]) -> Result<String, String> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // As PID 1 (the `cinder run` initramfs's /init), or asked to: the init role.
+    // SAFETY: getpid takes no arguments.
+    if unsafe { libc::getpid() } == 1 || args.first().map(String::as_str) == Some("init") {
+        init::main();
+    }
     match run(&args) {
         Ok(line) => {
             println!("{line}");
