@@ -393,3 +393,95 @@ fn run_tty_gives_the_command_a_terminal_and_sigterm_is_forwarded_to_it_under_cin
     assert_eq!(status.code(), Some(3), "stdout {out:?} stderr {err:?}");
     assert_eq!(out, "/dev/pts/0\n24 80\nready\ngot-term\n", "{err}");
 }
+
+/// `sha256sum` of a file, as lowercase hex.
+fn sha256_hex(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("run sha256sum");
+    assert!(out.status.success(), "sha256sum {}", path.display());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .expect("a digest")
+        .to_string()
+}
+
+/// A `docker save`-style archive (docker-archive) made here, with no Docker: one layer holding
+/// the host's static busybox and a few of its applet links, and a config whose Entrypoint, Cmd,
+/// Env, WorkingDir and User the run must use.
+fn docker_archive(dir: &TempDir) -> PathBuf {
+    let root = dir.join("layer-root");
+    std::fs::create_dir_all(root.join("bin")).expect("mkdir bin");
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("copy /bin/busybox");
+    for applet in ["sh", "echo", "pwd", "id", "env"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("symlink");
+    }
+    let ar = dir.join("archive");
+    std::fs::create_dir_all(ar.join("layer1")).expect("mkdir layer1");
+    let layer = ar.join("layer1/layer.tar");
+    let st = Command::new("tar")
+        .args([
+            "--sort=name",
+            "--mtime=@0",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            "-C",
+        ])
+        .arg(&root)
+        .arg("-cf")
+        .arg(&layer)
+        .arg("bin")
+        .status()
+        .expect("run tar");
+    assert!(st.success(), "tar the layer");
+    let diff_id = sha256_hex(&layer);
+    let config = format!(
+        concat!(
+            r#"{{"architecture":"amd64","os":"linux","config":{{"#,
+            r#""Entrypoint":["/bin/sh","-c"],"#,
+            r#""Cmd":["echo greeting=$GREETING; pwd; id -u"],"#,
+            r#""Env":["PATH=/bin","GREETING=from-the-image"],"#,
+            r#""WorkingDir":"/srv/app","User":"4321"}},"#,
+            r#""rootfs":{{"type":"layers","diff_ids":["sha256:{}"]}}}}"#
+        ),
+        diff_id
+    );
+    let cfg_tmp = ar.join("config.tmp");
+    std::fs::write(&cfg_tmp, &config).expect("write config");
+    let cfg_name = format!("{}.json", sha256_hex(&cfg_tmp));
+    std::fs::rename(&cfg_tmp, ar.join(&cfg_name)).expect("name the config by its digest");
+    let manifest = format!(
+        r#"[{{"Config":"{cfg_name}","RepoTags":["cinder-run-test:latest"],"Layers":["layer1/layer.tar"]}}]"#
+    );
+    std::fs::write(ar.join("manifest.json"), manifest).expect("write manifest.json");
+    let out = dir.join("image.tar");
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(&ar)
+        .arg("-cf")
+        .arg(&out)
+        .args(["manifest.json", &cfg_name, "layer1"])
+        .status()
+        .expect("run tar");
+    assert!(st.success(), "tar the archive");
+    out
+}
+
+#[test]
+fn run_a_docker_archive_uses_its_entrypoint_cmd_env_workdir_and_user_under_cinder() {
+    let dir = TempDir::new("run-docker-archive");
+    let img = docker_archive(&dir);
+    let spec = format!("{}:latest", img.display());
+    // No command: the image's Entrypoint + Cmd, in its WorkingDir, as its User, with its Env.
+    let o = run(&[&spec]);
+    o.expect(0);
+    assert_eq!(
+        o.stdout(),
+        "greeting=from-the-image\n/srv/app\n4321\n",
+        "stderr {:?}",
+        o.stderr()
+    );
+}
