@@ -369,6 +369,22 @@ fn run_tty_gives_the_command_a_terminal_and_sigterm_is_forwarded_to_it_under_cin
             }
         }
     }
+    // The front-end runs under its seccomp filter (mode 2), every one of its threads.
+    let tasks = format!("/proc/{}/task", child.id());
+    let mut threads = 0;
+    for t in std::fs::read_dir(&tasks).expect("read the front-end's threads") {
+        let status = std::fs::read_to_string(t.expect("a thread").path().join("status"))
+            .expect("read a thread's status");
+        assert!(
+            status.lines().any(|l| l == "Seccomp:\t2"),
+            "a thread of cinder run has no seccomp filter:\n{status}"
+        );
+        threads += 1;
+    }
+    assert!(
+        threads >= 3,
+        "main, signals, terminal size: {threads} threads"
+    );
     // SAFETY: signals our own child process.
     unsafe { libc::kill(i32::try_from(child.id()).expect("pid"), libc::SIGTERM) };
     let status = loop {

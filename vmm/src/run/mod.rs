@@ -652,6 +652,12 @@ fn run(args: &RunArgs) -> Result<u8, RunError> {
         console,
     };
 
+    // From here on the front-end only talks to the agent, the host's stdio and its VMM child:
+    // it runs under its own seccomp filter (`run` in seccomp/tables.rs), as every VMM thread
+    // does under theirs; the threads it spawns below inherit it.
+    crate::seccomp::init(crate::seccomp::SeccompMode::On)
+        .and_then(|()| crate::seccomp::install(crate::seccomp::ThreadKind::Run))
+        .map_err(|e| RunError::Host(e.to_string()))?;
     forward_signals();
     let stream = match connect(&mut vm, &uds) {
         Err(RunError::Interrupted(sig)) => {

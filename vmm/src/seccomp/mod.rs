@@ -12,6 +12,7 @@
 //! | `console-out` | console-out | first thing in the thread (console.rs) |
 //! | `blk` | blk-<id> | (at merge) its start hook (builder.rs's `blk_thread_start_hook`) |
 //! | `log-writer` | log-writer | (at merge) first thing in the thread (logger.rs) |
+//! | `run` | `cinder run`'s front-end: main and the threads it spawns | main, once the VMM child runs (run/mod.rs) |
 //!
 //! A thread inherits the filters of the thread that spawns it; the kernel runs every filter a
 //! thread has and the strictest answer wins. main spawns vcpuN, devices and console-out after
@@ -86,11 +87,15 @@ pub enum ThreadKind {
     BlockIo,
     /// The log writer (`log-writer`, the procrobust branch's logger thread).
     LogWriter,
+    /// `cinder run`'s front-end process (main, once the VMM child is started, and the threads
+    /// it spawns then: signal forwarding, stdin, terminal size): no KVM, no guest memory; a
+    /// socket to the guest agent, the host's stdio, the VMM child, its scratch files.
+    Run,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 7] = [
+    pub const ALL: [ThreadKind; 8] = [
         ThreadKind::Vmm,
         ThreadKind::Api,
         ThreadKind::Vcpu,
@@ -98,6 +103,7 @@ impl ThreadKind {
         ThreadKind::ConsoleOut,
         ThreadKind::BlockIo,
         ThreadKind::LogWriter,
+        ThreadKind::Run,
     ];
 
     /// Its name (Firecracker's names for `vmm`, `api` and `vcpu`).
@@ -110,6 +116,7 @@ impl ThreadKind {
             ThreadKind::ConsoleOut => "console-out",
             ThreadKind::BlockIo => "blk",
             ThreadKind::LogWriter => "log-writer",
+            ThreadKind::Run => "run",
         }
     }
 
@@ -123,6 +130,7 @@ impl ThreadKind {
             ThreadKind::ConsoleOut => tables::CONSOLE_OUT,
             ThreadKind::BlockIo => tables::BLOCK_IO,
             ThreadKind::LogWriter => tables::LOG_WRITER,
+            ThreadKind::Run => tables::RUN,
         }
     }
 
@@ -647,13 +655,15 @@ mod tests {
     }
 
     #[test]
-    fn only_vmm_may_clone_and_only_threads() {
+    fn only_vmm_and_run_may_clone_and_only_threads() {
+        // The two kinds whose threads spawn threads: main of the VMM and of `cinder run`.
+        let spawner = |k| k == ThreadKind::Vmm || k == ThreadKind::Run;
         for kind in ThreadKind::ALL {
             let r = rules(kind).unwrap();
-            assert!(compile_enosys(kind).unwrap().is_some() == (kind == ThreadKind::Vmm));
+            assert!(compile_enosys(kind).unwrap().is_some() == spawner(kind));
             match r.get(&libc::SYS_clone) {
-                Some(rules) => assert!(kind == ThreadKind::Vmm && rules.len() == 1),
-                None => assert!(kind != ThreadKind::Vmm),
+                Some(rules) => assert!(spawner(kind) && rules.len() == 1),
+                None => assert!(!spawner(kind)),
             }
         }
     }

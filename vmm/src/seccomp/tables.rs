@@ -14,16 +14,16 @@ use libc::{
     SYS_clone3, SYS_close, SYS_connect, SYS_dup, SYS_epoll_create1, SYS_epoll_ctl, SYS_epoll_pwait,
     SYS_epoll_wait, SYS_eventfd2, SYS_exit, SYS_exit_group, SYS_fallocate, SYS_fchmod,
     SYS_fchmodat, SYS_fcntl, SYS_fdatasync, SYS_fstat, SYS_fsync, SYS_ftruncate, SYS_futex,
-    SYS_getpid, SYS_getrandom, SYS_getsockopt, SYS_gettid, SYS_io_uring_enter,
-    SYS_io_uring_register, SYS_io_uring_setup, SYS_ioctl, SYS_listen, SYS_lseek, SYS_madvise,
-    SYS_mmap, SYS_mprotect, SYS_mremap, SYS_munmap, SYS_nanosleep, SYS_newfstatat, SYS_openat,
-    SYS_poll, SYS_ppoll, SYS_prctl, SYS_pread64, SYS_preadv, SYS_preadv2, SYS_pwrite64,
+    SYS_getdents64, SYS_getpid, SYS_getrandom, SYS_getsockopt, SYS_gettid, SYS_io_uring_enter,
+    SYS_io_uring_register, SYS_io_uring_setup, SYS_ioctl, SYS_kill, SYS_listen, SYS_lseek,
+    SYS_madvise, SYS_mmap, SYS_mprotect, SYS_mremap, SYS_munmap, SYS_nanosleep, SYS_newfstatat,
+    SYS_openat, SYS_poll, SYS_ppoll, SYS_prctl, SYS_pread64, SYS_preadv, SYS_preadv2, SYS_pwrite64,
     SYS_pwritev, SYS_read, SYS_readv, SYS_recvfrom, SYS_recvmsg, SYS_restart_syscall, SYS_rseq,
-    SYS_rt_sigaction, SYS_rt_sigprocmask, SYS_rt_sigreturn, SYS_sched_getaffinity, SYS_sched_yield,
-    SYS_seccomp, SYS_sendmsg, SYS_sendto, SYS_set_robust_list, SYS_setsockopt, SYS_shutdown,
-    SYS_sigaltstack, SYS_socket, SYS_socketpair, SYS_statx, SYS_tgkill, SYS_timerfd_create,
-    SYS_timerfd_settime, SYS_unlink, SYS_unlinkat, SYS_userfaultfd, SYS_write, SYS_writev, AF_UNIX,
-    PR_SET_NAME, PR_SET_NO_NEW_PRIVS,
+    SYS_rt_sigaction, SYS_rt_sigprocmask, SYS_rt_sigreturn, SYS_rt_sigtimedwait,
+    SYS_sched_getaffinity, SYS_sched_yield, SYS_seccomp, SYS_sendmsg, SYS_sendto,
+    SYS_set_robust_list, SYS_setsockopt, SYS_shutdown, SYS_sigaltstack, SYS_socket, SYS_socketpair,
+    SYS_statx, SYS_tgkill, SYS_timerfd_create, SYS_timerfd_settime, SYS_unlink, SYS_unlinkat,
+    SYS_userfaultfd, SYS_wait4, SYS_write, SYS_writev, AF_UNIX, PR_SET_NAME, PR_SET_NO_NEW_PRIVS,
 };
 
 /// Every thread: memory (never executable), locks, signals, its own end, logging.
@@ -303,3 +303,35 @@ pub const VMM: &[Allow] = &[
     ),
     (SYS_ioctl, Args::In(1, &[TCGETS, TCSETS, TIOCGWINSZ, FIONBIO, FIONREAD]), "vmm: the terminal (raw mode and back), non-blocking fds"),
 ];
+
+/// `cinder run`'s front-end, from the moment its VMM child runs: main (the session with the
+/// guest agent, copy-out, the end) and the threads it spawns then (signal forwarding, stdin,
+/// the terminal's size), which inherit this filter. No KVM, no guest memory, no exec.
+#[rustfmt::skip]
+pub const RUN: &[Allow] = &[
+    (SYS_clone3, Args::Enosys, "run: its flags are out of a filter's reach: ENOSYS, glibc falls back to clone"),
+    (SYS_clone, Args::AllSet(0, libc::CLONE_THREAD as u64), "run: the signal, stdin and terminal-size threads; threads only, never a fork"),
+    (SYS_rt_sigtimedwait, Args::Any, "run: sigwait for the signals forwarded to the command"),
+    (SYS_seccomp, Args::In(0, &[libc::SECCOMP_SET_MODE_FILTER as u64]), "run: installing its second filter (clone3 -> ENOSYS)"),
+    (SYS_prctl, Args::In(0, &[PR_SET_NAME as u64, PR_SET_NO_NEW_PRIVS as u64, PR_SET_VMA]), "run: installing its second filter (clone3), std names a thread, glibc names thread stacks"),
+    (SYS_rt_sigaction, Args::Any, "run: std"),
+    (SYS_socket, Args::In(0, &[AF_UNIX as u64]), "run: the vsock socket of its VMM (CONNECT to the agent); AF_UNIX only"),
+    (SYS_connect, Args::Any, "run: the vsock socket of its VMM"),
+    (SYS_setsockopt, Args::Any, "run: a read timeout on the vsock socket while the agent answers CONNECT"),
+    (SYS_shutdown, Args::Any, "run: closing the session"),
+    (SYS_recvfrom, Args::Any, "run: frames from the agent"),
+    (SYS_sendto, Args::Any, "run: frames to the agent"),
+    (SYS_poll, Args::Any, "run: std"),
+    (SYS_ppoll, Args::Any, "run: std"),
+    (SYS_lseek, Args::Any, "run: reading the VMM's log for a failure line"),
+    (SYS_openat, Args::Any, "run: the VMM's log and console files, --copy-out destinations, the scratch directory's removal"),
+    (SYS_getdents64, Args::Any, "run: removing its scratch directory"),
+    (SYS_unlink, Args::Any, "run: a failed --copy-out's partial file"),
+    (SYS_unlinkat, Args::Any, "run: removing its scratch directory"),
+    (SYS_wait4, Args::Any, "run: reaping its VMM child"),
+    (SYS_kill, Args::Any, "run: ending its VMM child"),
+    (SYS_ioctl, Args::In(1, &[TCGETS, TCSETS, TIOCGWINSZ]), "run: -t's raw terminal and its size"),
+];
+
+/// prctl's PR_SET_VMA (glibc names the mappings of thread stacks with it).
+const PR_SET_VMA: u64 = 0x5356_4d41;
