@@ -78,22 +78,71 @@ fn boot_snapmem(dir: &TempDir, vcpus: u8, mib: u64, pages: u64) -> (Session, Pat
 
 /// Pauses the VM behind `sock`, writes a Full snapshot to `state`/`mem`, returns the last
 /// tick the guest printed before the pause, and kills the process.
-fn snapshot_and_kill(mut s: Session, sock: &Path, state: &Path, mem: &Path) -> u64 {
+fn snapshot_and_kill(s: Session, sock: &Path, state: &Path, mem: &Path) -> u64 {
+    snapshot_kind_and_kill(s, sock, state, mem, "Full")
+}
+
+/// [`snapshot_and_kill`] with a snapshot of type `kind` (`Full` or `Diff`).
+fn snapshot_kind_and_kill(
+    mut s: Session,
+    sock: &Path,
+    state: &Path,
+    mem: &Path,
+    kind: &str,
+) -> u64 {
     let r = request(sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
     ok(&r, "pause", &s);
     let body = format!(
-        r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "snapshot_type": "Full"}}"#,
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "snapshot_type": "{kind}"}}"#,
         state.display(),
         mem.display()
     );
     let r = request(sock, "PUT", "/snapshot/create", Some(&body));
-    ok(&r, "snapshot/create", &s);
+    ok(&r, &format!("snapshot/create {kind}"), &s);
     // What the guest printed before the pause is in the console writer's pipe by now.
     s.settle(Duration::from_millis(300), Duration::from_secs(5));
     let last = last_tick(&s.console()).unwrap_or_else(|| panic!("no tick\n{}", s.log()));
     s.signal(libc::SIGKILL);
     let _ = s.wait_exit(Duration::from_secs(10));
     last
+}
+
+/// The number after `key` (`0x..` hex or decimal) on the last line of `text` that holds
+/// `line`.
+fn field(text: &str, line: &str, key: &str) -> Option<u64> {
+    let l = text.lines().rfind(|l| l.contains(line))?;
+    let v = l.split_whitespace().find_map(|w| w.strip_prefix(key))?;
+    match v.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => v.parse().ok(),
+    }
+}
+
+/// Where guest-physical address `gpa` lies in the memory files of the snapshot whose state
+/// file is `state` (its `memory` regions: gpa, len, file offset).
+fn file_offset(state: &Path, gpa: u64) -> u64 {
+    let bytes = std::fs::read(state).expect("read the state file");
+    let payload = vmm::snapshot::payload_of(&bytes).expect("payload");
+    let v: serde_json::Value = serde_json::from_slice(payload).expect("the payload parses");
+    let regions = v["memory"].as_array().expect("memory regions");
+    regions
+        .iter()
+        .find_map(|r| {
+            let (start, len, off) = (
+                r["gpa"].as_u64()?,
+                r["len"].as_u64()?,
+                r["offset"].as_u64()?,
+            );
+            (start..start + len)
+                .contains(&gpa)
+                .then(|| off + gpa - start)
+        })
+        .unwrap_or_else(|| panic!("{gpa:#x} is in no memory region of {regions:?}"))
+}
+
+/// Whether the data ranges `ranges` of a sparse file cover `[start, start + len)`.
+fn covers(ranges: &[(u64, u64)], start: u64, len: u64) -> bool {
+    ranges.iter().any(|&(a, b)| a <= start && start + len <= b)
 }
 
 /// Checks that a restored probe goes on counting after `last` (no reboot), then ends it with
@@ -131,8 +180,24 @@ fn finish_restored(mut s: Session, last: u64) {
 
 /// Restores through `--restore ...,resume` (with an API socket, for a later snapshot).
 fn restore_cli(dir: &TempDir, name: &str, state: &Path, mem: &Path) -> (Session, PathBuf) {
+    restore_cli_with(dir, name, state, mem, "")
+}
+
+/// [`restore_cli`] with `extra` appended to the `--restore` spec (`,track`: dirty page
+/// tracking for a later Diff).
+fn restore_cli_with(
+    dir: &TempDir,
+    name: &str,
+    state: &Path,
+    mem: &Path,
+    extra: &str,
+) -> (Session, PathBuf) {
     let sock = dir.join(&format!("{name}.sock"));
-    let spec = format!("state={},mem={},resume", state.display(), mem.display());
+    let spec = format!(
+        "state={},mem={},resume{extra}",
+        state.display(),
+        mem.display()
+    );
     let s = start_api(&sock, &["--restore", &spec]);
     (s, sock)
 }
@@ -244,15 +309,67 @@ fn snapmem_survives_a_snapshot_with_2_vcpus_both_running_under_cinder() {
     assert_eq!(log.done, Some((2, 2)), "{}", s.log());
 }
 
-/// RAM on both sides of the MMIO gap: pages spread over all of it, both regions in the file.
+/// RAM on both sides of the MMIO gap, Full and Diff: the pattern's pages are spread over all
+/// of it (the highest one above 4 GiB); a Full snapshot, restored with dirty tracking; the
+/// guest rewrites every pattern page with the next seed (`n`), both sides of the gap; a Diff
+/// of that must hold every one of them (the first and the highest are checked in the file),
+/// and the Full with the Diff merged over it restores a guest that counts on and finds the new
+/// seed's pattern everywhere (a page the Diff missed would still hold the old one).
 fn big(mib: u64) {
+    const GIB4: u64 = 1 << 32;
+    let started = std::time::Instant::now();
     let dir = TempDir::new("snap-big");
     let (s, sock) = boot_snapmem(&dir, 1, mib, 256);
+    let ready = s.console();
+    let first = field(&ready, "snapmem: ready", "first=").expect("first= in the ready line");
+    let highest = field(&ready, "snapmem: ready", "last=").expect("last= in the ready line");
+    assert!(
+        highest >= GIB4,
+        "no pattern page above 4 GiB (highest {highest:#x}): {ready}"
+    );
     let (state, mem) = (dir.join("state"), dir.join("mem"));
     let last = snapshot_and_kill(s, &sock, &state, &mem);
     assert_eq!(std::fs::metadata(&mem).expect("mem file").len(), mib << 20);
-    let (s, _) = restore_cli(&dir, "r", &state, &mem);
+
+    let (mut s, sock) = restore_cli_with(&dir, "r1", &state, &mem, ",track");
+    s.expect_line(&format!("snapmem: tick {}", last + 1), T)
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.send("n").unwrap_or_else(|e| panic!("{e}"));
+    s.expect_line("snapmem: reseeded seed=8", T)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (dstate, dmem) = (dir.join("diff.state"), dir.join("diff.mem"));
+    let last = snapshot_kind_and_kill(s, &sock, &dstate, &dmem, "Diff");
+    assert_eq!(
+        std::fs::metadata(&dmem).expect("diff file").len(),
+        mib << 20
+    );
+
+    let ranges = data_ranges(&std::fs::File::open(&dmem).expect("open the diff"));
+    let diff_bytes: u64 = ranges.iter().map(|(a, b)| b - a).sum();
+    eprintln!(
+        "{mib} MiB: diff {} pages in {} ranges; pattern pages {first:#x}..={highest:#x}",
+        diff_bytes / 4096,
+        ranges.len()
+    );
+    for page in [first, highest] {
+        let off = file_offset(&dstate, page);
+        assert!(
+            covers(&ranges, off, 4096),
+            "the diff lacks the rewritten page {page:#x} (file offset {off:#x})"
+        );
+    }
+    assert!(
+        (256 * 4096..16 << 20).contains(&diff_bytes),
+        "the diff holds {diff_bytes} bytes: not the 256 rewritten pages and a few more"
+    );
+    let merged = merge_diff(&mem, &dmem);
+    assert_eq!(merged, diff_bytes);
+    let (s, _) = restore_cli(&dir, "r2", &dstate, &mem);
     finish_restored(s, last);
+    eprintln!(
+        "{mib} MiB: full, diff and restores in {:.1?}",
+        started.elapsed()
+    );
 }
 
 #[test]

@@ -9,9 +9,19 @@
 //! 600 s is a failure (every wait here is bounded). For clones of one snapshot: `w<c>` stores
 //! a value made of the byte `c` in one word of the probe's image (`snapmem: clone wrote=c`),
 //! `r` reads it back (`snapmem: clone read=c`): each clone must read its own.
+//!
+//! For Diff snapshots: `n` rewrites every chosen page with the next seed (`snapmem: reseeded
+//! seed=S`; the checks use it from then on), so the pages a Diff must hold are known, on both
+//! sides of the MMIO gap. With `probe.snapmem_blk=1` the first virtio-blk device is opened at
+//! the start and a dedicated page zeroed (`snapmem: blk buf=0x..`, its guest-physical address:
+//! the probe's memory is identity-mapped); `b` then reads the drive's first 8 sectors into
+//! that page and compares them with the `blk` pattern (`probe.blk_seed`) by reading only
+//! (`snapmem: blk read status=S match=0|1`): after it, only the VMM has written the page.
 
 use crate::checks::{Details, Status};
 use crate::cpu::{inb, peek, poke};
+use crate::sync::Global;
+use crate::virtio_blk::{self, Blk};
 use crate::{bootinfo, cmdline, mem, println, time};
 use core::fmt::Write;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +36,39 @@ const CLONE_TAG: u64 = 0xc10e_0000_0000_0000;
 /// The value a clone writes (`w<c>`) and reads back (`r`): one word in the probe's image,
 /// the same guest page in every clone.
 static CLONE: AtomicU64 = AtomicU64::new(0);
+
+/// The page a block read (`b`) fills: written by the probe only once, zeroed at the start.
+#[repr(C, align(4096))]
+struct BlkBuf([u64; 512]);
+static BLK_BUF: Global<BlkBuf> = Global::new(BlkBuf([0; 512]));
+/// Sectors `b` reads: one page.
+const BLK_SECTORS: u64 = PAGE / virtio_blk::SECTOR;
+
+fn blk_buf() -> u64 {
+    BLK_BUF.get() as *const BlkBuf as u64
+}
+
+/// `b`: reads sectors 0..8 into [`BLK_BUF`] and compares them with the `blk` pattern without
+/// writing the page.
+fn blk_read(b: &mut Blk, seed: u64) {
+    let buf = blk_buf();
+    match b.request(virtio_blk::T_IN, 0, buf, PAGE as u32) {
+        Ok((st, _)) => {
+            let mut same = true;
+            for lba in 0..BLK_SECTORS {
+                for i in 0..64 {
+                    let got: u64 = peek(buf + lba * virtio_blk::SECTOR + 8 * i);
+                    same &= got == virtio_blk::pattern_word(seed, lba, i);
+                }
+            }
+            println!(
+                "snapmem: blk read status={st} match={} buf={buf:#x}",
+                u8::from(same)
+            );
+        }
+        Err(e) => println!("snapmem: blk read failed: {e}"),
+    }
+}
 
 fn param(key: &[u8], default: u64) -> u64 {
     cmdline::get(bootinfo::get().cmdline(), key)
@@ -81,7 +124,31 @@ fn check_page(seed: u64, page: u64) -> Option<(u64, u64, u64)> {
 
 pub fn check(d: &mut Details) -> Status {
     let n = param(b"probe.snapmem_pages", DEFAULT_PAGES).max(1);
-    let seed = param(b"probe.seed", 1);
+    let mut seed = param(b"probe.seed", 1);
+    let blk_seed = param(b"probe.blk_seed", virtio_blk::DEFAULT_SEED);
+    let mut blk = None;
+    if param(b"probe.snapmem_blk", 0) == 1 {
+        for a in (blk_buf()..blk_buf() + PAGE).step_by(8) {
+            poke(a, 0u64);
+        }
+        match virtio_blk::block_devices()
+            .next()
+            .map(|t| Blk::open(t, virtio_blk::QUEUE_MAX))
+        {
+            Some(Ok(b)) => {
+                println!("snapmem: blk buf={:#x} sectors={BLK_SECTORS}", blk_buf());
+                blk = Some(b);
+            }
+            Some(Err(e)) => {
+                let _ = write!(d, "virtio-blk: {e}");
+                return Status::Fail;
+            }
+            None => {
+                let _ = write!(d, "probe.snapmem_blk=1 but no virtio-blk device");
+                return Status::Fail;
+            }
+        }
+    }
     let (mut lo, mut hi) = (u64::MAX, 0u64);
     let pages = for_chosen(n, |p| {
         lo = lo.min(p);
@@ -125,6 +192,24 @@ pub fn check(d: &mut Details) -> Status {
                     };
                     println!("snapmem: clone read={} raw={v:#x}", c as char);
                 }
+                // `n`: every chosen page gets the next seed's pattern.
+                b'n' => {
+                    seed = seed.wrapping_add(1);
+                    for_chosen(n, |p| {
+                        let mut a = p;
+                        while a < p + PAGE {
+                            poke(a, word(seed, a));
+                            a += 8;
+                        }
+                        true
+                    });
+                    println!("snapmem: reseeded seed={seed}");
+                }
+                // `b`: a block read into the dedicated page.
+                b'b' => match blk.as_mut() {
+                    Some(b) => blk_read(b, blk_seed),
+                    None => println!("snapmem: blk read failed: no probe.snapmem_blk=1"),
+                },
                 _ => {}
             }
         }
