@@ -825,6 +825,104 @@ fn full_plus_diff_is_the_full_snapshot_of_the_same_moment_under_cinder() {
     finish_restored(s, last);
 }
 
+/// A Diff after a Full holds only the pages written since, including a page only cinder
+/// wrote: the probe (`probe.snapmem_blk=1`) zeroes a dedicated page at its start and opens
+/// the drive; a Full snapshot; restored with dirty tracking, the guest has the drive read its
+/// first 8 sectors into that page (`b`) and only reads it afterwards, so KVM's dirty log never
+/// sees it written: only cinder's own record of its block reads (sync: `disk.rs`, io_uring:
+/// `uring.rs`) puts it in the Diff. The Diff must hold that page with the drive's bytes (the
+/// Full holds zeros there), and few pages in all.
+fn a_block_read_is_in_the_diff(engine: &str) {
+    use std::os::unix::fs::FileExt;
+    require_kvm();
+    const SEED: u64 = 0xb10c_d1ff;
+    let dir = TempDir::new("snap-blkdiff");
+    let img = dir.file("d.img", &blk_pattern(SEED, 2048));
+    let sock = dir.join("boot.sock");
+    let cmdline = format!(
+        "probe.run=snapmem probe.snapmem_pages=16 probe.seed=4 probe.snapmem_blk=1 probe.blk_seed={SEED}"
+    );
+    let mut s = start_api(
+        &sock,
+        &[
+            "--kernel",
+            probe::elf_path().to_str().expect("utf-8 path"),
+            "--drive",
+            &format!("path={},id=d{engine}", img.display()),
+            "--cmdline",
+            &cmdline,
+        ],
+    );
+    s.expect_line("snapmem: tick 3", T)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let buf = field(&s.console(), "snapmem: blk buf=", "buf=")
+        .unwrap_or_else(|| panic!("no blk buf line\n{}", s.log()));
+    let (state, mem) = (dir.join("full.state"), dir.join("full.mem"));
+    let last = snapshot_and_kill(s, &sock, &state, &mem);
+    let off = file_offset(&state, buf);
+    let mut page = vec![0xffu8; 4096];
+    let full = std::fs::File::open(&mem).expect("open the full file");
+    full.read_exact_at(&mut page, off)
+        .expect("read the full file");
+    assert!(
+        page.iter().all(|&b| b == 0),
+        "the buffer page is not zero in the Full snapshot"
+    );
+
+    let (mut s, sock) = restore_cli_with(&dir, "r", &state, &mem, ",track");
+    s.expect_line(&format!("snapmem: tick {}", last + 1), T)
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.send("b").unwrap_or_else(|e| panic!("{e}"));
+    let (text, _) = s
+        .expect_line("snapmem: blk read", T)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        text.contains(&format!("snapmem: blk read status=0 match=1 buf={buf:#x}")),
+        "the guest's block read: {text}\n{}",
+        s.log()
+    );
+    // A tick after the read: the guest runs on (without touching the page) before the Diff.
+    s.expect_line("aps=", T).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        !s.log().contains("io_uring unavailable"),
+        "the restored drive fell back to the sync engine\n{}",
+        s.log()
+    );
+    let (dstate, dmem) = (dir.join("diff.state"), dir.join("diff.mem"));
+    snapshot_kind_and_kill(s, &sock, &dstate, &dmem, "Diff");
+
+    let diff = std::fs::File::open(&dmem).expect("open the diff");
+    let ranges = data_ranges(&diff);
+    let pages: u64 = ranges.iter().map(|(a, b)| b - a).sum::<u64>() / 4096;
+    eprintln!(
+        "io engine {engine:?}: the diff holds {pages} pages in {} ranges, buffer at {buf:#x}",
+        ranges.len()
+    );
+    assert!(
+        covers(&ranges, off, 4096),
+        "the diff lacks the page the drive read into ({buf:#x}, file offset {off:#x}): {ranges:x?}"
+    );
+    diff.read_exact_at(&mut page, off).expect("read the diff");
+    assert!(
+        page == blk_pattern(SEED, 8),
+        "the diff's page at {buf:#x} does not hold the drive's first 8 sectors"
+    );
+    assert!(
+        pages <= 32,
+        "the diff holds {pages} pages: more than what was written since the Full"
+    );
+}
+
+#[test]
+fn a_diff_holds_a_page_only_a_sync_block_read_wrote_under_cinder() {
+    a_block_read_is_in_the_diff(",io_engine=sync");
+}
+
+#[test]
+fn a_diff_holds_a_page_only_an_io_uring_block_read_wrote_under_cinder() {
+    a_block_read_is_in_the_diff(",io_engine=async");
+}
+
 /// Starts the test page-fault handler on `sock` for `mem` and waits for its `READY`.
 fn start_handler(sock: &Path, mem: &Path, die_after: Option<u64>) -> Session {
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_uffd_handler"));
