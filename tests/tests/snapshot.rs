@@ -614,6 +614,17 @@ fn sha256(path: &Path) -> String {
 /// (`vsock=PATH`, `vsock_override` on the command line). Each writes its own value into the
 /// same guest page, and only after all have written does each read it back: it must find its
 /// own (MAP_PRIVATE: a clone's writes stay in its process). The memory file is never written.
+///
+/// And what they cost: the booted VM writes its pattern over 64 MiB of its 128 MiB
+/// (`snapmem_pages=16384`), so its RSS (G + O: G the guest memory it touched, O the VMM's own
+/// memory, a few MiB) is mostly guest memory. Each clone reads all of that pattern (`c`) after
+/// writing its page, so each has G resident too. Restored memory is the file mapped
+/// MAP_PRIVATE: the pages a clone only reads are the page cache's, one copy shared by the 8
+/// (PSS splits each among them), and each has its own copy only of the few pages it writes.
+/// So the 8 clones' total PSS is about G + 8 O, against 8 (G + O) if each held its own copy
+/// of guest memory (as a restore that read or copied the file into anonymous memory would).
+/// The bound, half of 8 x the booted VM's RSS, i.e. 4 (G + O), lies between the two (while
+/// 4 O < 3 G, true by far with G = 64 MiB): a restore that copies fails it.
 #[test]
 fn eight_clones_of_one_snapshot_keep_their_own_memory_under_cinder() {
     require_kvm();
@@ -629,11 +640,12 @@ fn eight_clones_of_one_snapshot_keep_their_own_memory_under_cinder() {
             "--vsock",
             &format!("cid=3,uds={}", uds.display()),
             "--cmdline",
-            "probe.run=snapmem probe.snapmem_pages=16 probe.seed=9",
+            "probe.run=snapmem probe.snapmem_pages=16384 probe.seed=9",
         ],
     );
     s.expect_line("snapmem: tick 3", T)
         .unwrap_or_else(|e| panic!("{e}"));
+    let (booted_rss, booted_pss) = rss_pss_kib(s.pid());
     let (state, mem) = (dir.join("state"), dir.join("mem"));
     let last = snapshot_and_kill(s, &sock, &state, &mem);
     let sum = sha256(&mem);
@@ -659,6 +671,34 @@ fn eight_clones_of_one_snapshot_keep_their_own_memory_under_cinder() {
         c.expect_line(&format!("snapmem: clone wrote={i}"), T)
             .unwrap_or_else(|e| panic!("clone {i}: {e}"));
     }
+    // Every clone reads all of its pattern (and finds it intact), then all are measured
+    // while alive.
+    for (i, c) in clones.iter_mut().enumerate() {
+        c.send("c").unwrap_or_else(|e| panic!("{e}"));
+        let (text, _) = c
+            .expect_line("snapmem: checked pages=", T)
+            .unwrap_or_else(|e| panic!("clone {i}: {e}"));
+        assert!(
+            text.contains("snapmem: checked pages=16384 bad=0"),
+            "clone {i}: {text}"
+        );
+    }
+    let pss: Vec<u64> = clones.iter().map(|c| rss_pss_kib(c.pid()).1).collect();
+    let total: u64 = pss.iter().sum();
+    eprintln!(
+        "booted VM: RSS {booted_rss} KiB (PSS {booted_pss} KiB); 8 clones: PSS {pss:?} KiB, \
+         total {total} KiB = {:.2} x the booted RSS (8 x RSS = {} KiB)",
+        total as f64 / booted_rss as f64,
+        8 * booted_rss
+    );
+    assert!(
+        booted_rss > 64 << 10,
+        "the booted VM's RSS {booted_rss} KiB does not hold its 64 MiB pattern"
+    );
+    assert!(
+        total < CLONES as u64 * booted_rss / 2,
+        "the 8 clones' PSS total {total} KiB is not below 8 x {booted_rss} KiB / 2"
+    );
     for (i, c) in clones.iter_mut().enumerate() {
         c.send("r").unwrap_or_else(|e| panic!("{e}"));
         let (line, _) = c
@@ -679,6 +719,20 @@ fn eight_clones_of_one_snapshot_keep_their_own_memory_under_cinder() {
         finish_restored_quiet(c, i);
     }
     assert_eq!(sha256(&mem), sum, "the memory file was written");
+}
+
+/// (RSS, PSS) of process `pid` in KiB, from `/proc/PID/smaps_rollup`.
+fn rss_pss_kib(pid: u32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_else(|e| panic!("smaps_rollup of {pid}: {e}"));
+    let kib = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {key} in {text}"))
+    };
+    (kib("Rss:"), kib("Pss:"))
 }
 
 /// Ends a restored probe with `g` and checks it passed.

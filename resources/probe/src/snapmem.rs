@@ -10,6 +10,7 @@
 //! a value made of the byte `c` in one word of the probe's image (`snapmem: clone wrote=c`),
 //! `r` reads it back (`snapmem: clone read=c`): each clone must read its own.
 //!
+//! `c` checks every page at once (reading only) and goes on: `snapmem: checked pages=N bad=B`.
 //! For Diff snapshots: `n` rewrites every chosen page with the next seed (`snapmem: reseeded
 //! seed=S`; the checks use it from then on), so the pages a Diff must hold are known, on both
 //! sides of the MMIO gap. With `probe.snapmem_blk=1` the first virtio-blk device is opened at
@@ -204,6 +205,15 @@ pub fn check(d: &mut Details) -> Status {
                         true
                     });
                     println!("snapmem: reseeded seed={seed}");
+                }
+                // `c`: every chosen page checked now (read only), and the count goes on.
+                b'c' => {
+                    let mut bad = 0u64;
+                    for_chosen(n, |p| {
+                        bad += u64::from(check_page(seed, p).is_some());
+                        true
+                    });
+                    println!("snapmem: checked pages={pages} bad={bad}");
                 }
                 // `b`: a block read into the dedicated page.
                 b'b' => match blk.as_mut() {
