@@ -897,8 +897,6 @@ fn a_block_read_is_in_the_diff(engine: &str) {
     let dir = TempDir::new("snap-blkdiff");
     let img = dir.file("d.img", &blk_pattern(SEED, 2048));
     let sock = dir.join("boot.sock");
-    let cmdline =
-        format!("probe.run=snapmem probe.snapmem_pages=16 probe.seed=4 probe.snapmem_blk=1");
     let mut s = start_api(
         &sock,
         &[
@@ -907,7 +905,7 @@ fn a_block_read_is_in_the_diff(engine: &str) {
             "--drive",
             &format!("path={},id=d{engine}", img.display()),
             "--cmdline",
-            &cmdline,
+            "probe.run=snapmem probe.snapmem_pages=16 probe.seed=4 probe.snapmem_blk=1",
         ],
     );
     s.expect_line("snapmem: tick 3", T)
