@@ -293,14 +293,14 @@ fn from_leaf15() -> Option<u64> {
     Some(hz as u64 * num as u64 / den as u64 / 1000)
 }
 
-/// PIT ticks one trial spans: 20 ms.
-const PIT_SPAN: u64 = 23_864;
+/// PIT ticks one trial spans: 30 ms.
+const PIT_SPAN: u64 = 35_795;
 /// The counter's reload value (mode 2 counts it down to 1, then reloads).
 const PIT_RELOAD: u16 = 0xffff;
-/// Largest uncertainty a trial may have: 0.5 %.
-const PIT_MAX_ERR_PPM: u64 = 5_000;
+/// Largest uncertainty a trial may have: 1 %.
+const PIT_MAX_ERR_PPM: u64 = 10_000;
 /// Trials before giving up on the PIT.
-const PIT_TRIALS: u32 = 5;
+const PIT_TRIALS: u32 = 8;
 
 /// The TSC frequency measured against the PIT: channel 2 (gated through
 /// port 0x61, as KVM's in-kernel PIT with its dummy speaker port and QEMU's

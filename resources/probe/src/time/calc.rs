@@ -14,11 +14,8 @@ pub fn pvclock_khz(mul: u32, shift: i8) -> Option<u64> {
         return None;
     }
     let base = (1_000_000u128 << 32) / mul as u128;
-    let khz = if shift < 0 {
-        base << (-shift) as u32
-    } else {
-        base >> shift as u32
-    };
+    let by = u32::from(shift.unsigned_abs());
+    let khz = if shift < 0 { base << by } else { base >> by };
     u64::try_from(khz).ok().filter(|&k| k != 0)
 }
 
