@@ -307,8 +307,8 @@ const PIT_TRIALS: u32 = 8;
 /// have it), else channel 0 when nothing answers at port 0x61. Returns the
 /// first trial good enough and the number of trials made.
 ///
-/// Each counter read (a latch command and two reads, three trips through
-/// the service gate) is bracketed by TSC reads; a trial counts the PIT
+/// Each counter read's latch command (a trip through the service gate) is
+/// bracketed by TSC reads; a trial counts the PIT
 /// ticks between its first read and the first read at least `PIT_SPAN`
 /// ticks later, and is used only if its brackets leave it within
 /// `PIT_MAX_ERR_PPM` and no gap between two reads could have hidden a
@@ -353,14 +353,16 @@ fn from_pit() -> (Option<PitReading>, u32) {
     )
 }
 
-/// (TSC at the middle of the read, TSC bracket, counter).
+/// (TSC at the middle of the latch command, TSC bracket, counter). The
+/// latch freezes the count at the command, so only the command is
+/// bracketed, not the two reads after it.
 fn pit_read(channel: u8) -> (u64, u64, u16) {
     let t0 = rdtsc();
     outb(0x43, channel << 6); // latch
+    let t1 = rdtsc();
     let port = 0x40 + channel as u16;
     let lo = inb(port) as u16;
     let hi = inb(port) as u16;
-    let t1 = rdtsc();
     let bracket = t1.wrapping_sub(t0);
     (t0.wrapping_add(bracket / 2), bracket, hi << 8 | lo)
 }
