@@ -669,6 +669,7 @@ fn check_irq(d: &mut Details) -> Status {
 }
 
 fn check_tsc(d: &mut Details) -> Status {
+    time::cross_check();
     let bi = bootinfo::get();
     let now = rdtsc();
     let status = if now <= bi.tsc {

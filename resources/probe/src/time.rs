@@ -155,11 +155,12 @@ pub fn disagreement() -> bool {
 /// Finds the TSC frequency (boot CPU, before the APs run). The declared
 /// frequencies, in order of trust: KVM's pvclock (what KVM itself converts
 /// the TSC with), the hypervisor timing leaf 0x40000010 (the VMM's word),
-/// CPUID leaf 0x15 (the CPU's, where the VMM passes it). Each is
-/// cross-checked against a measurement with the PIT (channel 2, else 0);
-/// the first declared one that the PIT confirms is used. Without a PIT
-/// reading, the first declared one is used; with a PIT reading that
-/// confirms none, the PIT's; with neither, the LAPIC timer, then 1 GHz.
+/// CPUID leaf 0x15 (the CPU's, where the VMM passes it). The first one is
+/// used; with none, a measurement with the PIT (channel 2, else 0), then the
+/// LAPIC timer, then 1 GHz. Reading the declared ones takes a few gate calls;
+/// the PIT measurement takes 30 ms or more of gate calls, so with a declared
+/// frequency it waits for `cross_check` (the `tsc` check): every probe boot
+/// (the boot and density benchmarks' among them) stays that much shorter.
 pub fn calibrate() {
     let c = CAL.get_mut();
     *c = Calibration::EMPTY;
@@ -169,26 +170,65 @@ pub fn calibrate() {
     });
     c.hv_leaf = from_hv_leaf();
     c.leaf15 = from_leaf15();
+    if c.declared().next().is_none() {
+        measure_pit(c);
+    }
+    choose(c);
+}
+
+/// Measures the TSC against the PIT if that was not done at boot, and
+/// chooses again: the first declared frequency that the PIT confirms (within
+/// 3 % plus the measurement's uncertainty) is used from now on; if it
+/// confirms none, the PIT's. Called by the `tsc` check on the boot CPU
+/// (no AP runs a check meanwhile).
+pub fn cross_check() {
+    let c = CAL.get_mut();
+    if c.pit_trials == 0 {
+        measure_pit(c);
+    }
+    choose(c);
+}
+
+fn measure_pit(c: &mut Calibration) {
     let (pit, trials) = from_pit();
     c.pit = pit;
     c.pit_trials = trials;
-    let declared = [
-        (Source::KvmClock, c.kvmclock),
-        (Source::HvLeaf, c.hv_leaf),
-        (Source::Leaf15, c.leaf15),
-    ];
-    let declared = declared.iter().filter_map(|&(s, k)| k.map(|k| (s, k)));
+}
+
+impl Calibration {
+    /// The declared frequencies found, in order of trust.
+    fn declared(&self) -> impl Iterator<Item = (Source, u64)> + Clone {
+        [
+            (Source::KvmClock, self.kvmclock),
+            (Source::HvLeaf, self.hv_leaf),
+            (Source::Leaf15, self.leaf15),
+        ]
+        .into_iter()
+        .filter_map(|(s, k)| k.map(|k| (s, k)))
+    }
+}
+
+/// Picks the frequency from what `c` holds (see `calibrate` and
+/// `cross_check`) and judges the agreement: `Agree` when the PIT confirms
+/// every declared frequency (or, without a PIT reading, they match each
+/// other to 0.1 %), `Disagree` when one is not, `None` with a single
+/// frequency to look at.
+fn choose(c: &mut Calibration) {
+    let pit = c.pit;
     let confirmed = |k: u64| pit.is_none_or(|p| calc::agrees(k, p.khz, p.err_ppm));
-    let (khz, source) = match (declared.clone().find(|&(_, k)| confirmed(k)), pit) {
+    let (khz, source) = match (c.declared().find(|&(_, k)| confirmed(k)), pit) {
         (Some((s, k)), _) => (k, s),
         (None, Some(p)) => (p.khz, pit_source(p)),
-        (None, None) => match from_lapic_timer() {
-            Some(k) => (k, Source::LapicTimer),
-            None => (1_000_000, Source::Assumed),
+        (None, None) => match c.declared().next() {
+            Some((s, k)) => (k, s),
+            None => match from_lapic_timer() {
+                Some(k) => (k, Source::LapicTimer),
+                None => (1_000_000, Source::Assumed),
+            },
         },
     };
-    let (mut compared, mut all_agree) = (0, true);
-    for (_, k) in declared {
+    let (mut compared, mut all_agree) = (0u32, true);
+    for (_, k) in c.declared() {
         compared += 1;
         all_agree &= match pit {
             Some(p) => calc::agrees(k, p.khz, p.err_ppm),
@@ -196,13 +236,12 @@ pub fn calibrate() {
             None => calc::diff_ppm(k, khz) <= calc::DECLARED_AGREE_PPM,
         };
     }
-    let xcheck = match (compared + pit.is_some() as u32, all_agree) {
+    c.xcheck = match (compared + u32::from(pit.is_some()), all_agree) {
         (0 | 1, _) => Xcheck::None,
         (_, true) => Xcheck::Agree,
         (_, false) => Xcheck::Disagree,
     };
     c.source = source;
-    c.xcheck = xcheck;
     TSC_KHZ.store(khz, Ordering::Relaxed);
 }
 
