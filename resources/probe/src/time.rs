@@ -372,7 +372,11 @@ fn from_pit() -> (Option<PitReading>, u32) {
     let mut trials = 0;
     while trials < PIT_TRIALS && result.is_none() {
         trials += 1;
-        result = pit_trial(channel);
+        match pit_trial(channel) {
+            Trial::Done(k, e) => result = Some((k, e)),
+            Trial::Again => {}
+            Trial::GiveUp => break,
+        }
     }
     if channel == 2 {
         outb(0x61, ctl);
@@ -406,32 +410,54 @@ fn pit_read(channel: u8) -> (u64, u64, u16) {
     (t0.wrapping_add(bracket / 2), bracket, hi << 8 | lo)
 }
 
-/// One measurement: (kHz, uncertainty in ppm), or `None` if it cannot be
-/// trusted.
-fn pit_trial(channel: u8) -> Option<(u64, u64)> {
+/// The longest a trial may take in TSC ticks: 30 ms at the highest
+/// plausible TSC rate (20 GHz) is 0.6e9; 4e9 is 1.5 s at 2.6 GHz.
+const PIT_TRIAL_MAX_TSC: u64 = 4_000_000_000;
+
+/// One trial's outcome.
+enum Trial {
+    /// (kHz, uncertainty in ppm).
+    Done(u64, u64),
+    /// Spoiled by a delay: try again.
+    Again,
+    /// The counter did not cover `PIT_SPAN` in `PIT_TRIAL_MAX_TSC` (or in
+    /// 200000 reads), or did not move in 1000: no PIT worth waiting for.
+    GiveUp,
+}
+
+fn pit_trial(channel: u8) -> Trial {
     let (t_start, b_start, mut prev) = pit_read(channel);
     let mut t_prev = t_start;
     let mut ticks = 0u64;
     let mut max_gap = 0u64;
-    for _ in 0..1_000_000u32 {
+    for n in 0..200_000u32 {
         let (t, b, cur) = pit_read(channel);
         ticks += calc::pit_ticks_between(prev, cur, PIT_RELOAD);
         max_gap = max_gap.max(t.wrapping_sub(t_prev));
         prev = cur;
         t_prev = t;
+        let span = t.wrapping_sub(t_start);
         if ticks >= PIT_SPAN {
-            let span = t.wrapping_sub(t_start);
             // A gap of a whole period (55 ms) would be most of the span
             // and undercount it by one period: refuse gaps of half of it.
             if max_gap > span / 2 {
-                return None;
+                return Trial::Again;
             }
-            let err = calc::pit_err_ppm(span, b_start, b, ticks, PIT_MAX_ERR_PPM)?;
-            let khz = calc::pit_khz(span, ticks)?;
-            return plausible(true, khz).map(|k| (k, err));
+            let Some(err) = calc::pit_err_ppm(span, b_start, b, ticks, PIT_MAX_ERR_PPM) else {
+                return Trial::Again;
+            };
+            return match calc::pit_khz(span, ticks).and_then(|k| plausible(true, k)) {
+                Some(k) => Trial::Done(k, err),
+                None => Trial::Again,
+            };
+        }
+        // A counter that has not moved in 1000 reads (each far longer than
+        // a PIT tick) is no counter: nothing answers at its port.
+        if span > PIT_TRIAL_MAX_TSC || (n >= 1000 && ticks == 0) {
+            break;
         }
     }
-    None
+    Trial::GiveUp
 }
 
 fn plausible(done: bool, khz: u64) -> Option<u64> {
