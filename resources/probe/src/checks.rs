@@ -103,10 +103,11 @@ pub fn init_and_run() -> ! {
         Entry::Unknown(_) => "unknown",
     };
     println!(
-        "PROBE begin entry={} checks={} tsc_khz={} tsc={}",
+        "PROBE begin entry={} checks={} tsc_khz={} tsc_source={} tsc={}",
         entry,
         RUN.get().count,
         time::khz(),
+        time::source(),
         rdtsc()
     );
     run_from(0)
@@ -668,6 +669,7 @@ fn check_irq(d: &mut Details) -> Status {
 }
 
 fn check_tsc(d: &mut Details) -> Status {
+    time::cross_check();
     let bi = bootinfo::get();
     let now = rdtsc();
     let status = if now <= bi.tsc {
@@ -676,16 +678,19 @@ fn check_tsc(d: &mut Details) -> Status {
     } else if time::khz() == 0 {
         let _ = d.write_str("TSC frequency unknown;");
         Status::Fail
+    } else if time::disagreement() {
+        let _ = d.write_str("TSC frequency sources disagree;");
+        Status::Fail
     } else {
         Status::Ok
     };
     let _ = write!(
         d,
-        " entry={} now={} khz={} source={} since_entry_us={}",
+        " entry={} now={} khz={} {} since_entry_us={}",
         bi.tsc,
         now,
         time::khz(),
-        time::source(),
+        time::calibration(),
         time::tsc_to_us(now.saturating_sub(bi.tsc))
     );
     status

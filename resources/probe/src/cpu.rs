@@ -21,6 +21,7 @@ const SVC_STI: u32 = 7;
 const SVC_CLI: u32 = 8;
 const SVC_WRITE: u32 = 9;
 const SVC_CPU: u32 = 10;
+const SVC_WRMSR: u32 = 11;
 
 /// Most bytes one `SVC_WRITE` call sends (entry.S caps it there too).
 pub const WRITE_MAX: usize = 4096;
@@ -73,6 +74,12 @@ pub fn load_cr3(v: u64) {
 pub fn rdmsr(msr: u32) -> u64 {
     let r = svc(SVC_RDMSR, msr as u64, 0);
     ((r[3] as u64) << 32) | r[0] as u64
+}
+
+/// WRMSR at CPL0. As with `rdmsr`, a #GP at CPL0 resets the VM: only write
+/// MSRs that CPUID says exist (the KVM clock MSRs, see `time.rs`).
+pub fn wrmsr(msr: u32, v: u64) {
+    svc(SVC_WRMSR, msr as u64, v);
 }
 
 /// Resets the VM: i8042 reset command, then a triple fault.

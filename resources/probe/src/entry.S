@@ -41,7 +41,7 @@
 .set CR0_VALUE, 0x80000033
 .set USER_RFLAGS, 0x0002        /* IOPL=0, IF=0 */
 .set COM1, 0x3f8
-.set SVC_COUNT, 11
+.set SVC_COUNT, 12
 .set LAPIC_EOI, 0xfee000b0
 
 /* ---------------------------------------------------------------- notes */
@@ -262,6 +262,7 @@ svc_ud2:
  *  5 outb(port DI, value SIL)       6 inb(port DI)     7 IF=1 at CPL3
  *  8 IF=0 at CPL3   9 write RSI bytes at RDI to COM1 (at most 4096)
  * 10 this CPU's index (from its TSS selector)
+ * 11 wrmsr(EDI, RSI)
  */
 svc_entry:
     mov %eax, %eax
@@ -308,6 +309,13 @@ svc_write:
     iretq
 svc_cpu:
     call cpu_index
+    iretq
+svc_wrmsr:
+    mov %edi, %ecx
+    mov %rsi, %rax
+    mov %rsi, %rdx
+    shr $32, %rdx
+    wrmsr
     iretq
 
 /* EAX = index of this CPU (TSS selectors are 0x38 + 16 * index). */
@@ -505,6 +513,7 @@ switch_stack:
 svc_table:
     .quad svc_cpuid, svc_cr3, svc_rdmsr, cpl0_reset, svc_wait_irq
     .quad svc_outb, svc_inb, svc_sti, svc_cli, svc_write, svc_cpu
+    .quad svc_wrmsr
 msg_nested:
     .ascii "PROBE FATAL fault in the failure path vector="
 msg_nested_end:

@@ -13,6 +13,10 @@
 //!   probe for guest->host blasts, counts what arrives, and blasts host->guest; 64-byte and
 //!   1500-byte frames. The namespace and the image are removed at the end.
 //!
+//! The probe runs its `tsc` check first (its TSC frequency, from KVM's pvclock, cross-checked
+//! against the PIT): a run where it fails has no figures, since every rate is TSC ticks over
+//! that frequency.
+//!
 //! cinder runs twice per run, with its seccomp filters (the default) and with `--seccomp off`,
 //! so the filters' cost shows side by side (reported, never asserted).
 //!
@@ -251,7 +255,7 @@ fn firecracker_config(dir: &Path, cmdline: &str, img: &Path) -> Result<PathBuf, 
 /// One blkbench run: the probe's figures, then `host_cpu_us_per_io` (CPU time of the VMM's
 /// non-vCPU threads per request over the six phases).
 fn blk_once(vmm: BlkVmm, img: &Path, o: &Opts) -> Result<Figures, String> {
-    let cmdline = format!("probe.run=blkbench probe.bench_ms={}", o.ms);
+    let cmdline = format!("probe.run=tsc,blkbench probe.bench_ms={}", o.ms);
     // Six phases of `ms`, plus boot; generous for TCG.
     let timeout = Duration::from_millis(6 * o.ms * 3 + 60_000);
     let drive = |extra: &str| vec!["--drive".into(), format!("path={}{extra}", img.display())];
@@ -299,6 +303,7 @@ fn blk_once(vmm: BlkVmm, img: &Path, o: &Opts) -> Result<Figures, String> {
     };
     let (console, cpu) = run_sampled(cmd, timeout)?;
     let log = probe::parse(&console);
+    tsc_ok(&log)?;
     match log.check("blkbench") {
         Some(c) if c.status == Status::Ok => {
             let mut f = figures(&c.details, &BLK_KEYS)?;
@@ -321,6 +326,16 @@ fn blk_once(vmm: BlkVmm, img: &Path, o: &Opts) -> Result<Figures, String> {
         }
         Some(c) => Err(format!("blkbench {:?}: {}", c.status, c.details)),
         None => Err(format!("no PROBE blkbench line\n{console}")),
+    }
+}
+
+/// The probe's rates are TSC ticks over its TSC frequency: a run whose `tsc` check did not
+/// pass (its frequency sources disagree, see resources/probe/README.md) has no figures.
+fn tsc_ok(log: &probe::ProbeLog) -> Result<(), String> {
+    match log.check("tsc") {
+        Some(c) if c.status == Status::Ok => Ok(()),
+        Some(c) => Err(format!("tsc {:?}: {}", c.status, c.details)),
+        None => Err("no PROBE tsc line".into()),
     }
 }
 
@@ -444,7 +459,7 @@ fn net_host(ms: u64) -> Result<HostCounts, String> {
 
 fn net_once(vmm: Vmm, o: &Opts) -> Result<(Figures, HostCounts), String> {
     let ns = NetNs::new();
-    let cmdline = "probe.run=netbench probe.net_ip=10.0.2.15 probe.net_peer=10.0.2.2 \
+    let cmdline = "probe.run=tsc,netbench probe.net_ip=10.0.2.15 probe.net_peer=10.0.2.2 \
                    probe.udp_port=7777 probe.net_ms=1800000";
     let cmd = match vmm {
         Vmm::Cinder | Vmm::CinderNoSeccomp => cinder_cmd(
@@ -479,6 +494,7 @@ fn net_once(vmm: Vmm, o: &Opts) -> Result<(Figures, HostCounts), String> {
     };
     s.expect_line("PROBE DONE", Duration::from_secs(60))?;
     let log = probe::parse(&s.console());
+    tsc_ok(&log)?;
     let res = match log.check("netbench") {
         Some(c) if c.status == Status::Ok => figures(&c.details, &NET_KEYS),
         Some(c) => Err(format!("netbench {:?}: {}", c.status, c.details)),
