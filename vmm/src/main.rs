@@ -846,6 +846,9 @@ fn main() -> ExitCode {
     if argv.nth(1).is_some_and(|a| a == "run") {
         return vmm::run::main(argv.collect());
     }
+    // Where the main thread's stack lies, for giving back what building the VM touched
+    // (vmm::trim); it reads /proc/self/maps, so before the seccomp filters.
+    vmm::trim::note_main_stack();
     let cli = Cli::parse();
     // Firecracker's flags cinder does not implement: refused before anything happens.
     if let Some(msg) = refused_flag(&cli) {
