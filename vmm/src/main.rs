@@ -1129,6 +1129,11 @@ fn main() -> ExitCode {
         drop(rt);
         return fail(e);
     }
+    // Filters of threads this process never starts: their programs go (issue 17 item 5).
+    vmm::seccomp::forget(ThreadKind::Run);
+    if cli.api_sock.is_none() {
+        vmm::seccomp::forget(ThreadKind::Api);
+    }
     if let Some(p) = &cli.snapshot_on_signal {
         rt.set_snapshot_on_signal(p.clone());
     }
