@@ -37,9 +37,19 @@ pub fn note_main_stack() {
     // SAFETY: `attr` was initialised by pthread_getattr_np and is destroyed once.
     unsafe { libc::pthread_attr_destroy(&mut attr) };
     if rc == 0 && !addr.is_null() && size > 0 {
-        MAIN_STACK_LOW.store(addr as usize, Ordering::Relaxed);
+        // Never more than 8 MiB below here: with an unlimited RLIMIT_STACK glibc reports
+        // everything down to the next mapping below, and the kernel's legacy (bottom-up)
+        // layout may place later mappings in that space; within 8 MiB of the stack's top it
+        // places none in either layout, and no build or restore runs that deep.
+        let here = 0u8;
+        let sp = std::hint::black_box(&here) as *const u8 as usize;
+        let low = (addr as usize).max(sp.saturating_sub(MAX_MAIN_STACK));
+        MAIN_STACK_LOW.store(low, Ordering::Relaxed);
     }
 }
+
+/// The most of the main thread's stack below `main` that [`give_back`] trims.
+const MAX_MAIN_STACK: usize = 8 << 20;
 
 /// Gives the allocator's free pages and the main thread's dead stack pages back to the host.
 /// Call it on the main thread once the VM runs (after a boot or a restore).
