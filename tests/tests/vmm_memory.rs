@@ -160,8 +160,8 @@ fn probe_idle_halts_and_answers_pings_under_cinder() {
 /// building or restoring the VM touched (the main thread's stack, the decoded state, heap
 /// pages freed since) is given back once it runs, and the seccomp programs of threads that
 /// started already or never will are dropped. Measured (debug build, kvm-pvm host): 676 KiB
-/// cold and 724 KiB restored before, 216 and 216 KiB after (release: 220 / 316 before,
-/// 176 / 184 after, `bench_density`).
+/// cold and 724 KiB restored before, 196 and 196 KiB after (release, `bench_density`: 220 /
+/// 316 KiB before, 168 / 172 after; Firecracker 1.16.1: 180 cold, 424 restored).
 const MAX_IDLE_PRIVATE_KIB: u64 = 320;
 
 /// The private anonymous memory outside guest RAM of `s` once its guest idles: the smallest
