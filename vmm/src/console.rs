@@ -236,6 +236,13 @@ impl std::io::Read for StdinFd {
     }
 }
 
+// SAFETY: fd 0 is open for the life of the process and is the terminal it names.
+unsafe impl Terminal for StdinFd {
+    fn tty_fd(&self) -> std::os::unix::io::RawFd {
+        libc::STDIN_FILENO
+    }
+}
+
 impl std::os::unix::io::AsRawFd for StdinFd {
     fn as_raw_fd(&self) -> std::os::unix::io::RawFd {
         libc::STDIN_FILENO
@@ -321,7 +328,9 @@ pub struct RawTerminal {
 impl RawTerminal {
     /// Switches a terminal stdin to raw mode; does nothing for pipes and files.
     pub fn enter() -> RawTerminal {
-        let stdin = std::io::stdin();
+        // fd 0 itself, not std's Stdin: that would allocate its 8 KiB read buffer, kept for
+        // the life of every VM and never used (cinder reads fd 0 unbuffered, StdinFd).
+        let stdin = StdinFd;
         // SAFETY: isatty only inspects the fd.
         let tty = unsafe { libc::isatty(stdin.as_raw_fd()) } == 1;
         let mut saved = std::mem::MaybeUninit::<libc::termios>::uninit();
@@ -335,7 +344,7 @@ impl RawTerminal {
                 Err(p) => *p.into_inner() = Some(saved),
             }
         }
-        let active = got && stdin.lock().set_raw_mode().is_ok();
+        let active = got && stdin.set_raw_mode().is_ok();
         RawTerminal { active }
     }
 
@@ -427,7 +436,7 @@ impl ConsoleInput {
 
     fn update_stdin_interest(&mut self, ops: &mut EventOps) {
         let want = self.stdin_open && self.pending.is_empty();
-        let stdin_fd = std::io::stdin().as_raw_fd();
+        let stdin_fd = libc::STDIN_FILENO;
         if want && !self.stdin_registered {
             if ops.add(Events::new_raw(stdin_fd, EventSet::IN)).is_ok() {
                 self.stdin_registered = true;

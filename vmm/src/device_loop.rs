@@ -108,10 +108,13 @@ impl DeviceLoop {
             changed: Condvar::new(),
             wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(os("eventfd"))?,
         });
-        let mut em: EventManager<Subscriber> = EventManager::new().map_err(|e| VmError::Os {
-            what: "device event loop",
-            source: std::io::Error::other(format!("{e:?}")),
-        })?;
+        // 64 ready events per wait (the default 256 is 3 KiB of every VM's heap); more wait
+        // for the next pass.
+        let mut em: EventManager<Subscriber> =
+            EventManager::new_with_capacity(64).map_err(|e| VmError::Os {
+                what: "device event loop",
+                source: std::io::Error::other(format!("{e:?}")),
+            })?;
         em.add_subscriber(Arc::new(Mutex::new(Waker(shared.clone()))));
         for s in subscribers {
             em.add_subscriber(s);

@@ -18,5 +18,6 @@ pub mod runtime;
 pub mod seccomp;
 pub mod signal;
 pub mod snapshot;
+pub mod trim;
 pub mod vcpu;
 pub mod vm;

@@ -846,6 +846,49 @@ fn main() -> ExitCode {
     if argv.nth(1).is_some_and(|a| a == "run") {
         return vmm::run::main(argv.collect());
     }
+    // Where the main thread's stack lies, for giving back what building the VM touched
+    // (vmm::trim); it reads /proc/self/maps, so before the seccomp filters.
+    vmm::trim::note_main_stack();
+    let (rt, api_guard) = match start() {
+        Started::Run(rt, api_guard) => (rt, api_guard),
+        Started::Exit(code) => return code,
+    };
+    let reason = rt.run();
+    drop(api_guard);
+    match &reason {
+        ExitReason::Reset => log::info!("guest reset: exiting"),
+        ExitReason::Escape => {
+            vmm::logger::print_stderr("\r\ncinder: quit from the console (Ctrl-A x)")
+        }
+        ExitReason::Signal(s) => log::info!("ended by signal {s}"),
+        ExitReason::GuestFatal(why) => {
+            vmm::logger::print_stderr(&format!("cinder: guest failed: {why}"))
+        }
+        ExitReason::VmmError(why) => vmm::logger::print_stderr(&format!("cinder: error: {why}")),
+    }
+    vmm::logger::flush(EXIT_FLUSH_TIMEOUT);
+    // Exit codes are 0..=3 and 128 + a signal number: all fit in a u8.
+    ExitCode::from(u8::try_from(reason.exit_code()).unwrap_or(1))
+}
+
+/// How [`start`] ended: a runtime to run, or the process's exit code.
+// Returned once, by value: boxing the runtime would keep it on the heap instead.
+#[allow(clippy::large_enum_variant)]
+enum Started {
+    Run(Runtime, ApiThread),
+    Exit(ExitCode),
+}
+
+/// Everything from the command line to a running VM (or an API waiting for one). Apart from
+/// `main` and never inlined: its frame (8 KiB and more in a release build, every page of it
+/// touched by the stack probes) is gone before the control loop runs, whose stack is what an
+/// idle VM keeps (issue 17 item 5).
+#[inline(never)]
+fn start() -> Started {
+    /// [`crate::fail`], as this function returns it.
+    fn fail(msg: impl std::fmt::Display) -> Started {
+        Started::Exit(crate::fail(msg))
+    }
     let cli = Cli::parse();
     // Firecracker's flags cinder does not implement: refused before anything happens.
     if let Some(msg) = refused_flag(&cli) {
@@ -853,13 +896,13 @@ fn main() -> ExitCode {
     }
     if cli.snapshot_version {
         println!("{}", vmm::snapshot::format_version());
-        return ExitCode::SUCCESS;
+        return Started::Exit(ExitCode::SUCCESS);
     }
     if let Some(path) = &cli.describe_snapshot {
         return match vmm::snapshot::describe(path) {
             Ok(v) => {
                 println!("{v}");
-                ExitCode::SUCCESS
+                Started::Exit(ExitCode::SUCCESS)
             }
             Err(e) => fail(format!("--describe-snapshot: {e}")),
         };
@@ -1126,6 +1169,11 @@ fn main() -> ExitCode {
         drop(rt);
         return fail(e);
     }
+    // Filters of threads this process never starts: their programs go (issue 17 item 5).
+    vmm::seccomp::forget(ThreadKind::Run);
+    if cli.api_sock.is_none() {
+        vmm::seccomp::forget(ThreadKind::Api);
+    }
     if let Some(p) = &cli.snapshot_on_signal {
         rt.set_snapshot_on_signal(p.clone());
     }
@@ -1147,22 +1195,7 @@ fn main() -> ExitCode {
             return fail(e);
         }
     }
-    let reason = rt.run();
-    drop(api_guard);
-    match &reason {
-        ExitReason::Reset => log::info!("guest reset: exiting"),
-        ExitReason::Escape => {
-            vmm::logger::print_stderr("\r\ncinder: quit from the console (Ctrl-A x)")
-        }
-        ExitReason::Signal(s) => log::info!("ended by signal {s}"),
-        ExitReason::GuestFatal(why) => {
-            vmm::logger::print_stderr(&format!("cinder: guest failed: {why}"))
-        }
-        ExitReason::VmmError(why) => vmm::logger::print_stderr(&format!("cinder: error: {why}")),
-    }
-    vmm::logger::flush(EXIT_FLUSH_TIMEOUT);
-    // Exit codes are 0..=3 and 128 + a signal number: all fit in a u8.
-    ExitCode::from(u8::try_from(reason.exit_code()).unwrap_or(1))
+    Started::Run(rt, api_guard)
 }
 
 #[cfg(test)]

@@ -25,7 +25,9 @@
 //! with `--restore state=..,mem=..,resume` from one snapshot of an idle probe taken after
 //! `PROBE idle ready` ([`Source::Restored`]). A restored probe is already inside its idle loop,
 //! so it prints no ready line: readiness is its first answer to a ping (the ping phase then
-//! measures a second one). Firecracker's clones need an API load each: `bench_snapshot`.
+//! measures a second one). Firecracker's clones are Firecracker processes with an API socket
+//! each, loading (`PUT /snapshot/load`, `resume_vm`) one snapshot Firecracker took of the same
+//! idle probe: the API thread is part of what they cost.
 //!
 //! Mind the limits: each VM is a process with about 6 threads and 30 file descriptors; this
 //! program raises its own RLIMIT_NOFILE to the hard limit and holds 2 descriptors per VM.
@@ -111,9 +113,14 @@ impl Source {
                 ));
                 Ok(c)
             }
-            (Source::Restored, Vmm::Firecracker(_)) => Err(std::io::Error::other(
-                "restored Firecracker clones need an API load each (see bench_snapshot's fan-out)",
-            )),
+            (Source::Restored, Vmm::Firecracker(bin)) => {
+                // An API socket each: Firecracker loads a snapshot only through its API
+                // ([`Source::after_spawn`]).
+                let mut c = Command::new(bin);
+                c.args(["--level", "Error", "--api-sock"])
+                    .arg(dir.join(format!("vm{i}.sock")));
+                Ok(c)
+            }
             (Source::ColdBoot, Vmm::Firecracker(bin)) => {
                 let cfg = serde_json::json!({
                     "boot-source": {
@@ -139,6 +146,36 @@ impl Source {
     }
 }
 
+impl Source {
+    /// What VM `i` needs once its process runs: a restored Firecracker clone its
+    /// `PUT /snapshot/load` (resumed), from the snapshot [`snapshot_idle_probe_fc`] wrote.
+    fn after_spawn(self, vmm: &Vmm, o: &Opts, dir: &Path, i: usize) -> std::io::Result<()> {
+        use cinder_tests::http::{request, wait_for_socket};
+        let (Source::Restored, Vmm::Firecracker(_)) = (self, vmm) else {
+            return Ok(());
+        };
+        let (state, mem) = o
+            .fc_snapshot
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("no Firecracker snapshot to restore from"))?;
+        let sock = dir.join(format!("vm{i}.sock"));
+        wait_for_socket(&sock, Duration::from_secs(10)).map_err(std::io::Error::other)?;
+        let body = serde_json::json!({
+            "snapshot_path": state,
+            "mem_backend": {"backend_type": "File", "backend_path": mem},
+            "resume_vm": true,
+        });
+        let r = request(&sock, "PUT", "/snapshot/load", Some(&body.to_string()));
+        if r.status != 204 {
+            return Err(std::io::Error::other(format!(
+                "snapshot/load: {} {}",
+                r.status, r.body
+            )));
+        }
+        Ok(())
+    }
+}
+
 struct Opts {
     counts: Vec<usize>,
     mem_mib: u64,
@@ -148,6 +185,8 @@ struct Opts {
     sources: Vec<Source>,
     /// The idle probe's snapshot (state, memory) the restored clones start from.
     snapshot: Option<(PathBuf, PathBuf)>,
+    /// The same, taken by Firecracker (its clones load it through their API).
+    fc_snapshot: Option<(PathBuf, PathBuf)>,
 }
 
 /// Boots one idle probe under cinder's API, waits for `PROBE idle ready`, pauses it and
@@ -176,6 +215,52 @@ fn snapshot_idle_probe(dir: &Path, mem_mib: u64) -> Result<(PathBuf, PathBuf), S
     if r.status != 204 {
         return Err(format!("snapshot/create: {} {}", r.status, r.body));
     }
+    Ok((state, mem))
+}
+
+/// As [`snapshot_idle_probe`], under Firecracker `bin` (configured through its API).
+fn snapshot_idle_probe_fc(
+    dir: &Path,
+    mem_mib: u64,
+    bin: &Path,
+) -> Result<(PathBuf, PathBuf), String> {
+    use cinder_tests::http::{request, wait_for_socket};
+    let t = Duration::from_secs(120);
+    let sock = dir.join("fc-snap.sock");
+    let mut c = Command::new(bin);
+    c.args(["--level", "Error", "--api-sock"]).arg(&sock);
+    let mut s = cinder_tests::session::Session::start(c);
+    wait_for_socket(&sock, t)?;
+    let put = |route: &str, body: serde_json::Value| -> Result<(), String> {
+        let r = request(&sock, "PUT", route, Some(&body.to_string()));
+        if r.status == 204 {
+            Ok(())
+        } else {
+            Err(format!("{route}: {} {}", r.status, r.body))
+        }
+    };
+    put(
+        "/boot-source",
+        serde_json::json!({"kernel_image_path": probe::elf_path(), "boot_args": "probe.run=idle"}),
+    )?;
+    put(
+        "/machine-config",
+        serde_json::json!({"vcpu_count": 1, "mem_size_mib": mem_mib}),
+    )?;
+    put(
+        "/actions",
+        serde_json::json!({"action_type": "InstanceStart"}),
+    )?;
+    s.expect_line("PROBE idle ready", t)?;
+    let r = request(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    if r.status != 204 {
+        return Err(format!("pause: {} {}", r.status, r.body));
+    }
+    let (state, mem) = (dir.join("fc-idle.state"), dir.join("fc-idle.mem"));
+    put(
+        "/snapshot/create",
+        serde_json::json!({"snapshot_path": state, "mem_file_path": mem, "snapshot_type": "Full"}),
+    )?;
     Ok((state, mem))
 }
 
@@ -334,6 +419,11 @@ fn run(vmm: &Vmm, source: Source, n: usize, o: &Opts) -> Result<(), String> {
                     c.stdin(Stdio::piped()).stdout(out).stderr(err).spawn()
                 })
                 .and_then(|mut child| {
+                    if let Err(e) = source.after_spawn(vmm, o, dir.path(), i) {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return Err(e);
+                    }
                     let stdin = child.stdin.take();
                     Ok(Vm {
                         child,
@@ -538,6 +628,7 @@ fn main() {
         idle: Duration::from_secs(5),
         sources: vec![Source::ColdBoot, Source::Restored],
         snapshot: None,
+        fc_snapshot: None,
     };
     let usage = "usage: bench_density [--counts N,N,..] [--mem-mib N] [--parallel N] \
                  [--timeout-s N] [--idle-s N] [--sources cold,restored]";
@@ -614,12 +705,20 @@ fn main() {
                     if o.snapshot.is_none() {
                         continue;
                     }
-                    if let Vmm::Firecracker(_) = vmm {
-                        println!(
-                            "\nfirecracker / restored clones: not measured (each needs an API \
-                             load; bench_snapshot's fan-out measures them)"
-                        );
-                        continue;
+                    if let Vmm::Firecracker(bin) = vmm {
+                        if o.fc_snapshot.is_none() {
+                            match snapshot_idle_probe_fc(snap_dir.path(), o.mem_mib, bin) {
+                                Ok(s) => o.fc_snapshot = Some(s),
+                                Err(e) => {
+                                    println!(
+                                        "\nfirecracker / restored clones: no snapshot of the \
+                                         idle probe: {e}"
+                                    );
+                                    failures += 1;
+                                    continue;
+                                }
+                            }
+                        }
                     }
                 }
                 if run(vmm, source, n, &o).is_err() {

@@ -39,7 +39,7 @@ mod tables;
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -134,6 +134,16 @@ impl ThreadKind {
         }
     }
 
+    /// Whether one thread at most of this kind runs in a process (the control loop, the API
+    /// thread, the log writer, `cinder run`'s front-end): its programs are dropped once that
+    /// thread installed them, and a second install fails.
+    fn once(self) -> bool {
+        matches!(
+            self,
+            ThreadKind::Vmm | ThreadKind::Api | ThreadKind::LogWriter | ThreadKind::Run
+        )
+    }
+
     /// The kinds of thread it spawns after its filter is on (they inherit its filter).
     fn spawns(self) -> &'static [ThreadKind] {
         match self {
@@ -187,6 +197,12 @@ pub enum SeccompError {
     /// The SIGSYS handler could not be installed.
     #[error("seccomp: cannot install the SIGSYS handler: {0}")]
     Handler(#[source] std::io::Error),
+    /// A second thread of a kind that runs once per process, or one [`forget`] dropped.
+    #[error("seccomp: a {kind} thread was started already (or cannot start in this process): its filter is gone")]
+    Gone {
+        /// The thread kind.
+        kind: &'static str,
+    },
     /// [`init`] was called twice.
     #[error("seccomp: the filters are set up already")]
     AlreadyInitialised,
@@ -310,7 +326,16 @@ pub fn compile_enosys(kind: ThreadKind) -> Result<Option<BpfProgram>, SeccompErr
 /// The compiled filters of this process: per thread kind, the programs it installs.
 struct Filters {
     mode: SeccompMode,
-    progs: HashMap<ThreadKind, Vec<BpfProgram>>,
+    /// Kept only while a thread of the kind may still start (issue 17 item 5: the programs
+    /// of all kinds are tens of KiB of every microVM's heap).
+    progs: Mutex<Programs>,
+}
+
+struct Programs {
+    by_kind: HashMap<ThreadKind, Vec<BpfProgram>>,
+    /// The [`ThreadKind::once`] kinds installed, or [`forget`]-ten: no thread of theirs may
+    /// start now.
+    gone: Vec<ThreadKind>,
 }
 
 static FILTERS: OnceLock<Filters> = OnceLock::new();
@@ -323,6 +348,11 @@ pub fn init(mode: SeccompMode) -> Result<(), SeccompError> {
         if let Some(p) = compile(kind, mode)? {
             let mut list = vec![p];
             list.extend(compile_enosys(kind)?);
+            // Built by pushing: up to half of each is spare capacity, kept for the
+            // process's life otherwise.
+            for p in list.iter_mut() {
+                p.shrink_to_fit();
+            }
             progs.insert(kind, list);
         }
     }
@@ -337,6 +367,10 @@ fn init_with(
     if mode == SeccompMode::On {
         install_sigsys_handler()?;
     }
+    let progs = Mutex::new(Programs {
+        by_kind: progs,
+        gone: Vec::new(),
+    });
     FILTERS
         .set(Filters { mode, progs })
         .map_err(|_| SeccompError::AlreadyInitialised)
@@ -401,8 +435,26 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     let Some(filters) = FILTERS.get() else {
         return Ok(());
     };
-    let Some(progs) = filters.progs.get(&kind) else {
-        return Ok(());
+    let mut all = match filters.progs.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    if all.gone.contains(&kind) {
+        return Err(SeccompError::Gone { kind: kind.name() });
+    }
+    let taken;
+    let progs = if kind.once() {
+        all.gone.push(kind);
+        let Some(p) = all.by_kind.remove(&kind) else {
+            return Ok(());
+        };
+        taken = p;
+        &taken
+    } else {
+        let Some(p) = all.by_kind.get(&kind) else {
+            return Ok(());
+        };
+        p
     };
     let current = std::thread::current();
     let thread = current.name().unwrap_or(kind.name());
@@ -418,6 +470,23 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
         })?;
     }
     Ok(())
+}
+
+/// Drops the programs of a kind of thread that will not start in this process (the API
+/// thread without an API socket, `cinder run`'s front-end in the VMM); a later [`install`] of
+/// it fails.
+pub fn forget(kind: ThreadKind) {
+    let Some(filters) = FILTERS.get() else {
+        return;
+    };
+    let mut all = match filters.progs.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    };
+    all.by_kind.remove(&kind);
+    if !all.gone.contains(&kind) {
+        all.gone.push(kind);
+    }
 }
 
 /// What a thread spawned outside this crate (e.g. by a device in `devices`, which does not
