@@ -2,7 +2,7 @@
 //! `netbench`), under cinder and QEMU microvm side by side in the same run.
 //!
 //! ```text
-//! cargo run --release -p cinder-tests --bin bench_io -- [blk|net|all] [--runs N] [--ms MS] [--disk-mib N]
+//! cargo run --release -p cinder-tests --bin bench_io -- [blk|net|all] [--runs N] [--ms MS] [--disk-mib N] [--only ROWS]
 //! ```
 //! - blk: a scratch image (written first, so it sits in the page cache) attached as the only
 //!   drive (`--drive path=IMG` / `-drive ...,format=raw -device virtio-blk-device`); the probe
@@ -16,7 +16,8 @@
 //! cinder runs twice per run, with its seccomp filters (the default) and with `--seccomp off`,
 //! so the filters' cost shows side by side (reported, never asserted).
 //!
-//! blk also runs cinder on its io_uring engine (`--drive ...,io_engine=async`), and, when set,
+//! blk also runs cinder on its io_uring engine (`--drive ...,io_engine=async`), both engines
+//! without the I/O thread's polling (`CINDER_BLK_IO_POLL_US=0`: rows "no poll"), and, when set,
 //! `BASELINE_CINDER_BIN` (an older cinder build, e.g. to check a change for regressions in the
 //! same rounds) and `FIRECRACKER_BIN` (Firecracker from a config file with the drive). Every VMM
 //! runs once per round, so host noise hits them alike. Besides the probe's figures it reports
@@ -82,6 +83,8 @@ struct Opts {
     ms: u64,
     disk_mib: u64,
     kvm: bool,
+    /// `--only`: the blk rows to run (by [`BlkVmm::key`]), all when None.
+    only: Option<Vec<String>>,
 }
 
 /// One run's figures (key -> value), in the order of the key list.
@@ -148,10 +151,12 @@ fn make_image(mib: u64) -> (Scratch, PathBuf) {
 /// What the blk benchmark runs, one row each.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum BlkVmm {
-    /// cinder, `io_engine` sync or async, seccomp on or off.
+    /// cinder, `io_engine` sync or async, seccomp on or off, the I/O thread polling its ring
+    /// after serving requests (the default) or not (`CINDER_BLK_IO_POLL_US=0`).
     Cinder {
         uring: bool,
         seccomp: bool,
+        poll: bool,
     },
     /// The cinder binary named by `BASELINE_CINDER_BIN` (sync engine, seccomp on): an older
     /// build, run in the same rounds so that host noise hits both alike.
@@ -162,12 +167,47 @@ enum BlkVmm {
 }
 
 impl BlkVmm {
+    /// The row's name for `--only`.
+    fn key(self) -> &'static str {
+        match self {
+            BlkVmm::Cinder {
+                uring: false,
+                seccomp: true,
+                poll: true,
+            } => "sync",
+            BlkVmm::Cinder {
+                uring: false,
+                seccomp: false,
+                ..
+            } => "sync-noseccomp",
+            BlkVmm::Cinder {
+                uring: true,
+                poll: true,
+                ..
+            } => "uring",
+            BlkVmm::Cinder {
+                uring: false,
+                poll: false,
+                ..
+            } => "sync-nopoll",
+            BlkVmm::Cinder { uring: true, .. } => "uring-nopoll",
+            BlkVmm::Baseline => "baseline",
+            BlkVmm::Qemu => "qemu",
+            BlkVmm::Firecracker => "firecracker",
+        }
+    }
+
     fn label(self, o: &Opts) -> String {
         match self {
-            BlkVmm::Cinder { uring, seccomp } => format!(
-                "cinder {} ({})",
+            BlkVmm::Cinder {
+                uring,
+                seccomp,
+                poll,
+            } => format!(
+                "cinder {} ({}{})",
                 if uring { "io_uring" } else { "sync" },
-                if seccomp { "seccomp on" } else { "seccomp off" }
+                if seccomp { "seccomp on" } else { "seccomp off" },
+                if poll { "" } else { ", no poll" }
             ),
             BlkVmm::Baseline => "cinder baseline (sync)".into(),
             BlkVmm::Qemu => qemu_label(o),
@@ -256,17 +296,26 @@ fn blk_once(vmm: BlkVmm, img: &Path, o: &Opts) -> Result<Figures, String> {
     let timeout = Duration::from_millis(6 * o.ms * 3 + 60_000);
     let drive = |extra: &str| vec!["--drive".into(), format!("path={}{extra}", img.display())];
     let cmd = match vmm {
-        BlkVmm::Cinder { uring, seccomp } => {
+        BlkVmm::Cinder {
+            uring,
+            seccomp,
+            poll,
+        } => {
             let v = if seccomp {
                 Vmm::Cinder
             } else {
                 Vmm::CinderNoSeccomp
             };
-            cinder_cmd(
+            let mut c = cinder_cmd(
                 v,
                 &cmdline,
                 &drive(if uring { ",io_engine=async" } else { "" }),
-            )
+            );
+            if !poll {
+                // devices::virtio::block::IO_POLL_ENV
+                c.env("CINDER_BLK_IO_POLL_US", "0");
+            }
+            c
         }
         BlkVmm::Baseline => {
             let bin = std::env::var_os("BASELINE_CINDER_BIN").ok_or("no BASELINE_CINDER_BIN")?;
@@ -567,18 +616,19 @@ fn bench_blk(o: &Opts) {
     );
     let mut vmms = Vec::new();
     if o.kvm {
-        vmms.push(BlkVmm::Cinder {
-            uring: false,
-            seccomp: true,
-        });
-        vmms.push(BlkVmm::Cinder {
-            uring: false,
-            seccomp: false,
-        });
-        vmms.push(BlkVmm::Cinder {
-            uring: true,
-            seccomp: true,
-        });
+        for (uring, seccomp, poll) in [
+            (false, true, true),
+            (false, false, true),
+            (true, true, true),
+            (false, true, false),
+            (true, true, false),
+        ] {
+            vmms.push(BlkVmm::Cinder {
+                uring,
+                seccomp,
+                poll,
+            });
+        }
         if std::env::var_os("BASELINE_CINDER_BIN").is_some() {
             vmms.push(BlkVmm::Baseline);
         }
@@ -587,6 +637,9 @@ fn bench_blk(o: &Opts) {
         }
     }
     vmms.push(BlkVmm::Qemu);
+    if let Some(only) = &o.only {
+        vmms.retain(|v| only.iter().any(|k| k == v.key()));
+    }
     let mut runs: Vec<Vec<Figures>> = vec![Vec::new(); vmms.len()];
     for run in 0..o.runs {
         // Every VMM once per round, so that what the host does meanwhile hits all alike.
@@ -613,14 +666,27 @@ fn bench_blk(o: &Opts) {
     let sync_on = BlkVmm::Cinder {
         uring: false,
         seccomp: true,
+        poll: true,
     };
     let sync_off = BlkVmm::Cinder {
         uring: false,
         seccomp: false,
+        poll: true,
     };
     let uring = BlkVmm::Cinder {
         uring: true,
         seccomp: true,
+        poll: true,
+    };
+    let sync_nopoll = BlkVmm::Cinder {
+        uring: false,
+        seccomp: true,
+        poll: false,
+    };
+    let uring_nopoll = BlkVmm::Cinder {
+        uring: true,
+        seccomp: true,
+        poll: false,
     };
     for key in BLK_KEYS.iter().copied().chain([CPU_KEY]) {
         for (i, vmm) in vmms.iter().enumerate() {
@@ -632,6 +698,11 @@ fn bench_blk(o: &Opts) {
             ratio(med(sync_on, key), med(BlkVmm::Qemu, key)),
             ratio(med(uring, key), med(sync_on, key)),
             ratio(med(sync_on, key), med(sync_off, key)),
+        );
+        line += &format!(
+            "  sync poll/no poll {}  io_uring poll/no poll {}",
+            ratio(med(sync_on, key), med(sync_nopoll, key)),
+            ratio(med(uring, key), med(uring_nopoll, key)),
         );
         if vmms.contains(&BlkVmm::Baseline) {
             line += &format!(
@@ -704,8 +775,10 @@ fn main() {
         ms: 2000,
         disk_mib: 256,
         kvm: false,
+        only: None,
     };
-    let usage = "usage: bench_io [blk|net|all] [--runs N] [--ms MS] [--disk-mib N]";
+    let usage = "usage: bench_io [blk|net|all] [--runs N] [--ms MS] [--disk-mib N] \
+                 [--only sync,sync-noseccomp,uring,sync-nopoll,uring-nopoll,baseline,firecracker,qemu]";
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut num = |name: &str| -> u64 {
@@ -724,6 +797,13 @@ fn main() {
             }
             "--ms" => o.ms = num("--ms").clamp(1, 600_000),
             "--disk-mib" => o.disk_mib = num("--disk-mib").max(2),
+            "--only" => {
+                let Some(list) = args.next() else {
+                    eprintln!("--only needs a list; {usage}");
+                    std::process::exit(2)
+                };
+                o.only = Some(list.split(',').map(str::to_string).collect());
+            }
             other => {
                 eprintln!("unknown argument {other}; {usage}");
                 std::process::exit(2);

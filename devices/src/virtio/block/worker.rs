@@ -283,7 +283,7 @@ impl IoThread {
                     gate,
                     engine,
                     image: None,
-                    poll,
+                    poll: PollWindow::new(poll),
                 };
                 t.run();
             })
@@ -308,8 +308,54 @@ struct Thread {
     engine: Engine,
     /// The io_uring engine's duplicate of the image's fd, by [`DiskImage::open_id`].
     image: Option<(u64, Arc<File>)>,
-    /// How long to poll the ring after a pass that served requests (zero: never).
-    poll: Duration,
+    /// How long to poll the ring after a pass that served requests.
+    poll: PollWindow,
+}
+
+/// The poll window, adapted as QEMU's iothreads do: it halves each time a poll found nothing
+/// (the spin was wasted: a host too busy to run the guest meanwhile, or a guest done), and
+/// doubles (from [`PollWindow::MIN`]) up to its maximum each time the thread slept less than
+/// that maximum (a poll would have caught the request). So an idle or slow guest costs no
+/// spinning, and a busy one is served without sleeping.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PollWindow {
+    max: Duration,
+    now: Duration,
+}
+
+impl PollWindow {
+    /// The smallest window worth spinning for; below it the thread does not poll.
+    const MIN: Duration = Duration::from_micros(2);
+
+    /// A window of at most `max` (zero: never poll), starting at `max`.
+    pub(super) fn new(max: Duration) -> Self {
+        Self { max, now: max }
+    }
+
+    /// Whether the thread polls at all (`max` is not zero).
+    pub(super) fn enabled(&self) -> bool {
+        !self.max.is_zero()
+    }
+
+    /// How long to poll now (zero: do not).
+    pub(super) fn window(&self) -> Duration {
+        self.now
+    }
+
+    /// A poll ran its whole window and found nothing.
+    pub(super) fn missed(&mut self) {
+        self.now /= 2;
+        if self.now < Self::MIN {
+            self.now = Duration::ZERO;
+        }
+    }
+
+    /// The thread slept `slept` in epoll before a kick woke it.
+    pub(super) fn woke_after(&mut self, slept: Duration) {
+        if slept < self.max && self.now < self.max {
+            self.now = (self.now * 2).clamp(Self::MIN, self.max);
+        }
+    }
 }
 
 /// Passes of one poll session before the thread goes through epoll again (for its stop fd,
@@ -366,6 +412,7 @@ impl Thread {
             } else {
                 -1
             };
+            let slept_from = (timeout < 0 && self.poll.enabled()).then(Instant::now);
             let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -379,7 +426,12 @@ impl Thread {
             for ev in &events[..n] {
                 match ev.data() {
                     TAG_STOP => stop = true,
-                    TAG_QUEUE => pending = true,
+                    TAG_QUEUE => {
+                        if let Some(t) = slept_from {
+                            self.poll.woke_after(t.elapsed());
+                        }
+                        pending = true;
+                    }
                     TAG_ACTIVATE => {
                         drain(&self.fds.activate);
                         pending = true;
@@ -410,7 +462,7 @@ impl Thread {
             }
             if pending && !self.gate.closing() {
                 pending = false;
-                let keep_off = !self.poll.is_zero();
+                let keep_off = self.poll.enabled();
                 let served;
                 (stalled, served) = self.pass(&dev, keep_off);
                 if stalled {
@@ -445,7 +497,8 @@ impl Thread {
     }
 
     /// After a pass that served requests (notifications left off by it), polls the avail ring
-    /// for up to `self.poll` for more, without the device's lock and without a syscall, and
+    /// for up to the poll window for more (see [`PollWindow`]: it may be zero), without the
+    /// device's lock and without a syscall, and
     /// serves what comes; the window starts again after each pass, for at most
     /// [`POLL_PASSES`] passes. A driver sees notifications off meanwhile and need not kick
     /// (a kick from one that ignores that is a spurious wake-up later). Then notifications go
@@ -455,15 +508,23 @@ impl Thread {
     fn poll_ring(&mut self, dev: &Arc<Mutex<Block>>, stalled: &mut bool) -> bool {
         let mut passes = 0;
         'session: loop {
+            let window = self.poll.window();
+            if window.is_zero() {
+                break;
+            }
             let Some(hint) = lock(dev).avail_hint(0) else {
                 break;
             };
-            let deadline = Instant::now() + self.poll;
+            let deadline = Instant::now() + window;
             while !hint.pending() {
                 if self.engine.in_flight() > 0 {
                     self.reap(dev);
                 }
-                if self.gate.closing_hint() || Instant::now() >= deadline {
+                if self.gate.closing_hint() {
+                    break 'session;
+                }
+                if Instant::now() >= deadline {
+                    self.poll.missed();
                     break 'session;
                 }
                 std::hint::spin_loop();
@@ -694,6 +755,32 @@ fn drain(evt: &EventFd) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The poll window halves on each poll that found nothing, down to zero (no spinning for
+    /// an idle guest or a host too busy to run it), and grows back, doubling up to its maximum,
+    /// when the thread's sleeps are shorter than that maximum. Zero never polls.
+    #[test]
+    fn poll_window_shrinks_when_polls_miss_and_grows_when_sleeps_are_short() {
+        let us = Duration::from_micros;
+        let mut w = PollWindow::new(us(32));
+        assert!(w.enabled());
+        assert_eq!(w.window(), us(32));
+        for want in [16, 8, 4, 2, 0, 0] {
+            w.missed();
+            assert_eq!(w.window(), us(want));
+        }
+        // Long sleeps: a poll would not have helped.
+        w.woke_after(Duration::from_millis(5));
+        assert_eq!(w.window(), Duration::ZERO);
+        for want in [2, 4, 8, 16, 32, 32] {
+            w.woke_after(us(10));
+            assert_eq!(w.window(), us(want));
+        }
+        let mut off = PollWindow::new(Duration::ZERO);
+        assert!(!off.enabled());
+        off.woke_after(us(1));
+        assert_eq!(off.window(), Duration::ZERO);
+    }
 
     #[test]
     fn gate_close_waits_for_the_worker_inside() {
