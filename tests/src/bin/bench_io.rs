@@ -17,7 +17,8 @@
 //! so the filters' cost shows side by side (reported, never asserted).
 //!
 //! blk also runs cinder on its io_uring engine (`--drive ...,io_engine=async`), both engines
-//! without the I/O thread's polling (`CINDER_BLK_IO_POLL_US=0`: rows "no poll"), and, when set,
+//! with the I/O thread polling its ring for 32 us (`CINDER_BLK_IO_POLL_US=32`: rows "poll",
+//! and `--only` keys sync-poll / uring-poll; the plain rows are `=0`, the default), and, when set,
 //! `BASELINE_CINDER_BIN` (an older cinder build, e.g. to check a change for regressions in the
 //! same rounds) and `FIRECRACKER_BIN` (Firecracker from a config file with the drive). Every VMM
 //! runs once per round, so host noise hits them alike. Besides the probe's figures it reports
@@ -152,7 +153,7 @@ fn make_image(mib: u64) -> (Scratch, PathBuf) {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum BlkVmm {
     /// cinder, `io_engine` sync or async, seccomp on or off, the I/O thread polling its ring
-    /// after serving requests (the default) or not (`CINDER_BLK_IO_POLL_US=0`).
+    /// after serving requests (`CINDER_BLK_IO_POLL_US=32`) or not (`=0`, the default).
     Cinder {
         uring: bool,
         seccomp: bool,
@@ -173,7 +174,7 @@ impl BlkVmm {
             BlkVmm::Cinder {
                 uring: false,
                 seccomp: true,
-                poll: true,
+                poll: false,
             } => "sync",
             BlkVmm::Cinder {
                 uring: false,
@@ -182,15 +183,15 @@ impl BlkVmm {
             } => "sync-noseccomp",
             BlkVmm::Cinder {
                 uring: true,
-                poll: true,
+                poll: false,
                 ..
             } => "uring",
             BlkVmm::Cinder {
                 uring: false,
-                poll: false,
+                poll: true,
                 ..
-            } => "sync-nopoll",
-            BlkVmm::Cinder { uring: true, .. } => "uring-nopoll",
+            } => "sync-poll",
+            BlkVmm::Cinder { uring: true, .. } => "uring-poll",
             BlkVmm::Baseline => "baseline",
             BlkVmm::Qemu => "qemu",
             BlkVmm::Firecracker => "firecracker",
@@ -207,7 +208,7 @@ impl BlkVmm {
                 "cinder {} ({}{})",
                 if uring { "io_uring" } else { "sync" },
                 if seccomp { "seccomp on" } else { "seccomp off" },
-                if poll { "" } else { ", no poll" }
+                if poll { ", poll 32us" } else { "" }
             ),
             BlkVmm::Baseline => "cinder baseline (sync)".into(),
             BlkVmm::Qemu => qemu_label(o),
@@ -311,10 +312,8 @@ fn blk_once(vmm: BlkVmm, img: &Path, o: &Opts) -> Result<Figures, String> {
                 &cmdline,
                 &drive(if uring { ",io_engine=async" } else { "" }),
             );
-            if !poll {
-                // devices::virtio::block::IO_POLL_ENV
-                c.env("CINDER_BLK_IO_POLL_US", "0");
-            }
+            // devices::virtio::block::IO_POLL_ENV (polling is off by default).
+            c.env("CINDER_BLK_IO_POLL_US", if poll { "32" } else { "0" });
             c
         }
         BlkVmm::Baseline => {
@@ -617,11 +616,11 @@ fn bench_blk(o: &Opts) {
     let mut vmms = Vec::new();
     if o.kvm {
         for (uring, seccomp, poll) in [
-            (false, true, true),
-            (false, false, true),
-            (true, true, true),
             (false, true, false),
+            (false, false, false),
             (true, true, false),
+            (false, true, true),
+            (true, true, true),
         ] {
             vmms.push(BlkVmm::Cinder {
                 uring,
@@ -666,27 +665,27 @@ fn bench_blk(o: &Opts) {
     let sync_on = BlkVmm::Cinder {
         uring: false,
         seccomp: true,
-        poll: true,
+        poll: false,
     };
     let sync_off = BlkVmm::Cinder {
         uring: false,
         seccomp: false,
-        poll: true,
+        poll: false,
     };
     let uring = BlkVmm::Cinder {
         uring: true,
         seccomp: true,
-        poll: true,
+        poll: false,
     };
-    let sync_nopoll = BlkVmm::Cinder {
+    let sync_poll = BlkVmm::Cinder {
         uring: false,
         seccomp: true,
-        poll: false,
+        poll: true,
     };
-    let uring_nopoll = BlkVmm::Cinder {
+    let uring_poll = BlkVmm::Cinder {
         uring: true,
         seccomp: true,
-        poll: false,
+        poll: true,
     };
     for key in BLK_KEYS.iter().copied().chain([CPU_KEY]) {
         for (i, vmm) in vmms.iter().enumerate() {
@@ -701,8 +700,8 @@ fn bench_blk(o: &Opts) {
         );
         line += &format!(
             "  sync poll/no poll {}  io_uring poll/no poll {}",
-            ratio(med(sync_on, key), med(sync_nopoll, key)),
-            ratio(med(uring, key), med(uring_nopoll, key)),
+            ratio(med(sync_poll, key), med(sync_on, key)),
+            ratio(med(uring_poll, key), med(uring, key)),
         );
         if vmms.contains(&BlkVmm::Baseline) {
             line += &format!(
@@ -778,7 +777,7 @@ fn main() {
         only: None,
     };
     let usage = "usage: bench_io [blk|net|all] [--runs N] [--ms MS] [--disk-mib N] \
-                 [--only sync,sync-noseccomp,uring,sync-nopoll,uring-nopoll,baseline,firecracker,qemu]";
+                 [--only sync,sync-noseccomp,uring,sync-poll,uring-poll,baseline,firecracker,qemu]";
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut num = |name: &str| -> u64 {

@@ -190,7 +190,8 @@ impl Block {
     }
 
     /// How long the I/O thread (started after this) polls the avail ring after a pass that
-    /// served requests, before it sleeps in epoll ([`DEFAULT_IO_POLL`]; zero: never). While
+    /// served requests, before it sleeps in epoll ([`DEFAULT_IO_POLL`], or what
+    /// `CINDER_BLK_IO_POLL_US` says; zero: never). While
     /// it polls, notifications are off (a driver that honours that skips its kick, a costly
     /// exit), and on again before it sleeps. An idle drive never polls.
     pub fn set_io_poll(&mut self, poll: std::time::Duration) {
