@@ -2,7 +2,7 @@
 //! `netbench`), under cinder and QEMU microvm side by side in the same run.
 //!
 //! ```text
-//! cargo run --release -p cinder-tests --bin bench_io -- [blk|net|all] [--runs N] [--ms MS] [--disk-mib N]
+//! cargo run --release -p cinder-tests --bin bench_io -- [blk|net|all] [--runs N] [--ms MS] [--disk-mib N] [--only ROWS]
 //! ```
 //! - blk: a scratch image (written first, so it sits in the page cache) attached as the only
 //!   drive (`--drive path=IMG` / `-drive ...,format=raw -device virtio-blk-device`); the probe
@@ -20,7 +20,9 @@
 //! cinder runs twice per run, with its seccomp filters (the default) and with `--seccomp off`,
 //! so the filters' cost shows side by side (reported, never asserted).
 //!
-//! blk also runs cinder on its io_uring engine (`--drive ...,io_engine=async`), and, when set,
+//! blk also runs cinder on its io_uring engine (`--drive ...,io_engine=async`), both engines
+//! with the I/O thread polling its ring for 32 us (`CINDER_BLK_IO_POLL_US=32`: rows "poll",
+//! and `--only` keys sync-poll / uring-poll; the plain rows are `=0`, the default), and, when set,
 //! `BASELINE_CINDER_BIN` (an older cinder build, e.g. to check a change for regressions in the
 //! same rounds) and `FIRECRACKER_BIN` (Firecracker from a config file with the drive). Every VMM
 //! runs once per round, so host noise hits them alike. Besides the probe's figures it reports
@@ -86,6 +88,8 @@ struct Opts {
     ms: u64,
     disk_mib: u64,
     kvm: bool,
+    /// `--only`: the blk rows to run (by [`BlkVmm::key`]), all when None.
+    only: Option<Vec<String>>,
 }
 
 /// One run's figures (key -> value), in the order of the key list.
@@ -152,10 +156,12 @@ fn make_image(mib: u64) -> (Scratch, PathBuf) {
 /// What the blk benchmark runs, one row each.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum BlkVmm {
-    /// cinder, `io_engine` sync or async, seccomp on or off.
+    /// cinder, `io_engine` sync or async, seccomp on or off, the I/O thread polling its ring
+    /// after serving requests (`CINDER_BLK_IO_POLL_US=32`) or not (`=0`, the default).
     Cinder {
         uring: bool,
         seccomp: bool,
+        poll: bool,
     },
     /// The cinder binary named by `BASELINE_CINDER_BIN` (sync engine, seccomp on): an older
     /// build, run in the same rounds so that host noise hits both alike.
@@ -166,12 +172,47 @@ enum BlkVmm {
 }
 
 impl BlkVmm {
+    /// The row's name for `--only`.
+    fn key(self) -> &'static str {
+        match self {
+            BlkVmm::Cinder {
+                uring: false,
+                seccomp: true,
+                poll: false,
+            } => "sync",
+            BlkVmm::Cinder {
+                uring: false,
+                seccomp: false,
+                ..
+            } => "sync-noseccomp",
+            BlkVmm::Cinder {
+                uring: true,
+                poll: false,
+                ..
+            } => "uring",
+            BlkVmm::Cinder {
+                uring: false,
+                poll: true,
+                ..
+            } => "sync-poll",
+            BlkVmm::Cinder { uring: true, .. } => "uring-poll",
+            BlkVmm::Baseline => "baseline",
+            BlkVmm::Qemu => "qemu",
+            BlkVmm::Firecracker => "firecracker",
+        }
+    }
+
     fn label(self, o: &Opts) -> String {
         match self {
-            BlkVmm::Cinder { uring, seccomp } => format!(
-                "cinder {} ({})",
+            BlkVmm::Cinder {
+                uring,
+                seccomp,
+                poll,
+            } => format!(
+                "cinder {} ({}{})",
                 if uring { "io_uring" } else { "sync" },
-                if seccomp { "seccomp on" } else { "seccomp off" }
+                if seccomp { "seccomp on" } else { "seccomp off" },
+                if poll { ", poll 32us" } else { "" }
             ),
             BlkVmm::Baseline => "cinder baseline (sync)".into(),
             BlkVmm::Qemu => qemu_label(o),
@@ -260,17 +301,24 @@ fn blk_once(vmm: BlkVmm, img: &Path, o: &Opts) -> Result<Figures, String> {
     let timeout = Duration::from_millis(6 * o.ms * 3 + 60_000);
     let drive = |extra: &str| vec!["--drive".into(), format!("path={}{extra}", img.display())];
     let cmd = match vmm {
-        BlkVmm::Cinder { uring, seccomp } => {
+        BlkVmm::Cinder {
+            uring,
+            seccomp,
+            poll,
+        } => {
             let v = if seccomp {
                 Vmm::Cinder
             } else {
                 Vmm::CinderNoSeccomp
             };
-            cinder_cmd(
+            let mut c = cinder_cmd(
                 v,
                 &cmdline,
                 &drive(if uring { ",io_engine=async" } else { "" }),
-            )
+            );
+            // devices::virtio::block::IO_POLL_ENV (polling is off by default).
+            c.env("CINDER_BLK_IO_POLL_US", if poll { "32" } else { "0" });
+            c
         }
         BlkVmm::Baseline => {
             let bin = std::env::var_os("BASELINE_CINDER_BIN").ok_or("no BASELINE_CINDER_BIN")?;
@@ -583,18 +631,19 @@ fn bench_blk(o: &Opts) {
     );
     let mut vmms = Vec::new();
     if o.kvm {
-        vmms.push(BlkVmm::Cinder {
-            uring: false,
-            seccomp: true,
-        });
-        vmms.push(BlkVmm::Cinder {
-            uring: false,
-            seccomp: false,
-        });
-        vmms.push(BlkVmm::Cinder {
-            uring: true,
-            seccomp: true,
-        });
+        for (uring, seccomp, poll) in [
+            (false, true, false),
+            (false, false, false),
+            (true, true, false),
+            (false, true, true),
+            (true, true, true),
+        ] {
+            vmms.push(BlkVmm::Cinder {
+                uring,
+                seccomp,
+                poll,
+            });
+        }
         if std::env::var_os("BASELINE_CINDER_BIN").is_some() {
             vmms.push(BlkVmm::Baseline);
         }
@@ -603,6 +652,9 @@ fn bench_blk(o: &Opts) {
         }
     }
     vmms.push(BlkVmm::Qemu);
+    if let Some(only) = &o.only {
+        vmms.retain(|v| only.iter().any(|k| k == v.key()));
+    }
     let mut runs: Vec<Vec<Figures>> = vec![Vec::new(); vmms.len()];
     for run in 0..o.runs {
         // Every VMM once per round, so that what the host does meanwhile hits all alike.
@@ -629,14 +681,27 @@ fn bench_blk(o: &Opts) {
     let sync_on = BlkVmm::Cinder {
         uring: false,
         seccomp: true,
+        poll: false,
     };
     let sync_off = BlkVmm::Cinder {
         uring: false,
         seccomp: false,
+        poll: false,
     };
     let uring = BlkVmm::Cinder {
         uring: true,
         seccomp: true,
+        poll: false,
+    };
+    let sync_poll = BlkVmm::Cinder {
+        uring: false,
+        seccomp: true,
+        poll: true,
+    };
+    let uring_poll = BlkVmm::Cinder {
+        uring: true,
+        seccomp: true,
+        poll: true,
     };
     for key in BLK_KEYS.iter().copied().chain([CPU_KEY]) {
         for (i, vmm) in vmms.iter().enumerate() {
@@ -648,6 +713,11 @@ fn bench_blk(o: &Opts) {
             ratio(med(sync_on, key), med(BlkVmm::Qemu, key)),
             ratio(med(uring, key), med(sync_on, key)),
             ratio(med(sync_on, key), med(sync_off, key)),
+        );
+        line += &format!(
+            "  sync poll/no poll {}  io_uring poll/no poll {}",
+            ratio(med(sync_poll, key), med(sync_on, key)),
+            ratio(med(uring_poll, key), med(uring, key)),
         );
         if vmms.contains(&BlkVmm::Baseline) {
             line += &format!(
@@ -720,8 +790,10 @@ fn main() {
         ms: 2000,
         disk_mib: 256,
         kvm: false,
+        only: None,
     };
-    let usage = "usage: bench_io [blk|net|all] [--runs N] [--ms MS] [--disk-mib N]";
+    let usage = "usage: bench_io [blk|net|all] [--runs N] [--ms MS] [--disk-mib N] \
+                 [--only sync,sync-noseccomp,uring,sync-poll,uring-poll,baseline,firecracker,qemu]";
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut num = |name: &str| -> u64 {
@@ -740,6 +812,13 @@ fn main() {
             }
             "--ms" => o.ms = num("--ms").clamp(1, 600_000),
             "--disk-mib" => o.disk_mib = num("--disk-mib").max(2),
+            "--only" => {
+                let Some(list) = args.next() else {
+                    eprintln!("--only needs a list; {usage}");
+                    std::process::exit(2)
+                };
+                o.only = Some(list.split(',').map(str::to_string).collect());
+            }
             other => {
                 eprintln!("unknown argument {other}; {usage}");
                 std::process::exit(2);

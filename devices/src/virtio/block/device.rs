@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{Address, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -14,7 +15,9 @@ use super::features::{
     VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use super::request::{handle_chain_counted, parse_failed, BlockStats, Request, RequestType};
-use super::worker::{Batch, IoGate, IoThread, Job, StartHook, ThreadFds};
+use super::worker::{
+    io_poll_from_env, Batch, IoGate, IoThread, Job, StartHook, ThreadFds, DEFAULT_IO_POLL,
+};
 use super::{
     BlockError, IoEngine, DISCARD_SECTOR_ALIGNMENT, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG,
     MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, QUEUE_SIZE, SECTOR_SHIFT, SEG_MAX, SIZE_MAX,
@@ -93,6 +96,9 @@ pub struct Block {
     pub(super) timer: TimerFd,
     /// The timer is armed.
     throttled: bool,
+    /// How long the I/O thread polls the ring after serving requests (see
+    /// [`Block::set_io_poll`]).
+    io_poll: std::time::Duration,
     pub(super) core: DeviceCore,
 }
 
@@ -161,8 +167,15 @@ impl Block {
         }
         let mut b = lock(dev);
         let fds = b.thread_fds().map_err(BlockError::Worker)?;
-        let (thread, fell_back) =
-            IoThread::spawn(name.clone(), hook, Arc::downgrade(dev), fds, gate, engine)?;
+        let (thread, fell_back) = IoThread::spawn(
+            name.clone(),
+            hook,
+            Arc::downgrade(dev),
+            fds,
+            gate,
+            engine,
+            b.io_poll,
+        )?;
         b.io_thread = Some(thread);
         let used = match (engine, fell_back) {
             (IoEngine::Sync, _) => IoEngine::Sync,
@@ -174,6 +187,15 @@ impl Block {
             }
         };
         Ok(used)
+    }
+
+    /// How long the I/O thread (started after this) polls the avail ring after a pass that
+    /// served requests, before it sleeps in epoll ([`DEFAULT_IO_POLL`], or what
+    /// `CINDER_BLK_IO_POLL_US` says; zero: never). While
+    /// it polls, notifications are off (a driver that honours that skips its kick, a costly
+    /// exit), and on again before it sleeps. An idle drive never polls.
+    pub fn set_io_poll(&mut self, poll: std::time::Duration) {
+        self.io_poll = poll;
     }
 
     /// Duplicates of the fds the I/O thread polls.
@@ -270,6 +292,7 @@ impl Block {
             limiter: None,
             timer: TimerFd::new().map_err(|e| BlockError::TimerFd(e.into()))?,
             throttled: false,
+            io_poll: io_poll_from_env().unwrap_or(DEFAULT_IO_POLL),
             core,
         })
     }
@@ -356,7 +379,10 @@ impl Block {
     /// answers the bad ones at once and returns the others, to run without the device's lock.
     /// Past the budget the queue kicks itself, as [`crate::virtio::device_core`] does; out of
     /// room notifications stay off and the batch says so (completions resume the queue).
-    pub(super) fn take_batch(&mut self, index: usize, room: usize) -> Batch {
+    ///
+    /// With `keep_off`, a pass that emptied the ring leaves notifications off (the I/O thread
+    /// polls the ring meanwhile): the caller must [`Self::rearm`] before it sleeps.
+    pub(super) fn take_batch(&mut self, index: usize, room: usize, keep_off: bool) -> Batch {
         let mut out = Batch::default();
         if self.throttled {
             // The timer brings the thread back; until then kicks change nothing.
@@ -404,6 +430,9 @@ impl Block {
                     }
                 };
                 let Some(chain) = chain else {
+                    if keep_off {
+                        break 'outer;
+                    }
                     break;
                 };
                 let head = chain.head_index();
@@ -475,6 +504,49 @@ impl Block {
         out
     }
 
+    /// Where the I/O thread can watch queue `index`'s avail index without the device's lock
+    /// while it polls: None when the device or the queue is not active.
+    pub(super) fn avail_hint(&self, index: usize) -> Option<AvailHint> {
+        let active = self.core.active()?;
+        let queue = active.queues.get(index)?;
+        if !queue.ready() {
+            return None;
+        }
+        Some(AvailHint {
+            mem: active.mem.clone(),
+            idx_addr: GuestAddress(queue.avail_ring()).checked_add(2)?,
+            next_avail: queue.next_avail(),
+        })
+    }
+
+    /// Ends a poll after [`Self::take_batch`] with `keep_off`: notifications on again, then
+    /// one more look at the avail ring. Returns whether requests came meanwhile (a pass is
+    /// due: no kick will announce them). Throttled, notifications stay off (the rate
+    /// limiter's timer brings the thread back) and this returns false.
+    pub(super) fn rearm(&mut self, index: usize) -> bool {
+        if self.throttled {
+            return false;
+        }
+        let Some(active) = self.core.active_mut() else {
+            return false;
+        };
+        let mem = active.mem.clone();
+        let Some(queue) = active.queues.get_mut(index) else {
+            return false;
+        };
+        if !queue.ready() {
+            return false;
+        }
+        match queue.enable_notification(&mem) {
+            Ok(more) => more,
+            Err(e) => {
+                warn_ratelimited!("virtio-blk: cannot enable notifications: {e}");
+                // A pass finds out what is wrong with the ring.
+                true
+            }
+        }
+    }
+
     /// Puts one executed request of activation `generation` in the used ring at once (the
     /// driver may be polling it), without the interrupt ([`Self::finish`] with nothing raises
     /// it); dropped if a reset ended that activation.
@@ -513,6 +585,29 @@ impl Block {
             }
         }
         active.signal_used(0);
+    }
+}
+
+/// A snapshot of where a queue's avail index lives and how far the device got, to poll the
+/// ring without the device's lock (a hint: every pass re-reads the queue under the lock).
+pub(super) struct AvailHint {
+    mem: crate::GuestMemoryMmap,
+    idx_addr: GuestAddress,
+    next_avail: u16,
+}
+
+impl AvailHint {
+    /// Whether the driver made requests available since the snapshot (or the index cannot be
+    /// read: a pass then finds out why).
+    pub(super) fn pending(&self) -> bool {
+        use vm_memory::Bytes;
+        match self
+            .mem
+            .load::<u16>(self.idx_addr, std::sync::atomic::Ordering::Acquire)
+        {
+            Ok(idx) => u16::from_le(idx) != self.next_avail,
+            Err(_) => true,
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 
 pub use device::{Backing, Block, BlockConfig};
 pub use uring::DISABLE_ENV as IO_URING_DISABLE_ENV;
-pub use worker::{IoGate, StartHook};
+pub use worker::{IoGate, StartHook, DEFAULT_IO_POLL, IO_POLL_ENV, MAX_IO_POLL_US};
 
 /// How a drive's I/O thread does its reads and writes (`io_engine`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -4,7 +4,7 @@ use crate::virtio::block::request::{
     VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use crate::virtio::block::IoGate;
-use crate::virtio::features::VIRTIO_F_VERSION_1;
+use crate::virtio::features::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::virtio::VirtioDevice;
 use crate::virtio::{ActivateError, Interrupt};
 use crate::GuestMemoryMmap;
@@ -783,4 +783,243 @@ fn io_thread_serves_more_than_a_budget_per_kick() {
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert_eq!(vq.used().idx().load(), N16, "{engine:?}");
     }
+}
+
+/// The used ring's flags (VIRTQ_USED_F_NO_NOTIFY is bit 0).
+fn used_flags(mem: &GuestMemoryMmap, vq: &MockSplitQueue<GuestMemoryMmap>) -> u16 {
+    mem.read_obj::<u16>(vq.used_addr()).unwrap()
+}
+
+/// Posts a 512-byte read of `sector` as request `n` (descriptors 3n.., buffers at
+/// 0x7_0000 + n * 0x1000) on the avail ring, without a kick. Returns its status address.
+fn post_read(
+    mem: &GuestMemoryMmap,
+    vq: &MockSplitQueue<GuestMemoryMmap>,
+    n: u16,
+    sector: u64,
+) -> u64 {
+    let base = 0x7_0000 + u64::from(n) * 0x1000;
+    header(mem, base, VIRTIO_BLK_T_IN, sector);
+    let status = base + 0x800;
+    mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+    vq.add_desc_chains(
+        &[
+            d(base, 16, F_NEXT, 3 * n + 1),
+            d(base + 0x200, 512, F_WRITE | F_NEXT, 3 * n + 2),
+            d(status, 1, F_WRITE, 0),
+        ],
+        3 * n,
+    )
+    .unwrap();
+    status
+}
+
+/// The re-check before sleeping: a pass with `keep_off` that empties the ring leaves
+/// notifications off (VIRTQ_USED_F_NO_NOTIFY), and `rearm` turns them on again and reports a
+/// request posted meanwhile (no kick will come for it), which the next pass serves. With
+/// nothing posted it reports nothing, notifications on. Throttled, it leaves them off.
+#[test]
+fn rearm_turns_notifications_on_and_sees_a_request_posted_while_they_were_off() {
+    let file = image(64);
+    let mem = mem();
+    let (mut b, vq) = active(&file, &mem, 1 << VIRTIO_RING_F_EVENT_IDX);
+    let no_notify = || used_flags(&mem, &vq) & 1 != 0;
+    post_read(&mem, &vq, 0, 1);
+    let batch = b.take_batch(0, DRAIN_BUDGET, true);
+    assert_eq!(batch.job.map(|j| j.requests.len()), Some(1));
+    assert!(
+        no_notify(),
+        "the ring was emptied with keep_off: notifications stay off"
+    );
+    // Posted while the thread polls (or just after it stopped), without a kick.
+    post_read(&mem, &vq, 1, 2);
+    assert!(
+        b.rearm(0),
+        "the request posted while notifications were off is seen"
+    );
+    assert!(!no_notify());
+    let batch = b.take_batch(0, DRAIN_BUDGET, true);
+    assert_eq!(batch.job.map(|j| j.requests.len()), Some(1));
+    assert!(no_notify());
+    assert!(!b.rearm(0), "nothing more was posted");
+    assert!(
+        !no_notify(),
+        "notifications are on before the thread sleeps"
+    );
+    // Without keep_off a pass turns them on itself, as before.
+    post_read(&mem, &vq, 2, 3);
+    let batch = b.take_batch(0, DRAIN_BUDGET, false);
+    assert_eq!(batch.job.map(|j| j.requests.len()), Some(1));
+    assert!(!no_notify());
+    // Throttled: notifications stay off, the timer brings the thread back.
+    b.throttled = true;
+    post_read(&mem, &vq, 3, 4);
+    assert!(b.take_batch(0, DRAIN_BUDGET, true).job.is_none());
+    assert!(!b.rearm(0));
+}
+
+/// The thread `comm`'s (utime + stime) in clock ticks, from /proc/self/task.
+fn thread_cpu_ticks(comm: &str) -> Option<u64> {
+    for t in std::fs::read_dir("/proc/self/task").ok()? {
+        let dir = t.ok()?.path();
+        let name = std::fs::read_to_string(dir.join("comm")).ok()?;
+        if name.trim() != comm {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+        // After the ")" closing comm: state is field 3, utime 14, stime 15.
+        let rest = stat.rsplit_once(')')?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        return Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?);
+    }
+    None
+}
+
+/// Adaptive polling on the I/O thread: after serving a request it polls the ring with
+/// notifications off, so a request posted then is served without a kick; the poll ends after
+/// its window (notifications on again, and a request posted after that waits for its kick);
+/// then the idle thread sleeps (no CPU time). On either engine.
+#[test]
+fn io_thread_polls_the_ring_for_its_window_then_sleeps() {
+    for (engine, comm) in [
+        (IoEngine::Sync, "blk-poll-sync"),
+        (IoEngine::Async, "blk-poll-async"),
+    ] {
+        let file = image(64);
+        let before = std::fs::read(file.as_path()).unwrap();
+        let mem = mem();
+        let irq_fd = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let irq = Arc::new(Interrupt::new(irq_fd.clone()));
+        let dev = Arc::new(std::sync::Mutex::new(block(&file, false, None)));
+        let window = std::time::Duration::from_millis(300);
+        dev.lock().unwrap().set_io_poll(window);
+        let hook: crate::virtio::block::StartHook = Arc::new(|| {});
+        let gate = Arc::new(IoGate::new());
+        Block::start_io_thread(&dev, comm, hook, gate, engine).unwrap();
+        let kick = dev.lock().unwrap().core.queue_events()[0]
+            .try_clone()
+            .unwrap();
+        let vq = MockSplitQueue::new(&mem, 64);
+        {
+            let mut b = dev.lock().unwrap();
+            let f = b.avail_features() & !(1 << VIRTIO_RING_F_EVENT_IDX);
+            b.set_acked_features(f);
+            b.activate(mem.clone(), vec![vq.create_queue().unwrap()], irq)
+                .unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let no_notify = || used_flags(&mem, &vq) & 1 != 0;
+        assert!(!no_notify(), "{engine:?}: idle, notifications are on");
+
+        // A kicked request: served, then the thread polls.
+        let s0 = post_read(&mem, &vq, 0, 1);
+        let t0 = std::time::Instant::now();
+        kick.write(1).unwrap();
+        wait_used(&vq, 1);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(s0)).unwrap(),
+            VIRTIO_BLK_S_OK
+        );
+        // Posted within the window, without a kick: the poll serves it.
+        let s1 = post_read(&mem, &vq, 1, 2);
+        assert!(
+            t0.elapsed() < window / 2,
+            "{engine:?}: too slow a host for this test's window"
+        );
+        assert!(
+            no_notify(),
+            "{engine:?}: notifications are off while the thread polls"
+        );
+        wait_used(&vq, 2);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(s1)).unwrap(),
+            VIRTIO_BLK_S_OK
+        );
+        let mut buf = vec![0u8; 512];
+        mem.read_slice(&mut buf, GuestAddress(0x7_1200)).unwrap();
+        assert_eq!(buf, before[2 * 512..3 * 512], "{engine:?}");
+
+        // The window ends (bounded wait): notifications on again.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while no_notify() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{engine:?}: the thread still polls 5 s after its {window:?} window"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // Asleep: no CPU time over 300 ms, and a request without a kick waits.
+        let cpu0 = thread_cpu_ticks(comm).expect("the I/O thread's stat");
+        let s2 = post_read(&mem, &vq, 2, 3);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let cpu1 = thread_cpu_ticks(comm).expect("the I/O thread's stat");
+        assert!(
+            cpu1 <= cpu0 + 1,
+            "{engine:?}: the idle thread used {} ticks",
+            cpu1 - cpu0
+        );
+        assert_eq!(
+            vq.used().idx().load(),
+            2,
+            "{engine:?}: served without a kick after the window"
+        );
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(s2)).unwrap(), 0xff);
+        kick.write(1).unwrap();
+        wait_used(&vq, 3);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(s2)).unwrap(),
+            VIRTIO_BLK_S_OK
+        );
+        assert_eq!(dev.lock().unwrap().stats().reads, 3, "{engine:?}");
+    }
+}
+
+/// With a poll window of zero the thread never polls: notifications go on at the end of each
+/// pass, and a request posted without a kick is not served.
+#[test]
+fn io_thread_without_a_poll_window_does_not_poll() {
+    let file = image(64);
+    let mem = mem();
+    let irq_fd = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+    let irq = Arc::new(Interrupt::new(irq_fd.clone()));
+    let dev = Arc::new(std::sync::Mutex::new(block(&file, false, None)));
+    dev.lock().unwrap().set_io_poll(std::time::Duration::ZERO);
+    let hook: crate::virtio::block::StartHook = Arc::new(|| {});
+    Block::start_io_thread(
+        &dev,
+        "blk-nopoll",
+        hook,
+        Arc::new(IoGate::new()),
+        IoEngine::Sync,
+    )
+    .unwrap();
+    let kick = dev.lock().unwrap().core.queue_events()[0]
+        .try_clone()
+        .unwrap();
+    let vq = MockSplitQueue::new(&mem, 64);
+    {
+        let mut b = dev.lock().unwrap();
+        let f = b.avail_features() & !(1 << VIRTIO_RING_F_EVENT_IDX);
+        b.set_acked_features(f);
+        b.activate(mem.clone(), vec![vq.create_queue().unwrap()], irq)
+            .unwrap();
+    }
+    post_read(&mem, &vq, 0, 1);
+    kick.write(1).unwrap();
+    wait_used(&vq, 1);
+    assert_eq!(
+        used_flags(&mem, &vq) & 1,
+        0,
+        "notifications on after the pass"
+    );
+    let s1 = post_read(&mem, &vq, 1, 2);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(
+        vq.used().idx().load(),
+        1,
+        "no poll: the request waits for its kick"
+    );
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(s1)).unwrap(), 0xff);
+    kick.write(1).unwrap();
+    wait_used(&vq, 2);
 }
