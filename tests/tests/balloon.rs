@@ -576,7 +576,7 @@ const MIB: u64 = 1 << 20;
 const MEM_MIB: u64 = 384;
 /// MiB the guest allocates and frees with free page reporting on (issue 16's wording).
 ///
-/// How: `fallocate` of a file in the guest's root file system (the initramfs' tmpfs), then
+/// How: `fallocate` of a file in a tmpfs the test mounts in the guest, then
 /// `rm`. On kvm-pvm every page the guest's kernel allocates costs emulated kernel work, about
 /// 1.5 s of host CPU per MiB whatever the way; `fallocate` is the cheapest found (measured on
 /// a loaded 2-core host, 32 MiB in a 384 MiB guest, cinder's CPU time: `dd` from /dev/zero
@@ -687,6 +687,17 @@ fn linux_balloon_inflate_deflate_stats_and_reporting_under_cinder() {
         .unwrap_or_else(|e| panic!("{e}"));
     eprintln!("shell at {:.1?}", t0.elapsed());
     let pid = s.pid();
+    // The files the guest allocates live in a tmpfs of its own: the initramfs' root is a tmpfs
+    // limited to half of RAM (a `dd` of more stops there, silently without its stderr).
+    let out = sh(
+        &mut s,
+        "MNT",
+        &format!(
+            "mount -t tmpfs -o size={}m fill /mnt && echo MNT\"\"-OK",
+            MEM_MIB * 7 / 8
+        ),
+    );
+    assert!(out.contains("MNT-OK"), "{out:?}\n{}", s.log());
 
     // Statistics: the guest's own MemTotal shows in GET /balloon/statistics.
     let memtotal = meminfo(&mut s, "MT", "MemTotal") * 1024;
@@ -734,7 +745,7 @@ fn linux_balloon_inflate_deflate_stats_and_reporting_under_cinder() {
         &mut s,
         "FPR",
         &format!(
-            "fallocate -l {FILL_MIB}M /fill && echo FILL\"\"-OK; grep -E '^(MemFree|Shmem):' /proc/meminfo"
+            "fallocate -l {FILL_MIB}M /mnt/fill && echo FILL\"\"-OK; grep -E '^(MemFree|Shmem):' /proc/meminfo"
         ),
         alloc_limit(FILL_MIB),
     );
@@ -746,7 +757,7 @@ fn linux_balloon_inflate_deflate_stats_and_reporting_under_cinder() {
         out.trim()
     );
     assert!(out.contains("FILL-OK"), "{out:?}\n{}", s.log());
-    sh(&mut s, "FPRRM", "rm /fill");
+    sh(&mut s, "FPRRM", "rm /mnt/fill");
     let t_freed = t.elapsed();
     let back = poll(Duration::from_secs(300), || {
         let now = rss(pid);
@@ -796,7 +807,7 @@ fn linux_balloon_inflate_deflate_stats_and_reporting_under_cinder() {
     sh_for(
         &mut s,
         "TOUCH",
-        &format!("fallocate -l {touch}M /fill; rm /fill"),
+        &format!("fallocate -l {touch}M /mnt/fill; rm /mnt/fill"),
         alloc_limit(touch),
     );
     eprintln!("touched {touch} MiB in {:.1?}", t.elapsed());
@@ -862,7 +873,7 @@ fn linux_balloon_inflate_deflate_stats_and_reporting_under_cinder() {
     let out = sh_for(
         &mut s,
         "REUSE",
-        &format!("fallocate -l {x}M /fill && echo RE\"\"USED-OK; rm /fill"),
+        &format!("fallocate -l {x}M /mnt/fill && echo RE\"\"USED-OK; rm /mnt/fill"),
         alloc_limit(x),
     );
     assert!(out.contains("REUSED-OK"), "{out:?}\n{}", s.log());
