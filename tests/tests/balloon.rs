@@ -576,19 +576,22 @@ const MIB: u64 = 1 << 20;
 const MEM_MIB: u64 = 384;
 /// MiB the guest allocates and frees with free page reporting on (issue 16's wording).
 ///
-/// How: `fallocate` of a file in a tmpfs the test mounts in the guest, then
-/// `rm`. On kvm-pvm every page the guest's kernel allocates costs emulated kernel work, about
-/// 1.5 s of host CPU per MiB whatever the way; `fallocate` is the cheapest found (measured on
-/// a loaded 2-core host, 32 MiB in a 384 MiB guest, cinder's CPU time: `dd` from /dev/zero
-/// 85 s, `fallocate` 50 s, reading a sparse drive into the page cache with `cat` (sendfile,
-/// no copy) 51 s, a user program touching every page (busybox awk) 106 s; freeing is cheap:
-/// 1.3 s for `drop_caches` of 32 MiB).
+/// How: the guest reads a sparse drive of that size into its page cache (`cat /dev/vda >
+/// /dev/null`: busybox's `cat` uses sendfile, so no kernel copy; the host's virtio-blk reads
+/// write every page, so each is resident on the host) and frees it (`drop_caches`). On kvm-pvm
+/// every page the guest's kernel allocates costs emulated kernel work; measured on a loaded
+/// 2-core host, 32 MiB in a 384 MiB guest, cinder's CPU time: `dd` from /dev/zero into a
+/// tmpfs 85 s, this `cat` 51 s, a user program touching every page (busybox awk) 106 s;
+/// `fallocate` on a tmpfs 50 s, but it leaves the pages unwritten (tmpfs zeroes a fallocated
+/// page at its first use), so the host's RSS does not grow; freeing is cheap (1.3 s for
+/// `drop_caches` of 32 MiB).
 const FILL_MIB: u64 = 256;
-/// MiB the guest allocates and frees (free page reporting off) before the inflate, so that
-/// the free pages the balloon takes are resident on the host: the buddy allocator hands out
-/// the most recently freed pages first (with 256 MiB of RAM and 96 MiB touched, inflating
-/// 48 MiB lowered RSS by 43.8 MiB: 0.91 X).
-const TOUCH_MIB: u64 = 112;
+/// MiB the guest writes into a tmpfs and frees (free page reporting off) before the inflate,
+/// so that the free pages the balloon takes are resident on the host: the buddy allocator
+/// hands out the most recently freed pages first (with 256 MiB of RAM and 96 MiB touched,
+/// inflating 48 MiB lowered RSS by 43.8 MiB: 0.91 X). `dd`, not the drive: the page cache of a
+/// block device is not movable memory, which the balloon's allocations take last.
+const TOUCH_MIB: u64 = 80;
 /// MiB the balloon inflates by.
 const INFLATE_MIB: u64 = 48;
 
@@ -668,10 +671,17 @@ fn linux_balloon_inflate_deflate_stats_and_reporting_under_cinder() {
     let sock = d.join("api.sock");
     let metrics = d.join("metrics.json");
     std::fs::write(&metrics, "").unwrap();
+    // The drive the guest reads to allocate FILL_MIB (sparse: the host reads zeros).
+    let fill = d.join("fill.img");
+    std::fs::File::create(&fill)
+        .and_then(|f| f.set_len(FILL_MIB * MIB))
+        .unwrap();
     let mut c =
         cinder_tests::linux::cinder_vm(&g, &cinder_tests::linux::profile_cmdline(&g), 1, MEM_MIB);
     c.arg("--initrd")
         .arg(g.file("initramfs.cpio"))
+        .arg("--drive")
+        .arg(format!("path={},ro", fill.display()))
         .args([
             "--balloon",
             "amount_mib=0,deflate_on_oom,stats_polling_interval_s=1,free_page_reporting",
@@ -744,9 +754,7 @@ fn linux_balloon_inflate_deflate_stats_and_reporting_under_cinder() {
     let out = sh_for(
         &mut s,
         "FPR",
-        &format!(
-            "fallocate -l {FILL_MIB}M /mnt/fill && echo FILL\"\"-OK; grep -E '^(MemFree|Shmem):' /proc/meminfo"
-        ),
+        "cat /dev/vda > /dev/null && echo FILL\"\"-OK; grep -E '^(MemFree|Cached):' /proc/meminfo",
         alloc_limit(FILL_MIB),
     );
     let peak = rss(pid);
@@ -757,7 +765,7 @@ fn linux_balloon_inflate_deflate_stats_and_reporting_under_cinder() {
         out.trim()
     );
     assert!(out.contains("FILL-OK"), "{out:?}\n{}", s.log());
-    sh(&mut s, "FPRRM", "rm /mnt/fill");
+    sh(&mut s, "FPRRM", "echo 1 > /proc/sys/vm/drop_caches");
     let t_freed = t.elapsed();
     let back = poll(Duration::from_secs(300), || {
         let now = rss(pid);
@@ -807,7 +815,7 @@ fn linux_balloon_inflate_deflate_stats_and_reporting_under_cinder() {
     sh_for(
         &mut s,
         "TOUCH",
-        &format!("fallocate -l {touch}M /mnt/fill; rm /mnt/fill"),
+        &format!("dd if=/dev/zero of=/mnt/fill bs=1M count={touch}; rm /mnt/fill"),
         alloc_limit(touch),
     );
     eprintln!("touched {touch} MiB in {:.1?}", t.elapsed());
