@@ -357,6 +357,208 @@ fn balloon_hostile_pfns_are_ignored_and_counted_under_cinder() {
     assert_eq!(n("madvise_failures"), 0, "{b}");
 }
 
+/// Whether `[start, end)` of `f` holds no data (SEEK_DATA finds none before `end`).
+fn is_hole(f: &std::fs::File, start: u64, end: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    let o = libc::off_t::try_from(start).expect("offset fits off_t");
+    // SAFETY: lseek on an open fd; no memory is passed.
+    let data = unsafe { libc::lseek(f.as_raw_fd(), o, libc::SEEK_DATA) };
+    data < 0 || data.cast_unsigned() >= end
+}
+
+/// A field `key=value` of a probe output line.
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// Issue 17 item 2 for the balloon: the probe's `balloonsnap` driver inflates 1024 pages and
+/// keeps a statistics buffer posted; the VM is snapshotted and restored in a new process.
+/// After the restore `GET /balloon` and `/balloon/statistics` answer as before, the inflated
+/// pages are holes in the memory file, the statistics keep coming (the held buffer came
+/// along), a PATCH of the target reaches the guest, and a deflate of the pages inflated before
+/// the snapshot is counted as a deflate, not as duplicates (the inflated set came along).
+#[test]
+fn balloon_state_survives_a_snapshot_and_restore_under_cinder() {
+    require_kvm();
+    const T: Duration = Duration::from_secs(60);
+    const PAGES: u64 = 1024;
+    let d = Scratch::new("balloon-snap");
+    let sock = d.join("boot.sock");
+    // One metrics file for both processes: the restored one takes its configuration (metrics
+    // included) from the snapshot.
+    let metrics = d.join("metrics.json");
+    let mut s = start_api(
+        &sock,
+        &[
+            "--metrics-path",
+            metrics.to_str().expect("utf-8 path"),
+            "--kernel",
+            probe::elf_path().to_str().expect("utf-8 path"),
+            "--memory",
+            "128",
+            "--balloon",
+            "amount_mib=4,stats_polling_interval_s=1",
+            "--cmdline",
+            &format!("probe.run=balloonsnap probe.balloon_pages={PAGES}"),
+        ],
+    );
+    let (text, _) = s
+        .expect_line("balloonsnap: ready", T)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ready = text
+        .lines()
+        .find(|l| l.contains("balloonsnap: ready"))
+        .unwrap_or_default()
+        .to_string();
+    let hex = |k: &str| {
+        field(&ready, k)
+            .and_then(|v| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok())
+            .unwrap_or_else(|| panic!("{k} in {ready:?}"))
+    };
+    let (first, last) = (hex("first"), hex("last"));
+    assert_eq!(field(&ready, "contiguous"), Some("1"), "{ready}");
+    assert_eq!(field(&ready, "target"), Some("1024"), "{ready}");
+    s.expect_line("balloonsnap: stats 2", T)
+        .unwrap_or_else(|e| panic!("statistics do not flow before the snapshot: {e}"));
+    let before_cfg = request(&sock, "GET", "/balloon", None);
+    assert_eq!(before_cfg.status, 200, "{before_cfg:?}");
+
+    // Pause, snapshot, kill.
+    answers(
+        &sock,
+        "PATCH",
+        "/vm",
+        Some(r#"{"state": "Paused"}"#),
+        204,
+        "",
+    );
+    let before_stats = request(&sock, "GET", "/balloon/statistics", None);
+    assert_eq!(before_stats.status, 200, "{before_stats:?}");
+    let bs = before_stats.json();
+    assert_eq!(bs["target_pages"].as_u64(), Some(PAGES), "{bs}");
+    assert_eq!(bs["actual_pages"].as_u64(), Some(PAGES), "{bs}");
+    let free_before = bs["free_memory"].as_u64().unwrap_or_else(|| panic!("{bs}"));
+    let (state, mem) = (d.join("state"), d.join("mem"));
+    let body = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "snapshot_type": "Full"}}"#,
+        state.display(),
+        mem.display()
+    );
+    answers(&sock, "PUT", "/snapshot/create", Some(&body), 204, "");
+    s.signal(libc::SIGKILL);
+    let _ = s.wait_exit(Duration::from_secs(10));
+    let last_stats = s
+        .console()
+        .lines()
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix("balloonsnap: stats ")?
+                .parse::<u64>()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0);
+
+    // The inflated pages are not in the memory file (nor, so, resident once restored).
+    let f = std::fs::File::open(&mem).unwrap();
+    assert!(
+        is_hole(&f, first, last + 4096),
+        "inflated pages {first:#x}..={last:#x} hold data in the memory file"
+    );
+    // The state file holds the balloon's own state.
+    let bytes = std::fs::read(&state).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_slice(&bytes[24..bytes.len() - 8]).expect("state payload is JSON");
+    let b = &v["devices"]["balloon"];
+    assert_eq!(
+        b["inflated"],
+        serde_json::json!([[first >> 12, PAGES]]),
+        "{b}"
+    );
+
+    // Restore in a new process, with metrics.
+    let sock2 = d.join("restored.sock");
+    std::fs::write(&metrics, "").unwrap();
+    let mut r = start_api(&sock2, &[]);
+    let body = format!(
+        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": false}}"#,
+        state.display(),
+        mem.display()
+    );
+    let l = request(&sock2, "PUT", "/snapshot/load", Some(&body));
+    assert_eq!(l.status, 204, "{l:?}\n{}", r.log());
+    // Before it runs: the same answers as before the snapshot.
+    let after_cfg = request(&sock2, "GET", "/balloon", None);
+    assert_eq!(after_cfg.json(), before_cfg.json(), "GET /balloon");
+    let after_stats = request(&sock2, "GET", "/balloon/statistics", None);
+    assert_eq!(after_stats.json(), bs, "GET /balloon/statistics");
+    answers(
+        &sock2,
+        "PATCH",
+        "/vm",
+        Some(r#"{"state": "Resumed"}"#),
+        204,
+        "",
+    );
+
+    // The statistics keep coming: the guest gets its buffer back and posts the next.
+    r.expect_line(&format!("balloonsnap: stats {}", last_stats + 2), T)
+        .unwrap_or_else(|e| {
+            panic!("statistics stopped after the restore (last {last_stats}): {e}")
+        });
+    let fresh = poll(Duration::from_secs(30), || {
+        let v = request(&sock2, "GET", "/balloon/statistics", None).json();
+        (v["free_memory"].as_u64().is_some_and(|f| f > free_before)).then_some(v)
+    });
+    assert!(
+        fresh.is_some(),
+        "GET /balloon/statistics never changed after the restore"
+    );
+
+    // A new target reaches the guest.
+    answers(
+        &sock2,
+        "PATCH",
+        "/balloon",
+        Some(r#"{"amount_mib": 8}"#),
+        204,
+        "",
+    );
+    r.expect_line("balloonsnap: target=2048", T)
+        .unwrap_or_else(|e| panic!("the new target did not reach the guest: {e}"));
+
+    // Deflate what was inflated before the snapshot.
+    r.send("d").unwrap_or_else(|e| panic!("{e}"));
+    let (text, _) = r
+        .expect_line("balloonsnap: deflated", T)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(text.contains("reused=1"), "{text}");
+    let m = flushed_metrics(&sock2, &metrics);
+    let b = &m["balloon"];
+    assert_eq!(
+        b["inflated_pages"].as_u64(),
+        Some(PAGES),
+        "counters came along: {b}"
+    );
+    assert_eq!(b["deflated_pages"].as_u64(), Some(PAGES), "{b}");
+    assert_eq!(
+        b["duplicate_pfns"].as_u64(),
+        Some(0),
+        "the inflated set came along: {b}"
+    );
+    r.send("g").unwrap_or_else(|e| panic!("{e}"));
+    r.expect_line("PROBE DONE", T)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let out = r.console();
+    let log = probe::parse(&out);
+    let c = log
+        .check("balloonsnap")
+        .unwrap_or_else(|| panic!("no balloonsnap line\n{}", r.log()));
+    assert_eq!(c.status, Status::Ok, "{}\n{}", c.details, r.log());
+    let _ = r.wait_exit(Duration::from_secs(20));
+}
+
 // ---------------------------------------------------------------------------------------------
 // The Linux test profile's own virtio_balloon driver, one boot.
 

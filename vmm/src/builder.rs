@@ -267,6 +267,15 @@ impl<'a> VmBuilder<'a> {
             t.restore(st)
                 .map_err(|e| VmError::Snapshot(SnapshotError::Invalid(format!("{name}: {e}"))))?;
         }
+        // The balloon's own state, once its transport activated it again.
+        if let (Some(b), Some(st)) = (&devices.balloon, &state.devices.balloon) {
+            let mut b = match b.lock() {
+                Ok(g) => g,
+                Err(e) => e.into_inner(),
+            };
+            b.restore_state(st)
+                .map_err(|e| VmError::Snapshot(SnapshotError::Invalid(format!("balloon: {e}"))))?;
+        }
         let _ = &mut self;
         log::info!(
             "VM restored: {} vCPU, {} MiB from {}",

@@ -419,6 +419,10 @@ impl Vmm {
                         (name.clone(), st)
                     })
                     .collect(),
+                balloon: self.balloon.as_ref().map(|b| match b.lock() {
+                    Ok(g) => g.state(),
+                    Err(p) => p.into_inner().state(),
+                }),
             },
         };
         let mem_path = std::path::Path::new(&params.mem_file_path);

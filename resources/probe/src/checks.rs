@@ -48,6 +48,7 @@ const CHECKS: &[(&str, CheckFn)] = &[
     ("netbench", crate::net_bench::check_netbench),
     ("vsock", crate::virtio_vsock::check),
     ("balloon", crate::virtio_balloon::check),
+    ("balloonsnap", crate::virtio_balloon_snap::check),
     ("kbd", crate::kbd::check),
     ("idle", crate::idle::check),
     ("snapmem", crate::snapmem::check),

@@ -26,6 +26,7 @@ mod sync;
 mod time;
 mod virtio;
 mod virtio_balloon;
+mod virtio_balloon_snap;
 mod virtio_blk;
 mod virtio_blk_discard;
 mod virtio_blk_hostile;

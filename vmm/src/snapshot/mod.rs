@@ -196,6 +196,10 @@ pub struct DeviceStates {
     /// Every virtio device's transport and queues, in slot order, with its name.
     #[serde(default)]
     pub virtio: Vec<(String, devices::virtio::TransportState)>,
+    /// The balloon's own state (target, actual, statistics, inflated pages), when the VM has
+    /// one; absent in state files written before it was saved (the balloon then starts empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<devices::virtio::balloon::BalloonState>,
 }
 
 /// Everything a snapshot's state file holds.

@@ -8,6 +8,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
+use super::persist::{runs_of, BalloonRestoreError, BalloonState};
 use super::{
     features, BalloonCounters, BalloonError, GuestStats, MAX_PFNS_PER_DESC, MAX_STATS, PAGE_SIZE,
     PFN_SHIFT, QUEUE_SIZE,
@@ -73,6 +74,11 @@ impl PageBitmap {
         let was_clear = *w & bit == 0;
         *w |= bit;
         was_clear
+    }
+
+    /// How many page frames the bitmap covers.
+    fn frames(&self) -> u64 {
+        self.words.len() as u64 * 64
     }
 
     /// Clears bit `pfn`; returns whether it was set.
@@ -241,6 +247,92 @@ impl Balloon {
         self.stats_interval_s = secs;
         self.arm_timer().map_err(BalloonError::Timer)?;
         self.return_stats_buffer();
+        Ok(())
+    }
+
+    /// The device's own state for a snapshot (the VM paused): target, actual, statistics
+    /// interval and held buffer, the guest's statistics, the inflated pages, the counters.
+    pub fn state(&self) -> BalloonState {
+        BalloonState {
+            target_pages: self.target_pages,
+            actual_pages: self.actual_pages,
+            stats_interval_s: self.stats_interval_s,
+            stats_head: self.stats_head,
+            guest_stats: self.guest_stats.values.to_vec(),
+            inflated: runs_of(&self.inflated.words),
+            counters: self.counters,
+        }
+    }
+
+    /// Takes back a snapshot's [`BalloonState`], after the transport's restore activated the
+    /// device again (so the statistics queue and the guest memory are known). A state that
+    /// does not fit this balloon is refused and changes nothing. The statistics timer is armed
+    /// by the device loop when it sees the activation, with the restored interval.
+    pub fn restore_state(&mut self, s: &BalloonState) -> Result<(), BalloonRestoreError> {
+        if (s.stats_interval_s == 0) != (self.cfg.stats_polling_interval_s == 0) {
+            return Err(BalloonRestoreError::StatsMismatch {
+                saved: s.stats_interval_s,
+                here: if self.cfg.stats_polling_interval_s == 0 {
+                    "off"
+                } else {
+                    "on"
+                },
+            });
+        }
+        let guest_stats = s.stats()?;
+        if let Some(head) = s.stats_head {
+            let size = self
+                .stats_q
+                .and_then(|q| self.core.active().and_then(|a| a.queues.get(q)))
+                .map(|q| q.size());
+            match size {
+                None => {
+                    return Err(BalloonRestoreError::StatsHead {
+                        head,
+                        why: "is not running",
+                    })
+                }
+                Some(n) if head >= n => {
+                    return Err(BalloonRestoreError::StatsHead {
+                        head,
+                        why: "is smaller",
+                    })
+                }
+                Some(_) => {}
+            }
+        }
+        let mut inflated = PageBitmap::default();
+        if !s.inflated.is_empty() {
+            let Some(active) = self.core.active() else {
+                let n = s
+                    .inflated
+                    .iter()
+                    .map(|r| r.1)
+                    .fold(0u64, u64::saturating_add);
+                return Err(BalloonRestoreError::NotActive(n));
+            };
+            inflated = PageBitmap::sized_for(&active.mem);
+            let mut next = 0u64;
+            for &(first, count) in &s.inflated {
+                let end = first.checked_add(count);
+                if count == 0 || first < next || end.is_none_or(|e| e > inflated.frames()) {
+                    return Err(BalloonRestoreError::BadRun { first, count });
+                }
+                next = first + count;
+                for pfn in first..next {
+                    inflated.set(pfn);
+                }
+            }
+        }
+        self.target_pages = s.target_pages;
+        self.actual_pages = s.actual_pages;
+        self.stats_interval_s = s.stats_interval_s;
+        self.stats_head = s.stats_head;
+        self.guest_stats = guest_stats;
+        if self.core.is_activated() {
+            self.inflated = inflated;
+        }
+        self.counters = s.counters;
         Ok(())
     }
 
@@ -621,6 +713,15 @@ impl VirtioDevice for Balloon {
 
     fn is_activated(&self) -> bool {
         self.core.is_activated()
+    }
+
+    fn active_queues(&self) -> Vec<virtio_queue::QueueState> {
+        // Without it a snapshot of a running balloon did not load back ("the running device's
+        // queues are missing").
+        self.core
+            .active()
+            .map(|a| a.queues.iter().map(Queue::state).collect())
+            .unwrap_or_default()
     }
 }
 

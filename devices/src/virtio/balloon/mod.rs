@@ -4,6 +4,7 @@
 //!   and deflate queues, the statistics queue (when a polling interval is set) and the free
 //!   page reporting queue (when enabled).
 //! * [`event_handler`]: how the event loop drives a [`Balloon`].
+//! * [`persist`]: its own state in a snapshot (target, actual, statistics, inflated pages).
 //!
 //! Inflating hands guest pages back to the host: each page frame number the guest puts on the
 //! inflate queue is checked (inside guest RAM, not already inflated) and its host mapping (a
@@ -16,12 +17,14 @@
 
 pub mod device;
 pub mod event_handler;
+pub mod persist;
 
 use std::io;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use device::{Balloon, BalloonConfig};
+pub use persist::{BalloonRestoreError, BalloonState};
 
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -73,7 +76,8 @@ pub enum BalloonError {
 
 /// What the device did with what the guest handed it (cumulative; the `balloon` metrics
 /// section).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct BalloonCounters {
     /// Pages inflated (given back to the host).
     pub inflated_pages: u64,

@@ -269,3 +269,116 @@ fn statistics_buffer_is_held_parsed_returned_and_avail_event_published() {
     dev.set_stats_interval(2).unwrap();
     assert_eq!(stats.used().idx().load(), 1);
 }
+
+/// Issue 17 item 2: the balloon's own state crosses a snapshot. A device restored from
+/// `state()` has the target, actual, counters and inflated set of the first: a deflate of a
+/// page inflated before the snapshot is a deflate (not a duplicate), an inflate of it again
+/// a duplicate.
+#[test]
+fn state_round_trips_into_a_new_device() {
+    let mem = mem();
+    let mut r = rig(&mem, BalloonConfig::default());
+    let pages = [pfn(0x30_0000), pfn(0x30_1000), pfn(0x30_2000), pfn(9 * MIB)];
+    let len = pfns(&mem, 0x20_0000, &pages);
+    r.inflate
+        .add_desc_chains(&[d(0x20_0000, len, 0)], 0)
+        .unwrap();
+    r.dev.process_all();
+    r.dev.write_config(4, &4u32.to_le_bytes());
+    let saved = r.dev.state();
+    assert_eq!(
+        saved.inflated,
+        vec![(u64::from(pages[0]), 3), (u64::from(pages[3]), 1)]
+    );
+    assert_eq!(saved.actual_pages, 4);
+    assert_eq!(saved.counters.inflated_pages, 4);
+    // Through the state file's encoding.
+    let saved: BalloonState =
+        serde_json::from_str(&serde_json::to_string(&saved).unwrap()).unwrap();
+
+    let mut n = rig(&mem, BalloonConfig::default());
+    n.dev.restore_state(&saved).unwrap();
+    assert_eq!(n.dev.state(), saved);
+    assert_eq!(n.dev.actual_pages(), 4);
+    let len = pfns(&mem, 0x22_0000, &pages[..2]);
+    n.deflate
+        .add_desc_chains(&[d(0x22_0000, len, 0)], 0)
+        .unwrap();
+    n.dev.process_all();
+    let c = n.dev.counters();
+    assert_eq!(c.deflated_pages, 2, "{c:?}");
+    assert_eq!(c.duplicate_pfns, 0, "{c:?}");
+    let len = pfns(&mem, 0x23_0000, &pages[2..]);
+    n.inflate
+        .add_desc_chains(&[d(0x23_0000, len, 0)], 0)
+        .unwrap();
+    n.dev.process_all();
+    assert_eq!(n.dev.counters().duplicate_pfns, 2, "still inflated");
+}
+
+/// A snapshot's balloon state that does not fit is refused, naming what is wrong, and changes
+/// nothing.
+#[test]
+fn a_state_that_does_not_fit_is_refused() {
+    let mem = mem();
+    let mut r = rig(&mem, BalloonConfig::default());
+    let before = r.dev.state();
+    let bad = [
+        (
+            BalloonState {
+                stats_interval_s: 3,
+                ..Default::default()
+            },
+            "statistics interval 3 s in the snapshot, but this balloon's statistics are off",
+        ),
+        (
+            BalloonState {
+                stats_head: Some(2),
+                ..Default::default()
+            },
+            "statistics buffer 2 held, but the statistics queue is not running",
+        ),
+        (
+            BalloonState {
+                inflated: vec![(u64::MAX, 2)],
+                ..Default::default()
+            },
+            "inflated pages 0xffffffffffffffff+2 are outside guest memory or out of order",
+        ),
+        (
+            BalloonState {
+                inflated: vec![(10, 5), (12, 1)],
+                ..Default::default()
+            },
+            "inflated pages 0xc+1 are outside guest memory or out of order",
+        ),
+        (
+            BalloonState {
+                inflated: vec![(3 * 1024, 1024)],
+                ..Default::default()
+            },
+            "inflated pages 0xc00+1024 are outside guest memory or out of order",
+        ),
+    ];
+    for (s, msg) in bad {
+        let e = r.dev.restore_state(&s).unwrap_err();
+        assert_eq!(e.to_string(), msg);
+        assert_eq!(r.dev.state(), before);
+    }
+    // A device the driver never started takes no inflated pages.
+    let mut idle = Balloon::new(BalloonConfig::default()).unwrap();
+    let e = idle
+        .restore_state(&BalloonState {
+            inflated: vec![(1, 2)],
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert_eq!(e, BalloonRestoreError::NotActive(2));
+    // ...but its target comes back.
+    idle.restore_state(&BalloonState {
+        target_pages: 9,
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(idle.target_pages(), 9);
+}
