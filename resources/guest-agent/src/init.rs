@@ -53,7 +53,12 @@ fn owned(fd: RawFd, what: &str) -> Result<OwnedFd, String> {
 
 /// One line to the kernel log (and so to the guest console, which cinder run keeps in a file).
 fn log(msg: &str) {
-    let line = format!("<3>cinder-agent: {msg}\n");
+    // SAFETY: timespec is plain data that clock_gettime fills.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: `ts` is valid for writes.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let ms = ts.tv_sec as i64 * 1000 + ts.tv_nsec as i64 / 1_000_000;
+    let line = format!("<3>cinder-agent: [{ms} ms] {msg}\n");
     // SAFETY: a NUL-terminated path literal; the fd is closed below.
     let fd = unsafe { libc::open(c"/dev/kmsg".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
     if fd >= 0 {

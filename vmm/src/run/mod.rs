@@ -797,19 +797,18 @@ fn run(args: &RunArgs) -> Result<u8, RunError> {
     // Before the seccomp filter: the guest's fresh entropy and its hostname.
     let entropy = host_random(64);
     let hostname: String = host_random(6).iter().map(|b| format!("{b:02x}")).collect();
-    let cold = if args.no_snapshot
-        || std::env::var_os("CINDER_RUN_SNAPSHOT").is_some_and(|v| v == "0")
-    {
-        Some("--no-snapshot")
-    } else if !volumes.is_empty() {
-        Some("-v volumes have no slot in the run template")
-    } else if tap.is_some() {
-        Some("--net tap= has no slot in the run template")
-    } else if rootfs.to_string_lossy().contains(',') {
-        Some("the image's path has a comma")
-    } else {
-        None
-    };
+    let cold =
+        if args.no_snapshot || std::env::var_os("CINDER_RUN_SNAPSHOT").is_some_and(|v| v == "0") {
+            Some("--no-snapshot")
+        } else if !volumes.is_empty() {
+            Some("-v volumes have no slot in the run template")
+        } else if tap.is_some() {
+            Some("--net tap= has no slot in the run template")
+        } else if rootfs.to_string_lossy().contains(',') {
+            Some("the image's path has a comma")
+        } else {
+            None
+        };
     let restored = match cold {
         Some(_) => None,
         None => {

@@ -11,8 +11,11 @@
 //!
 //! Building: the VMM boots with a one-page placeholder as the root drive `image` (the agent
 //! mounts nothing image-specific before a session's START), `--snapshot-on-signal`; the
-//! front-end connects, reads HELLO, closes (the agent goes back to `accept`), sends SIGUSR1,
-//! waits for the VMM's "snapshot written" line and kills it. A run then restores with
+//! front-end connects, reads HELLO, sends SIGUSR1 with the connection still open, waits for
+//! the VMM's "snapshot written" line and kills it. After a restore the agent's read of that
+//! connection fails once the guest has handled the vsock transport reset the restore sends,
+//! and only then does it accept a run's connection: one accepted earlier could be reset with
+//! it, silently on the host's side. A run then restores with
 //! `--restore state=..,mem=..,resume,vsock=<its socket>,drive=image:<rootfs>`: the VMM builds
 //! the drive on the image and raises a config-change interrupt; START carries the image's
 //! size, and the agent waits until /dev/vda has it before mounting. Memory is mapped
@@ -39,7 +42,7 @@ const BUILD_DEADLINE: Duration = Duration::from_secs(900);
 /// How long the VMM may take to write the snapshot after SIGUSR1.
 const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(300);
 /// The placeholder root drive's size.
-const PLACEHOLDER_BYTES: u64 = 4096;
+const PLACEHOLDER_BYTES: usize = 4096;
 
 /// What went wrong with a template.
 #[derive(Debug, thiserror::Error)]
@@ -220,7 +223,7 @@ impl Drop for Reaped {
 
 fn build(t: &Template, spec: &Spec, exe: &Path) -> Result<(), TemplateError> {
     let placeholder = t.dir.join("placeholder");
-    std::fs::write(&placeholder, vec![0u8; PLACEHOLDER_BYTES as usize])
+    std::fs::write(&placeholder, vec![0u8; PLACEHOLDER_BYTES])
         .map_err(io("cannot write", &placeholder))?;
     let uds = t.dir.join("vsock.build");
     let log = t.dir.join("build.log");
@@ -306,9 +309,13 @@ fn build(t: &Template, spec: &Spec, exe: &Path) -> Result<(), TemplateError> {
             )))
         }
     }
-    drop(stream);
+    // The connection stays open into the snapshot: after a restore the agent's read of it
+    // fails once the guest has handled the vsock transport reset, and only then does it
+    // accept again, so no run's connection is made before that reset and lost to it.
+    let pid = libc::pid_t::try_from(child.0.id())
+        .map_err(|_| TemplateError::Build("the VMM's pid does not fit pid_t".into()))?;
     // SAFETY: a signal to our own child, still unreaped (so its pid is its own).
-    unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGUSR1) };
+    unsafe { libc::kill(pid, libc::SIGUSR1) };
     let until = Instant::now() + SNAPSHOT_DEADLINE;
     loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -330,6 +337,7 @@ fn build(t: &Template, spec: &Spec, exe: &Path) -> Result<(), TemplateError> {
         std::thread::sleep(Duration::from_millis(50));
     }
     drop(child);
+    drop(stream);
     let _ = std::fs::remove_file(&uds);
     Ok(())
 }
