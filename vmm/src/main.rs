@@ -1176,6 +1176,23 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn restore_takes_drive_overrides() {
+        let r = super::parse_restore_arg("state=/s,mem=/m,resume,drive=image:/a:b.ext4").unwrap();
+        assert_eq!(
+            r.drive_overrides,
+            [("image".to_string(), std::path::PathBuf::from("/a:b.ext4"))]
+        );
+        for bad in [
+            "state=/s,mem=/m,drive=image",
+            "state=/s,mem=/m,drive=:/x",
+            "state=/s,mem=/m,drive=a:",
+        ] {
+            let e = super::parse_restore_arg(bad).unwrap_err();
+            assert!(e.contains("drive=ID:PATH"), "{e}");
+        }
+    }
+
+    #[test]
     fn version_names_the_firecracker_api_it_implements() {
         assert!(super::VERSION.contains(api::model::FIRECRACKER_API_VERSION));
         assert!(super::VERSION.starts_with(env!("CARGO_PKG_VERSION")));
