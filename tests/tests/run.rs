@@ -614,10 +614,9 @@ fn run_builds_the_template_once_restores_from_it_and_rebuilds_a_corrupt_one_unde
     assert!(err.contains("did not restore"), "{err}");
     assert_eq!(template_dir(&err, BUILT), dir, "{err}");
     assert_eq!(template_dir(&err, RESTORED), dir, "{err}");
-    assert_eq!(
-        std::fs::metadata(&state).expect("state").len(),
-        len,
-        "{err}"
+    assert!(
+        std::fs::metadata(&state).expect("state").len() > len / 2,
+        "the state file is still cut: {err}"
     );
 }
 
