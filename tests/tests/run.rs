@@ -554,7 +554,7 @@ fn run_builds_the_template_once_restores_from_it_and_rebuilds_a_corrupt_one_unde
     require_kvm();
     let cache = TempDir::new("run-tpl");
     let img = image();
-    let script = "date +%s; hostname; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo";
+    let script = "date +%s; hostname; od -An -tx1 -N16 /dev/urandom";
     let go = || {
         let c = spawn_env(
             &["--verbose", img.to_str().unwrap(), "sh", "-c", script],
@@ -578,7 +578,13 @@ fn run_builds_the_template_once_restores_from_it_and_rebuilds_a_corrupt_one_unde
             host_now()
         );
         assert!(lines[1].starts_with("cinder-"), "hostname {:?}", lines[1]);
-        assert_eq!(lines[2].len(), 32, "random bytes {:?}", lines[2]);
+        assert_eq!(
+            lines[2].len(),
+            32,
+            "random bytes {:?}; stderr {:?}",
+            lines[2],
+            o.stderr()
+        );
         (o, lines)
     };
     let (first, l1) = go();
