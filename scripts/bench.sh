@@ -15,8 +15,10 @@
 #   snapshot: create time and file sizes (Full, Diff), restore latency (load request, exec ->
 #          first output) and clone fan-out (8, 100 at once) of an idle probe; Firecracker too
 #          when FIRECRACKER_BIN is set (`snapshot [--clones 8,100] [--rounds 5]`; not in `all`).
-#   run:   `cinder run IMAGE -- true` wall time, cold boot (the busybox rootfs image), N runs
-#          (CINDER_BENCH_RUNS, default 3), and what a throw-away copy of the image would add
+#   run:   `cinder run IMAGE -- true` wall time (the busybox rootfs image), N runs each
+#          (CINDER_BENCH_RUNS, default 3): cold boot (--no-snapshot) and restored from the run
+#          template, plus the template's build time (in a cache of its own, so built fresh);
+#          and what a throw-away copy of the image would add
 #          (cinder run shares the read-only image under an overlay instead); then the image
 #          step: build time (cold, cached) and ext4 size for an OCI layout of 10,000 files /
 #          100 MiB (bench_image; no KVM). Not in `all`: on an emulated host each run is a full
@@ -51,24 +53,44 @@ run() {
 	fi
 }
 
-# `cinder run IMAGE -- true`, cold: the whole wall time (boot, agent, exit, power-off).
+# `cinder run IMAGE -- true`: the whole wall time (boot or restore, agent, exit, power-off),
+# cold (--no-snapshot) and restored from the run template; and the template's build time.
+median() {
+	printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print "median " a[int((NR+1)/2)] " ms, min " a[1] " ms, max " a[NR] " ms"}'
+}
 bench_run() {
-	local image n i t0 t1 ms rc times=()
+	local image n i t0 t1 ms rc cold=() restored=() cache line
 	image=$(bash resources/guest/build-rootfs.sh | tail -n 1)/rootfs.ext4
 	CINDER_AGENT_INITRD=$(bash resources/guest/build-agent-initrd.sh | tail -n 1)/initrd.cpio
 	export CINDER_AGENT_INITRD
 	n=${CINDER_BENCH_RUNS:-3}
-	echo "[bench] cinder run: host kind $lane, image $image ($(du -h "$image" | cut -f1)), $n runs"
+	echo "[bench] cinder run: host kind $lane, image $image ($(du -h "$image" | cut -f1)), $n runs each"
 	for ((i = 1; i <= n; i++)); do
 		t0=$(date +%s%N)
 		rc=0
-		target/release/cinder run "$@" "$image" -- true || rc=$?
+		target/release/cinder run --no-snapshot "$@" "$image" -- true || rc=$?
 		t1=$(date +%s%N)
 		ms=$(((t1 - t0) / 1000000))
-		times+=("$ms")
-		echo "run $i: ${ms} ms (exit $rc)"
+		cold+=("$ms")
+		echo "cold run $i: ${ms} ms (exit $rc)"
 	done
-	printf '%s\n' "${times[@]}" | sort -n | awk '{a[NR]=$1} END {print "cinder run -- true: median " a[int((NR+1)/2)] " ms, min " a[1] " ms, max " a[NR] " ms"}'
+	# The template in a cache of its own: the first run builds it (its --verbose line says how
+	# long), the next n restore from it.
+	cache=$(mktemp -d "${TMPDIR:-/tmp}/cinder-bench-run-cache.XXXXXX")
+	line=$(CINDER_CACHE=$cache target/release/cinder run --verbose "$@" "$image" -- true 2>&1 >/dev/null | grep 'built the run template' || true)
+	echo "template: ${line:-not built (see cinder run --verbose)}"
+	for ((i = 1; i <= n; i++)); do
+		t0=$(date +%s%N)
+		rc=0
+		CINDER_CACHE=$cache target/release/cinder run "$@" "$image" -- true || rc=$?
+		t1=$(date +%s%N)
+		ms=$(((t1 - t0) / 1000000))
+		restored+=("$ms")
+		echo "restored run $i: ${ms} ms (exit $rc)"
+	done
+	rm -rf "$cache"
+	echo "cinder run -- true, cold boot: $(median "${cold[@]}")"
+	echo "cinder run -- true, restored:  $(median "${restored[@]}")"
 	# The alternative to the overlay: a throw-away copy of the image per run.
 	t0=$(date +%s%N)
 	cp --reflink=never "$image" "${TMPDIR:-/tmp}/cinder-bench-run-copy.$$"

@@ -46,7 +46,14 @@ fn image() -> PathBuf {
 }
 
 fn spawn(args: &[&str], stdin: bool) -> Child {
+    spawn_env(args, stdin, &[])
+}
+
+fn spawn_env(args: &[&str], stdin: bool, env: &[(&str, &Path)]) -> Child {
     let mut c: Command = cinder();
+    for (k, v) in env {
+        c.env(k, v);
+    }
     c.arg("run")
         .args(args)
         .stdout(Stdio::piped())
@@ -313,11 +320,23 @@ fn run_two_at_once_do_not_see_each_others_writes_and_the_image_is_unchanged_unde
         )
     };
     let (sa, sb) = (script("a"), script("b"));
-    let a = spawn(&[img.to_str().unwrap(), "sh", "-c", &sa], false);
-    let b = spawn(&[img.to_str().unwrap(), "sh", "-c", &sb], false);
+    // Both restore from one template (its memory mapped MAP_PRIVATE by each).
+    let a = spawn(
+        &["--verbose", img.to_str().unwrap(), "sh", "-c", &sa],
+        false,
+    );
+    let b = spawn(
+        &["--verbose", img.to_str().unwrap(), "sh", "-c", &sb],
+        false,
+    );
     let (oa, ob) = (finish(a, None), finish(b, None));
     oa.expect(0);
     ob.expect(0);
+    let (ta, tb) = (
+        template_dir(&oa.stderr(), RESTORED),
+        template_dir(&ob.stderr(), RESTORED),
+    );
+    assert_eq!(ta, tb, "the two runs restored from different templates");
     assert_eq!(oa.stdout(), "a\na\n");
     assert_eq!(ob.stdout(), "b\nb\n");
     assert_eq!(
@@ -500,4 +519,165 @@ fn run_a_docker_archive_uses_its_entrypoint_cmd_env_workdir_and_user_under_cinde
         "stderr {:?}",
         o.stderr()
     );
+}
+
+/// What `--verbose` says when a run restored its VM from the run template.
+const RESTORED: &str = "cinder run: restored from the run template ";
+/// ... when it built the template first.
+const BUILT: &str = "cinder run: built the run template ";
+
+/// The template directory a `--verbose` line names.
+fn template_dir(stderr: &str, prefix: &str) -> PathBuf {
+    let line = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} line in {stderr:?}"));
+    PathBuf::from(line.split(" in ").next().unwrap_or_default())
+}
+
+/// Seconds since the epoch on the host.
+fn host_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Issue 20 item 4: the first run (in a cache of its own) builds the run template (its
+/// directory appears, with the state and memory files) and restores from it; a second run
+/// restores from the same template without building. Each restored guest has the host's wall
+/// clock (the template's is minutes old), a hostname of its own and its own random stream
+/// (both restored from one RNG state: START's entropy reseeds it). A template whose state file
+/// is cut short is rebuilt once and the run still succeeds.
+#[test]
+fn run_builds_the_template_once_restores_from_it_and_rebuilds_a_corrupt_one_under_cinder() {
+    require_kvm();
+    let cache = TempDir::new("run-tpl");
+    let img = image();
+    let script = "date +%s; hostname; od -An -tx1 -N16 /dev/urandom";
+    let go = || {
+        let c = spawn_env(
+            &["--verbose", img.to_str().unwrap(), "sh", "-c", script],
+            false,
+            &[("CINDER_CACHE", cache.path())],
+        );
+        let o = finish(c, None);
+        o.expect(0);
+        let mut lines: Vec<String> = o.stdout().lines().map(str::to_string).collect();
+        assert_eq!(
+            lines.len(),
+            3,
+            "stdout {:?} stderr {:?}",
+            o.stdout(),
+            o.stderr()
+        );
+        let t: i64 = lines[0].trim().parse().expect("date +%s");
+        assert!(
+            (t - host_now()).abs() < 120,
+            "the guest's clock says {t}, the host's {}",
+            host_now()
+        );
+        assert!(lines[1].starts_with("cinder-"), "hostname {:?}", lines[1]);
+        lines[2].retain(|c| !c.is_whitespace());
+        assert_eq!(
+            lines[2].len(),
+            32,
+            "random bytes {:?}; stderr {:?}",
+            lines[2],
+            o.stderr()
+        );
+        (o, lines)
+    };
+    let (first, l1) = go();
+    let dir = template_dir(&first.stderr(), BUILT);
+    assert!(dir.starts_with(cache.path()), "{}", dir.display());
+    for f in ["state", "mem", "ready"] {
+        assert!(dir.join(f).is_file(), "{} has no {f}", dir.display());
+    }
+    assert_eq!(template_dir(&first.stderr(), RESTORED), dir);
+
+    let (second, l2) = go();
+    assert!(!second.stderr().contains(BUILT), "{}", second.stderr());
+    assert_eq!(template_dir(&second.stderr(), RESTORED), dir);
+    assert_ne!(
+        l1[2], l2[2],
+        "two runs from one template read the same random bytes"
+    );
+    assert_ne!(
+        l1[1], l2[1],
+        "two runs from one template have the same hostname"
+    );
+
+    // A corrupt template: its state file cut in half.
+    let state = dir.join("state");
+    let len = std::fs::metadata(&state).expect("state").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&state)
+        .and_then(|f| f.set_len(len / 2))
+        .expect("truncate the state file");
+    let (third, _) = go();
+    let err = third.stderr();
+    assert!(err.contains("did not restore"), "{err}");
+    assert_eq!(template_dir(&err, BUILT), dir, "{err}");
+    assert_eq!(template_dir(&err, RESTORED), dir, "{err}");
+    assert!(
+        std::fs::metadata(&state).expect("state").len() > len / 2,
+        "the state file is still cut: {err}"
+    );
+}
+
+/// A restored run (no volume, no network: the default) passes the exit-code, stdin and stdout
+/// checks: `true` exits 0, `false` 1, and 1 MiB of random bytes through stdin comes back
+/// byte-exact on stdout from a command that exits 42.
+#[test]
+fn run_restored_exit_codes_and_1mib_through_stdin_and_stdout_are_exact_under_cinder() {
+    require_kvm();
+    let img = image();
+    let o = run(&["--verbose", img.to_str().unwrap(), "true"]);
+    o.expect(0);
+    assert!(o.stderr().contains(RESTORED), "{}", o.stderr());
+    let o = run(&["--verbose", img.to_str().unwrap(), "false"]);
+    o.expect(1);
+    assert!(o.stderr().contains(RESTORED), "{}", o.stderr());
+    let data = pattern(77, 1 << 20);
+    let c = spawn(
+        &[
+            "--verbose",
+            "-i",
+            img.to_str().unwrap(),
+            "sh",
+            "-c",
+            "cat; exit 42",
+        ],
+        true,
+    );
+    let o = finish(c, Some(data.clone()));
+    o.expect(42);
+    assert!(o.stderr().contains(RESTORED), "{}", o.stderr());
+    assert_eq!(o.stdout.len(), data.len(), "{}", o.stderr());
+    assert!(o.stdout == data, "stdout differs from stdin");
+}
+
+/// `--no-snapshot` (and CINDER_RUN_SNAPSHOT=0) boots the guest instead of restoring.
+#[test]
+fn run_no_snapshot_boots_cold_under_cinder() {
+    require_kvm();
+    let img = image();
+    let o = run(&[
+        "--verbose",
+        "--no-snapshot",
+        img.to_str().unwrap(),
+        "sh",
+        "-c",
+        "echo cold",
+    ]);
+    o.expect(0);
+    assert_eq!(o.stdout(), "cold\n");
+    let err = o.stderr();
+    assert!(
+        err.contains("cinder run: booting cold (--no-snapshot)"),
+        "{err}"
+    );
+    assert!(!err.contains(RESTORED), "{err}");
 }

@@ -120,6 +120,14 @@ pub fn main(args: impl Iterator<Item = OsString>) -> ExitCode {
                     r.removed.len(),
                     human(r.freed_bytes)
                 );
+                // `cinder run`'s templates (snapshots of a booted agent) go too.
+                match vmm::run::template::prune() {
+                    Ok(n) => println!("{n} run template(s) removed"),
+                    Err(e) => {
+                        eprintln!("cinder images prune: {e}");
+                        return ExitCode::from(1);
+                    }
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

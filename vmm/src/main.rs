@@ -495,13 +495,14 @@ fn parse_snapshot_arg(spec: &str) -> Result<api::model::SnapshotCreateParams, St
     })
 }
 
-/// `--restore state=PATH,mem=PATH[,resume][,track][,clock_realtime][,vsock=PATH][,tap=ID:NAME]...`.
+/// `--restore state=PATH,mem=PATH[,resume][,track][,clock_realtime][,vsock=PATH][,tap=ID:NAME]
+/// [,drive=ID:PATH]...`.
 fn parse_restore_arg(spec: &str) -> Result<vmm::runtime::RestoreSpec, String> {
     const FORM: &str =
-        "state=PATH,mem=PATH|uffd=SOCKET[,resume][,track][,clock_realtime][,vsock=PATH][,tap=ID:NAME]";
+        "state=PATH,mem=PATH|uffd=SOCKET[,resume][,track][,clock_realtime][,vsock=PATH][,tap=ID:NAME][,drive=ID:PATH]";
     let (mut state, mut mem, mut resume, mut vsock) = (None, None, false, None);
     let (mut track, mut uffd, mut clock_realtime) = (false, false, false);
-    let mut taps = Vec::new();
+    let (mut taps, mut drives) = (Vec::new(), Vec::new());
     for part in spec.split(',') {
         match part.split_once('=') {
             Some(("state", v)) if !v.is_empty() => state = Some(PathBuf::from(v)),
@@ -517,6 +518,12 @@ fn parse_restore_arg(spec: &str) -> Result<vmm::runtime::RestoreSpec, String> {
                 }
                 _ => return Err(format!("tap={v:?}: expected tap=ID:NAME ({FORM})")),
             },
+            Some(("drive", v)) => match v.split_once(':') {
+                Some((id, path)) if !id.is_empty() && !path.is_empty() => {
+                    drives.push((id.to_string(), PathBuf::from(path)))
+                }
+                _ => return Err(format!("drive={v:?}: expected drive=ID:PATH ({FORM})")),
+            },
             None if part == "resume" => resume = true,
             None if part == "track" => track = true,
             None if part == "clock_realtime" => clock_realtime = true,
@@ -529,6 +536,7 @@ fn parse_restore_arg(spec: &str) -> Result<vmm::runtime::RestoreSpec, String> {
         resume,
         vsock_uds: vsock,
         net_overrides: taps,
+        drive_overrides: drives,
         track_dirty: track,
         uffd,
         clock_realtime,
@@ -1200,6 +1208,23 @@ fn start() -> Started {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn restore_takes_drive_overrides() {
+        let r = super::parse_restore_arg("state=/s,mem=/m,resume,drive=image:/a:b.ext4").unwrap();
+        assert_eq!(
+            r.drive_overrides,
+            [("image".to_string(), std::path::PathBuf::from("/a:b.ext4"))]
+        );
+        for bad in [
+            "state=/s,mem=/m,drive=image",
+            "state=/s,mem=/m,drive=:/x",
+            "state=/s,mem=/m,drive=a:",
+        ] {
+            let e = super::parse_restore_arg(bad).unwrap_err();
+            assert!(e.contains("drive=ID:PATH"), "{e}");
+        }
+    }
+
     #[test]
     fn version_names_the_firecracker_api_it_implements() {
         assert!(super::VERSION.contains(api::model::FIRECRACKER_API_VERSION));

@@ -184,6 +184,11 @@ pub struct RestoreSpec {
     pub vsock_uds: Option<PathBuf>,
     /// New TAPs by interface id (`network_overrides`), for clones.
     pub net_overrides: Vec<(String, String)>,
+    /// New backing files by drive id (`--restore ...,drive=ID:PATH`), for `cinder run`'s
+    /// template: the drive keeps its read-only mode and features, the device is built on the
+    /// new file, and once restored the guest is told its capacity (a config-change
+    /// interrupt), as after `PATCH /drives/{id}`.
+    pub drive_overrides: Vec<(String, PathBuf)>,
     /// Track dirty pages (for a later Diff snapshot).
     pub track_dirty: bool,
     /// `mem` is a page-fault handler's socket (`mem_backend` Uffd), not the memory file.
@@ -215,6 +220,7 @@ impl RestoreSpec {
                 .flatten()
                 .map(|n| (n.iface_id.clone(), n.host_dev_name.clone()))
                 .collect(),
+            drive_overrides: Vec::new(),
         })
     }
 
@@ -257,6 +263,22 @@ impl RestoreSpec {
                         "network_overrides: the snapshot has no interface {id:?}"
                     )))
                 }
+            }
+        }
+        for (id, path) in &self.drive_overrides {
+            let drives = c.get_mut("drives").and_then(|d| d.as_array_mut());
+            let found = drives.and_then(|d| {
+                d.iter_mut()
+                    .find(|x| x.get("drive_id").and_then(|x| x.as_str()) == Some(id.as_str()))
+            });
+            match found.and_then(|d| d.as_object_mut()) {
+                Some(d) => {
+                    d.insert(
+                        "path_on_host".into(),
+                        serde_json::Value::String(path.display().to_string()),
+                    );
+                }
+                None => return Err(bad(format!("drive={id}: the snapshot has no drive {id:?}"))),
             }
         }
         Ok(c.to_string())
@@ -304,6 +326,15 @@ impl Launcher {
             Box::new(writer),
             self.ctx.clone(),
         )?;
+        for (id, _) in &spec.drive_overrides {
+            // The device was built on the new file; the guest's driver still has the old size.
+            if let Err(e) = vm.announce_drive_capacity(id) {
+                vm.shutdown();
+                return Err(VmError::Snapshot(crate::snapshot::SnapshotError::Invalid(
+                    e.to_string(),
+                )));
+            }
+        }
         if !spec.resume {
             // The vCPUs park before their first KVM_RUN.
             vm.control.request_pause();

@@ -305,6 +305,23 @@ impl Vmm {
         Ok(())
     }
 
+    /// Tells the guest drive `id`'s capacity (a config-change interrupt): after a restore
+    /// that gave the drive a new backing file.
+    pub fn announce_drive_capacity(&self, id: &str) -> Result<(), PatchDriveError> {
+        let (_, dev) = self
+            .blocks
+            .iter()
+            .find(|(d, _)| d == id)
+            .ok_or_else(|| PatchDriveError::NotFound(id.to_string()))?;
+        let mut d = match dev.lock() {
+            Ok(d) => d,
+            Err(p) => p.into_inner(),
+        };
+        let n = d.nsectors();
+        d.announce_capacity(n);
+        Ok(())
+    }
+
     /// Replaces drive `id`'s rate limiter (its new buckets start full).
     pub fn patch_drive_limiter(
         &self,

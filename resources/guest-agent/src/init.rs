@@ -1,7 +1,8 @@
 //! The `init` role: the agent as PID 1 of a `cinder run` guest (README.md, "init").
 //!
-//! It mounts /proc, /sys and /dev, the image (/dev/vda, read-only) under an overlay whose
-//! upper layer is a tmpfs (so the cached image is never written and concurrent runs share
+//! It mounts /proc, /sys and /dev at boot and, once a session's START arrives (so that one
+//! booted agent, snapshotted, serves every image), the image (/dev/vda, read-only) under an
+//! overlay whose upper layer is a tmpfs (so the cached image is never written and concurrent runs share
 //! it), listens on vsock port 52, runs the one command a host session asks for in that root
 //! (chroot), streams its stdio, reports its exit, answers copy-out requests and powers the
 //! guest off (a reset: `reboot=k`).
@@ -52,7 +53,12 @@ fn owned(fd: RawFd, what: &str) -> Result<OwnedFd, String> {
 
 /// One line to the kernel log (and so to the guest console, which cinder run keeps in a file).
 fn log(msg: &str) {
-    let line = format!("<3>cinder-agent: {msg}\n");
+    // SAFETY: timespec is plain data that clock_gettime fills.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: `ts` is valid for writes.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let ms = ts.tv_sec as i64 * 1000 + ts.tv_nsec as i64 / 1_000_000;
+    let line = format!("<3>cinder-agent: [{ms} ms] {msg}\n");
     // SAFETY: a NUL-terminated path literal; the fd is closed below.
     let fd = unsafe { libc::open(c"/dev/kmsg".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
     if fd >= 0 {
@@ -112,7 +118,8 @@ fn in_root(p: &[u8]) -> Vec<u8> {
     v
 }
 
-/// The mounts before any session: kernel file systems, then the image under an overlay.
+/// The mounts at boot: the kernel file systems. Nothing image-specific happens before a
+/// session's START, so one booted agent (a `cinder run` template snapshot) serves any image.
 fn setup() -> Result<(), String> {
     for d in ["/dev", "/proc", "/sys", "/mnt/lower", "/mnt/rw", ROOT] {
         mkdir_p(d.as_bytes())?;
@@ -121,6 +128,53 @@ fn setup() -> Result<(), String> {
     // initramfs).
     mount("proc", "/proc", "proc", 0, "")?;
     mount("sysfs", "/sys", "sysfs", 0, "")?;
+    Ok(())
+}
+
+/// How long START waits for /dev/vda to reach the size it names (after a restore the VMM
+/// tells the guest's driver the new drive's capacity with a config-change interrupt).
+const ROOT_SIZE_WAIT: Duration = Duration::from_secs(10);
+
+/// /sys/block/vda/size (512-byte sectors).
+fn vda_sectors() -> Option<u64> {
+    std::fs::read_to_string("/sys/block/vda/size")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The session's root: waits (bounded) until /dev/vda has `sectors` (0: any size), drops its
+/// cached blocks (a template saw a placeholder there), then mounts it read-only under an
+/// overlay whose upper layer is a tmpfs, with the kernel file systems inside.
+fn mount_root(sectors: u64) -> Result<(), String> {
+    if sectors != 0 {
+        let until = Instant::now() + ROOT_SIZE_WAIT;
+        loop {
+            let now = vda_sectors();
+            if now == Some(sectors) {
+                break;
+            }
+            if Instant::now() >= until {
+                return Err(format!(
+                    "the image (/dev/vda) has {} sectors after {} s, the host said {sectors}",
+                    now.map_or("no".to_string(), |n| n.to_string()),
+                    ROOT_SIZE_WAIT.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // SAFETY: a NUL-terminated path literal; the fd is checked and closed below.
+    let fd = unsafe { libc::open(c"/dev/vda".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd >= 0 {
+        // SAFETY: BLKFLSBUF takes no argument; `fd` is ours and closed right after.
+        unsafe {
+            libc::ioctl(fd, BLKFLSBUF);
+            libc::close(fd);
+        }
+    }
+    log("vda has its size");
     let ro = libc::MS_RDONLY;
     mount("/dev/vda", "/mnt/lower", "ext4", ro, "")
         .map_err(|e| format!("the image (/dev/vda) is not a mountable ext4 file system: {e}"))?;
@@ -148,6 +202,64 @@ fn setup() -> Result<(), String> {
         0,
         "ptmxmode=0666,mode=0620",
     )?;
+    log("root mounted");
+    Ok(())
+}
+
+/// `BLKFLSBUF`: write back and drop a block device's cached blocks.
+const BLKFLSBUF: libc::c_ulong = 0x1261;
+/// `RNDADDENTROPY`: `_IOW('R', 0x03, int[2])`.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG`: `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// What START says about this guest rather than the command: the wall clock, fresh entropy
+/// and the hostname. Two runs restored from one template start with the same RNG state and
+/// the template's clock: the host's bytes go in with RNDADDENTROPY (credited) and the CRNG is
+/// reseeded at once (RNDRESEEDCRNG), so reads of /dev/urandom differ from here on.
+fn apply_host_state(start: &Start) -> Result<(), String> {
+    if start.realtime_ns != 0 {
+        let ts = libc::timespec {
+            tv_sec: (start.realtime_ns / 1_000_000_000) as libc::time_t,
+            tv_nsec: (start.realtime_ns % 1_000_000_000) as libc::c_long,
+        };
+        // SAFETY: `ts` is a valid timespec for the call.
+        if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+            return Err(err("clock_settime"));
+        }
+    }
+    if !start.entropy.is_empty() {
+        // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+        let mut info = Vec::with_capacity(8 + start.entropy.len());
+        info.extend_from_slice(&((start.entropy.len() * 8) as i32).to_ne_bytes());
+        info.extend_from_slice(&(start.entropy.len() as i32).to_ne_bytes());
+        info.extend_from_slice(&start.entropy);
+        // SAFETY: a NUL-terminated path literal; the fd is checked and closed below.
+        let fd = unsafe { libc::open(c"/dev/urandom".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(err("open /dev/urandom"));
+        }
+        // SAFETY: `info` is a rand_pool_info of buf_size bytes of data; `fd` is ours.
+        let r = unsafe { libc::ioctl(fd, RNDADDENTROPY, info.as_ptr()) };
+        let add = err("RNDADDENTROPY");
+        // SAFETY: RNDRESEEDCRNG takes no argument.
+        let r2 = unsafe { libc::ioctl(fd, RNDRESEEDCRNG) };
+        let reseed = err("RNDRESEEDCRNG");
+        // SAFETY: closes the fd opened above.
+        unsafe { libc::close(fd) };
+        if r != 0 {
+            return Err(add);
+        }
+        if r2 != 0 {
+            return Err(reseed);
+        }
+    }
+    if !start.hostname.is_empty() {
+        // SAFETY: `hostname` is valid for reads of its length (at most 64, checked in decode).
+        if unsafe { libc::sethostname(start.hostname.as_ptr().cast(), start.hostname.len()) } != 0 {
+            return Err(err("sethostname"));
+        }
+    }
     Ok(())
 }
 
@@ -307,7 +419,9 @@ fn poweroff() -> ! {
     }
 }
 
-/// Listens on the agent's port and serves one session.
+/// Listens on the agent's port and serves one session. A connection that ends (or breaks)
+/// before its START is dropped and the next one accepted: `cinder run` builds its template by
+/// reading HELLO, closing and snapshotting, and after a restore that connection is reset.
 fn serve(sfd: &OwnedFd, setup_err: Option<String>) -> Result<(), String> {
     // SAFETY: plain socket(2); the result is checked by `owned`.
     let l = owned(
@@ -329,32 +443,45 @@ fn serve(sfd: &OwnedFd, setup_err: Option<String>) -> Result<(), String> {
         return Err(err("listen vsock"));
     }
     log("listening");
-    // SAFETY: accept without an address; the result is checked by `owned`.
-    let fd = owned(
-        unsafe {
-            libc::accept4(
-                l.as_raw_fd(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                libc::SOCK_CLOEXEC,
-            )
-        },
-        "accept vsock",
-    )?;
-    drop(l);
-    let mut conn = Conn {
-        fd,
-        buf: touched(4 * proto::CHUNK + 16),
-    };
-    conn.send(proto::HELLO, &Enc::default().u32(proto::VERSION).0)?;
-    let start = match conn.read_frame()? {
-        None => return Err("the host closed the connection before START".into()),
-        Some((proto::START, p)) => p,
-        Some((k, _)) => {
-            conn.error(&format!("expected START (0x01), got frame type {k:#04x}"));
-            return Ok(());
+    let mut buf = touched(4 * proto::CHUNK + 16);
+    let (mut conn, start) = loop {
+        // SAFETY: accept without an address; the result is checked by `owned`.
+        let fd = match owned(
+            unsafe {
+                libc::accept4(
+                    l.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                )
+            },
+            "accept vsock",
+        ) {
+            Ok(fd) => fd,
+            Err(e) if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {
+                log(&e);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        buf.clear();
+        let mut conn = Conn { fd, buf };
+        let first = conn
+            .send(proto::HELLO, &Enc::default().u32(proto::VERSION).0)
+            .and_then(|()| conn.read_frame());
+        match first {
+            Ok(Some((proto::START, p))) => break (conn, p),
+            Ok(Some((k, _))) => {
+                conn.error(&format!("expected START (0x01), got frame type {k:#04x}"));
+                return Ok(());
+            }
+            Ok(None) | Err(_) => {
+                // The host went away before START: wait for the next one.
+                buf = conn.buf;
+            }
         }
     };
+    drop(l);
     if let Some(e) = setup_err {
         conn.error(&e);
         return Ok(());
@@ -366,6 +493,14 @@ fn serve(sfd: &OwnedFd, setup_err: Option<String>) -> Result<(), String> {
             return Ok(());
         }
     };
+    log("START");
+    if let Err(e) = apply_host_state(&start).and_then(|()| {
+        log("host state applied");
+        mount_root(start.root_sectors)
+    }) {
+        conn.error(&e);
+        return Ok(());
+    }
     match run(&mut conn, sfd, &start) {
         Ok(true) => {}
         Ok(false) => return Ok(()),

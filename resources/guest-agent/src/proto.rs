@@ -1,8 +1,8 @@
-//! The exec protocol between `cinder run` (host) and the agent (guest), version 1.
+//! The exec protocol between `cinder run` (host) and the agent (guest), version 2.
 //! Byte layout: README.md, "The exec protocol". The host's copy is `vmm/src/run/proto.rs`.
 
 /// Protocol version, sent in HELLO and START.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The vsock port the init agent listens on.
 pub const PORT: u32 = 52;
 /// Largest frame payload accepted (START carries argv and env).
@@ -128,6 +128,15 @@ pub struct Start {
     pub cwd: Vec<u8>,
     pub user: Vec<u8>,
     pub mounts: Vec<Mount>,
+    /// The root drive's size in 512-byte sectors: the agent waits (bounded) until /dev/vda
+    /// has it before mounting (after a restore the drive is a new file).
+    pub root_sectors: u64,
+    /// The host's wall clock (ns since the epoch; 0: leave the guest's).
+    pub realtime_ns: u64,
+    /// Bytes from the host's getrandom, mixed into the guest's pool (at most 512).
+    pub entropy: Vec<u8>,
+    /// The guest's hostname (empty: leave it).
+    pub hostname: Vec<u8>,
 }
 
 impl Start {
@@ -162,6 +171,19 @@ impl Start {
                 read_only,
             });
         }
+        let root_sectors = d.u64()?;
+        let realtime_ns = d.u64()?;
+        let entropy = d.bytes()?.to_vec();
+        if entropy.len() > 512 {
+            return Err(format!("{} entropy bytes: at most 512", entropy.len()));
+        }
+        let hostname = d.bytes()?.to_vec();
+        if hostname.len() > 64 {
+            return Err(format!(
+                "a hostname of {} bytes: at most 64",
+                hostname.len()
+            ));
+        }
         if argv.is_empty() {
             return Err("empty argv: no command to run".into());
         }
@@ -175,6 +197,10 @@ impl Start {
             cwd,
             user,
             mounts,
+            root_sectors,
+            realtime_ns,
+            entropy,
+            hostname,
         })
     }
 }

@@ -24,7 +24,7 @@ pub fn is_kvm_pvm() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
 }
 
-fn cache_root() -> PathBuf {
+pub(crate) fn cache_root() -> PathBuf {
     if let Some(c) = std::env::var_os("CINDER_CACHE") {
         return PathBuf::from(c);
     }

@@ -16,6 +16,7 @@
 pub mod guest;
 pub mod image;
 pub mod proto;
+pub mod template;
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -129,6 +130,13 @@ pub struct RunArgs {
     /// Keep the run's scratch directory (VM console log, cinder's log) and say where it is.
     #[arg(long)]
     pub keep_scratch: bool,
+    /// Boot the guest instead of restoring the cached run template (also
+    /// CINDER_RUN_SNAPSHOT=0). Runs with -v or --net tap= always boot.
+    #[arg(long)]
+    pub no_snapshot: bool,
+    /// Say on stderr how the VM started (template built, restored, or booted and why).
+    #[arg(long)]
+    pub verbose: bool,
     /// The image: an ext4 image file or a root filesystem directory.
     pub image: String,
     /// The command and its arguments (default: the image's Entrypoint and Cmd).
@@ -492,7 +500,7 @@ fn send(w: &Writer, kind: u8, payload: &[u8]) -> Result<(), RunError> {
 }
 
 /// Connects to the agent through the vsock device's Unix socket, retrying while the guest
-/// boots; gives up when the VM ends or the boot deadline passes.
+/// boots; gives up when the VMM ends or the boot deadline passes.
 fn connect(vm: &mut Vm, uds: &Path) -> Result<UnixStream, RunError> {
     let deadline = Instant::now() + BOOT_DEADLINE;
     loop {
@@ -510,21 +518,191 @@ fn connect(vm: &mut Vm, uds: &Path) -> Result<UnixStream, RunError> {
                 vm.why()
             )));
         }
-        if let Ok(mut s) = UnixStream::connect(uds) {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
-            if s.write_all(format!("CONNECT {}\n", proto::PORT).as_bytes())
-                .is_ok()
-            {
-                if let Some(line) = read_line(&mut s) {
-                    if line.starts_with("OK ") {
-                        let _ = s.set_read_timeout(None);
-                        return Ok(s);
-                    }
-                }
-            }
+        if let Some(s) = handshake(uds) {
+            return Ok(s);
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// One try at the vsock device's hybrid handshake to the agent's port: the stream, once the
+/// VMM answered `OK` (the guest accepted), else None.
+pub(crate) fn handshake(uds: &Path) -> Option<UnixStream> {
+    let mut s = UnixStream::connect(uds).ok()?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    s.write_all(format!("CONNECT {}\n", proto::PORT).as_bytes())
+        .ok()?;
+    let line = read_line(&mut s)?;
+    if !line.starts_with("OK ") {
+        return None;
+    }
+    let _ = s.set_read_timeout(None);
+    Some(s)
+}
+
+/// How long a restored VM may take to answer the vsock handshake before its template is
+/// taken as broken.
+const RESTORE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// How long a restored agent may take to send HELLO on a first connection before another is
+/// tried (doubled on each try, up to [`HELLO_WAIT_MAX`]).
+const HELLO_WAIT: Duration = Duration::from_millis(250);
+/// The longest wait for HELLO on one connection.
+const HELLO_WAIT_MAX: Duration = Duration::from_secs(8);
+
+/// Waits until the restored agent says HELLO (Ok: the stream and HELLO's payload) or the VMM
+/// ends (Err: why). A connection made while the guest still handles the restore's vsock
+/// transport reset can be reset with it, silently on the host's side: one that brings no
+/// HELLO within [`HELLO_WAIT`] (then twice that, ...) is dropped and another one made. (HELLO is read before the
+/// seccomp filter: the guest is the template's kernel and agent, no user code has run.)
+fn await_restore(vm: &mut Vm, uds: &Path) -> Result<(UnixStream, Vec<u8>), String> {
+    let deadline = Instant::now() + RESTORE_DEADLINE;
+    let mut wait = HELLO_WAIT;
+    loop {
+        if let Ok(Some(_)) = vm.child.try_wait() {
+            return Err(vm.why());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "no answer within {} s: {}",
+                RESTORE_DEADLINE.as_secs(),
+                vm.why()
+            ));
+        }
+        if let Some(mut s) = handshake(uds) {
+            let _ = s.set_read_timeout(Some(wait));
+            if let Ok(Some((proto::HELLO, p))) = proto::read_frame(&mut s) {
+                let _ = s.set_read_timeout(None);
+                return Ok((s, p));
+            }
+            wait = (wait * 2).min(HELLO_WAIT_MAX);
+            continue;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts the VMM child: its console to `console`, its own stderr to `log`; it dies with us.
+fn spawn_vmm(mut cmd: Command, log: &Path, console: &Path) -> Result<Vm, RunError> {
+    let out = std::fs::File::create(console)
+        .map_err(|e| RunError::Host(format!("{}: {e}", console.display())))?;
+    let err = std::fs::File::create(log)
+        .map_err(|e| RunError::Host(format!("{}: {e}", log.display())))?;
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    // SAFETY: the closure only makes one async-signal-safe system call.
+    unsafe {
+        cmd.pre_exec(|| {
+            // The VM dies with its front-end.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| RunError::Vm(format!("cannot start the VMM: {e}")))?;
+    Ok(Vm {
+        child,
+        log: log.to_path_buf(),
+        console: console.to_path_buf(),
+    })
+}
+
+/// Where a run's VM comes from.
+struct Paths<'a> {
+    exe: &'a Path,
+    uds: &'a Path,
+    log: &'a Path,
+    console: &'a Path,
+}
+
+/// The VM restored from the run template (built first when missing; rebuilt once when it
+/// does not restore) and its agent's stream; None (after one line on stderr) to boot cold.
+fn restore_from_template(
+    args: &RunArgs,
+    spec: &template::Spec,
+    rootfs: &Path,
+    p: &Paths,
+) -> Option<(Vm, (UnixStream, Vec<u8>))> {
+    let dir = template::dir_for(spec, p.exe);
+    for attempt in 0..2 {
+        let t0 = Instant::now();
+        let (t, built) = match template::ensure(&dir, spec, p.exe, attempt > 0) {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("cinder run: {e}; booting cold");
+                return None;
+            }
+        };
+        if built && args.verbose {
+            eprintln!(
+                "cinder run: built the run template {} in {} ms",
+                t.dir.display(),
+                t0.elapsed().as_millis()
+            );
+        }
+        let t1 = Instant::now();
+        let _ = std::fs::remove_file(p.uds);
+        let mut cmd = Command::new(p.exe);
+        cmd.arg("--restore").arg(format!(
+            "state={},mem={},resume,vsock={},drive=image:{}",
+            t.state().display(),
+            t.mem().display(),
+            p.uds.display(),
+            rootfs.display()
+        ));
+        let mut vm = match spawn_vmm(cmd, p.log, p.console) {
+            Ok(vm) => vm,
+            Err(e) => {
+                eprintln!("cinder run: {e}; booting cold");
+                return None;
+            }
+        };
+        match await_restore(&mut vm, p.uds) {
+            Ok(s) => {
+                if args.verbose {
+                    eprintln!(
+                        "cinder run: restored from the run template {} in {} ms",
+                        t.dir.display(),
+                        t1.elapsed().as_millis()
+                    );
+                }
+                return Some((vm, s));
+            }
+            Err(why) => {
+                drop(vm);
+                let _ = std::fs::remove_file(p.uds);
+                if attempt == 0 {
+                    if args.verbose {
+                        eprintln!(
+                            "cinder run: the run template {} did not restore ({why}); rebuilding it",
+                            t.dir.display()
+                        );
+                    }
+                    continue;
+                }
+                eprintln!(
+                    "cinder run: the run template {} did not restore ({why}); booting cold",
+                    t.dir.display()
+                );
+            }
+        }
+    }
+    None
+}
+
+/// `n` bytes from the host's getrandom (zeros if it fails: the guest keeps its own pool).
+fn host_random(n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    let mut got = 0;
+    while got < n {
+        // SAFETY: `v[got..]` is valid for writes of its length.
+        let r = unsafe { libc::getrandom(v[got..].as_mut_ptr().cast(), n - got, 0) };
+        if r <= 0 {
+            break;
+        }
+        got += r.unsigned_abs();
+    }
+    v
 }
 
 /// The hybrid handshake's answer line, read a byte at a time so that nothing after it (the
@@ -607,70 +785,105 @@ fn run(args: &RunArgs) -> Result<u8, RunError> {
     let console = scratch.path.join("console.log");
     let exe = std::env::current_exe()
         .map_err(|e| RunError::Host(format!("cannot find cinder itself: {e}")))?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("--kernel")
-        .arg(&kernel.path)
-        .arg("--initrd")
-        .arg(&initrd)
-        .args(["--cmdline", &kernel.cmdline])
-        .args([
-            "--memory",
-            &args.memory.to_string(),
-            "--vcpus",
-            &args.vcpus.to_string(),
-        ])
-        .arg("--vsock")
-        .arg(format!("cid={GUEST_CID},uds={}", uds.display()));
-    for d in &drives {
-        cmd.arg("--drive").arg(d);
-    }
-    if let Some(t) = &tap {
-        cmd.arg("--net").arg(format!("tap={t}"));
-    }
-    if kernel.no_pv_hypercalls {
-        cmd.args(["--cpu-template", "no-pv-hypercalls"]);
-    }
-    let out = std::fs::File::create(&console)
-        .map_err(|e| RunError::Host(format!("{}: {e}", console.display())))?;
-    let err = std::fs::File::create(&log)
-        .map_err(|e| RunError::Host(format!("{}: {e}", log.display())))?;
-    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-    // SAFETY: the closure only makes one async-signal-safe system call.
-    unsafe {
-        cmd.pre_exec(|| {
-            // The VM dies with its front-end.
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    let child = cmd
-        .spawn()
-        .map_err(|e| RunError::Vm(format!("cannot start the VMM: {e}")))?;
-    let mut vm = Vm {
-        child,
-        log,
-        console,
+    let paths = Paths {
+        exe: &exe,
+        uds: &uds,
+        log: &log,
+        console: &console,
+    };
+    let root_sectors = std::fs::metadata(&rootfs)
+        .map(|m| m.len() / 512)
+        .map_err(|e| RunError::Image(format!("{}: {e}", rootfs.display())))?;
+    // Before the seccomp filter: the guest's fresh entropy and its hostname.
+    let entropy = host_random(64);
+    let hostname: String = host_random(6).iter().map(|b| format!("{b:02x}")).collect();
+    let cold =
+        if args.no_snapshot || std::env::var_os("CINDER_RUN_SNAPSHOT").is_some_and(|v| v == "0") {
+            Some("--no-snapshot")
+        } else if !volumes.is_empty() {
+            Some("-v volumes have no slot in the run template")
+        } else if tap.is_some() {
+            Some("--net tap= has no slot in the run template")
+        } else if rootfs.to_string_lossy().contains(',') {
+            Some("the image's path has a comma")
+        } else {
+            None
+        };
+    let restored = match cold {
+        Some(_) => None,
+        None => {
+            let spec = template::Spec {
+                kernel: &kernel,
+                initrd: &initrd,
+                memory: args.memory,
+                vcpus: args.vcpus,
+            };
+            restore_from_template(args, &spec, &rootfs, &paths)
+        }
+    };
+    let (mut vm, early_stream) = match restored {
+        Some((vm, s)) => (vm, Some(s)),
+        None => {
+            if args.verbose {
+                eprintln!(
+                    "cinder run: booting cold ({})",
+                    cold.unwrap_or("no run template")
+                );
+            }
+            let mut cmd = Command::new(&exe);
+            cmd.arg("--kernel")
+                .arg(&kernel.path)
+                .arg("--initrd")
+                .arg(&initrd)
+                .args(["--cmdline", &kernel.cmdline])
+                .args([
+                    "--memory",
+                    &args.memory.to_string(),
+                    "--vcpus",
+                    &args.vcpus.to_string(),
+                ])
+                .arg("--vsock")
+                .arg(format!("cid={GUEST_CID},uds={}", uds.display()));
+            for d in &drives {
+                cmd.arg("--drive").arg(d);
+            }
+            if let Some(t) = &tap {
+                cmd.arg("--net").arg(format!("tap={t}"));
+            }
+            if kernel.no_pv_hypercalls {
+                cmd.args(["--cpu-template", "no-pv-hypercalls"]);
+            }
+            (spawn_vmm(cmd, &log, &console)?, None)
+        }
     };
 
     // From here on the front-end only talks to the agent, the host's stdio and its VMM child:
     // it runs under its own seccomp filter (`run` in seccomp/tables.rs), as every VMM thread
-    // does under theirs; the threads it spawns below inherit it.
+    // does under theirs; the threads it spawns below inherit it. (A restored VM's handshake
+    // above reads only the VMM's `OK` line, nothing the guest wrote.)
     crate::seccomp::init(crate::seccomp::SeccompMode::On)
         .and_then(|()| crate::seccomp::install(crate::seccomp::ThreadKind::Run))
         .map_err(|e| RunError::Host(e.to_string()))?;
     forward_signals();
-    let stream = match connect(&mut vm, &uds) {
-        Err(RunError::Interrupted(sig)) => {
-            drop(vm);
-            return Ok(128u8.wrapping_add(u8::try_from(sig & 0x7f).unwrap_or(0)));
-        }
-        r => r?,
+    let (stream, hello) = match early_stream {
+        Some((s, hello)) => (s, Some(hello)),
+        None => match connect(&mut vm, &uds) {
+            Err(RunError::Interrupted(sig)) => {
+                drop(vm);
+                return Ok(128u8.wrapping_add(u8::try_from(sig & 0x7f).unwrap_or(0)));
+            }
+            r => (r?, None),
+        },
     };
     let mut reader = stream
         .try_clone()
         .map_err(|e| RunError::Host(format!("socket: {e}")))?;
     let writer: Writer = Arc::new(Mutex::new(stream));
-    match proto::read_frame(&mut reader) {
+    let first = match hello {
+        Some(p) => Ok(Some((proto::HELLO, p))),
+        None => proto::read_frame(&mut reader),
+    };
+    match first {
         Ok(Some((proto::HELLO, p))) => {
             let v = proto::Dec(&p).u32().map_err(RunError::Agent)?;
             if v != proto::VERSION {
@@ -715,6 +928,14 @@ fn run(args: &RunArgs) -> Result<u8, RunError> {
         cwd,
         user,
         mounts,
+        root_sectors,
+        realtime_ns: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .and_then(|d| u64::try_from(d.as_nanos()).ok())
+            .unwrap_or(0),
+        entropy,
+        hostname: format!("cinder-{hostname}"),
     };
     send(&writer, proto::START, &start.encode())?;
     if let Ok(mut g) = SIGNAL_SINK.lock() {

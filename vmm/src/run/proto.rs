@@ -1,4 +1,4 @@
-//! The host's half of the exec protocol spoken with the guest agent, version 1. The byte
+//! The host's half of the exec protocol spoken with the guest agent, version 2. The byte
 //! layout is in `resources/guest-agent/README.md` ("The exec protocol"); the agent's half is
 //! `resources/guest-agent/src/proto.rs` (a separate static program, so the constants are
 //! written twice: keep them in step).
@@ -6,7 +6,7 @@
 use std::io::{self, Read, Write};
 
 /// Protocol version.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The vsock port the guest agent listens on.
 pub const PORT: u32 = 52;
 /// Largest frame payload accepted from the guest.
@@ -166,6 +166,14 @@ pub struct Start {
     pub user: String,
     /// (guest device, mount point, read-only).
     pub mounts: Vec<(String, String, bool)>,
+    /// The root drive's size in 512-byte sectors (0: any; the agent waits for it).
+    pub root_sectors: u64,
+    /// The host's wall clock, ns since the epoch (0: leave the guest's).
+    pub realtime_ns: u64,
+    /// Bytes from the host's getrandom for the guest's pool (at most 512).
+    pub entropy: Vec<u8>,
+    /// The guest's hostname (at most 64 bytes; empty: leave it).
+    pub hostname: String,
 }
 
 impl Start {
@@ -188,7 +196,11 @@ impl Start {
                 .bytes(target.as_bytes())
                 .u32(u32::from(*ro));
         }
-        e.0
+        e.u64(self.root_sectors)
+            .u64(self.realtime_ns)
+            .bytes(&self.entropy)
+            .bytes(self.hostname.as_bytes())
+            .0
     }
 }
 
@@ -265,10 +277,14 @@ mod tests {
             cwd: "/w".into(),
             user: "1:2".into(),
             mounts: vec![("/dev/vdb".into(), "/data".into(), true)],
+            root_sectors: 8,
+            realtime_ns: 0x0102,
+            entropy: vec![7, 7],
+            hostname: "h".into(),
         };
         let p = s.encode();
         let mut want = vec![
-            1, 0, 0, 0, 1, 0, 0, 0, 0xd0, 0x07, 0, 0, 0, 0, 0, 0, 24, 0, 80, 0,
+            2, 0, 0, 0, 1, 0, 0, 0, 0xd0, 0x07, 0, 0, 0, 0, 0, 0, 24, 0, 80, 0,
         ];
         want.extend_from_slice(&[1, 0, 0, 0, 2, 0, 0, 0, b's', b'h']);
         want.extend_from_slice(&[1, 0, 0, 0, 3, 0, 0, 0, b'A', b'=', b'1']);
@@ -278,6 +294,8 @@ mod tests {
         want.extend_from_slice(&[5, 0, 0, 0]);
         want.extend_from_slice(b"/data");
         want.extend_from_slice(&[1, 0, 0, 0]);
+        want.extend_from_slice(&[8, 0, 0, 0, 0, 0, 0, 0, 2, 1, 0, 0, 0, 0, 0, 0]);
+        want.extend_from_slice(&[2, 0, 0, 0, 7, 7, 1, 0, 0, 0, b'h']);
         assert_eq!(p, want);
     }
 
