@@ -38,8 +38,6 @@ pub struct DiskImage {
     /// Test double: fdatasyncs done.
     #[cfg(test)]
     pub(super) syncs: u64,
-    /// preadv2(RWF_NOWAIT) is refused for this file: do not try again.
-    nowait_unsupported: bool,
     /// Unique per open image in this process: tells the io_uring engine that a `PATCH /drives`
     /// switched the image (it keeps a duplicate of the fd per open).
     open_id: u64,
@@ -225,7 +223,6 @@ impl DiskImage {
             fail_syncs: false,
             #[cfg(test)]
             syncs: 0,
-            nowait_unsupported: false,
             open_id: NEXT_OPEN_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
@@ -416,82 +413,6 @@ impl DiskImage {
             }
         }
         true
-    }
-
-    /// [`Self::read_to_guest`], but only if it can be done without waiting for the disk
-    /// (preadv2 with RWF_NOWAIT: the data is in the page cache). Returns false when it could
-    /// not read everything that way (nothing then counts as read: the caller does the
-    /// blocking read, which also reports any error precisely).
-    pub fn try_read_to_guest_nowait(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        offset: u64,
-        segments: &[(GuestAddress, u32)],
-    ) -> bool {
-        /// More iovecs than this (IOV_MAX) and the request takes the blocking path.
-        const IOV_MAX: usize = 1024;
-        if self.nowait_unsupported {
-            return false;
-        }
-        let Ok(offset) = libc::off_t::try_from(offset) else {
-            return false;
-        };
-        let mut guards = Vec::with_capacity(segments.len());
-        let mut iovs: Vec<libc::iovec> = Vec::with_capacity(segments.len());
-        let mut total = 0usize;
-        for &(addr, len) in segments {
-            let Ok(slices) = mem.get_slices(addr, len as usize, Permissions::Write) else {
-                return false;
-            };
-            for slice in slices {
-                let Ok(slice) = slice else {
-                    return false;
-                };
-                let guard = slice.ptr_guard_mut();
-                iovs.push(libc::iovec {
-                    iov_base: guard.as_ptr().cast(),
-                    iov_len: slice.len(),
-                });
-                total += slice.len();
-                guards.push(guard);
-            }
-        }
-        if iovs.len() > IOV_MAX {
-            return false;
-        }
-        let Ok(count) = libc::c_int::try_from(iovs.len()) else {
-            return false;
-        };
-        // SAFETY: every iovec points into guest memory checked writable by get_slices and kept
-        // mapped by its guard (in `guards`) for the duration of the call; the kernel writes at
-        // most iov_len bytes to each. The fd is open.
-        let n = unsafe {
-            libc::preadv2(
-                std::os::fd::AsRawFd::as_raw_fd(&self.file),
-                iovs.as_ptr(),
-                count,
-                offset,
-                libc::RWF_NOWAIT,
-            )
-        };
-        drop(guards);
-        if n < 0 {
-            let errno = io::Error::last_os_error().raw_os_error();
-            if errno == Some(libc::EOPNOTSUPP) || errno == Some(libc::EINVAL) {
-                self.nowait_unsupported = true;
-            }
-            return false;
-        }
-        // The kernel wrote guest memory behind vm-memory's back: mark those pages dirty for a
-        // diff snapshot (read_volatile marks its own).
-        for &(addr, len) in segments {
-            if let Ok(slices) = mem.get_slices(addr, len as usize, Permissions::Write) {
-                for slice in slices.flatten() {
-                    vm_memory::bitmap::Bitmap::mark_dirty(slice.bitmap(), 0, slice.len());
-                }
-            }
-        }
-        usize::try_from(n).is_ok_and(|n| n == total)
     }
 
     /// Write the guest memory at each of `segments` in turn to the image at byte `offset`. The
@@ -717,8 +638,8 @@ mod tests {
     }
 
     /// A diff snapshot must see the pages cinder itself wrote: a block read into guest memory
-    /// (both the page-cache path, preadv2 RWF_NOWAIT behind vm-memory's back, and the
-    /// blocking path) marks its pages in guest memory's dirty bitmap, and only those.
+    /// (a preadv behind vm-memory's back) marks its pages in guest memory's dirty bitmap, and
+    /// only those.
     #[test]
     fn block_reads_mark_guest_pages_dirty() {
         use vm_memory::bitmap::Bitmap;
@@ -733,17 +654,14 @@ mod tests {
             vm_memory::mmap::MmapRegion::bitmap(r).dirty_at(page * 4096)
         };
         assert!(!(0..256).any(dirty));
-        // The page cache has the file (just written): the NOWAIT path takes it, or, on a
-        // file system without RWF_NOWAIT, the blocking read below does the same job.
-        let nowait = disk.try_read_to_guest_nowait(&mem, 0, &[(GuestAddress(0x3000), 4096)]);
-        if !nowait {
-            disk.read_to_guest(&mem, 0, &[(GuestAddress(0x3000), 4096)])
-                .unwrap();
-        }
+        // One segment, and two pages in one segment: the sync engine's one preadv marks each
+        // page the kernel wrote behind vm-memory's back.
+        disk.read_to_guest(&mem, 0, &[(GuestAddress(0x3000), 4096)])
+            .unwrap();
         disk.read_to_guest(&mem, 4096, &[(GuestAddress(0x8000), 8192)])
             .unwrap();
         let marked: Vec<usize> = (0..256).filter(|&p| dirty(p)).collect();
-        assert_eq!(marked, vec![3, 8, 9], "nowait path taken: {nowait}");
+        assert_eq!(marked, vec![3, 8, 9]);
     }
 
     /// The sync engine moves a request with one preadv / pwritev at its offset (it used to seek,

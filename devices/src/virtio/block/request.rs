@@ -721,42 +721,6 @@ impl BlockStats {
 }
 
 impl Request {
-    /// Runs the request at once when that cannot wait for the disk: a read (of at most
-    /// `max_len` bytes, inside the disk) whose data is all in the page cache. Returns its used
-    /// length, or None (nothing done) when it has to go the blocking way ([`Self::run`]).
-    pub fn try_run_nowait(
-        &self,
-        mem: &GuestMemoryMmap,
-        disk: &mut DiskImage,
-        stats: &mut BlockStats,
-        max_len: u64,
-    ) -> Option<u32> {
-        if self.kind != RequestType::In || self.data_len > max_len {
-            return None;
-        }
-        let count = self.data_len >> SECTOR_SHIFT;
-        let in_range = self
-            .sector
-            .checked_add(count)
-            .is_some_and(|end| end <= disk.nsectors());
-        if !in_range {
-            return None;
-        }
-        if !disk.try_read_to_guest_nowait(mem, self.sector << SECTOR_SHIFT, &self.data) {
-            return None;
-        }
-        stats.reads += 1;
-        stats.read_bytes += self.data_len;
-        // At most max_len bytes.
-        let written = u32::try_from(self.data_len).unwrap_or(u32::MAX);
-        Some(write_status(
-            mem,
-            VIRTIO_BLK_S_OK,
-            written,
-            self.status_addr,
-        ))
-    }
-
     /// A read or write that moved all its data elsewhere (the io_uring engine): counts it
     /// into `stats` and writes the OK status byte. Returns the used length.
     pub(super) fn complete_ok(&self, mem: &GuestMemoryMmap, stats: &mut BlockStats) -> u32 {
